@@ -1,0 +1,510 @@
+"""
+make_tasks.py: turn pool pairs into matching tasks: labelled point sets X (image 1) and Y (image 2), the target
+f*: X -> Y u {none}, the two prompted images and the prompt text.
+
+Usage:
+    python make_tasks.py --pool pool --out tasks --split test --per-pair 3 --seed 0     # CPU demo, seconds
+    python make_tasks.py --pool pool --out tasks --split train --per-pair 8 --max-side 640
+    python make_tasks.py --pool pool --out tasks --split test --levels L3 --spatial dense --n-min 8 --n-max 12
+grpo.py does not read train.jsonl: it calls make_task() online with the (bin, level, spatial) the curriculum
+asks for (the paper samples X, Y from the pool online); train.jsonl is for inspection and warm-up data.
+
+Inputs: pool/pairs.jsonl + one npz per pair (see the contract: kp1, kp2, match, cluster, cluster2).
+Outputs (in --out): <split>.jsonl, one task per line with task_id, pair_id, source, scene, scene_type, split, bin,
+delta_v, level, spatial, n, m, images (prompted images, relative to --out), originals (absolute paths), x_points,
+y_points (ORIGINAL pixel coords, pixel centres at integers), x_labels ("1".."n"), y_labels ("A"...), prompt,
+target (n entries: Y label or null), K1, K2, R, t, plus x_idx/y_idx (row of kp1/kp2, or len(kp) + row of
+dense1/dense2), scale1/scale2 ((sx, sy): drawn = (orig + 0.5) * s - 0.5), size1/size2 (drawn image sizes);
+<split>_images/<task_id with "/" -> "_">_{1,2}.png; args_<split>.json (one per split, so both can share --out).
+The test split is stratified: within each source a counter walks all level x spatial combinations (levels
+change every task), so sources, levels and spatial modes are balanced (scene type follows the source). The
+train split is drawn the same way.
+
+Task levels (paper): L1 one-to-one, every x has its partner in Y, no distractors; L2 distractors in Y only;
+L3 distractors on both sides, some x have target none. Spatial modes (paper; how to realise them is ours):
+sparse = matched points only from the pool's well-spread matches (kp1/kp2, one per k-means cluster in
+build_pool.py) and at most one drawn point per cluster in EACH image; moderate = pool matches plus the pool's
+verified dense matches (dense1/dense2, each given the cluster of the nearest pool match), filled cluster by
+cluster with up to --per-cluster points each, so points come in small local groups; dense = pool + dense
+matches drawn at random, so neighbouring points must be told apart by fine detail. Every drawn point keeps
+--min-sep pixels (at the drawn resolution) from the other drawn points of its image, so markers and labels
+stay apart.
+Where the pool cannot supply a request, sample_points raises TaskUnavailable and the CLI skips it (counted);
+nothing is faked. Our choices (the paper gives no numbers): n in [4, 12]; L2/L3 add [2, n] distractors to Y
+(fewer if the pair has fewer, never below 2); L3 makes a quarter to a half of X unmatched (at least one).
+Distractor sources: X distractors are only kp1 with match -1 (VERIFIED to have no counterpart in image 2).
+Y distractors are first kp2 that no kp1 points to (verified no counterpart in image 1); if those run out, the
+partner y' of an UNSELECTED kp1 x' is allowed, but only if x' is at least --min-sep from every drawn X point:
+y' is then a real, visible point whose own partner is not labelled, so no drawn x can be confused with it
+(a y' whose x' sits next to a drawn x could be the true answer of that x up to annotation noise).
+kp1 whose partner is shared with another kp1 are ambiguous and never used as matched points.
+Labels are shuffled on both sides, so neither position nor order gives the answer away.
+Departures from the paper: letters in image 2 (numbers in image 1), distinct marker styles per image.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import sys
+import zlib
+from collections import Counter
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from reward import ANSWER_INSTRUCTIONS, x_labels_for, y_label, y_labels_for
+
+LEVELS = ("L1", "L2", "L3")
+SPATIAL = ("sparse", "moderate", "dense")
+
+
+class TaskUnavailable(ValueError):
+    """The pair cannot supply the requested (level, spatial, n); the message is a short category for counting."""
+
+# -----------------------------------------------------------------------------
+# Pure sampling (no I/O)
+
+
+def _far(p, pts, sep):
+    """True when p is at least sep from every point in pts."""
+    return all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 >= sep * sep for q in pts)
+
+
+def _nearest(points, ref):
+    """Index of the nearest ref row for each row of points."""
+    if len(points) == 0:
+        return np.zeros(0, np.int64)
+    return ((points[:, None, :] - ref[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+def _order(n_items, clusters, grouped, rng):
+    """Random candidate order; grouped: cluster by cluster (random cluster order, random within a cluster)."""
+    idx = rng.permutation(n_items)
+    if not grouped or n_items == 0:
+        return [int(i) for i in idx]
+    rank = {int(c): r for r, c in enumerate(rng.permutation(np.unique(clusters)))}
+    return [int(i) for i in sorted(idx, key=lambda i: rank[int(clusters[i])])]  # stable: random within
+
+
+def matched_candidates(arrays, spatial):
+    """Candidate correspondences for a spatial mode as (id1, id2, p1, p2, c1, c2) arrays.
+    Ids: rows of kp1/kp2 for pool matches; len(kp1) + r / len(kp2) + r for row r of dense1/dense2.
+    sparse uses the pool's well-spread matches only; moderate and dense add the verified dense matches, each
+    given the cluster of the nearest pool match in its own image (as build_pool.py does for distractors).
+    Pool matches whose partner is shared with another kp1 are ambiguous and left out."""
+    kp1, kp2 = np.asarray(arrays["kp1"], float).reshape(-1, 2), np.asarray(arrays["kp2"], float).reshape(-1, 2)
+    match = np.asarray(arrays["match"], np.int64)
+    cl1, cl2 = np.asarray(arrays["cluster"], np.int64), np.asarray(arrays["cluster2"], np.int64)
+    partners, counts = np.unique(match[match >= 0], return_counts=True)
+    rows = np.flatnonzero((match >= 0) & ~np.isin(match, partners[counts > 1]))
+    id1, id2 = rows, match[rows]
+    p1, p2, c1, c2 = kp1[id1], kp2[id2], cl1[id1], cl2[id2]
+    d1 = np.asarray(arrays.get("dense1", np.zeros((0, 2))), float).reshape(-1, 2)
+    d2 = np.asarray(arrays.get("dense2", np.zeros((0, 2))), float).reshape(-1, 2)
+    if spatial == "sparse" or len(d1) == 0 or len(rows) == 0:
+        return id1, id2, p1, p2, c1, c2
+    r = np.arange(len(d1))
+    return (np.concatenate([id1, len(kp1) + r]), np.concatenate([id2, len(kp2) + r]),
+            np.concatenate([p1, d1]), np.concatenate([p2, d2]),
+            np.concatenate([c1, c1[_nearest(d1, p1)]]), np.concatenate([c2, c2[_nearest(d2, p2)]]))
+
+
+def sample_points(arrays, level, spatial, n, rng, min_sep=0.0, per_cluster=3, dist_y=(2, None),
+                  unmatched_frac=(0.25, 0.5), tries=20):
+    """Draw X (n points of image 1) and Y (image 2) from one pool pair.
+
+    arrays: the pair's npz as a dict (kp1, kp2, match, cluster, cluster2, optional dense1, dense2).
+    min_sep: float or (sep1, sep2) in ORIGINAL pixels of image 1 / image 2 (at least 1 px is always kept).
+    dist_y: (lo, hi) image-2 distractors for L2/L3, hi None = n. Returns a dict with x_points (n,2),
+    y_points (m,2) as lists (original pixels), x_labels, y_labels, target (Y label or None per x), n, m, level,
+    spatial, x_idx, y_idx (ids as in matched_candidates: kp rows, or len(kp) + dense row), x_cluster,
+    y_cluster. Raises TaskUnavailable when the pair cannot supply the request."""
+    if level not in LEVELS or spatial not in SPATIAL or n < 1:
+        raise ValueError(f"sample_points: bad request level={level} spatial={spatial} n={n}")
+    kp1, kp2 = np.asarray(arrays["kp1"], float).reshape(-1, 2), np.asarray(arrays["kp2"], float).reshape(-1, 2)
+    match = np.asarray(arrays["match"], np.int64)
+    cl1, cl2 = np.asarray(arrays["cluster"], np.int64), np.asarray(arrays["cluster2"], np.int64)
+    if not (len(kp1) == len(match) == len(cl1) and len(kp2) == len(cl2) and match.max(initial=-1) < len(kp2)):
+        raise ValueError("sample_points: inconsistent arrays (kp1/match/cluster or kp2/cluster2 lengths)")
+    sep1, sep2 = (min_sep, min_sep) if np.isscalar(min_sep) else min_sep
+    sep1, sep2 = max(sep1, 1.0), max(sep2, 1.0)  # never draw the same spot twice
+    cap = {"sparse": 1, "moderate": per_cluster, "dense": math.inf}[spatial]
+    id1, id2, p1, p2, c1, c2 = matched_candidates(arrays, spatial)
+    pool_rows = [i for i in range(len(id1)) if id1[i] < len(kp1)]  # pool matches among the candidates
+    un1 = np.flatnonzero(match < 0)                                # verified: no counterpart in image 2
+    un2 = np.setdiff1d(np.arange(len(kp2)), match[match >= 0])     # verified: no counterpart in image 1
+
+    # how many of each kind (drawn once, so retries only change which points)
+    n_un = 0
+    if level == "L3":
+        lo = max(1, math.ceil(unmatched_frac[0] * n))
+        hi = min(n - 1, max(lo, math.floor(unmatched_frac[1] * n)), len(un1))
+        if hi < lo:
+            raise TaskUnavailable("too few verified unmatched points in image 1 (or n < 2)")
+        n_un = int(rng.integers(lo, hi + 1))
+    k = n - n_un
+    if len(id1) < k:
+        raise TaskUnavailable("too few matched points")
+    d_lo = d_want = 0
+    if level in ("L2", "L3"):
+        d_lo = max(1, dist_y[0])
+        d_hi = max(d_lo, n if dist_y[1] is None else dist_y[1])
+        d_hi = min(d_hi, len(un2) + len(pool_rows))
+        if d_hi < d_lo:
+            raise TaskUnavailable("too few distractors in image 2")
+        d_want = int(rng.integers(d_lo, d_hi + 1))
+
+    for _ in range(tries):
+        n1, n2 = Counter(), Counter()  # drawn points per cluster in image 1 / image 2
+        X, Y, xs, ys = [], [], [], []  # X: (id1, y key or None, cluster); Y: (id2, cluster); xs/ys: coords
+        for q in _order(len(id1), c1, spatial == "moderate", rng):
+            if (n1[c1[q]] < cap and (spatial != "sparse" or n2[c2[q]] < cap)
+                    and _far(p1[q], xs, sep1) and _far(p2[q], ys, sep2)):
+                X.append((int(id1[q]), len(Y), int(c1[q])))
+                Y.append((int(id2[q]), int(c2[q])))
+                xs.append(p1[q])
+                ys.append(p2[q])
+                n1[c1[q]] += 1
+                n2[c2[q]] += 1
+                if len(X) == k:
+                    break
+        if len(X) < k:
+            continue
+        for i in rng.permutation(un1) if n_un else []:
+            if n1[cl1[i]] < cap and _far(kp1[i], xs, sep1):
+                X.append((int(i), None, int(cl1[i])))
+                xs.append(kp1[i])
+                n1[cl1[i]] += 1
+                if len(X) == n:
+                    break
+        if len(X) < n:
+            continue
+        # image-2 distractors: verified ones first, then partners of unselected pool matches far from all of X
+        chosen = {x[0] for x in X}
+        spare = [int(id2[q]) for q in rng.permutation(pool_rows)
+                 if id1[q] not in chosen and _far(p1[q], xs, sep1)]
+        n_dist = 0
+        for j in (list(rng.permutation(un2)) + spare) if d_want else []:
+            if n2[cl2[j]] < cap and _far(kp2[j], ys, sep2):
+                Y.append((int(j), int(cl2[j])))
+                ys.append(kp2[j])
+                n2[cl2[j]] += 1
+                n_dist += 1
+                if n_dist == d_want:
+                    break
+        if n_dist >= d_lo:
+            break
+    else:
+        raise TaskUnavailable("min separation / cluster limits")
+
+    # shuffle both sides so labels carry no information
+    xperm, yperm = rng.permutation(len(X)), rng.permutation(len(Y))
+    y_labels = y_labels_for(len(Y))
+    label_of = {int(old): y_labels[new] for new, old in enumerate(yperm)}
+    X = [X[p] for p in xperm]
+    return dict(level=level, spatial=spatial, n=n, m=len(Y),
+                x_idx=[x[0] for x in X], y_idx=[Y[p][0] for p in yperm],
+                x_points=[[float(v) for v in xs[p]] for p in xperm],
+                y_points=[[float(v) for v in ys[p]] for p in yperm],
+                x_cluster=[x[2] for x in X], y_cluster=[Y[p][1] for p in yperm],
+                x_labels=x_labels_for(n), y_labels=y_labels,
+                target=[None if x[1] is None else label_of[x[1]] for x in X])
+
+# -----------------------------------------------------------------------------
+# Drawing
+
+# image 1: yellow filled circles with numbers; image 2: cyan filled squares with letters
+STYLE1 = dict(shape="circle", fill=(255, 214, 0), name="yellow circles")
+STYLE2 = dict(shape="square", fill=(0, 220, 255), name="cyan squares")
+INK = (0, 0, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size):
+    return ImageFont.load_default(size=size)
+
+
+def marker_sizes(max_side):
+    """Font size and marker radius at the drawn resolution (about 18 px text and 6 px markers at 640)."""
+    font_size = max(11, round(0.028 * max_side))
+    return font_size, max(3, round(0.35 * font_size))
+
+
+def resize(img, max_side):
+    """Scale so the longer side is max_side (up or down), keeping aspect. Returns (img, (sx, sy))."""
+    w, h = img.size
+    s = max_side / max(w, h)
+    W, H = max(1, round(w * s)), max(1, round(h * s))
+    return img.convert("RGB").resize((W, H), Image.LANCZOS), (W / w, H / h)
+
+
+def to_drawn(points, scale):
+    """Original pixel coords -> drawn pixel coords (pixel centres at integers on both sides)."""
+    sx, sy = scale
+    return [((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5) for x, y in points]
+
+
+def _overlap(a, b):
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _box_dist(box, p):
+    dx = max(box[0] - p[0], 0, p[0] - box[2])
+    dy = max(box[1] - p[1], 0, p[1] - box[3])
+    return math.hypot(dx, dy)
+
+
+def draw_markers(img, points, labels, style, max_side):
+    """Draw markers at points (drawn coords) with labels in boxes beside them; modifies img.
+    Each label goes to the first of 8 directions x 3 distances whose box stays inside the image, overlaps no
+    placed box and no marker, and is nearer to its own point than to any other (else the least bad one). Draw order: leader lines, boxes, markers on top,
+    so a marker is never hidden. Returns [dict(label, point, box)] with box = (x0, y0, x1, y1)."""
+    font_size, r = marker_sizes(max_side)
+    font = _font(font_size)
+    W, H = img.size
+    draw = ImageDraw.Draw(img)
+    markers = [(x - r - 1, y - r - 1, x + r + 1, y + r + 1) for x, y in points]
+    placed = []
+    dirs = [(1, 0), (-1, 0), (0, -1), (0, 1), (1, -1), (-1, -1), (1, 1), (-1, 1)]
+    for q, ((x, y), lab) in enumerate(zip(points, labels)):
+        tb = draw.textbbox((0, 0), lab, font=font)
+        bw, bh = tb[2] - tb[0] + 6, tb[3] - tb[1] + 4
+        best = None
+        for dist in (1.0, 1.8, 2.6):
+            for dx, dy in dirs:
+                cx = x + dx * (r + 3 + dist * bw / 2)
+                cy = y + dy * (r + 3 + dist * bh / 2)
+                box = (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+                if box[0] < 0 or box[1] < 0 or box[2] > W - 1 or box[3] > H - 1:
+                    continue
+                cost = sum(_overlap(box, o) for o in placed) + sum(_overlap(box, o) for o in markers)
+                own = _box_dist(box, (x, y))  # a label nearer to another marker than to its own is ambiguous
+                cost += 100.0 * sum(_box_dist(box, p) <= own + 2 for u, p in enumerate(points) if u != q)
+                if best is None or cost < best[0]:
+                    best = (cost, box)
+                if cost == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        if best is None:  # image too small for any candidate: clamp the first one inside
+            cx = min(max(x + r + 3 + bw / 2, bw / 2), W - 1 - bw / 2)
+            cy = min(max(y, bh / 2), H - 1 - bh / 2)
+            best = (None, (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2))
+        placed.append(best[1])
+    out = [dict(label=lab, point=(float(x), float(y)), box=tuple(float(v) for v in box))
+           for (x, y), lab, box in zip(points, labels, placed)]
+    for (x, y), box in zip(points, placed):
+        bx = min(max(x, box[0]), box[2])
+        by = min(max(y, box[1]), box[3])
+        draw.line([(x, y), (bx, by)], fill=INK, width=1)
+    for lab, box in zip(labels, placed):
+        tb = draw.textbbox((0, 0), lab, font=font)
+        draw.rectangle(box, fill=style["fill"], outline=INK)
+        draw.text((box[0] + 3 - tb[0], box[1] + 2 - tb[1]), lab, font=font, fill=INK)
+    for x, y in points:
+        bb = (x - r, y - r, x + r, y + r)
+        if style["shape"] == "circle":
+            draw.ellipse(bb, fill=style["fill"], outline=INK)
+        else:
+            draw.rectangle(bb, fill=style["fill"], outline=INK)
+    return out
+
+
+def draw_prompts(img1, img2, x_points, y_points, x_labels, y_labels, max_side, return_geometry=False):
+    """Clean PIL images + ORIGINAL-pixel points -> prompted PIL images at max_side (new images).
+    With return_geometry also returns dict(scale1, scale2, labels1, labels2) (drawn coordinates)."""
+    im1, s1 = resize(img1, max_side)
+    im2, s2 = resize(img2, max_side)
+    g1 = draw_markers(im1, to_drawn(x_points, s1), x_labels, STYLE1, max_side)
+    g2 = draw_markers(im2, to_drawn(y_points, s2), y_labels, STYLE2, max_side)
+    if return_geometry:
+        return im1, im2, dict(scale1=s1, scale2=s2, labels1=g1, labels2=g2)
+    return im1, im2
+
+# -----------------------------------------------------------------------------
+# Prompt
+
+
+def build_prompt(n, m, actor=False):
+    """The user text shown with (image 1, image 2). Same wording for every level, so it leaks nothing.
+    actor: hook for a later issue (an actor/role preamble); not implemented yet."""
+    if actor:
+        raise NotImplementedError("build_prompt: actor=True is reserved for a later issue")
+    return (
+        "Image 1 and image 2 show the same scene from very different viewpoints.\n"
+        f"In image 1, {n} points are marked with {STYLE1['name']} and numbered 1 to {n}. "
+        f"In image 2, {m} points are marked with {STYLE2['name']} and lettered A to {y_label(m - 1)}. "
+        "Each marker sits exactly on its point; its label is in a box next to it, joined to it by a thin line.\n"
+        "For every numbered point, find the lettered point in image 2 that shows the same physical 3D point of "
+        "the scene. A numbered point may have no match among the lettered points (hidden, outside image 2, or "
+        "not marked), and image 2 may have lettered points that match nothing.\n"
+        "First reason step by step: use the geometry of the two views, the objects and surfaces the points lie "
+        "on, and what surrounds them. Then give your final answer.\n" + ANSWER_INSTRUCTIONS)
+
+# -----------------------------------------------------------------------------
+# One task (reads the pair's images, writes nothing; grpo.py calls this online)
+
+
+def pool_path(pool_dir, p):
+    return p if os.path.isabs(p) else os.path.join(pool_dir, p)
+
+
+def load_pairs(pool_dir, split=None):
+    """pairs.jsonl -> list of pair dicts (optionally one split)."""
+    path = os.path.join(pool_dir, "pairs.jsonl")
+    with open(path) as f:
+        pairs = [json.loads(line) for line in f if line.strip()]
+    return [p for p in pairs if split is None or p["split"] == split]
+
+
+def load_arrays(pool_dir, pair):
+    with np.load(pool_path(pool_dir, pair["npz"])) as z:
+        return {k: z[k] for k in z.files}
+
+
+def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_sep=20.0, task_id=None,
+              **sample_kw):
+    """One task from one pool pair -> (task dict, [prompted PIL img1, img2]). min_sep is in DRAWN pixels.
+    Raises TaskUnavailable (see sample_points). task["images"] is None: the CLI fills it when it saves."""
+    paths = [os.path.abspath(pool_path(pool_dir, pair[k])) for k in ("image1", "image2")]
+    imgs = []
+    for path, w, h in zip(paths, (pair["width1"], pair["width2"]), (pair["height1"], pair["height2"])):
+        img = Image.open(path)
+        img.load()
+        if img.size != (w, h):
+            raise ValueError(f"make_task: {path} is {img.size}, pairs.jsonl says {(w, h)} ({pair['pair_id']})")
+        imgs.append(img)
+    seps = tuple(min_sep * max(im.size) / max_side for im in imgs)  # drawn pixels -> original pixels
+    s = sample_points(arrays, level, spatial, n, rng, min_sep=seps, **sample_kw)
+    for key, im in (("x_points", imgs[0]), ("y_points", imgs[1])):
+        P = np.asarray(s[key])
+        if P.min() < -0.5 or (P + 0.5 > np.asarray(im.size)).any():
+            raise ValueError(f"make_task: {pair['pair_id']} has {key} outside its {im.size} image ({pair['npz']})")
+    im1, im2, geom = draw_prompts(imgs[0], imgs[1], s["x_points"], s["y_points"], s["x_labels"], s["y_labels"],
+                                  max_side, return_geometry=True)
+    task = dict(task_id=task_id or f"{pair['pair_id']}-{level}-{spatial}-n{n}", pair_id=pair["pair_id"],
+                source=pair["source"], scene=pair["scene"], scene_type=pair["scene_type"], split=pair["split"],
+                bin=pair["bin"], delta_v=pair["delta_v"], level=level, spatial=spatial, n=s["n"], m=s["m"],
+                images=None, originals=paths, x_points=s["x_points"], y_points=s["y_points"],
+                x_labels=s["x_labels"], y_labels=s["y_labels"], prompt=build_prompt(s["n"], s["m"]),
+                target=s["target"], K1=pair["K1"], K2=pair["K2"], R=pair.get("R"), t=pair.get("t"),
+                x_idx=[int(i) for i in s["x_idx"]], y_idx=[int(j) for j in s["y_idx"]],
+                scale1=list(geom["scale1"]), scale2=list(geom["scale2"]), size1=list(im1.size),
+                size2=list(im2.size))
+    return task, [im1, im2]
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="pool pairs -> prompted matching tasks")
+    ap.add_argument("--pool", default="pool", help="pool dir from build_pool.py")
+    ap.add_argument("--out", default="tasks", help="output dir")
+    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--per-pair", type=int, default=3, help="tasks drawn per pair")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-side", type=int, default=640, help="longer side of the prompted images")
+    ap.add_argument("--levels", default="L1,L2,L3")
+    ap.add_argument("--spatial", default="sparse,moderate,dense")
+    ap.add_argument("--n-min", type=int, default=4, help="points in image 1, drawn uniformly in [n-min, n-max]")
+    ap.add_argument("--n-max", type=int, default=12)
+    ap.add_argument("--dist-y-min", type=int, default=2, help="L2/L3 distractors in image 2, at least")
+    ap.add_argument("--dist-y-max", type=int, default=0, help="... at most (0 = n)")
+    ap.add_argument("--unmatched-min", type=float, default=0.25, help="L3 unmatched share of X, at least")
+    ap.add_argument("--unmatched-max", type=float, default=0.5, help="... at most")
+    ap.add_argument("--min-sep", type=float, default=20.0, help="min distance between drawn points (drawn px)")
+    ap.add_argument("--per-cluster", type=int, default=3, help="moderate mode: max points per cluster")
+    ap.add_argument("--image-format", default="png", choices=["png", "jpg"])
+    ap.add_argument("--max-pairs", type=int, default=0, help="use only the first N pairs (0 = all)")
+    return ap.parse_args(argv)
+
+
+def assign_configs(pairs, per_pair, levels, spatials, seed):
+    """Stratified (level, spatial) per task: within each source a counter walks all level x spatial combinations
+    with the level changing every task (a Latin square over len(levels) * len(spatials) steps), so each source
+    gets each level about equally and each spatial mode too. Seeded shuffles of the pair order and the lists.
+    Returns [(pair, k, level, spatial)]."""
+    plan = []
+    for source in sorted({p["source"] for p in pairs}):
+        rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
+        lv = [levels[i] for i in rng.permutation(len(levels))]
+        sp = [spatials[i] for i in rng.permutation(len(spatials))]
+        group = sorted((p for p in pairs if p["source"] == source), key=lambda p: p["pair_id"])
+        c = 0
+        for q in rng.permutation(len(group)):
+            for k in range(per_pair):
+                a, b = c % len(lv), (c // len(lv)) % len(sp)
+                plan.append((group[q], k, lv[a], sp[(a + b) % len(sp)]))
+                c += 1
+    return plan
+
+
+def write_tasks(plan, args, out_images):
+    tasks, skipped = [], Counter()
+    cache = {}
+    for pair, k, level, spatial in tqdm(plan, desc=f"make_tasks {args.split}"):
+        if pair["pair_id"] not in cache:
+            cache = {pair["pair_id"]: load_arrays(args.pool, pair)}  # plan is grouped by pair: keep one
+        rng = np.random.default_rng([args.seed, zlib.crc32(pair["pair_id"].encode()), k])
+        n = int(rng.integers(args.n_min, args.n_max + 1))
+        task_id = f"{pair['pair_id']}-{k}"
+        try:
+            task, imgs = make_task(pair, cache[pair["pair_id"]], level, spatial, n, rng, args.pool, args.max_side,
+                                   min_sep=args.min_sep, task_id=task_id, per_cluster=args.per_cluster,
+                                   dist_y=(args.dist_y_min, args.dist_y_max or None),
+                                   unmatched_frac=(args.unmatched_min, args.unmatched_max))
+        except TaskUnavailable as e:
+            skipped[f"{level}/{spatial}: {e}"] += 1
+            continue
+        task["images"] = []
+        for v, img in zip((1, 2), imgs):
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)  # pair ids contain "/"
+            rel = os.path.join(os.path.basename(out_images), f"{safe}_{v}.{args.image_format}")
+            img.save(os.path.join(args.out, rel), **({"compress_level": 1} if args.image_format == "png" else
+                                                     {"quality": 95}))  # fast PNG; JPEG sharp enough for labels
+            task["images"].append(rel)
+        tasks.append(task)
+    return tasks, skipped
+
+
+def report(tasks, skipped):
+    for key in ("level", "spatial", "source", "scene_type", "bin"):
+        c = Counter(t[key] for t in tasks)
+        print(f"  by {key:10s} " + "  ".join(f"{k}: {v}" for k, v in sorted(c.items())))
+    for reason, v in sorted(skipped.items()):
+        print(f"  skipped {v:5d}  {reason}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
+        sys.exit(f"make_tasks.py: error: --pool {args.pool} has no pairs.jsonl")
+    levels, spatials = args.levels.split(","), args.spatial.split(",")
+    bad = [x for x in levels if x not in LEVELS] + [x for x in spatials if x not in SPATIAL]
+    if bad or not 1 <= args.n_min <= args.n_max:
+        sys.exit(f"make_tasks.py: error: bad --levels/--spatial/--n-min/--n-max ({bad or (args.n_min, args.n_max)})")
+    pairs = load_pairs(args.pool, args.split)
+    if args.max_pairs:
+        pairs = pairs[:args.max_pairs]
+    out_images = os.path.join(args.out, f"{args.split}_images")
+    os.makedirs(out_images, exist_ok=True)
+    plan = assign_configs(pairs, args.per_pair, levels, spatials, args.seed)
+    tasks, skipped = write_tasks(plan, args, out_images)
+    with open(os.path.join(args.out, f"{args.split}.jsonl"), "w") as f:
+        for t in tasks:
+            f.write(json.dumps(t) + "\n")
+    with open(os.path.join(args.out, f"args_{args.split}.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    report(tasks, skipped)
+    print(f"make_tasks.py: {args.split}: {len(tasks)} tasks from {len(pairs)} pairs "
+          f"({sum(skipped.values())} skipped) -> {os.path.join(args.out, args.split + '.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()
