@@ -1,0 +1,880 @@
+"""synthetic.py: procedural demo data in the REAL dataset layouts (ScanNet, COLMAP, CO3D v2).
+
+Renders small analytic scenes (textured rooms, boxes, spheres, cylinders, a ground plane) by vectorised
+ray casting in pure numpy, with exact depth and exact cameras, and writes them the way the real datasets
+ship, so build_pool.py runs on the demo data with the same readers it uses on the real data.
+
+Commands
+    python synthetic.py --out demo_data            # CPU demo: 2 scenes x 24 frames per layout, ~20 s, ~30 MB
+    python synthetic.py --out demo_data --scenes 3 --frames 30 --layouts scannet,co3d
+    python synthetic.py --out /tmp/d --frames 3 --image-scale 0.5      # tiny data for fast tests
+No GPU path: the renderer is numpy only (a GPU would not help at these sizes). World frame: metres, z up.
+Trajectories sweep 200-320 degrees (indoor walk across the room, object orbit, outdoor arc), so frame
+pairs range from overlap ~0.9 (neighbours) down to 0.
+
+Writes (under --out)
+    scannet/sceneXXXX_00/  as ScanNet's SensReader exports a .sens file:
+        color/<i>.jpg (640x480), depth/<i>.png (320x240 uint16 millimetres, 0 = invalid),
+        pose/<i>.txt (4x4 camera-to-world, OpenCV camera axes x right, y down, z forward; world z up),
+        intrinsic/intrinsic_color.txt, intrinsic_depth.txt (4x4, each for its own resolution),
+        intrinsic/extrinsic_color.txt, extrinsic_depth.txt (identity).
+    scannet_sens/sceneXXXX_00/sceneXXXX_00.sens  the same frames as a raw .sens (version 4): header
+        (version u32, sensor-name length u64 + bytes, intrinsic/extrinsic colour, intrinsic/extrinsic depth
+        as row-major float32 4x4, colour compression i32 = 2 (jpeg), depth compression i32 = 1 (zlib_ushort),
+        colour w,h, depth w,h u32, depth shift f32 = 1000, frame count u64), per frame camera_to_world f32 4x4,
+        colour/depth timestamps u64, colour/depth byte sizes u64, the bytes; then IMU frame count u64 = 0.
+        The JPEG bytes inside are byte-identical to color/<i>.jpg; depth is zlib(uint16 mm, row-major).
+    colmap/<scene>/images/%06d.jpg and colmap/<scene>/sparse/0/{cameras,images,points3D,rigs,frames}.bin
+        written by pycolmap 4.x: one SIMPLE_RADIAL camera (COLMAP's default model, k = 0), poses
+        cam_from_world, landmarks sampled on the rendered surfaces, an observation wherever the landmark is
+        inside the image and not occluded (ray cast), plus some 2D points without a 3D point (as real
+        models have). COLMAP pixel convention: the first pixel's centre is (0.5, 0.5), so COLMAP
+        xy = OpenCV xy + 0.5 and COLMAP cx, cy = OpenCV cx, cy + 0.5 (use camera.calibration_matrix() and
+        subtract 0.5 from cx, cy and from every 2D point to get OpenCV pixels).
+    co3d/<category>/frame_annotations.jgz, sequence_annotations.jgz (gzipped JSON lists as CO3D v2 ships
+        them), co3d/<category>/<seq>/images/frame%06d.jpg, depths/frame%06d.jpg.geometric.png (uint16 PNG
+        holding float16 bits; metres = float16 value * depth.scale_adjustment; 0 invalid),
+        depth_masks/frame%06d.png (uint8, 255 valid), masks/frame%06d.png (foreground object, uint8 0/255).
+        frame_number is 0-based, file names 1-based (frame000001.jpg is frame_number 0); always follow the
+        annotation paths, which are relative to the dataset root (the parent of <category>).
+        Cameras in PyTorch3D convention, row vectors X_cam = X_world @ R + T, camera +X left, +Y up, +Z
+        forward, "ndc_isotropic" intrinsics. With s = min(H, W) / 2 and an OpenCV camera (R_cv world->cam,
+        t_cv, K with focal fx, fy and principal point cx, cy) the annotation stores
+            R = R_cv^T with its first two columns negated,   T = t_cv with its first two entries negated,
+            focal_length = [fx / s, fy / s],   principal_point = [-(cx - W / 2) / s, -(cy - H / 2) / s],
+        which is exactly what pytorch3d's cameras_from_opencv_projection does; the inverse is
+        opencv_from_cameras_projection (K: f_pix = f_ndc * s, c_pix = -p_ndc * s + [W / 2, H / 2]).
+    synthetic_meta.json  every written scene: layout, path, name, seed, kind, and per frame the image path
+        (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes);
+        ScanNet frames also K_depth, depth size; so tests can re-render or re-raycast the scene.
+    args.json
+
+Python API (used by tests of later stages)
+    make_scene(seed, kind) -> Scene           kind in indoor | object | outdoor
+    raycast(scene, origins (N,3), dirs (N,3)) -> t (N,)   hit = origins + t * dirs; t is measured in units
+        of each dir's own length (dirs need not be unit; with dirs = R K^-1 [x, y, 1] t is the z-depth);
+        inf where nothing is hit (sky)
+    render(scene, K, cam_to_world, w, h) -> rgb uint8 (h,w,3), depth float32 (h,w) z-depth metres (inf = sky)
+        pixel centres at integer coordinates (OpenCV)
+    load_meta(out_dir) -> dict; find_frame(meta, image_path) -> (scene entry, frame entry)
+
+Departures from the paper / real data, and why
+    Analytic scenes stand in for real scans: the demo must run offline in seconds, and exact geometry lets
+    tests check every correspondence build_pool.py produces against the renderer. Depth is exact (no sensor
+    noise, no holes except sky); CO3D depth is dense where the real one is MVS-sparse. Textures are
+    procedural noise + random patches, so SIFT works at small baselines. Nothing here imitates real
+    appearance; training on it only exercises the pipeline.
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import zlib
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+EPS = 1e-6
+LIGHT = np.array([0.35, 0.5, 0.79]) / np.linalg.norm([0.35, 0.5, 0.79])
+
+# -----------------------------------------------------------------------------
+# scene: analytic primitives with per-face procedural textures
+
+
+def _texture(rng, h, w):
+    """Rich, non-repeating colour texture (h,w,3) float32 in 0..255: multi-scale value noise + random
+    rectangles, discs and lines (blob-like structure gives SIFT corners) + optional stripes."""
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = rng.uniform(50, 200, 3)
+    for cell, amp in ((96, 45.0), (32, 35.0), (10, 25.0), (3, 12.0)):
+        gh, gw = h // cell + 2, w // cell + 2
+        g = rng.normal(0, 1, (gh, gw, 3)).astype(np.float32)
+        img += amp * cv2.resize(g, (gw * cell, gh * cell), interpolation=cv2.INTER_CUBIC)[:h, :w]
+    for _ in range(h * w // 1200 + 4):
+        col = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        s = int(rng.integers(3, 30))
+        shape = rng.integers(0, 4)
+        if shape == 0:
+            cv2.rectangle(img, (x, y), (x + s, y + int(rng.integers(3, 30))), col, -1)
+        elif shape == 1:
+            cv2.circle(img, (x, y), s // 2 + 1, col, -1)
+        elif shape == 2:
+            cv2.line(img, (x, y), (x + int(rng.integers(-40, 40)), y + int(rng.integers(-40, 40))), col, 2)
+        else:
+            cv2.ellipse(img, (x, y), (s, s // 2 + 1), float(rng.uniform(0, 180)), 0, 360, col, -1)
+    if rng.random() < 0.3:  # coloured stripes, modulated by the noise so they never repeat exactly
+        period = rng.uniform(8, 40)
+        stripes = (np.sin(np.arange(w, dtype=np.float32) * (2 * np.pi / period)) > 0)[None, :, None]
+        img = np.where(stripes, img * 0.6 + 0.4 * rng.uniform(0, 255, 3).astype(np.float32), img)
+    return np.clip(img, 0, 255)
+
+
+class Scene:
+    """Primitives (dicts) + textures. Every primitive has 'type' and 'tex' (texture id per face).
+    Textures are made on first use from their own seed, so geometry-only use (raycast) stays cheap."""
+
+    def __init__(self, seed, kind):
+        self.seed, self.kind = seed, kind
+        self.prims, self._tex_specs, self._tex_cache = [], [], {}
+        self.sky = False
+        self.bounds = None  # (2,3) lo, hi of the walkable region, set by make_scene
+        self.rng = np.random.default_rng(seed)
+        self._detail = None
+
+    def _tex(self, extent_u, extent_v, density=100.0):
+        density = min(density, 1024.0 / max(extent_u, extent_v))
+        h, w = max(int(extent_v * density) + 2, 4), max(int(extent_u * density) + 2, 4)
+        self._tex_specs.append((h, w, density))
+        return len(self._tex_specs) - 1
+
+    def texture(self, i):
+        """(img float32 (h,w,3) in 0..255, texels per metre) of texture i."""
+        if i not in self._tex_cache:
+            h, w, density = self._tex_specs[i]
+            self._tex_cache[i] = (_texture(np.random.default_rng([self.seed, i]), h, w), density)
+        return self._tex_cache[i]
+
+    @property
+    def detail(self):  # fine detail layer, tiled (see _shade)
+        if self._detail is None:
+            g = np.random.default_rng([self.seed, 10**6]).normal(0, 1, (258, 258, 3)).astype(np.float32)
+            g = cv2.GaussianBlur(g, (0, 0), 0.8)[1:-1, 1:-1]  # film-grain-like, no shapes: tiling stays invisible
+            self._detail = 20.0 * g / g.std()
+        return self._detail
+
+    def add_box(self, lo, hi, inside=False, obj=False):
+        lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+        ext = hi - lo
+        tex = []
+        for axis in range(3):
+            eu, ev = _face_extents(axis, ext)
+            tex += [self._tex(eu, ev), self._tex(eu, ev)]
+        self.prims.append(dict(type="room" if inside else "box", lo=lo, hi=hi, tex=tex, obj=obj))
+
+    def add_sphere(self, c, r, obj=False):
+        self.prims.append(dict(type="sphere", c=np.asarray(c, float), r=float(r), obj=obj,
+                               tex=[self._tex(2 * np.pi * r, np.pi * r)]))
+
+    def add_cylinder(self, c, r, z0, z1, obj=False):
+        self.prims.append(dict(type="cylinder", c=np.asarray(c, float), r=float(r), z0=float(z0),
+                               z1=float(z1), obj=obj,
+                               tex=[self._tex(2 * np.pi * r, z1 - z0), self._tex(2 * r, 2 * r),
+                                    self._tex(2 * r, 2 * r)]))
+
+    def add_ground(self, c, half):
+        self.prims.append(dict(type="ground", c=np.asarray(c, float), half=float(half), obj=False,
+                               tex=[self._tex(2 * half, 2 * half)]))
+
+    def bounding_sphere(self, p):
+        if p["type"] == "box":
+            return (p["lo"] + p["hi"]) / 2, np.linalg.norm(p["hi"] - p["lo"]) / 2
+        if p["type"] == "sphere":
+            return p["c"], p["r"]
+        if p["type"] == "cylinder":
+            h = (p["z1"] - p["z0"]) / 2
+            return np.array([p["c"][0], p["c"][1], p["z0"] + h]), math.hypot(p["r"], h)
+        return None, None  # room / ground: always tested
+
+    def inside_any(self, x, margin):
+        """True if point x is inside (or within margin of) any solid primitive (keeps cameras out of objects)."""
+        for p in self.prims:
+            if p["type"] == "box" and np.all(x > p["lo"] - margin) and np.all(x < p["hi"] + margin):
+                return True
+            if p["type"] == "sphere" and np.linalg.norm(x - p["c"]) < p["r"] + margin:
+                return True
+            if p["type"] == "cylinder" and (np.linalg.norm(x[:2] - p["c"][:2]) < p["r"] + margin
+                                            and p["z0"] - margin < x[2] < p["z1"] + margin):
+                return True
+        return False
+
+
+def _face_extents(axis, ext):
+    # vertical faces: u along the other horizontal axis, v along z; horizontal faces: u = x, v = y
+    if axis == 0:
+        return ext[1], ext[2]
+    if axis == 1:
+        return ext[0], ext[2]
+    return ext[0], ext[1]
+
+
+def _random_objects(scene, rng, n, x_range, y_range, z_base, size_range, keep_clear=None):
+    """Drop n random boxes / spheres / cylinders on the plane z = z_base inside the given ranges."""
+    placed = []
+    for _ in range(n * 20):
+        if len(placed) == n:
+            break
+        s = rng.uniform(*size_range)
+        x, y = rng.uniform(*x_range), rng.uniform(*y_range)
+        if any(math.hypot(x - px, y - py) < (s + ps) * 0.75 for px, py, ps in placed):
+            continue
+        if keep_clear is not None and math.hypot(x - keep_clear[0], y - keep_clear[1]) < keep_clear[2] + s:
+            continue
+        placed.append((x, y, s))
+        kind = rng.integers(0, 4)
+        if kind <= 1:
+            h = s * rng.uniform(0.6, 2.0)
+            sx, sy = s * rng.uniform(0.5, 1.0), s * rng.uniform(0.5, 1.0)
+            scene.add_box([x - sx / 2, y - sy / 2, z_base], [x + sx / 2, y + sy / 2, z_base + h], obj=True)
+        elif kind == 2:
+            r = s / 2
+            scene.add_sphere([x, y, z_base + r], r, obj=True)
+        else:
+            r = s * rng.uniform(0.25, 0.45)
+            scene.add_cylinder([x, y, 0.0], r, z_base, z_base + s * rng.uniform(0.8, 2.0), obj=True)
+
+
+def make_scene(seed, kind):
+    """Deterministic scene from (seed, kind). World axes: z up, metres.
+    indoor: a room (5-7 m x 4-6 m x 2.6-3 m) with 5-8 objects on the floor.
+    object: a large room, a table at the origin with 2-4 objects on it (foreground, for CO3D masks).
+    outdoor: a ground plane, sky (no hit), a plaza of building-like boxes, poles and spheres."""
+    scene = Scene(seed, kind)
+    rng = scene.rng
+    if kind == "indoor":
+        W, D, H = rng.uniform(5, 7), rng.uniform(4, 6), rng.uniform(2.6, 3.0)
+        scene.bounds = np.array([[0, 0, 0], [W, D, H]])
+        scene.add_box([0, 0, 0], [W, D, H], inside=True)
+        _random_objects(scene, rng, int(rng.integers(5, 9)), (0.5, W - 0.5), (0.5, D - 0.5), 0.0, (0.35, 1.0),
+                        keep_clear=(W / 2, D / 2, 0.9))
+    elif kind == "object":
+        scene.bounds = np.array([[-5, -5, 0], [5, 5, 3.5]])
+        scene.add_box([-5, -5, -0.8], [5, 5, 3.5], inside=True)
+        th = 0.0  # table top at z = 0 so the orbit target is the origin-ish
+        scene.add_box([-0.6, -0.45, -0.8], [0.6, 0.45, th], obj=False)
+        _random_objects(scene, rng, int(rng.integers(2, 4)), (-0.35, 0.35), (-0.25, 0.25), th, (0.22, 0.45))
+        _random_objects(scene, rng, 4, (-4, 4), (-4, 4), -0.8, (0.4, 1.0), keep_clear=(0, 0, 3.0))
+        for p in scene.prims[2:]:
+            p["obj"] = p["obj"] and (np.all(np.abs(scene.bounding_sphere(p)[0][:2]) < 1.0))
+    elif kind == "outdoor":
+        scene.sky = True
+        scene.bounds = np.array([[-30, -30, 0], [30, 30, 12]])
+        scene.add_ground([0, 0, 0], 30.0)
+        _random_objects(scene, rng, int(rng.integers(5, 8)), (-5, 5), (-5, 5), 0.0, (1.2, 3.5))
+        for _ in range(8):  # a ring of far buildings as background
+            a, d = rng.uniform(0, 2 * np.pi), rng.uniform(16, 24)
+            x, y, s = d * math.cos(a), d * math.sin(a), rng.uniform(3, 6)
+            scene.add_box([x - s / 2, y - s / 2, 0], [x + s / 2, y + s / 2, rng.uniform(4, 11)])
+    else:
+        raise ValueError(f"make_scene: unknown kind {kind!r} (indoor | object | outdoor)")
+    return scene
+
+
+# -----------------------------------------------------------------------------
+# ray casting (all rays at once; one pass per primitive, nearest hit wins)
+
+
+def _intersect(p, o, d):
+    """Hit parameter t (N,) along d (inf = miss) and face id (N,) for primitive p."""
+    n = d.shape[0]
+    face = np.zeros(n, np.int8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if p["type"] == "room":  # seen from inside: the nearest exit plane per axis
+            o3 = np.broadcast_to(o, d.shape)
+            t = np.full(n, np.inf)
+            for axis in range(3):
+                da = d[:, axis]
+                ta = (np.where(da > 0, p["hi"][axis], p["lo"][axis]) - o3[:, axis]) / da
+                ta[~(ta > EPS)] = np.inf
+                closer = ta < t
+                t[closer] = ta[closer]
+                face[closer] = 2 * axis + (da[closer] > 0)
+            return t, face
+        if p["type"] == "box":  # slab test, seen from outside
+            o3 = np.broadcast_to(o, d.shape)
+            tnear, tfar = np.full(n, -np.inf), np.full(n, np.inf)
+            for axis in range(3):
+                da = d[:, axis]
+                t1 = (p["lo"][axis] - o3[:, axis]) / da
+                t2 = (p["hi"][axis] - o3[:, axis]) / da
+                tn, tf = np.minimum(t1, t2), np.maximum(t1, t2)
+                later = tn > tnear
+                tnear[later] = tn[later]
+                face[later] = 2 * axis + (da[later] < 0)
+                np.minimum(tfar, tf, out=tfar)
+            return np.where((tnear <= tfar) & (tnear > EPS), tnear, np.inf), face
+        if p["type"] == "sphere":
+            oc = np.broadcast_to(o - p["c"], d.shape)
+            a = np.einsum("ij,ij->i", d, d)
+            b = (oc * d).sum(1)
+            c = (oc * oc).sum(1) - p["r"] ** 2
+            t = (-b - np.sqrt(b * b - a * c)) / a
+            return np.where(t > EPS, t, np.inf), face
+        if p["type"] == "cylinder":
+            ox, oy = o[..., 0] - p["c"][0], o[..., 1] - p["c"][1]
+            dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
+            oz = o[..., 2]
+            a = dx * dx + dy * dy
+            b = ox * dx + oy * dy
+            c = ox * ox + oy * oy - p["r"] ** 2
+            ts = (-b - np.sqrt(b * b - a * c)) / a
+            zs = oz + ts * dz
+            ts = np.where((ts > EPS) & (zs >= p["z0"]) & (zs <= p["z1"]), ts, np.inf)
+            t = ts
+            for fid, zc in ((1, p["z1"]), (2, p["z0"])):
+                tc = (zc - oz) / dz
+                xc, yc = ox + tc * dx, oy + tc * dy
+                tc = np.where((tc > EPS) & (xc * xc + yc * yc <= p["r"] ** 2), tc, np.inf)
+                face = np.where(tc < t, fid, face).astype(np.int8)
+                t = np.minimum(t, tc)
+            return t, face
+        if p["type"] == "ground":
+            t = (p["c"][2] - o[..., 2]) / d[:, 2]
+            x, y = o[..., 0] + t * d[:, 0], o[..., 1] + t * d[:, 1]
+            ok = (t > EPS) & (np.abs(x - p["c"][0]) <= p["half"]) & (np.abs(y - p["c"][1]) <= p["half"])
+            return np.where(ok, t, np.inf), face
+    raise ValueError(f"unknown primitive {p['type']}")
+
+
+def _trace(scene, o, d):
+    """Nearest hit over all primitives: t (N,), primitive index (N,) (-1 = miss), face (N,)."""
+    n = d.shape[0]
+    best = np.full(n, np.inf)
+    pid = np.full(n, -1, np.int32)
+    face = np.zeros(n, np.int8)
+    for i, p in enumerate(scene.prims):
+        t, f = _intersect(p, o, d)
+        closer = t < best
+        best = np.where(closer, t, best)
+        pid[closer] = i
+        face[closer] = f[closer]
+    return best, pid, face
+
+
+def raycast(scene, origins, dirs):
+    """t (N,) such that origins + t * dirs is the first surface hit; t is in units of each dir's length
+    (dirs need not be unit); inf where the ray hits nothing."""
+    o = np.asarray(origins, np.float64).reshape(-1, 3)
+    d = np.asarray(dirs, np.float64).reshape(-1, 3)
+    return _trace(scene, o, d)[0]
+
+
+def _pixel_rays(K, cam_to_world, xs, ys):
+    """World-frame ray directions through OpenCV pixels (x, y) (centres at integers), camera z = 1."""
+    Kinv = np.linalg.inv(K)
+    pix = np.stack([xs, ys, np.ones_like(xs)], -1).astype(np.float64)
+    return pix @ (cam_to_world[:3, :3] @ Kinv).T
+
+
+def _trace_image(scene, K, cam_to_world, w, h):
+    """Ray cast every pixel, testing each bounded primitive only inside its projected screen box."""
+    K, c2w = np.asarray(K, np.float64), np.asarray(cam_to_world, np.float64)
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    d = _pixel_rays(K, c2w, xs, ys)  # (h,w,3)
+    o = c2w[:3, 3]
+    best = np.full((h, w), np.inf)
+    pid = np.full((h, w), -1, np.int32)
+    face = np.zeros((h, w), np.int8)
+    w2c = np.linalg.inv(c2w)
+    for i, p in enumerate(scene.prims):
+        y0, y1, x0, x1 = 0, h, 0, w
+        c, r = scene.bounding_sphere(p)
+        if c is not None:
+            pc = w2c[:3, :3] @ c + w2c[:3, 3]
+            if pc[2] < -r:
+                continue  # behind the camera
+            if pc[2] > r * 1.05:  # screen box of the sphere (conservative: pad by the radius at near depth)
+                zn = pc[2] - r
+                u = K[0, 0] * pc[0] / pc[2] + K[0, 2]
+                v = K[1, 1] * pc[1] / pc[2] + K[1, 2]
+                ru = K[0, 0] * r / zn + K[0, 0] * abs(pc[0]) * (1 / zn - 1 / pc[2]) + 2
+                rv = K[1, 1] * r / zn + K[1, 1] * abs(pc[1]) * (1 / zn - 1 / pc[2]) + 2
+                x0, x1 = max(int(u - ru), 0), min(int(u + ru) + 2, w)
+                y0, y1 = max(int(v - rv), 0), min(int(v + rv) + 2, h)
+                if x0 >= x1 or y0 >= y1:
+                    continue
+        win = d[y0:y1, x0:x1].reshape(-1, 3)
+        t, f = _intersect(p, o, win)
+        t, f = t.reshape(y1 - y0, x1 - x0), f.reshape(y1 - y0, x1 - x0)
+        closer = t < best[y0:y1, x0:x1]
+        best[y0:y1, x0:x1][closer] = t[closer]
+        pid[y0:y1, x0:x1][closer] = i
+        face[y0:y1, x0:x1][closer] = f[closer]
+    return best, pid, face, d, o
+
+
+def _sample(tex, density, u, v):
+    """Bilinear texture lookup at surface coordinates (metres), clamped at the texture border."""
+    n = len(u)
+    cols = 1024  # cv2.remap wants maps below 32767 per side: fold the N lookups into rows of 1024
+    rows = -(-n // cols)
+    mx = np.zeros(rows * cols, np.float32)
+    my = np.zeros(rows * cols, np.float32)
+    mx[:n], my[:n] = u * density, v * density
+    out = cv2.remap(tex, mx.reshape(rows, cols), my.reshape(rows, cols), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(-1, 3)[:n]
+
+
+def _shade(scene, p, face, x):
+    """Colour (N,3) float of points x (N,3) on primitive p with face ids face (N,)."""
+    out = np.zeros((len(x), 3))
+    normal = np.zeros((len(x), 3))
+    du, dv = np.zeros(len(x)), np.zeros(len(x))
+    if p["type"] in ("box", "room"):
+        for f in np.unique(face):
+            m = face == f
+            axis = f // 2
+            ua, va = {0: (1, 2), 1: (0, 2), 2: (0, 1)}[axis]
+            u, v = x[m, ua] - p["lo"][ua], x[m, va] - p["lo"][va]
+            tex, dens = scene.texture(p["tex"][f])
+            out[m] = _sample(tex, dens, u, v)
+            sign = (-1.0 if f % 2 == 0 else 1.0) * (-1.0 if p["type"] == "room" else 1.0)
+            normal[m, axis] = sign
+            du[m], dv[m] = u, v
+    elif p["type"] == "sphere":
+        q = (x - p["c"]) / p["r"]
+        u = (np.arctan2(q[:, 1], q[:, 0]) + np.pi) * p["r"]
+        v = np.arccos(np.clip(q[:, 2], -1, 1)) * p["r"]
+        tex, dens = scene.texture(p["tex"][0])
+        out[:] = _sample(tex, dens, u, v)
+        normal, du, dv = q, u, v
+    elif p["type"] == "cylinder":
+        qx, qy = x[:, 0] - p["c"][0], x[:, 1] - p["c"][1]
+        for f in np.unique(face):
+            m = face == f
+            if f == 0:
+                u = (np.arctan2(qy[m], qx[m]) + np.pi) * p["r"]
+                v = x[m, 2] - p["z0"]
+                normal[m] = np.stack([qx[m], qy[m], np.zeros(m.sum())], 1) / p["r"]
+            else:
+                u, v = qx[m] + p["r"], qy[m] + p["r"]
+                normal[m, 2] = 1.0 if f == 1 else -1.0
+            tex, dens = scene.texture(p["tex"][f])
+            out[m] = _sample(tex, dens, u, v)
+            du[m], dv[m] = u, v
+    else:  # ground
+        u, v = x[:, 0] - p["c"][0] + p["half"], x[:, 1] - p["c"][1] + p["half"]
+        tex, dens = scene.texture(p["tex"][0])
+        out[:] = _sample(tex, dens, u, v)
+        normal[:, 2] = 1.0
+        du, dv = u, v
+    # fine grain tiled at 4 mm (shifted per primitive) so close-ups keep texture; the coarse layer keeps
+    # every surface globally unique
+    shift = 0.37 * p["tex"][0]
+    out += _sample(scene.detail, 250.0, np.mod(du + shift, 1.02), np.mod(dv + 0.61 * shift, 1.02))
+    # view-independent Lambertian light: the same surface point has the same colour in every view
+    return out * (0.6 + 0.4 * np.abs(normal @ LIGHT))[:, None]
+
+
+def render(scene, K, cam_to_world, w, h, gain=1.0, return_ids=False):
+    """rgb uint8 (h,w,3) and z-depth float32 (h,w) in metres (inf where nothing is hit) of the scene seen
+    by an OpenCV pinhole camera K (3x3, pixel centres at integers) with pose cam_to_world (4x4).
+    return_ids=True also returns the primitive index per pixel (int32, -1 = sky)."""
+    t, pid, face, d, o = _trace_image(scene, K, cam_to_world, w, h)
+    tf, pf, ff, df = t.ravel(), pid.ravel(), face.ravel(), d.reshape(-1, 3)
+    rgb = np.zeros((h * w, 3), np.float32)
+    order = np.argsort(pf, kind="stable")  # group pixels by primitive: one sort instead of a mask each
+    ids, starts = np.unique(pf[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    for i, s0, s1 in zip(ids, starts, ends):
+        idx = order[s0:s1]
+        if i < 0:
+            if scene.sky:  # vertical gradient by ray elevation
+                dn = df[idx]
+                el = np.clip(dn[:, 2] / np.linalg.norm(dn, axis=1), 0, 1)[:, None]
+                rgb[idx] = np.array([235.0, 215.0, 190.0]) * (1 - el) + np.array([110.0, 160.0, 225.0]) * el
+            continue
+        x = o + tf[idx, None] * df[idx]
+        rgb[idx] = _shade(scene, scene.prims[i], ff[idx], x)
+    rgb = rgb.reshape(h, w, 3)
+    rgb = np.clip(rgb * gain, 0, 255).astype(np.uint8)
+    depth = t.astype(np.float32)  # t is along rays with camera-z = 1, i.e. z-depth
+    return (rgb, depth, pid) if return_ids else (rgb, depth)
+
+
+def render_depth(scene, K, cam_to_world, w, h):
+    """z-depth float32 (h,w) only (inf where nothing is hit)."""
+    return _trace_image(scene, K, cam_to_world, w, h)[0].astype(np.float32)
+
+
+def foreground_mask(scene, pid):
+    """bool (h,w): pixel sees a foreground object (CO3D's masks); pid from render(..., return_ids=True)."""
+    fg = np.array([p["obj"] for p in scene.prims] + [False])
+    return fg[pid]  # pid = -1 picks the trailing False
+
+
+# -----------------------------------------------------------------------------
+# trajectories: wide viewpoint changes, so frame pairs span overlap ~0.9 down to 0
+
+
+def look_at(eye, target, up=(0.0, 0.0, 1.0)):
+    """cam_to_world 4x4, OpenCV camera axes (x right, y down, z forward)."""
+    eye, target = np.asarray(eye, float), np.asarray(target, float)
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    T = np.eye(4)
+    T[:3, :3] = np.stack([x, y, z], 1)
+    T[:3, 3] = eye
+    return T
+
+
+def make_trajectory(scene, n, seed):
+    """n camera-to-world poses. indoor: walk across the room while the heading sweeps 200-250 degrees;
+    object: orbit 270-320 degrees around the table; outdoor: 180-220 degree arc around the plaza."""
+    rng = np.random.default_rng(seed + 1)
+    for _ in range(200):
+        s = np.linspace(0, 1, n)
+        if scene.kind == "indoor":
+            (W, D, H) = scene.bounds[1]
+            a, b = np.array([rng.uniform(1.2, 1.8), rng.uniform(1.0, D - 1.0)]), \
+                np.array([W - rng.uniform(1.2, 1.8), rng.uniform(1.0, D - 1.0)])
+            xy = a[None] + s[:, None] * (b - a)[None] + 0.3 * np.sin(np.pi * s)[:, None] * np.array([0, 1])
+            yaw = rng.uniform(0, 2 * np.pi) + s * np.deg2rad(rng.uniform(200, 250)) * rng.choice([-1, 1])
+            z = rng.uniform(1.3, 1.6) + 0.05 * np.sin(7 * s)
+            pitch = np.deg2rad(rng.uniform(-22, -12))
+            eyes = np.column_stack([xy, z * np.ones(n)])
+            fwd = np.column_stack([np.cos(yaw) * np.cos(pitch), np.sin(yaw) * np.cos(pitch),
+                                   np.full(n, np.sin(pitch))])
+            targets = eyes + fwd
+        elif scene.kind == "object":
+            az = rng.uniform(0, 2 * np.pi) + s * np.deg2rad(rng.uniform(270, 320))
+            el = np.deg2rad(rng.uniform(20, 35) + 10 * np.sin(2 * np.pi * s))
+            rad = rng.uniform(1.4, 1.8) + 0.15 * np.cos(3 * np.pi * s)
+            eyes = np.column_stack([rad * np.cos(az) * np.cos(el), rad * np.sin(az) * np.cos(el),
+                                    rad * np.sin(el)])
+            targets = np.tile([0.0, 0.0, 0.12], (n, 1)) + rng.normal(0, 0.03, (n, 3))
+        else:
+            az = rng.uniform(0, 2 * np.pi) + s * np.deg2rad(rng.uniform(180, 220)) * rng.choice([-1, 1])
+            rad = rng.uniform(9, 12)
+            eyes = np.column_stack([rad * np.cos(az), rad * np.sin(az), np.full(n, rng.uniform(1.5, 2.0))])
+            side = rng.uniform(-0.5, 0.5)  # look slightly off the plaza centre: not a pure orbit
+            targets = np.column_stack([side * eyes[:, 1] / rad * 4, -side * eyes[:, 0] / rad * 4,
+                                       np.full(n, 1.2)])
+        if not any(scene.inside_any(e, 0.35) for e in eyes):
+            return [look_at(e, t) for e, t in zip(eyes, targets)]
+    raise RuntimeError(f"make_trajectory: no collision-free path for scene seed {scene.seed}")
+
+
+def _f32_pose(T):
+    # the .sens stores float32 poses; render with exactly those so every file agrees bit for bit
+    return np.asarray(T, np.float32).astype(np.float64)
+
+
+def _even(x):
+    return 2 * max(int(round(x / 2)), 8)
+
+
+def _intrinsics(w, h, hfov_deg, rng):
+    f = (w / 2) / math.tan(math.radians(hfov_deg) / 2)
+    return np.array([[f, 0, (w - 1) / 2 + rng.uniform(-3, 3)], [0, f, (h - 1) / 2 + rng.uniform(-3, 3)],
+                     [0, 0, 1.0]])
+
+
+# -----------------------------------------------------------------------------
+# writers: ScanNet (SensReader export + raw .sens), COLMAP (pycolmap), CO3D v2
+
+
+def _jpeg(rgb, quality=92):
+    ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok, "cv2.imencode failed"
+    return buf.tobytes()
+
+
+def _depth_mm(depth):
+    mm = np.round(np.nan_to_num(depth, posinf=0.0) * 1000.0)
+    mm[(mm <= 0) | (mm > 65535)] = 0
+    return mm.astype(np.uint16)
+
+
+def _save_mat(path, M):
+    np.savetxt(path, np.asarray(M), fmt="%f")  # SensReader writes "%f" rows
+
+
+def write_sens(path, frames, K_color, K_depth, wc, hc, wd, hd, sensor_name=b"StructureSensor"):
+    """Raw ScanNet .sens (version 4). frames: list of (cam_to_world 4x4, jpeg bytes, depth uint16 (hd,wd))."""
+    def mat(M):
+        return struct.pack("<16f", *np.asarray(M, np.float32).reshape(-1))
+    K4c, K4d = np.eye(4), np.eye(4)
+    K4c[:3, :3], K4d[:3, :3] = K_color, K_depth
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", 4))
+        f.write(struct.pack("<Q", len(sensor_name)) + sensor_name)
+        f.write(mat(K4c) + mat(np.eye(4)) + mat(K4d) + mat(np.eye(4)))
+        f.write(struct.pack("<ii", 2, 1))  # colour jpeg, depth zlib_ushort
+        f.write(struct.pack("<IIII", wc, hc, wd, hd))
+        f.write(struct.pack("<f", 1000.0))
+        f.write(struct.pack("<Q", len(frames)))
+        for i, (c2w, jpg, depth) in enumerate(frames):
+            zd = zlib.compress(np.ascontiguousarray(depth, np.uint16).tobytes())
+            ts = i * 33333  # microseconds, ~30 fps
+            f.write(mat(c2w) + struct.pack("<QQQQ", ts, ts, len(jpg), len(zd)))
+            f.write(jpg)
+            f.write(zd)
+        f.write(struct.pack("<Q", 0))  # no IMU frames
+
+
+def write_scannet(out, name, seed, n_frames, pbar, scale=1.0):
+    scene = make_scene(seed, "indoor")
+    rng = np.random.default_rng(seed + 3)
+    wc, hc = _even(640 * scale), _even(480 * scale)
+    wd, hd = wc // 2, hc // 2
+    Kc = _intrinsics(wc, hc, 58.0, rng)
+    # depth camera shares the pose; its own (half-resolution) intrinsics, pixel-centre-correct scaling
+    Kd = Kc.copy()
+    Kd[:2, :2] *= 0.5
+    Kd[:2, 2] = (Kc[:2, 2] + 0.5) * 0.5 - 0.5
+    root = os.path.join(out, "scannet", name)
+    for sub in ("color", "depth", "pose", "intrinsic"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    K4c, K4d = np.eye(4), np.eye(4)
+    K4c[:3, :3], K4d[:3, :3] = Kc, Kd
+    _save_mat(os.path.join(root, "intrinsic", "intrinsic_color.txt"), K4c)
+    _save_mat(os.path.join(root, "intrinsic", "intrinsic_depth.txt"), K4d)
+    _save_mat(os.path.join(root, "intrinsic", "extrinsic_color.txt"), np.eye(4))
+    _save_mat(os.path.join(root, "intrinsic", "extrinsic_depth.txt"), np.eye(4))
+    frames, meta_frames = [], []
+    for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
+        T = _f32_pose(T)
+        rgb, _ = render(scene, Kc, T, wc, hc, gain=rng.uniform(0.93, 1.07))
+        depth = _depth_mm(render_depth(scene, Kd, T, wd, hd))
+        jpg = _jpeg(rgb)
+        with open(os.path.join(root, "color", f"{i}.jpg"), "wb") as f:
+            f.write(jpg)
+        cv2.imwrite(os.path.join(root, "depth", f"{i}.png"), depth)
+        _save_mat(os.path.join(root, "pose", f"{i}.txt"), T)
+        frames.append((T, jpg, depth))
+        meta_frames.append(dict(image=f"scannet/{name}/color/{i}.jpg", depth=f"scannet/{name}/depth/{i}.png",
+                                K=Kc.tolist(), K_depth=Kd.tolist(), cam_to_world=T.tolist(),
+                                width=wc, height=hc, depth_width=wd, depth_height=hd))
+        pbar.update(1)
+    sens_dir = os.path.join(out, "scannet_sens", name)
+    os.makedirs(sens_dir, exist_ok=True)
+    write_sens(os.path.join(sens_dir, f"{name}.sens"), frames, Kc, Kd, wc, hc, wd, hd)
+    return dict(layout="scannet", path=f"scannet/{name}", sens=f"scannet_sens/{name}/{name}.sens", name=name,
+                seed=seed, kind="indoor", frames=meta_frames)
+
+
+def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", landmarks_per_frame=300):
+    import pycolmap  # only this writer needs it
+    scene = make_scene(seed, kind)
+    rng = np.random.default_rng(seed + 5)
+    w, h = _even(480 * scale), _even(360 * scale)
+    K = _intrinsics(w, h, 65.0, rng)
+    K[1, 1] = K[0, 0]  # SIMPLE_RADIAL has one focal length
+    root = os.path.join(out, "colmap", name)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "sparse", "0"), exist_ok=True)
+    poses, pts, cols, meta_frames = [], [], [], []
+    for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
+        rgb, depth = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07))
+        cv2.imwrite(os.path.join(root, "images", f"{i:06d}.jpg"), rgb[..., ::-1],
+                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+        # landmarks: back-project random pixels with a surface hit (exactly on the surfaces)
+        ys, xs = np.nonzero(np.isfinite(depth))
+        k = rng.choice(len(xs), min(landmarks_per_frame, len(xs)), replace=False)
+        x, y = xs[k].astype(np.float64) + rng.uniform(-0.5, 0.5, len(k)), ys[k] + rng.uniform(-0.5, 0.5, len(k))
+        ray = _pixel_rays(K, T, x, y)
+        t = raycast(scene, np.broadcast_to(T[:3, 3], ray.shape), ray)
+        good = np.isfinite(t)
+        pts.append(T[:3, 3] + t[good, None] * ray[good])
+        cols.append(rgb[ys[k][good], xs[k][good]])
+        poses.append(T)
+        meta_frames.append(dict(image=f"colmap/{name}/images/{i:06d}.jpg", K=K.tolist(), cam_to_world=T.tolist(),
+                                width=w, height=h))
+        pbar.update(1)
+    X, C = np.concatenate(pts), np.concatenate(cols)
+    # visibility of every landmark in every camera: inside the image and first hit along the ray
+    obs = []  # per image: list of (xy colmap, landmark index)
+    vis_count = np.zeros(len(X), int)
+    proj = []
+    for T in poses:
+        w2c = np.linalg.inv(T)
+        Xc = X @ w2c[:3, :3].T + w2c[:3, 3]
+        z = Xc[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            uv = (Xc[:, :2] / z[:, None]) * [K[0, 0], K[1, 1]] + K[:2, 2]
+        inside = (z > 0.05) & (uv[:, 0] > -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] > -0.5) & (uv[:, 1] < h - 0.5)
+        idx = np.nonzero(inside)[0]
+        t = raycast(scene, np.broadcast_to(T[:3, 3], (len(idx), 3)), X[idx] - T[:3, 3])
+        visible = idx[np.abs(t - 1.0) < 1e-6]  # the landmark itself is the first hit (t = 1)
+        vis_count[visible] += 1
+        proj.append((visible, uv[visible]))
+    keep = vis_count >= 2  # COLMAP only triangulates points seen at least twice
+    rec = pycolmap.Reconstruction()
+    cam = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=w, height=h,
+                          params=[K[0, 0], K[0, 2] + 0.5, K[1, 2] + 0.5, 0.0])
+    rec.add_camera_with_trivial_rig(cam)
+    point2d_index = []
+    for i, (T, (visible, uv)) in enumerate(zip(poses, proj)):
+        sel = keep[visible]
+        visible, uv = visible[sel], uv[sel]
+        # untriangulated features too (as in real models): random pixels with no 3D point
+        extra = rng.uniform([0, 0], [w - 1, h - 1], (len(visible) // 4, 2))
+        xy = np.concatenate([uv, extra]) + 0.5  # COLMAP pixel convention
+        points2D = pycolmap.Point2DList([pycolmap.Point2D(p) for p in xy])
+        image = pycolmap.Image(name=f"{i:06d}.jpg", points2D=points2D, camera_id=1, image_id=i + 1)
+        w2c = np.linalg.inv(T)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[:3, :3]), w2c[:3, 3]))
+        point2d_index.append({int(j): n for n, j in enumerate(visible)})
+    for j in np.nonzero(keep)[0]:
+        els = [pycolmap.TrackElement(i + 1, idx[j]) for i, idx in enumerate(point2d_index) if j in idx]
+        rec.add_point3D(X[j], pycolmap.Track(els), C[j].astype(np.uint8))
+    rec.write(os.path.join(root, "sparse", "0"))
+    return dict(layout="colmap", path=f"colmap/{name}", name=name, seed=seed, kind=kind, frames=meta_frames,
+                num_points3D=int(keep.sum()))
+
+
+def opencv_to_co3d(K, cam_to_world, w, h):
+    """PyTorch3D / CO3D v2 viewpoint dict from an OpenCV camera (see the module docstring)."""
+    w2c = np.linalg.inv(cam_to_world)
+    R = w2c[:3, :3].T.copy()
+    R[:, :2] *= -1
+    T = w2c[:3, 3].copy()
+    T[:2] *= -1
+    s = min(w, h) / 2.0
+    return dict(R=R.tolist(), T=T.tolist(), focal_length=[K[0, 0] / s, K[1, 1] / s],
+                principal_point=[-(K[0, 2] - w / 2.0) / s, -(K[1, 2] - h / 2.0) / s],
+                intrinsics_format="ndc_isotropic")
+
+
+def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
+    """One CO3D sequence; returns (meta entry, frame annotations, sequence annotation)."""
+    scene = make_scene(seed, "object")
+    rng = np.random.default_rng(seed + 9)
+    w, h = _even(360 * scale), _even(480 * scale)  # portrait, like most CO3D phone videos
+    K = _intrinsics(w, h, 50.0, rng)
+    root = os.path.join(out, "co3d", category, seq)
+    for sub in ("images", "depths", "depth_masks", "masks"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    scale = float(rng.uniform(0.5, 2.0))  # CO3D depth maps are stored up to a per-frame scale
+    annos, meta_frames = [], []
+    for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
+        rgb, depth, pid = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07), return_ids=True)
+        fg = foreground_mask(scene, pid)
+        stem = f"frame{i + 1:06d}"
+        rel = f"{category}/{seq}"
+        cv2.imwrite(os.path.join(root, "images", f"{stem}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        valid = np.isfinite(depth)
+        d16 = np.where(valid, depth / scale, 0).astype(np.float16)
+        cv2.imwrite(os.path.join(root, "depths", f"{stem}.jpg.geometric.png"), d16.view(np.uint16))
+        cv2.imwrite(os.path.join(root, "depth_masks", f"{stem}.png"), (valid * 255).astype(np.uint8))
+        cv2.imwrite(os.path.join(root, "masks", f"{stem}.png"), (fg * 255).astype(np.uint8))
+        annos.append(dict(
+            sequence_name=seq, frame_number=i, frame_timestamp=i / 30.0,
+            image=dict(path=f"{rel}/images/{stem}.jpg", size=[h, w]),
+            depth=dict(path=f"{rel}/depths/{stem}.jpg.geometric.png", scale_adjustment=scale,
+                       mask_path=f"{rel}/depth_masks/{stem}.png"),
+            mask=dict(path=f"{rel}/masks/{stem}.png", mass=float(fg.sum())),
+            viewpoint=opencv_to_co3d(K, T, w, h),
+            meta=dict(frame_type="test_known" if i % 10 == 0 else "train_known", frame_splits=[],
+                      synthetic=True)))
+        meta_frames.append(dict(image=f"co3d/{rel}/images/{stem}.jpg",
+                                depth=f"co3d/{rel}/depths/{stem}.jpg.geometric.png", K=K.tolist(),
+                                cam_to_world=T.tolist(), width=w, height=h))
+        pbar.update(1)
+    seq_anno = dict(sequence_name=seq, category=category, video=dict(path=f"{category}/{seq}/video.mp4",
+                    length=n_frames), point_cloud=None, viewpoint_quality_score=1.0)
+    entry = dict(layout="co3d", path=f"co3d/{category}/{seq}", name=seq, seed=seed, kind="object",
+                 frames=meta_frames)
+    return entry, annos, seq_anno
+
+
+def _write_jgz(path, obj):
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # mtime=0: reproducible
+        f.write(json.dumps(obj).encode("utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# meta: map written files back to the renderer
+
+
+def load_meta(out_dir):
+    path = os.path.join(out_dir, "synthetic_meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"synthetic.load_meta: {path} does not exist (run synthetic.py --out {out_dir})")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["out_dir"] = os.path.abspath(out_dir)
+    return meta
+
+
+def find_frame(meta, image_path):
+    """(scene entry, frame entry) whose image is image_path (absolute, or relative to the meta's out_dir)."""
+    target = os.path.realpath(os.path.join(meta["out_dir"], image_path))
+    for sc in meta["scenes"]:
+        for fr in sc["frames"]:
+            if os.path.realpath(os.path.join(meta["out_dir"], fr["image"])) == target:
+                return sc, fr
+    raise KeyError(f"synthetic.find_frame: {image_path} is not in {meta['out_dir']}/synthetic_meta.json")
+
+
+def _remove_previous(out):
+    """Delete the scenes an earlier run wrote here (listed in its synthetic_meta.json), so a re-run with fewer
+    frames or scenes leaves no stale files for build_pool.py to pick up. Nothing else is touched."""
+    if not os.path.isfile(os.path.join(out, "synthetic_meta.json")):
+        return
+    for sc in load_meta(out)["scenes"]:
+        for rel in (sc["path"], os.path.dirname(sc.get("sens", ""))):
+            if rel and os.path.isdir(os.path.join(out, rel)):
+                shutil.rmtree(os.path.join(out, rel))
+        if sc["layout"] == "co3d":
+            for name in ("frame_annotations.jgz", "sequence_annotations.jgz"):
+                path = os.path.join(out, os.path.dirname(sc["path"]), name)
+                if os.path.isfile(path):
+                    os.remove(path)
+    os.remove(os.path.join(out, "synthetic_meta.json"))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="demo_data", help="output root")
+    ap.add_argument("--scenes", type=int, default=2, help="scenes per layout (>= 2 gives a train/test split)")
+    ap.add_argument("--frames", type=int, default=24, help="frames per scene")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layouts", default="scannet,colmap,co3d", help="comma list of scannet,colmap,co3d")
+    ap.add_argument("--co3d-category", default="synthobject")
+    ap.add_argument("--image-scale", type=float, default=1.0, help="scale all image sizes (e.g. 0.25 for fast tests)")
+    args = ap.parse_args(argv)
+    layouts = [s for s in args.layouts.split(",") if s]
+    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d")]
+    if bad:
+        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d)")
+    if args.frames < 2 or args.scenes < 1:
+        sys.exit("synthetic.py: error: need --frames >= 2 and --scenes >= 1")
+    os.makedirs(args.out, exist_ok=True)
+    _remove_previous(args.out)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    entries = []
+    pbar = tqdm(total=len(layouts) * args.scenes * args.frames, desc="render", unit="frame")
+    for li, layout in enumerate(layouts):
+        seeds = [args.seed * 1000 + li * 100 + k for k in range(args.scenes)]
+        if layout == "scannet":
+            entries += [write_scannet(args.out, f"scene{k:04d}_00", s, args.frames, pbar, args.image_scale)
+                        for k, s in enumerate(seeds)]
+        elif layout == "colmap":
+            entries += [write_colmap(args.out, f"plaza{k:02d}", s, args.frames, pbar, args.image_scale)
+                        for k, s in enumerate(seeds)]
+        else:
+            cat = args.co3d_category
+            annos, seqs = [], []
+            for k, s in enumerate(seeds):
+                seq = f"{100 + k}_{s:05d}_{7 * s + 11:05d}"  # CO3D-like sequence name
+                entry, a, sq = write_co3d(args.out, cat, seq, s, args.frames, pbar, args.image_scale)
+                entries.append(entry)
+                annos += a
+                seqs.append(sq)
+            _write_jgz(os.path.join(args.out, "co3d", cat, "frame_annotations.jgz"), annos)
+            _write_jgz(os.path.join(args.out, "co3d", cat, "sequence_annotations.jgz"), seqs)
+    pbar.close()
+    with open(os.path.join(args.out, "synthetic_meta.json"), "w") as f:
+        json.dump(dict(version=1, scenes=entries), f)
+    n_frames = sum(len(e["frames"]) for e in entries)
+    print(f"synthetic.py: wrote {len(entries)} scenes ({', '.join(layouts)}), {n_frames} frames to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
