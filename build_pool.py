@@ -1,0 +1,968 @@
+"""
+build_pool.py: turn RGB-D videos and SfM reconstructions into a verified correspondence pool.
+
+For every sampled frame pair of every scene we compute thousands of geometrically verified dense matches,
+the overlap score omega (delta_v = 1 - omega, the paper's viewpoint-change measure), a few (10..50)
+well-spread matches with spatial cluster ids, and spread-out distractor points on both sides that are verified
+to have NO visible counterpart in the other image. Pairs are binned 1..S by delta_v within each source.
+
+Usage (CPU demo, the acceptance command):
+    python synthetic.py --out demo_data
+    python build_pool.py --scannet demo_data/scannet --colmap demo_data/colmap --co3d demo_data/co3d --out pool
+Real data (one machine, scenes in parallel over CPU cores; no GPU is used):
+    python build_pool.py --scannet /data/scannet/scans --out pool --frame-stride 10 \
+        --max-pairs-per-scene 200 --workers 16
+    python build_pool.py --scannet /data/scannet_sens --out pool     # raw .sens files, no export step
+    python build_pool.py --co3d /data/co3d --uco3d /data/uco3d --colmap /data/dl3dv --colmap-source dl3dv --out pool
+Every --SOURCE flag takes a dataset root holding many scenes or a single scene.
+
+Inputs, per source
+- ScanNet (--scannet): SensReader exports <scene>/color/N.jpg, depth/N.png (uint16 mm, 0 invalid),
+  pose/N.txt (4x4 camera-to-world; rows with -inf/NaN = lost tracking -> frame skipped),
+  intrinsic/intrinsic_color.txt + intrinsic_depth.txt; or raw <scene>.sens files parsed directly (frames are
+  indexed once, then only the needed ones are read; their colour JPEG bytes are copied unchanged into
+  pool/images/). Both give the same pool for the same scene.
+- CO3D v2 (--co3d): <category>/frame_annotations.jgz, PyTorch3D NDC-isotropic cameras converted to OpenCV
+  pixels the way pytorch3d.utils.opencv_from_cameras_projection does, depth PNG = float16 bits * scale_adjustment,
+  depth_masks/*.png (>0 valid). One scene = one sequence.
+- uCO3D (--uco3d): metadata.sqlite (table frame_annots, struct-packed float32 blobs), per-sequence
+  rgb_video.mp4 (frames read with OpenCV at frame_timestamp and undistorted with the stored COLMAP
+  distortion as the uCO3D loader does) and depth_maps.h5 (needs the optional package h5py). Frames used are
+  written to pool/images/ as JPEG. Not tested end to end (no synthetic writer); the pure conversions are.
+- COLMAP (--colmap, name the corpus with --colmap-source dl3dv|re10k|...): <scene>/images/ and
+  <scene>/sparse/0/ (or sparse/) with cameras/images/points3D .bin or .txt, read with pycolmap.
+- RealEstate10K camera txt files (--re10k): NOT IMPLEMENTED YET (exits with a message).
+
+Verification rules
+- RGB-D: valid depth pixels of I1 (every --depth-step-th pixel of the depth map) are back-projected with
+  the DEPTH intrinsics, moved into camera 2 and projected with camera 2's colour and depth intrinsics. A
+  point is a match when all 4 depth pixels around its projection agree within --depth-rel-tol (relative) and,
+  with --photo-check, the colours agree: each image is blurred (box 5) and normalised per channel (zero mean,
+  unit std over the image, which cancels global gain/offset lighting changes between wide-baseline views) and
+  the largest per-channel difference must stay below --photo-tol (loose on purpose). omega = matches / valid
+  depth samples of I1. A point is a verified distractor when it lands behind camera 2, outside image 2, or
+  behind a clearly closer surface (all 4 depth pixels of I2 smaller by more than --occlusion-margin,
+  relative); "outside" means at least 2 px outside its border. Anything else (no depth in I2, colour
+  disagreement, depth edges, the 2 px band around the border) is unverifiable: neither.
+- SfM: a match is a landmark observed in both images; omega = shared landmarks / landmarks observed in I1
+  (asymmetric, as in the paper). Distractors: observations of I1 whose landmark is not observed in I2 and
+  projects outside image 2 or behind camera 2 (and vice versa). COLMAP's 2D points put pixel centres at +0.5;
+  we subtract 0.5 (OpenCV convention: pixel centres at integer coordinates).
+- Sparse set: k-means (k-means++ init, fixed seed) on the matches' pixels in I1 with k = --num-clusters
+  (clipped to 10..50); per cluster the match nearest its centre is kept. Distractors: farthest-point sampling
+  (up to --max-distractors per side) among candidates at least --min-sep px from every kept match point.
+  cluster2 of a kept match is the cluster of its image-1 point; a distractor takes the cluster of the nearest
+  kept match point in its own image.
+
+Outputs (pool/): pairs.jsonl (one pair per line; fields in contract.md), pairs/<source>/<scene>/<f1>_<f2>.npz
+(kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs), args.json,
+summary.json. Split by scene: hash of the scene name < --test-fraction -> test; a source with >= 2 scenes and
+no test scene sends its smallest-hash scene to test; --test-scenes FILE (one scene name a line) overrides.
+
+Departures from the paper: delta_v bins are per-source deciles by default (the paper does not say how bins are
+cut); the photometric check is a loose normalised-colour test (the paper does not specify it); sparse spread
+uses k-means centres; R, t are in metres for RGB-D and in model units for SfM.
+"""
+
+import argparse
+import bisect
+import collections
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import sqlite3
+import struct
+import sys
+import time
+import zlib
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+PROG = "build_pool.py"
+SCENE_TYPE = {"scannet": "indoor", "co3d": "object", "uco3d": "object"}
+
+
+class BadInput(Exception):
+    """A frame's file is missing or corrupt: the message names the file and what is wrong."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+def warn(message):
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small readers shared by the sources
+
+def read_jpeg(data, name):
+    """Decode image bytes to RGB uint8; PIL raises on truncated files where OpenCV would silently pad grey."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise BadInput("corrupt image", f"{name}: cannot decode image ({e})")
+
+
+def read_image_file(path):
+    if not os.path.isfile(path):
+        raise BadInput("missing image", f"{path}: image file missing")
+    with open(path, "rb") as f:
+        return read_jpeg(f.read(), path)
+
+
+def read_png16(path, what="depth"):
+    if not os.path.isfile(path):
+        raise BadInput(f"missing {what}", f"{path}: {what} file missing")
+    d = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if d is None or d.dtype != np.uint16 or d.ndim != 2:
+        raise BadInput(f"corrupt {what}", f"{path}: not a single-channel 16-bit PNG")
+    return d
+
+
+def read_matrix(path, shape=(4, 4)):
+    try:
+        m = np.loadtxt(path, dtype=np.float64)
+    except (OSError, ValueError) as e:
+        raise BadInput("bad pose", f"{path}: cannot read matrix ({e})")
+    if m.size != np.prod(shape):
+        raise BadInput("bad pose", f"{path}: expected {shape} matrix, got {m.shape}")
+    return m.reshape(shape)
+
+
+def check_pose(cam_to_world, name):
+    if not np.all(np.isfinite(cam_to_world)):
+        raise BadInput("bad pose", f"{name}: pose has -inf/NaN (lost tracking)")
+    return cam_to_world
+
+
+def depth_intrinsics_from_colour(K, colour_wh, depth_wh):
+    """Rescale colour intrinsics to a depth map of another size, pixel centres at integer coordinates."""
+    sx, sy = depth_wh[0] / colour_wh[0], depth_wh[1] / colour_wh[1]
+    Kd = K.astype(np.float64).copy()
+    Kd[0, 0] *= sx
+    Kd[1, 1] *= sy
+    Kd[0, 2] = sx * (K[0, 2] + 0.5) - 0.5
+    Kd[1, 2] = sy * (K[1, 2] + 0.5) - 0.5
+    return Kd
+
+
+def ndc_to_opencv(R, T, focal, principal, image_wh):
+    """PyTorch3D NDC-isotropic camera (X_view = X_world @ R + T; +X left, +Y up) -> OpenCV (R_cv, t_cv, K) with
+    x_cam = R_cv X_world + t_cv, as pytorch3d.utils.opencv_from_cameras_projection."""
+    R = np.asarray(R, np.float64).reshape(3, 3)
+    T = np.asarray(T, np.float64).reshape(3)
+    w, h = float(image_wh[0]), float(image_wh[1])
+    scale = min(w, h) / 2.0
+    f = np.broadcast_to(np.asarray(focal, np.float64).reshape(-1), (2,))
+    p = np.asarray(principal, np.float64).reshape(2)
+    fx, fy = f * scale
+    cx, cy = -p[0] * scale + w / 2.0, -p[1] * scale + h / 2.0
+    R_p = R.copy()
+    R_p[:, :2] *= -1
+    t_cv = T.copy()
+    t_cv[:2] *= -1
+    K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    return R_p.T, t_cv, K
+
+
+def world_to_cam_to_world(R_cw, t_cw):
+    T = np.eye(4)
+    T[:3, :3] = R_cw.T
+    T[:3, 3] = -R_cw.T @ t_cw
+    return T
+
+
+def rgbd_frame(fid, rgb, depth, K, Kd, cam_to_world, image, depth_mask=None, jpeg=None):
+    """The frame dict match_rgbd works on. depth in metres (0 = invalid), K for colour, Kd for depth."""
+    return dict(id=str(fid), rgb=rgb, depth=depth.astype(np.float32), K=np.asarray(K, np.float64),
+                Kd=np.asarray(Kd, np.float64), cam_to_world=np.asarray(cam_to_world, np.float64),
+                image=image, jpeg=jpeg, depth_mask=depth_mask, width=rgb.shape[1], height=rgb.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ScanNet: exported folders and raw .sens
+
+def as_exported(m):
+    """Canonical ScanNet matrix: float32 (as the .sens stores it) printed with "%f" (as SensReader's text export
+    writes it) and read back. Applied to both inputs, .sens and exported folders give the identical pool."""
+    return np.array([float(f"{x:f}") for x in np.asarray(m, np.float32).ravel()]).reshape(np.shape(m))
+
+
+class ScanNetExported:
+    def __init__(self, path):
+        self.path, self.name = path, os.path.basename(os.path.normpath(path))
+        ids = [os.path.splitext(f)[0] for f in os.listdir(os.path.join(path, "color")) if f.endswith(".jpg")]
+        self.frame_ids = sorted((i for i in ids if i.isdigit()), key=int)
+        self.K = as_exported(read_matrix(os.path.join(path, "intrinsic", "intrinsic_color.txt"))[:3, :3])
+        self.Kd = as_exported(read_matrix(os.path.join(path, "intrinsic", "intrinsic_depth.txt"))[:3, :3])
+
+    def load(self, fid):
+        pose_path = os.path.join(self.path, "pose", f"{fid}.txt")
+        pose = check_pose(as_exported(read_matrix(pose_path)), pose_path)
+        image = os.path.join(self.path, "color", f"{fid}.jpg")
+        rgb = read_image_file(image)
+        depth = read_png16(os.path.join(self.path, "depth", f"{fid}.png")).astype(np.float32) / 1000.0
+        return rgbd_frame(fid, rgb, depth, self.K, self.Kd, pose, os.path.abspath(image))
+
+
+class ScanNetSens:
+    """Streaming reader for ScanNet's .sens format (see ScanNet's SensReader/python/SensorData.py)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        with open(path, "rb") as f:
+            try:
+                version, = struct.unpack("<I", f.read(4))
+                if version != 4:
+                    raise BadInput("corrupt sens", f"{path}: unsupported .sens version {version}")
+                n, = struct.unpack("<Q", f.read(8))
+                f.read(n)  # sensor name
+                mats = as_exported(np.frombuffer(f.read(16 * 4 * 4), np.float32).reshape(4, 4, 4))
+                self.K, self.Kd = mats[0][:3, :3], mats[2][:3, :3]
+                color_comp, depth_comp = struct.unpack("<ii", f.read(8))
+                cw, ch, dw, dh = struct.unpack("<IIII", f.read(16))
+                self.depth_shift, = struct.unpack("<f", f.read(4))
+                num_frames, = struct.unpack("<Q", f.read(8))
+                if color_comp != 2 or depth_comp != 1:
+                    raise BadInput("corrupt sens", f"{path}: need JPEG colour and zlib depth "
+                                   f"(got compression types {color_comp}, {depth_comp})")
+                self.depth_wh = (dw, dh)
+                # index pass: remember where each frame's record starts, skip the blobs
+                self.offsets = []
+                for _ in range(num_frames):
+                    self.offsets.append(f.tell())
+                    head = f.read(64 + 32)
+                    if len(head) < 96:
+                        break
+                    cs, ds = struct.unpack("<QQ", head[80:96])
+                    f.seek(cs + ds, 1)
+            except struct.error as e:
+                raise BadInput("corrupt sens", f"{path}: truncated header ({e})")
+        self.frame_ids = [str(i) for i in range(len(self.offsets))]
+
+    def load(self, fid):
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[int(fid)])
+            head = f.read(96)
+            pose = as_exported(np.frombuffer(head[:64], np.float32).reshape(4, 4))
+            cs, ds = struct.unpack("<QQ", head[80:96])
+            jpeg, zdepth = f.read(cs), f.read(ds)
+        name = f"{self.path} frame {fid}"
+        check_pose(pose, name)
+        if len(jpeg) < cs or len(zdepth) < ds:
+            raise BadInput("corrupt sens", f"{name}: truncated frame record")
+        rgb = read_jpeg(jpeg, name)
+        try:
+            raw = zlib.decompress(zdepth)
+        except zlib.error as e:
+            raise BadInput("corrupt depth", f"{name}: cannot inflate depth ({e})")
+        dw, dh = self.depth_wh
+        if len(raw) != dw * dh * 2:
+            raise BadInput("corrupt depth", f"{name}: depth has {len(raw)} bytes, expected {dw * dh * 2}")
+        depth = np.frombuffer(raw, np.uint16).reshape(dh, dw).astype(np.float32) / self.depth_shift
+        return rgbd_frame(fid, rgb, depth, self.K, self.Kd, pose, None, jpeg=jpeg)
+
+
+def find_scannet(path):
+    if os.path.isfile(path) and path.endswith(".sens"):
+        return [("sens", path)]
+    if os.path.isdir(os.path.join(path, "color")):
+        return [("exported", path)]
+    found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".sens"))
+    if found:
+        return [("sens", p) for p in found]
+    out = []
+    for d in sorted(os.listdir(path)):
+        sub = os.path.join(path, d)
+        if os.path.isdir(sub):
+            if os.path.isdir(os.path.join(sub, "color")):
+                out.append(("exported", sub))
+            else:
+                out += [("sens", os.path.join(sub, f)) for f in sorted(os.listdir(sub)) if f.endswith(".sens")]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CO3D v2
+
+class CO3DSequence:
+    def __init__(self, spec):
+        self.root, self.name, annots = spec
+        self.frames = {str(a["frame_number"]): a for a in annots}
+        self.frame_ids = sorted(self.frames, key=int)
+
+    def load(self, fid):
+        a = self.frames[fid]
+        h, w = a["image"]["size"]
+        vp = a["viewpoint"]
+        if vp.get("intrinsics_format", "ndc_isotropic") != "ndc_isotropic":
+            raise BadInput("bad pose", f"{self.name} frame {fid}: intrinsics_format {vp['intrinsics_format']}")
+        R_cw, t_cw, K = ndc_to_opencv(vp["R"], vp["T"], vp["focal_length"], vp["principal_point"], (w, h))
+        image = os.path.join(self.root, a["image"]["path"])
+        rgb = read_image_file(image)
+        if rgb.shape[:2] != (h, w):
+            raise BadInput("corrupt image", f"{image}: size {rgb.shape[1]}x{rgb.shape[0]}, annotation says {w}x{h}")
+        dpath = os.path.join(self.root, a["depth"]["path"])
+        depth = read_png16(dpath).view(np.float16).astype(np.float32) * float(a["depth"]["scale_adjustment"])
+        depth[~np.isfinite(depth)] = 0
+        mask = None
+        if a["depth"].get("mask_path"):
+            mpath = os.path.join(self.root, a["depth"]["mask_path"])
+            m = cv2.imread(mpath, cv2.IMREAD_GRAYSCALE)
+            if m is None or m.shape != depth.shape:
+                raise BadInput("corrupt depth", f"{mpath}: unreadable depth mask or wrong size")
+            mask = m > 0
+        Kd = depth_intrinsics_from_colour(K, (w, h), (depth.shape[1], depth.shape[0]))
+        return rgbd_frame(fid, rgb, depth, K, Kd, world_to_cam_to_world(R_cw, t_cw), os.path.abspath(image),
+                          depth_mask=mask)
+
+
+def find_co3d(path):
+    """Scenes (sequences) under a CO3D root, a category folder, or a single sequence folder."""
+    if os.path.isfile(os.path.join(path, "frame_annotations.jgz")):
+        cats, only = [path], None
+    elif os.path.isfile(os.path.join(os.path.dirname(os.path.normpath(path)), "frame_annotations.jgz")):
+        cats, only = [os.path.dirname(os.path.normpath(path))], os.path.basename(os.path.normpath(path))
+    else:
+        cats = [os.path.join(path, d) for d in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, d, "frame_annotations.jgz"))]
+        only = None
+    out = []
+    for cat in cats:
+        fa = os.path.join(cat, "frame_annotations.jgz")
+        try:
+            with gzip.open(fa, "rt") as f:
+                annots = json.load(f)
+        except (OSError, EOFError, json.JSONDecodeError) as e:
+            warn(f"{fa}: cannot read ({e}); skipping category")
+            continue
+        by_seq = collections.defaultdict(list)
+        for a in annots:
+            by_seq[a["sequence_name"]].append(a)
+        root = os.path.dirname(os.path.normpath(cat))
+        out += [(root, s, by_seq[s]) for s in sorted(by_seq) if only is None or s == only]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# uCO3D (released layout: metadata.sqlite + per-sequence videos and depth_maps.h5)
+
+def unpack_floats(blob, shape=None):
+    """uCO3D's sqlite stores tuples/matrices as struct-packed float32 bytes."""
+    if blob is None:
+        return None
+    a = np.frombuffer(blob, dtype="<f4").astype(np.float64)
+    return a.reshape(shape) if shape else a
+
+
+class UCO3DSequence:
+    def __init__(self, spec):
+        self.root, self.name, self.video, self.depth_h5, rows = spec
+        self.frames = {str(r["frame_number"]): r for r in rows}
+        self.frame_ids = sorted(self.frames, key=int)
+
+    def load(self, fid):
+        import h5py  # optional dependency, checked in gather_tasks
+        r = self.frames[fid]
+        h, w = struct.unpack("<ii", r["_image_size"])
+        R_cw, t_cw, K = ndc_to_opencv(unpack_floats(r["_viewpoint_R"], (3, 3)), unpack_floats(r["_viewpoint_T"]),
+                                      unpack_floats(r["_viewpoint_focal_length"]),
+                                      unpack_floats(r["_viewpoint_principal_point"]), (w, h))
+        video = os.path.join(self.root, self.video)
+        cap = cv2.VideoCapture(video)
+        cap.set(cv2.CAP_PROP_POS_MSEC, float(r["frame_timestamp"]) * 1000)
+        ok, bgr = cap.read()
+        cap.release()
+        if not ok:
+            raise BadInput("corrupt image", f"{video}: cannot read frame at {r['frame_timestamp']} s")
+        if bgr.shape[:2] != (h, w):
+            bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
+        dist = unpack_floats(r["_viewpoint_colmap_distortion_coeffs"])
+        if dist is not None and np.any(dist != 0):  # undistort as uCO3D's loader does
+            newK, _ = cv2.getOptimalNewCameraMatrix(K, dist, (w, h), 0.0, (w, h))
+            bgr = cv2.undistort(bgr, K, dist, None, newK)
+            K = newK
+        dpath = os.path.join(self.root, self.depth_h5)
+        try:
+            with h5py.File(dpath, "r") as f:
+                depth = f[str(int(fid) + 1)][:].astype(np.float32).squeeze()
+        except (OSError, KeyError) as e:
+            raise BadInput("corrupt depth", f"{dpath}: frame {fid} ({e})")
+        depth *= float(r["_depth_scale_adjustment"] or 1.0)
+        depth[~np.isfinite(depth)] = 0
+        Kd = depth_intrinsics_from_colour(K, (w, h), (depth.shape[1], depth.shape[0]))
+        ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        return rgbd_frame(fid, np.ascontiguousarray(bgr[..., ::-1]), depth, K, Kd,
+                          world_to_cam_to_world(R_cw, t_cw), None, jpeg=jpeg.tobytes())
+
+
+def find_uco3d(path):
+    root, only = path, None
+    while not os.path.isfile(os.path.join(root, "metadata.sqlite")):
+        parent = os.path.dirname(os.path.normpath(root))
+        if parent == root:
+            sys.exit(f"{PROG}: error: --uco3d {path}: no metadata.sqlite here or in a parent folder")
+        only, root = only or os.path.basename(os.path.normpath(path)), parent
+    con = sqlite3.connect(os.path.join(root, "metadata.sqlite"))
+    con.row_factory = sqlite3.Row
+    seqs = {r["sequence_name"]: (r["_video_path"], r["_depth_video_path"])
+            for r in con.execute("SELECT sequence_name, _video_path, _depth_video_path FROM sequence_annots")}
+    rows = collections.defaultdict(list)
+    for r in con.execute("SELECT * FROM frame_annots"):
+        rows[r["sequence_name"]].append(dict(r))
+    con.close()
+    return [(root, s, *seqs[s], rows[s]) for s in sorted(rows)
+            if s in seqs and (only is None or s == only) and seqs[s][1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COLMAP models
+
+class ColmapScene:
+    def __init__(self, spec):
+        self.name, self.sparse, self.images = spec
+        import pycolmap
+        try:
+            rec = pycolmap.Reconstruction(self.sparse)
+        except (RuntimeError, ValueError) as e:
+            raise BadInput("corrupt model", f"{self.sparse}: cannot read COLMAP model ({e})")
+        self.xyz = {pid: p.xyz for pid, p in rec.points3D.items()}
+        self.frames = {}
+        for im in rec.images.values():
+            if not im.has_pose:
+                continue
+            cam = rec.cameras[im.camera_id]
+            pose = im.cam_from_world()
+            pts = im.points2D
+            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) - 0.5  # COLMAP centre +0.5 -> OpenCV
+            pid = np.array([p.point3D_id if p.has_point3D() else -1 for p in pts], np.int64)
+            K = np.array(cam.calibration_matrix(), np.float64)
+            K[:2, 2] -= 0.5  # COLMAP's principal point has the same +0.5 pixel-centre offset
+            self.frames[im.name] = dict(id=im.name, K=K, width=cam.width, height=cam.height,
+                                        R=pose.rotation.matrix(), t=np.asarray(pose.translation), xy=xy, pid=pid,
+                                        image=os.path.abspath(os.path.join(self.images, im.name)))
+        self.frame_ids = sorted(self.frames)
+
+    def load(self, fid):
+        f = dict(self.frames[fid])
+        rgb = read_image_file(f["image"])  # checks the image decodes; geometry comes from the model
+        if rgb.shape[:2] != (f["height"], f["width"]):
+            raise BadInput("corrupt image", f"{f['image']}: size {rgb.shape[1]}x{rgb.shape[0]} != camera "
+                           f"{f['width']}x{f['height']}")
+        valid = f["pid"] >= 0
+        f["xy"], f["pid"] = f["xy"][valid], f["pid"][valid]
+        f["pid"], first = np.unique(f["pid"], return_index=True)  # one observation per landmark
+        f["xy"] = f["xy"][first]
+        f["X"] = np.array([self.xyz[p] for p in f["pid"]], np.float64).reshape(-1, 3)
+        return f
+
+
+def find_colmap(path):
+    def model_dir(scene):
+        for cand in ("sparse/0", "sparse", "colmap/sparse/0"):
+            d = os.path.join(scene, cand)
+            if any(os.path.isfile(os.path.join(d, f"cameras.{e}")) for e in ("bin", "txt")):
+                return d
+        return None
+
+    def images_dir(scene):
+        for cand in ("images", "dense/images"):
+            if os.path.isdir(os.path.join(scene, cand)):
+                return os.path.join(scene, cand)
+        return os.path.join(scene, "images")
+
+    if model_dir(path):
+        scenes = [path]
+    else:
+        scenes = [os.path.join(path, d) for d in sorted(os.listdir(path)) if model_dir(os.path.join(path, d))]
+    return [(os.path.basename(os.path.normpath(s)), model_dir(s), images_dir(s)) for s in scenes]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: verification rules
+
+BORDER = 2.0  # px: a distractor "outside the other image" must project at least this far outside it
+
+
+def in_image(p, w, h, border):
+    """Pixel centres at integer coordinates: the image spans [-0.5, w - 0.5] x [-0.5, h - 0.5]."""
+    lo = -0.5 - border
+    return (p[:, 0] >= lo) & (p[:, 0] <= w - 0.5 + border) & (p[:, 1] >= lo) & (p[:, 1] <= h - 0.5 + border)
+
+
+def relative_pose_rgbd(frame1, frame2):
+    """x2 = R x1 + t from camera-to-world poses (OpenCV axes)."""
+    T = np.linalg.inv(frame2["cam_to_world"]) @ frame1["cam_to_world"]
+    return T[:3, :3], T[:3, 3]
+
+
+def normalised_colour(frame):
+    """Blurred, per-channel standardised colour (cached on the frame) for the loose photometric check."""
+    if frame.get("_norm") is None:
+        img = cv2.blur(frame["rgb"], (5, 5)).astype(np.float32)
+        mean = img.reshape(-1, 3).mean(0)
+        std = img.reshape(-1, 3).std(0) + 1e-3
+        frame["_norm"] = (img - mean) / std
+    return frame["_norm"]
+
+
+def match_rgbd(frame1, frame2, params):
+    """Verify depth samples of frame1 against frame2. Returns omega, the dense matches (colour pixels in both
+    images), and frame1's verified distractor candidates (no visible counterpart in frame2)."""
+    step, tol, margin = params["depth_step"], params["depth_rel_tol"], params["occlusion_margin"]
+    d1 = frame1["depth"][::step, ::step]
+    v, u = np.nonzero((d1 > 0) & np.isfinite(d1) if frame1["depth_mask"] is None
+                      else (d1 > 0) & np.isfinite(d1) & frame1["depth_mask"][::step, ::step])
+    z1 = d1[v, u].astype(np.float64)
+    u, v = u * step, v * step  # depth-map pixel coordinates
+    Kd1inv = np.linalg.inv(frame1["Kd"])
+    X1 = (np.stack([u, v, np.ones_like(u)], 1) @ Kd1inv.T) * z1[:, None]
+    p1 = X1 @ frame1["K"].T
+    p1 = p1[:, :2] / p1[:, 2:]
+    R, t = relative_pose_rgbd(frame1, frame2)
+    X2 = X1 @ R.T + t
+    z2 = X2[:, 2]
+    front = z2 > 1e-6
+    zs = np.where(front, z2, 1.0)
+    p2 = (X2 @ frame2["K"].T)[:, :2] / zs[:, None]
+    q2 = (X2 @ frame2["Kd"].T)[:, :2] / zs[:, None]
+    W2, H2 = frame2["width"], frame2["height"]
+    inside = front & in_image(p2, W2, H2, 0.0)
+    outside = front & ~in_image(p2, W2, H2, BORDER)  # clearly outside: depth noise cannot bring it back in
+    # the 4 depth pixels around the projection in I2 (pixel centres at integer coordinates)
+    D2 = frame2["depth"]
+    hd, wd = D2.shape
+    qx = np.clip(np.where(inside, q2[:, 0], 0), 0, wd - 1)
+    qy = np.clip(np.where(inside, q2[:, 1], 0), 0, hd - 1)
+    x0, y0 = np.floor(qx).astype(np.int64), np.floor(qy).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, wd - 1), np.minimum(y0 + 1, hd - 1)
+    nb = np.stack([D2[y0, x0], D2[y0, x1], D2[y1, x0], D2[y1, x1]], 1).astype(np.float64)
+    valid_nb = (nb > 0) & np.isfinite(nb)
+    if frame2["depth_mask"] is not None:
+        M2 = frame2["depth_mask"]
+        valid_nb &= np.stack([M2[y0, x0], M2[y0, x1], M2[y1, x0], M2[y1, x1]], 1)
+    all_valid = valid_nb.all(1)
+    zz = z2[:, None]
+    agree = inside & all_valid & (np.abs(nb - zz) <= tol * zz).all(1)
+    occluded = inside & all_valid & (nb < zz * (1.0 - margin)).all(1)
+    if params["photo_check"] and agree.any():
+        n1, n2 = normalised_colour(frame1), normalised_colour(frame2)
+        i = np.nonzero(agree)[0]
+        a = n1[np.clip(np.rint(p1[i, 1]).astype(int), 0, frame1["height"] - 1),
+               np.clip(np.rint(p1[i, 0]).astype(int), 0, frame1["width"] - 1)]
+        b = n2[np.clip(np.rint(p2[i, 1]).astype(int), 0, H2 - 1), np.clip(np.rint(p2[i, 0]).astype(int), 0, W2 - 1)]
+        agree[i[np.abs(a - b).max(1) > params["photo_tol"]]] = False
+    distractor = ~front | outside | occluded
+    n_valid = len(z1)
+    return dict(omega=float(agree.sum() / max(n_valid, 1)), n_valid=n_valid,
+                p1=p1[agree].astype(np.float32), p2=p2[agree].astype(np.float32),
+                dist=p1[distractor].astype(np.float32), R=R, t=t,
+                counts=dict(match=int(agree.sum()), behind=int((~front).sum()), outside=int(outside.sum()),
+                            occluded=int(occluded.sum())))
+
+
+def match_sfm(frame1, frame2, params):
+    """SfM rule: a match is a landmark observed in both images; omega = shared / observed in I1."""
+    shared, i1, i2 = np.intersect1d(frame1["pid"], frame2["pid"], assume_unique=True, return_indices=True)
+    R = frame2["R"] @ frame1["R"].T
+    t = frame2["t"] - R @ frame1["t"]
+    only1 = np.ones(len(frame1["pid"]), bool)
+    only1[i1] = False
+    X2 = frame1["X"][only1] @ frame2["R"].T + frame2["t"]
+    front = X2[:, 2] > 1e-9
+    p = (X2 @ frame2["K"].T)[:, :2] / np.where(front, X2[:, 2], 1.0)[:, None]
+    outside = front & ~in_image(p, frame2["width"], frame2["height"], BORDER)
+    distractor = ~front | outside
+    return dict(omega=float(len(shared) / max(len(frame1["pid"]), 1)), n_valid=len(frame1["pid"]),
+                p1=frame1["xy"][i1].astype(np.float32), p2=frame2["xy"][i2].astype(np.float32),
+                dist=frame1["xy"][only1][distractor].astype(np.float32), R=R, t=t,
+                counts=dict(match=len(shared), behind=int((~front).sum()), outside=int(outside.sum()),
+                            occluded=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparse, well-spread selection
+
+def kmeans(x, k, rng, iters=8):
+    """Plain k-means with k-means++ init (vectorised; deterministic given rng)."""
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        c = x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else x[rng.integers(len(x))]
+        centres.append(c)
+        d2 = np.minimum(d2, ((x - c) ** 2).sum(1))
+    C = np.array(centres)
+    for _ in range(iters):
+        lab = nearest(x, C)
+        n = np.bincount(lab, minlength=k)
+        sums = np.stack([np.bincount(lab, x[:, 0], k), np.bincount(lab, x[:, 1], k)], 1)
+        C = np.where(n[:, None] > 0, sums / np.maximum(n, 1)[:, None], C)
+    return C
+
+
+def nearest(x, C):
+    """Index of the nearest row of C for every row of x (2D points)."""
+    d = (x[:, None, 0] - C[None, :, 0]) ** 2 + (x[:, None, 1] - C[None, :, 1]) ** 2
+    return d.argmin(1)
+
+
+def farthest_points(x, k, rng):
+    if len(x) <= k:
+        return np.arange(len(x))
+    picked = [int(rng.integers(len(x)))]
+    d = ((x - x[picked[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        picked.append(int(d.argmax()))
+        d = np.minimum(d, ((x - x[picked[-1]]) ** 2).sum(1))
+    return np.array(picked)
+
+
+def away_from(cands, points, min_sep):
+    if len(cands) == 0 or len(points) == 0:
+        return cands
+    c = cands.astype(np.float64)
+    d2 = (c[:, None, 0] - points[None, :, 0]) ** 2 + (c[:, None, 1] - points[None, :, 1]) ** 2
+    return cands[d2.min(1) >= min_sep ** 2]
+
+
+def spread_distractors(cands, kept, params, rng):
+    """Up to --max-distractors candidates, spread out and at least --min-sep px from every kept match point.
+    A random cap on the candidates first keeps the cost flat (they number in the thousands)."""
+    if len(cands) > 3000:
+        cands = cands[np.sort(rng.choice(len(cands), 3000, replace=False))]
+    cands = away_from(cands, kept.astype(np.float64), params["min_sep"])
+    return cands[farthest_points(cands.astype(np.float64), params["max_distractors"], rng)] if len(cands) else cands
+
+
+def nearest_label(x, points, labels):
+    if len(x) == 0:
+        return np.zeros(0, np.int32)
+    return labels[nearest(x.astype(np.float64), points.astype(np.float64))].astype(np.int32)
+
+
+def select_points(res12, res21, params, rng):
+    """From dense matches and distractor candidates to the stored arrays (None if too few matches)."""
+    p1, p2 = res12["p1"], res12["p2"]
+    m = len(p1)
+    k = min(int(np.clip(params["num_clusters"], 10, 50)), m)
+    if m < params["min_matches"] or k < 10:
+        return None
+    sub = rng.choice(m, min(m, 1500), replace=False)  # k-means on a capped sample keeps the cost flat
+    x = p1[sub].astype(np.float64)
+    C = kmeans(x, k, rng)
+    lab = nearest(x, C)
+    keep = []
+    for j in range(k):
+        members = np.nonzero(lab == j)[0]
+        if len(members):
+            keep.append(sub[members[((x[members] - C[j]) ** 2).sum(1).argmin()]])
+    if len(keep) < 10:
+        return None
+    keep = np.array(keep)
+    kp1m, kp2m = p1[keep], p2[keep]
+    cl = np.arange(len(keep), dtype=np.int32)
+    d1 = spread_distractors(res12["dist"], kp1m, params, rng)
+    d2 = spread_distractors(res21["dist"], kp2m, params, rng)
+    dense = rng.choice(m, min(m, params["max_dense"]), replace=False)
+    dense.sort()
+    n = len(keep)
+    return dict(
+        kp1=np.concatenate([kp1m, d1.reshape(-1, 2)]).astype(np.float32),
+        kp2=np.concatenate([kp2m, d2.reshape(-1, 2)]).astype(np.float32),
+        match=np.concatenate([np.arange(n), -np.ones(len(d1))]).astype(np.int32),
+        cluster=np.concatenate([cl, nearest_label(d1, kp1m, cl)]).astype(np.int32),
+        cluster2=np.concatenate([cl, nearest_label(d2, kp2m, cl)]).astype(np.int32),
+        dense1=p1[dense].astype(np.float32), dense2=p2[dense].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One scene: sample pairs, verify, write npz files (runs in a worker process)
+
+def open_scene(source, kind, spec):
+    if source == "scannet":
+        return ScanNetSens(spec) if kind == "sens" else ScanNetExported(spec)
+    if source == "co3d":
+        return CO3DSequence(spec)
+    if source == "uco3d":
+        return UCO3DSequence(spec)
+    return ColmapScene(spec)
+
+
+def safe(name):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def scene_seed(seed, source, scene):
+    return int(hashlib.sha1(f"{seed}/{source}/{scene}".encode()).hexdigest()[:8], 16)
+
+
+def sample_pairs(n, max_pairs, rng):
+    """All pairs i<j over the (stride-subsampled) trajectory, or a random subset of them."""
+    pairs = list(itertools.combinations(range(n), 2))
+    if max_pairs and len(pairs) > max_pairs:
+        pick = rng.choice(len(pairs), max_pairs, replace=False)
+        pairs = [pairs[i] for i in sorted(pick)]
+    return pairs
+
+
+def process_scene(task):
+    source, name_out, kind, spec, args = task
+    stats = dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(), pairs_tried=0)
+    try:
+        scene = open_scene(source if source in ("scannet", "co3d", "uco3d") else "colmap", kind, spec)
+    except BadInput as e:
+        warn(f"{e}; skipping scene")
+        stats["scenes_skipped"] = 1
+        return [], stats
+    rng = np.random.default_rng(scene_seed(args["seed"], name_out, scene.name))
+    ids = scene.frame_ids[::args["frame_stride"]]
+    pairs = sample_pairs(len(ids), args["max_pairs_per_scene"], rng)
+    cache, bad = collections.OrderedDict(), {}
+    out_dir = os.path.join(args["out"], "pairs", name_out, safe(scene.name))
+    img_dir = os.path.join(args["out"], "images", name_out, safe(scene.name))
+
+    def get(fid):
+        if fid in bad:
+            return None
+        if fid not in cache:
+            try:
+                cache[fid] = scene.load(fid)
+            except BadInput as e:
+                warn(f"{e}; skipping frame")
+                stats["frames_skipped"][e.reason] += 1
+                bad[fid] = e.reason
+                return None
+            if len(cache) > args["cache_frames"]:
+                cache.popitem(last=False)
+        cache.move_to_end(fid)
+        return cache[fid]
+
+    def image_path(f):
+        if f.get("jpeg") is None:
+            return f["image"]
+        rel = os.path.join("images", name_out, safe(scene.name), f"{safe(f['id'])}.jpg")
+        path = os.path.join(args["out"], rel)
+        if not os.path.exists(path):
+            os.makedirs(img_dir, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(f["jpeg"])
+        return rel
+
+    match = match_sfm if source not in ("scannet", "co3d", "uco3d") else match_rgbd
+    records = []
+    for i, j in pairs:
+        stats["pairs_tried"] += 1
+        f1, f2 = get(ids[i]), get(ids[j])
+        if f1 is None or f2 is None:
+            stats["pairs_skipped"]["bad frame"] += 1
+            continue
+        res12, res21 = match(f1, f2, args), match(f2, f1, args)
+        arrays = select_points(res12, res21, args, rng)
+        if arrays is None:
+            stats["pairs_skipped"]["too few matches"] += 1
+            continue
+        fname = f"{safe(f1['id'])}_{safe(f2['id'])}.npz"
+        os.makedirs(out_dir, exist_ok=True)
+        np.savez(os.path.join(out_dir, fname), **arrays)
+        n_m = int((arrays["match"] >= 0).sum())
+        records.append(dict(
+            pair_id=f"{name_out}/{scene.name}/{f1['id']}-{f2['id']}", source=name_out, scene=scene.name,
+            scene_type=args["colmap_scene_type"] if source == "colmap" else SCENE_TYPE[source],
+            split=None, frame1=f1["id"], frame2=f2["id"],
+            image1=image_path(f1), image2=image_path(f2),
+            width1=int(f1["width"]), height1=int(f1["height"]), width2=int(f2["width"]), height2=int(f2["height"]),
+            K1=np.asarray(f1["K"]).tolist(), K2=np.asarray(f2["K"]).tolist(),
+            overlap=res12["omega"], delta_v=1.0 - res12["omega"], bin=None,
+            npz=os.path.join("pairs", name_out, safe(scene.name), fname),
+            R=res12["R"].tolist(), t=np.asarray(res12["t"]).tolist(),
+            n_matches=n_m, n_dist1=int(len(arrays["kp1"]) - n_m), n_dist2=int(len(arrays["kp2"]) - n_m),
+            n_dense_verified=len(res12["p1"])))
+    return records, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pool-level: bins, split, outputs
+
+def assign_bins(records, num_bins, edges_mode):
+    """Bins 1..S within each source, by delta_v deciles (default) or uniform edges over [0, 1]."""
+    edges_by_source = {}
+    for src in sorted({r["source"] for r in records}):
+        rs = [r for r in records if r["source"] == src]
+        dv = np.array([r["delta_v"] for r in rs])
+        if edges_mode == "deciles":
+            edges = np.quantile(dv, np.linspace(0, 1, num_bins + 1))
+        else:
+            edges = np.linspace(0, 1, num_bins + 1)
+        inner = edges[1:-1].tolist()
+        for r in rs:
+            r["bin"] = int(min(max(bisect.bisect_right(inner, r["delta_v"]) + 1, 1), num_bins))
+        edges_by_source[src] = edges.tolist()
+    return edges_by_source
+
+
+def scene_hash(scene):
+    return int(hashlib.sha1(scene.encode()).hexdigest()[:8], 16) / 2 ** 32
+
+
+def assign_split(records, test_fraction, test_scenes=None):
+    by_source = collections.defaultdict(set)
+    for r in records:
+        by_source[r["source"]].add(r["scene"])
+    test = set()
+    for src, scenes in by_source.items():
+        if test_scenes is not None:
+            test |= {(src, s) for s in scenes if s in test_scenes or f"{src}/{s}" in test_scenes}
+            continue
+        t = {s for s in scenes if scene_hash(s) < test_fraction}
+        if not t and len(scenes) >= 2:
+            t = {min(scenes, key=scene_hash)}  # so the demo always has a test split
+        test |= {(src, s) for s in t}
+    for r in records:
+        r["split"] = "test" if (r["source"], r["scene"]) in test else "train"
+
+
+def gather_tasks(args):
+    tasks = []
+    sources = [("scannet", args.scannet, find_scannet), ("co3d", args.co3d, find_co3d),
+               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, find_colmap)]
+    for source, path, finder in sources:
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            sys.exit(f"{PROG}: error: --{source} {path} does not exist")
+        if source == "uco3d":
+            try:
+                import h5py  # noqa: F401  (optional: only uCO3D's depth_maps.h5 needs it)
+            except ImportError:
+                sys.exit(f"{PROG}: error: --uco3d needs the optional package h5py for depth_maps.h5 (pip install h5py)")
+        found = finder(path)
+        if not found:
+            sys.exit(f"{PROG}: error: --{source} {path}: no {source} scenes found there")
+        name_out = args.colmap_source if source == "colmap" else source
+        for spec in found:
+            kind = spec[0] if source == "scannet" else None
+            tasks.append((source, name_out, kind, spec[1] if source == "scannet" else spec, None))
+    return tasks
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build the verified wide-baseline correspondence pool.")
+    p.add_argument("--scannet", help="ScanNet root or scene: exported folders and/or raw .sens files")
+    p.add_argument("--co3d", help="CO3D v2 root, category folder or sequence folder")
+    p.add_argument("--uco3d", help="uCO3D root (with metadata.sqlite) or a sequence folder under it")
+    p.add_argument("--colmap", help="folder of COLMAP scenes (<scene>/images, <scene>/sparse/0) or one scene")
+    p.add_argument("--colmap-source", default="colmap", help="source name written for --colmap scenes (dl3dv, ...)")
+    p.add_argument("--colmap-scene-type", default="outdoor", choices=["indoor", "object", "outdoor"])
+    p.add_argument("--re10k", help="RealEstate10K camera files + frames (not implemented yet)")
+    p.add_argument("--out", default="pool", help="output pool folder")
+    p.add_argument("--frame-stride", type=int, default=1, help="use every n-th frame of a trajectory")
+    p.add_argument("--max-pairs-per-scene", type=int, default=60, help="random subset of all pairs (0 = all)")
+    p.add_argument("--workers", type=int, default=2, help="scenes processed in parallel")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-bins", type=int, default=10, help="S: delta_v bins per source")
+    p.add_argument("--bin-edges", default="deciles", choices=["deciles", "uniform"])
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--test-scenes", help="file with one test scene name (or source/scene) per line")
+    p.add_argument("--depth-step", type=int, default=2, help="sample every n-th depth pixel of I1 (both axes)")
+    p.add_argument("--depth-rel-tol", type=float, default=0.03, help="match: |d2 - z| <= tol * z")
+    p.add_argument("--occlusion-margin", type=float, default=0.1, help="occluded: d2 < (1 - margin) * z")
+    p.add_argument("--photo-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also require colours to agree after per-image normalisation")
+    p.add_argument("--photo-tol", type=float, default=1.0, help="max per-channel difference in image stds")
+    p.add_argument("--min-matches", type=int, default=30, help="min dense verified matches to keep a pair")
+    p.add_argument("--num-clusters", type=int, default=30, help="k-means clusters = kept matches (10..50)")
+    p.add_argument("--max-distractors", type=int, default=30, help="per side")
+    p.add_argument("--min-sep", type=float, default=6.0, help="px between a distractor and any kept match point")
+    p.add_argument("--max-dense", type=int, default=1000, help="cap on stored dense matches")
+    p.add_argument("--cache-frames", type=int, default=48, help="decoded frames kept in memory per worker")
+    args = p.parse_args(argv)
+    if args.re10k is not None:
+        sys.exit(f"{PROG}: error: --re10k is not implemented yet (convert clips to COLMAP models and use --colmap)")
+    if not any([args.scannet, args.co3d, args.uco3d, args.colmap]):
+        sys.exit(f"{PROG}: error: give at least one of --scannet --co3d --uco3d --colmap")
+
+    t0 = time.time()
+    tasks = gather_tasks(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    shared = dict(vars(args), out=args.out)
+    tasks = [t[:4] + (shared,) for t in tasks]
+    records, stats = run_scenes(tasks, args.workers)
+    if not records:
+        sys.exit(f"{PROG}: error: no pair passed verification ({dict(stats['pairs_skipped'])})")
+    edges = assign_bins(records, args.num_bins, args.bin_edges)
+    test_scenes = None
+    if args.test_scenes:
+        if not os.path.isfile(args.test_scenes):
+            sys.exit(f"{PROG}: error: --test-scenes {args.test_scenes} does not exist")
+        with open(args.test_scenes) as f:
+            test_scenes = {line.strip() for line in f if line.strip()}
+    assign_split(records, args.test_fraction, test_scenes)
+    records.sort(key=lambda r: r["pair_id"])
+    with open(os.path.join(args.out, "pairs.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    write_summary(args, records, stats, edges, time.time() - t0)
+
+
+def run_scenes(tasks, workers):
+    records, stats = [], dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(),
+                              pairs_tried=0, scenes_skipped=0)
+    if workers > 1 and len(tasks) > 1:
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(min(workers, len(tasks))) as pool:
+            results = list(tqdm(pool.imap_unordered(process_scene, tasks), total=len(tasks), desc="scenes"))
+            pool.close()  # let workers exit on their own: terminate() would trip pycolmap's signal handler
+            pool.join()
+    else:
+        results = [process_scene(t) for t in tqdm(tasks, desc="scenes")]
+    for recs, st in results:
+        records += recs
+        stats["pairs_skipped"].update(st["pairs_skipped"])
+        stats["frames_skipped"].update(st["frames_skipped"])
+        stats["pairs_tried"] += st["pairs_tried"]
+        stats["scenes_skipped"] += st.get("scenes_skipped", 0)
+    return records, stats
+
+
+def write_summary(args, records, stats, edges, seconds):
+    per_source = {}
+    for src in sorted(edges):
+        rs = [r for r in records if r["source"] == src]
+        dv = [r["delta_v"] for r in rs]
+        per_source[src] = dict(
+            pairs=len(rs), scenes=len({r["scene"] for r in rs}),
+            test_pairs=sum(r["split"] == "test" for r in rs),
+            per_bin={b: sum(r["bin"] == b for r in rs) for b in range(1, args.num_bins + 1)},
+            delta_v_min=min(dv), delta_v_max=max(dv), bin_edges=edges[src])
+    summary = dict(pairs=len(records), pairs_tried=stats["pairs_tried"], seconds=round(seconds, 2),
+                   pairs_per_second=round(stats["pairs_tried"] / max(seconds, 1e-9), 2),
+                   pairs_skipped=dict(stats["pairs_skipped"]), frames_skipped=dict(stats["frames_skipped"]),
+                   scenes_skipped=stats["scenes_skipped"], sources=per_source)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for src, s in per_source.items():
+        bins = " ".join(str(s["per_bin"][b]) for b in range(1, args.num_bins + 1))
+        print(f"  {src:8s} {s['pairs']:5d} pairs ({s['test_pairs']} test) from {s['scenes']} scenes, "
+              f"delta_v {s['delta_v_min']:.2f}..{s['delta_v_max']:.2f}, per bin: {bins}")
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats["pairs_skipped"].items())) or "none"
+    frames = ", ".join(f"{k}: {v}" for k, v in sorted(stats["frames_skipped"].items())) or "none"
+    print(f"build_pool: {len(records)} pairs -> {args.out}/pairs.jsonl in {seconds:.1f}s "
+          f"({summary['pairs_per_second']} pairs/s verified); pairs skipped: {skipped}; frames skipped: {frames}")
+
+
+if __name__ == "__main__":
+    main()
