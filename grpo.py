@@ -1,0 +1,704 @@
+"""
+grpo.py: GRPO (hand-written, no TRL) that teaches Qwen3-VL wide-baseline matching with the dual-level curriculum.
+
+Usage:
+    CPU demo (tiny model, synthetic pool; defaults: 40 steps of 4 prompts x G=4, ~0.5 s a step on 2 cores):
+        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo
+    2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
+        torchrun --nproc_per_node=2 grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo2
+    1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
+        python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --pool pool --out runs/grpo_2b --group-size 8 \
+            --prompts-per-step 4 --micro-batch 4 --max-new-tokens 1024 --lr 1e-6 --grad-checkpointing
+    The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights):
+        torchrun --nproc_per_node=8 grpo.py --model Qwen/Qwen3-VL-8B-Instruct --pool pool --out runs/dcrl \
+            --group-size 32 --prompts-per-step 16 --micro-batch 4 --kl-beta 0.005 --max-new-tokens 5120 \
+            --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
+            --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
+    Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
+
+Inputs: --model (a local dir such as tiny_model.py's output or a checkpoint of this script, or a hub id),
+--pool (build_pool.py's pairs.jsonl + npz; train-split pairs for training, test-split for --eval-every).
+Outputs in --out:
+    step_%06d/       save_pretrained weights + tokenizer + image processor, optimizer.pt, scheduler.pt,
+                     curriculum.json, rng_<rank>.pt (python, numpy, torch RNG + the task sampler), meta.json (args,
+                     step; written last). Written to step_%06d.tmp/ then renamed, so a crash never leaves a
+                     half-written step_%06d/; --keep-last K prunes older ones.
+    rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
+                     reward parts, length, truncated.
+    metrics.jsonl    one line per step (the same numbers as the printed line).
+    args.json
+
+One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
+make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
+whose KV cache is repeated for its G completions -> reward.score -> group-normalised advantages -> clipped policy
+loss + beta * KL(k3) to the reference -> one AdamW step -> curriculum.update with the match accuracy.
+
+Choices the paper does not spell out (ours):
+- Advantage (r - mean_group) / (std_group + 1e-4) with the POPULATION std over the G completions of a prompt
+  (DeepSeekMath's normalisation; TRL uses the sample std). A group whose rewards are all equal gets 0 advantage.
+- Loss normalisation: per-token losses are SUMMED over all completion tokens of the global batch and divided by
+  the number of completion tokens in the global batch (all micro-batches, all ranks) - the token-level
+  normalisation of DAPO / TRL's "dapo" loss. The gradient then does not depend on micro-batch size, gradient
+  accumulation or world size (tested).
+- Log-probs are of logits / temperature (the distribution that was sampled), as TRL does.
+- Special tokens (image pad, vision start/end, im_start, ...) are banned from sampling; the recorded sampler
+  log-probs are taken BEFORE the ban, i.e. of the same distribution the trainer computes, so |dlogp| measures
+  numerics only (the banned tokens' mass is the difference between sampled and trained distribution; ~0 once
+  the model never proposes them).
+- Completions cut at --max-new-tokens are marked `truncated` (usually malformed, reward 0) and still trained on.
+- The learning-rate schedule (10-step linear warm-up, then constant) counts training steps; with --ppo-epochs > 1
+  each epoch is one AdamW step over the whole batch and the old log-probs are those of the sampling policy.
+- `--toy-reward` replaces the matching reward by the share of digit characters in the completion: a signal any
+  random model can learn in a few dozen steps; used by the learning test only.
+- `--debug-grad-dump PATH` (tests): every rank generates the SAME global batch (same seed), each rank computes the
+  loss on its share, the full gradient is saved to PATH and the script exits - 1 process vs torchrun must agree.
+- `--stop-after-step N` (tests): exits hard (os._exit, no clean-up) after step N, to test --resume.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
+                          LogitsProcessor, LogitsProcessorList)
+
+import curriculum
+import make_tasks
+import reward
+
+# -----------------------------------------------------------------------------
+# Model plumbing (evaluate.py and tiny_model.py import these)
+
+
+def load_policy(path, device="cpu", dtype=torch.float32):
+    """-> (model, tokenizer, image_processor) from a local dir or hub id. AutoTokenizer + AutoImageProcessor, never
+    AutoProcessor: Qwen3-VL's processor needs torchvision for its video half, which the CPU machine lacks."""
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    return model.eval(), tokenizer, image_processor
+
+
+def encode(tokenizer, image_processor, prompt, images):
+    """One chat-templated prompt (the images first, then the text) -> dict of CPU tensors with a batch dim of 1:
+    input_ids (1,L), attention_mask (1,L), mm_token_type_ids (1,L) (1 at image pads), pixel_values (patches, D),
+    image_grid_thw (n_images, 3). Each image's single <|image_pad|> is expanded to its number of visual tokens,
+    exactly what Qwen's processor does."""
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    vis = image_processor(images=images, return_tensors="pt")
+    merge = image_processor.merge_size
+    parts = text.split("<|image_pad|>")
+    assert len(parts) == len(images) + 1, f"chat template gave {len(parts) - 1} image pads for {len(images)} images"
+    counts = [int(g.prod()) // merge ** 2 for g in vis["image_grid_thw"]]
+    text = parts[0] + "".join("<|image_pad|>" * c + p for c, p in zip(counts, parts[1:]))
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids          # (1, L)
+    mm = (ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()                    # (1, L)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+
+
+def collate_prompts(encs, pad_id, device):
+    """Left-pad a list of encode() dicts into one batch (generation appends on the right)."""
+    L = max(e["input_ids"].shape[1] for e in encs)
+    def lpad(t, v):
+        return torch.cat([torch.full((1, L - t.shape[1]), v, dtype=t.dtype), t], 1)
+    return dict(input_ids=torch.cat([lpad(e["input_ids"], pad_id) for e in encs]).to(device),           # (B, L)
+                attention_mask=torch.cat([lpad(e["attention_mask"], 0) for e in encs]).to(device),     # (B, L)
+                mm_token_type_ids=torch.cat([lpad(e["mm_token_type_ids"], 0) for e in encs]).to(device),
+                pixel_values=torch.cat([e["pixel_values"] for e in encs]).to(device),                  # (P, D)
+                image_grid_thw=torch.cat([e["image_grid_thw"] for e in encs]).to(device))              # (I, 3)
+
+
+def stop_ids(tokenizer):
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+def banned_ids(tokenizer, vocab_size):
+    """Special tokens the policy must never sample (image pads, vision markers, im_start ...), minus the stops,
+    plus any padded embedding rows beyond the tokenizer."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return sorted((special - set(stop_ids(tokenizer))) | set(range(len(tokenizer), vocab_size)))
+
+
+class SamplerLogprobs(LogitsProcessor):
+    """Divides the raw logits by the temperature (generate itself runs at temperature 1 with top-k/top-p off) and
+    records log p(token) of every sampled token, keeping only one (N, V) step in memory."""
+
+    def __init__(self, temperature):
+        self.temperature, self.prev, self.out = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:  # the token sampled from the previous step's distribution is input_ids[:, -1]
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]))                                # (N, 1)
+        scores = scores.float() / self.temperature                                                 # (N, V)
+        self.prev = torch.log_softmax(scores, -1)                                                  # (N, V)
+        return scores
+
+    def finish(self, last_tokens):
+        self.out.append(self.prev.gather(1, last_tokens[:, None]))                                 # (N, 1)
+        return torch.cat(self.out, 1)                                                              # (N, T)
+
+
+class BanTokens(LogitsProcessor):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids] = -float("inf")
+        return scores
+
+
+@torch.no_grad()
+def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0, greedy=False, group_size=1,
+             synced_gpus=False):
+    """Sample group_size completions for each prompt (ONE prefill per prompt, its KV cache repeated group_size
+    times). Returns a list of len(batch_encodings) * group_size dicts, prompt-major: text (special tokens
+    dropped), token_ids (list, up to and including the stop token), logprobs (list, sampler's log p of each token
+    under logits / temperature; temperature <= 0 counts as 1), truncated (no stop token within max_new_tokens)."""
+    device = next(model.parameters()).device
+    G, temp = group_size, (temperature if temperature > 0 else 1.0)
+    batch = collate_prompts(batch_encodings, tokenizer.pad_token_id, device)
+    ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]        # (B, L)
+    inner = model.model
+    # 1) prefill everything but the last prompt token once per prompt (vision tower + prompt attention)
+    inner.rope_deltas = None
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)                                                               # (B*G, ...)
+    inner.rope_deltas = inner.rope_deltas.repeat_interleave(G, 0)                                  # (B*G, 1)
+    grids = [e["image_grid_thw"] for e in batch_encodings for _ in range(G)]
+    # 2) decode the G-times repeated prompts on top of the shared cache (no pixel_values: already in the cache)
+    record = SamplerLogprobs(temp)
+    # explicit values: None would be filled from the checkpoint's generation_config (Qwen ships top_k 20, top_p 0.8)
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if not greedy else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, repetition_penalty=1.0,
+                              eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                              **sampling)
+    seqs = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                          mm_token_type_ids=mm.repeat_interleave(G, 0), image_grid_thw=torch.cat(grids).to(device),
+                          past_key_values=cache, generation_config=config, synced_gpus=synced_gpus,
+                          logits_processor=LogitsProcessorList([record, BanTokens(banned_ids(
+                              tokenizer, model.config.get_text_config().vocab_size))]))
+    new = seqs[:, ids.shape[1]:]                                                                   # (B*G, T)
+    logprobs = record.finish(new[:, -1]).cpu()                                                     # (B*G, T)
+    stops, results = set(stop_ids(tokenizer)), []
+    for row, lp in zip(new.tolist(), logprobs.tolist()):
+        end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
+        row, lp = row[:end], lp[:len(row[:end])]
+        results.append(dict(text=tokenizer.decode(row, skip_special_tokens=True), token_ids=row, logprobs=lp,
+                            truncated=end is None))
+    inner.rope_deltas = None  # stale deltas must not leak into the next (training) forward
+    return results
+
+
+def latest_checkpoint(run_dir):
+    """Newest complete <run_dir>/step_%06d/ (one with meta.json, which is written last), or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    steps = [d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{6}", d)
+             and os.path.isfile(os.path.join(run_dir, d, "meta.json"))]
+    return os.path.join(run_dir, max(steps)) if steps else None
+
+# -----------------------------------------------------------------------------
+# Log-probs and the GRPO loss
+
+
+def completion_logprobs(model, batch, temperature, chunk=512):
+    """log p(completion token) under logits / temperature, (B, T) fp32, without materialising (B, L, V) logits:
+    the model runs to hidden states, the hidden states that predict completion tokens are gathered, and lm_head +
+    log_softmax run on chunks of T (each chunk recomputed in backward, so its fp32 logits are never kept)."""
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                      image_grid_thw=batch["image_grid_thw"], use_cache=False)
+    h = out.last_hidden_state                                                                      # (B, L, H)
+    B, L, H = h.shape
+    T = int(batch["comp_len"].max())
+    pos = batch["comp_start"][:, None] - 1 + torch.arange(T, device=h.device)[None]                # (B, T)
+    pos = pos.clamp(max=L - 2)  # padding positions beyond a row's completion (masked later)
+    hc = h.gather(1, pos[..., None].expand(B, T, H))                                               # (B, T, H)
+    target = batch["input_ids"].gather(1, pos + 1)                                                 # (B, T)
+
+    def chunk_logp(hc_, tgt_):
+        logits = model.lm_head(hc_).float() / temperature                                          # (B, c, V)
+        return torch.log_softmax(logits, -1).gather(-1, tgt_[..., None]).squeeze(-1)               # (B, c)
+    parts = []
+    for s in range(0, T, chunk):
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(chunk_logp, hc[:, s:s + chunk], target[:, s:s + chunk],
+                                                           use_reentrant=False))
+        else:
+            parts.append(chunk_logp(hc[:, s:s + chunk], target[:, s:s + chunk]))
+    return torch.cat(parts, 1)                                                                     # (B, T)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta, clip_eps, num_tokens):
+    """GRPO loss of one micro-batch. logp / old_logp / ref_logp / mask: (B, T); advantages: (B,); ref_logp may be
+    None (beta = 0). Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL_k3, where
+    KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, always >= 0 estimator of KL(pi || ref)).
+    SUMMED over the micro-batch's tokens and divided by num_tokens = completion tokens of the GLOBAL batch, so
+    micro-batch losses add up to the global token mean. Returns (loss, stats of summed per-token values)."""
+    mask = mask.float()                                                                            # (B, T)
+    ratio = torch.exp(logp - old_logp)                                                             # (B, T)
+    adv = advantages[:, None]                                                                      # (B, 1)
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)                # (B, T)
+    if ref_logp is None:
+        kl = torch.zeros_like(logp)                                                                # (B, T)
+    else:
+        d = ref_logp - logp                                                                        # (B, T)
+        kl = torch.exp(d) - d - 1                                                                  # (B, T)
+    per_token = pg + beta * kl                                                                     # (B, T)
+    loss = (per_token * mask).sum() / num_tokens                                                   # ()
+    clipped = ((ratio - 1).abs() > clip_eps).float()                                               # (B, T)
+    stats = dict(kl_sum=float((kl.detach() * mask).sum()), clip_sum=float((clipped * mask).sum()),
+                 pg_sum=float((pg.detach() * mask).sum()))
+    return loss, stats
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """rewards (N*G,) prompt-major -> (r - group mean) / (group population std + eps), (N*G,)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)                        # (N, G)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)           # (N, G)
+    return adv.view(-1).float()                                                                    # (N*G,)
+
+
+def collate_samples(samples, pad_id, device):
+    """Training micro-batch: each sample = its prompt (unpadded) + its completion, right-padded together.
+    Positions (incl. Qwen3-VL's 3-D rope) are computed from attention_mask, so they equal the sampler's."""
+    seqs = [torch.cat([s["enc"]["input_ids"][0], torch.tensor(s["token_ids"], dtype=torch.long)]) for s in samples]
+    L = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)                                    # (B, L)
+    att = torch.zeros_like(ids)                                                                    # (B, L)
+    mm = torch.zeros_like(ids)                                                                     # (B, L)
+    T = max(len(s["token_ids"]) for s in samples)
+    mask = torch.zeros(len(seqs), T)                                                               # (B, T)
+    for b, (q, s) in enumerate(zip(seqs, samples)):
+        P = s["enc"]["input_ids"].shape[1]
+        ids[b, :len(q)], att[b, :len(q)], mm[b, :P] = q, 1, s["enc"]["mm_token_type_ids"][0]
+        mask[b, :len(s["token_ids"])] = 1
+    return dict(input_ids=ids.to(device), attention_mask=att.to(device), mm_token_type_ids=mm.to(device),
+                pixel_values=torch.cat([s["enc"]["pixel_values"] for s in samples]).to(device),
+                image_grid_thw=torch.cat([s["enc"]["image_grid_thw"] for s in samples]).to(device),
+                comp_start=torch.tensor([s["enc"]["input_ids"].shape[1] for s in samples], device=device),
+                comp_len=torch.tensor([len(s["token_ids"]) for s in samples], device=device),
+                mask=mask.to(device))
+
+# -----------------------------------------------------------------------------
+# Tasks from the pool
+
+
+def read_pairs(pool_dir):
+    if not os.path.isfile(os.path.join(pool_dir, "pairs.jsonl")):
+        sys.exit(f"grpo.py: error: --pool {pool_dir} has no pairs.jsonl (run build_pool.py first)")
+    return make_tasks.load_pairs(pool_dir)
+
+
+def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5)):
+    """-> (task, [img1, img2]) drawn online from one pool pair, n uniform in n_range; raises TaskUnavailable."""
+    n = int(rng.integers(n_range[0], n_range[1] + 1))
+    return make_tasks.make_task(pair, make_tasks.load_arrays(pool_dir, pair), level, spatial, n, rng, pool_dir,
+                                max_side)
+
+
+def sample_tasks(cur, pairs_by_bin, count, rng, args):
+    """count tasks: the curriculum picks (bin, level, spatial), a random train pair of that bin supplies it (other
+    pairs of the bin are tried when one cannot supply the level)."""
+    out = []
+    while len(out) < count:
+        b, level, spatial = cur.sample(rng)
+        candidates = pairs_by_bin[b]
+        for k in rng.permutation(len(candidates)):
+            try:
+                task, images = task_for_pair(candidates[k], args.pool, level, spatial, rng, args.max_side,
+                                             (args.n_min, args.n_max))
+            except make_tasks.TaskUnavailable:
+                continue
+            out.append((task, images))
+            break
+        else:
+            raise SystemExit(f"grpo.py: error: no train pair of bin {b} can supply level {level} / {spatial}")
+    return out
+
+
+def score(text, task, args):
+    if args.toy_reward:  # share of digit characters: a trivially learnable signal (learning test only)
+        r = sum(c.isdigit() for c in text) / max(1, len(text))
+        return dict(format=0.0, match=0.0, reward=r)
+    s = reward.score(text, task)
+    return dict(format=s["format"], match=s["match"], reward=s["reward"])
+
+# -----------------------------------------------------------------------------
+# Distributed setup, sharding, checkpoints
+
+
+def setup_distributed():
+    """RANK / WORLD_SIZE from torchrun (absent: 1 process). gloo on CPU, nccl on GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def shard(model, device):
+    """FSDP2: one unit per vision block and per decoder layer, the rest in the root. bf16 compute on GPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # completion_logprobs calls model.model and model.lm_head directly: make it a root forward for FSDP
+    model.logprobs = types.MethodType(lambda self, batch, t: completion_logprobs(self, batch, t), model)
+    register_fsdp_forward_method(model, "logprobs")
+    return model
+
+
+def all_sum(x, world):
+    t = torch.tensor(float(x), dtype=torch.float64)
+    if world > 1:
+        t = t.to("cuda") if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+    return float(t)
+
+
+def gather_objects(obj, world):
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(task_rng):
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                task=task_rng.bit_generator.state)
+
+
+def set_rng_state(s, task_rng):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    task_rng.bit_generator.state = s["task"]
+
+
+def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    final = os.path.join(args.out, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if world > 1:
+        dist.barrier()
+    # full (unsharded) state dicts on CPU; collectives, so every rank calls them
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, opt, options=opts)
+    torch.save(rng_state(task_rng), os.path.join(tmp, f"rng_{rank}.pt"))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=msd)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
+        torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        with open(os.path.join(tmp, "curriculum.json"), "w") as f:
+            json.dump(cur.state_dict(), f)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks a complete checkpoint
+            json.dump(dict(step=step, world_size=world, args=vars(args)), f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        done = sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step_\d{6}", d))
+        for d in done[:-args.keep_last] if args.keep_last > 0 else []:
+            shutil.rmtree(os.path.join(args.out, d))
+    if world > 1:
+        dist.barrier()
+
+
+def load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    osd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False)
+    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+    sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
+    with open(os.path.join(ckpt, "curriculum.json")) as f:
+        cur.load_state_dict(json.load(f))
+    rng_file = os.path.join(ckpt, f"rng_{rank}.pt")
+    if not os.path.isfile(rng_file):
+        sys.exit(f"grpo.py: error: {rng_file} missing (resume with the same number of processes)")
+    set_rng_state(torch.load(rng_file, weights_only=False), task_rng)
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        return json.load(f)["step"]
+
+
+def truncate_jsonl(path, last_step):
+    """Drop lines of steps after the checkpoint we resume from (they will be redone)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def rollout(model, tokenizer, image_processor, tasks, args, synced):
+    """Generate G completions per task, score them -> list of samples (prompt-major)."""
+    encs = [encode(tokenizer, image_processor, task["prompt"], images) for task, images in tasks]
+    samples = []
+    for i in range(0, len(encs), args.rollout_batch):  # prompts per generate call (each with its G completions)
+        outs = generate(model, tokenizer, encs[i:i + args.rollout_batch], args.max_new_tokens, args.temperature,
+                        greedy=False, group_size=args.group_size, synced_gpus=synced)
+        for j, o in enumerate(outs):
+            k = i + j // args.group_size
+            samples.append(dict(o, enc=encs[k], task=tasks[k][0], **score(o["text"], tasks[k][0], args)))
+    return samples
+
+
+def train_on(samples, model, ref_model, opt, args, device, world, autocast):
+    """One (or --ppo-epochs) AdamW step(s) on this rank's samples; returns summed stats for logging."""
+    adv = group_advantages([s["reward"] for s in samples], args.group_size)                       # (N,)
+    n_tok = all_sum(sum(len(s["token_ids"]) for s in samples), world)  # global completion tokens
+    mbs = [list(range(i, min(i + args.micro_batch, len(samples)))) for i in range(0, len(samples), args.micro_batch)]
+    batches = [collate_samples([samples[i] for i in mb], args.pad_id, device) for mb in mbs]
+    def logprob_fn(m, b):  # the FSDP-registered method when sharded (see shard())
+        return m.logprobs(b, args.temperature) if hasattr(m, "logprobs") else completion_logprobs(m, b, args.temperature)
+    with torch.no_grad(), autocast():
+        ref = [logprob_fn(ref_model, b) if ref_model is not None else None for b in batches]
+        old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 else None
+    stats = dict(kl_sum=0.0, clip_sum=0.0, dlogp_sum=0.0, loss=0.0)
+    for epoch in range(args.ppo_epochs):
+        for k, (mb, b) in enumerate(zip(mbs, batches)):
+            with autocast():
+                logp = logprob_fn(model, b)                                             # (B, T)
+            old_k = old[k] if old is not None else logp.detach()  # ratio 1 with one update per batch
+            loss, st = grpo_loss(logp, old_k, ref[k], adv[mb].to(device), b["mask"], args.kl_beta, args.clip_eps,
+                                 n_tok)
+            # FSDP2 averages gradients over ranks; x world makes the result the global-token-normalised sum
+            (loss * world).backward()
+            stats["loss"] += loss.item()
+            if epoch == 0:
+                stats["kl_sum"] += st["kl_sum"]
+                stats["clip_sum"] += st["clip_sum"]
+                sampler = torch.zeros_like(b["mask"])                                              # (B, T)
+                for r, i in enumerate(mb):
+                    sampler[r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
+                stats["dlogp_sum"] += float(((logp.detach().float() - sampler).abs() * b["mask"]).sum())
+        if args.debug_grad_dump:
+            return stats, n_tok
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return stats, n_tok
+
+
+def dump_grads(model, path, rank):
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is not None and hasattr(g, "full_tensor"):
+            g = g.full_tensor()
+        grads[name] = None if g is None else g.detach().cpu().clone()
+    if rank == 0:
+        torch.save(grads, path)
+
+
+@torch.no_grad()
+def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced):
+    """Greedy match accuracy on the fixed held-out tasks (every rank runs all of them: FSDP needs equal calls)."""
+    if not eval_tasks:
+        return float("nan")
+    encs = [encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in eval_tasks]
+    outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=synced)
+    return float(np.mean([reward.score(o["text"], t)["match"] for o, (t, _) in zip(outs, eval_tasks)]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo_data/tiny-qwen3vl", help="policy init: local dir or hub id")
+    ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
+    ap.add_argument("--out", default="runs/grpo")
+    ap.add_argument("--group-size", type=int, default=4, help="G completions per prompt (paper 32)")
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, all ranks (paper 16)")
+    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
+    ap.add_argument("--rollout-batch", type=int, default=4, help="prompts per generate call on a rank")
+    ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="paper 5120")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (paper 1e-6; the random tiny model needs more)")
+    ap.add_argument("--warmup-steps", type=int, default=10, help="linear lr warm-up, then constant (paper 10)")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
+    ap.add_argument("--save-every", type=int, default=10)
+    ap.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
+    ap.add_argument("--eval-every", type=int, default=10, help="greedy match accuracy on held-out tasks (0: off)")
+    ap.add_argument("--eval-tasks", type=int, default=4, help="number of held-out test-split tasks")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--curriculum", default="dcrl", choices=["dcrl", "uniform", "easy", "hard"])
+    ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
+    ap.add_argument("--clip-eps", type=float, default=0.2)
+    ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images")
+    ap.add_argument("--n-min", type=int, default=3, help="points in image 1 per task, uniform in [n-min, n-max]")
+    ap.add_argument("--n-max", type=int, default=5, help="(make_tasks.py's choice for real runs: 4..12)")
+    ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
+    ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
+    ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.prompts_per_step % world:
+        sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + (0 if args.debug_grad_dump else rank))  # sampling differs per rank
+    task_rng = np.random.default_rng(args.seed)  # identical on every rank: every rank draws the global prompts
+
+    # data and curriculum
+    pairs = read_pairs(args.pool)
+    pairs_by_bin = {}
+    for p in pairs:
+        if p["split"] == "train":
+            pairs_by_bin.setdefault(int(p["bin"]), []).append(p)
+    if not pairs_by_bin:
+        sys.exit(f"grpo.py: error: --pool {args.pool} has no train pairs")
+    cur = curriculum.Curriculum(sorted(pairs_by_bin), mode=args.curriculum)
+    eval_rng = np.random.default_rng(args.seed + 12345)
+    test_pairs = [p for p in pairs if p["split"] == "test"]
+    eval_tasks = []
+    for k in range(min(args.eval_tasks, len(test_pairs)) if args.eval_every > 0 else 0):
+        try:
+            eval_tasks.append(task_for_pair(test_pairs[k], args.pool, ("L1", "L2", "L3")[k % 3], "sparse",
+                                            eval_rng, args.max_side, (args.n_min, args.n_max)))
+        except make_tasks.TaskUnavailable:
+            continue
+
+    # models: the policy from the checkpoint when resuming, the frozen reference always from --model
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    model, tokenizer, image_processor = load_policy(ckpt or args.model, device, torch.float32)
+    args.pad_id = tokenizer.pad_token_id
+    model.train()
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = None
+    if args.kl_beta > 0:
+        ref_model = load_policy(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)[0]
+        ref_model.requires_grad_(False)
+    if world > 1:
+        model = shard(model, device)
+        if ref_model is not None:
+            ref_model = shard(ref_model, device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and world == 1 \
+        else (lambda: torch.autocast("cpu", enabled=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    start = 0
+    if ckpt is not None:
+        start = load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world)
+        log(f"resumed from {ckpt} (step {start})")
+    elif args.resume:
+        log(f"--resume: no complete checkpoint in {args.out}, starting fresh")
+    if rank == 0:
+        for name in ("rollouts.jsonl", "metrics.jsonl"):
+            if ckpt is not None:
+                truncate_jsonl(os.path.join(args.out, name), start)
+            elif os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    run = None
+    if args.wandb and rank == 0:
+        import wandb
+        run = wandb.init(project=args.wandb, config=vars(args))
+
+    # the loop
+    synced = world > 1
+    per_rank = args.prompts_per_step // world
+    for step in range(start + 1, args.steps + 1):
+        t0 = time.time()
+        tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
+        mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
+        model.eval()
+        with autocast():
+            samples = rollout(model, tokenizer, image_processor, mine, args, synced)
+        model.train()
+        if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
+            n = len(samples) // world
+            samples = samples[rank * n:(rank + 1) * n]
+        stats, n_tok = train_on(samples, model, ref_model, opt, args, device, world, autocast)
+        if args.debug_grad_dump:
+            dump_grads(model, args.debug_grad_dump, rank)
+            log(f"grpo.py: gradients of step {step} written to {args.debug_grad_dump}")
+            if world > 1:
+                dist.destroy_process_group()
+            return
+        sched.step()
+
+        # gather per-sample records to every rank (the curriculum must advance identically everywhere)
+        records = [dict(step=step, task_id=s["task"].get("task_id"), pair_id=s["task"].get("pair_id"),
+                        bin=s["task"].get("bin"), level=s["task"].get("level"), spatial=s["task"].get("spatial"),
+                        n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
+                        match=s["match"], length=len(s["token_ids"]), truncated=s["truncated"]) for s in samples]
+        records = [r for part in gather_objects(records, world) for r in part]
+        for g in range(0, len(records), args.group_size):  # one update per prompt: its group's mean match
+            grp = records[g:g + args.group_size]
+            cur.update(grp[0]["bin"], grp[0]["level"], grp[0]["spatial"], float(np.mean([r["match"] for r in grp])))
+        totals = [all_sum(stats[k], world) for k in ("kl_sum", "dlogp_sum")]
+        m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
+                 format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
+                 kl=totals[0] / n_tok, length=np.mean([r["length"] for r in records]),
+                 truncated=np.mean([r["truncated"] for r in records]), dlogp=totals[1] / n_tok,
+                 lr=sched.get_last_lr()[0], curriculum=list(cur.current()))
+        if args.eval_every > 0 and step % args.eval_every == 0:
+            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced)
+        m["seconds"] = time.time() - t0
+        m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
+        if rank == 0:
+            with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if run is not None:
+                run.log({k: v for k, v in m.items() if k != "curriculum"}, step=step)
+        ev = f" | eval match {m['eval_match']:.3f}" if "eval_match" in m else ""
+        log(f"step {step:5d} | reward {m['reward']:.3f} | format {m['format']:.2f} | match {m['match']:.3f} | "
+            f"kl {m['kl']:.2e} | len {m['length']:.1f} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e} | "
+            f"bin {m['curriculum'][0]} {m['curriculum'][1]} {m['curriculum'][2]}{ev} | {m['seconds']:.1f}s")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world)
+        if args.stop_after_step is not None and step >= args.stop_after_step:
+            sys.stdout.flush()
+            os._exit(17)  # a hard crash: no clean-up, no destructors
+    if world > 1:
+        dist.destroy_process_group()
+    log(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""
+tiny_model.py: build a tiny, randomly initialised Qwen3-VL that the rest of widematch loads exactly like a real
+checkpoint, so the whole pipeline (GRPO, evaluation) runs on a laptop CPU in minutes.
+
+Usage:
+    python tiny_model.py --out demo_data/tiny-qwen3vl                      # random model, no data needed
+    python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool          # + format warm-up (100 steps, ~1 min)
+    python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --warmup-steps 0   # skip the warm-up
+
+What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` / from_pretrained just work):
+    config.json + model.safetensors   Qwen3VLForConditionalGeneration, text: hidden 64, 2 layers, 4 heads (2 kv),
+                                      head_dim 16, mrope [2,3,3]; vision: depth 2, hidden 32, patch 16, merge 2
+                                      (~0.3 M parameters, < 2 MB)
+    tokenizer.json + tokenizer_config.json + chat_template.jinja
+                                      byte-level BPE (vocab <= 2048, ~900 here) trained offline on a small corpus (the answer
+                                      grammar, prompts, digits and letters) with Qwen's chat special tokens
+                                      (<|im_start|> <|im_end|> <|endoftext|> <|vision_start|> <|image_pad|> ...)
+                                      and a Qwen-style chat template (one <|image_pad|> per image, expanded later)
+    preprocessor_config.json          Qwen2VLImageProcessorPil (works without torchvision), patch 16, merge 2,
+                                      max_pixels 49152 so a 640x480 image gives 48 visual tokens
+    generation_config.json            stop on <|im_end|> / <|endoftext|>
+    args.json                         the arguments of this run
+
+The optional warm-up is supervised fine-tuning on well-formed answers with RANDOM mappings
+(reward.format_answer) for prompts built by make_tasks from the pool's train split. It teaches the answer
+format only (the mapping is noise), so the GRPO demo starts with a high format rate and the match reward is
+what GRPO has to learn. Not in the paper: the paper starts from Qwen3-VL-8B-Instruct, which already follows the
+format; this is only the demo's stand-in for that.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import make_tasks
+import reward
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen-style chat template: each image becomes <|vision_start|><|image_pad|><|vision_end|>; grpo.encode expands
+# the single <|image_pad|> to the image's number of visual tokens (what Qwen's processor does).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_corpus(seed=0):
+    """A few hundred lines: plain sentences, the answer grammar and many answer blocks, digits and letters, so
+    that prompts and answers tokenize into few tokens."""
+    rng = random.Random(seed)
+    lines = [
+        "Two images of the same scene are shown, taken from very different viewpoints.",
+        "Numbered points are drawn on the first image and lettered points on the second image.",
+        "For each numbered point, find the lettered point that shows the same 3D point, or answer none.",
+        "Think about the geometry, the objects and the context before you answer.",
+        "The camera moved to the left and rotated, so the table appears on the right side now.",
+        "Point 3 lies on the corner of the chair; in image 2 that corner is hidden behind the sofa.",
+        "Image 1 Image 2 point points match matches none visible occluded left right top bottom",
+        reward.ANSWER_INSTRUCTIONS,
+        *[make_tasks.build_prompt(n, m) for n, m in ((3, 5), (4, 12), (12, 26), (7, 9))],
+        " ".join(str(i) for i in range(100)),
+        " ".join(reward.y_labels_for(60)),
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()[]<>/-=+*'\"",
+    ]
+    for _ in range(400):
+        n, m = rng.randint(1, 20), rng.randint(1, 26)
+        labels = reward.y_labels_for(m) + [None]
+        lines.append(reward.format_answer({i + 1: rng.choice(labels) for i in range(n)}))
+    return lines
+
+
+def build_tokenizer(vocab_size=2048):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE)
+
+# -----------------------------------------------------------------------------
+# Model and image processor
+
+
+def build_image_processor():
+    # 16-px patches merged 2x2 -> one visual token per 32x32 pixels; max_pixels caps a 640x480 image at 256x192
+    # (48 tokens) so CPU rollouts stay fast. Qwen3-VL uses mean = std = 0.5.
+    return Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32 * 4,
+                                    max_pixels=32 * 32 * 48, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def build_model(tokenizer, seed=0):
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                                              mrope_interleaved=True),
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=256, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                               pad_token_id=ids["<|endoftext|>"])
+    return model
+
+# -----------------------------------------------------------------------------
+# Optional format warm-up (supervised, random mappings)
+
+
+def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_side, n_range, seed, n_tasks=24):
+    """SFT on answers in the grammar with random mappings: prompts from a fixed set of n_tasks pool tasks (drawn
+    once; building tasks costs more than this tiny model's step), a fresh random answer per use."""
+    import grpo  # model plumbing (encode, tasks from the pool, chunked log-probs) lives there
+    pairs = [p for p in grpo.read_pairs(pool_dir) if p["split"] == "train"]
+    if not pairs:
+        sys.exit(f"tiny_model.py: error: {pool_dir}/pairs.jsonl has no train pairs")
+    rng = np.random.default_rng(seed)
+    prompts, tries = [], 0
+    while len(prompts) < n_tasks and tries < 20 * n_tasks:
+        tries += 1
+        level, spatial = rng.choice(make_tasks.LEVELS), rng.choice(make_tasks.SPATIAL)
+        try:
+            task, images = grpo.task_for_pair(pairs[tries % len(pairs)], pool_dir, level, spatial, rng, max_side,
+                                              n_range)
+        except make_tasks.TaskUnavailable:
+            continue
+        prompts.append((task, grpo.encode(tokenizer, image_processor, task["prompt"], images)))
+    if not prompts:
+        sys.exit(f"tiny_model.py: error: no pair in {pool_dir} can supply a task")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        samples = []
+        for k in rng.integers(len(prompts), size=batch):
+            task, enc = prompts[k]
+            labels = list(task["y_labels"]) + [None]
+            answer = reward.format_answer({i + 1: labels[rng.integers(len(labels))] for i in range(task["n"])})
+            samples.append(dict(enc=enc, token_ids=tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids))
+        b = grpo.collate_samples(samples, tokenizer.pad_token_id, "cpu")
+        logp = grpo.completion_logprobs(model, b, 1.0)                                             # (B, T)
+        loss = -(logp * b["mask"]).sum() / b["mask"].sum()  # token-mean cross-entropy of the answers
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == steps - 1:
+            print(f"warm-up step {step:4d} | loss {loss.item():.3f}")
+    model.eval()
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="demo_data/tiny-qwen3vl", help="output directory (save_pretrained)")
+    ap.add_argument("--pool", default=None, help="pool dir for the optional format warm-up (needs pairs.jsonl)")
+    ap.add_argument("--warmup-steps", type=int, default=100, help="SFT steps on random well-formed answers (with --pool)")
+    ap.add_argument("--warmup-batch", type=int, default=4)
+    ap.add_argument("--warmup-lr", type=float, default=3e-3)
+    ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images (as grpo.py)")
+    ap.add_argument("--n-min", type=int, default=3, help="points in image 1 (as grpo.py's --n-min/--n-max)")
+    ap.add_argument("--n-max", type=int, default=5)
+    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.pool is not None and not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
+        sys.exit(f"tiny_model.py: error: --pool {args.pool} has no pairs.jsonl")
+    t0 = time.time()
+
+    tokenizer = build_tokenizer(args.vocab_size)
+    image_processor = build_image_processor()
+    model = build_model(tokenizer, args.seed)
+    if args.pool is not None and args.warmup_steps > 0:
+        warmup(model, tokenizer, image_processor, args.pool, args.warmup_steps, args.warmup_batch,
+               args.warmup_lr, args.max_side, (args.n_min, args.n_max), args.seed)
+
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    image_processor.save_pretrained(args.out)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny_model.py: {n_params / 1e6:.2f} M parameters, vocab {len(tokenizer)}, "
+          f"warm-up {args.warmup_steps if args.pool else 0} steps -> {args.out} ({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
