@@ -6,6 +6,7 @@ Usage:
     python make_tasks.py --pool pool --out tasks --split test --per-pair 3 --seed 0     # CPU demo, seconds
     python make_tasks.py --pool pool --out tasks --split train --per-pair 8 --max-side 640
     python make_tasks.py --pool pool --out tasks --split test --levels L3 --spatial dense --n-min 8 --n-max 12
+    python make_tasks.py --pool pool --out tasks_actor --split test --actor    # HATCH ActoR prompts (action block)
 grpo.py does not read train.jsonl: it calls make_task() online with the (bin, level, spatial) the curriculum
 asks for (the paper samples X, Y from the pool online); train.jsonl is for inspection and warm-up data.
 
@@ -13,8 +14,9 @@ Inputs: pool/pairs.jsonl + one npz per pair (see the contract: kp1, kp2, match, 
 Outputs (in --out): <split>.jsonl, one task per line with task_id, pair_id, source, scene, scene_type, split, bin,
 delta_v, level, spatial, n, m, images (prompted images, relative to --out), originals (absolute paths), x_points,
 y_points (ORIGINAL pixel coords, pixel centres at integers), x_labels ("1".."n"), y_labels ("A"...), prompt,
-target (n entries: Y label or null), K1, K2, R, t, plus x_idx/y_idx (row of kp1/kp2, or len(kp) + row of
-dense1/dense2), scale1/scale2 ((sx, sy): drawn = (orig + 0.5) * s - 0.5), size1/size2 (drawn image sizes);
+target (n entries: Y label or null), K1, K2, R, t, actor (bool: the prompt asks for HATCH's ActoR action block,
+see reward.py), plus x_idx/y_idx (row of kp1/kp2, or len(kp) + row of dense1/dense2), scale1/scale2 ((sx, sy):
+drawn = (orig + 0.5) * s - 0.5), size1/size2 (drawn image sizes);
 <split>_images/<task_id with "/" -> "_">_{1,2}.png; args_<split>.json (one per split, so both can share --out).
 The test split is stratified: within each source a counter walks all level x spatial combinations (levels
 change every task), so sources, levels and spatial modes are balanced (scene type follows the source). The
@@ -55,7 +57,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from reward import ANSWER_INSTRUCTIONS, x_labels_for, y_label, y_labels_for
+from reward import ACTION_STEP_DEG, ANSWER_INSTRUCTIONS, action_instructions, x_labels_for, y_label, y_labels_for
 
 LEVELS = ("L1", "L2", "L3")
 SPATIAL = ("sparse", "moderate", "dense")
@@ -330,11 +332,14 @@ def draw_prompts(img1, img2, x_points, y_points, x_labels, y_labels, max_side, r
 # Prompt
 
 
-def build_prompt(n, m, actor=False):
+def build_prompt(n, m, actor=False, action_step=ACTION_STEP_DEG):
     """The user text shown with (image 1, image 2). Same wording for every level, so it leaks nothing.
-    actor: hook for a later issue (an actor/role preamble); not implemented yet."""
+    actor (HATCH's ActoR): the reply must also state the camera motion from view 1 to view 2 in an <action> block
+    before the answer block (grammar and reward in reward.py), angles rounded to multiples of action_step."""
     if actor:
-        raise NotImplementedError("build_prompt: actor=True is reserved for a later issue")
+        head = build_prompt(n, m)[:-len(ANSWER_INSTRUCTIONS)]
+        head = head.replace("Then give your final answer.", "Then give the camera motion and your final answer.")
+        return head + action_instructions(action_step) + ANSWER_INSTRUCTIONS
     return (
         "Image 1 and image 2 show the same scene from very different viewpoints.\n"
         f"In image 1, {n} points are marked with {STYLE1['name']} and numbered 1 to {n}. "
@@ -368,9 +373,10 @@ def load_arrays(pool_dir, pair):
 
 
 def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_sep=20.0, task_id=None,
-              **sample_kw):
+              actor=False, action_step=ACTION_STEP_DEG, **sample_kw):
     """One task from one pool pair -> (task dict, [prompted PIL img1, img2]). min_sep is in DRAWN pixels.
-    Raises TaskUnavailable (see sample_points). task["images"] is None: the CLI fills it when it saves."""
+    Raises TaskUnavailable (see sample_points). task["images"] is None: the CLI fills it when it saves.
+    actor / action_step: build_prompt's ActoR action block (task["actor"] records it)."""
     paths = [os.path.abspath(pool_path(pool_dir, pair[k])) for k in ("image1", "image2")]
     imgs = []
     for path, w, h in zip(paths, (pair["width1"], pair["width2"]), (pair["height1"], pair["height2"])):
@@ -391,7 +397,8 @@ def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_
                 source=pair["source"], scene=pair["scene"], scene_type=pair["scene_type"], split=pair["split"],
                 bin=pair["bin"], delta_v=pair["delta_v"], level=level, spatial=spatial, n=s["n"], m=s["m"],
                 images=None, originals=paths, x_points=s["x_points"], y_points=s["y_points"],
-                x_labels=s["x_labels"], y_labels=s["y_labels"], prompt=build_prompt(s["n"], s["m"]),
+                x_labels=s["x_labels"], y_labels=s["y_labels"],
+                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step), actor=actor,
                 target=s["target"], K1=pair["K1"], K2=pair["K2"], R=pair.get("R"), t=pair.get("t"),
                 x_idx=[int(i) for i in s["x_idx"]], y_idx=[int(j) for j in s["y_idx"]],
                 scale1=list(geom["scale1"]), scale2=list(geom["scale2"]), size1=list(im1.size),
@@ -422,6 +429,8 @@ def parse_args(argv=None):
     ap.add_argument("--per-cluster", type=int, default=3, help="moderate mode: max points per cluster")
     ap.add_argument("--image-format", default="png", choices=["png", "jpg"])
     ap.add_argument("--max-pairs", type=int, default=0, help="use only the first N pairs (0 = all)")
+    ap.add_argument("--actor", action="store_true", help="HATCH ActoR: ask for the camera motion before the answer")
+    ap.add_argument("--action-step", type=float, default=ACTION_STEP_DEG, help="ActoR angle rounding (degrees)")
     return ap.parse_args(argv)
 
 
@@ -458,7 +467,8 @@ def write_tasks(plan, args, out_images):
             task, imgs = make_task(pair, cache[pair["pair_id"]], level, spatial, n, rng, args.pool, args.max_side,
                                    min_sep=args.min_sep, task_id=task_id, per_cluster=args.per_cluster,
                                    dist_y=(args.dist_y_min, args.dist_y_max or None),
-                                   unmatched_frac=(args.unmatched_min, args.unmatched_max))
+                                   unmatched_frac=(args.unmatched_min, args.unmatched_max), actor=args.actor,
+                                   action_step=args.action_step)
         except TaskUnavailable as e:
             skipped[f"{level}/{spatial}: {e}"] += 1
             continue

@@ -4,6 +4,8 @@ reward.py: the ONE answer grammar of widematch, its parser and the verifiable re
 Usage (library only; imported by make_tasks.py, grpo.py, tiny_model.py, evaluate.py):
     from reward import ANSWER_INSTRUCTIONS, format_answer, parse_answer, score
     score(completion_text, task)  # -> dict(format, match, reward, precision, recall, f1, parsed, ...)
+    score(completion_text, task, w_action=0.5)  # + HATCH ActoR action reward (action block; see the ActoR section)
+    canonical_actions(R, t), format_actions(actions), parse_actions(text), action_reward(text, R, t)
 
 Answer grammar. Image-1 points are labelled 1..n, image-2 points A, B, ..., Z, AA, AB, ... (y_label(j)).
 The completion may reason freely first; its LAST thing must be exactly one block
@@ -38,6 +40,7 @@ Scoring decisions (score):
 Departure from the paper: it labels both images with numbers; we use numbers vs letters so that the labels of
 the two images can never be confused in text.
 """
+import math
 import re
 
 # -----------------------------------------------------------------------------
@@ -136,8 +139,19 @@ def _ratio(num, den, other_den):
     return 1.0 if other_den == 0 else 0.0
 
 
-def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS):
-    """Reward of one completion for one task (needs task n, m, target; target[i-1] is a Y label or None)."""
+def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS, w_action=0.0, action_tol=None):
+    """Reward of one completion for one task (needs task n, m, target; target[i-1] is a Y label or None).
+    w_action > 0 (ActoR): also action, yaw_ok, pitch_ok, roll_ok, move_ok, action_parsed from action_reward and
+    reward += w_action * action, where the task has R and t (otherwise action is None and nothing is added);
+    action_tol: the angle tolerance in degrees (None: ACTION_STEP_DEG)."""
+    if w_action > 0:
+        d = score(text, task, w_format=w_format, w_match=w_match, max_chars=max_chars)
+        if task.get("R") is None or task.get("t") is None:
+            return dict(d, action=None, yaw_ok=None, pitch_ok=None, roll_ok=None, move_ok=None, action_parsed=None)
+        a = action_reward(text, task["R"], task["t"], max_chars=max_chars,
+                          tol_deg=ACTION_STEP_DEG if action_tol is None else action_tol)
+        a["action_parsed"] = a.pop("parsed")
+        return dict(d, **a, reward=d["reward"] + w_action * a["action"])
     n, m, target = task["n"], task["m"], task["target"]
     if n < 1 or len(target) != n:
         raise ValueError(f"score: task {task.get('task_id')} has n={n} but {len(target)} targets")
@@ -158,3 +172,173 @@ def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS):
     return dict(format=fmt, match=match, reward=w_format * fmt + w_match * match, precision=precision,
                 recall=recall, f1=f1, n_pred=n_pred, n_correct=n_correct, n_pos=n_pos, n_answered=len(parsed),
                 malformed=False, parsed=parsed)
+
+# -----------------------------------------------------------------------------
+# ActoR (HATCH): the camera-motion action block, written before the answer block
+#
+# Pose convention (the pool's R, t): x2 = R x1 + t maps camera-1 coordinates to camera-2 coordinates, OpenCV
+# camera axes (x right, y down, z forward). Camera 2's orientation in camera 1's frame is M = R^T (its columns are
+# camera 2's axes in camera-1 coordinates) and camera 2's centre in camera-1 coordinates is c = -R^T t.
+# M = Ry(yaw) Rx(pitch) Rz(roll): first yaw about the camera's y axis (pan), then pitch about the new x axis
+# (tilt), then roll about the new optical axis (intrinsic y-x-z, like a camera on a tripod head). Signs in words:
+#   yaw right  = +yaw: the optical axis turns towards +x (the scene then shifts LEFT in the image);
+#   pitch up   = +pitch: the optical axis turns towards -y (up, since y points down);
+#   roll cw    = +roll: the camera's x axis turns towards +y, i.e. the camera turns clockwise as seen from behind
+#                it by the photographer (the image content then turns counter-clockwise).
+# Ranges: yaw, roll in (-180, 180], pitch in [-90, 90]; angles are rounded to multiples of step_deg (15 by
+# default). Near pitch +-90 the yaw/roll split is ill-defined (gimbal lock; roll is then set to 0); camera pairs
+# of the pool are mostly upright, so this is rare.
+# Move: the dominant axis of c (forward/back = +z/-z, right/left = +x/-x, down/up = +y/-y), direction only,
+# because SfM / CO3D translations have no metric scale; "stay" when c is numerically zero (a pure rotation).
+#
+# Action grammar: exactly one block, before the answer block, e.g.
+#     <action>
+#     yaw right 30, pitch down 15, roll 0, move forward
+#     </action>
+# Items yaw, pitch, roll and move, each exactly once, in any order, separated by commas, semicolons or new lines.
+# "yaw left|right A", "pitch up|down A", "roll cw|ccw A" with A a non-negative number of degrees (at most 180,
+# pitch at most 90; an optional "deg"/"degrees"/"°" after it); the direction word may be left out only for 0.
+# "move forward|back|left|right|up|down|stay". Tolerated: case, extra spaces, "backward(s)", "forwards",
+# "clockwise", "counterclockwise", "counter-clockwise", "anticlockwise". Anything else in the block is malformed.
+#
+# Scoring (action_reward): each component is judged on its own against the EXACT (unrounded) pose:
+# yaw/pitch/roll ok when the wrapped angle error is <= tol_deg (default 15 = one step, so the canonical rounded
+# answer always passes and one step off may pass); move ok when the named unit direction d has
+# c . d >= move_tol * max_i |c_i| (move_tol 0.9: the dominant axis, or one within 10% of it when two are nearly
+# tied), or "stay" exactly when c = 0. action = mean of the four. A malformed or missing block scores 0.
+# The action reward does not depend on the answer block (HATCH reports action and answer rewards separately).
+
+ACTION_STEP_DEG = 15
+_MOVE_DIRS = {"right": (1, 0, 0), "left": (-1, 0, 0), "down": (0, 1, 0), "up": (0, -1, 0),
+              "forward": (0, 0, 1), "back": (0, 0, -1)}
+_ACT_WORDS = {"yaw": {"right": 1, "left": -1}, "pitch": {"up": 1, "down": -1},
+              "roll": {"cw": 1, "clockwise": 1, "ccw": -1, "counterclockwise": -1, "counter-clockwise": -1,
+                       "anticlockwise": -1}}
+_ACT_MAX = {"yaw": 180.0, "pitch": 90.0, "roll": 180.0}
+_MOVE_ALIASES = {"backward": "back", "backwards": "back", "forwards": "forward"}
+
+
+def action_instructions(step_deg=ACTION_STEP_DEG):
+    """Prompt text for the action block (make_tasks.build_prompt(actor=True) puts it before the answer format)."""
+    return (
+        "Camera motion: before the answer block, write exactly one action block that says how the camera of "
+        "image 1 moves to become the camera of image 2:\n"
+        "<action>\n"
+        "yaw right 30, pitch down 15, roll 0, move forward\n"
+        "</action>\n"
+        "Turn first (yaw left/right: pan the camera), then tilt (pitch up/down), then rotate about the viewing "
+        "direction (roll cw/ccw: clockwise or counter-clockwise as seen from behind the camera); angles in "
+        f"degrees, rounded to multiples of {step_deg:g}, 0 needs no direction word. Then name the main direction "
+        "in which the camera moved, as seen from camera 1: move forward, back, left, right, up, down or stay.\n")
+
+
+ACTION_INSTRUCTIONS = action_instructions()
+
+
+def _wrap180(a):
+    """Angle in degrees -> (-180, 180]."""
+    a = math.fmod(a, 360.0)
+    if a <= -180.0:
+        a += 360.0
+    elif a > 180.0:
+        a -= 360.0
+    return a
+
+
+def _pose_angles(R, t):
+    """(yaw, pitch, roll) in degrees (exact) and the camera-2 centre c in camera-1 coordinates."""
+    R = [[float(v) for v in row] for row in R]
+    t = [float(v) for v in t]
+    M = [[R[j][i] for j in range(3)] for i in range(3)]  # R^T: camera 2's orientation in camera 1's frame
+    c = [-sum(M[i][j] * t[j] for j in range(3)) for i in range(3)]  # -R^T t
+    pitch = math.asin(max(-1.0, min(1.0, -M[1][2])))
+    if abs(M[1][2]) < 1 - 1e-9:
+        yaw, roll = math.atan2(M[0][2], M[2][2]), math.atan2(M[1][0], M[1][1])
+    else:  # gimbal lock: roll folded into yaw
+        yaw, roll = math.atan2(-M[2][0], M[0][0]), 0.0
+    return tuple(_wrap180(math.degrees(a)) for a in (yaw, pitch, roll)), c
+
+
+def _dominant_move(c, eps=1e-9):
+    if math.sqrt(sum(v * v for v in c)) <= eps:
+        return "stay"
+    return max(_MOVE_DIRS, key=lambda w: sum(a * b for a, b in zip(_MOVE_DIRS[w], c)))
+
+
+def canonical_actions(R, t, step_deg=ACTION_STEP_DEG):
+    """Pool pose (x2 = R x1 + t) -> dict(yaw, pitch, roll (signed degrees, rounded to step_deg), move (word),
+    yaw_exact, pitch_exact, roll_exact). Signs: + = right / up / cw (see the section comment)."""
+    (yaw, pitch, roll), c = _pose_angles(R, t)
+    q = lambda a: float(round(a / step_deg) * step_deg)
+    return dict(yaw=_wrap180(q(yaw)), pitch=max(-90.0, min(90.0, q(pitch))), roll=_wrap180(q(roll)),
+                move=_dominant_move(c), yaw_exact=yaw, pitch_exact=pitch, roll_exact=roll)
+
+
+def format_actions(actions):
+    """dict(yaw, pitch, roll, move) -> the action block."""
+    def item(name, words, a):
+        if a == 0:
+            return f"{name} 0"
+        return f"{name} {words[0] if a > 0 else words[1]} {abs(a):g}"
+    body = ", ".join([item("yaw", ("right", "left"), actions["yaw"]), item("pitch", ("up", "down"), actions["pitch"]),
+                      item("roll", ("cw", "ccw"), actions["roll"]), f"move {actions['move']}"])
+    return "<action>\n" + body + "\n</action>"
+
+
+_ACT_OPEN = re.compile(r"<\s*action\s*>", re.IGNORECASE)
+_ACT_CLOSE = re.compile(r"<\s*/\s*action\s*>", re.IGNORECASE)
+_ACT_ANGLE = re.compile(r"(yaw|pitch|roll)(?: ([a-z-]+))? ([0-9]{1,3}(?:\.[0-9]{1,3})?) ?(?:°|deg|degrees?)?")
+_ACT_MOVE = re.compile(r"move ([a-z]+)")
+
+
+def parse_actions(text, max_chars=MAX_CHARS):
+    """Completion text -> dict(yaw, pitch, roll (signed degrees), move (word)), or None when there is no single
+    well-formed action block before the answer block. Never raises; linear in min(len(text), max_chars)."""
+    if not isinstance(text, str) or len(text) > max_chars:
+        return None
+    opens, closes = list(_ACT_OPEN.finditer(text)), list(_ACT_CLOSE.finditer(text))
+    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
+        return None
+    first_answer = _OPEN.search(text)
+    if first_answer is not None and first_answer.start() < closes[0].end():
+        return None  # the action block must come before the answer
+    out = {}
+    for raw in re.split(r"[,;\n]", text[opens[0].end():closes[0].start()]):
+        item = " ".join(raw.lower().split())
+        if not item:
+            continue
+        mo = _ACT_ANGLE.fullmatch(item)
+        if mo is not None:
+            name, word, value = mo.group(1), mo.group(2), float(mo.group(3))
+            if name in out or value > _ACT_MAX[name] or (word is None and value != 0):
+                return None
+            if word is not None and word not in _ACT_WORDS[name]:
+                return None
+            out[name] = value * (_ACT_WORDS[name][word] if word is not None else 1) + 0.0  # +0.0: no -0.0
+            continue
+        mo = _ACT_MOVE.fullmatch(item)
+        if mo is None or "move" in out:
+            return None
+        word = _MOVE_ALIASES.get(mo.group(1), mo.group(1))
+        if word not in _MOVE_DIRS and word != "stay":
+            return None
+        out["move"] = word
+    return out if len(out) == 4 else None
+
+
+def action_reward(text, R, t, tol_deg=ACTION_STEP_DEG, move_tol=0.9, max_chars=MAX_CHARS):
+    """Action reward of one completion against the pool pose (see the section comment) -> dict(action, yaw_ok,
+    pitch_ok, roll_ok, move_ok (floats 0/1), parsed (dict or None))."""
+    parsed = parse_actions(text, max_chars=max_chars)
+    if parsed is None:
+        return dict(action=0.0, yaw_ok=0.0, pitch_ok=0.0, roll_ok=0.0, move_ok=0.0, parsed=None)
+    exact, c = _pose_angles(R, t)
+    ok = {k: float(abs(_wrap180(parsed[k] - e)) <= tol_deg + 1e-6)  # + 1e-6: float noise at the boundary
+          for k, e in zip(("yaw", "pitch", "roll"), exact)}
+    top = max(abs(v) for v in c)
+    if parsed["move"] == "stay" or _dominant_move(c) == "stay":
+        move_ok = float(parsed["move"] == _dominant_move(c))
+    else:
+        move_ok = float(sum(a * b for a, b in zip(_MOVE_DIRS[parsed["move"]], c)) >= move_tol * top)
+    return dict(action=(sum(ok.values()) + move_ok) / 4, yaw_ok=ok["yaw"], pitch_ok=ok["pitch"],
+                roll_ok=ok["roll"], move_ok=move_ok, parsed=parsed)

@@ -349,8 +349,8 @@ def test_tasks_prompt():
     assert reward.ANSWER_INSTRUCTIONS in p and "1 to 5" in p and "A to G" in p
     assert make_tasks.STYLE1["name"] in p and make_tasks.STYLE2["name"] in p
     assert make_tasks.build_prompt(5, 7, actor=False) == p
-    with pytest.raises(NotImplementedError):
-        make_tasks.build_prompt(5, 7, actor=True)
+    pa = make_tasks.build_prompt(5, 7, actor=True)
+    assert pa != p and "<action>" in pa and reward.ANSWER_INSTRUCTIONS in pa
 
 
 def test_tasks_cli_fake_pool(tmp_path, capsys):
