@@ -537,7 +537,8 @@ def test_tasks_synthetic_pool_sampling(tasks_synthetic_pool):
 def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
     root, pool = tasks_synthetic_pool
     out = str(root / "tasks")
-    make_tasks.main(["--pool", pool, "--out", out, "--split", "test", "--per-pair", "3", "--max-side", "320"])
+    make_tasks.main(["--pool", pool, "--out", out, "--split", "test", "--per-pair", "3", "--max-side", "320",
+                     "--image-format", "png"])  # lossless, so the marker colour can be checked exactly
     assert "make_tasks.py: test:" in capsys.readouterr().out
     tasks = [json.loads(line) for line in open(os.path.join(out, "test.jsonl"))]
     n_test = len(make_tasks.load_pairs(pool, "test"))
