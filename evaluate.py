@@ -159,6 +159,9 @@ def score_row(task, text, **extra):
                                   "n_pred", "n_correct", "n_pos")})
     row.update(n=task["n"], n_hits=round(s["match"] * task["n"]))  # points answered exactly right
     row.update({k: task[k] for k in TASK_FIELDS})
+    if task.get("actor") and task.get("R") is not None and task.get("t") is not None:  # ActoR tasks (HATCH)
+        a = reward.action_reward(text, task["R"], task["t"], tol_deg=task.get("action_step", reward.ACTION_STEP_DEG))
+        row.update({k: a[k] for k in ("action", "yaw_ok", "pitch_ok", "roll_ok", "move_ok")})
     row.update(extra)
     return row
 
@@ -366,7 +369,17 @@ def group_metrics(rows):
                 match_acc=mean("match"), format_rate=mean("format"), reward=mean("reward"),
                 micro_f1=2 * mp * mr / (mp + mr) if mp + mr > 0 else 0.0, micro_precision=mp, micro_recall=mr,
                 micro_match_acc=total("n_hits") / total("n"),
-                n_correct=total("n_correct"), n_pred=total("n_pred"), n_pos=total("n_pos"))
+                n_correct=total("n_correct"), n_pred=total("n_pred"), n_pos=total("n_pos"),
+                **action_metrics(rows))
+
+
+def action_metrics(rows):
+    """ActoR (HATCH): mean action reward and per-component accuracy over the rows of tasks made with --actor
+    (None when there are none, e.g. plain matching tasks)."""
+    acts = [r for r in rows if "action" in r]
+    keys = ("action", "yaw_ok", "pitch_ok", "roll_ok", "move_ok")
+    names = ("action_acc", "yaw_acc", "pitch_acc", "roll_acc", "move_acc")
+    return {n: (math.fsum(r[k] for r in acts) / len(acts) if acts else None) for n, k in zip(names, keys)}
 
 
 def breakdown(rows, key):
@@ -428,6 +441,14 @@ def write_report(out, all_metrics, tasks_path, shows):
                    [[n, pct(m["overall"]["f1"]), pct(m["overall"]["precision"]), pct(m["overall"]["recall"]),
                      pct(m["overall"]["match_acc"]), pct(m["overall"]["format_rate"]),
                      pct(m["overall"]["micro_f1"]), m["overall"]["n_tasks"]] for n, m in all_metrics.items()])]
+    if any(m["overall"].get("action_acc") is not None for m in all_metrics.values()):  # ActoR tasks
+        parts += ["\n## ActoR: camera actions before the answer (HATCH)\n",
+                  "Action acc: mean of the four components (yaw, pitch, roll within the task's step, dominant move "
+                  "direction) against the pool's relative pose; see reward.action_reward.\n",
+                  table(["model", "action acc", "yaw", "pitch", "roll", "move", "F1"],
+                        [[n] + [pct(m["overall"].get(k)) for k in ("action_acc", "yaw_acc", "pitch_acc", "roll_acc",
+                                                                   "move_acc", "f1")]
+                         for n, m in all_metrics.items()])]
     for key, title in [("source", "source"), ("level", "level"), ("scene_type", "scene type"),
                        ("spatial", "point layout"), ("bin", "overlap bin (numbered within each source)")]:
         parts += [f"\n## F1 by {title}\n", breakdown_table(all_metrics, lambda m, k=key: m[f"by_{k}"])]

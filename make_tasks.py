@@ -398,7 +398,7 @@ def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_
                 bin=pair["bin"], delta_v=pair["delta_v"], level=level, spatial=spatial, n=s["n"], m=s["m"],
                 images=None, originals=paths, x_points=s["x_points"], y_points=s["y_points"],
                 x_labels=s["x_labels"], y_labels=s["y_labels"],
-                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step), actor=actor,
+                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step), actor=actor, action_step=action_step,
                 target=s["target"], K1=pair["K1"], K2=pair["K2"], R=pair.get("R"), t=pair.get("t"),
                 x_idx=[int(i) for i in s["x_idx"]], y_idx=[int(j) for j in s["y_idx"]],
                 scale1=list(geom["scale1"]), scale2=list(geom["scale2"]), size1=list(im1.size),
