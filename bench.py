@@ -1,0 +1,812 @@
+"""
+bench.py: measure the three hot paths of widematch against straightforward versions of them, and where one GRPO
+step's time goes. Every comparison first checks that both versions give the SAME answer and stops with an error
+(non-zero exit) when they do not, so a speed-up can never hide a wrong result.
+
+Usage:
+    python bench.py all --quick                 # CPU, everything, ~2-3 min: the numbers in the report
+    python bench.py all                         # bigger shapes (logprobs up to T=5120 at vocab 151,936, ~10 min CPU)
+    python bench.py logprobs [--lp-lengths 1024,5120 --lp-hidden 1024 --lp-batch 2]
+    python bench.py rollout [--group-sizes 8,32 --new-tokens 16,256] [--model DIR]
+    python bench.py pool [--frames 8 --image-scale 1.0 --max-pairs 40]
+    python bench.py step [--step-steps 4 --step-group-size 8]
+    1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
+    GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
+Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
+section per command with the raw numbers.
+
+What each command measures (targets in brackets; a table row ends in "ok" or "MISSED"):
+  logprobs  grpo.completion_logprobs (lm_head + log_softmax in chunks of T, each chunk recomputed in backward)
+            vs the naive log_softmax(lm_head(h).float()) + gather over the whole (B, T, V) at vocab 151,936, on the
+            same gathered completion hidden states. Forward + backward (the policy update) and a no-grad forward
+            (reference / old log-probs). Peak = extra memory above the level before the call: CPU VmHWM from
+            /proc/self/status after resetting it through /proc/self/clear_refs, GPU max_memory_allocated. The
+            lm_head weight is frozen, so its gradient (V x H floats, the same in both paths) is not counted.
+            Checks equal log-probs and equal input gradients. [peak >= 4x lower at the longest T]
+  rollout   G completions of one prompt with two images: grpo.generate(group_size=G) (ONE prefill, KV cache
+            repeated) vs grpo.generate on the prompt repeated G times (G prefills in one batch). "prefill" is a
+            max_new_tokens=1 run, decode = full run - prefill, tok/s = G * new tokens / full run. The stop
+            tokens' lm_head rows are zeroed so that every greedy completion runs to the requested length.
+            Checks identical greedy tokens. ["prefill x" >= G/2 at G=32]; "saved" = prefill time saved as a share
+            of the repeated-prompt rollout, i.e. what the shared prefill buys at that completion length.
+  pool      build_pool.match_rgbd (vectorised numpy; both directions of a pair, as build_pool does) vs
+            naive_match_rgbd below: the same rules written as a plain per-point Python loop over the SAME depth
+            sampling grid (every --depth-step-th depth pixel, build_pool's default 2). Frames are decoded before
+            timing (I/O is not part of either). Checks identical accept/reject decisions by build_pool's
+            min-matches rule. [pairs/s >= 10x]
+  step      grpo.main itself for a few steps on the tiny model, with grpo's functions wrapped by timers:
+            task sampling, rollout (of it: generate), reference/old log-probs (no-grad completion_logprobs),
+            policy forward (completion_logprobs with grad), loss + backward (the rest of train_on), optimizer (clip +
+            AdamW), checkpoint. The first step (warm-up) is left out of the means. Then what the shared prefill
+            saves per step at the step's G. On a GPU with `trl` importable: seconds per step of TRL's GRPOTrainer
+            on the same model, tasks and G (otherwise a skip line says why).
+How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
+versions run side by side in one process, one right after the other, and only ratios are claims.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+import torch
+from PIL import Image
+
+import build_pool
+import grpo
+import make_tasks
+import synthetic
+import tiny_model
+
+VOCAB = 151936  # Qwen3-VL's vocabulary (embedding rows)
+
+
+class Mismatch(RuntimeError):
+    """The fast and the straightforward version disagree: the benchmark is void."""
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def cuda_sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _proc_status_mb(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+class PeakMemory:
+    """Extra peak memory (MiB) of the code inside `with`, above the level at entry. GPU: max_memory_allocated.
+    CPU: the kernel's resident-set high-water mark (VmHWM), reset to the current RSS by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0); tensors this large are mmap'ed by malloc, so freed ones leave RSS."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2 ** 20
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError as e:
+                sys.exit(f"bench.py: error: CPU peak memory needs a writable /proc/self/clear_refs (Linux): {e}")
+            self.base = _proc_status_mb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mb = torch.cuda.max_memory_allocated() / 2 ** 20 - self.base
+        else:
+            self.mb = _proc_status_mb("VmHWM") - self.base
+
+
+def timed(fn, *a, **k):
+    """-> (result, seconds)."""
+    cuda_sync()
+    t0 = time.perf_counter()
+    out = fn(*a, **k)
+    cuda_sync()
+    return out, time.perf_counter() - t0
+
+
+def print_table(title, rows, cols):
+    """rows: list of dicts; cols: list of (key, header, format)."""
+    print(f"\n{title}")
+    cells = [[h for _, h, _ in cols]] + [[("-" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in cols]
+                                         for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for i, c in enumerate(cells):
+        print("  " + "  ".join(s.rjust(w) for s, w in zip(c, widths)))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def verdict(ok):
+    return "ok" if ok else "MISSED"
+
+# -----------------------------------------------------------------------------
+# 1) logprobs: chunked completion log-probs vs the naive full-vocabulary log_softmax
+
+
+class _FixedHidden(torch.nn.Module):
+    """Stands in for model.model: returns given hidden states (B, L, H), as the transformer trunk would."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = h
+
+    def forward(self, **batch):
+        return types.SimpleNamespace(last_hidden_state=self.h)
+
+
+class LMHeadOnly(torch.nn.Module):
+    """The smallest object grpo.completion_logprobs accepts: .model(...) -> last_hidden_state and .lm_head."""
+
+    def __init__(self, h, vocab, dtype):
+        super().__init__()
+        self.model = _FixedHidden(h)
+        self.lm_head = torch.nn.Linear(h.shape[-1], vocab, bias=False, device=h.device, dtype=dtype)
+        self.lm_head.weight.requires_grad_(False)
+
+
+def naive_logprobs(model, batch, temperature):
+    """What one writes first: logits for every completion position at once, then log_softmax over the full
+    vocabulary in fp32 and a gather. Same positions and targets as grpo.completion_logprobs."""
+    h = model.model(**batch).last_hidden_state                                                     # (B, L, H)
+    B, L, H = h.shape
+    T = int(batch["comp_len"].max())
+    pos = (batch["comp_start"][:, None] - 1 + torch.arange(T, device=h.device)[None]).clamp(max=L - 2)  # (B, T)
+    hc = h.gather(1, pos[..., None].expand(B, T, H))                                               # (B, T, H)
+    target = batch["input_ids"].gather(1, pos + 1)                                                 # (B, T)
+    logits = model.lm_head(hc).float() / temperature                                               # (B, T, V)
+    return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)                 # (B, T)
+
+
+def logprob_inputs(batch_size, prompt_len, T, hidden, vocab, device, dtype, seed=0):
+    """Random hidden states + token ids shaped like a training micro-batch (the last row 7 tokens shorter, so the
+    padding path is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    L = prompt_len + T
+    h = torch.randn(batch_size, L, hidden, generator=g).to(device=device, dtype=dtype)
+    ids = torch.randint(0, vocab, (batch_size, L), generator=g).to(device)
+    comp_len = torch.full((batch_size,), T, device=device)
+    comp_len[-1] = max(1, T - 7) if batch_size > 1 else T
+    mask = (torch.arange(T, device=device)[None] < comp_len[:, None]).float()                      # (B, T)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids),
+                 pixel_values=None, image_grid_thw=None, comp_start=torch.full((batch_size,), prompt_len, device=device),
+                 comp_len=comp_len, mask=mask)
+    return h, batch
+
+
+def compare_logprobs(T, hidden=64, batch_size=1, prompt_len=32, vocab=VOCAB, temperature=1.0, device=None,
+                     dtype=None, modes=("train", "no_grad")):
+    """Both paths on the same inputs. Raises Mismatch unless log-probs (and, in "train" mode, the gradients
+    w.r.t. the hidden states) agree. -> list of rows (one per mode) with peak MiB, seconds and the ratios."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    atol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16 logits: chunked GEMMs may round differently
+    h, batch = logprob_inputs(batch_size, prompt_len, T, hidden, vocab, device, dtype)
+    torch.manual_seed(0)
+    model = LMHeadOnly(h, vocab, dtype)
+    hw, bw = logprob_inputs(1, 8, 16, hidden, vocab, device, dtype, seed=1)  # warm-up: first calls pay set-up costs
+    model.model.h = hw.requires_grad_(True)
+    grpo.completion_logprobs(model, bw, temperature).sum().backward()
+    naive_logprobs(model, bw, temperature).sum().backward()
+    model.model.h = h
+    paths = (("chunked", lambda: grpo.completion_logprobs(model, batch, temperature)),
+             ("naive", lambda: naive_logprobs(model, batch, temperature)))
+    rows = []
+    for mode in modes:
+        res = {}
+        for name, fn in paths:
+            h.requires_grad_(mode == "train")
+            h.grad = None
+
+            def run():
+                if mode == "train":
+                    logp = fn()
+                    (logp * batch["mask"]).sum().backward()
+                    return logp.detach(), h.grad.detach().clone()
+                with torch.no_grad():
+                    return fn(), None
+            with PeakMemory(device) as mem:
+                (logp, grad), sec = timed(run)
+            res[name] = dict(logp=logp, grad=grad, mb=mem.mb, s=sec)
+            h.grad = None
+            del logp, grad
+        m = batch["mask"].bool()
+        diff = (res["chunked"]["logp"] - res["naive"]["logp"])[m].abs().max().item()
+        if not diff <= atol:
+            raise Mismatch(f"logprobs T={T} {mode}: chunked and naive log-probs differ by {diff:.2e} (> {atol})")
+        gdiff = None
+        if mode == "train":
+            ga, gb = res["chunked"]["grad"].float(), res["naive"]["grad"].float()
+            gdiff = ((ga - gb).norm() / gb.norm().clamp_min(1e-30)).item()
+            if not gdiff <= atol * 10:
+                raise Mismatch(f"logprobs T={T}: gradients differ (relative {gdiff:.2e} > {atol * 10})")
+        c, n = res["chunked"], res["naive"]
+        rows.append(dict(mode=mode, B=batch_size, T=T, H=hidden, V=vocab, chunked_mb=c["mb"], naive_mb=n["mb"],
+                         mem_ratio=n["mb"] / max(c["mb"], 1e-9), chunked_s=c["s"], naive_s=n["s"],
+                         time_ratio=n["s"] / max(c["s"], 1e-9), max_abs_diff=diff, grad_rel_diff=gdiff))
+    return rows
+
+
+def bench_logprobs(args, device):
+    rows = []
+    for T in args.lp_lengths:
+        rows += compare_logprobs(T, args.lp_hidden, args.lp_batch, args.lp_prompt, device=device)
+    longest = max(args.lp_lengths)
+    for r in rows:
+        r["target"] = verdict(r["mem_ratio"] >= 4) if r["T"] == longest else ""
+    print_table(f"logprobs: grpo.completion_logprobs (chunked) vs naive log_softmax, vocab {VOCAB} "
+                "[target: peak >= 4x lower at the longest T]", rows,
+                [("mode", "mode", "{}"), ("B", "B", "{}"), ("T", "T", "{}"), ("H", "H", "{}"),
+                 ("naive_mb", "naive MiB", "{:.0f}"), ("chunked_mb", "chunked MiB", "{:.0f}"),
+                 ("mem_ratio", "peak x", "{:.1f}"), ("naive_s", "naive s", "{:.2f}"),
+                 ("chunked_s", "chunked s", "{:.2f}"), ("time_ratio", "time x", "{:.2f}"),
+                 ("max_abs_diff", "|dlogp|", "{:.1e}"), ("target", "", "{}")])
+    return dict(rows=rows, chunk=_default_chunk())
+
+
+def _default_chunk():
+    import inspect
+    return inspect.signature(grpo.completion_logprobs).parameters["chunk"].default
+
+# -----------------------------------------------------------------------------
+# 2) rollout: one shared prefill per group vs the prompt repeated G times
+
+
+# Random Qwen3-VL sizes beyond tiny_model.py's (no weights needed to time them): text, vision, vocabulary, visual
+# tokens per image and image side. "small" is a CPU stand-in whose prefill is compute-bound (like a real model's,
+# unlike the overhead-bound tiny one); its vocabulary is the tiny tokenizer's, because grpo.generate's own prefill
+# materialises (G, L, V) fp32 logits (10 GB at G=32, L=540, V=151,936; see the report). "mid" (~0.9 B parameters,
+# Qwen's vocabulary, GPU only) sits between the tiny model and the paper's 2B-8B.
+SIZES = dict(
+    small=dict(text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, mrope_section=[12, 10, 10]),
+               vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),
+               vocab=None, image_tokens=160, side=640),
+    mid=dict(text=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
+             vision=dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+                         deepstack_visual_indexes=[3, 7, 11]),
+             vocab=VOCAB, image_tokens=768, side=1024))
+
+
+def random_vl_config(tokenizer, size):
+    """Qwen3VLConfig of SIZES[size] (vocab None: the tokenizer's size) with the tiny tokenizer's special ids."""
+    from transformers import Qwen3VLConfig
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_model.SPECIAL_TOKENS}
+    text = dict(SIZES[size]["text"])
+    mrope = text.pop("mrope_section")
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=SIZES[size]["vocab"] or len(tokenizer), max_position_embeddings=32768, pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=mrope,
+                                              mrope_interleaved=True), **text),
+        vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                           out_hidden_size=text["hidden_size"], **SIZES[size]["vision"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+
+
+def build_model_dir(kind, out):
+    """tiny: tiny_model.py's model (random, no warm-up; 48 visual tokens per 640x480 image). small / mid:
+    random_vl_config with the tiny tokenizer and an image processor allowing SIZES[kind]["image_tokens"]."""
+    if kind == "tiny":
+        with contextlib.redirect_stdout(sys.stderr):
+            tiny_model.main(["--out", out, "--warmup-steps", "0"])
+        return out
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tok = tiny_model.build_tokenizer()
+    ip = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32 * 4,
+                                  max_pixels=32 * 32 * SIZES[kind]["image_tokens"], image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3)
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(random_vl_config(tok, kind))
+    model.generation_config = GenerationConfig(eos_token_id=grpo.stop_ids(tok), pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    ip.save_pretrained(out)
+    return out
+
+
+def bench_prompt(tokenizer, image_processor, side=640, n=5, m=8, seed=0):
+    """One prompt with two images (random colour blocks at side x 3/4 side), encoded by grpo.encode."""
+    rng = np.random.default_rng(seed)
+    imgs = [Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((side, side * 3 // 4),
+                                                                                   Image.NEAREST) for _ in range(2)]
+    return grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(n, m), imgs)
+
+
+def never_stop(model, tokenizer):
+    """Zero the stop tokens' lm_head rows: greedy decoding then runs to max_new_tokens (fixed lengths to time)."""
+    with torch.no_grad():
+        model.lm_head.weight[grpo.stop_ids(tokenizer)] = 0
+
+
+def compare_rollout(model, tokenizer, enc, G, lengths, repeats=1, prefill_repeats=None):
+    """Shared-prefill group vs repeated prompts, greedy, at each completion length. Raises Mismatch unless the
+    tokens are identical. -> one row per length with prefill / decode seconds, tokens/s and the ratios. Timings
+    are minima over repeats, the two versions alternating so that machine load hits both alike; the prefill
+    (a max_new_tokens=1 run) is measured once per G and shared by the rows."""
+    def shared(k):
+        return grpo.generate(model, tokenizer, [enc], k, greedy=True, group_size=G)
+
+    def repeated(k):
+        return grpo.generate(model, tokenizer, [enc] * G, k, greedy=True, group_size=1)
+
+    def both(k, n):
+        runs = {"shared": [], "repeated": []}
+        for _ in range(n):
+            for name, fn in (("shared", shared), ("repeated", repeated)):
+                runs[name].append(timed(fn, k))
+        return {name: min(s for _, s in r) for name, r in runs.items()}, {name: r[0][0] for name, r in runs.items()}
+    grpo.generate(model, tokenizer, [enc] * 2, 2, greedy=True)  # warm-up: first calls pay one-time set-up
+    shared(2)
+    pre, _ = both(1, prefill_repeats or repeats)
+    rows = []
+    for k in lengths:
+        tot, outs = both(k, repeats)
+        a = [o["token_ids"] for o in outs["shared"]]
+        b = [o["token_ids"] for o in outs["repeated"]]
+        if a != b:
+            bad = next(i for i in range(len(a)) if a[i] != b[i])
+            raise Mismatch(f"rollout G={G}: completion {bad} differs between shared prefill and repeated prompts "
+                           f"({a[bad][:12]} vs {b[bad][:12]})")
+        n_tok = sum(len(x) for x in a)
+        row = dict(G=G, new_tokens=k, prompt_tokens=int(enc["input_ids"].shape[1]), generated=n_tok)
+        for name in ("shared", "repeated"):
+            row[name + "_prefill"], row[name + "_total"] = pre[name], tot[name]
+            row[name + "_decode"] = max(0.0, tot[name] - pre[name])
+            row[name + "_tok_s"] = n_tok / tot[name]
+        row["prefill_ratio"] = pre["repeated"] / pre["shared"]
+        row["total_ratio"] = tot["repeated"] / tot["shared"]
+        row["saved"] = max(0.0, pre["repeated"] - pre["shared"]) / tot["repeated"]
+        rows.append(row)
+    return rows
+
+
+def bench_rollout(args, device, tmp):
+    kinds = ["tiny", "small"] + (["mid"] if device.type == "cuda" else [])
+    rows = []
+    for kind in kinds:
+        path = args.model if (args.model and kind == "tiny") else build_model_dir(kind, os.path.join(tmp, kind))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, tok, ip = grpo.load_policy(path, device, dtype)
+        never_stop(model, tok)
+        enc = bench_prompt(tok, ip, side=SIZES.get(kind, {}).get("side", 640))
+        lengths = dict(tiny=args.new_tokens, small=args.small_new_tokens, mid=args.mid_new_tokens)[kind]
+        groups = args.group_sizes if kind != "small" else [max(args.group_sizes)]
+        for G in groups:
+            for row in compare_rollout(model, tok, enc, G, lengths, repeats=args.repeats,
+                                       prefill_repeats=5 if kind == "tiny" else None):
+                row["model"] = kind
+                if G == max(args.group_sizes):
+                    row["target"] = verdict(row["prefill_ratio"] >= G / 2)
+                rows.append(row)
+            print(f"  rollout {kind} G={G}: prefill x{row['prefill_ratio']:.1f}", file=sys.stderr)
+        del model
+        gc.collect()
+    print_table("rollout: grpo.generate, one shared prefill per group vs the prompt repeated G times, greedy "
+                "[target: prefill x >= G/2 at the largest G]", rows,
+                [("model", "model", "{}"), ("G", "G", "{}"), ("prompt_tokens", "prompt", "{}"),
+                 ("new_tokens", "new", "{}"), ("repeated_prefill", "rep prefill s", "{:.3f}"),
+                 ("shared_prefill", "shared prefill s", "{:.3f}"), ("prefill_ratio", "prefill x", "{:.1f}"),
+                 ("repeated_decode", "rep decode s", "{:.2f}"), ("shared_decode", "shared decode s", "{:.2f}"),
+                 ("repeated_tok_s", "rep tok/s", "{:.0f}"), ("shared_tok_s", "shared tok/s", "{:.0f}"),
+                 ("saved", "saved", "{:.0%}"), ("target", "", "{}")])
+    return dict(rows=rows)
+
+# -----------------------------------------------------------------------------
+# 3) pool: build_pool's vectorised verification vs a per-point loop
+
+# build_pool.py's defaults for the rules both versions apply
+POOL_PARAMS = dict(depth_step=2, depth_rel_tol=0.03, occlusion_margin=0.1, photo_check=True, photo_tol=1.0,
+                   min_matches=30, num_clusters=30)
+
+
+def naive_match_rgbd(frame1, frame2, params):
+    """build_pool.match_rgbd's rules, one depth sample at a time in plain Python: back-project with the depth
+    intrinsics, move into camera 2, project with colour and depth intrinsics, check the 4 depth pixels around the
+    projection, then the normalised colours. Same sampling grid (every depth_step-th pixel). -> counts."""
+    step, tol, margin = params["depth_step"], params["depth_rel_tol"], params["occlusion_margin"]
+    D1, M1 = frame1["depth"], frame1["depth_mask"]
+    D2 = frame2["depth"].tolist()
+    M2 = frame2["depth_mask"].tolist() if frame2["depth_mask"] is not None else None
+    hd, wd = frame2["depth"].shape
+    Ki = np.linalg.inv(frame1["Kd"]).tolist()
+    K1, K2, Kd2 = frame1["K"].tolist(), frame2["K"].tolist(), frame2["Kd"].tolist()
+    R, t = build_pool.relative_pose_rgbd(frame1, frame2)
+    R, t = R.tolist(), t.tolist()
+    W1, H1, W2, H2 = frame1["width"], frame1["height"], frame2["width"], frame2["height"]
+    n1 = n2 = None
+    counts = dict(valid=0, match=0, behind=0, outside=0, occluded=0)
+    for y in range(0, D1.shape[0], step):
+        row = D1[y].tolist()
+        mrow = M1[y].tolist() if M1 is not None else None
+        for x in range(0, D1.shape[1], step):
+            z = row[x]
+            if not (z > 0 and math.isfinite(z)) or (mrow is not None and not mrow[x]):
+                continue
+            counts["valid"] += 1
+            X1 = [(Ki[i][0] * x + Ki[i][1] * y + Ki[i][2]) * z for i in range(3)]
+            X2 = [R[i][0] * X1[0] + R[i][1] * X1[1] + R[i][2] * X1[2] + t[i] for i in range(3)]
+            z2 = X2[2]
+            if not z2 > 1e-6:
+                counts["behind"] += 1
+                continue
+            px = (K2[0][0] * X2[0] + K2[0][1] * X2[1] + K2[0][2] * X2[2]) / z2
+            py = (K2[1][0] * X2[0] + K2[1][1] * X2[1] + K2[1][2] * X2[2]) / z2
+            b = build_pool.BORDER
+            if not (-0.5 - b <= px <= W2 - 0.5 + b and -0.5 - b <= py <= H2 - 0.5 + b):
+                counts["outside"] += 1
+                continue
+            if not (-0.5 <= px <= W2 - 0.5 and -0.5 <= py <= H2 - 0.5):
+                continue  # the border band: unverifiable
+            qx = (Kd2[0][0] * X2[0] + Kd2[0][1] * X2[1] + Kd2[0][2] * X2[2]) / z2
+            qy = (Kd2[1][0] * X2[0] + Kd2[1][1] * X2[1] + Kd2[1][2] * X2[2]) / z2
+            qx, qy = min(max(qx, 0.0), wd - 1), min(max(qy, 0.0), hd - 1)
+            x0, y0 = int(math.floor(qx)), int(math.floor(qy))
+            x1, y1 = min(x0 + 1, wd - 1), min(y0 + 1, hd - 1)
+            corners = ((y0, x0), (y0, x1), (y1, x0), (y1, x1))
+            nb = [D2[j][i] for j, i in corners]
+            if not all(d > 0 and math.isfinite(d) for d in nb) or (M2 is not None and not all(M2[j][i]
+                                                                                                for j, i in corners)):
+                continue
+            if all(d < z2 * (1.0 - margin) for d in nb):
+                counts["occluded"] += 1
+                continue
+            if not all(abs(d - z2) <= tol * z2 for d in nb):
+                continue
+            if params["photo_check"]:
+                if n1 is None:
+                    n1, n2 = build_pool.normalised_colour(frame1), build_pool.normalised_colour(frame2)
+                w = X1[0] * K1[2][0] + X1[1] * K1[2][1] + X1[2] * K1[2][2]
+                u1 = (K1[0][0] * X1[0] + K1[0][1] * X1[1] + K1[0][2] * X1[2]) / w
+                v1 = (K1[1][0] * X1[0] + K1[1][1] * X1[1] + K1[1][2] * X1[2]) / w
+                a = n1[min(max(round(v1), 0), H1 - 1), min(max(round(u1), 0), W1 - 1)]
+                c = n2[min(max(round(py), 0), H2 - 1), min(max(round(px), 0), W2 - 1)]
+                if max(abs(float(a[k]) - float(c[k])) for k in range(3)) > params["photo_tol"]:
+                    continue
+            counts["match"] += 1
+    counts["omega"] = counts["match"] / max(counts["valid"], 1)
+    return counts
+
+
+def accepted(n_matches, params):
+    """build_pool's min-matches rule (select_points' first test)."""
+    return n_matches >= params["min_matches"] and min(int(np.clip(params["num_clusters"], 10, 50)), n_matches) >= 10
+
+
+def compare_pool(pairs, params=POOL_PARAMS, repeats=1):
+    """pairs: list of (frame1, frame2) build_pool frame dicts. Both versions, both directions of every pair.
+    Raises Mismatch if any accept/reject decision differs. -> dict with pairs/s and agreement numbers."""
+    def vectorised():
+        return [(build_pool.match_rgbd(f1, f2, params), build_pool.match_rgbd(f2, f1, params)) for f1, f2 in pairs]
+
+    def naive():
+        return [(naive_match_rgbd(f1, f2, params), naive_match_rgbd(f2, f1, params)) for f1, f2 in pairs]
+    for f1, f2 in pairs:  # the normalised colour images are cached per frame; build them outside the timing
+        build_pool.normalised_colour(f1), build_pool.normalised_colour(f2)
+    runs = [timed(vectorised) for _ in range(repeats)]
+    fast, fast_s = runs[0][0], min(s for _, s in runs)
+    slow, slow_s = timed(naive)
+    dec_fast = [accepted(r12["counts"]["match"], params) for r12, _ in fast]
+    dec_slow = [accepted(r12["match"], params) for r12, _ in slow]
+    if dec_fast != dec_slow:
+        bad = [i for i in range(len(pairs)) if dec_fast[i] != dec_slow[i]]
+        raise Mismatch(f"pool: accept/reject differs on {len(bad)} of {len(pairs)} pairs, e.g. pair {bad[0]}: "
+                       f"vectorised {fast[bad[0]][0]['counts']['match']} matches, naive {slow[bad[0]][0]['match']}")
+    keys = ("match", "behind", "outside", "occluded")
+    count_diff = max(abs(a[d]["counts"][k] - b[d][k]) for a, b in zip(fast, slow) for d in (0, 1) for k in keys)
+    valid_diff = max(abs(a[d]["n_valid"] - b[d]["valid"]) for a, b in zip(fast, slow) for d in (0, 1))
+    return dict(pairs=len(pairs), accepted=sum(dec_fast), rejected=len(pairs) - sum(dec_fast),
+                vectorised_s=fast_s, naive_s=slow_s, vectorised_pairs_s=len(pairs) / fast_s,
+                naive_pairs_s=len(pairs) / slow_s, speedup=slow_s / fast_s, max_count_diff=count_diff,
+                valid_diff=valid_diff, samples_per_pair=float(np.mean([a[0]["n_valid"] for a in fast])))
+
+
+def make_synthetic(out, frames, image_scale, layouts="scannet,co3d"):
+    with contextlib.redirect_stdout(sys.stderr):
+        synthetic.main(["--out", out, "--frames", str(frames), "--image-scale", str(image_scale), "--layouts", layouts])
+    return out
+
+
+def load_pool_pairs(data_dir, max_pairs):
+    """All frame pairs i<j of every scannet/co3d scene under data_dir (frames decoded once), capped at max_pairs
+    (evenly over the list)."""
+    pairs = []
+    scenes = [build_pool.open_scene("scannet", kind, p) for kind, p in build_pool.find_scannet(
+        os.path.join(data_dir, "scannet"))]
+    scenes += [build_pool.open_scene("co3d", None, s) for s in build_pool.find_co3d(os.path.join(data_dir, "co3d"))]
+    for scene in scenes:
+        frames = [scene.load(f) for f in scene.frame_ids]
+        pairs += [(frames[i], frames[j]) for i in range(len(frames)) for j in range(i + 1, len(frames))]
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = [pairs[int(k)] for k in np.linspace(0, len(pairs) - 1, max_pairs)]
+    return pairs
+
+
+def bench_pool(args, tmp):
+    data = make_synthetic(os.path.join(tmp, "pool_data"), args.frames, args.image_scale)
+    pairs = load_pool_pairs(data, args.max_pairs)
+    r = compare_pool(pairs, repeats=args.repeats)
+    f1 = pairs[0][0]
+    r.update(colour=f"{f1['width']}x{f1['height']}", depth="{1}x{0}".format(*f1["depth"].shape),
+             depth_step=POOL_PARAMS["depth_step"], target=verdict(r["speedup"] >= 10))
+    print_table("pool: build_pool.match_rgbd (vectorised) vs per-point Python loop, both directions per pair, "
+                "same depth grid [target: >= 10x pairs/s]", [r],
+                [("pairs", "pairs", "{}"), ("accepted", "accepted", "{}"), ("colour", "colour", "{}"),
+                 ("depth", "depth", "{}"), ("samples_per_pair", "samples/dir", "{:.0f}"),
+                 ("naive_pairs_s", "naive pairs/s", "{:.1f}"), ("vectorised_pairs_s", "vectorised pairs/s", "{:.1f}"),
+                 ("speedup", "x", "{:.0f}"), ("max_count_diff", "max |dcount|", "{}"), ("target", "", "{}")])
+    return r
+
+# -----------------------------------------------------------------------------
+# 4) step: where one GRPO step's time goes
+
+
+class PhaseTimer:
+    """Wraps module-level functions so that grpo.main's own loop reports per-step seconds of each phase."""
+
+    def __init__(self):
+        self.step, self.t = 0, {}
+        self.undo = []
+
+    def add(self, phase, dt):
+        d = self.t.setdefault(self.step, {})
+        d[phase] = d.get(phase, 0.0) + dt
+
+    def wrap(self, owner, name, phase_of, new_step=False):
+        orig = getattr(owner, name)
+        timer = self
+
+        def wrapper(*a, **k):
+            if new_step:
+                timer.step += 1
+            out, dt = timed(orig, *a, **k)
+            timer.add(phase_of() if callable(phase_of) else phase_of, dt)
+            return out
+        setattr(owner, name, wrapper)
+        self.undo.append((owner, name, orig))
+
+    def restore(self):
+        for owner, name, orig in reversed(self.undo):
+            setattr(owner, name, orig)
+
+
+PHASES = ("tasks", "rollout", "  of it generate", "ref/old logprobs", "policy logprobs", "loss+backward",
+          "optimizer", "checkpoint", "other")
+
+
+def step_breakdown(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens, extra=()):
+    """Run grpo.main for `steps` steps (checkpoint every step, no eval) with its functions timed. -> dict
+    phase -> mean seconds per step over steps 2.. (all steps if only one), plus total."""
+    pt = PhaseTimer()
+    pt.wrap(grpo, "sample_tasks", "tasks", new_step=True)
+    pt.wrap(grpo, "rollout", "rollout")
+    pt.wrap(grpo, "generate", "  of it generate")
+    pt.wrap(grpo, "completion_logprobs",
+            lambda: "policy logprobs" if torch.is_grad_enabled() else "ref/old logprobs")
+    pt.wrap(grpo, "collate_samples", "collate")
+    pt.wrap(grpo, "train_on", "train_on")
+    pt.wrap(torch.optim.AdamW, "step", "optimizer")
+    pt.wrap(torch.nn.utils, "clip_grad_norm_", "optimizer")
+    pt.wrap(grpo, "save_checkpoint", "checkpoint")
+    argv = ["--model", model_dir, "--pool", pool_dir, "--out", out_dir, "--steps", str(steps), "--save-every", "1",
+            "--eval-every", "0", "--group-size", str(G), "--prompts-per-step", str(prompts),
+            "--max-new-tokens", str(new_tokens), *extra]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            grpo.main(argv)
+    finally:
+        pt.restore()
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    per_step = []
+    for m in metrics:
+        d = pt.t.get(m["step"], {})
+        total = m["seconds"] + d.get("checkpoint", 0.0)  # grpo's "seconds" stop before the checkpoint
+        p = {k: d.get(k, 0.0) for k in PHASES if k != "other"}
+        p["loss+backward"] = d.get("train_on", 0.0) - d.get("collate", 0.0) - p["ref/old logprobs"] \
+            - p["policy logprobs"] - p["optimizer"]
+        p["other"] = total - sum(v for k, v in p.items() if not k.startswith(" "))
+        p["total"] = total
+        p["length"] = m["length"]
+        per_step.append(p)
+    use = per_step[1:] if len(per_step) > 1 else per_step
+    return {k: float(np.mean([p[k] for p in use])) for k in use[0]}
+
+
+def prefill_saving_per_step(model_dir, device, G, prompts):
+    """Seconds the shared prefill saves in one step at this G: prompts x (repeated - shared prefill)."""
+    model, tok, ip = grpo.load_policy(model_dir, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    enc = bench_prompt(tok, ip)
+    rep = min(timed(grpo.generate, model, tok, [enc] * G, 1, greedy=True)[1] for _ in range(2))
+    sh = min(timed(grpo.generate, model, tok, [enc], 1, greedy=True, group_size=G)[1] for _ in range(2))
+    return prompts * max(0.0, rep - sh)
+
+
+def trl_step(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens):
+    """TRL's GRPOTrainer on the same model, tasks and G. -> mean seconds per step (steps 2..), or a skip reason."""
+    if not torch.cuda.is_available():
+        return dict(skipped="no GPU: TRL's GRPOTrainer cannot build a Qwen3-VL processor on the CPU machine "
+                            "(its video processor needs torchvision)")
+    try:
+        import datasets
+        import trl
+        from transformers import TrainerCallback
+        from transformers.models.qwen3_vl import Qwen3VLProcessor, Qwen3VLVideoProcessor
+    except ImportError as e:
+        return dict(skipped=f"TRL comparison needs `pip install -r bench-requirements.txt` ({e})")
+    import dataclasses
+    import reward
+    _, tok, ip = grpo.load_policy(model_dir, "cpu")
+    processor = Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=tok.chat_template)
+    rng = np.random.default_rng(0)
+    train = [p for p in grpo.read_pairs(pool_dir) if p["split"] == "train"]
+    rows = []
+    for k in range(prompts * steps * 4):
+        if len(rows) >= prompts * steps:
+            break
+        try:
+            task, imgs = grpo.task_for_pair(train[k % len(train)], pool_dir, "L1", "sparse", rng, 640)
+        except make_tasks.TaskUnavailable:
+            continue
+        rows.append(dict(prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                                {"type": "text", "text": task["prompt"]}]}],
+                         images=imgs, task=json.dumps(task)))
+
+    def match_reward(prompts, completions, task, **kw):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [reward.score(t, json.loads(s))["reward"] for t, s in zip(texts, task)]
+
+    times = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            cuda_sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            cuda_sync()
+            times.append(time.perf_counter() - self.t0)
+    want = dict(output_dir=out_dir, num_generations=G, per_device_train_batch_size=G * prompts,
+                generation_batch_size=G * prompts, max_completion_length=new_tokens, max_prompt_length=None,
+                beta=0.005, temperature=1.0, learning_rate=1e-6, max_steps=steps, logging_steps=1, save_strategy="no",
+                report_to="none", bf16=True, loss_type="dapo", scale_rewards="group", gradient_accumulation_steps=1)
+    fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    config = trl.GRPOConfig(**{k: v for k, v in want.items() if k in fields})
+    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=match_reward, args=config,
+                              train_dataset=datasets.Dataset.from_list(rows), processing_class=processor,
+                              callbacks=[StepTimes()])
+    trainer.train()
+    use = times[1:] if len(times) > 1 else times
+    return dict(trl_version=trl.__version__, seconds_per_step=float(np.mean(use)), steps=len(times))
+
+
+def bench_step(args, device, tmp):
+    data = make_synthetic(os.path.join(tmp, "step_data"), args.frames, args.image_scale, layouts="scannet,co3d")
+    pool = os.path.join(tmp, "step_pool")
+    with contextlib.redirect_stdout(sys.stderr):
+        build_pool.main(["--scannet", os.path.join(data, "scannet"), "--co3d", os.path.join(data, "co3d"),
+                         "--out", pool, "--workers", "1"])
+    model_dir = args.model or build_model_dir("tiny", os.path.join(tmp, "step_tiny"))
+    G, P, k = args.step_group_size, args.step_prompts, args.step_new_tokens
+    ours = step_breakdown(model_dir, pool, os.path.join(tmp, "run"), args.step_steps, G, P, k)
+    saved = prefill_saving_per_step(model_dir, device, G, P)
+    rows = [dict(phase=p, seconds=ours[p], share=ours[p] / ours["total"]) for p in PHASES]
+    rows.append(dict(phase="total", seconds=ours["total"], share=1.0))
+    print_table(f"step: one GRPO step of grpo.main, tiny model on {device.type}, G={G}, {P} prompts, "
+                f"<= {k} new tokens (mean completion {ours['length']:.0f}), mean of steps 2..{args.step_steps}",
+                rows, [("phase", "phase", "{}"), ("seconds", "s/step", "{:.3f}"), ("share", "share", "{:.0%}")])
+    print(f"  shared prefill saves {saved:.3f} s of this step ({saved / (ours['total'] + saved):.0%} of the step "
+          f"it would be with G repeated prefills)")
+    trl = trl_step(model_dir, pool, os.path.join(tmp, "trl"), args.step_steps, G, P, k)
+    if "skipped" in trl:
+        print(f"  TRL GRPOTrainer comparison skipped: {trl['skipped']}")
+    else:
+        print(f"  TRL {trl['trl_version']} GRPOTrainer: {trl['seconds_per_step']:.3f} s/step vs ours "
+              f"{ours['total']:.3f} s/step (x{trl['seconds_per_step'] / ours['total']:.2f})")
+    return dict(phases=ours, prefill_saved_s=saved, prefill_saved_share=saved / (ours["total"] + saved), G=G,
+                prompts=P, new_tokens=k, trl=trl)
+
+# -----------------------------------------------------------------------------
+
+
+def machine_info(device):
+    info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), platform=platform.platform(),
+                python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
+                threads=torch.get_num_threads(), device=device.type)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg"] = f.read().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def int_list(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step"])
+    ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
+    ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--model", default=None, help="model dir for rollout/step (default: build the tiny model)")
+    ap.add_argument("--repeats", type=int, default=None, help="timing repeats, the minimum is kept (quick 1, else 2)")
+    ap.add_argument("--lp-lengths", type=int_list, default=None, help="completion lengths T (quick 3072, else 1024,2048,5120)")
+    ap.add_argument("--lp-hidden", type=int, default=None, help="hidden size (quick 256, else 512)")
+    ap.add_argument("--lp-batch", type=int, default=1)
+    ap.add_argument("--lp-prompt", type=int, default=64, help="prompt tokens before the completion")
+    ap.add_argument("--group-sizes", type=int_list, default=[8, 32])
+    ap.add_argument("--new-tokens", type=int_list, default=None, help="tiny model completion lengths (quick 16,128)")
+    ap.add_argument("--small-new-tokens", type=int_list, default=None, help="small model lengths (quick 16)")
+    ap.add_argument("--mid-new-tokens", type=int_list, default=[16, 1024], help="mid model (GPU only) lengths")
+    ap.add_argument("--frames", type=int, default=None, help="synthetic frames per scene (quick 5)")
+    ap.add_argument("--image-scale", type=float, default=None, help="synthetic image scale (quick 0.5, else 1.0)")
+    ap.add_argument("--max-pairs", type=int, default=None, help="pool pairs timed (quick 16, else 60)")
+    ap.add_argument("--step-steps", type=int, default=3)
+    ap.add_argument("--step-group-size", type=int, default=8)
+    ap.add_argument("--step-prompts", type=int, default=2)
+    ap.add_argument("--step-new-tokens", type=int, default=48)
+    args = ap.parse_args(argv)
+    q = args.quick
+    defaults = dict(repeats=1 if q else 2, lp_lengths=[3072] if q else [1024, 2048, 5120],
+                    lp_hidden=256 if q else 512, new_tokens=[16, 128] if q else [16, 512],
+                    small_new_tokens=[16] if q else [16, 256], frames=5 if q else 8,
+                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.model is not None and not os.path.isdir(args.model):
+        sys.exit(f"bench.py: error: --model {args.model} does not exist")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = dict(machine=machine_info(device), args=vars(args))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    commands = ["logprobs", "rollout", "pool", "step"] if args.command == "all" else [args.command]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        for cmd in commands:
+            if cmd == "logprobs":
+                results[cmd] = bench_logprobs(args, device)
+            elif cmd == "rollout":
+                results[cmd] = bench_rollout(args, device, tmp)
+            elif cmd == "pool":
+                results[cmd] = bench_pool(args, tmp)
+            else:
+                results[cmd] = bench_step(args, device, tmp)
+            with open(args.out, "w") as f:  # after every command: a crash later keeps what was measured
+                json.dump(results, f, indent=2, default=float)
+    print(f"\nbench.py: {', '.join(commands)} on {device.type} in {time.time() - t0:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
