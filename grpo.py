@@ -15,6 +15,8 @@ Usage:
             --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
             --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
+    HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
+        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
 
 Inputs: --model (a local dir such as tiny_model.py's output or a checkpoint of this script, or a hub id),
 --pool (build_pool.py's pairs.jsonl + npz; train-split pairs for training, test-split for --eval-every).
@@ -24,14 +26,33 @@ Outputs in --out:
                      step; written last). Written to step_%06d.tmp/ then renamed, so a crash never leaves a
                      half-written step_%06d/; --keep-last K prunes older ones.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
-                     reward parts, length, truncated.
-    metrics.jsonl    one line per step (the same numbers as the printed line).
+                     reward parts (format, match, action: ActoR accuracy or null), length, truncated.
+    metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, length,
+                     truncated, dlogp, lr, curriculum (bin, level, spatial after the update), curriculum_events
+                     (what update() reported, e.g. "advance inner -> L2/moderate ..."; also printed), eval_match
+                     (every --eval-every), action (--actor), pasta + pasta_acc (--pasta-weight > 0), seconds.
     args.json
 
 One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
 make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
 whose KV cache is repeated for its G completions -> reward.score -> group-normalised advantages -> clipped policy
-loss + beta * KL(k3) to the reference -> one AdamW step -> curriculum.update with the match accuracy.
+loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
+the mean match accuracy of the step's prompts drawn from the curriculum's current (bin, level, spatial) (replay
+prompts excluded), so its 20-update window is the paper's 20-step moving average.
+
+HATCH extensions (HATCH: patch-level spatial alignment + action-then-answer reasoning; off by default):
+- PaStA (--pasta-weight w > 0, pasta.py): the visual tokens of each image are pooled into a --pasta-grid x
+  --pasta-grid grid of cells; an InfoNCE loss (cosine / --pasta-tau) asks each image-1 cell to pick the image-2 cell
+  that the pool's verified dense matches put it in (and vice versa). Features: --pasta-layer 0 = the vision
+  merger's output (the vision tower sees each image alone), k = decoder layer k. Loss of a step = GRPO loss +
+  w * mean over the step's prompts (all ranks) of the PaStA loss. Logged: pasta (that mean) and pasta_acc (share
+  of corresponding image-1 cells whose most similar image-2 cell is the right one). OUR choices: HATCH's text
+  does not give the loss form (InfoNCE is ours), nor how it is weighted against the RL loss.
+- ActoR (--actor, reward.py): the prompt asks for the camera motion from view 1 to view 2 in an <action> block
+  before the answer (yaw/pitch/roll rounded to --action-step degrees, then the main move direction); reward +=
+  --w-action * action accuracy (mean of yaw, pitch, roll within one step and the move direction; pairs without a
+  pose get no action term). Logged: action (mean accuracy per step). OUR choices: the canonical action form
+  (intrinsic yaw-pitch-roll, direction-only move, since SfM translations have no scale) and the weight.
 
 Choices the paper does not spell out (ours):
 - Advantage (r - mean_group) / (std_group + 1e-4) with the POPULATION std over the G completions of a prompt
@@ -72,6 +93,7 @@ from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoT
 
 import curriculum
 import make_tasks
+import pasta
 import reward
 
 # -----------------------------------------------------------------------------
@@ -303,11 +325,13 @@ def read_pairs(pool_dir):
     return make_tasks.load_pairs(pool_dir)
 
 
-def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5)):
-    """-> (task, [img1, img2]) drawn online from one pool pair, n uniform in n_range; raises TaskUnavailable."""
+def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5), actor=False,
+                  action_step=reward.ACTION_STEP_DEG):
+    """-> (task, [img1, img2]) drawn online from one pool pair, n uniform in n_range; raises TaskUnavailable.
+    actor: the prompt also asks for the ActoR action block (make_tasks.build_prompt)."""
     n = int(rng.integers(n_range[0], n_range[1] + 1))
     return make_tasks.make_task(pair, make_tasks.load_arrays(pool_dir, pair), level, spatial, n, rng, pool_dir,
-                                max_side)
+                                max_side, actor=actor, action_step=action_step)
 
 
 def sample_tasks(cur, pairs_by_bin, count, rng, args):
@@ -320,7 +344,7 @@ def sample_tasks(cur, pairs_by_bin, count, rng, args):
         for k in rng.permutation(len(candidates)):
             try:
                 task, images = task_for_pair(candidates[k], args.pool, level, spatial, rng, args.max_side,
-                                             (args.n_min, args.n_max))
+                                             (args.n_min, args.n_max), args.actor, args.action_step)
             except make_tasks.TaskUnavailable:
                 continue
             out.append((task, images))
@@ -333,9 +357,10 @@ def sample_tasks(cur, pairs_by_bin, count, rng, args):
 def score(text, task, args):
     if args.toy_reward:  # share of digit characters: a trivially learnable signal (learning test only)
         r = sum(c.isdigit() for c in text) / max(1, len(text))
-        return dict(format=0.0, match=0.0, reward=r)
-    s = reward.score(text, task)
-    return dict(format=s["format"], match=s["match"], reward=s["reward"])
+        return dict(format=0.0, match=0.0, reward=r, action=None)
+    # ActoR: + w_action * action accuracy (None where the pair has no pose), angle tolerance = the rounding step
+    s = reward.score(text, task, w_action=args.w_action if args.actor else 0.0, action_tol=args.action_step)
+    return dict(format=s["format"], match=s["match"], reward=s["reward"], action=s.get("action"))
 
 # -----------------------------------------------------------------------------
 # Distributed setup, sharding, checkpoints
@@ -365,6 +390,9 @@ def shard(model, device):
     # completion_logprobs calls model.model and model.lm_head directly: make it a root forward for FSDP
     model.logprobs = types.MethodType(lambda self, batch, t: completion_logprobs(self, batch, t), model)
     register_fsdp_forward_method(model, "logprobs")
+    # likewise pasta.pasta_term (the vision tower alone, or one more forward of the prompt for --pasta-layer >= 1)
+    model.pasta = types.MethodType(lambda self, *a, **k: pasta.pasta_term(self, *a, **k), model)
+    register_fsdp_forward_method(model, "pasta")
     return model
 
 
@@ -476,18 +504,26 @@ def rollout(model, tokenizer, image_processor, tasks, args, synced):
     return samples
 
 
-def train_on(samples, model, ref_model, opt, args, device, world, autocast):
-    """One (or --ppo-epochs) AdamW step(s) on this rank's samples; returns summed stats for logging."""
+def train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id=None):
+    """One (or --ppo-epochs) AdamW step(s) on this rank's samples; returns summed stats for logging.
+    With --pasta-weight w > 0 the loss of each step is GRPO loss + w * mean over the step's prompts (all ranks) of
+    pasta.pasta_term (pairs_by_id: pool pair_id -> pairs.jsonl row, for the pair's dense matches)."""
     adv = group_advantages([s["reward"] for s in samples], args.group_size)                       # (N,)
     n_tok = all_sum(sum(len(s["token_ids"]) for s in samples), world)  # global completion tokens
     mbs = [list(range(i, min(i + args.micro_batch, len(samples)))) for i in range(0, len(samples), args.micro_batch)]
     batches = [collate_samples([samples[i] for i in mb], args.pad_id, device) for mb in mbs]
     def logprob_fn(m, b):  # the FSDP-registered method when sharded (see shard())
         return m.logprobs(b, args.temperature) if hasattr(m, "logprobs") else completion_logprobs(m, b, args.temperature)
+
+    def pasta_fn(m, *a, **k):
+        return m.pasta(*a, **k) if hasattr(m, "pasta") else pasta.pasta_term(m, *a, **k)
+    prompts = samples[::args.group_size] if args.pasta_weight > 0 else []  # samples are prompt-major
+    n_prompts = all_sum(len(prompts), world) if prompts else 0
     with torch.no_grad(), autocast():
         ref = [logprob_fn(ref_model, b) if ref_model is not None else None for b in batches]
         old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 else None
-    stats = dict(kl_sum=0.0, clip_sum=0.0, dlogp_sum=0.0, loss=0.0)
+    stats = dict(kl_sum=0.0, clip_sum=0.0, dlogp_sum=0.0, loss=0.0, pasta_sum=0.0, pasta_acc_sum=0.0,
+                 pasta_acc_n=0.0)
     for epoch in range(args.ppo_epochs):
         for k, (mb, b) in enumerate(zip(mbs, batches)):
             with autocast():
@@ -505,6 +541,17 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast):
                 for r, i in enumerate(mb):
                     sampler[r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
                 stats["dlogp_sum"] += float(((logp.detach().float() - sampler).abs() * b["mask"]).sum())
+        for s in prompts:  # PaStA: one vision forward per prompt, normalised by the global prompt count
+            pair = pairs_by_id[s["task"]["pair_id"]]
+            with autocast():
+                pl, pst = pasta_fn(model, s["enc"], make_tasks.load_arrays(args.pool, pair), pair, n=args.pasta_grid,
+                                   layer=args.pasta_layer, tau=args.pasta_tau)
+            (pl * args.pasta_weight / n_prompts * world).backward()  # x world: FSDP2 averages over ranks
+            if epoch == 0:
+                stats["pasta_sum"] += pst["pasta_loss"]
+                if np.isfinite(pst["pasta_acc"]):  # nan: the pair has no corresponding cells
+                    stats["pasta_acc_sum"] += pst["pasta_acc"]
+                    stats["pasta_acc_n"] += 1
         if args.debug_grad_dump:
             return stats, n_tok
         if args.max_grad_norm > 0:
@@ -564,6 +611,15 @@ def main(argv=None):
     ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images")
     ap.add_argument("--n-min", type=int, default=3, help="points in image 1 per task, uniform in [n-min, n-max]")
     ap.add_argument("--n-max", type=int, default=5, help="(make_tasks.py's choice for real runs: 4..12)")
+    ap.add_argument("--pasta-weight", type=float, default=0.0, help="HATCH PaStA loss weight (0: off)")
+    ap.add_argument("--pasta-grid", type=int, default=4, help="PaStA cells per side (HATCH's best: 4)")
+    ap.add_argument("--pasta-layer", type=int, default=0,
+                    help="PaStA features: 0 the vision merger's output, k decoder layer k")
+    ap.add_argument("--pasta-tau", type=float, default=0.1, help="PaStA InfoNCE temperature")
+    ap.add_argument("--actor", action="store_true", help="HATCH ActoR: prompts ask for the camera motion block")
+    ap.add_argument("--w-action", type=float, default=0.5, help="ActoR: reward += w-action * action accuracy")
+    ap.add_argument("--action-step", type=float, default=reward.ACTION_STEP_DEG,
+                    help="ActoR: angles rounded to multiples of this (degrees); also the reward's tolerance")
     ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
     ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
@@ -582,6 +638,7 @@ def main(argv=None):
 
     # data and curriculum
     pairs = read_pairs(args.pool)
+    pairs_by_id = {p["pair_id"]: p for p in pairs}
     pairs_by_bin = {}
     for p in pairs:
         if p["split"] == "train":
@@ -595,7 +652,8 @@ def main(argv=None):
     for k in range(min(args.eval_tasks, len(test_pairs)) if args.eval_every > 0 else 0):
         try:
             eval_tasks.append(task_for_pair(test_pairs[k], args.pool, ("L1", "L2", "L3")[k % 3], "sparse",
-                                            eval_rng, args.max_side, (args.n_min, args.n_max)))
+                                            eval_rng, args.max_side, (args.n_min, args.n_max), args.actor,
+                                            args.action_step))
         except make_tasks.TaskUnavailable:
             continue
 
@@ -642,6 +700,7 @@ def main(argv=None):
     per_rank = args.prompts_per_step // world
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
+        stage = cur.current()  # the curriculum's (bin, level, spatial) at sampling time
         tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
         mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
         model.eval()
@@ -651,7 +710,7 @@ def main(argv=None):
         if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
             n = len(samples) // world
             samples = samples[rank * n:(rank + 1) * n]
-        stats, n_tok = train_on(samples, model, ref_model, opt, args, device, world, autocast)
+        stats, n_tok = train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id)
         if args.debug_grad_dump:
             dump_grads(model, args.debug_grad_dump, rank)
             log(f"grpo.py: gradients of step {step} written to {args.debug_grad_dump}")
@@ -664,17 +723,26 @@ def main(argv=None):
         records = [dict(step=step, task_id=s["task"].get("task_id"), pair_id=s["task"].get("pair_id"),
                         bin=s["task"].get("bin"), level=s["task"].get("level"), spatial=s["task"].get("spatial"),
                         n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
-                        match=s["match"], length=len(s["token_ids"]), truncated=s["truncated"]) for s in samples]
+                        match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"])
+                   for s in samples]
         records = [r for part in gather_objects(records, world) for r in part]
-        for g in range(0, len(records), args.group_size):  # one update per prompt: its group's mean match
-            grp = records[g:g + args.group_size]
-            cur.update(grp[0]["bin"], grp[0]["level"], grp[0]["spatial"], float(np.mean([r["match"] for r in grp])))
-        totals = [all_sum(stats[k], world) for k in ("kl_sum", "dlogp_sum")]
+        # ONE curriculum update per step (its window counts steps, as the paper's 20-step moving average): the mean
+        # match of this step's prompts drawn from the stage current at sampling time (replay samples excluded)
+        cur_match = [r["match"] for r in records if (r["bin"], r["level"], r["spatial"]) == stage]
+        events = cur.update(*stage, float(np.mean(cur_match))) if cur_match else []
+        totals = [all_sum(stats[k], world)
+                  for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n")]
         m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
                  format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
                  kl=totals[0] / n_tok, length=np.mean([r["length"] for r in records]),
                  truncated=np.mean([r["truncated"] for r in records]), dlogp=totals[1] / n_tok,
-                 lr=sched.get_last_lr()[0], curriculum=list(cur.current()))
+                 lr=sched.get_last_lr()[0], curriculum=list(cur.current()), curriculum_events=events)
+        if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
+            acts = [r["action"] for r in records if r["action"] is not None]
+            m["action"] = np.mean(acts) if acts else float("nan")
+        if args.pasta_weight > 0:  # mean PaStA loss over the step's prompts; cell accuracy over prompts with cells
+            m["pasta"] = totals[2] / (len(records) // args.group_size)
+            m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
         if args.eval_every > 0 and step % args.eval_every == 0:
             m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced)
         m["seconds"] = time.time() - t0
@@ -685,11 +753,16 @@ def main(argv=None):
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(m) + "\n")
             if run is not None:
-                run.log({k: v for k, v in m.items() if k != "curriculum"}, step=step)
+                run.log({k: v for k, v in m.items() if k not in ("curriculum", "curriculum_events")}, step=step)
         ev = f" | eval match {m['eval_match']:.3f}" if "eval_match" in m else ""
+        hatch = (f" | action {m['action']:.2f}" if "action" in m else "") + \
+                (f" | pasta {m['pasta']:.3f} acc {m['pasta_acc']:.2f}" if "pasta" in m else "")
         log(f"step {step:5d} | reward {m['reward']:.3f} | format {m['format']:.2f} | match {m['match']:.3f} | "
-            f"kl {m['kl']:.2e} | len {m['length']:.1f} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e} | "
+            f"kl {m['kl']:.2e} | len {m['length']:.1f} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e}"
+            f"{hatch} | "
             f"bin {m['curriculum'][0]} {m['curriculum'][1]} {m['curriculum'][2]}{ev} | {m['seconds']:.1f}s")
+        for e in events:
+            log(f"step {step:5d} | curriculum: {e}")
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world)
         if args.stop_after_step is not None and step >= args.stop_after_step:

@@ -160,7 +160,7 @@ def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
                 p.add_(0.01 * torch.randn_like(p))
         args = argparse.Namespace(
             group_size=3, micro_batch=mb, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
-            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0)
+            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0)
         model.train()
         grpo.train_on(samples, model, ref_model, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -228,3 +228,5 @@ def test_grpo_demo_run_kl0_dlogp_checkpoint_and_resume(grpo_env, tmp_path):
            [{k: v for k, v in m.items() if k not in drop} for m in mb]
     assert grpo_read(a / "rollouts.jsonl") == grpo_read(b / "rollouts.jsonl")
     assert json.load(open(a / "step_000006" / "curriculum.json")) == json.load(open(b / "step_000006" / "curriculum.json"))
+    assert json.load(open(a / "step_000006" / "curriculum.json"))["steps"] == 6  # one update per step, not per prompt
+    assert all(m["curriculum_events"] == [] for m in ma)

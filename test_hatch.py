@@ -1,17 +1,24 @@
 """Tests for HATCH on top of DCRL: pasta.py (PaStA) and the ActoR parts of reward.py / make_tasks.py.
 /work/venv/bin/python -m pytest -q test_hatch.py"""
+import argparse
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import build_pool
 import grpo
 import make_tasks
 import pasta
 import reward
+import synthetic
 import tiny_model
 
 # -----------------------------------------------------------------------------
@@ -422,3 +429,79 @@ def test_hatch_actor_prompt_and_task(tmp_path):
                                        max_side=320, actor=actor)
         assert task["actor"] is actor and task["prompt"] == make_tasks.build_prompt(task["n"], task["m"], actor=actor)
     assert make_tasks.parse_args(["--actor"]).actor and not make_tasks.parse_args([]).actor
+
+# -----------------------------------------------------------------------------
+# PaStA + ActoR wired into grpo.py (a tiny synthetic pool, the random tiny model)
+
+
+@pytest.fixture(scope="module")
+def hatch_grpo_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hatch_grpo")
+    synthetic.main(["--out", str(d / "demo_data"), "--frames", "6", "--image-scale", "0.5",
+                    "--layouts", "scannet,co3d"])
+    build_pool.main(["--scannet", str(d / "demo_data" / "scannet"), "--co3d", str(d / "demo_data" / "co3d"),
+                     "--out", str(d / "pool"), "--max-pairs-per-scene", "8", "--min-matches", "10",
+                     "--num-bins", "2"])
+    tiny_model.main(["--out", str(d / "tiny"), "--warmup-steps", "0"])
+    return d
+
+
+def test_hatch_grpo_pasta_actor_run_logs_both_terms(hatch_grpo_env, tmp_path):
+    d = hatch_grpo_env
+    grpo.main(["--model", str(d / "tiny"), "--pool", str(d / "pool"), "--out", str(tmp_path), "--steps", "2",
+               "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8", "--eval-every", "0",
+               "--save-every", "100", "--pasta-weight", "0.1", "--actor"])
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert math.isfinite(m["pasta"]) and m["pasta"] > 0 and math.isfinite(m["action"]) and 0 <= m["action"] <= 1
+        assert m["curriculum_events"] == []
+    rollouts = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    assert len(rollouts) == 8 and all(r["action"] is not None for r in rollouts)  # synthetic pairs have poses
+
+
+def hatch_grad_of_pasta(d, weight):
+    """Vision-tower gradients of one train_on call whose GRPO part is exactly zero (equal rewards, no KL)."""
+    model, tok, ip = grpo.load_policy(str(d / "tiny"))
+    pairs = [p for p in make_tasks.load_pairs(str(d / "pool"), "train")]
+    rng = np.random.default_rng(0)
+    samples = []
+    for pair in pairs[:2]:
+        task, images = grpo.task_for_pair(pair, str(d / "pool"), "L1", "sparse", rng, 320, actor=True)
+        enc = grpo.encode(tok, ip, task["prompt"], images)
+        samples += [dict(enc=enc, task=task, token_ids=[20, 21, 22], logprobs=[0.0] * 3, reward=1.0)] * 2
+    args = argparse.Namespace(group_size=2, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.0,
+                              clip_eps=0.2, ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=weight,
+                              pasta_grid=4, pasta_layer=0, pasta_tau=0.1, pool=str(d / "pool"))
+    model.train()
+    stats, _ = grpo.train_on(samples, model, None, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False),
+                             {p["pair_id"]: p for p in pairs})
+    grads = [p.grad for p in model.model.visual.blocks[0].parameters()]
+    return [0.0 if g is None else float(g.abs().sum()) for g in grads], stats
+
+
+def test_hatch_pasta_term_reaches_vision_tower(hatch_grpo_env):
+    on, stats = hatch_grad_of_pasta(hatch_grpo_env, 0.1)
+    assert all(g > 0 for g in on) and stats["pasta_sum"] > 0 and stats["pasta_acc_n"] >= 1
+    off, stats = hatch_grad_of_pasta(hatch_grpo_env, 0.0)
+    assert all(g == 0 for g in off) and stats["pasta_sum"] == 0  # zero advantages: GRPO alone gives no gradient
+
+
+def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, tmp_path):
+    """The PaStA term is normalised by the GLOBAL prompt count and runs through the FSDP2-registered method."""
+    d, here = hatch_grpo_env, os.path.dirname(os.path.abspath(__file__))
+    common = ["--model", str(d / "tiny"), "--pool", str(d / "pool"), "--eval-every", "0", "--group-size", "2",
+              "--prompts-per-step", "2", "--max-new-tokens", "8", "--toy-reward", "--kl-beta", "0.1", "--steps", "1",
+              "--pasta-weight", "0.5", "--actor"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "a"),
+                    "--micro-batch", "1", "--debug-grad-dump", str(tmp_path / "g1.pt")],
+                   check=True, cwd=here, env=env, capture_output=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+                    os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "b"), "--micro-batch", "8",
+                    "--debug-grad-dump", str(tmp_path / "g2.pt")], check=True, cwd=here, env=env, capture_output=True)
+    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    vision = [n for n in g1 if "visual.blocks.0." in n]
+    assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n

@@ -4,7 +4,7 @@ checkpoint, so the whole pipeline (GRPO, evaluation) runs on a laptop CPU in min
 
 Usage:
     python tiny_model.py --out demo_data/tiny-qwen3vl                      # random model, no data needed
-    python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool          # + format warm-up (100 steps, ~1 min)
+    python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool          # + format warm-up (500 steps, ~1 min)
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --warmup-steps 0   # skip the warm-up
 
 What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` / from_pretrained just work):
@@ -12,8 +12,10 @@ What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` 
                                       head_dim 16, mrope [2,3,3]; vision: depth 2, hidden 32, patch 16, merge 2
                                       (~0.3 M parameters, < 2 MB)
     tokenizer.json + tokenizer_config.json + chat_template.jinja
-                                      byte-level BPE (vocab <= 2048, ~900 here) trained offline on a small corpus (the answer
-                                      grammar, prompts, digits and letters) with Qwen's chat special tokens
+                                      byte-level BPE (vocab <= 2048, ~1000 here) trained offline on a small corpus (the
+                                      answer grammar, prompts, ActoR action blocks, digits and letters); GPT-2's
+                                      pre-tokenizer split plus "\n<i>:" and the tags as whole pieces, so an answer line
+                                      is 2 tokens ("\n3:", " C"); with Qwen's chat special tokens
                                       (<|im_start|> <|im_end|> <|endoftext|> <|vision_start|> <|image_pad|> ...)
                                       and a Qwen-style chat template (one <|image_pad|> per image, expanded later)
     preprocessor_config.json          Qwen2VLImageProcessorPil (works without torchvision), patch 16, merge 2,
@@ -22,10 +24,15 @@ What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` 
     args.json                         the arguments of this run
 
 The optional warm-up is supervised fine-tuning on well-formed answers with RANDOM mappings
-(reward.format_answer) for prompts built by make_tasks from the pool's train split. It teaches the answer
-format only (the mapping is noise), so the GRPO demo starts with a high format rate and the match reward is
-what GRPO has to learn. Not in the paper: the paper starts from Qwen3-VL-8B-Instruct, which already follows the
-format; this is only the demo's stand-in for that.
+(reward.format_answer) for prompts drawn online by make_tasks from the pool's train split (n in [--n-min,
+--n-max] as grpo.py; a buffer of 32 tasks, 2 replaced by fresh ones every step). The loss is on the answer tokens
+only, and at each label position its target is the uniform distribution over the task's m labels + none (the
+expected loss of random mappings, without the noise), so the model learns the line count n and the label range m
+from the prompt and nothing about which label is right. The vision tower is frozen during it (the format does not
+depend on the pixels). lr: 10-step warm-up, cosine to 10%. It ends by printing the format rate on fresh test-split
+tasks ("warm-up: format rate 0.9 (sampled), 1.0 (greedy) ..."; random model: 0.0), so the GRPO demo starts with a
+high format rate and the match reward is what GRPO has to learn. Not in the paper: the paper starts from
+Qwen3-VL-8B-Instruct, which already follows the format; this is only the demo's stand-in for that.
 """
 import argparse
 import json
@@ -36,7 +43,7 @@ import time
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -80,6 +87,7 @@ def tokenizer_corpus(seed=0):
         "Image 1 Image 2 point points match matches none visible occluded left right top bottom",
         reward.ANSWER_INSTRUCTIONS,
         *[make_tasks.build_prompt(n, m) for n, m in ((3, 5), (4, 12), (12, 26), (7, 9))],
+        make_tasks.build_prompt(4, 6, actor=True), "user assistant system",
         " ".join(str(i) for i in range(100)),
         " ".join(reward.y_labels_for(60)),
         "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()[]<>/-=+*'\"",
@@ -88,12 +96,24 @@ def tokenizer_corpus(seed=0):
         n, m = rng.randint(1, 20), rng.randint(1, 26)
         labels = reward.y_labels_for(m) + [None]
         lines.append(reward.format_answer({i + 1: rng.choice(labels) for i in range(n)}))
+    for _ in range(100):  # ActoR action blocks (make_tasks.py --actor)
+        a = {k: rng.randrange(-12, 13) * 15 for k in ("yaw", "pitch", "roll")}
+        lines.append(reward.format_actions(dict(a, pitch=max(-90, min(90, a["pitch"])),
+                                                move=rng.choice(("forward", "back", "left", "right", "up", "down")))))
     return lines
+
+
+# GPT-2's pre-tokenizer regex plus two pieces of the answer grammar kept whole, so BPE can make an answer line
+# two tokens ("\n3:", " C") and the tags one token each: the sampled answer of the tiny model then has few places
+# to go wrong.
+PRETOKENIZE = (r"\n?</?[a-z]+>|\n[0-9]+:|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|"
+               r"\s+")
 
 
 def build_tokenizer(vocab_size=2048):
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -137,44 +157,118 @@ def build_model(tokenizer, seed=0):
 # Optional format warm-up (supervised, random mappings)
 
 
-def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_side, n_range, seed, n_tasks=24):
-    """SFT on answers in the grammar with random mappings: prompts from a fixed set of n_tasks pool tasks (drawn
-    once; building tasks costs more than this tiny model's step), a fresh random answer per use."""
+def answer_tokens(tokenizer, task, rng):
+    """A random well-formed answer for the task -> (token ids ending in <|im_end|>, the set of valid label token
+    ids at each position: None where the token is fixed by the grammar)."""
+    labels = list(task["y_labels"]) + [None]
+    text = reward.format_answer({i + 1: labels[rng.integers(len(labels))] for i in range(task["n"])})
+    ids = tokenizer(text + "<|im_end|>", add_special_tokens=False).input_ids
+    valid = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + ("none" if lab is None else lab)))
+             for lab in labels]
+    label_ids = {v[0] for v in valid if len(v) == 1}
+    if len(label_ids) < len(labels):  # a label that is not one token: plain one-hot targets
+        return ids, [None] * len(ids)
+    line_start = set(tokenizer.convert_tokens_to_ids([tokenizer.tokenize(f"\n{i + 1}:")[0]
+                                                      for i in range(task["n"])]))
+    return ids, [label_ids if k > 0 and ids[k - 1] in line_start else None for k in range(len(ids))]
+
+
+def answer_loss(model, batch, soft):
+    """Token-mean cross-entropy of the answer tokens where each label position's target is the UNIFORM
+    distribution over the task's valid labels (the expectation of the random-mapping loss, without its noise) and
+    every other position's target is its token. soft: per sample, per completion token, None or a set of ids."""
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                      image_grid_thw=batch["image_grid_thw"], use_cache=False)
+    h = out.last_hidden_state                                                                      # (B, L, H)
+    B, L, H = h.shape
+    T = int(batch["comp_len"].max())
+    pos = (batch["comp_start"][:, None] - 1 + torch.arange(T)[None]).clamp(max=L - 2)             # (B, T)
+    logp = torch.log_softmax(model.lm_head(h.gather(1, pos[..., None].expand(B, T, H))).float(), -1)  # (B, T, V)
+    q = torch.zeros_like(logp)                                                                     # (B, T, V)
+    q.scatter_(2, batch["input_ids"].gather(1, pos + 1)[..., None], 1.0)  # one-hot: the token itself
+    for b, per_token in enumerate(soft):
+        for k, ids in enumerate(per_token):
+            if ids is not None:
+                q[b, k] = 0.0
+                q[b, k, sorted(ids)] = 1.0 / len(ids)
+    return -((q * logp).sum(-1) * batch["mask"]).sum() / batch["mask"].sum()
+
+
+def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_side, n_range, seed, buffer=32,
+           fresh=2):
+    """SFT on well-formed answers with RANDOM mappings (answer_loss: uniform targets over the valid labels), so
+    the model learns the format and the label range, and nothing about which label is right. Prompts come from a
+    buffer of `buffer` train tasks of which `fresh` are replaced by newly drawn ones every step (drawing a task
+    costs about as much as this tiny model's step), so the model sees many (n, m, image) combinations instead of
+    memorising a few prompts. lr: 10-step linear warm-up, then cosine decay to 10%."""
     import grpo  # model plumbing (encode, tasks from the pool, chunked log-probs) lives there
-    pairs = [p for p in grpo.read_pairs(pool_dir) if p["split"] == "train"]
-    if not pairs:
-        sys.exit(f"tiny_model.py: error: {pool_dir}/pairs.jsonl has no train pairs")
     rng = np.random.default_rng(seed)
-    prompts, tries = [], 0
-    while len(prompts) < n_tasks and tries < 20 * n_tasks:
-        tries += 1
-        level, spatial = rng.choice(make_tasks.LEVELS), rng.choice(make_tasks.SPATIAL)
-        try:
-            task, images = grpo.task_for_pair(pairs[tries % len(pairs)], pool_dir, level, spatial, rng, max_side,
-                                              n_range)
-        except make_tasks.TaskUnavailable:
-            continue
-        prompts.append((task, grpo.encode(tokenizer, image_processor, task["prompt"], images)))
+
+    def draw(k):
+        return [(task, grpo.encode(tokenizer, image_processor, task["prompt"], images))
+                for task, images in draw_tasks(pool_dir, "train", k, rng, max_side, n_range)]
+    prompts = draw(buffer)
     if not prompts:
-        sys.exit(f"tiny_model.py: error: no pair in {pool_dir} can supply a task")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        sys.exit(f"tiny_model.py: error: no train pair in {pool_dir} can supply a task")
+    # the format does not depend on what the images show: the vision tower stays random (and skips its backward)
+    model.model.visual.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / 10, 0.1 + 0.45 * (1 + np.cos(np.pi * s / max(1, steps)))))
     model.train()
     for step in range(steps):
-        samples = []
+        for new in draw(fresh):
+            prompts[int(rng.integers(len(prompts)))] = new
+        samples, soft = [], []
         for k in rng.integers(len(prompts), size=batch):
             task, enc = prompts[k]
-            labels = list(task["y_labels"]) + [None]
-            answer = reward.format_answer({i + 1: labels[rng.integers(len(labels))] for i in range(task["n"])})
-            samples.append(dict(enc=enc, token_ids=tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids))
-        b = grpo.collate_samples(samples, tokenizer.pad_token_id, "cpu")
-        logp = grpo.completion_logprobs(model, b, 1.0)                                             # (B, T)
-        loss = -(logp * b["mask"]).sum() / b["mask"].sum()  # token-mean cross-entropy of the answers
+            ids, valid = answer_tokens(tokenizer, task, rng)
+            samples.append(dict(enc=enc, token_ids=ids))
+            soft.append(valid)
+        loss = answer_loss(model, grpo.collate_samples(samples, tokenizer.pad_token_id, "cpu"), soft)
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == steps - 1:
-            print(f"warm-up step {step:4d} | loss {loss.item():.3f}")
+        if step % 50 == 0 or step == steps - 1:
+            print(f"warm-up step {step:4d} | loss {loss.item():.3f} | lr {sched.get_last_lr()[0]:.1e}")
+    model.model.visual.requires_grad_(True)
     model.eval()
+
+def draw_tasks(pool_dir, split, k, rng, max_side, n_range):
+    """k random tasks (any level / spatial mode) from the pool's split -> [(task, [img1, img2])]."""
+    import grpo
+    pairs = make_tasks.load_pairs(pool_dir, split)
+    if not pairs:
+        sys.exit(f"tiny_model.py: error: {pool_dir}/pairs.jsonl has no {split} pairs")
+    out = []
+    for _ in range(50 * k):
+        if len(out) == k:
+            break
+        level, spatial = rng.choice(make_tasks.LEVELS), rng.choice(make_tasks.SPATIAL)
+        try:
+            out.append(grpo.task_for_pair(pairs[rng.integers(len(pairs))], pool_dir, level, spatial, rng, max_side,
+                                          n_range))
+        except make_tasks.TaskUnavailable:
+            continue
+    return out
+
+
+@torch.no_grad()
+def format_rate(model, tokenizer, image_processor, tasks, group_size=4, max_new_tokens=48):
+    """Share of well-formed answers (reward format 1) -> (sampled at temperature 1, group_size per task, greedy)."""
+    import grpo
+    encs = [grpo.encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in tasks]
+    model.eval()
+    rates = []
+    for greedy in (False, True):
+        outs = grpo.generate(model, tokenizer, encs, max_new_tokens, 1.0, greedy=greedy,
+                             group_size=1 if greedy else group_size)
+        per = 1 if greedy else group_size
+        rates.append(float(np.mean([reward.score(o["text"], tasks[i // per][0])["format"]
+                                    for i, o in enumerate(outs)])))
+    return tuple(rates)
 
 # -----------------------------------------------------------------------------
 
@@ -183,12 +277,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_data/tiny-qwen3vl", help="output directory (save_pretrained)")
     ap.add_argument("--pool", default=None, help="pool dir for the optional format warm-up (needs pairs.jsonl)")
-    ap.add_argument("--warmup-steps", type=int, default=100, help="SFT steps on random well-formed answers (with --pool)")
-    ap.add_argument("--warmup-batch", type=int, default=4)
+    ap.add_argument("--warmup-steps", type=int, default=500,
+                    help="SFT steps on random well-formed answers (with --pool)")
+    ap.add_argument("--warmup-batch", type=int, default=8)
     ap.add_argument("--warmup-lr", type=float, default=3e-3)
     ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images (as grpo.py)")
     ap.add_argument("--n-min", type=int, default=3, help="points in image 1 (as grpo.py's --n-min/--n-max)")
     ap.add_argument("--n-max", type=int, default=5)
+    ap.add_argument("--format-tasks", type=int, default=16, help="fresh tasks to measure the format rate on (0: skip)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -202,6 +298,14 @@ def main(argv=None):
     if args.pool is not None and args.warmup_steps > 0:
         warmup(model, tokenizer, image_processor, args.pool, args.warmup_steps, args.warmup_batch,
                args.warmup_lr, args.max_side, (args.n_min, args.n_max), args.seed)
+        if args.format_tasks > 0:  # held-out tasks (test split, another seed), as grpo.py samples them
+            split = "test" if make_tasks.load_pairs(args.pool, "test") else "train"
+            tasks = draw_tasks(args.pool, split, args.format_tasks, np.random.default_rng(args.seed + 1),
+                               args.max_side, (args.n_min, args.n_max))
+            torch.manual_seed(args.seed)
+            sampled, greedy = format_rate(model, tokenizer, image_processor, tasks)
+            print(f"warm-up: format rate {sampled:.2f} (sampled), {greedy:.2f} (greedy) on {len(tasks)} fresh "
+                  f"{split} tasks")
 
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
