@@ -195,7 +195,8 @@ def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0,
     # 1) prefill everything but the last prompt token once per prompt (vision tower + prompt attention)
     inner.rope_deltas = None
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True,
+                logits_to_keep=1)  # only the cache is wanted: no (B, L, V) logits (GBs at a 151k vocabulary)
     cache = out.past_key_values
     cache.batch_repeat_interleave(G)                                                               # (B*G, ...)
     inner.rope_deltas = inner.rope_deltas.repeat_interleave(G, 0)                                  # (B*G, 1)
