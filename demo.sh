@@ -19,8 +19,10 @@ step "2/6 build the verified correspondence pool"
 $PY build_pool.py --scannet demo_data/scannet --colmap demo_data/colmap --co3d demo_data/co3d --out pool
 
 step "3/6 make matching tasks (test split for evaluation, train split for inspection)"
-$PY make_tasks.py --pool pool --out tasks --split test
-$PY make_tasks.py --pool pool --out tasks --split train
+# 3-5 points per task: the range the tiny model is warmed up and trained on (grpo.py's CPU default); the
+# benchmark's own default is 4-12 (drop the two flags for real models).
+$PY make_tasks.py --pool pool --out tasks --split test --n-min 3 --n-max 5
+$PY make_tasks.py --pool pool --out tasks --split train --n-min 3 --n-max 5
 
 step "4/6 build the tiny Qwen3-VL and teach it the answer format (random mappings)"
 $PY tiny_model.py --out demo_data/tiny-qwen3vl --pool pool
