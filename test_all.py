@@ -1,0 +1,2085 @@
+"""
+test_all.py: widematch's tests, fast, on CPU. Run: python -m pytest -q test_all.py
+
+Every stage is tested on what we build ourselves: the synthetic scenes of synthetic.py written in the real
+dataset layouts, the pool build_pool.py makes from them, and a tiny randomly initialised Qwen3-VL from
+tiny_model.py. Sections follow the pipeline: synthetic data, pool, tasks + reward + curriculum, GRPO,
+evaluation, HATCH, benchmark checks. Assertions check behaviour (geometry, exact scores, equal gradients,
+identical resumed runs), never timings.
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+
+import cv2
+import numpy as np
+import pycolmap
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import build_pool
+import curriculum
+import evaluate
+import grpo
+import make_tasks
+import pasta
+import reward
+import synthetic
+import tiny_model
+
+
+# ==============================================================================
+# synthetic.py: the renderer and the dataset layouts it writes
+# ==============================================================================
+
+@pytest.fixture(scope="module")
+def synthetic_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.main(["--out", str(out), "--scenes", "2", "--frames", "3", "--seed", "5", "--image-scale", "0.5"])
+    return str(out)
+
+
+def _synthetic_read_sens(path):
+    """Independent minimal .sens reader (layout of ScanNet's SensorData.py, version 4)."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    off = 0
+
+    def take(fmt):
+        nonlocal off
+        vals = struct.unpack_from(fmt, buf, off)
+        off += struct.calcsize(fmt)
+        return vals
+
+    hdr = {}
+    (hdr["version"],) = take("<I")
+    (n,) = take("<Q")
+    hdr["sensor"] = buf[off:off + n]
+    off += n
+    for key in ("intrinsic_color", "extrinsic_color", "intrinsic_depth", "extrinsic_depth"):
+        hdr[key] = np.array(take("<16f")).reshape(4, 4)
+    hdr["color_comp"], hdr["depth_comp"] = take("<ii")
+    hdr["wc"], hdr["hc"], hdr["wd"], hdr["hd"] = take("<IIII")
+    (hdr["shift"],) = take("<f")
+    (nf,) = take("<Q")
+    frames = []
+    for _ in range(nf):
+        pose = np.array(take("<16f")).reshape(4, 4)
+        _, _, nc, nd = take("<QQQQ")
+        jpg = buf[off:off + nc]
+        off += nc
+        dep = buf[off:off + nd]
+        off += nd
+        frames.append((pose, jpg, dep))
+    (n_imu,) = take("<Q")
+    assert off == len(buf), "trailing bytes after the IMU count"
+    return hdr, frames, n_imu
+
+
+def _synthetic_scenes(out, layout):
+    return [s for s in synthetic.load_meta(out)["scenes"] if s["layout"] == layout]
+
+
+def test_synthetic_layout_and_meta(synthetic_out):
+    meta = synthetic.load_meta(synthetic_out)
+    assert sorted({s["layout"] for s in meta["scenes"]}) == ["co3d", "colmap", "scannet"]
+    for layout in ("scannet", "colmap", "co3d"):
+        scenes = _synthetic_scenes(synthetic_out, layout)
+        assert len(scenes) == 2 and scenes[0]["seed"] != scenes[1]["seed"]
+    for sc in meta["scenes"]:
+        for fr in sc["frames"]:
+            assert os.path.isfile(os.path.join(synthetic_out, fr["image"]))
+            found_sc, found_fr = synthetic.find_frame(meta, os.path.join(synthetic_out, fr["image"]))
+            assert found_sc["name"] == sc["name"] and found_fr["image"] == fr["image"]
+    assert json.load(open(os.path.join(synthetic_out, "args.json")))["frames"] == 3
+
+
+def test_synthetic_raycast_matches_render():
+    scene = synthetic.make_scene(3, "indoor")
+    T = synthetic.make_trajectory(scene, 4, 3)[1]
+    K = np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
+    rgb, depth = synthetic.render(scene, K, T, 64, 48)
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8 and rgb.std() > 10
+    assert np.isfinite(depth).all()  # a closed room: every ray hits
+    ys, xs = np.mgrid[0:48:7, 0:64:9]
+    d = (np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], 1) @ np.linalg.inv(K).T) @ T[:3, :3].T
+    o = np.broadcast_to(T[:3, 3], d.shape)
+    t = synthetic.raycast(scene, o, d)
+    np.testing.assert_allclose(t, depth[ys.ravel(), xs.ravel()], rtol=1e-5)  # z = 1 dirs: t is z-depth
+    t_unit = synthetic.raycast(scene, o, d / np.linalg.norm(d, axis=1, keepdims=True))
+    np.testing.assert_allclose(t_unit, t * np.linalg.norm(d, axis=1), rtol=1e-6)  # t is along the given dirs
+    out = synthetic.raycast(synthetic.make_scene(3, "outdoor"), [[0, 0, 2.0]], [[0, 0, 1.0]])
+    assert np.isinf(out[0])  # sky
+
+
+def test_synthetic_scannet_depth_roundtrip(synthetic_out):
+    for sc in _synthetic_scenes(synthetic_out, "scannet"):
+        scene = synthetic.make_scene(sc["seed"], sc["kind"])
+        root = os.path.join(synthetic_out, sc["path"])
+        Kc = np.loadtxt(os.path.join(root, "intrinsic", "intrinsic_color.txt"))[:3, :3]
+        Kd = np.loadtxt(os.path.join(root, "intrinsic", "intrinsic_depth.txt"))[:3, :3]
+        for i, fr in enumerate(sc["frames"]):
+            color = cv2.imread(os.path.join(root, "color", f"{i}.jpg"))
+            depth = cv2.imread(os.path.join(root, "depth", f"{i}.png"), cv2.IMREAD_UNCHANGED)
+            assert depth.dtype == np.uint16 and color.shape[:2] != depth.shape
+            assert color.shape[:2] == (fr["height"], fr["width"])
+            pose = np.loadtxt(os.path.join(root, "pose", f"{i}.txt"))
+            np.testing.assert_allclose(pose, fr["cam_to_world"], atol=1e-6)
+            np.testing.assert_allclose(Kc, fr["K"], atol=1e-6)
+            ref = synthetic.render_depth(scene, np.array(fr["K_depth"]), np.array(fr["cam_to_world"]),
+                                         depth.shape[1], depth.shape[0])
+            valid = depth > 0
+            assert valid.mean() > 0.99
+            assert np.abs(depth[valid] / 1000.0 - ref[valid]).max() <= 0.0005 + 1e-6
+            np.testing.assert_allclose(Kd, fr["K_depth"], atol=1e-6)
+
+
+def test_synthetic_sens_roundtrip(synthetic_out):
+    for sc in _synthetic_scenes(synthetic_out, "scannet"):
+        root = os.path.join(synthetic_out, sc["path"])
+        hdr, frames, n_imu = _synthetic_read_sens(os.path.join(synthetic_out, sc["sens"]))
+        assert hdr["version"] == 4 and hdr["color_comp"] == 2 and hdr["depth_comp"] == 1 and n_imu == 0
+        assert hdr["shift"] == 1000.0 and len(frames) == len(sc["frames"])
+        np.testing.assert_allclose(hdr["intrinsic_color"][:3, :3], sc["frames"][0]["K"], atol=1e-4)
+        np.testing.assert_allclose(hdr["extrinsic_depth"], np.eye(4))
+        for i, (pose, jpg, zdep) in enumerate(frames):
+            assert jpg == open(os.path.join(root, "color", f"{i}.jpg"), "rb").read()
+            np.testing.assert_array_equal(pose, np.array(sc["frames"][i]["cam_to_world"]))  # float32-exact
+            np.testing.assert_allclose(pose, np.loadtxt(os.path.join(root, "pose", f"{i}.txt")), atol=1e-6)
+            dep = np.frombuffer(zlib.decompress(zdep), np.uint16).reshape(hdr["hd"], hdr["wd"])
+            np.testing.assert_array_equal(dep, cv2.imread(os.path.join(root, "depth", f"{i}.png"),
+                                                          cv2.IMREAD_UNCHANGED))
+            img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+            assert img.shape == (hdr["hc"], hdr["wc"], 3)
+
+
+def test_synthetic_colmap_reprojection(synthetic_out):
+    for sc in _synthetic_scenes(synthetic_out, "colmap"):
+        scene = synthetic.make_scene(sc["seed"], sc["kind"])
+        rec = pycolmap.Reconstruction(os.path.join(synthetic_out, sc["path"], "sparse", "0"))
+        assert rec.num_images() == len(sc["frames"]) and rec.num_points3D() > 100
+        by_name = {os.path.basename(fr["image"]): fr for fr in sc["frames"]}
+        n_obs = 0
+        for image in rec.images.values():
+            fr = by_name[image.name]
+            assert os.path.isfile(os.path.join(synthetic_out, sc["path"], "images", image.name))
+            K = np.array(fr["K"])
+            Kc = rec.camera(image.camera_id).calibration_matrix()
+            np.testing.assert_allclose(Kc[:2, 2] - 0.5, K[:2, 2], atol=1e-9)  # COLMAP centre = OpenCV + 0.5
+            Rt = image.cam_from_world().matrix()
+            np.testing.assert_allclose(np.linalg.inv(np.array(fr["cam_to_world"]))[:3], Rt, atol=1e-9)
+            with_3d = [p for p in image.points2D if p.has_point3D()]
+            assert len(with_3d) < len(image.points2D)  # untriangulated features exist too
+            X = np.array([rec.point3D(p.point3D_id).xyz for p in with_3d])
+            xy = np.array([p.xy for p in with_3d])
+            xc = X @ Rt[:, :3].T + Rt[:, 3]
+            uv = xc[:, :2] / xc[:, 2:] @ K[:2, :2].T + K[:2, 2]
+            assert np.abs(uv - (xy - 0.5)).max() < 1e-3
+            c = np.array(fr["cam_to_world"])[:3, 3]
+            t = synthetic.raycast(scene, np.broadcast_to(c, X.shape), X - c)
+            assert np.abs(t - 1.0).max() < 1e-5  # the landmark is the first surface hit: not occluded
+            n_obs += len(with_3d)
+        assert n_obs > 100
+
+
+def test_synthetic_co3d_camera_convention(synthetic_out):
+    scenes = _synthetic_scenes(synthetic_out, "co3d")
+    cat_dir = os.path.dirname(os.path.join(synthetic_out, scenes[0]["path"]))
+    with gzip.open(os.path.join(cat_dir, "frame_annotations.jgz"), "rt") as f:
+        annos = json.load(f)
+    with gzip.open(os.path.join(cat_dir, "sequence_annotations.jgz"), "rt") as f:
+        assert len(json.load(f)) == len(scenes)
+    root = os.path.dirname(cat_dir)  # CO3D paths are relative to the dataset root
+    meta = synthetic.load_meta(synthetic_out)
+    rng = np.random.default_rng(0)
+    for a in annos:
+        sc, fr = synthetic.find_frame(meta, os.path.join("co3d", a["image"]["path"]))
+        scene = synthetic.make_scene(sc["seed"], sc["kind"])
+        H, W = a["image"]["size"]
+        vp = a["viewpoint"]
+        assert vp["intrinsics_format"] == "ndc_isotropic"
+        # independent NDC-isotropic -> OpenCV conversion (pytorch3d opencv_from_cameras_projection)
+        s = min(H, W) / 2.0
+        f = np.array(vp["focal_length"]) * s
+        c = -np.array(vp["principal_point"]) * s + np.array([W / 2.0, H / 2.0])
+        R, T = np.array(vp["R"]), np.array(vp["T"])
+        # a renderer point seen at OpenCV pixel (x, y) of this frame
+        x, y = float(rng.integers(10, W - 10)), float(rng.integers(10, H - 10))  # a pixel centre
+        K, c2w = np.array(fr["K"]), np.array(fr["cam_to_world"])
+        ray = c2w[:3, :3] @ np.linalg.inv(K) @ np.array([x, y, 1.0])
+        t = synthetic.raycast(scene, c2w[None, :3, 3], ray[None])[0]
+        X = c2w[:3, 3] + t * ray
+        # PyTorch3D: row vector X_view = X R + T, +X left, +Y up -> flip both to OpenCV x right, y down
+        Xv = X @ R + T
+        u = f[0] * (-Xv[0]) / Xv[2] + c[0]
+        v = f[1] * (-Xv[1]) / Xv[2] + c[1]
+        assert abs(u - x) < 1e-3 and abs(v - y) < 1e-3
+        # depth: float16 bits in a uint16 png, times scale_adjustment
+        png = cv2.imread(os.path.join(root, a["depth"]["path"]), cv2.IMREAD_UNCHANGED)
+        assert png.dtype == np.uint16 and png.shape == (H, W)
+        depth = png.view(np.float16).astype(np.float32) * a["depth"]["scale_adjustment"]
+        ys, xs = np.mgrid[0:H:5, 0:W:5]
+        rays = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], 1) @ (c2w[:3, :3] @ np.linalg.inv(K)).T
+        ref = synthetic.raycast(scene, np.broadcast_to(c2w[:3, 3], rays.shape), rays)  # z-depth: rays have z = 1
+        valid = cv2.imread(os.path.join(root, a["depth"]["mask_path"]), cv2.IMREAD_UNCHANGED)[ys, xs].ravel() > 0
+        np.testing.assert_array_equal(valid, np.isfinite(ref))
+        got = depth[ys, xs].ravel()
+        assert np.abs(got[valid] - ref[valid]).max() < 2e-3 * ref[valid].max()
+        assert abs(depth[int(y), int(x)] - Xv[2]) < 2e-3 * Xv[2]  # float16 precision
+        mask = cv2.imread(os.path.join(root, a["mask"]["path"]), cv2.IMREAD_UNCHANGED)
+        assert a["mask"]["mass"] == pytest.approx((mask > 0).sum()) and (mask > 0).any()
+
+
+def test_synthetic_rerun_removes_stale_frames(tmp_path):
+    out = str(tmp_path / "d")
+    synthetic.main(["--out", out, "--scenes", "1", "--frames", "3", "--layouts", "scannet", "--image-scale", "0.25"])
+    synthetic.main(["--out", out, "--scenes", "1", "--frames", "2", "--layouts", "scannet", "--image-scale", "0.25"])
+    assert sorted(os.listdir(os.path.join(out, "scannet", "scene0000_00", "color"))) == ["0.jpg", "1.jpg"]
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", out, "--layouts", "scannet,nope"])
+
+
+# ==============================================================================
+# build_pool.py: verified correspondences, overlap, distractors, split, bad input
+# ==============================================================================
+
+POOL_FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def pool_demo(tmp_path_factory):
+    """Synthetic data (2 scenes per layout) and one pool over all sources, built once for the module."""
+    root = tmp_path_factory.mktemp("pool_demo")
+    data, pool = str(root / "demo_data"), str(root / "pool")
+    synthetic.main(["--out", data, "--scenes", "2", "--frames", str(POOL_FRAMES)])
+    build_pool.main(["--scannet", f"{data}/scannet", "--colmap", f"{data}/colmap", "--co3d", f"{data}/co3d",
+                     "--out", pool, "--max-pairs-per-scene", "0", "--workers", "1"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    return dict(root=str(root), data=data, pool=pool, pairs=pairs, meta=synthetic.load_meta(data))
+
+
+def pool_load(pool, pair):
+    with np.load(os.path.join(pool, pair["npz"])) as z:
+        return {k: z[k] for k in z.files}
+
+
+def pool_surface_points(scene, frame, kp):
+    """Renderer ground truth: the first surface hit along the ray through each pixel."""
+    K, T = np.array(frame["K"]), np.array(frame["cam_to_world"])
+    rays = (np.c_[kp, np.ones(len(kp))] @ np.linalg.inv(K).T) @ T[:3, :3].T
+    t = synthetic.raycast(scene, np.broadcast_to(T[:3, 3], rays.shape).copy(), rays)
+    return T[:3, 3] + t[:, None] * rays, np.isfinite(t)
+
+
+def pool_project(frame, X):
+    K, T = np.array(frame["K"]), np.array(frame["cam_to_world"])
+    Xc = (X - T[:3, 3]) @ T[:3, :3]
+    z = Xc[:, 2]
+    p = (Xc @ K.T)[:, :2] / np.where(np.abs(z) > 1e-12, z, 1e-12)[:, None]
+    return p, z
+
+
+def pool_visible(scene, frame, X, tol=1e-3):
+    """Is each 3D point inside the image, in front of the camera and the first surface along its ray (up to a
+    relative distance tol)?"""
+    p, z = pool_project(frame, X)
+    w, h = frame["width"], frame["height"]
+    inside = (z > 0) & (p[:, 0] >= -0.5) & (p[:, 0] <= w - 0.5) & (p[:, 1] >= -0.5) & (p[:, 1] <= h - 0.5)
+    T = np.array(frame["cam_to_world"])
+    t = synthetic.raycast(scene, np.broadcast_to(T[:3, 3], X.shape).copy(), X - T[:3, 3])
+    return inside & (t >= 1 - tol)
+
+
+def pool_frame_meta(meta, data, pair, which):
+    sc, fr = synthetic.find_frame(meta, pair[f"image{which}"])
+    fr = dict(fr)
+    fr.setdefault("width", pair[f"width{which}"])
+    fr.setdefault("height", pair[f"height{which}"])
+    return sc, fr
+
+
+def test_pool_matches_reproject_and_distractors_invisible(pool_demo):
+    scenes = {}
+    worst, checked, n_dist = 0.0, 0, 0
+    for pair in pool_demo["pairs"]:
+        sc, f1 = pool_frame_meta(pool_demo["meta"], pool_demo["data"], pair, 1)
+        _, f2 = pool_frame_meta(pool_demo["meta"], pool_demo["data"], pair, 2)
+        key = (sc["seed"], sc["kind"])
+        scene = scenes.setdefault(key, synthetic.make_scene(*key))
+        a = pool_load(pool_demo["pool"], pair)
+        m = a["match"]
+        assert 10 <= (m >= 0).sum() <= 50
+        assert len(np.unique(m[m >= 0])) == (m >= 0).sum()
+        # every stored match: the surface point behind kp1 lands on kp2 within 1 px and is visible there
+        X1, hit = pool_surface_points(scene, f1, a["kp1"][m >= 0])
+        assert hit.all()
+        p2, _ = pool_project(f2, X1)
+        err = np.linalg.norm(p2 - a["kp2"][m[m >= 0]], axis=1)
+        worst = max(worst, err.max())
+        # visible in I2 up to the depth tolerance (a surface < 3% closer, e.g. at a contact seam, cannot be
+        # told apart from the point itself by a depth test)
+        assert pool_visible(scene, f2, X1, tol=0.03).all(), pair["pair_id"]
+        # no distractor of either side is visible in the other image
+        Xd1, hit1 = pool_surface_points(scene, f1, a["kp1"][m < 0])
+        assert hit1.all() and not pool_visible(scene, f2, Xd1).any(), pair["pair_id"]
+        free2 = np.setdiff1d(np.arange(len(a["kp2"])), m[m >= 0])
+        Xd2, hit2 = pool_surface_points(scene, f2, a["kp2"][free2])
+        assert hit2.all() and not pool_visible(scene, f1, Xd2).any(), pair["pair_id"]
+        # dense matches too (a sample keeps the test fast)
+        Xs, _ = pool_surface_points(scene, f1, a["dense1"][:100])
+        ps, _ = pool_project(f2, Xs)
+        assert np.linalg.norm(ps - a["dense2"][:100], axis=1).max() < 1.0
+        checked += int((m >= 0).sum())
+        n_dist += int((m < 0).sum() + len(free2))
+    assert worst < 1.0 and checked > 1000 and n_dist > 1000
+
+
+def test_pool_contract_fields_and_arrays(pool_demo):
+    pairs = pool_demo["pairs"]
+    assert {p["source"] for p in pairs} == {"scannet", "co3d", "colmap"}
+    types = {p["source"]: p["scene_type"] for p in pairs}
+    assert types == {"scannet": "indoor", "co3d": "object", "colmap": "outdoor"}
+    for p in pairs:
+        assert abs(p["overlap"] + p["delta_v"] - 1) < 1e-9 and 1 <= p["bin"] <= 10
+        a = pool_load(pool_demo["pool"], p)
+        n1, n2 = len(a["kp1"]), len(a["kp2"])
+        assert a["kp1"].dtype == np.float32 and a["match"].dtype == np.int32 and a["cluster2"].shape == (n2,)
+        assert a["cluster"].shape == (n1,) and a["dense1"].shape == a["dense2"].shape
+        assert p["n_matches"] == (a["match"] >= 0).sum() and p["n_dist1"] + p["n_matches"] == n1
+        assert p["n_dist2"] + p["n_matches"] == n2
+        for kp, w, h in ((a["kp1"], p["width1"], p["height1"]), (a["kp2"], p["width2"], p["height2"])):
+            assert (kp >= -0.5).all() and (kp[:, 0] <= w - 0.5).all() and (kp[:, 1] <= h - 0.5).all()
+        # the matched points of both images share cluster ids; distractors keep a few px from kept matches
+        m = a["match"]
+        assert np.array_equal(a["cluster"][m >= 0], a["cluster2"][m[m >= 0]])
+        d = np.linalg.norm(a["kp1"][m < 0][:, None] - a["kp1"][m >= 0][None], axis=2)
+        assert d.size == 0 or d.min() >= 6.0 - 1e-4
+        # R, t map camera 1 to camera 2 (checked against the renderer's poses)
+        _, f1 = pool_frame_meta(pool_demo["meta"], pool_demo["data"], p, 1)
+        _, f2 = pool_frame_meta(pool_demo["meta"], pool_demo["data"], p, 2)
+        T = np.linalg.inv(np.array(f2["cam_to_world"])) @ np.array(f1["cam_to_world"])
+        assert np.allclose(p["R"], T[:3, :3], atol=1e-5) and np.allclose(p["t"], T[:3, 3], atol=1e-4)
+    splits = {(p["source"], p["scene"]): p["split"] for p in pairs}
+    for src in ("scannet", "co3d", "colmap"):
+        assert {s for (so, _), s in splits.items() if so == src} == {"train", "test"}
+
+
+def test_pool_delta_v_spread_and_bins_per_source(pool_demo):
+    with open(os.path.join(pool_demo["pool"], "summary.json")) as f:
+        summary = json.load(f)
+    for src in ("scannet", "co3d", "colmap"):
+        dv = np.array([p["delta_v"] for p in pool_demo["pairs"] if p["source"] == src])
+        assert dv.min() < 0.3 and dv.max() > 0.8, (src, dv.min(), dv.max())
+        bins = np.array([p["bin"] for p in pool_demo["pairs"] if p["source"] == src])
+        order = np.argsort(dv, kind="stable")
+        assert (np.diff(bins[order]) >= 0).all()  # bins follow delta_v within a source
+        assert set(bins) == set(range(1, 11))
+        assert summary["sources"][src]["pairs"] == len(dv)
+    assert summary["pairs"] == len(pool_demo["pairs"]) and summary["pairs_per_second"] > 0
+
+
+def test_pool_omega_decreases_as_camera_moves_away(pool_demo):
+    entry = next(e for e in pool_demo["meta"]["scenes"] if e["layout"] == "scannet")
+    scene = build_pool.ScanNetExported(os.path.join(pool_demo["data"], entry["path"]))
+    params = dict(depth_step=2, depth_rel_tol=0.03, occlusion_margin=0.1, photo_check=True, photo_tol=1.0)
+    f0 = scene.load("0")
+    omegas = [build_pool.match_rgbd(f0, scene.load(str(k)), params)["omega"] for k in range(0, 5)]
+    assert omegas[0] > 0.97  # a frame against itself
+    assert omegas[0] > omegas[1] > omegas[2] >= omegas[3] >= omegas[4], omegas
+
+
+def test_pool_match_rgbd_on_rendered_frames():
+    """match_rgbd straight on renderer output: a sideways step keeps most pixels; turning away loses them."""
+    scene = synthetic.make_scene(3, "indoor")
+    K = np.array([[300.0, 0, 159.5], [0, 300.0, 119.5], [0, 0, 1]])
+    eye = np.array([2.0, 2.0, 1.4])
+
+    def frame(eye, yaw):
+        T = synthetic.look_at(eye, eye + np.array([np.cos(yaw), np.sin(yaw), -0.2]))
+        rgb, depth = synthetic.render(scene, K, T, 320, 240)
+        depth = np.where(np.isfinite(depth), depth, 0).astype(np.float32)
+        return build_pool.rgbd_frame("x", rgb, depth, K, K, T, None)
+
+    params = dict(depth_step=2, depth_rel_tol=0.03, occlusion_margin=0.1, photo_check=True, photo_tol=1.0)
+    a = frame(eye, 0.3)
+    om = [build_pool.match_rgbd(a, frame(eye, 0.3 + d), params)["omega"] for d in (0.0, 0.2, 0.5, 0.9, 3.1)]
+    assert om[0] > 0.97 and all(x > y for x, y in zip(om, om[1:])) and om[-1] < 0.05, om
+
+
+def test_pool_sens_equals_exported(pool_demo, tmp_path):
+    data = pool_demo["data"]
+    common = ["--max-pairs-per-scene", "20", "--workers", "1"]
+    build_pool.main(["--scannet", f"{data}/scannet", "--out", str(tmp_path / "a")] + common)
+    build_pool.main(["--scannet", f"{data}/scannet_sens", "--out", str(tmp_path / "b")] + common)
+    rows = []
+    for name in "ab":
+        with open(tmp_path / name / "pairs.jsonl") as f:
+            rows.append([json.loads(line) for line in f])
+    assert len(rows[0]) == len(rows[1]) > 0
+    for x, y in zip(*rows):
+        assert {k: v for k, v in x.items() if not k.startswith("image")} == \
+            {k: v for k, v in y.items() if not k.startswith("image")}
+        ax, ay = pool_load(str(tmp_path / "a"), x), pool_load(str(tmp_path / "b"), y)
+        assert all(np.array_equal(ax[k], ay[k]) for k in ax)
+        for k in ("image1", "image2"):  # .sens frames are written into the pool as their original bytes
+            assert not os.path.isabs(y[k])
+            with open(x[k], "rb") as f1, open(tmp_path / "b" / y[k], "rb") as f2:
+                assert f1.read() == f2.read()
+
+
+def test_pool_corrupt_files_are_skipped_and_counted(pool_demo, tmp_path, capsys):
+    src = os.path.join(pool_demo["data"], "scannet", "scene0000_00")
+    scene = tmp_path / "scannet" / "scene0000_00"
+    shutil.copytree(src, scene)
+    jpg = scene / "color" / "2.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])  # truncated JPEG
+    (scene / "depth" / "4.png").write_bytes(b"not a png at all")
+    pose = np.loadtxt(scene / "pose" / "6.txt")
+    pose[0, 0] = np.nan
+    np.savetxt(scene / "pose" / "6.txt", pose)
+    (scene / "depth" / "8.png").unlink()
+    out = tmp_path / "pool"
+    build_pool.main(["--scannet", str(tmp_path / "scannet"), "--out", str(out), "--max-pairs-per-scene", "0",
+                     "--workers", "1"])
+    err = capsys.readouterr().err
+    for bad in ("color/2.jpg", "depth/4.png", "pose/6.txt", "depth/8.png"):
+        assert bad in err
+    with open(out / "summary.json") as f:
+        s = json.load(f)
+    assert s["frames_skipped"] == {"corrupt image": 1, "corrupt depth": 1, "bad pose": 1, "missing depth": 1}
+    assert s["pairs_skipped"]["bad frame"] == 4 * (POOL_FRAMES - 1) - 6  # pairs touching any of the 4 frames
+    with open(out / "pairs.jsonl") as f:
+        used = {json.loads(line)[k] for line in f for k in ("frame1", "frame2")}
+    assert used and not used & {"2", "4", "6", "8"}
+
+
+def test_pool_colmap_missing_image_skipped(pool_demo, tmp_path, capsys):
+    scene = tmp_path / "plaza00"
+    shutil.copytree(os.path.join(pool_demo["data"], "colmap", "plaza00"), scene)
+    (scene / "images" / "000003.jpg").unlink()
+    build_pool.main(["--colmap", str(scene), "--colmap-source", "dl3dv", "--out", str(tmp_path / "pool"),
+                     "--workers", "1", "--max-pairs-per-scene", "0"])
+    assert "000003.jpg" in capsys.readouterr().err
+    with open(tmp_path / "pool" / "summary.json") as f:
+        s = json.load(f)
+    assert s["frames_skipped"] == {"missing image": 1} and "dl3dv" in s["sources"]
+
+
+def test_pool_bad_paths_exit_with_message(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        build_pool.main(["--scannet", str(tmp_path / "nope"), "--out", str(tmp_path / "pool")])
+    assert "does not exist" in str(e.value) and "--scannet" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        build_pool.main(["--co3d", str(tmp_path), "--out", str(tmp_path / "pool")])
+    assert "no co3d scenes" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        build_pool.main(["--re10k", str(tmp_path), "--out", str(tmp_path / "pool")])
+    assert "not implemented" in str(e.value)
+
+
+def test_pool_test_scenes_file_overrides_split(pool_demo, tmp_path):
+    f = tmp_path / "test_scenes.txt"
+    f.write_text("scene0001_00\n")
+    build_pool.main(["--scannet", f"{pool_demo['data']}/scannet", "--out", str(tmp_path / "p"),
+                     "--max-pairs-per-scene", "5", "--test-scenes", str(f), "--workers", "1"])
+    with open(tmp_path / "p" / "pairs.jsonl") as fh:
+        split = {(r["scene"], r["split"]) for r in map(json.loads, fh)}
+    assert split == {("scene0000_00", "train"), ("scene0001_00", "test")}
+
+
+def test_pool_ndc_to_opencv_matches_synthetic_writer():
+    rng = np.random.default_rng(0)
+    for w, h in ((360, 480), (640, 480)):
+        K = np.array([[410.0, 0, 170.3], [0, 405.0, 251.7], [0, 0, 1]])
+        T = synthetic.look_at(rng.normal(size=3) * 2, rng.normal(size=3) * 0.1)
+        vp = synthetic.opencv_to_co3d(K, T, w, h)
+        R_cw, t_cw, K2 = build_pool.ndc_to_opencv(vp["R"], vp["T"], vp["focal_length"], vp["principal_point"], (w, h))
+        assert np.allclose(K2, K) and np.allclose(build_pool.world_to_cam_to_world(R_cw, t_cw), T)
+
+
+def test_pool_uco3d_blob_decoding_and_depth_intrinsics():
+    R = np.arange(9, dtype=np.float32).reshape(3, 3)
+    assert np.array_equal(build_pool.unpack_floats(struct.pack("<9f", *R.ravel()), (3, 3)), R)
+    assert build_pool.unpack_floats(None) is None
+    K = np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])
+    Kd = build_pool.depth_intrinsics_from_colour(K, (640, 480), (320, 240))
+    # colour pixel (x, y) and depth pixel see the same ray: centres map as x_d = (x_c + 0.5) / 2 - 0.5
+    xc = np.array([0.0, 100.0, 639.0])
+    assert np.allclose((xc - K[0, 2]) / K[0, 0], (((xc + 0.5) / 2 - 0.5) - Kd[0, 2]) / Kd[0, 0])
+
+
+def test_pool_find_co3d_single_sequence(pool_demo):
+    cat = os.path.join(pool_demo["data"], "co3d", "synthobject")
+    with gzip.open(os.path.join(cat, "frame_annotations.jgz"), "rt") as f:
+        seqs = sorted({a["sequence_name"] for a in json.load(f)})
+    found = build_pool.find_co3d(os.path.join(cat, seqs[1]))
+    assert [s[1] for s in found] == [seqs[1]] and len(build_pool.find_co3d(cat)) == 2
+
+
+# ==============================================================================
+# reward.py, make_tasks.py, curriculum.py: grammar, scores, sampling invariants, drawing, curriculum
+# ==============================================================================
+
+TASKS_TASK = dict(task_id="t", n=4, m=6, target=["C", None, "A", "F"])
+TASKS_GOOD = "The red chair is at 1...\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>"
+
+
+def tasks_close(d, **expected):
+    for k, v in expected.items():
+        assert d[k] == pytest.approx(v), (k, d[k], v)
+
+
+def test_tasks_reward_good_and_tolerant_variants():
+    tasks_close(reward.score(TASKS_GOOD, TASKS_TASK), format=1, match=1, reward=2, precision=1, recall=1, f1=1)
+    variants = [
+        "<ANSWER>\n 4 -> f\n\n3 = a\n1 - c\n2: None\n</Answer>\n",          # order, case, separators
+        "<answer>1:C\n2:∅\n3 => A\n4. F</answer><|im_end|>",                 # compact, end token
+        "<answer>\n1 : C\n2 : no   match\n3 → A\n4:F\n</answer>  \n\n",     # spaces, "no match"
+    ]
+    for v in variants:
+        d = reward.score(v, TASKS_TASK)
+        assert d["parsed"] == {1: "C", 2: None, 3: "A", 4: "F"}, v
+        tasks_close(d, format=1, match=1, reward=2)
+
+
+def test_tasks_reward_wrong_and_partial():
+    # two right (1, 3), a false match on a none target (2), a wrong letter (4)
+    d = reward.score("<answer>\n1: C\n2: B\n3: A\n4: E\n</answer>", TASKS_TASK)
+    tasks_close(d, format=1, match=0.5, reward=1.5, precision=2 / 4, recall=2 / 3, f1=2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    # partial: points 2 and 4 missing -> format 0, missing count wrong (2's target none is NOT earned)
+    d = reward.score("<answer>\n1: C\n3: A\n</answer>", TASKS_TASK)
+    tasks_close(d, format=0, match=0.5, reward=0.5, precision=1, recall=2 / 3)
+    assert d["n_answered"] == 2 and not d["malformed"]
+    # empty block: partial with nothing answered
+    d = reward.score("<answer>\n</answer>", TASKS_TASK)
+    tasks_close(d, format=0, match=0, reward=0, precision=0, recall=0, f1=0)
+    # weights
+    d = reward.score("<answer>\n1: C\n2: B\n3: A\n4: E\n</answer>", TASKS_TASK, w_format=0.5, w_match=2.0)
+    tasks_close(d, reward=0.5 + 2 * 0.5)
+
+
+@pytest.mark.parametrize("text", [
+    "1: C\n2: none\n3: A\n4: F",                                                   # no block
+    "<answer>\n1: C\n2: none\n3: A\n4: F\n",                                       # unclosed
+    "<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>\nHope this helps",           # text after block
+    "<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>\n```",                        # fence after block
+    "<answer>\n1: C\n</answer>\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>",  # two blocks
+    "I will answer in <answer> tags.\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>",  # stray tag
+    "<answer>\n1: C\n2: none\n3: A\n4: F\n5: B\n</answer>",                        # index out of range
+    "<answer>\n0: C\n1: C\n2: none\n3: A\n4: F\n</answer>",                        # index 0
+    "<answer>\n1: C\n2: none\n3: A\n4: G\n</answer>",                              # label out of range (m=6)
+    "<answer>\n1: C\n2: none\n3: A\n4: F\n1: C\n</answer>",                        # answered twice
+    "<answer>\n1: C\n2: none\n3: A\n4: F (the lamp)\n</answer>",                   # extra words
+    "<answer>\n1: C, 2: none, 3: A, 4: F\n</answer>",                              # one line
+    "<answer>\n1: C\n2: 3\n3: A\n4: F\n</answer>",                                 # numeric label
+    "<answer>\n1 C\n2: none\n3: A\n4: F\n</answer>",                               # no separator
+    "</answer>\n1: C\n2: none\n3: A\n4: F\n<answer>",                              # reversed tags
+    "<answer>\n99999999999: C\n</answer>",                                         # huge index
+])
+def test_tasks_reward_malformed(text):
+    assert reward.parse_answer(text, 4, 6) is None
+    tasks_close(reward.score(text, TASKS_TASK), format=0, match=0, reward=0, precision=0, recall=0, f1=0)
+
+
+def test_tasks_reward_anti_hacking():
+    # all none: exactly the fraction of none targets (1 of 4), and no precision/recall
+    d = reward.score(reward.format_answer({i: None for i in range(1, 5)}), TASKS_TASK)
+    tasks_close(d, format=1, match=0.25, reward=1.25, precision=0, recall=0, f1=0)
+    # one letter repeated: right only where it is the target
+    d = reward.score(reward.format_answer({i: "A" for i in range(1, 5)}), TASKS_TASK)
+    tasks_close(d, format=1, match=0.25, precision=0.25, recall=1 / 3)
+    # every letter listed for point 1 (extra entries): malformed
+    spam = "<answer>\n" + "\n".join(f"1: {c}" for c in "ABCDEF") + "\n2: none\n3: A\n4: F\n</answer>"
+    tasks_close(reward.score(spam, TASKS_TASK), reward=0)
+    # huge reasoning before a perfect block: over max_chars -> malformed; under it -> full reward
+    long = "x" * (reward.MAX_CHARS + 1) + TASKS_GOOD
+    tasks_close(reward.score(long, TASKS_TASK), reward=0)
+    tasks_close(reward.score("x" * 1000 + TASKS_GOOD, TASKS_TASK, max_chars=2000), reward=2)
+    tasks_close(reward.score("x" * 1000 + TASKS_GOOD, TASKS_TASK, max_chars=1000), reward=0)
+    # all-none task: an all-none answer is perfect in every metric; one false match loses P/R/F1
+    none_task = dict(n=2, m=3, target=[None, None])
+    tasks_close(reward.score("<answer>\n1: none\n2: none\n</answer>", none_task), reward=2, precision=1,
+                recall=1, f1=1)
+    tasks_close(reward.score("<answer>\n1: none\n2: B\n</answer>", none_task), match=0.5, precision=0,
+                recall=0, f1=0)
+
+
+def test_tasks_reward_format_answer_roundtrip_and_labels():
+    assert reward.y_labels_for(28)[-3:] == ["Z", "AA", "AB"]
+    assert reward.x_labels_for(3) == ["1", "2", "3"]
+    rng = random.Random(0)
+    for _ in range(200):
+        n, m = rng.randint(1, 12), rng.randint(1, 30)
+        labels = reward.y_labels_for(m)
+        mapping = {i: rng.choice(labels + [None]) for i in range(1, n + 1)}
+        assert reward.parse_answer("reasoning\n" + reward.format_answer(mapping), n, m) == mapping
+        task = dict(n=n, m=m, target=[mapping[i] for i in range(1, n + 1)])
+        assert reward.score(reward.format_answer(mapping), task)["reward"] == 2.0
+
+
+def test_tasks_reward_fuzz():
+    rng = random.Random(1)
+    alphabet = list("0123456789ABCDEFabcdef:-=>.<>/ \n\t∅→") + ["<answer>", "</answer>", "none", "no match",
+                                                                  "<|im_end|>", "1: A\n", "\r\n", "\x00", "é"]
+    base = [TASKS_GOOD, reward.format_answer({1: "A", 2: None, 3: "B", 4: "C"}), "<answer>\n</answer>"]
+    t0, n_ok = time.time(), 0
+    for k in range(12000):
+        if k % 2:
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        else:  # mutate a good answer: delete / insert / replace a few characters
+            s = list(rng.choice(base))
+            for _ in range(rng.randint(1, 4)):
+                p = rng.randrange(len(s) + 1)
+                op = rng.random()
+                if op < 0.33 and p < len(s):
+                    del s[p]
+                elif op < 0.66:
+                    s.insert(p, rng.choice(alphabet))
+                elif p < len(s):
+                    s[p] = rng.choice(alphabet)
+            s = "".join(s)
+        d = reward.score(s, TASKS_TASK)
+        assert 0.0 <= d["reward"] <= 2.0 and 0.0 <= d["f1"] <= 1.0
+        assert (d["parsed"] is None) == d["malformed"]
+        n_ok += not d["malformed"]
+    assert 0 < n_ok < 12000  # the mutations produce both well-formed and malformed strings
+    # pathological sizes stay cheap (bounded by max_chars) and never raise
+    for s in [" " * 10**6, "<answer>" + " " * 30000 + "</answer>", "1" * 40000, "<answer>\n" + "1:" * 15000]:
+        assert reward.score(s, TASKS_TASK)["reward"] == 0.0
+    assert reward.parse_answer(None, 4, 6) is None and reward.parse_answer(b"<answer>", 4, 6) is None
+    print(f"fuzz took {time.time() - t0:.2f}s")
+
+# -----------------------------------------------------------------------------
+# make_tasks.py
+
+
+def tasks_fake_arrays(seed=0, n_match=30, n_un1=10, n_un2=10, n_dense=300, w=640, h=480):
+    """A pool pair like build_pool.py writes: one pool match per cluster, distractors take the nearest match's
+    cluster, dense matches under a known affine map image 1 -> image 2."""
+    rng = np.random.default_rng(seed)
+    A, b = np.array([[0.9, 0.05], [0.05, 0.9]]), np.array([20.0, 20.0])  # keeps kp2 inside image 2
+    kp1 = rng.uniform([5, 5], [w - 6, h - 6], (n_match + n_un1, 2))
+    kp2 = np.concatenate([rng.uniform([5, 5], [w - 6, h - 6], (n_un2, 2)), kp1[:n_match] @ A.T + b])
+    match = np.full(n_match + n_un1, -1, np.int32)
+    match[:n_match] = n_un2 + np.arange(n_match)
+    cluster = np.concatenate([np.arange(n_match), make_tasks._nearest(kp1[n_match:], kp1[:n_match])])
+    cluster2 = np.concatenate([make_tasks._nearest(kp2[:n_un2], kp2[n_un2:]), np.arange(n_match)])
+    d1 = rng.uniform([5, 5], [w - 6, h - 6], (n_dense, 2))
+    return dict(kp1=kp1.astype(np.float32), kp2=kp2.astype(np.float32), match=match,
+                cluster=cluster.astype(np.int32), cluster2=cluster2.astype(np.int32),
+                dense1=d1.astype(np.float32), dense2=(d1 @ A.T + b).astype(np.float32))
+
+
+def tasks_lookup(arrays, side, idx):
+    """A sample's point id -> (point, partner id in the other image or None)."""
+    kp, dense = arrays[f"kp{side}"], arrays[f"dense{side}"]
+    if idx >= len(kp):
+        return dense[idx - len(kp)], idx - len(kp) + len(arrays["kp" + str(3 - side)])
+    if side == 1:
+        j = int(arrays["match"][idx])
+        return kp[idx], (j if j >= 0 else None)
+    rows = np.flatnonzero(arrays["match"] == idx)
+    return kp[idx], (int(rows[0]) if len(rows) else None)
+
+
+def tasks_check_sample(arrays, s, min_sep, per_cluster=3):
+    """The invariants every sample must satisfy, checked against the arrays themselves."""
+    n, m, target = s["n"], s["m"], s["target"]
+    assert s["x_labels"] == [str(i + 1) for i in range(n)] and len(s["x_points"]) == n
+    assert s["y_labels"] == reward.y_labels_for(m) and len(s["y_points"]) == m
+    assert len(set(s["x_idx"])) == n and len(set(s["y_idx"])) == m
+    for pts in (s["x_points"], s["y_points"]):  # min separation in each image
+        P = np.asarray(pts)
+        d = np.sqrt(((P[:, None] - P[None]) ** 2).sum(-1)) + np.eye(len(P)) * 1e9
+        assert d.min() >= min_sep - 1e-6
+    y_of = dict(zip(s["y_labels"], s["y_idx"]))
+    for i, (xi, t) in enumerate(zip(s["x_idx"], target)):
+        p, partner = tasks_lookup(arrays, 1, xi)
+        assert np.allclose(p, s["x_points"][i])
+        if t is None:  # a none target is a verified distractor of image 1
+            assert xi < len(arrays["kp1"]) and arrays["match"][xi] == -1
+        else:
+            assert y_of[t] == partner
+    matched_y = {y_of[t] for t in target if t is not None}
+    assert len(matched_y) == sum(t is not None for t in target)  # one-to-one ground truth
+    for yj in set(s["y_idx"]) - matched_y:  # distractor of image 2: verified, or partner of a far, unused kp1
+        assert yj < len(arrays["kp2"])
+        _, partner = tasks_lookup(arrays, 2, yj)
+        if partner is not None:
+            assert partner not in s["x_idx"]
+            gap = np.sqrt(((np.asarray(s["x_points"]) - arrays["kp1"][partner]) ** 2).sum(-1)).min()
+            assert gap >= min_sep - 1e-6
+    level = s["level"]
+    n_none = sum(t is None for t in target)
+    if level == "L1":
+        assert n_none == 0 and m == n
+    elif level == "L2":
+        assert n_none == 0 and m > n
+    else:
+        assert 1 <= n_none <= n - 1 and m > n - n_none
+        assert np.ceil(0.25 * n) <= n_none <= max(np.ceil(0.25 * n), np.floor(0.5 * n))
+    if s["spatial"] == "sparse":  # pool points only, one per cluster in each image
+        assert all(i < len(arrays["kp1"]) for i in s["x_idx"]) and all(j < len(arrays["kp2"]) for j in s["y_idx"])
+        assert len(set(s["x_cluster"])) == n and len(set(s["y_cluster"])) == m
+        assert s["x_cluster"] == [int(arrays["cluster"][i]) for i in s["x_idx"]]
+        assert s["y_cluster"] == [int(arrays["cluster2"][j]) for j in s["y_idx"]]
+    elif s["spatial"] == "moderate":
+        assert max(Counter(s["x_cluster"]).values()) <= per_cluster
+
+
+@pytest.mark.parametrize("level", ["L1", "L2", "L3"])
+@pytest.mark.parametrize("spatial", ["sparse", "moderate", "dense"])
+def test_tasks_sample_points_invariants(level, spatial):
+    arrays = tasks_fake_arrays()
+    rng = np.random.default_rng(0)
+    used_dense = 0
+    for n in [4, 5, 8, 12] * 5:
+        s = make_tasks.sample_points(arrays, level, spatial, n, rng, min_sep=25.0)
+        assert s["n"] == n and s["level"] == level and s["spatial"] == spatial
+        tasks_check_sample(arrays, s, 25.0)
+        used_dense += sum(i >= len(arrays["kp1"]) for i in s["x_idx"])
+    assert (used_dense > 0) == (spatial != "sparse")  # moderate/dense draw from the dense matches
+    if spatial == "moderate":  # points come in groups: some cluster holds several
+        s = make_tasks.sample_points(arrays, level, spatial, 9, rng, min_sep=10.0)
+        assert max(Counter(s["x_cluster"]).values()) >= 2
+
+
+def test_tasks_sample_points_shuffled_and_seeded():
+    arrays = tasks_fake_arrays()
+    a = make_tasks.sample_points(arrays, "L3", "dense", 8, np.random.default_rng(5), min_sep=20)
+    b = make_tasks.sample_points(arrays, "L3", "dense", 8, np.random.default_rng(5), min_sep=20)
+    assert a == b
+    rng = np.random.default_rng(1)
+    firsts, identity = Counter(), 0
+    for _ in range(400):
+        s = make_tasks.sample_points(arrays, "L1", "sparse", 4, rng, min_sep=20)
+        firsts[s["target"][0]] += 1
+        identity += s["target"] == ["A", "B", "C", "D"]
+    assert set(firsts) == {"A", "B", "C", "D"} and min(firsts.values()) > 60  # ~100 each
+    assert identity < 60  # ~400/24 = 17 by chance
+
+
+def test_tasks_sample_points_unavailable():
+    arrays = tasks_fake_arrays()
+    no_un1 = dict(arrays, match=np.where(arrays["match"] < 0, 0, arrays["match"]))  # every kp1 matched
+    with pytest.raises(make_tasks.TaskUnavailable):
+        make_tasks.sample_points(no_un1, "L3", "dense", 6, np.random.default_rng(0))
+    few = tasks_fake_arrays(n_match=5, n_un2=0, n_dense=0)
+    with pytest.raises(make_tasks.TaskUnavailable):
+        make_tasks.sample_points(few, "L1", "sparse", 6, np.random.default_rng(0))
+    with pytest.raises(make_tasks.TaskUnavailable):  # every kp2 used by the 5 partners: no distractor
+        make_tasks.sample_points(few, "L2", "dense", 5, np.random.default_rng(0))
+    with pytest.raises(make_tasks.TaskUnavailable):  # separation impossible in a 640x480 image
+        make_tasks.sample_points(arrays, "L1", "dense", 12, np.random.default_rng(0), min_sep=400)
+    assert issubclass(make_tasks.TaskUnavailable, ValueError)
+    # shared partners are ambiguous: never used as matched points
+    shared = dict(arrays, match=arrays["match"].copy())
+    shared["match"][1] = shared["match"][0]
+    for _ in range(30):
+        s = make_tasks.sample_points(shared, "L1", "sparse", 12, np.random.default_rng(_), min_sep=5)
+        assert 0 not in s["x_idx"] and 1 not in s["x_idx"]
+
+
+def tasks_write_fake_pool(root, n_pairs=4, size1=(1280, 960), size2=(600, 800)):
+    """A pool folder with fake pairs (two sources, both splits) and plain images."""
+    os.makedirs(os.path.join(root, "pairs"), exist_ok=True)
+    lines = []
+    for k in range(n_pairs):
+        for src, stype in (("scannet", "indoor"), ("colmap", "outdoor")):
+            pid = f"{src}/s{k % 2}/{k}"
+            w1, h1 = size1
+            w2, h2 = size2
+            arrays = tasks_fake_arrays(seed=k, w=560, h=560)  # affine map keeps kp2 inside image 2
+            npz = f"pairs/{src}_{k}.npz"
+            np.savez(os.path.join(root, npz), **arrays)
+            for v, (w, h) in ((1, size1), (2, size2)):
+                Image.new("RGB", (w, h), (90 + 20 * v, 100, 110)).save(os.path.join(root, f"{src}_{k}_{v}.png"))
+            lines.append(dict(pair_id=pid, source=src, scene=f"s{k % 2}", scene_type=stype,
+                              split="test" if k % 2 else "train", image1=f"{src}_{k}_1.png",
+                              image2=os.path.join(root, f"{src}_{k}_2.png"), width1=w1, height1=h1, width2=w2,
+                              height2=h2, K1=np.eye(3).tolist(), K2=np.eye(3).tolist(), overlap=0.5,
+                              delta_v=0.5, bin=1 + k, npz=npz, R=None, t=None, n_matches=30, n_dist1=10,
+                              n_dist2=10))
+    with open(os.path.join(root, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in lines)
+    return lines
+
+
+def test_tasks_drawing_geometry(tmp_path):
+    pairs = tasks_write_fake_pool(str(tmp_path), n_pairs=1)
+    pair = pairs[0]
+    arrays = make_tasks.load_arrays(str(tmp_path), pair)
+    rng = np.random.default_rng(3)
+    for level, spatial in [("L3", "dense"), ("L2", "moderate"), ("L1", "sparse")]:
+        task, imgs = make_tasks.make_task(pair, arrays, level, spatial, 12, rng, str(tmp_path), max_side=640,
+                                          min_sep=20)
+        assert imgs[0].size == (640, 480) and imgs[1].size == (480, 640)  # longer side 640, aspect kept
+        assert task["scale1"] == [0.5, 0.5] and task["scale2"] == [0.8, 0.8]
+        assert task["images"] is None and os.path.isabs(task["originals"][0])
+        assert reward.score(reward.format_answer(dict(enumerate(task["target"], 1))), task)["reward"] == 2
+        font, r = make_tasks.marker_sizes(640)
+        for side, img, fill in ((1, imgs[0], make_tasks.STYLE1["fill"]), (2, imgs[1], make_tasks.STYLE2["fill"])):
+            a = np.asarray(img).astype(int)
+            pts = make_tasks.to_drawn(task[f"{'x' if side == 1 else 'y'}_points"], task[f"scale{side}"])
+            # drawn separation holds at the drawn resolution
+            P = np.asarray(pts)
+            assert (np.sqrt(((P[:, None] - P[None]) ** 2).sum(-1)) + np.eye(len(P)) * 1e9).min() >= 20 - 1e-6
+            for x, y in pts:
+                # the marker colour is at the point, and the blob of that colour around it is centred on it
+                assert tuple(a[round(y), round(x)]) == fill
+                y0, x0 = max(0, round(y) - r - 1), max(0, round(x) - r - 1)
+                win = np.all(a[y0:round(y) + r + 2, x0:round(x) + r + 2] == fill, axis=-1)
+                ys, xs = np.nonzero(win)
+                assert abs(xs.mean() + x0 - x) <= 1.0 and abs(ys.mean() + y0 - y) <= 1.0
+        # label boxes: near their point, inside the image, never over a marker, not overlapping each other
+        _, _, geom = make_tasks.draw_prompts(*[Image.open(p) for p in task["originals"]], task["x_points"],
+                                             task["y_points"], task["x_labels"], task["y_labels"], 640,
+                                             return_geometry=True)
+        for img, g in ((imgs[0], geom["labels1"]), (imgs[1], geom["labels2"])):
+            boxes = [p["box"] for p in g]
+            for p in g:
+                (x, y), (bx0, by0, bx1, by1) = p["point"], p["box"]
+                assert 0 <= bx0 < bx1 <= img.width - 1 and 0 <= by0 < by1 <= img.height - 1
+                assert make_tasks._box_dist(p["box"], (x, y)) <= 3 * font
+                for q in g:
+                    qx, qy = q["point"]
+                    assert make_tasks._overlap(p["box"], (qx - r - 1, qy - r - 1, qx + r + 1, qy + r + 1)) == 0
+            assert sum(make_tasks._overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]) == 0
+        assert task["x_labels"] == [p["label"] for p in geom["labels1"]]
+
+
+def test_tasks_prompt():
+    p = make_tasks.build_prompt(5, 7)
+    assert reward.ANSWER_INSTRUCTIONS in p and "1 to 5" in p and "A to G" in p
+    assert make_tasks.STYLE1["name"] in p and make_tasks.STYLE2["name"] in p
+    assert make_tasks.build_prompt(5, 7, actor=False) == p
+    pa = make_tasks.build_prompt(5, 7, actor=True)
+    assert pa != p and "<action>" in pa and reward.ANSWER_INSTRUCTIONS in pa
+
+
+def test_tasks_cli_fake_pool(tmp_path, capsys):
+    pool = tmp_path / "pool"
+    tasks_write_fake_pool(str(pool), n_pairs=4)
+    out = tmp_path / "tasks"
+    make_tasks.main(["--pool", str(pool), "--out", str(out), "--split", "test", "--per-pair", "3", "--seed", "1",
+                     "--max-side", "320", "--min-sep", "12"])
+    assert "make_tasks.py: test: 12 tasks" in capsys.readouterr().out
+    tasks = [json.loads(line) for line in open(out / "test.jsonl")]
+    fields = ("task_id pair_id source scene scene_type split bin delta_v level spatial n m images originals x_points "
+              "y_points x_labels y_labels prompt target K1 K2 R t").split()
+    for t in tasks:
+        assert all(k in t for k in fields) and t["split"] == "test"
+        for rel, side in zip(t["images"], (1, 2)):
+            assert Image.open(out / rel).size == tuple(t[f"size{side}"]) and max(t[f"size{side}"]) == 320
+        assert reward.score(reward.format_answer(dict(enumerate(t["target"], 1))), t)["reward"] == 2
+    assert len({t["task_id"] for t in tasks}) == 12
+    # stratified: each source gets 6 tasks, 2 per level and 2 per spatial mode
+    for src in ("scannet", "colmap"):
+        mine = [t for t in tasks if t["source"] == src]
+        assert Counter(t["level"] for t in mine) == {"L1": 2, "L2": 2, "L3": 2}
+        assert Counter(t["spatial"] for t in mine) == {"sparse": 2, "moderate": 2, "dense": 2}
+    assert json.load(open(out / "args_test.json"))["per_pair"] == 3
+    # same seed, same tasks
+    make_tasks.main(["--pool", str(pool), "--out", str(tmp_path / "again"), "--split", "test", "--per-pair", "3",
+                     "--seed", "1", "--max-side", "320", "--min-sep", "12"])
+    again = [json.loads(line) for line in open(tmp_path / "again" / "test.jsonl")]
+    assert [t["target"] for t in again] == [t["target"] for t in tasks]
+    with pytest.raises(SystemExit):
+        make_tasks.main(["--pool", str(tmp_path / "nope"), "--out", str(out)])
+
+
+def test_tasks_assign_configs_balanced():
+    pairs = [dict(pair_id=f"p{i}", source="a" if i < 7 else "b") for i in range(10)]
+    plan = make_tasks.assign_configs(pairs, 9, list(make_tasks.LEVELS), list(make_tasks.SPATIAL), seed=0)
+    for src in ("a", "b"):
+        combos = Counter((lv, sp) for p, _, lv, sp in plan if p["source"] == src)
+        assert len(combos) == 9 and len(set(combos.values())) == 1  # every (level, spatial) equally often
+    per_pair = Counter(lv for p, _, lv, _ in plan if p["pair_id"] == "p0")
+    assert per_pair == {"L1": 3, "L2": 3, "L3": 3}
+
+# -----------------------------------------------------------------------------
+# curriculum.py
+
+
+def tasks_feed(cur, accs):
+    """Feed accuracies on the current config; return [(step, event)]."""
+    events = []
+    for k, acc in enumerate(accs):
+        for e in cur.update(*cur.current(), acc):
+            events.append((k, e))
+    return events
+
+
+def test_tasks_curriculum_dcrl_rule():
+    cur = curriculum.Curriculum([1, 2, 4], window=4, threshold=0.75)  # bin 3 empty: skipped
+    assert cur.current() == (1, "L1", "sparse")
+    # a full window is needed; mean must EXCEED the threshold
+    assert tasks_feed(cur, [1.0, 1.0, 1.0]) == [] and cur.current() == (1, "L1", "sparse")
+    assert tasks_feed(cur, [0.0]) == []                      # window [1,1,1,0] mean .75: not > .75
+    assert tasks_feed(cur, [0.5]) == []                      # [1,1,0,.5] .625
+    ev = tasks_feed(cur, [1.0, 1.0, 1.0])                     # [1,0,.5,1] [0,.5,1,1] .625, [.5,1,1,1] .875
+    assert [k for k, _ in ev] == [2] and ev[0][1].startswith("advance inner")
+    assert cur.current() == (1, "L2", "moderate") and len(cur.recent) == 0  # window restarts
+    assert tasks_feed(cur, [0.9] * 4)[0][1].startswith("advance inner")
+    assert cur.current() == (1, "L3", "dense")
+    ev = tasks_feed(cur, [0.9] * 4)
+    assert len(ev) == 1 and ev[0][0] == 3 and ev[0][1].startswith("advance bin")
+    assert cur.current() == (2, "L1", "sparse")              # inner restarts on the next bin
+    rng = np.random.default_rng(0)
+    assert {cur.sample(rng)[0] for _ in range(200)} == {2}  # bin 1 dropped for good (replay 0)
+    assert tasks_feed(cur, [1.0] * 12) and cur.current() == (4, "L1", "sparse")  # bin 3 skipped
+    # updates on other configs never count towards the current window
+    for _ in range(10):
+        assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(4, "L2", "moderate", 1.0) == []
+    assert len(cur.recent) == 0
+    # after the last bin's last stage: finished, stays there
+    ev = tasks_feed(cur, [1.0] * 12)
+    assert [e.split()[0] + " " + e.split()[1] for _, e in ev] == ["advance inner", "advance inner", "mastered all"]
+    assert cur.finished and cur.current() == (4, "L3", "dense")
+    assert tasks_feed(cur, [1.0] * 8) == [] and cur.current() == (4, "L3", "dense")
+    assert "finished" in cur.describe()
+
+
+def test_tasks_curriculum_grid_restart_and_replay():
+    cur = curriculum.Curriculum([5, 7], stages="grid", window=2, restart_inner=False)
+    seen = [cur.current()]
+    for _ in range(8):
+        tasks_feed(cur, [1.0, 1.0])
+        seen.append(cur.current())
+    assert seen == [(5, lv, sp) for lv in ("L1", "L2", "L3") for sp in ("sparse", "moderate", "dense")]
+    tasks_feed(cur, [1.0, 1.0])
+    assert cur.current() == (7, "L3", "dense")  # restart_inner=False keeps the last stage
+    rep = curriculum.Curriculum([1, 2, 3], window=1, threshold=0.5, replay=0.25)
+    rng = np.random.default_rng(0)
+    assert {rep.sample(rng) for _ in range(50)} == {(1, "L1", "sparse")}  # nothing mastered yet
+    tasks_feed(rep, [1.0] * 3)
+    draws = [rep.sample(rng) for _ in range(2000)]
+    old = sum(b == 1 for b, _, _ in draws)
+    assert rep.current() == (2, "L1", "sparse") and 380 < old < 620  # ~25 % replay of bin 1
+    assert all(d == rep.current() for d in draws if d[0] != 1)
+
+
+def test_tasks_curriculum_static_modes():
+    bins = [1, 2, 3, 4, 5, 6, 8, 9, 10]
+    rng = np.random.default_rng(0)
+    for mode, want in (("uniform", set(bins)), ("easy", {1, 2, 3}), ("hard", {8, 9, 10})):
+        cur = curriculum.Curriculum(bins, mode=mode)
+        draws = Counter(cur.sample(rng) for _ in range(3000))
+        assert {b for b, _, _ in draws} == want
+        assert {(lv, sp) for _, lv, sp in draws} == set(curriculum.STAGES["joint"])
+        assert min(draws.values()) > 0.5 * 3000 / len(draws)  # roughly uniform
+        assert tasks_feed(cur, [1.0] * 50) == [] and cur.current() == (min(want), "L1", "sparse")
+    with pytest.raises(ValueError):
+        curriculum.Curriculum([], mode="dcrl")
+    with pytest.raises(ValueError):
+        curriculum.Curriculum([1], mode="fancy")
+
+
+def test_tasks_curriculum_state_roundtrip():
+    rng = random.Random(0)
+    accs = [rng.random() ** 0.3 for _ in range(300)]
+    for mode in curriculum.MODES:
+        a = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, replay=0.1 if mode == "dcrl" else 0.0)
+        r1 = np.random.default_rng(1)
+        for acc in accs[:37]:
+            b = a.sample(r1)
+            a.update(*b, acc)
+        sd = json.loads(json.dumps(a.state_dict()))
+        b_cur = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, replay=0.1 if mode == "dcrl" else 0.0)
+        b_cur.load_state_dict(sd)
+        assert b_cur.state_dict() == a.state_dict() and b_cur.describe() == a.describe()
+        r2 = np.random.default_rng(2)
+        r3 = np.random.default_rng(2)
+        log_a, log_b = [], []
+        for acc in accs[37:]:
+            sa, sb = a.sample(r2), b_cur.sample(r3)
+            log_a.append((sa, a.update(*sa, acc)))
+            log_b.append((sb, b_cur.update(*sb, acc)))
+        assert log_a == log_b
+        if mode == "dcrl":  # the sequence does move the curriculum, so the comparison covers transitions
+            assert any(ev for _, ev in log_a)
+    with pytest.raises(ValueError):  # a checkpoint from another configuration is refused
+        curriculum.Curriculum([1, 2], window=5).load_state_dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# make_tasks.py on a real (synthetic) pool from synthetic.py + build_pool.py
+
+
+@pytest.fixture(scope="module")
+def tasks_synthetic_pool(tmp_path_factory):
+    import build_pool
+    import synthetic
+    root = tmp_path_factory.mktemp("tasks_synth")
+    data, pool = str(root / "demo_data"), str(root / "pool")
+    synthetic.main(["--out", data, "--scenes", "2", "--frames", "4", "--seed", "0"])
+    build_pool.main(["--scannet", os.path.join(data, "scannet"), "--colmap", os.path.join(data, "colmap"),
+                     "--co3d", os.path.join(data, "co3d"), "--out", pool, "--max-pairs-per-scene", "4",
+                     "--workers", "1"])
+    return root, pool
+
+
+def test_tasks_synthetic_pool_sampling(tasks_synthetic_pool):
+    _, pool = tasks_synthetic_pool
+    pairs = make_tasks.load_pairs(pool)
+    assert {p["source"] for p in pairs} == {"scannet", "colmap", "co3d"}
+    rng = np.random.default_rng(0)
+    made = Counter()
+    for pair in pairs:
+        arrays = make_tasks.load_arrays(pool, pair)
+        for level in make_tasks.LEVELS:
+            for spatial in make_tasks.SPATIAL:
+                try:
+                    s = make_tasks.sample_points(arrays, level, spatial, 8, rng, min_sep=15.0)
+                except make_tasks.TaskUnavailable:
+                    continue
+                tasks_check_sample(arrays, s, 15.0)
+                made[level, spatial] += 1
+    assert len(made) == 9 and min(made.values()) >= len(pairs) // 2  # most pairs supply every configuration
+
+
+def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
+    root, pool = tasks_synthetic_pool
+    out = str(root / "tasks")
+    make_tasks.main(["--pool", pool, "--out", out, "--split", "test", "--per-pair", "3", "--max-side", "320",
+                     "--image-format", "png"])  # lossless, so the marker colour can be checked exactly
+    assert "make_tasks.py: test:" in capsys.readouterr().out
+    tasks = [json.loads(line) for line in open(os.path.join(out, "test.jsonl"))]
+    n_test = len(make_tasks.load_pairs(pool, "test"))
+    assert len(tasks) >= 0.8 * 3 * n_test and all(t["split"] == "test" for t in tasks)
+    levels = Counter(t["level"] for t in tasks)
+    assert set(levels) == set(make_tasks.LEVELS) and max(levels.values()) - min(levels.values()) <= 0.2 * len(tasks)
+    t = tasks[0]
+    img = np.asarray(Image.open(os.path.join(out, t["images"][0]))).astype(int)
+    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):
+        assert tuple(img[round(y), round(x)]) == make_tasks.STYLE1["fill"]
+
+
+# ==============================================================================
+# tiny_model.py, grpo.py: loss, gradients, distributed equivalence, learning, resume
+# ==============================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def grpo_fake_pool(d, n_pairs=4, seed=0):
+    """A tiny pool in the contract's layout: random-block images, 20 points per image, 14 verified matches."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(d, exist_ok=True)
+    rows = []
+    for i in range(n_pairs):
+        for k in (1, 2):
+            a = (rng.random((15, 20, 3)) * 255).astype(np.uint8)
+            Image.fromarray(a).resize((640, 480), Image.NEAREST).save(os.path.join(d, f"p{i}_{k}.jpg"))
+        kp1 = (rng.uniform(0.02, 0.98, (20, 2)) * [640, 480]).astype(np.float32)
+        kp2 = (rng.uniform(0.02, 0.98, (20, 2)) * [640, 480]).astype(np.float32)
+        match = np.full(20, -1, np.int32)
+        perm = rng.permutation(20)
+        match[:14] = perm[:14]
+        np.savez(os.path.join(d, f"p{i}.npz"), kp1=kp1, kp2=kp2, match=match,
+                 cluster=(np.arange(20) % 5).astype(np.int32), cluster2=(np.arange(20) % 5).astype(np.int32),
+                 dense1=kp1[:14], dense2=kp2[perm[:14]])
+        rows.append(dict(pair_id=f"p{i}", source="scannet", scene=f"s{i}", scene_type="indoor",
+                         split="test" if i == n_pairs - 1 else "train", image1=f"p{i}_1.jpg", image2=f"p{i}_2.jpg",
+                         width1=640, height1=480, width2=640, height2=480, K1=np.eye(3).tolist(),
+                         K2=np.eye(3).tolist(), overlap=0.5, delta_v=0.5, bin=1 + i % 2, npz=f"p{i}.npz",
+                         R=np.eye(3).tolist(), t=[0, 0, 0], n_matches=14, n_dist1=6, n_dist2=6))
+    with open(os.path.join(d, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def grpo_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    tiny_model.main(["--out", str(d / "tiny")])
+    grpo_fake_pool(str(d / "pool"))
+    return d
+
+
+def grpo_common(env, out, *extra):
+    return ["--model", str(env / "tiny"), "--pool", str(env / "pool"), "--out", str(out), "--group-size", "4",
+            "--prompts-per-step", "2", "--max-new-tokens", "12", "--eval-every", "0", *extra]
+
+
+def grpo_read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def grpo_sample_batch(env, n_prompts=2, G=3, seed=0):
+    """Real prompts from the pool + random completions, as train_on sees them."""
+    model, tok, ip = grpo.load_policy(str(env / "tiny"))
+    rng = np.random.default_rng(seed)
+    pairs = [p for p in grpo.read_pairs(str(env / "pool")) if p["split"] == "train"]
+    samples = []
+    for k in range(n_prompts):
+        task, images = grpo.task_for_pair(pairs[k], str(env / "pool"), "L1", "sparse", rng, 640)
+        enc = grpo.encode(tok, ip, task["prompt"], images)
+        for g in range(G):
+            ids = rng.integers(20, len(tok), size=int(rng.integers(3, 9))).tolist()  # no special tokens
+            samples.append(dict(enc=enc, token_ids=ids, logprobs=[0.0] * len(ids), reward=float(rng.random())))
+    return model, tok, samples
+
+# -----------------------------------------------------------------------------
+
+
+def test_grpo_tiny_model_loads_and_tokenizes_answers_compactly(grpo_env):
+    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    answer = "<answer>\n1: C\n2: none\n3: A\n</answer>"
+    ids = tok(answer, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == answer and len(ids) <= 20  # vs 36 bytes
+    img = Image.new("RGB", (640, 480))
+    enc = grpo.encode(tok, ip, "Match the points.", [img, img])
+    n_pad = int(enc["mm_token_type_ids"].sum())
+    assert n_pad == int(enc["image_grid_thw"].prod(-1).sum()) // 4 and 0 < n_pad <= 2 * 64
+    assert (enc["input_ids"][0] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == n_pad
+
+
+def grpo_ref_loss_fp64(logp, old, ref, adv, mask, beta, eps, n_tok):
+    total = 0.0
+    B, T = logp.shape
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t] == 0:
+                continue
+            ratio = torch.exp(logp[b, t] - old[b, t])
+            unclipped = ratio * adv[b]
+            clipped = torch.clamp(ratio, 1 - eps, 1 + eps) * adv[b]
+            kl = torch.exp(ref[b, t] - logp[b, t]) - (ref[b, t] - logp[b, t]) - 1
+            total = total + (-torch.minimum(unclipped, clipped) + beta * kl)
+    return total / n_tok
+
+
+def test_grpo_loss_and_gradient_match_fp64_reference():
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 7
+    logp0 = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios outside the clip too
+    ref = logp0 + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    n_tok = 40.0
+    x32 = logp0.float().requires_grad_()
+    loss32, stats = grpo.grpo_loss(x32, old.float(), ref.float(), adv.float(), mask.float(), 0.05, 0.2, n_tok)
+    loss32.backward()
+    x64 = logp0.clone().requires_grad_()
+    loss64 = grpo_ref_loss_fp64(x64, old, ref, adv, mask, 0.05, 0.2, n_tok)
+    loss64.backward()
+    assert abs(loss32.item() - loss64.item()) < 1e-5
+    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-6)
+    assert stats["clip_sum"] > 0  # the test exercises the clipped branch
+    # beta = 0 ignores the reference entirely
+    l0, _ = grpo.grpo_loss(x32, old.float(), None, adv.float(), mask.float(), 0.0, 0.2, n_tok)
+    assert abs(l0.item() - grpo_ref_loss_fp64(x64, old, ref, adv, mask, 0.0, 0.2, n_tok).item()) < 1e-5
+
+
+def test_grpo_group_advantages():
+    adv = grpo.group_advantages([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5], 4)
+    assert torch.allclose(adv[:4], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-3)  # population std = 0.5
+    assert torch.equal(adv[4:], torch.zeros(4))  # zero-variance group -> zero advantage
+
+
+def test_grpo_chunked_logprobs_equal_naive_full_softmax(grpo_env):
+    model, tok, samples = grpo_sample_batch(grpo_env)
+    b = grpo.collate_samples(samples, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        chunked = grpo.completion_logprobs(model, b, 0.7, chunk=3)                               # (B, T)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                       mm_token_type_ids=b["mm_token_type_ids"]).logits                         # (B, L, V)
+    full = torch.log_softmax(logits.double() / 0.7, -1)
+    for r, s in enumerate(samples):
+        P = s["enc"]["input_ids"].shape[1]
+        naive = full[r, torch.arange(P - 1, P - 1 + len(s["token_ids"])), s["token_ids"]]
+        assert torch.allclose(chunked[r, :len(s["token_ids"])].double(), naive, atol=1e-5)
+
+
+def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
+    grads = []
+    for mb in (1, 6):
+        model, tok, samples = grpo_sample_batch(grpo_env)
+        ref_model = grpo.load_policy(str(grpo_env / "tiny"))[0]
+        torch.manual_seed(0)
+        with torch.no_grad():  # make the policy differ from the reference so the KL term has a gradient
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        args = argparse.Namespace(
+            group_size=3, micro_batch=mb, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
+            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0)
+        model.train()
+        grpo.train_on(samples, model, ref_model, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    scale = max(g.abs().max() for g in grads[1].values())
+    assert scale > 1e-4
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6 * max(1.0, float(scale))), n
+
+
+def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, tmp_path):
+    extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1"]
+    one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"),
+                    *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one))],
+                   check=True, cwd=HERE, env=env, capture_output=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--nproc_per_node=2", os.path.join(HERE, "grpo.py"),
+                    *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two))],
+                   check=True, cwd=HERE, env=env, capture_output=True)
+    g1, g2 = torch.load(one), torch.load(two)
+    assert g1.keys() == g2.keys()
+    scale = max(g.abs().max().item() for g in g1.values() if g is not None)
+    assert scale > 1e-4  # the toy reward gives non-zero advantages
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+def test_grpo_learns_toy_reward(grpo_env, tmp_path):
+    grpo.main(grpo_common(grpo_env, tmp_path, "--toy-reward", "--steps", "30", "--lr", "1e-2", "--warmup-steps", "1",
+                          "--save-every", "100", "--kl-beta", "0"))
+    rewards = [m["reward"] for m in grpo_read(tmp_path / "metrics.jsonl")]
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.2 and last > 2 * first, (first, last)
+
+
+def test_grpo_demo_run_kl0_dlogp_checkpoint_and_resume(grpo_env, tmp_path):
+    """Uninterrupted run vs a run killed hard after step 3 (checkpoint at step 2) and resumed: identical rollouts,
+    metrics and curriculum state; a half-written temp dir and a step dir without meta.json are ignored."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = ["--steps", "6", "--save-every", "2", "--keep-last", "2"]
+    grpo.main(grpo_common(grpo_env, a, *flags))
+    ma = grpo_read(a / "metrics.jsonl")
+    assert [m["step"] for m in ma] == [1, 2, 3, 4, 5, 6]
+    assert ma[0]["kl"] == 0.0  # policy == reference before the first update
+    assert all(m["dlogp"] < 1e-5 for m in ma)  # sampler and trainer agree (CPU fp32)
+    assert sorted(os.listdir(a)) == ["args.json", "metrics.jsonl", "rollouts.jsonl", "step_000004", "step_000006"]
+    assert grpo.latest_checkpoint(str(a)) == str(a / "step_000006")
+    loaded = grpo.load_policy(str(a / "step_000006"))[0]  # from_pretrained of a checkpoint
+    assert loaded.config.model_type == "qwen3_vl"
+
+    r = subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"), *grpo_common(grpo_env, b, *flags),
+                        "--stop-after-step", "3"], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 17, r.stderr[-2000:]
+    assert len(grpo_read(b / "metrics.jsonl")) == 3 and grpo.latest_checkpoint(str(b)) == str(b / "step_000002")
+    os.makedirs(b / "step_000004.tmp")  # a crash while writing step 4 ...
+    (b / "step_000004.tmp" / "model.safetensors").write_bytes(b"garbage")
+    os.makedirs(b / "step_000005")      # ... and a step dir that never got its meta.json
+    assert grpo.latest_checkpoint(str(b)) == str(b / "step_000002")
+    grpo.main(grpo_common(grpo_env, b, *flags, "--resume"))
+    mb = grpo_read(b / "metrics.jsonl")
+    drop = ("seconds",)
+    assert [{k: v for k, v in m.items() if k not in drop} for m in ma] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in mb]
+    assert grpo_read(a / "rollouts.jsonl") == grpo_read(b / "rollouts.jsonl")
+    assert json.load(open(a / "step_000006" / "curriculum.json")) == json.load(open(b / "step_000006" / "curriculum.json"))
+    assert json.load(open(a / "step_000006" / "curriculum.json"))["steps"] == 6  # one update per step, not per prompt
+    assert all(m["curriculum_events"] == [] for m in ma)
+
+
+# ==============================================================================
+# evaluate.py: metrics aggregation, baselines, resume, determinism, the model path
+# ==============================================================================
+
+def _evaluate_task(task_id, target, source, level, scene_type, spatial, bin, delta_v, m=4):
+    return dict(task_id=task_id, n=len(target), m=m, target=target, x_labels=reward.x_labels_for(len(target)),
+                y_labels=reward.y_labels_for(m), source=source, level=level, scene_type=scene_type,
+                spatial=spatial, bin=bin, delta_v=delta_v)
+
+
+def _evaluate_hand_rows():
+    ans = lambda *labels: reward.format_answer({i + 1: v for i, v in enumerate(labels)})
+    cases = [
+        # all right: P 1, R 1, F1 1, match 2/2
+        (_evaluate_task("t1", ["A", "B"], "scannet", "L1", "indoor", "sparse", 1, 0.1), ans("A", "B")),
+        # 1 of 2 claimed links right, the one real link found, 3 ends right: P 1/2, R 1, F1 2/3, match 2/3
+        (_evaluate_task("t2", ["A", None, None], "scannet", "L2", "indoor", "dense", 2, 0.5), ans("A", "B", None)),
+        # malformed: everything 0
+        (_evaluate_task("t3", ["A", "B"], "co3d", "L1", "object", "sparse", 1, 0.9), "1: A\n2: B"),
+        # swapped links, nones right: P 0, R 0, F1 0, match 2/4
+        (_evaluate_task("t4", ["A", "B", None, None], "co3d", "L3", "object", "sparse", 2, 0.7),
+         ans("B", "A", None, None)),
+    ]
+    return [evaluate.score_row(task, text) for task, text in cases]
+
+
+def test_evaluate_rows_hold_reward_scores_and_counts():
+    rows = _evaluate_hand_rows()
+    got = [[r[k] for k in ("precision", "recall", "f1", "match", "format")] for r in rows]
+    want = [(1, 1, 1, 1, 1), (0.5, 1, 2 / 3, 2 / 3, 1), (0, 0, 0, 0, 0), (0, 0, 0, 0.5, 1)]
+    assert np.allclose(got, want)
+    assert [(r["n_correct"], r["n_pred"], r["n_pos"], r["n_hits"], r["n"]) for r in rows] == \
+        [(2, 2, 2, 2, 2), (1, 2, 1, 2, 3), (0, 0, 2, 0, 2), (0, 2, 2, 2, 4)]
+    assert rows[1]["parsed"] == {"1": "A", "2": "B", "3": None} and rows[2]["parsed"] is None
+    json.dumps(rows)  # rows go to predictions.jsonl as they are
+
+
+def test_evaluate_aggregate_hand_made():
+    rows = _evaluate_hand_rows()
+    m = evaluate.aggregate(rows, widest=2)
+    o = m["overall"]
+    # macro: per-task numbers averaged over the 4 tasks
+    assert o["n_tasks"] == 4
+    assert o["f1"] == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)
+    assert o["precision"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert o["recall"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert o["match_acc"] == pytest.approx((1 + 2 / 3 + 0 + 0.5) / 4)
+    assert o["format_rate"] == pytest.approx(3 / 4)
+    # micro: correct links 2+1+0+0 = 3, claimed 2+2+0+2 = 6, real 2+1+2+2 = 7, exact points 6 of 11
+    assert o["micro_precision"] == pytest.approx(3 / 6)
+    assert o["micro_recall"] == pytest.approx(3 / 7)
+    assert o["micro_f1"] == pytest.approx(2 * (1 / 2) * (3 / 7) / (1 / 2 + 3 / 7))  # = 6/13
+    assert o["micro_match_acc"] == pytest.approx(6 / 11)
+    # breakdowns: keys are strings (JSON), each group macro-averaged on its own tasks
+    s = m["by_source"]
+    assert set(s) == {"scannet", "co3d"}
+    assert (s["scannet"]["f1"], s["scannet"]["precision"], s["scannet"]["recall"]) == \
+        pytest.approx(((1 + 2 / 3) / 2, 0.75, 1.0))
+    assert (s["co3d"]["f1"], s["co3d"]["match_acc"], s["co3d"]["n_tasks"]) == pytest.approx((0, 0.25, 2))
+    assert m["by_scene_type"]["indoor"]["f1"] == pytest.approx(5 / 6)
+    lv = m["by_level"]
+    assert (lv["L1"]["f1"], lv["L2"]["f1"], lv["L3"]["f1"]) == pytest.approx((0.5, 2 / 3, 0.0))
+    assert lv["L1"]["micro_recall"] == pytest.approx(2 / 4)
+    b = m["by_bin"]
+    assert set(b) == {"1", "2"}
+    assert (b["1"]["f1"], b["2"]["f1"], b["2"]["precision"], b["2"]["recall"]) == \
+        pytest.approx((0.5, 1 / 3, 0.25, 0.5))
+    assert m["by_spatial"]["dense"]["n_tasks"] == 1 and m["by_spatial"]["sparse"]["n_tasks"] == 3
+    assert set(m["by_level_bin"]["L1"]) == {"1"} and m["by_level_bin"]["L1"]["1"]["f1"] == pytest.approx(0.5)
+    # widest 2: t3 (0.9) and t4 (0.7)
+    w = m["widest"]
+    assert (w["k"], w["min_delta_v"], w["overall"]["f1"], w["overall"]["match_acc"]) == pytest.approx((2, 0.7, 0, 0.25))
+    assert set(w["by_source"]) == {"co3d"}
+    # the order of the rows does not matter
+    assert evaluate.aggregate(rows[::-1], widest=2) == m
+
+
+def test_evaluate_aggregate_nothing_to_find():
+    # all targets none and all answers none: P = R = 1 (reward's rule), pooled the same way
+    row = evaluate.score_row(_evaluate_task("t", [None, None], "co3d", "L3", "object", "dense", 3, 0.5),
+                             reward.format_answer({1: None, 2: None}))
+    o = evaluate.aggregate([row])["overall"]
+    assert (o["f1"], o["micro_f1"], o["micro_precision"], o["match_acc"]) == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_evaluate_model_names():
+    names = [evaluate.model_name(p) for p in
+             ["runs/grpo/step_000010", "runs/other/step_000010/", "Qwen/Qwen3-VL-8B-Instruct", "a b/c:d"]]
+    assert names[:3] == ["grpo_step_000010", "other_step_000010", "Qwen_Qwen3-VL-8B-Instruct"]
+    assert all(c.isalnum() or c in "._-" for n in names for c in n)
+    assert evaluate.unique_names(["a", "b", "a", "a"]) == ["a", "b", "a-2", "a-3"]
+
+
+def test_evaluate_resolve_ckpt(tmp_path):
+    assert evaluate.resolve_ckpt("Qwen/Qwen3-VL-8B-Instruct") == "Qwen/Qwen3-VL-8B-Instruct"  # hub id
+    (tmp_path / "step_000002.tmp").mkdir()  # an unfinished save is not a checkpoint
+    for bad in [str(tmp_path), str(tmp_path / "missing"), "a/b/c"]:
+        with pytest.raises(SystemExit):
+            evaluate.resolve_ckpt(bad)
+
+
+def test_evaluate_read_predictions_drops_truncated_last_line(tmp_path):
+    p = tmp_path / "predictions.jsonl"
+    p.write_text('{"task_id": "a"}\n{"task_id": "b"}\n{"task_id": "c", "te')
+    assert [r["task_id"] for r in evaluate.read_predictions(p)] == ["a", "b"]
+    assert p.read_text() == '{"task_id": "a"}\n{"task_id": "b"}\n'
+    p.write_text('{"task_id": "a"}\n{"task_id": "b"}')  # whole last line, newline lost
+    assert len(evaluate.read_predictions(p)) == 2 and p.read_text().endswith("}\n")
+    p.write_text('{"task_id": "a"}\n{"task_\n{"task_id": "c"}\n')
+    with pytest.raises(SystemExit):
+        evaluate.read_predictions(p)
+
+# -----------------------------------------------------------------------------
+# baselines on the synthetic demo data: SIFT vs the floors, resume, determinism
+
+
+@pytest.fixture(scope="module")
+def evaluate_tasks(tmp_path_factory):
+    """The demo pipeline's test split (synthetic scenes -> pool -> tasks), built once for this file."""
+    d = tmp_path_factory.mktemp("evaluate_data")
+    synthetic.main(["--out", str(d / "demo_data"), "--frames", "8"])  # small: this file must stay fast
+    build_pool.main(["--scannet", str(d / "demo_data" / "scannet"), "--colmap", str(d / "demo_data" / "colmap"),
+                     "--co3d", str(d / "demo_data" / "co3d"), "--out", str(d / "pool"), "--max-pairs-per-scene", "12"])
+    make_tasks.main(["--pool", str(d / "pool"), "--out", str(d / "tasks"), "--split", "test", "--per-pair", "1"])
+    return d / "tasks" / "test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def evaluate_baselines(evaluate_tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate_eval")
+    evaluate.main(["--tasks", str(evaluate_tasks), "--out", str(out), "--baseline", "sift", "random", "none",
+                   "--show", "2"])
+    return out
+
+
+def _evaluate_rows(out, name):
+    return [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
+
+
+def _evaluate_metrics(out, name):
+    return json.loads((out / name / "metrics.json").read_text())
+
+
+def test_evaluate_sift_beats_random_on_small_dv(evaluate_tasks, evaluate_baselines):
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    out = evaluate_baselines
+    for name in ("baseline_sift", "baseline_random", "baseline_none"):
+        rows = _evaluate_rows(out, name)
+        assert [r["task_id"] for r in rows] == [t["task_id"] for t in tasks]
+        assert all(r["format"] == 1.0 for r in rows)  # baselines answer through reward.format_answer
+    # small Δv = the easier half of the test tasks
+    median = float(np.median([t["delta_v"] for t in tasks]))
+    small = {t["task_id"] for t in tasks if t["delta_v"] <= median}
+    f1 = {name: evaluate.aggregate([r for r in _evaluate_rows(out, name) if r["task_id"] in small])["overall"]["f1"]
+          for name in ("baseline_sift", "baseline_random")}
+    print(f"small-dv F1 ({len(small)} tasks): {f1}")
+    assert f1["baseline_sift"] > f1["baseline_random"]
+    # the all-none floor: match = share of none targets, F1 = 1 exactly on tasks with nothing to find
+    none = _evaluate_metrics(out, "baseline_none")["overall"]
+    assert none["match_acc"] == pytest.approx(np.mean([t["target"].count(None) / t["n"] for t in tasks]))
+    assert none["f1"] == pytest.approx(np.mean([all(x is None for x in t["target"]) for t in tasks]))
+    report = (out / "report.md").read_text()
+    assert all(n in report for n in ("baseline_sift", "baseline_random", "baseline_none", "Widest"))
+    assert (out / "f1_vs_bin.png").stat().st_size > 0 and (out / "f1_by_source.png").stat().st_size > 0
+    assert len(list((out / "baseline_sift" / "show").glob("*.png"))) == 2
+
+
+def test_evaluate_baselines_deterministic(evaluate_tasks, evaluate_baselines, tmp_path):
+    evaluate.main(["--tasks", str(evaluate_tasks), "--out", str(tmp_path), "--baseline", "sift", "random", "none"])
+    for name in ("baseline_sift", "baseline_random", "baseline_none"):
+        assert _evaluate_metrics(tmp_path, name) == _evaluate_metrics(evaluate_baselines, name)
+        assert _evaluate_rows(tmp_path, name) == _evaluate_rows(evaluate_baselines, name)
+
+
+def test_evaluate_resume_after_kill(evaluate_tasks, evaluate_baselines, tmp_path, monkeypatch):
+    args = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path), "--baseline", "sift", "--batch-size", "2"]
+    calls, real = [], evaluate.SiftMatcher.answer
+
+    def dies_on_fifth(self, task):
+        calls.append(task["task_id"])
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # stands in for a kill in the middle of the third batch
+        return real(self, task)
+    monkeypatch.setattr(evaluate.SiftMatcher, "answer", dies_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(args)
+    pred = tmp_path / "baseline_sift" / "predictions.jsonl"
+    assert len(pred.read_text().splitlines()) == 4  # two whole batches were written
+    with open(pred, "a") as f:
+        f.write('{"task_id": "half a li')  # and the kill cut a line
+    calls.clear()
+    monkeypatch.setattr(evaluate.SiftMatcher, "answer", lambda self, t: calls.append(t["task_id"]) or real(self, t))
+    evaluate.main(args)
+    n = len(evaluate.load_tasks(evaluate_tasks))
+    assert len(calls) == n - 4  # the 4 written tasks were not recomputed
+    assert [r["task_id"] for r in _evaluate_rows(tmp_path, "baseline_sift")] == \
+        [t["task_id"] for t in evaluate.load_tasks(evaluate_tasks)]
+    assert _evaluate_metrics(tmp_path, "baseline_sift") == _evaluate_metrics(evaluate_baselines, "baseline_sift")
+    with pytest.raises(SystemExit):  # other settings into the same dir: refused, not mixed
+        evaluate.main(args + ["--sift-ratio", "0.5"])
+
+
+# -----------------------------------------------------------------------------
+# the model path with the tiny random Qwen3-VL
+
+
+@pytest.fixture(scope="module")
+def evaluate_tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evaluate_tiny")
+    tiny_model.main(["--out", str(d / "tiny"), "--warmup-steps", "0"])
+    return d / "tiny"
+
+
+def test_evaluate_tiny_model_run_dir_deterministic_resumes(evaluate_tasks, evaluate_tiny, tmp_path):
+    run = tmp_path / "runs" / "demo"  # a run dir: evaluate must take its latest complete step
+    for step in ("step_000001", "step_000003"):
+        shutil.copytree(evaluate_tiny, run / step)
+        (run / step / "meta.json").write_text("{}")
+    args = lambda out: [str(run), str(evaluate_tiny), "--tasks", str(evaluate_tasks), "--out", str(out),
+                        "--limit", "4", "--max-new-tokens", "12", "--batch-size", "2", "--baseline", "none",
+                        "--show", "1"]
+    evaluate.main(args(tmp_path / "a"))
+    tasks = evaluate.load_tasks(evaluate_tasks)[:4]
+    for name in ("demo_step_000003", "tiny"):
+        rows = _evaluate_rows(tmp_path / "a", name)
+        assert [r["task_id"] for r in rows] == [t["task_id"] for t in tasks]
+        for r, t in zip(rows, tasks):  # scored by the reward code on the raw completion
+            assert isinstance(r["text"], str) and isinstance(r["truncated"], bool)
+            assert r["f1"] == reward.score(r["text"], t)["f1"]
+        assert len(list((tmp_path / "a" / name / "show").glob("*.png"))) == 1
+    assert json.loads((tmp_path / "a" / "demo_step_000003" / "run.json").read_text())["what"].endswith("step_000003")
+    assert "demo_step_000003" in (tmp_path / "a" / "report.md").read_text()
+    # same command, fresh dir: the same completions and metrics (greedy)
+    evaluate.main(args(tmp_path / "b"))
+    for name in ("demo_step_000003", "tiny", "baseline_none"):
+        assert _evaluate_rows(tmp_path / "b", name) == _evaluate_rows(tmp_path / "a", name)
+        assert _evaluate_metrics(tmp_path / "b", name) == _evaluate_metrics(tmp_path / "a", name)
+    # killed after the first batch, mid-line: the rerun completes the file and gives the same metrics
+    pred = tmp_path / "a" / "tiny" / "predictions.jsonl"
+    lines = pred.read_text().splitlines(keepends=True)
+    pred.write_text("".join(lines[:2]) + lines[2][:25])
+    evaluate.main(args(tmp_path / "a"))
+    assert pred.read_text() == "".join(lines)
+    assert _evaluate_metrics(tmp_path / "a", "tiny") == _evaluate_metrics(tmp_path / "b", "tiny")
+
+
+# ==============================================================================
+# HATCH: PaStA cell correspondence and loss, ActoR actions and reward, grpo with both
+# ==============================================================================
+
+def hatch_grid_points(w, h, step=8):
+    xs, ys = np.meshgrid(np.arange(0, w, step), np.arange(0, h, step))
+    return np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float64)                             # (k, 2)
+
+
+def hatch_rot_y(deg):
+    a = math.radians(deg)
+    return np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+
+
+def hatch_rot_x(deg):
+    a = math.radians(deg)
+    return np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+
+
+def hatch_rot_z(deg):
+    a = math.radians(deg)
+    return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+
+
+def test_hatch_cells_translation_and_resize():
+    n = 4
+    d1 = hatch_grid_points(640, 480)
+    # content shifted right by exactly one cell (160 px): cell (r, c) -> (r, c + 1); column 3 leaves the image
+    d2 = d1 + [160, 0]
+    keep = d2[:, 0] < 640
+    corr = pasta.cell_correspondence(d1[keep], d2[keep], (640, 480), (640, 480), n)
+    for r in range(n):
+        for c in range(n):
+            assert corr[r * n + c] == (r * n + c + 1 if c < n - 1 else -1)
+    # image 2 is image 1 at half resolution: normalised coordinates give the identity
+    d2 = (d1 + 0.5) * 0.5 - 0.5
+    assert (pasta.cell_correspondence(d1, d2, (640, 480), (320, 240), n) == np.arange(n * n)).all()
+    # camera rolled by 180 degrees: (x, y) -> (w - 1 - x, h - 1 - y), cell (r, c) -> (n-1-r, n-1-c); other size
+    d2 = np.stack([479 - d1[:, 0] * 0.75, 359 - d1[:, 1] * 0.75], -1)
+    corr = pasta.cell_correspondence(d1, d2, (640, 480), (480, 360), n)
+    assert [int(v) for v in corr] == [(n - 1 - r) * n + (n - 1 - c) for r in range(n) for c in range(n)]
+    # too few matches -> -1
+    corr = pasta.cell_correspondence(d1[:3], d1[:3], (640, 480), (640, 480), n, min_count=5)
+    assert (corr == -1).all()
+
+
+def test_hatch_cells_pure_rotation_homography():
+    """Camera yaws right by ~1 cell's field of view: the scene shifts LEFT; each cell maps where the homography
+    K R K^-1 sends it (checked on cells that the map keeps inside one target cell)."""
+    n, w, h, f = 4, 640, 480, 500.0
+    K = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]])
+    R = hatch_rot_y(math.degrees(math.atan(160 / f))).T       # x2 = R x1; camera 2 = camera 1 turned right
+    H = K @ R @ np.linalg.inv(K)
+
+    def warp(p):
+        q = np.c_[p, np.ones(len(p))] @ H.T
+        return q[:, :2] / q[:, 2:]
+    d1 = hatch_grid_points(w, h, 4)
+    d2 = warp(d1)
+    keep = (d2[:, 0] >= -0.5) & (d2[:, 0] < w - 0.5) & (d2[:, 1] >= -0.5) & (d2[:, 1] < h - 0.5)
+    corr = pasta.cell_correspondence(d1[keep], d2[keep], (w, h), (w, h), n)
+    checked = 0
+    for r in range(n):
+        for c in range(n):
+            # the inner 40% of the cell, mapped: if it stays in one cell, that cell must be the answer
+            cx, cy = (c + 0.5) * w / n - 0.5, (r + 0.5) * h / n - 0.5
+            box = np.array([[cx + sx * 0.2 * w / n, cy + sy * 0.2 * h / n] for sx in (-1, 1) for sy in (-1, 1)])
+            cells = set(pasta.point_cells(warp(box), (w, h), n).tolist())
+            if len(cells) == 1 and -1 not in cells:
+                assert corr[r * n + c] == cells.pop(), (r, c)
+                checked += 1
+            if c == 0:
+                assert corr[r * n + c] == -1  # the left column leaves the view
+    assert checked >= 6
+    valid = corr >= 0
+    assert (corr[valid] % n < np.arange(n * n)[valid] % n).all()  # content moves left: column decreases
+
+# -----------------------------------------------------------------------------
+# PaStA: pooling, token layout, loss
+
+
+def test_hatch_grid_pool_averages_the_right_tokens():
+    merge, d = 2, 2
+    for H, W, n in ((8, 12, 4), (6, 8, 4), (2, 3, 4), (9, 9, 3)):
+        rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
+                                    indexing="ij")
+        feats = torch.stack([rows, cols], -1).reshape(H * W, d)           # token k = r * W + c carries (r, c)
+        g = pasta.grid_pool(feats, (1, H * merge, W * merge), merge, n).reshape(n, n, d)
+
+        def expected(i, T):  # area-weighted mean token index of cell i among T tokens (brute force, fine grid)
+            u = (np.arange(100000) + 0.5) / 100000
+            inside = (u >= i / n) & (u < (i + 1) / n)
+            return np.floor(u[inside] * T).mean()
+        for i in range(n):
+            for j in range(n):
+                assert float(g[i, j, 0]) == pytest.approx(expected(i, H), abs=1e-3), (H, W, n, i, j)
+                assert float(g[i, j, 1]) == pytest.approx(expected(j, W), abs=1e-3), (H, W, n, i, j)
+    # divisible case exactly: cell (i, j) of a 8 x 12 grid = mean of rows 2i, 2i+1 and cols 3j..3j+2
+    feats = torch.stack(torch.meshgrid(torch.arange(8.), torch.arange(12.), indexing="ij"), -1).reshape(96, 2)
+    g = pasta.grid_pool(feats, (1, 16, 24), 2, 4).reshape(4, 4, 2)
+    assert torch.allclose(g[2, 1], torch.tensor([4.5, 4.0]))
+    # two frames are averaged
+    g2 = pasta.grid_pool(torch.cat([feats, feats + 2]), (2, 16, 24), 2, 4).reshape(4, 4, 2)
+    assert torch.allclose(g2, g + 1)
+    with pytest.raises(ValueError):
+        pasta.grid_pool(feats[:-1], (1, 16, 24), 2, 4)
+
+
+def test_hatch_processor_token_layout_is_row_major():
+    """Qwen's image processor + 2x2 merge give tokens row-major over the merged grid (what grid_pool assumes)."""
+    ip = tiny_model.build_image_processor()
+    Hm, Wm = 6, 8                                     # 192 x 256 image = 6 x 8 merged tokens of 32 x 32 px
+    a = np.zeros((Hm * 32, Wm * 32, 3), np.uint8)
+    for r in range(Hm):
+        for c in range(Wm):
+            a[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = (20 * r, 20 * c, 128)
+    out = ip(images=[Image.fromarray(a)], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, Hm * 2, Wm * 2]]
+    pv = out["pixel_values"].reshape(Hm * Wm, 4, 3, -1)                  # (token, merge^2 patches, C, t*p*p)
+    rgb = ((pv.mean(dim=(1, 3)) * 0.5 + 0.5) * 255).round()               # undo mean = std = 0.5
+    for k in range(Hm * Wm):
+        r, c = divmod(k, Wm)
+        assert rgb[k, 0] == pytest.approx(20 * r, abs=1) and rgb[k, 1] == pytest.approx(20 * c, abs=1)
+
+
+def test_hatch_pasta_loss_aligned_lower_than_shuffled():
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(16, 32, generator=g)
+    f2 = f1 + 0.1 * torch.randn(16, 32, generator=g)
+    corr = np.arange(16)
+    corr[[3, 7]] = -1
+    aligned = pasta.pasta_loss(f1, f2, corr)
+    shuffled = pasta.pasta_loss(f1, f2[torch.randperm(16, generator=g)], corr)
+    assert float(aligned) < 0.1 < float(shuffled)
+    # cells without a correspondence do not count
+    f2b = f2.clone()
+    f2b[3] = -f1[3] * 5 + 1
+    assert float(pasta.pasta_loss(f1, f2b, np.r_[np.full(4, -1), np.arange(4, 16)])) == pytest.approx(
+        float(pasta.pasta_loss(f1, f2, np.r_[np.full(4, -1), np.arange(4, 16)])), abs=1e-3)
+    # no correspondence at all: 0, graph intact
+    f1g = f1.clone().requires_grad_(True)
+    z = pasta.pasta_loss(f1g, f2, np.full(16, -1))
+    assert float(z.detach()) == 0.0
+    z.backward()
+    assert f1g.grad is not None and float(f1g.grad.abs().sum()) == 0.0
+    # the loss is trainable: a few gradient steps on free features lower it
+    x = torch.randn(16, 8, generator=g, requires_grad=True)
+    y = torch.randn(16, 8, generator=g)
+    opt = torch.optim.SGD([x], lr=0.5)
+    first = float(pasta.pasta_loss(x, y, np.arange(16)).detach())
+    for _ in range(20):
+        opt.zero_grad()
+        pasta.pasta_loss(x, y, np.arange(16)).backward()
+        opt.step()
+    assert float(pasta.pasta_loss(x, y, np.arange(16)).detach()) < first
+
+# -----------------------------------------------------------------------------
+# PaStA on the tiny Qwen3-VL
+
+
+@pytest.fixture(scope="module")
+def hatch_tiny(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("hatch_tiny"))
+    tiny_model.main(["--out", out, "--warmup-steps", "0"])
+    model, tokenizer, image_processor = grpo.load_policy(out)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 255, (640, 480, 3), dtype=np.uint8))]
+    enc = grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(3, 4, actor=True), imgs)
+    return model, enc
+
+
+def test_hatch_image_token_features_tiny(hatch_tiny):
+    model, enc = hatch_tiny
+    merge = model.model.visual.spatial_merge_size
+    counts = (enc["image_grid_thw"].prod(-1) // merge ** 2).tolist()
+    assert counts == [48, 48] and enc["image_grid_thw"].tolist() == [[1, 12, 16], [1, 16, 12]]
+    with torch.no_grad():
+        out = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                          mm_token_type_ids=enc["mm_token_type_ids"], pixel_values=enc["pixel_values"],
+                          image_grid_thw=enc["image_grid_thw"], output_hidden_states=True, use_cache=False)
+        mask = enc["input_ids"][0] == model.config.image_token_id
+        assert int(mask.sum()) == sum(counts)
+        for layer in (0, 1):
+            feats = pasta.image_token_features(model, enc, layer)
+            assert [tuple(f.shape) for f in feats] == [(c, model.config.text_config.hidden_size) for c in counts]
+            # layer k = HF's hidden_states[k] at the image pads, image 1's tokens first
+            assert torch.allclose(torch.cat(feats), out.hidden_states[layer][0][mask], atol=1e-5)
+        assert not torch.allclose(feats[0], pasta.image_token_features(model, enc, 0)[0])
+        with pytest.raises(ValueError):
+            pasta.image_token_features(model, enc, 99)
+
+
+def test_hatch_pasta_term_tiny(hatch_tiny):
+    model, enc = hatch_tiny
+    meta = dict(width1=640, height1=480, width2=480, height2=640)
+    d1 = hatch_grid_points(640, 480, 16)
+    arrays = dict(dense1=d1.astype(np.float32), dense2=(d1 * 0.75).astype(np.float32))  # smaller region of view 2
+    model.zero_grad()
+    loss, stats = pasta.pasta_term(model, enc, arrays, meta, n=4, layer=0)
+    assert math.isfinite(stats["pasta_loss"]) and stats["pasta_loss"] > 0 and stats["pasta_cells"] == 16
+    assert 0 <= stats["pasta_acc"] <= 1
+    loss.backward()
+    grads = [p.grad for p in model.model.visual.merger.parameters()]
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    model.zero_grad()
+    loss, stats = pasta.pasta_term(model, enc, dict(dense1=np.zeros((0, 2)), dense2=np.zeros((0, 2))), meta,
+                                   layer=1)
+    assert stats["pasta_loss"] == 0 and stats["pasta_cells"] == 0 and math.isnan(stats["pasta_acc"])
+    loss.backward()  # graph intact with nothing to align
+    model.zero_grad()
+
+# -----------------------------------------------------------------------------
+# ActoR: canonical actions from the pose
+
+
+def hatch_pose(M, centre):
+    """Camera 2's orientation M (its axes in camera-1 coords) and centre -> the pool's (R, t), x2 = R x1 + t."""
+    R = np.asarray(M).T
+    return R.tolist(), (-R @ np.asarray(centre, float)).tolist()
+
+
+def hatch_project(R, t, X1):
+    x = np.asarray(R) @ np.asarray(X1, float) + np.asarray(t)
+    return x[:2] / x[2]
+
+
+def test_hatch_actions_known_poses_follow_geometry():
+    ahead = (0, 0, 5)                                            # a scene point straight ahead of camera 1
+    # camera turns right by 30 degrees: a point ahead of camera 1 appears LEFT of centre in image 2
+    R, t = hatch_pose(hatch_rot_y(30), (0, 0, 0))
+    assert hatch_project(R, t, ahead)[0] < 0
+    a = reward.canonical_actions(R, t)
+    assert (a["yaw"], a["pitch"], a["roll"], a["move"]) == (30, 0, 0, "stay")
+    assert "yaw right 30" in reward.format_actions(a)
+    # camera tilts up by 15: the point ahead appears LOWER (y down) in image 2
+    R, t = hatch_pose(hatch_rot_x(15), (0, 0, 1))
+    assert hatch_project(R, t, ahead)[1] > 0
+    assert reward.format_actions(reward.canonical_actions(R, t)) == \
+        "<action>\nyaw 0, pitch up 15, roll 0, move forward\n</action>"
+    # camera rolls clockwise (as the photographer sees it) by 45: the scene turns counter-clockwise in image 2,
+    # so a point right of centre in image 1 moves up
+    R, t = hatch_pose(hatch_rot_z(45), (0, 0, 0))
+    p = hatch_project(R, t, (1, 0, 5))
+    assert p[0] > 0 and p[1] < 0
+    assert "roll cw 45" in reward.format_actions(reward.canonical_actions(R, t))
+    # combined: yaw left 60, pitch down 30, roll ccw 15 (intrinsic yaw-pitch-roll), camera moved to the left
+    R, t = hatch_pose(hatch_rot_y(-60) @ hatch_rot_x(-30) @ hatch_rot_z(-15), (-2, 0.3, 0.5))
+    assert reward.format_actions(reward.canonical_actions(R, t)) == \
+        "<action>\nyaw left 60, pitch down 30, roll ccw 15, move left\n</action>"
+    for centre, word in (((0, 0, -1), "back"), ((0, -1, 0.2), "up"), ((0.1, 2, 0), "down"), ((3, 0, 1), "right")):
+        assert reward.canonical_actions(*hatch_pose(np.eye(3), centre))["move"] == word
+    # quantisation with another step, and the +-180 wrap
+    a = reward.canonical_actions(*hatch_pose(hatch_rot_y(37), (0, 0, 1)), step_deg=10)
+    assert a["yaw"] == 40 and a["yaw_exact"] == pytest.approx(37)
+    assert reward.canonical_actions(*hatch_pose(hatch_rot_y(-179), (0, 0, 1)))["yaw"] == 180
+
+
+def test_hatch_actions_random_poses_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        yaw, pitch, roll = rng.uniform(-170, 170), rng.uniform(-80, 80), rng.uniform(-170, 170)
+        M = hatch_rot_y(yaw) @ hatch_rot_x(pitch) @ hatch_rot_z(roll)
+        R, t = hatch_pose(M, rng.normal(size=3))
+        a = reward.canonical_actions(R, t)
+        assert (a["yaw_exact"], a["pitch_exact"], a["roll_exact"]) == pytest.approx((yaw, pitch, roll), abs=1e-6)
+        text = "Let me think.\n" + reward.format_actions(a) + "\n<answer>\n1: A\n</answer>"
+        p = reward.parse_actions(text)
+        assert p == {k: a[k] for k in ("yaw", "pitch", "roll", "move")}
+        assert reward.action_reward(text, R, t)["action"] == 1.0
+        assert reward.parse_answer(text, 1, 1) == {1: "A"}   # the answer parser accepts the action block before
+
+
+def test_hatch_action_reward_wrong_actions_score_lower():
+    R, t = hatch_pose(hatch_rot_y(45) @ hatch_rot_x(-30) @ hatch_rot_z(30), (0.2, 0.1, 1.0))
+    good = reward.canonical_actions(R, t)
+    assert reward.action_reward(reward.format_actions(good), R, t)["action"] == 1.0
+    cases = [(dict(yaw=-good["yaw"]), "yaw_ok"), (dict(pitch=-good["pitch"]), "pitch_ok"),
+             (dict(roll=-good["roll"]), "roll_ok"), (dict(move="back"), "move_ok"), (dict(move="left"), "move_ok"),
+             (dict(move="stay"), "move_ok"), (dict(yaw=good["yaw"] + 30), "yaw_ok")]
+    for change, bad_key in cases:
+        d = reward.action_reward(reward.format_actions(dict(good, **change)), R, t)
+        assert d[bad_key] == 0.0 and d["action"] == 0.75, change
+    # one step off is within the default tolerance (15 degrees) of the exact angle 45
+    assert reward.action_reward(reward.format_actions(dict(good, yaw=good["yaw"] + 15)), R, t)["yaw_ok"] == 1.0
+    assert reward.action_reward(reward.format_actions(dict(good, yaw=good["yaw"] + 15)), R, t,
+                                tol_deg=5)["yaw_ok"] == 0.0
+    # move tolerance: a near tie accepts both axes, a clear winner only itself
+    R2, t2 = hatch_pose(np.eye(3), (1.0, 0, 0.95))
+    base = dict(yaw=0, pitch=0, roll=0)
+    assert reward.action_reward(reward.format_actions(dict(base, move="forward")), R2, t2)["move_ok"] == 1.0
+    assert reward.action_reward(reward.format_actions(dict(base, move="right")), R2, t2)["move_ok"] == 1.0
+    R3, t3 = hatch_pose(np.eye(3), (1.0, 0, 0.5))
+    assert reward.action_reward(reward.format_actions(dict(base, move="forward")), R3, t3)["move_ok"] == 0.0
+    # "stay" only for a pure rotation
+    R4, t4 = hatch_pose(hatch_rot_y(15), (0, 0, 0))
+    assert reward.action_reward(reward.format_actions(dict(base, yaw=15, move="stay")), R4, t4)["action"] == 1.0
+    # missing / malformed block scores 0
+    assert reward.action_reward("<answer>\n1: A\n</answer>", R, t)["action"] == 0.0
+
+
+@pytest.mark.parametrize("text", [
+    "<action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",
+    "<ACTION>Yaw Right 30°; pitch DOWN 15 deg\nroll 0 ; move Forwards</action>",
+    "<action>\nmove forward\nroll 0\npitch down 15 degrees\nyaw right 30\n</action>\n<answer>\n</answer>",
+    "<action> yaw  right   30.0 ,pitch down 15, roll counterclockwise 0, move forward </action>",
+])
+def test_hatch_parse_actions_tolerant(text):
+    assert reward.parse_actions(text) == dict(yaw=30.0, pitch=-15.0, roll=0.0, move="forward")
+
+
+@pytest.mark.parametrize("text", [
+    "yaw right 30, pitch down 15, roll 0, move forward",                                   # no block
+    "<action>\nyaw right 30, pitch down 15, roll 0\n</action>",                           # move missing
+    "<action>\nyaw right 30, yaw left 15, pitch 0, roll 0, move forward\n</action>",      # yaw twice
+    "<action>\nyaw -30, pitch down 15, roll 0, move forward\n</action>",                  # sign as a number
+    "<action>\nyaw 30, pitch down 15, roll 0, move forward\n</action>",                   # no direction word
+    "<action>\nyaw up 30, pitch down 15, roll 0, move forward\n</action>",                # wrong word for yaw
+    "<action>\nyaw right 30, pitch down 120, roll 0, move forward\n</action>",            # pitch > 90
+    "<action>\nyaw right 200, pitch down 15, roll 0, move forward\n</action>",            # yaw > 180
+    "<action>\nyaw right 30, pitch down 15, roll 0, move sideways\n</action>",            # unknown move
+    "<action>\nyaw right 30, pitch down 15, roll 0, move forward, then stop\n</action>",  # extra item
+    "<action>a</action><action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",  # two blocks
+    "<answer>\n1: A\n</answer>\n<action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",  # after
+    "</action>yaw right 30, pitch down 15, roll 0, move forward<action>",                 # reversed tags
+])
+def test_hatch_parse_actions_malformed(text):
+    assert reward.parse_actions(text) is None
+
+
+def test_hatch_parsers_never_raise_fuzz():
+    rnd = random.Random(0)
+    pieces = ["<action>", "</action>", "<answer>", "</answer>", "< action >", "yaw", "pitch", "roll", "move", "left",
+              "right", "up", "down", "cw", "ccw", "forward", "back", "stay", "0", "15", "90", "180", "999", "1e9",
+              "12.5", "-", ",", ";", "\n", " ", ":", "°", "deg", "1", "A", "none", "\x00", "é", "→", "∅", "..."]
+    R, t = hatch_pose(hatch_rot_y(20), (0, 0, 1))
+    valid = "ok\n<action>\nyaw right 30, pitch down 15, roll ccw 45, move forward\n</action>\n<answer>\n1: A\n</answer>"
+    parsed = 0
+    for k in range(10000):
+        if k % 2:  # random token soup
+            text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30)))
+        else:      # a valid completion with a few characters replaced, inserted or deleted
+            chars = list(valid)
+            for _ in range(rnd.randint(1, 3)):
+                i = rnd.randrange(len(chars))
+                op = rnd.random()
+                if op < 0.4:
+                    chars[i] = rnd.choice(pieces)
+                elif op < 0.7:
+                    chars.insert(i, rnd.choice(pieces))
+                else:
+                    del chars[i]
+            text = "".join(chars)
+        p = reward.parse_actions(text)
+        assert p is None or set(p) == {"yaw", "pitch", "roll", "move"}
+        parsed += p is not None
+        reward.parse_answer(text, 3, 4)
+        d = reward.action_reward(text, R, t)
+        assert 0.0 <= d["action"] <= 1.0
+    assert 100 < parsed < 9000  # the mutations reach both outcomes
+    for bad in (None, 5, b"<action>", "<action>" * 10 ** 5):
+        assert reward.parse_actions(bad) is None
+
+
+def test_hatch_score_with_action_weight():
+    R, t = hatch_pose(hatch_rot_y(-30), (0, 0, 1))
+    task = dict(task_id="t", n=2, m=3, target=["B", None], R=R, t=t)
+    answer = reward.format_answer({1: "B", 2: None})
+    act = reward.format_actions(reward.canonical_actions(R, t))
+    good = "Reasoning.\n" + act + "\n" + answer
+    # w_action = 0: exactly the old behaviour (same dict as without the argument)
+    assert reward.score(good, task, w_action=0.0) == reward.score(good, task)
+    assert "action" not in reward.score(good, task)
+    d = reward.score(good, task, w_action=0.5)
+    assert (d["format"], d["match"], d["action"], d["reward"]) == (1.0, 1.0, 1.0, 2.5)
+    d = reward.score(answer, task, w_action=0.5)                 # no action block: no action reward
+    assert (d["action"], d["reward"]) == (0.0, 2.0)
+    d = reward.score(act + "\n<answer>\n1: B\n</answer>\nmore", task, w_action=0.5)  # malformed answer, action ok
+    assert (d["format"], d["match"], d["action"], d["reward"]) == (0.0, 0.0, 1.0, 0.5)
+    d = reward.score(good, dict(task, R=None, t=None), w_action=0.5)  # pose unknown: nothing added
+    assert d["action"] is None and d["reward"] == 2.0
+
+# -----------------------------------------------------------------------------
+# ActoR prompts in make_tasks.py
+
+
+def test_hatch_actor_prompt_and_task(tmp_path):
+    plain = make_tasks.build_prompt(4, 6)
+    p = make_tasks.build_prompt(4, 6, actor=True)
+    assert make_tasks.build_prompt(4, 6, actor=False) == plain and p != plain
+    assert reward.action_instructions(15) in p and p.endswith(reward.ANSWER_INSTRUCTIONS)
+    assert p.index("<action>") < p.index("<answer>") and "1 to 4" in p and "A to F" in p
+    assert "Then give the camera motion and your final answer." in p
+    assert "multiples of 10" in make_tasks.build_prompt(4, 6, actor=True, action_step=10)
+    # make_task passes actor through (a minimal fake pair: 6 matched keypoints, one per cluster)
+    for k in (1, 2):
+        Image.new("RGB", (320, 240), (90, 90, 90)).save(tmp_path / f"im{k}.png")
+    kp = np.array([[40, 40], [160, 40], [280, 40], [40, 200], [160, 200], [280, 200]], np.float32)
+    arrays = dict(kp1=kp, kp2=kp[::-1].copy(), match=np.arange(6, dtype=np.int32)[::-1].copy(),
+                  cluster=np.arange(6, dtype=np.int32), cluster2=np.arange(6, dtype=np.int32)[::-1].copy())
+    pair = dict(pair_id="p/0", source="scannet", scene="s", scene_type="indoor", split="test", bin=1, delta_v=0.5,
+                image1="im1.png", image2="im2.png", width1=320, height1=240, width2=320, height2=240,
+                K1=np.eye(3).tolist(), K2=np.eye(3).tolist(), R=np.eye(3).tolist(), t=[0, 0, 1])
+    for actor in (False, True):
+        task, _ = make_tasks.make_task(pair, arrays, "L1", "sparse", 3, np.random.default_rng(0), str(tmp_path),
+                                       max_side=320, actor=actor)
+        assert task["actor"] is actor and task["prompt"] == make_tasks.build_prompt(task["n"], task["m"], actor=actor)
+    assert make_tasks.parse_args(["--actor"]).actor and not make_tasks.parse_args([]).actor
+
+# -----------------------------------------------------------------------------
+# PaStA + ActoR wired into grpo.py (a tiny synthetic pool, the random tiny model)
+
+
+@pytest.fixture(scope="module")
+def hatch_grpo_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hatch_grpo")
+    synthetic.main(["--out", str(d / "demo_data"), "--frames", "6", "--image-scale", "0.5",
+                    "--layouts", "scannet,co3d"])
+    build_pool.main(["--scannet", str(d / "demo_data" / "scannet"), "--co3d", str(d / "demo_data" / "co3d"),
+                     "--out", str(d / "pool"), "--max-pairs-per-scene", "8", "--min-matches", "10",
+                     "--num-bins", "2"])
+    tiny_model.main(["--out", str(d / "tiny"), "--warmup-steps", "0"])
+    return d
+
+
+def test_hatch_grpo_pasta_actor_run_logs_both_terms(hatch_grpo_env, tmp_path):
+    d = hatch_grpo_env
+    grpo.main(["--model", str(d / "tiny"), "--pool", str(d / "pool"), "--out", str(tmp_path), "--steps", "2",
+               "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8", "--eval-every", "0",
+               "--save-every", "100", "--pasta-weight", "0.1", "--actor"])
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert math.isfinite(m["pasta"]) and m["pasta"] > 0 and math.isfinite(m["action"]) and 0 <= m["action"] <= 1
+        assert m["curriculum_events"] == []
+    rollouts = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    assert len(rollouts) == 8 and all(r["action"] is not None for r in rollouts)  # synthetic pairs have poses
+
+
+def hatch_grad_of_pasta(d, weight):
+    """Vision-tower gradients of one train_on call whose GRPO part is exactly zero (equal rewards, no KL)."""
+    model, tok, ip = grpo.load_policy(str(d / "tiny"))
+    pairs = [p for p in make_tasks.load_pairs(str(d / "pool"), "train")]
+    rng = np.random.default_rng(0)
+    samples = []
+    for pair in pairs[:2]:
+        task, images = grpo.task_for_pair(pair, str(d / "pool"), "L1", "sparse", rng, 320, actor=True)
+        enc = grpo.encode(tok, ip, task["prompt"], images)
+        samples += [dict(enc=enc, task=task, token_ids=[20, 21, 22], logprobs=[0.0] * 3, reward=1.0)] * 2
+    args = argparse.Namespace(group_size=2, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.0,
+                              clip_eps=0.2, ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=weight,
+                              pasta_grid=4, pasta_layer=0, pasta_tau=0.1, pool=str(d / "pool"))
+    model.train()
+    stats, _ = grpo.train_on(samples, model, None, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False),
+                             {p["pair_id"]: p for p in pairs})
+    grads = [p.grad for p in model.model.visual.blocks[0].parameters()]
+    return [0.0 if g is None else float(g.abs().sum()) for g in grads], stats
+
+
+def test_hatch_pasta_term_reaches_vision_tower(hatch_grpo_env):
+    on, stats = hatch_grad_of_pasta(hatch_grpo_env, 0.1)
+    assert all(g > 0 for g in on) and stats["pasta_sum"] > 0 and stats["pasta_acc_n"] >= 1
+    off, stats = hatch_grad_of_pasta(hatch_grpo_env, 0.0)
+    assert all(g == 0 for g in off) and stats["pasta_sum"] == 0  # zero advantages: GRPO alone gives no gradient
+
+
+def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, tmp_path):
+    """The PaStA term is normalised by the GLOBAL prompt count and runs through the FSDP2-registered method."""
+    d, here = hatch_grpo_env, os.path.dirname(os.path.abspath(__file__))
+    common = ["--model", str(d / "tiny"), "--pool", str(d / "pool"), "--eval-every", "0", "--group-size", "2",
+              "--prompts-per-step", "2", "--max-new-tokens", "8", "--toy-reward", "--kl-beta", "0.1", "--steps", "1",
+              "--pasta-weight", "0.5", "--actor"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "a"),
+                    "--micro-batch", "1", "--debug-grad-dump", str(tmp_path / "g1.pt")],
+                   check=True, cwd=here, env=env, capture_output=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+                    os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "b"), "--micro-batch", "8",
+                    "--debug-grad-dump", str(tmp_path / "g2.pt")], check=True, cwd=here, env=env, capture_output=True)
+    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    vision = [n for n in g1 if "visual.blocks.0." in n]
+    assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+# ==============================================================================
+# bench.py: the benchmark's equivalence checks on tiny shapes
+# ==============================================================================
+
+def test_bench_logprobs_chunked_equals_naive():
+    # T larger than grpo's chunk, so several chunks (and the padded last row) are exercised
+    T = bench._default_chunk() + 37
+    rows = bench.compare_logprobs(T, hidden=16, batch_size=2, prompt_len=8, vocab=300, device=torch.device("cpu"))
+    assert [r["mode"] for r in rows] == ["train", "no_grad"]
+    for r in rows:
+        assert {"chunked_mb", "naive_mb", "mem_ratio", "chunked_s", "naive_s", "max_abs_diff"} <= set(r)
+        assert r["max_abs_diff"] <= 1e-4 and r["T"] == T
+    assert rows[0]["grad_rel_diff"] <= 1e-3
+
+
+def test_bench_logprobs_mismatch_is_loud(monkeypatch):
+    real = bench.naive_logprobs
+    monkeypatch.setattr(bench, "naive_logprobs", lambda m, b, t: real(m, b, t) + 0.01)
+    with pytest.raises(bench.Mismatch):
+        bench.compare_logprobs(20, hidden=8, vocab=50, device=torch.device("cpu"), modes=("no_grad",))
+
+
+@pytest.fixture(scope="module")
+def bench_pool_pairs(tmp_path_factory):
+    data = bench.make_synthetic(str(tmp_path_factory.mktemp("bench") / "d"), frames=3, image_scale=0.25)
+    return bench.load_pool_pairs(data, max_pairs=6)
+
+
+def test_bench_pool_naive_agrees_with_build_pool(bench_pool_pairs):
+    params = dict(bench.POOL_PARAMS, depth_step=4)
+    r = bench.compare_pool(bench_pool_pairs, params)
+    assert {"pairs", "accepted", "rejected", "speedup", "naive_pairs_s", "vectorised_pairs_s"} <= set(r)
+    assert r["pairs"] == len(bench_pool_pairs) == 6
+    assert r["valid_diff"] == 0 and r["max_count_diff"] <= 2
+    # match counts of the two versions agree closely on the pair with the most matches
+    f1, f2 = max(bench_pool_pairs, key=lambda p: bench.build_pool.match_rgbd(p[0], p[1], params)["counts"]["match"])
+    fast = bench.build_pool.match_rgbd(f1, f2, params)["counts"]
+    slow = bench.naive_match_rgbd(f1, f2, params)
+    assert slow["match"] > 0 and abs(fast["match"] - slow["match"]) <= 2
+
+
+def test_bench_pool_decision_mismatch_is_loud(bench_pool_pairs, monkeypatch):
+    real = bench.naive_match_rgbd
+
+    def broken(f1, f2, params):  # accepts everything
+        return dict(real(f1, f2, params), match=10 ** 6)
+    monkeypatch.setattr(bench, "naive_match_rgbd", broken)
+    params = dict(bench.POOL_PARAMS, depth_step=4, min_matches=10 ** 5)
+    with pytest.raises(bench.Mismatch):
+        bench.compare_pool(bench_pool_pairs[:2], params)
+
+
+def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
+    path = bench.build_model_dir("tiny", str(tmp_path / "tiny"))
+    model, tok, ip = bench.grpo.load_policy(path)
+    bench.never_stop(model, tok)
+    enc = bench.bench_prompt(tok, ip, side=128)
+    row, = bench.compare_rollout(model, tok, enc, G=3, lengths=[4])
+    assert row["generated"] == 3 * 4  # never_stop: every completion runs to its length
+    assert {"shared_prefill", "repeated_prefill", "prefill_ratio", "shared_tok_s", "saved"} <= set(row)
