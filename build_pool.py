@@ -54,7 +54,7 @@ Verification rules
   cluster2 of a kept match is the cluster of its image-1 point; a distractor takes the cluster of the nearest
   kept match point in its own image.
 
-Outputs (pool/): pairs.jsonl (one pair per line; fields in contract.md), pairs/<source>/<scene>/<f1>_<f2>.npz
+Outputs (pool/): pairs.jsonl (one pair per line; fields in README.md, "Pool"), pairs/<source>/<scene>/<f1>_<f2>.npz
 (kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs), args.json,
 summary.json. Split by scene: hash of the scene name < --test-fraction -> test; a source with >= 2 scenes and
 no test scene sends its smallest-hash scene to test; --test-scenes FILE (one scene name a line) overrides.
