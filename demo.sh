@@ -9,7 +9,7 @@
 # Usage: bash demo.sh        (PYTHON=/path/to/python bash demo.sh to pick an interpreter)
 set -euo pipefail
 cd "$(dirname "$0")"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 step() { echo; echo "=== $* ==="; }
 
 step "1/6 render synthetic scenes in real dataset layouts"
