@@ -14,6 +14,11 @@ Real data (one machine, scenes in parallel over CPU cores; no GPU is used):
         --max-pairs-per-scene 200 --workers 16
     python build_pool.py --scannet /data/scannet_sens --out pool     # raw .sens files, no export step
     python build_pool.py --co3d /data/co3d --uco3d /data/uco3d --colmap /data/dl3dv --colmap-source dl3dv --out pool
+    python build_pool.py --re10k /data/re10k --frame-stride 10 --out pool        # triangulates each clip first
+CPU demo for RealEstate10K (opt-in synthetic layout, its own folder: a re-run of synthetic.py replaces what
+it wrote before; ~10 s for 2 clips x 10 frames):
+    python synthetic.py --out demo_re10k --layouts re10k --frames 10
+    python build_pool.py --re10k demo_re10k/re10k --out pool_re10k
 Every --SOURCE flag takes a dataset root holding many scenes or a single scene.
 
 Inputs, per source
@@ -31,7 +36,19 @@ Inputs, per source
   written to pool/images/ as JPEG. Not tested end to end (no synthetic writer); the pure conversions are.
 - COLMAP (--colmap, name the corpus with --colmap-source dl3dv|re10k|...): <scene>/images/ and
   <scene>/sparse/0/ (or sparse/) with cameras/images/points3D .bin or .txt, read with pycolmap.
-- RealEstate10K camera txt files (--re10k): NOT IMPLEMENTED YET (exits with a message).
+- RealEstate10K (--re10k ROOT): camera files ROOT/<split>/<clip>.txt or ROOT/<clip>.txt (or one .txt): a URL
+  line, then per frame `timestamp_us fx fy cx cy k1 k2` + a 3x4 row-major world-to-camera [R|t] (OpenCV axes),
+  intrinsics divided by the image width (fx, cx) and height (fy, cy); we take cx * W as an OpenCV principal point.
+  Frames as users extract them from the videos, named by timestamp: FRAMES/<split>/<clip>/<timestamp_us>.png|jpg
+  or FRAMES/<clip>/<timestamp_us>.png|jpg, FRAMES = --re10k-frames or ROOT. RE10K ships poses but no 3D points,
+  so each clip is first triangulated with pycolmap from its known cameras (every --frame-stride-th frame):
+  extract_features (one PINHOLE camera with the known intrinsics), match_exhaustive (<= --re10k-exhaustive-max
+  frames) or match_sequential, then triangulate_points on a Reconstruction holding the known poses (poses and
+  intrinsics fixed, no pose estimation; observations > --re10k-max-reproj-error px from their point dropped).
+  The model is written to <out>/colmap_re10k/<clip>/sparse/ (kept for inspection; database.db is deleted
+  unless --re10k-keep-database) and read back as a COLMAP scene (SfM rule below). Frames with a missing or
+  unreadable image or a non-finite camera are skipped with a warning and counted; a clip with no frame folder
+  or no triangulated point is skipped. scene_type is --re10k-scene-type (indoor: RE10K is mostly interiors).
 
 Verification rules
 - RGB-D: valid depth pixels of I1 (every --depth-step-th pixel of the depth map) are back-projected with
@@ -55,13 +72,16 @@ Verification rules
   kept match point in its own image.
 
 Outputs (pool/): pairs.jsonl (one pair per line; fields in README.md, "Pool"), pairs/<source>/<scene>/<f1>_<f2>.npz
-(kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs), args.json,
-summary.json. Split by scene: hash of the scene name < --test-fraction -> test; a source with >= 2 scenes and
-no test scene sends its smallest-hash scene to test; --test-scenes FILE (one scene name a line) overrides.
+(kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs),
+colmap_re10k/<clip>/sparse/ (RealEstate10K models), args.json, summary.json. Split by scene: hash of the scene
+name < --test-fraction -> test; a source with >= 2 scenes and no test scene sends its smallest-hash scene to
+test; --test-scenes FILE (one scene name a line) overrides (RE10K's own train/test folders are not used).
 
 Departures from the paper: delta_v bins are per-source deciles by default (the paper does not say how bins are
 cut); the photometric check is a loose normalised-colour test (the paper does not specify it); sparse spread
-uses k-means centres; R, t are in metres for RGB-D and in model units for SfM.
+uses k-means centres; R, t are in metres for RGB-D and in model units for SfM (RE10K: its own arbitrary scale).
+RealEstate10K matches are SIFT tracks triangulated from poses that ORB-SLAM estimated, so they are as good as
+those poses (the paper does not say how it made RE10K correspondences).
 """
 
 import argparse
@@ -74,6 +94,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import struct
 import sys
@@ -491,6 +512,184 @@ def find_colmap(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# RealEstate10K: camera txt files + frames -> a COLMAP model triangulated from the known poses
+
+RE10K_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def read_re10k(path):
+    """(url, frames) from a RealEstate10K camera file: the first line is the YouTube URL, then one line per frame
+    `timestamp_us fx fy cx cy k1 k2 r00 r01 r02 t0 r10 ... t2`: intrinsics divided by the image width (fx, cx)
+    and height (fy, cy), then the 3x4 row-major world-to-camera [R|t] (OpenCV axes). frames: list of
+    (timestamp str, normalised (fx, fy, cx, cy), w2c (3, 4))."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput("bad camera file", f"{path}: cannot read ({e})")
+    frames = []
+    for n, line in enumerate(lines[1:], start=2):
+        v = line.split()
+        if not v:
+            continue
+        try:
+            x = np.array(v[1:], np.float64)
+            int(v[0])
+        except ValueError as e:
+            raise BadInput("bad camera file", f"{path}:{n}: not a camera line ({e})")
+        if len(x) != 18:
+            raise BadInput("bad camera file", f"{path}:{n}: expected timestamp + 18 numbers, got {len(v)} fields")
+        frames.append((v[0], x[:4], x[6:].reshape(3, 4)))
+    if not frames:
+        raise BadInput("bad camera file", f"{path}: no camera lines")
+    return lines[0].strip(), frames
+
+
+def re10k_intrinsics(norm, width, height):
+    """OpenCV K in pixels from RE10K's normalised (fx, fy, cx, cy); we read cx * W as an OpenCV principal point
+    (pixel centres at integer coordinates), so COLMAP's is cx * W + 0.5."""
+    fx, fy, cx, cy = norm
+    return np.array([[fx * width, 0, cx * width], [0, fy * height, cy * height], [0, 0, 1.0]])
+
+
+def find_re10k(path, frames_root=None):
+    """Clips (name, camera txt, frame folder or None) under ROOT/<split>/<clip>.txt or ROOT/<clip>.txt, or one
+    <clip>.txt. Frames are looked up in FRAMES/<split>/<clip>/, then FRAMES/<clip>/ (FRAMES = --re10k-frames,
+    else the folder of the txt's split root)."""
+    if os.path.isfile(path):
+        txts, root = [path], os.path.dirname(os.path.abspath(path))
+    else:
+        root = path
+        txts = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".txt")]
+        for d in sorted(os.listdir(path)):
+            if os.path.isdir(os.path.join(path, d)):
+                txts += [os.path.join(path, d, f) for f in sorted(os.listdir(os.path.join(path, d)))
+                         if f.endswith(".txt")]
+    base = frames_root or root
+    out = []
+    for txt in txts:
+        name = os.path.splitext(os.path.basename(txt))[0]
+        split = os.path.relpath(os.path.dirname(os.path.abspath(txt)), os.path.abspath(root))
+        cands = [os.path.join(base, split, name), os.path.join(base, name)]
+        frames = next((c for c in cands if os.path.isdir(c)), None)
+        out.append((name, txt, frames))
+    return out
+
+
+def build_re10k_model(spec, params, frames_skipped):
+    """Triangulate one clip with pycolmap from its known cameras: SIFT features, exhaustive (short clips) or
+    sequential matching, then points triangulated with cameras and poses held fixed (no pose estimation).
+    Work folder: <out>/colmap_re10k/<clip>/ (sparse/ kept for inspection, database.db only with
+    --re10k-keep-database). Returns the model folder and the frame folder, for ColmapScene."""
+    import pycolmap
+    name, txt, frames_dir = spec
+    if frames_dir is None:
+        raise BadInput("missing image", f"{txt}: no frame folder {name}/ found (see --re10k-frames)")
+    _, cams = read_re10k(txt)
+    files, size, norm, w2c = [], None, {}, {}
+    for ts, intr, P in cams[::params["frame_stride"]]:
+        path = next((os.path.join(frames_dir, ts + e) for e in RE10K_IMAGE_EXTS
+                     if os.path.isfile(os.path.join(frames_dir, ts + e))), None)
+        reason, msg = None, None
+        if path is None:
+            reason, msg = "missing image", f"{os.path.join(frames_dir, ts)}.png/.jpg: image file missing"
+        elif not (np.all(np.isfinite(P)) and np.all(np.isfinite(intr))):
+            reason, msg = "bad pose", f"{txt}: frame {ts} has a non-finite camera"
+        else:
+            try:
+                with Image.open(path) as im:  # header only: the size, and that it is an image at all
+                    wh = im.size
+            except (OSError, SyntaxError, ValueError) as e:
+                reason, msg = "corrupt image", f"{path}: cannot decode image ({e})"
+            else:
+                size = size or wh
+                if wh != size:
+                    reason, msg = "corrupt image", f"{path}: size {wh[0]}x{wh[1]}, other frames {size[0]}x{size[1]}"
+        if reason:
+            warn(f"{msg}; skipping frame")
+            frames_skipped[reason] += 1
+            continue
+        fname = os.path.basename(path)
+        files.append(fname)
+        norm[fname], w2c[fname] = intr, P
+    if len(files) < 2:
+        raise BadInput("too few frames", f"{txt}: {len(files)} usable frames (need 2)")
+    work = os.path.join(params["out"], "colmap_re10k", safe(name))
+    if os.path.isdir(work):
+        shutil.rmtree(work)  # a previous run's model: always rebuilt, never mixed
+    sparse = os.path.join(work, "sparse")
+    os.makedirs(sparse)
+    db = os.path.join(work, "database.db")
+    # COLMAP logs lines per image, and warns that fixed poses leave no gauge to fix; its errors still show
+    pycolmap.logging.minloglevel = max(pycolmap.logging.minloglevel, 2)
+    threads = max(1, (os.cpu_count() or 1) // max(1, params["workers"]))
+    K0 = re10k_intrinsics(norm[files[0]], *size)
+    same = all(np.allclose(norm[f], norm[files[0]], rtol=0, atol=1e-9) for f in files)
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = "PINHOLE"
+    reader.camera_params = ",".join(str(v) for v in (K0[0, 0], K0[1, 1], K0[0, 2] + 0.5, K0[1, 2] + 0.5))
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = threads
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = threads
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = params["seed"]
+    try:
+        pycolmap.extract_features(db, frames_dir, image_names=files,
+                                  camera_mode=pycolmap.CameraMode.SINGLE if same else pycolmap.CameraMode.PER_IMAGE,
+                                  reader_options=reader, extraction_options=extraction)
+        if len(files) <= params["re10k_exhaustive_max"]:
+            pycolmap.match_exhaustive(db, matching_options=matching, verification_options=verification)
+        else:
+            pairing = pycolmap.SequentialPairingOptions()
+            pairing.overlap = params["re10k_overlap"]
+            pycolmap.match_sequential(db, matching_options=matching, pairing_options=pairing,
+                                      verification_options=verification)
+        with pycolmap.Database.open(db) as d:
+            images = d.read_all_images()
+            keypoints = {im.image_id: d.read_keypoints(im.image_id)[:, :2].astype(np.float64) for im in images}
+        # the known cameras and poses, under the database's image and camera ids
+        rec = pycolmap.Reconstruction()
+        for im in sorted(images, key=lambda im: im.image_id):
+            if not rec.exists_camera(im.camera_id):
+                K = re10k_intrinsics(norm[im.name], *size)
+                rec.add_camera_with_trivial_rig(pycolmap.Camera(
+                    camera_id=im.camera_id, model="PINHOLE", width=size[0], height=size[1],
+                    params=[K[0, 0], K[1, 1], K[0, 2] + 0.5, K[1, 2] + 0.5]))
+            P = w2c[im.name]
+            rec.add_image_with_trivial_frame(
+                pycolmap.Image(name=im.name, keypoints=keypoints[im.image_id], camera_id=im.camera_id,
+                               image_id=im.image_id),
+                pycolmap.Rigid3d(pycolmap.Rotation3d(P[:, :3]), P[:, 3]))
+        options = pycolmap.IncrementalPipelineOptions()
+        options.random_seed = params["seed"]
+        options.triangulation.merge_max_reproj_error = params["re10k_max_reproj_error"]
+        options.triangulation.complete_max_reproj_error = params["re10k_max_reproj_error"]
+        options.mapper.filter_max_reproj_error = params["re10k_max_reproj_error"]
+        model = pycolmap.triangulate_points(rec, db, frames_dir, sparse, options=options, refine_intrinsics=False)
+    except (RuntimeError, ValueError) as e:
+        raise BadInput("colmap failed", f"{txt}: pycolmap could not triangulate the clip ({e})")
+    lost = sorted(set(files) - {im.name for im in images})
+    for f in lost:  # COLMAP could not read it although its header looked fine
+        warn(f"{os.path.join(frames_dir, f)}: COLMAP could not read the image; skipping frame")
+        frames_skipped["corrupt image"] += 1
+    if not params["re10k_keep_database"]:
+        os.remove(db)
+    if model.num_points3D() == 0:
+        raise BadInput("colmap failed", f"{txt}: no point could be triangulated (too little texture or overlap)")
+    return sparse, frames_dir
+
+
+class RE10KClip(ColmapScene):
+    """A RealEstate10K clip as a COLMAP scene (triangulated first); frames ordered by timestamp."""
+
+    def __init__(self, spec, params, frames_skipped):
+        sparse, frames_dir = build_re10k_model(spec, params, frames_skipped)
+        super().__init__((spec[0], sparse, frames_dir))
+        self.frame_ids = sorted(self.frame_ids, key=lambda f: int(os.path.splitext(f)[0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Geometry: verification rules
 
 BORDER = 2.0  # px: a distractor "outside the other image" must project at least this far outside it
@@ -690,7 +889,9 @@ def select_points(res12, res21, params, rng):
 # ----------------------------------------------------------------------------------------------------------------
 # One scene: sample pairs, verify, write npz files (runs in a worker process)
 
-def open_scene(source, kind, spec):
+def open_scene(source, kind, spec, params=None, frames_skipped=None):
+    if source == "re10k":
+        return RE10KClip(spec, params, frames_skipped)
     if source == "scannet":
         return ScanNetSens(spec) if kind == "sens" else ScanNetExported(spec)
     if source == "co3d":
@@ -721,13 +922,14 @@ def process_scene(task):
     source, name_out, kind, spec, args = task
     stats = dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(), pairs_tried=0)
     try:
-        scene = open_scene(source if source in ("scannet", "co3d", "uco3d") else "colmap", kind, spec)
+        scene = open_scene(source if source in ("scannet", "co3d", "uco3d", "re10k") else "colmap", kind, spec,
+                           args, stats["frames_skipped"])
     except BadInput as e:
         warn(f"{e}; skipping scene")
         stats["scenes_skipped"] = 1
         return [], stats
     rng = np.random.default_rng(scene_seed(args["seed"], name_out, scene.name))
-    ids = scene.frame_ids[::args["frame_stride"]]
+    ids = scene.frame_ids[::1 if source == "re10k" else args["frame_stride"]]  # re10k: strided before COLMAP
     pairs = sample_pairs(len(ids), args["max_pairs_per_scene"], rng)
     cache, bad = collections.OrderedDict(), {}
     out_dir = os.path.join(args["out"], "pairs", name_out, safe(scene.name))
@@ -779,7 +981,7 @@ def process_scene(task):
         n_m = int((arrays["match"] >= 0).sum())
         records.append(dict(
             pair_id=f"{name_out}/{scene.name}/{f1['id']}-{f2['id']}", source=name_out, scene=scene.name,
-            scene_type=args["colmap_scene_type"] if source == "colmap" else SCENE_TYPE[source],
+            scene_type=args[f"{source}_scene_type"] if source in ("colmap", "re10k") else SCENE_TYPE[source],
             split=None, frame1=f1["id"], frame2=f2["id"],
             image1=image_path(f1), image2=image_path(f2),
             width1=int(f1["width"]), height1=int(f1["height"]), width2=int(f2["width"]), height2=int(f2["height"]),
@@ -836,7 +1038,8 @@ def assign_split(records, test_fraction, test_scenes=None):
 def gather_tasks(args):
     tasks = []
     sources = [("scannet", args.scannet, find_scannet), ("co3d", args.co3d, find_co3d),
-               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, find_colmap)]
+               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, find_colmap),
+               ("re10k", args.re10k, lambda p: find_re10k(p, args.re10k_frames))]
     for source, path, finder in sources:
         if path is None:
             continue
@@ -865,7 +1068,17 @@ def main(argv=None):
     p.add_argument("--colmap", help="folder of COLMAP scenes (<scene>/images, <scene>/sparse/0) or one scene")
     p.add_argument("--colmap-source", default="colmap", help="source name written for --colmap scenes (dl3dv, ...)")
     p.add_argument("--colmap-scene-type", default="outdoor", choices=["indoor", "object", "outdoor"])
-    p.add_argument("--re10k", help="RealEstate10K camera files + frames (not implemented yet)")
+    p.add_argument("--re10k", help="RealEstate10K root (<split>/<clip>.txt or <clip>.txt + frame folders) or one txt")
+    p.add_argument("--re10k-frames", help="folder holding the <clip>/<timestamp_us>.png|jpg frame folders "
+                   "(default: next to the txt files)")
+    p.add_argument("--re10k-scene-type", default="indoor", choices=["indoor", "object", "outdoor"])
+    p.add_argument("--re10k-exhaustive-max", type=int, default=40,
+                   help="clips with at most this many (strided) frames: exhaustive matching, else sequential")
+    p.add_argument("--re10k-overlap", type=int, default=10, help="sequential matching: neighbours per frame")
+    p.add_argument("--re10k-max-reproj-error", type=float, default=1.0,
+                   help="px: COLMAP drops observations farther than this from their triangulated point")
+    p.add_argument("--re10k-keep-database", action="store_true",
+                   help="keep <out>/colmap_re10k/<clip>/database.db (features and matches; large)")
     p.add_argument("--out", default="pool", help="output pool folder")
     p.add_argument("--frame-stride", type=int, default=1, help="use every n-th frame of a trajectory")
     p.add_argument("--max-pairs-per-scene", type=int, default=60, help="random subset of all pairs (0 = all)")
@@ -888,10 +1101,10 @@ def main(argv=None):
     p.add_argument("--max-dense", type=int, default=1000, help="cap on stored dense matches")
     p.add_argument("--cache-frames", type=int, default=48, help="decoded frames kept in memory per worker")
     args = p.parse_args(argv)
-    if args.re10k is not None:
-        sys.exit(f"{PROG}: error: --re10k is not implemented yet (convert clips to COLMAP models and use --colmap)")
-    if not any([args.scannet, args.co3d, args.uco3d, args.colmap]):
-        sys.exit(f"{PROG}: error: give at least one of --scannet --co3d --uco3d --colmap")
+    if not any([args.scannet, args.co3d, args.uco3d, args.colmap, args.re10k]):
+        sys.exit(f"{PROG}: error: give at least one of --scannet --co3d --uco3d --colmap --re10k")
+    if args.re10k_frames is not None and not os.path.isdir(args.re10k_frames):
+        sys.exit(f"{PROG}: error: --re10k-frames {args.re10k_frames} does not exist")
 
     t0 = time.time()
     tasks = gather_tasks(args)

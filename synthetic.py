@@ -1,4 +1,4 @@
-"""synthetic.py: procedural demo data in the REAL dataset layouts (ScanNet, COLMAP, CO3D v2).
+"""synthetic.py: procedural demo data in the REAL dataset layouts (ScanNet, COLMAP, CO3D v2, RealEstate10K).
 
 Renders small analytic scenes (textured rooms, boxes, spheres, cylinders, a ground plane) by vectorised
 ray casting in pure numpy, with exact depth and exact cameras, and writes them the way the real datasets
@@ -8,6 +8,7 @@ Commands
     python synthetic.py --out demo_data            # CPU demo: 2 scenes x 24 frames per layout, ~20 s, ~30 MB
     python synthetic.py --out demo_data --scenes 3 --frames 30 --layouts scannet,co3d
     python synthetic.py --out /tmp/d --frames 3 --image-scale 0.5      # tiny data for fast tests
+    python synthetic.py --out demo_re10k --layouts re10k --frames 10    # RealEstate10K clips only (~2 s)
 No GPU path: the renderer is numpy only (a GPU would not help at these sizes). World frame: metres, z up.
 Trajectories sweep 200-320 degrees (indoor walk across the room, object orbit, outdoor arc), so frame
 pairs range from overlap ~0.9 (neighbours) down to 0.
@@ -44,9 +45,14 @@ Writes (under --out)
             focal_length = [fx / s, fy / s],   principal_point = [-(cx - W / 2) / s, -(cy - H / 2) / s],
         which is exactly what pytorch3d's cameras_from_opencv_projection does; the inverse is
         opencv_from_cameras_projection (K: f_pix = f_ndc * s, c_pix = -p_ndc * s + [W / 2, H / 2]).
+    re10k/<clip>.txt + re10k/<clip>/<timestamp_us>.jpg (opt-in: --layouts ...,re10k) as RealEstate10K ships
+        its cameras and as users extract its frames: the txt has a URL line, then per frame
+        `timestamp_us fx/W fy/H cx/W cy/H 0 0` + the 3x4 row-major world-to-camera [R|t] (OpenCV axes, cx, cy
+        OpenCV pixels / W, H). Indoor scenes, 480x270 frames; no 3D points (build_pool.py triangulates them).
     synthetic_meta.json  every written scene: layout, path, name, seed, kind, and per frame the image path
         (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes);
-        ScanNet frames also K_depth, depth size; so tests can re-render or re-raycast the scene.
+        ScanNet frames also K_depth, depth size, RE10K frames their timestamp; so tests can re-render or
+        re-raycast the scene.
     args.json
 
 Python API (used by tests of later stages)
@@ -723,6 +729,39 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
                 num_points3D=int(keep.sum()))
 
 
+def re10k_line(timestamp, K, cam_to_world, w, h):
+    """One RealEstate10K camera line: timestamp_us fx fy cx cy k1 k2 and the 3x4 row-major world-to-camera
+    [R|t] (OpenCV axes); intrinsics divided by the image width (fx, cx) and height (fy, cy)."""
+    w2c = np.linalg.inv(cam_to_world)[:3]
+    vals = [K[0, 0] / w, K[1, 1] / h, K[0, 2] / w, K[1, 2] / h, 0.0, 0.0] + w2c.ravel().tolist()
+    return " ".join([str(int(timestamp))] + [repr(float(v)) for v in vals])
+
+
+def write_re10k(out, name, seed, n_frames, pbar, scale=1.0, kind="indoor"):
+    """One RealEstate10K clip: re10k/<clip>.txt (URL line, then one camera line per frame) and the frames as a
+    user extracts them from the video, re10k/<clip>/<timestamp_us>.jpg (16:9)."""
+    scene = make_scene(seed, kind)
+    rng = np.random.default_rng(seed + 13)
+    w, h = _even(480 * scale), _even(270 * scale)
+    K = _intrinsics(w, h, 62.0, rng)
+    root = os.path.join(out, "re10k")
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    t0 = int(rng.integers(10 ** 6, 10 ** 8))
+    lines, meta_frames = [f"https://www.youtube.com/watch?v=synth{seed:06d}"], []
+    for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
+        ts = t0 + i * 133467  # every 4th frame of a 29.97 fps video, in microseconds
+        rgb, _ = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07))
+        cv2.imwrite(os.path.join(root, name, f"{ts}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        lines.append(re10k_line(ts, K, T, w, h))
+        meta_frames.append(dict(image=f"re10k/{name}/{ts}.jpg", timestamp=ts, K=K.tolist(),
+                                cam_to_world=T.tolist(), width=w, height=h))
+        pbar.update(1)
+    with open(os.path.join(root, f"{name}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return dict(layout="re10k", path=f"re10k/{name}", txt=f"re10k/{name}.txt", name=name, seed=seed, kind=kind,
+                frames=meta_frames)
+
+
 def opencv_to_co3d(K, cam_to_world, w, h):
     """PyTorch3D / CO3D v2 viewpoint dict from an OpenCV camera (see the module docstring)."""
     w2c = np.linalg.inv(cam_to_world)
@@ -816,6 +855,8 @@ def _remove_previous(out):
         for rel in (sc["path"], os.path.dirname(sc.get("sens", ""))):
             if rel and os.path.isdir(os.path.join(out, rel)):
                 shutil.rmtree(os.path.join(out, rel))
+        if sc.get("txt") and os.path.isfile(os.path.join(out, sc["txt"])):
+            os.remove(os.path.join(out, sc["txt"]))
         if sc["layout"] == "co3d":
             for name in ("frame_annotations.jgz", "sequence_annotations.jgz"):
                 path = os.path.join(out, os.path.dirname(sc["path"]), name)
@@ -833,14 +874,15 @@ def main(argv=None):
     ap.add_argument("--scenes", type=int, default=2, help="scenes per layout (>= 2 gives a train/test split)")
     ap.add_argument("--frames", type=int, default=24, help="frames per scene")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layouts", default="scannet,colmap,co3d", help="comma list of scannet,colmap,co3d")
+    ap.add_argument("--layouts", default="scannet,colmap,co3d",
+                    help="comma list of scannet,colmap,co3d,re10k (re10k is opt-in: only build_pool --re10k reads it)")
     ap.add_argument("--co3d-category", default="synthobject")
     ap.add_argument("--image-scale", type=float, default=1.0, help="scale all image sizes (e.g. 0.25 for fast tests)")
     args = ap.parse_args(argv)
     layouts = [s for s in args.layouts.split(",") if s]
-    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d")]
+    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d", "re10k")]
     if bad:
-        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d)")
+        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d, re10k)")
     if args.frames < 2 or args.scenes < 1:
         sys.exit("synthetic.py: error: need --frames >= 2 and --scenes >= 1")
     os.makedirs(args.out, exist_ok=True)
@@ -858,6 +900,9 @@ def main(argv=None):
         elif layout == "colmap":
             entries += [write_colmap(args.out, f"plaza{k:02d}", s, args.frames, pbar, args.image_scale)
                         for k, s in enumerate(seeds)]
+        elif layout == "re10k":  # clip ids look like RealEstate10K's 16-hex-digit ones
+            entries += [write_re10k(args.out, f"{(s + 1) * 0x9E3779B97F4A7C15 % 2 ** 64:016x}", s, args.frames,
+                                    pbar, args.image_scale) for s in seeds]
         else:
             cat = args.co3d_category
             annos, seqs = [], []

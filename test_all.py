@@ -487,7 +487,7 @@ def test_pool_bad_paths_exit_with_message(tmp_path):
     assert "no co3d scenes" in str(e.value)
     with pytest.raises(SystemExit) as e:
         build_pool.main(["--re10k", str(tmp_path), "--out", str(tmp_path / "pool")])
-    assert "not implemented" in str(e.value)
+    assert "no re10k scenes" in str(e.value)
 
 
 def test_pool_test_scenes_file_overrides_split(pool_demo, tmp_path):
@@ -527,6 +527,107 @@ def test_pool_find_co3d_single_sequence(pool_demo):
         seqs = sorted({a["sequence_name"] for a in json.load(f)})
     found = build_pool.find_co3d(os.path.join(cat, seqs[1]))
     assert [s[1] for s in found] == [seqs[1]] and len(build_pool.find_co3d(cat)) == 2
+
+
+def test_pool_re10k_parser_hand_written_line(tmp_path):
+    txt = tmp_path / "abc.txt"
+    txt.write_text("https://www.youtube.com/watch?v=xyz\n"
+                   "45045000 0.5 0.9 0.49 0.51 0 0 1 0 0 0.5 0 0 -1 2 0 1 0 -3\n\n")
+    url, frames = build_pool.read_re10k(str(txt))
+    assert url == "https://www.youtube.com/watch?v=xyz" and len(frames) == 1
+    ts, norm, w2c = frames[0]
+    assert ts == "45045000"
+    K = build_pool.re10k_intrinsics(norm, 640, 360)
+    assert np.allclose(K, [[320, 0, 313.6], [0, 324, 183.6], [0, 0, 1]])
+    # rows of the 3x4 world-to-camera: world x -> camera x, world z -> camera -y, world y -> camera z
+    assert np.allclose(w2c, [[1, 0, 0, 0.5], [0, 0, -1, 2], [0, 1, 0, -3]])
+    X = np.array([1.0, 5.0, 0.2])
+    assert np.allclose(w2c[:, :3] @ X + w2c[:, 3], [1.5, 1.8, 2.0])  # in front of the camera, 2 m away
+    txt.write_text("url\n45045000 0.5 0.9 0.49\n")
+    with pytest.raises(build_pool.BadInput, match="abc.txt:2"):
+        build_pool.read_re10k(str(txt))
+    # the synthetic writer's line parses back to its camera
+    K0 = np.array([[300.0, 0, 241.3], [0, 301.0, 133.9], [0, 0, 1]])
+    T = synthetic.look_at([1.0, 2.0, 1.5], [3.0, 1.0, 1.0])
+    txt.write_text("url\n" + synthetic.re10k_line(123, K0, T, 480, 270) + "\n")
+    _, [(ts, norm, w2c)] = build_pool.read_re10k(str(txt))
+    assert ts == "123" and np.allclose(build_pool.re10k_intrinsics(norm, 480, 270), K0)
+    assert np.allclose(w2c, np.linalg.inv(T)[:3])
+
+
+@pytest.fixture(scope="module")
+def pool_re10k(tmp_path_factory):
+    """Two synthetic RealEstate10K clips (camera txt + frames) and the pool built from them with pycolmap."""
+    root = tmp_path_factory.mktemp("pool_re10k")
+    data, pool = str(root / "demo_data"), str(root / "pool")
+    synthetic.main(["--out", data, "--layouts", "re10k", "--scenes", "2", "--frames", "10"])
+    build_pool.main(["--re10k", f"{data}/re10k", "--out", pool, "--max-pairs-per-scene", "0", "--workers", "1"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    return dict(root=str(root), data=data, pool=pool, pairs=pairs, meta=synthetic.load_meta(data))
+
+
+def test_pool_re10k_matches_reproject_and_distractors_invisible(pool_re10k):
+    assert pool_re10k["pairs"] and {p["source"] for p in pool_re10k["pairs"]} == {"re10k"}
+    assert {p["scene_type"] for p in pool_re10k["pairs"]} == {"indoor"}
+    assert len({p["scene"] for p in pool_re10k["pairs"]}) == 2
+    scenes, errs, n_dist = {}, [], 0
+    for pair in pool_re10k["pairs"]:
+        sc, f1 = pool_frame_meta(pool_re10k["meta"], pool_re10k["data"], pair, 1)
+        _, f2 = pool_frame_meta(pool_re10k["meta"], pool_re10k["data"], pair, 2)
+        scene = scenes.setdefault(sc["seed"], synthetic.make_scene(sc["seed"], sc["kind"]))
+        assert np.allclose(pair["K1"], f1["K"]) and f1["timestamp"] < f2["timestamp"]
+        T = np.linalg.inv(np.array(f2["cam_to_world"])) @ np.array(f1["cam_to_world"])
+        assert np.allclose(pair["R"], T[:3, :3], atol=1e-6) and np.allclose(pair["t"], T[:3, 3], atol=1e-6)
+        a = pool_load(pool_re10k["pool"], pair)
+        m = a["match"]
+        assert 10 <= (m >= 0).sum() <= 50
+        # stored matches are SIFT keypoints of a triangulated track: the renderer's surface point behind kp1
+        # lands on kp2 up to keypoint noise
+        X1, hit = pool_surface_points(scene, f1, a["kp1"][m >= 0])
+        assert hit.all()
+        p2, _ = pool_project(f2, X1)
+        errs += np.linalg.norm(p2 - a["kp2"][m[m >= 0]], axis=1).tolist()
+        # distractors: the true surface point is not visible in the other image
+        Xd1, hit1 = pool_surface_points(scene, f1, a["kp1"][m < 0])
+        assert hit1.all() and not pool_visible(scene, f2, Xd1).any(), pair["pair_id"]
+        free2 = np.setdiff1d(np.arange(len(a["kp2"])), m[m >= 0])
+        Xd2, hit2 = pool_surface_points(scene, f2, a["kp2"][free2])
+        assert hit2.all() and not pool_visible(scene, f1, Xd2).any(), pair["pair_id"]
+        n_dist += int((m < 0).sum() + len(free2))
+    errs = np.array(errs)
+    assert len(errs) > 300 and np.median(errs) < 0.6 and (errs < 2.0).mean() > 0.97 and errs.max() < 4.0, \
+        (np.median(errs), (errs < 2.0).mean(), errs.max())
+    assert n_dist > 100
+    dv = np.array([p["delta_v"] for p in pool_re10k["pairs"]])
+    assert dv.min() < 0.3 and dv.max() > 0.7, (dv.min(), dv.max())
+    with open(os.path.join(pool_re10k["pool"], "summary.json")) as f:
+        assert json.load(f)["sources"]["re10k"]["pairs"] == len(dv)
+    for sc in pool_re10k["meta"]["scenes"]:  # the triangulated model is kept for inspection
+        assert os.path.isfile(os.path.join(pool_re10k["pool"], "colmap_re10k", sc["name"], "sparse", "points3D.bin"))
+
+
+def test_pool_re10k_missing_frame_skipped_and_counted(pool_re10k, tmp_path, capsys):
+    sc = pool_re10k["meta"]["scenes"][0]
+    root = tmp_path / "re10k" / "test"  # the <split>/<clip>.txt layout, frames elsewhere (--re10k-frames)
+    root.mkdir(parents=True)
+    shutil.copy(os.path.join(pool_re10k["data"], sc["txt"]), root)
+    frames = tmp_path / "frames"
+    shutil.copytree(os.path.join(pool_re10k["data"], sc["path"]), frames / sc["name"])
+    gone = os.path.basename(sc["frames"][4]["image"])
+    (frames / sc["name"] / gone).unlink()
+    build_pool.main(["--re10k", str(tmp_path / "re10k"), "--re10k-frames", str(frames), "--out", str(tmp_path / "p"),
+                     "--workers", "1", "--max-pairs-per-scene", "0"])
+    assert gone[:-4] in capsys.readouterr().err
+    with open(tmp_path / "p" / "summary.json") as f:
+        s = json.load(f)
+    n = len(sc["frames"]) - 1
+    assert s["frames_skipped"] == {"missing image": 1} and s["pairs_tried"] == n * (n - 1) // 2
+    with open(tmp_path / "p" / "pairs.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    used = {r[k] for r in rows for k in ("frame1", "frame2")}
+    assert used and gone not in used and used <= {os.path.basename(fr["image"]) for fr in sc["frames"]}
+    assert all(os.path.dirname(r["image1"]) == str(frames / sc["name"]) for r in rows)
 
 
 # ==============================================================================
