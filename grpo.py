@@ -237,10 +237,9 @@ def latest_checkpoint(run_dir):
 # Log-probs and the GRPO loss
 
 
-def completion_logprobs(model, batch, temperature, chunk=512):
-    """log p(completion token) under logits / temperature, (B, T) fp32, without materialising (B, L, V) logits:
-    the model runs to hidden states, the hidden states that predict completion tokens are gathered, and lm_head +
-    log_softmax run on chunks of T (each chunk recomputed in backward, so its fp32 logits are never kept)."""
+def completion_hidden(model, batch):
+    """The decoder's last hidden states that PREDICT the completion tokens, and those tokens:
+    -> hc (B, T, H), target (B, T), T = longest completion (shorter rows padded; masked by the caller)."""
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
                       image_grid_thw=batch["image_grid_thw"], use_cache=False)
@@ -250,7 +249,15 @@ def completion_logprobs(model, batch, temperature, chunk=512):
     pos = batch["comp_start"][:, None] - 1 + torch.arange(T, device=h.device)[None]                # (B, T)
     pos = pos.clamp(max=L - 2)  # padding positions beyond a row's completion (masked later)
     hc = h.gather(1, pos[..., None].expand(B, T, H))                                               # (B, T, H)
-    target = batch["input_ids"].gather(1, pos + 1)                                                 # (B, T)
+    return hc, batch["input_ids"].gather(1, pos + 1)                                               # (B, T)
+
+
+def completion_logprobs(model, batch, temperature, chunk=512):
+    """log p(completion token) under logits / temperature, (B, T) fp32, without materialising (B, L, V) logits:
+    the model runs to hidden states, the hidden states that predict completion tokens are gathered, and lm_head +
+    log_softmax run on chunks of T (each chunk recomputed in backward, so its fp32 logits are never kept)."""
+    hc, target = completion_hidden(model, batch)                                                   # (B, T, H), (B, T)
+    T = target.shape[1]
 
     def chunk_logp(hc_, tgt_):
         logits = model.lm_head(hc_).float() / temperature                                          # (B, c, V)

@@ -177,16 +177,11 @@ def answer_loss(model, batch, soft):
     """Token-mean cross-entropy of the answer tokens where each label position's target is the UNIFORM
     distribution over the task's valid labels (the expectation of the random-mapping loss, without its noise) and
     every other position's target is its token. soft: per sample, per completion token, None or a set of ids."""
-    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
-                      image_grid_thw=batch["image_grid_thw"], use_cache=False)
-    h = out.last_hidden_state                                                                      # (B, L, H)
-    B, L, H = h.shape
-    T = int(batch["comp_len"].max())
-    pos = (batch["comp_start"][:, None] - 1 + torch.arange(T)[None]).clamp(max=L - 2)             # (B, T)
-    logp = torch.log_softmax(model.lm_head(h.gather(1, pos[..., None].expand(B, T, H))).float(), -1)  # (B, T, V)
+    import grpo
+    hc, target = grpo.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
+    logp = torch.log_softmax(model.lm_head(hc).float(), -1)  # full logits: fine at a ~1k vocab      (B, T, V)
     q = torch.zeros_like(logp)                                                                     # (B, T, V)
-    q.scatter_(2, batch["input_ids"].gather(1, pos + 1)[..., None], 1.0)  # one-hot: the token itself
+    q.scatter_(2, target[..., None], 1.0)  # one-hot: the token itself
     for b, per_token in enumerate(soft):
         for k, ids in enumerate(per_token):
             if ids is not None:
