@@ -590,7 +590,11 @@ def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced):
     return float(np.mean([reward.score(o["text"], t)["match"] for o, (t, _) in zip(outs, eval_tasks)]))
 
 
-def main(argv=None):
+# -----------------------------------------------------------------------------
+# The run, in the order main() calls it: arguments, seeds, data, models, logs, then one step at a time
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo_data/tiny-qwen3vl", help="policy init: local dir or hub id")
     ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
@@ -632,19 +636,27 @@ def main(argv=None):
     ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    rank, world, device = setup_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if args.prompts_per_step % world:
-        sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + (0 if args.debug_grad_dump else rank))  # sampling differs per rank
-    task_rng = np.random.default_rng(args.seed)  # identical on every rank: every rank draws the global prompts
 
-    # data and curriculum
+def print0(*a, **k):
+    """print on rank 0 only (RANK from torchrun, as in setup_distributed)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k)
+
+
+def seed_everything(seed, rank, same_sampling=False):
+    """Seeds python / numpy / torch per rank (so sampling differs per rank; same_sampling: every rank samples the
+    same, for --debug-grad-dump) -> the task sampler, identical on every rank: every rank draws the global prompts."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + (0 if same_sampling else rank))
+    return np.random.default_rng(seed)
+
+
+def load_data(args):
+    """-> pairs_by_id (pair_id -> pairs.jsonl row), pairs_by_bin (bin -> train pairs), the curriculum over those
+    bins, eval_tasks (fixed held-out tasks from test pairs; empty with --eval-every 0)."""
     pairs = read_pairs(args.pool)
     pairs_by_id = {p["pair_id"]: p for p in pairs}
     pairs_by_bin = {}
@@ -664,9 +676,12 @@ def main(argv=None):
                                             args.action_step))
         except make_tasks.TaskUnavailable:
             continue
+    return pairs_by_id, pairs_by_bin, cur, eval_tasks
 
-    # models: the policy from the checkpoint when resuming, the frozen reference always from --model
-    ckpt = latest_checkpoint(args.out) if args.resume else None
+
+def load_models(args, ckpt, device, world):
+    """-> policy (from ckpt when resuming, else --model; fp32, in train mode), frozen reference (always from
+    --model; None with --kl-beta 0), tokenizer, image processor. Both models FSDP2-sharded when world > 1."""
     model, tokenizer, image_processor = load_policy(ckpt or args.model, device, torch.float32)
     args.pad_id = tokenizer.pad_token_id
     model.train()
@@ -680,97 +695,157 @@ def main(argv=None):
         model = shard(model, device)
         if ref_model is not None:
             ref_model = shard(ref_model, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and world == 1 \
-        else (lambda: torch.autocast("cpu", enabled=False))
+    return model, ref_model, tokenizer, image_processor
+
+
+def make_optimizer(model, args):
+    """AdamW and the learning-rate schedule: linear warm-up over --warmup-steps, then constant."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    start = 0
+    return opt, sched
+
+
+def resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world):
+    """Restores optimizer, scheduler, curriculum and RNG state from ckpt (None: a fresh run) -> the step done."""
     if ckpt is not None:
         start = load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world)
-        log(f"resumed from {ckpt} (step {start})")
-    elif args.resume:
-        log(f"--resume: no complete checkpoint in {args.out}, starting fresh")
-    if rank == 0:
-        for name in ("rollouts.jsonl", "metrics.jsonl"):
-            if ckpt is not None:
-                truncate_jsonl(os.path.join(args.out, name), start)
-            elif os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    run = None
-    if args.wandb and rank == 0:
-        import wandb
-        run = wandb.init(project=args.wandb, config=vars(args))
+        print0(f"resumed from {ckpt} (step {start})")
+        return start
+    if args.resume:
+        print0(f"--resume: no complete checkpoint in {args.out}, starting fresh")
+    return 0
 
-    # the loop
-    synced = world > 1
+
+def open_logs(args, ckpt, start, rank):
+    """rank 0: rollouts.jsonl / metrics.jsonl cut back to step `start` when resuming (else removed), args.json
+    written, wandb started (--wandb). -> the wandb run or None."""
+    if rank != 0:
+        return None
+    for name in ("rollouts.jsonl", "metrics.jsonl"):
+        if ckpt is not None:
+            truncate_jsonl(os.path.join(args.out, name), start)
+        elif os.path.exists(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    if not args.wandb:
+        return None
+    import wandb
+    return wandb.init(project=args.wandb, config=vars(args))
+
+
+def autocast_for(device, world):
+    """bf16 autocast on 1 GPU (FSDP2's mixed precision does it when sharded); off on CPU."""
+    if device.type == "cuda" and world == 1:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, cur, task_rng, pairs_by_bin,
+               pairs_by_id, args, rank, world, device):
+    """One GRPO step: sample the global prompts -> roll out this rank's share -> rewards, advantages, loss,
+    backward, AdamW (train_on) -> ONE curriculum update from all ranks' samples.
+    -> (metrics, records), or (None, None) with --debug-grad-dump once the gradients are written."""
+    autocast = autocast_for(device, world)
     per_rank = args.prompts_per_step // world
+    stage = cur.current()  # the curriculum's (bin, level, spatial) at sampling time
+    tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
+    mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
+    model.eval()
+    with autocast():
+        samples = rollout(model, tokenizer, image_processor, mine, args, world > 1)
+    model.train()
+    if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
+        n = len(samples) // world
+        samples = samples[rank * n:(rank + 1) * n]
+    stats, n_tok = train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id)
+    if args.debug_grad_dump:
+        dump_grads(model, args.debug_grad_dump, rank)
+        print0(f"grpo.py: gradients of step {step} written to {args.debug_grad_dump}")
+        return None, None
+    sched.step()
+
+    # gather per-sample records to every rank (the curriculum must advance identically everywhere)
+    records = [dict(step=step, task_id=s["task"].get("task_id"), pair_id=s["task"].get("pair_id"),
+                    bin=s["task"].get("bin"), level=s["task"].get("level"), spatial=s["task"].get("spatial"),
+                    n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
+                    match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"])
+               for s in samples]
+    records = [r for part in gather_objects(records, world) for r in part]
+    # ONE curriculum update per step (its window counts steps, as the paper's 20-step moving average): the mean
+    # match of this step's prompts drawn from the stage current at sampling time (replay samples excluded)
+    cur_match = [r["match"] for r in records if (r["bin"], r["level"], r["spatial"]) == stage]
+    events = cur.update(*stage, float(np.mean(cur_match))) if cur_match else []
+    return step_metrics(step, records, stats, n_tok, sched, cur, events, args, world), records
+
+
+def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
+    """The step's metrics line: means over all ranks' records, token-normalised kl / dlogp, HATCH extras."""
+    totals = [all_sum(stats[k], world)
+              for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n")]
+    m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
+             format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
+             kl=totals[0] / n_tok, length=np.mean([r["length"] for r in records]),
+             truncated=np.mean([r["truncated"] for r in records]), dlogp=totals[1] / n_tok,
+             lr=sched.get_last_lr()[0], curriculum=list(cur.current()), curriculum_events=events)
+    if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
+        acts = [r["action"] for r in records if r["action"] is not None]
+        m["action"] = np.mean(acts) if acts else float("nan")
+    if args.pasta_weight > 0:  # mean PaStA loss over the step's prompts; cell accuracy over prompts with cells
+        m["pasta"] = totals[2] / (len(records) // args.group_size)
+        m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
+    return m
+
+
+def log_step(m, records, args, rank, run):
+    """rank 0: appends to rollouts.jsonl and metrics.jsonl, logs to wandb, prints the step line and the
+    curriculum's events."""
+    m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
+    if rank != 0:
+        return
+    with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if run is not None:
+        run.log({k: v for k, v in m.items() if k not in ("curriculum", "curriculum_events")}, step=m["step"])
+    ev = f" | eval match {m['eval_match']:.3f}" if "eval_match" in m else ""
+    hatch = (f" | action {m['action']:.2f}" if "action" in m else "") + \
+            (f" | pasta {m['pasta']:.3f} acc {m['pasta_acc']:.2f}" if "pasta" in m else "")
+    print(f"step {m['step']:5d} | reward {m['reward']:.3f} | format {m['format']:.2f} | match {m['match']:.3f} | "
+          f"kl {m['kl']:.2e} | len {m['length']:.1f} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e}"
+          f"{hatch} | "
+          f"bin {m['curriculum'][0]} {m['curriculum'][1]} {m['curriculum'][2]}{ev} | {m['seconds']:.1f}s")
+    for e in m["curriculum_events"]:
+        print(f"step {m['step']:5d} | curriculum: {e}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    if args.prompts_per_step % world:
+        sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    task_rng = seed_everything(args.seed, rank, same_sampling=bool(args.debug_grad_dump))
+    pairs_by_id, pairs_by_bin, cur, eval_tasks = load_data(args)
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    model, ref_model, tokenizer, image_processor = load_models(args, ckpt, device, world)
+    opt, sched = make_optimizer(model, args)
+    start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
+    run = open_logs(args, ckpt, start, rank)
+
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
-        stage = cur.current()  # the curriculum's (bin, level, spatial) at sampling time
-        tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
-        mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
-        model.eval()
-        with autocast():
-            samples = rollout(model, tokenizer, image_processor, mine, args, synced)
-        model.train()
-        if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
-            n = len(samples) // world
-            samples = samples[rank * n:(rank + 1) * n]
-        stats, n_tok = train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id)
-        if args.debug_grad_dump:
-            dump_grads(model, args.debug_grad_dump, rank)
-            log(f"grpo.py: gradients of step {step} written to {args.debug_grad_dump}")
+        m, records = train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, cur, task_rng,
+                                pairs_by_bin, pairs_by_id, args, rank, world, device)
+        if m is None:  # --debug-grad-dump: this step's gradients are written, nothing more to do
             if world > 1:
                 dist.destroy_process_group()
             return
-        sched.step()
-
-        # gather per-sample records to every rank (the curriculum must advance identically everywhere)
-        records = [dict(step=step, task_id=s["task"].get("task_id"), pair_id=s["task"].get("pair_id"),
-                        bin=s["task"].get("bin"), level=s["task"].get("level"), spatial=s["task"].get("spatial"),
-                        n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
-                        match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"])
-                   for s in samples]
-        records = [r for part in gather_objects(records, world) for r in part]
-        # ONE curriculum update per step (its window counts steps, as the paper's 20-step moving average): the mean
-        # match of this step's prompts drawn from the stage current at sampling time (replay samples excluded)
-        cur_match = [r["match"] for r in records if (r["bin"], r["level"], r["spatial"]) == stage]
-        events = cur.update(*stage, float(np.mean(cur_match))) if cur_match else []
-        totals = [all_sum(stats[k], world)
-                  for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n")]
-        m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
-                 format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
-                 kl=totals[0] / n_tok, length=np.mean([r["length"] for r in records]),
-                 truncated=np.mean([r["truncated"] for r in records]), dlogp=totals[1] / n_tok,
-                 lr=sched.get_last_lr()[0], curriculum=list(cur.current()), curriculum_events=events)
-        if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
-            acts = [r["action"] for r in records if r["action"] is not None]
-            m["action"] = np.mean(acts) if acts else float("nan")
-        if args.pasta_weight > 0:  # mean PaStA loss over the step's prompts; cell accuracy over prompts with cells
-            m["pasta"] = totals[2] / (len(records) // args.group_size)
-            m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
         if args.eval_every > 0 and step % args.eval_every == 0:
-            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced)
+            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, world > 1)
         m["seconds"] = time.time() - t0
-        m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
-        if rank == 0:
-            with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if run is not None:
-                run.log({k: v for k, v in m.items() if k not in ("curriculum", "curriculum_events")}, step=step)
-        ev = f" | eval match {m['eval_match']:.3f}" if "eval_match" in m else ""
-        hatch = (f" | action {m['action']:.2f}" if "action" in m else "") + \
-                (f" | pasta {m['pasta']:.3f} acc {m['pasta_acc']:.2f}" if "pasta" in m else "")
-        log(f"step {step:5d} | reward {m['reward']:.3f} | format {m['format']:.2f} | match {m['match']:.3f} | "
-            f"kl {m['kl']:.2e} | len {m['length']:.1f} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e}"
-            f"{hatch} | "
-            f"bin {m['curriculum'][0]} {m['curriculum'][1]} {m['curriculum'][2]}{ev} | {m['seconds']:.1f}s")
-        for e in events:
-            log(f"step {step:5d} | curriculum: {e}")
+        log_step(m, records, args, rank, run)
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world)
         if args.stop_after_step is not None and step >= args.stop_after_step:
@@ -778,7 +853,7 @@ def main(argv=None):
             os._exit(17)  # a hard crash: no clean-up, no destructors
     if world > 1:
         dist.destroy_process_group()
-    log(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")
+    print0(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")
 
 
 if __name__ == "__main__":
