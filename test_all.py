@@ -1477,6 +1477,28 @@ def test_evaluate_aggregate_nothing_to_find():
     assert (o["f1"], o["micro_f1"], o["micro_precision"], o["match_acc"]) == (1.0, 1.0, 1.0, 1.0)
 
 
+def test_evaluate_action_accuracy_for_actor_tasks(tmp_path):
+    # camera 2 turned 30 degrees about y and moved forward: R maps camera-1 to camera-2 coordinates
+    a = math.radians(30)
+    R = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]).T
+    t = -R @ np.array([0.0, 0.0, 1.0])
+    actor = lambda tid: dict(_evaluate_task(tid, ["A", None], "scannet", "L3", "indoor", "sparse", 1, 0.2),
+                             actor=True, action_step=15, R=R.tolist(), t=t.tolist())
+    good = reward.format_actions(reward.canonical_actions(R.tolist(), t.tolist()))
+    wrong = good.replace("yaw right", "yaw left").replace("move forward", "move back")  # 2 of 4 parts wrong
+    answer = "\n" + reward.format_answer({1: "A", 2: None})
+    rows = [evaluate.score_row(actor("a1"), good + answer), evaluate.score_row(actor("a2"), wrong + answer),
+            evaluate.score_row(_evaluate_task("p", ["A"], "co3d", "L1", "object", "sparse", 1, 0.5),
+                               reward.format_answer({1: "A"}))]
+    assert (rows[0]["action"], rows[1]["action"]) == (1.0, 0.5) and "action" not in rows[2]
+    assert all(r["f1"] == 1.0 for r in rows)  # the action block does not disturb the answer's parse
+    o = evaluate.aggregate(rows)["overall"]
+    assert (o["action_acc"], o["yaw_acc"], o["pitch_acc"], o["move_acc"]) == (0.75, 0.5, 1.0, 0.5)
+    assert evaluate.aggregate(rows[2:])["overall"]["action_acc"] is None  # plain tasks: no action numbers
+    evaluate.write_report(tmp_path, {"m": dict(source="m", **evaluate.aggregate(rows, widest=2))}, "t.jsonl", {})
+    assert "| m | 75.0 | 50.0 | 100.0 | 100.0 | 50.0 | 100.0 |" in (tmp_path / "report.md").read_text()
+
+
 def test_evaluate_model_names():
     names = [evaluate.model_name(p) for p in
              ["runs/grpo/step_000010", "runs/other/step_000010/", "Qwen/Qwen3-VL-8B-Instruct", "a b/c:d"]]
