@@ -2206,3 +2206,33 @@ def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
     row, = bench.compare_rollout(model, tok, enc, G=3, lengths=[4])
     assert row["generated"] == 3 * 4  # never_stop: every completion runs to its length
     assert {"shared_prefill", "repeated_prefill", "prefill_ratio", "shared_tok_s", "saved"} <= set(row)
+
+
+# ==============================================================================
+# The whole pipeline, as demo.sh runs it (small): pool -> tasks -> tiny model -> GRPO -> evaluate
+# ==============================================================================
+
+def test_pipeline_smoke(evaluate_tasks, tmp_path):
+    """demo.sh's chain on the synthetic pool of the evaluate section: every stage reads what the previous one
+    wrote on disk, the GRPO checkpoint reloads through from_pretrained and is evaluated next to the base model."""
+    pool = evaluate_tasks.parent.parent / "pool"
+    tiny_model.main(["--out", str(tmp_path / "tiny"), "--pool", str(pool), "--warmup-steps", "3"])
+    grpo.main(["--model", str(tmp_path / "tiny"), "--pool", str(pool), "--out", str(tmp_path / "run"),
+               "--steps", "2", "--save-every", "1", "--group-size", "2", "--prompts-per-step", "2",
+               "--max-new-tokens", "16", "--eval-every", "0"])
+    ckpt = grpo.latest_checkpoint(str(tmp_path / "run"))
+    assert ckpt.endswith("step_000002") and json.loads(open(os.path.join(ckpt, "meta.json")).read())["step"] == 2
+    rollouts = [json.loads(line) for line in open(tmp_path / "run" / "rollouts.jsonl")]
+    assert len(rollouts) == 2 * 2 * 2 and {r["step"] for r in rollouts} == {1, 2}
+    for r in rollouts:  # the logged reward is format + match, and format is what the parser says of the text
+        assert r["reward"] == pytest.approx(r["format"] + r["match"])
+        assert r["format"] == float(reward.parse_answer(r["text"], r["n"], r["m"]) is not None
+                                    and len(reward.parse_answer(r["text"], r["n"], r["m"])) == r["n"])
+    grpo.load_policy(ckpt)  # the real loading path
+    evaluate.main([str(tmp_path / "run"), str(tmp_path / "tiny"), "--tasks", str(evaluate_tasks),
+                   "--out", str(tmp_path / "eval"), "--limit", "3", "--max-new-tokens", "16", "--baseline", "none"])
+    report = (tmp_path / "eval" / "report.md").read_text()
+    for name in ("run_step_000002", "tiny", "baseline_none"):
+        assert f"| {name} |" in report
+        assert len(_evaluate_rows(tmp_path / "eval", name)) == 3
+    assert (tmp_path / "eval" / "f1_vs_bin.png").stat().st_size > 0
