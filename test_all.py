@@ -1392,6 +1392,13 @@ def test_grpo_demo_run_kl0_dlogp_checkpoint_and_resume(grpo_env, tmp_path):
     assert all(m["curriculum_events"] == [] for m in ma)
 
 
+def test_grpo_load_policy_bad_paths_exit_with_one_line(tmp_path):
+    for bad, words in [(tmp_path / "missing" / "model", "neither a local model dir"), (tmp_path, "no config.json")]:
+        with pytest.raises(SystemExit) as e:
+            grpo.load_policy(str(bad))
+        assert words in str(e.value) and str(bad) in str(e.value)
+
+
 # ==============================================================================
 # evaluate.py: metrics aggregation, baselines, resume, determinism, the model path
 # ==============================================================================
