@@ -2153,6 +2153,28 @@ def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, 
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
 
 
+def test_hatch_tiny_model_warmup_actor_targets():
+    """tiny_model's ActoR warm-up targets: a well-formed action block (random angles: multiples of the step in
+    range) before a well-formed answer; uniform soft targets at the answer's label positions only."""
+    tok = tiny_model.build_tokenizer()
+    task = dict(n=4, m=6, y_labels=reward.y_labels_for(6), target=[None] * 4, actor=True, action_step=15)
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(40):
+        ids, soft = tiny_model.answer_tokens(tok, task, rng)
+        text = tok.decode(ids)
+        assert text.endswith("<|im_end|>") and text.index("</action>") < text.index("<answer>")
+        acts = reward.parse_actions(text)
+        assert acts is not None and reward.score(text, task)["format"] == 1.0
+        assert -90 <= acts["pitch"] <= 90 and all(-180 < acts[k] <= 180 for k in ("yaw", "roll"))
+        assert all(acts[k] % 15 == 0 for k in ("yaw", "pitch", "roll")) and acts["move"] in tiny_model.MOVES
+        seen.add((acts["yaw"], acts["move"]))
+        labelled = [k for k, v in enumerate(soft) if v is not None]
+        assert len(labelled) == 4 and "</action>\n<answer>" in tok.decode(ids[:labelled[0]])
+        assert all(len(soft[k]) == 7 and ids[k] in soft[k] for k in labelled)  # A-F + none
+    assert len(seen) > 20  # random, not one fixed action
+    assert tiny_model.action_angles(20)["yaw"][0] == -160 and tiny_model.action_angles(20)["pitch"][-1] == 80
+
+
 # ==============================================================================
 # bench.py: the benchmark's equivalence checks on tiny shapes
 # ==============================================================================

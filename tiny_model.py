@@ -6,6 +6,7 @@ Usage:
     python tiny_model.py --out demo_data/tiny-qwen3vl                      # random model, no data needed
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool          # + format warm-up (500 steps, ~1 min)
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --warmup-steps 0   # skip the warm-up
+    python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --actor-share 0    # no ActoR prompts in it
 
 What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` / from_pretrained just work):
     config.json + model.safetensors   Qwen3VLForConditionalGeneration, text: hidden 64, 2 layers, 4 heads (2 kv),
@@ -29,10 +30,18 @@ The optional warm-up is supervised fine-tuning on well-formed answers with RANDO
 only, and at each label position its target is the uniform distribution over the task's m labels + none (the
 expected loss of random mappings, without the noise), so the model learns the line count n and the label range m
 from the prompt and nothing about which label is right. The vision tower is frozen during it (the format does not
-depend on the pixels). lr: 10-step warm-up, cosine to 10%. It ends by printing the format rate on fresh test-split
-tasks ("warm-up: format rate 0.9 (sampled), 1.0 (greedy) ..."; random model: 0.0), so the GRPO demo starts with a
-high format rate and the match reward is what GRPO has to learn. Not in the paper: the paper starts from
-Qwen3-VL-8B-Instruct, which already follows the format; this is only the demo's stand-in for that.
+depend on the pixels). lr: 10-step warm-up, cosine to 10%.
+A share --actor-share (default 0.25) of the warm-up tasks are HATCH ActoR prompts (make_tasks actor=True, as
+`grpo.py --actor` draws them); their target is an <action> block with RANDOM well-formed actions (yaw, roll in
+(-180, 180], pitch in [-90, 90], random multiples of the task's action step; a random move word, stay included)
+followed by the random answer block. Like the random mappings this teaches the grammar only, never the camera
+motion: the action tokens are plain one-hot targets of that random draw (in expectation the uniform distribution
+over valid actions, so nothing about the pose is learnt); the answer's label positions keep their uniform targets.
+It ends by printing the format rate on fresh test-split tasks, plain and ActoR ("warm-up: format rate 0.9
+(sampled), 1.0 (greedy) ...; actor 0.8 (sampled), 1.0 (greedy) ..."; random model: 0.0; an ActoR completion counts
+only when both blocks parse), so the GRPO demo starts with a high format rate and the match (and action) reward is
+what GRPO has to learn. Not in the paper: the paper starts from Qwen3-VL-8B-Instruct, which already follows the
+format; this is only the demo's stand-in for that.
 """
 import argparse
 import json
@@ -157,17 +166,39 @@ def build_model(tokenizer, seed=0):
 # Optional format warm-up (supervised, random mappings)
 
 
+MOVES = ("forward", "back", "left", "right", "up", "down", "stay")  # every move word of reward.py's grammar
+
+
+def action_angles(step):
+    """Every well-formed angle per axis: the multiples of step in (-180, 180] (yaw, roll) or [-90, 90] (pitch)."""
+    turn = np.arange(int(np.floor(-180 / step)) + 1, int(np.floor(180 / step)) + 1) * step
+    tilt = np.arange(int(np.ceil(-90 / step)), int(np.floor(90 / step)) + 1) * step
+    return dict(yaw=[float(a) for a in turn], pitch=[float(a) for a in tilt], roll=[float(a) for a in turn])
+
+
+def random_actions(rng, step):
+    """Well-formed but RANDOM ActoR actions: each angle uniform over action_angles(step), a random move word.
+    Teaches the action grammar, not the camera motion."""
+    angles = action_angles(step)
+    return dict({k: v[rng.integers(len(v))] for k, v in angles.items()}, move=MOVES[rng.integers(len(MOVES))])
+
+
 def answer_tokens(tokenizer, task, rng):
     """A random well-formed answer for the task -> (token ids ending in <|im_end|>, the set of valid label token
-    ids at each position: None where the token is fixed by the grammar)."""
+    ids at each position: None where the token is fixed by the grammar or is an action token). ActoR tasks
+    (task["actor"]) get a random action block before the answer block; its tokens keep one-hot targets (the
+    draw is random, so in expectation the target is the random draw's own distribution, not the pose)."""
     labels = list(task["y_labels"]) + [None]
     text = reward.format_answer({i + 1: labels[rng.integers(len(labels))] for i in range(task["n"])})
+    if task.get("actor"):
+        text = reward.format_actions(random_actions(rng, task["action_step"])) + "\n" + text
     ids = tokenizer(text + "<|im_end|>", add_special_tokens=False).input_ids
     valid = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + ("none" if lab is None else lab)))
              for lab in labels]
     label_ids = {v[0] for v in valid if len(v) == 1}
     if len(label_ids) < len(labels):  # a label that is not one token: plain one-hot targets
         return ids, [None] * len(ids)
+    # the action block has no "\n<i>:" token, so only the answer's label positions get the uniform targets
     line_start = set(tokenizer.convert_tokens_to_ids([tokenizer.tokenize(f"\n{i + 1}:")[0]
                                                       for i in range(task["n"])]))
     return ids, [label_ids if k > 0 and ids[k - 1] in line_start else None for k in range(len(ids))]
@@ -190,10 +221,11 @@ def answer_loss(model, batch, soft):
     return -((q * logp).sum(-1) * batch["mask"]).sum() / batch["mask"].sum()
 
 
-def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_side, n_range, seed, buffer=32,
-           fresh=2):
+def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_side, n_range, seed, actor_share=0.0,
+           buffer=32, fresh=2):
     """SFT on well-formed answers with RANDOM mappings (answer_loss: uniform targets over the valid labels), so
-    the model learns the format and the label range, and nothing about which label is right. Prompts come from a
+    the model learns the format and the label range, and nothing about which label is right; a share actor_share
+    of the tasks are ActoR prompts answered with random actions + random mappings (answer_tokens). Prompts come from a
     buffer of `buffer` train tasks of which `fresh` are replaced by newly drawn ones every step (drawing a task
     costs about as much as this tiny model's step), so the model sees many (n, m, image) combinations instead of
     memorising a few prompts. lr: 10-step linear warm-up, then cosine decay to 10%."""
@@ -202,7 +234,7 @@ def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_si
 
     def draw(k):
         return [(task, grpo.encode(tokenizer, image_processor, task["prompt"], images))
-                for task, images in draw_tasks(pool_dir, "train", k, rng, max_side, n_range)]
+                for task, images in draw_tasks(pool_dir, "train", k, rng, max_side, n_range, actor_share)]
     prompts = draw(buffer)
     if not prompts:
         sys.exit(f"tiny_model.py: error: no train pair in {pool_dir} can supply a task")
@@ -231,8 +263,9 @@ def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_si
     model.model.visual.requires_grad_(True)
     model.eval()
 
-def draw_tasks(pool_dir, split, k, rng, max_side, n_range):
-    """k random tasks (any level / spatial mode) from the pool's split -> [(task, [img1, img2])]."""
+def draw_tasks(pool_dir, split, k, rng, max_side, n_range, actor_share=0.0):
+    """k random tasks (any level / spatial mode) from the pool's split -> [(task, [img1, img2])]; each is an
+    ActoR prompt with probability actor_share."""
     import grpo
     pairs = make_tasks.load_pairs(pool_dir, split)
     if not pairs:
@@ -242,17 +275,26 @@ def draw_tasks(pool_dir, split, k, rng, max_side, n_range):
         if len(out) == k:
             break
         level, spatial = rng.choice(make_tasks.LEVELS), rng.choice(make_tasks.SPATIAL)
+        # share 0 draws no extra random number: plain-only task sets (the format check) do not depend on it
+        actor = actor_share > 0 and bool(rng.random() < actor_share)
         try:
             out.append(grpo.task_for_pair(pairs[rng.integers(len(pairs))], pool_dir, level, spatial, rng, max_side,
-                                          n_range))
+                                          n_range, actor=actor))
         except make_tasks.TaskUnavailable:
             continue
     return out
 
 
+def well_formed(text, task):
+    """1.0 when the answer block has the task's n lines, and for an ActoR task the action block parses too."""
+    ok = reward.score(text, task)["format"] == 1.0
+    return float(ok and (not task.get("actor") or reward.parse_actions(text) is not None))
+
+
 @torch.no_grad()
 def format_rate(model, tokenizer, image_processor, tasks, group_size=4, max_new_tokens=48):
-    """Share of well-formed answers (reward format 1) -> (sampled at temperature 1, group_size per task, greedy)."""
+    """Share of well-formed answers (reward format 1, and for ActoR tasks also a parsed action block) ->
+    (sampled at temperature 1, group_size per task, greedy)."""
     import grpo
     encs = [grpo.encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in tasks]
     model.eval()
@@ -261,8 +303,7 @@ def format_rate(model, tokenizer, image_processor, tasks, group_size=4, max_new_
         outs = grpo.generate(model, tokenizer, encs, max_new_tokens, 1.0, greedy=greedy,
                              group_size=1 if greedy else group_size)
         per = 1 if greedy else group_size
-        rates.append(float(np.mean([reward.score(o["text"], tasks[i // per][0])["format"]
-                                    for i, o in enumerate(outs)])))
+        rates.append(float(np.mean([well_formed(o["text"], tasks[i // per][0]) for i, o in enumerate(outs)])))
     return tuple(rates)
 
 # -----------------------------------------------------------------------------
@@ -279,10 +320,14 @@ def main(argv=None):
     ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images (as grpo.py)")
     ap.add_argument("--n-min", type=int, default=3, help="points in image 1 (as grpo.py's --n-min/--n-max)")
     ap.add_argument("--n-max", type=int, default=5)
+    ap.add_argument("--actor-share", type=float, default=0.25,
+                    help="share of warm-up tasks that are ActoR prompts (random action block + random answer)")
     ap.add_argument("--format-tasks", type=int, default=16, help="fresh tasks to measure the format rate on (0: skip)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not 0.0 <= args.actor_share <= 1.0:
+        sys.exit(f"tiny_model.py: error: --actor-share {args.actor_share} is not in [0, 1]")
     if args.pool is not None and not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
         sys.exit(f"tiny_model.py: error: --pool {args.pool} has no pairs.jsonl")
     t0 = time.time()
@@ -292,15 +337,20 @@ def main(argv=None):
     model = build_model(tokenizer, args.seed)
     if args.pool is not None and args.warmup_steps > 0:
         warmup(model, tokenizer, image_processor, args.pool, args.warmup_steps, args.warmup_batch,
-               args.warmup_lr, args.max_side, (args.n_min, args.n_max), args.seed)
+               args.warmup_lr, args.max_side, (args.n_min, args.n_max), args.seed, args.actor_share)
         if args.format_tasks > 0:  # held-out tasks (test split, another seed), as grpo.py samples them
             split = "test" if make_tasks.load_pairs(args.pool, "test") else "train"
-            tasks = draw_tasks(args.pool, split, args.format_tasks, np.random.default_rng(args.seed + 1),
-                               args.max_side, (args.n_min, args.n_max))
+            rng = np.random.default_rng(args.seed + 1)
+            tasks = draw_tasks(args.pool, split, args.format_tasks, rng, args.max_side, (args.n_min, args.n_max))
             torch.manual_seed(args.seed)
             sampled, greedy = format_rate(model, tokenizer, image_processor, tasks)
+            # ActoR prompts (as grpo.py --actor draws them), measured even at --actor-share 0 to show the gap
+            actor_tasks = draw_tasks(args.pool, split, args.format_tasks, rng, args.max_side,
+                                     (args.n_min, args.n_max), actor_share=1.0)
+            a_sampled, a_greedy = format_rate(model, tokenizer, image_processor, actor_tasks)
             print(f"warm-up: format rate {sampled:.2f} (sampled), {greedy:.2f} (greedy) on {len(tasks)} fresh "
-                  f"{split} tasks")
+                  f"{split} tasks; actor {a_sampled:.2f} (sampled), {a_greedy:.2f} (greedy) on "
+                  f"{len(actor_tasks)} (action + answer block)")
 
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
