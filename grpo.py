@@ -532,6 +532,9 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
         return m.pasta(*a, **k) if hasattr(m, "pasta") else pasta.pasta_term(m, *a, **k)
     prompts = samples[::args.group_size] if args.pasta_weight > 0 else []  # samples are prompt-major
     n_prompts = all_sum(len(prompts), world) if prompts else 0
+    # each prompt's pool pair and its dense matches, loaded once (not again in every --ppo-epochs pass)
+    pasta_pairs = [pairs_by_id[s["task"]["pair_id"]] for s in prompts]
+    pasta_pairs = [(pair, make_tasks.load_arrays(args.pool, pair)) for pair in pasta_pairs]
     with torch.no_grad(), autocast():
         ref = [logprob_fn(ref_model, b) if ref_model is not None else None for b in batches]
         old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 else None
@@ -554,11 +557,10 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
                 for r, i in enumerate(mb):
                     sampler[r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
                 stats["dlogp_sum"] += float(((logp.detach().float() - sampler).abs() * b["mask"]).sum())
-        for s in prompts:  # PaStA: one vision forward per prompt, normalised by the global prompt count
-            pair = pairs_by_id[s["task"]["pair_id"]]
-            with autocast():
-                pl, pst = pasta_fn(model, s["enc"], make_tasks.load_arrays(args.pool, pair), pair, n=args.pasta_grid,
-                                   layer=args.pasta_layer, tau=args.pasta_tau)
+        for s, (pair, arrays) in zip(prompts, pasta_pairs):  # PaStA: one vision forward per prompt, normalised by
+            with autocast():                                  # the global prompt count
+                pl, pst = pasta_fn(model, s["enc"], arrays, pair, n=args.pasta_grid, layer=args.pasta_layer,
+                                   tau=args.pasta_tau)
             (pl * args.pasta_weight / n_prompts * world).backward()  # x world: FSDP2 averages over ranks
             if epoch == 0:
                 stats["pasta_sum"] += pst["pasta_loss"]
