@@ -336,10 +336,7 @@ def build_prompt(n, m, actor=False, action_step=ACTION_STEP_DEG):
     """The user text shown with (image 1, image 2). Same wording for every level, so it leaks nothing.
     actor (HATCH's ActoR): the reply must also state the camera motion from view 1 to view 2 in an <action> block
     before the answer block (grammar and reward in reward.py), angles rounded to multiples of action_step."""
-    if actor:
-        head = build_prompt(n, m)[:-len(ANSWER_INSTRUCTIONS)]
-        head = head.replace("Then give your final answer.", "Then give the camera motion and your final answer.")
-        return head + action_instructions(action_step) + ANSWER_INSTRUCTIONS
+    then = "the camera motion and your final answer" if actor else "your final answer"
     return (
         "Image 1 and image 2 show the same scene from very different viewpoints.\n"
         f"In image 1, {n} points are marked with {STYLE1['name']} and numbered 1 to {n}. "
@@ -349,7 +346,8 @@ def build_prompt(n, m, actor=False, action_step=ACTION_STEP_DEG):
         "the scene. A numbered point may have no match among the lettered points (hidden, outside image 2, or "
         "not marked), and image 2 may have lettered points that match nothing.\n"
         "First reason step by step: use the geometry of the two views, the objects and surfaces the points lie "
-        "on, and what surrounds them. Then give your final answer.\n" + ANSWER_INSTRUCTIONS)
+        f"on, and what surrounds them. Then give {then}.\n"
+        + (action_instructions(action_step) if actor else "") + ANSWER_INSTRUCTIONS)
 
 # -----------------------------------------------------------------------------
 # One task (reads the pair's images, writes nothing; grpo.py calls this online)
@@ -377,16 +375,19 @@ def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_
     """One task from one pool pair -> (task dict, [prompted PIL img1, img2]). min_sep is in DRAWN pixels.
     Raises TaskUnavailable (see sample_points). task["images"] is None: the CLI fills it when it saves.
     actor / action_step: build_prompt's ActoR action block (task["actor"] records it)."""
+    sizes = [(pair["width1"], pair["height1"]), (pair["width2"], pair["height2"])]
+    seps = tuple(min_sep * max(size) / max_side for size in sizes)  # drawn pixels -> original pixels
+    # sample first: grpo tries pair after pair until one can supply the request, and a pair that cannot must
+    # not cost two full-size image decodes
+    s = sample_points(arrays, level, spatial, n, rng, min_sep=seps, **sample_kw)
     paths = [os.path.abspath(pool_path(pool_dir, pair[k])) for k in ("image1", "image2")]
     imgs = []
-    for path, w, h in zip(paths, (pair["width1"], pair["width2"]), (pair["height1"], pair["height2"])):
+    for path, size in zip(paths, sizes):
         img = Image.open(path)
         img.load()
-        if img.size != (w, h):
-            raise ValueError(f"make_task: {path} is {img.size}, pairs.jsonl says {(w, h)} ({pair['pair_id']})")
+        if img.size != size:
+            raise ValueError(f"make_task: {path} is {img.size}, pairs.jsonl says {size} ({pair['pair_id']})")
         imgs.append(img)
-    seps = tuple(min_sep * max(im.size) / max_side for im in imgs)  # drawn pixels -> original pixels
-    s = sample_points(arrays, level, spatial, n, rng, min_sep=seps, **sample_kw)
     for key, im in (("x_points", imgs[0]), ("y_points", imgs[1])):
         P = np.asarray(s[key])
         if P.min() < -0.5 or (P + 0.5 > np.asarray(im.size)).any():
@@ -398,7 +399,8 @@ def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_
                 bin=pair["bin"], delta_v=pair["delta_v"], level=level, spatial=spatial, n=s["n"], m=s["m"],
                 images=None, originals=paths, x_points=s["x_points"], y_points=s["y_points"],
                 x_labels=s["x_labels"], y_labels=s["y_labels"],
-                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step), actor=actor, action_step=action_step,
+                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step), actor=actor,
+                action_step=action_step,
                 target=s["target"], K1=pair["K1"], K2=pair["K2"], R=pair.get("R"), t=pair.get("t"),
                 x_idx=[int(i) for i in s["x_idx"]], y_idx=[int(j) for j in s["y_idx"]],
                 scale1=list(geom["scale1"]), scale2=list(geom["scale2"]), size1=list(im1.size),
