@@ -156,8 +156,8 @@ def score_row(task, text, **extra):
     row = dict(task_id=task["task_id"], text=text,
                parsed=None if parsed is None else {str(k): v for k, v in sorted(parsed.items())})
     row.update({k: s[k] for k in ("format", "match", "reward", "precision", "recall", "f1",
-                                  "n_pred", "n_correct", "n_pos")})
-    row.update(n=task["n"], n_hits=round(s["match"] * task["n"]))  # points answered exactly right
+                                  "n_pred", "n_correct", "n_pos", "n_hits")})  # n_hits: points answered right
+    row.update(n=task["n"])
     row.update({k: task[k] for k in TASK_FIELDS})
     if task.get("actor") and task.get("R") is not None and task.get("t") is not None:  # ActoR tasks (HATCH)
         a = reward.action_reward(text, task["R"], task["t"], tol_deg=task.get("action_step", reward.ACTION_STEP_DEG))
@@ -363,11 +363,10 @@ def group_metrics(rows):
     mean = lambda k: math.fsum(r[k] for r in rows) / n
     total = lambda k: sum(r[k] for r in rows)
     # pooled P/R with the reward's own empty-denominator rule (1 only when nothing is claimed and nothing exists)
-    mp = reward._ratio(total("n_correct"), total("n_pred"), total("n_pos"))
-    mr = reward._ratio(total("n_correct"), total("n_pos"), total("n_pred"))
+    mp, mr, mf1 = reward.prf(total("n_correct"), total("n_pred"), total("n_pos"))
     return dict(n_tasks=n, f1=mean("f1"), precision=mean("precision"), recall=mean("recall"),
                 match_acc=mean("match"), format_rate=mean("format"), reward=mean("reward"),
-                micro_f1=2 * mp * mr / (mp + mr) if mp + mr > 0 else 0.0, micro_precision=mp, micro_recall=mr,
+                micro_f1=mf1, micro_precision=mp, micro_recall=mr,
                 micro_match_acc=total("n_hits") / total("n"),
                 n_correct=total("n_correct"), n_pred=total("n_pred"), n_pos=total("n_pos"),
                 **action_metrics(rows))

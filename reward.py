@@ -139,6 +139,14 @@ def _ratio(num, den, other_den):
     return 1.0 if other_den == 0 else 0.0
 
 
+def prf(n_correct, n_pred, n_pos):
+    """(precision, recall, f1) from link counts: correct non-none predictions, non-none predictions, non-none
+    targets; the empty cases as the module docstring says. evaluate.py pools counts over tasks through it too."""
+    precision = _ratio(n_correct, n_pred, n_pos)
+    recall = _ratio(n_correct, n_pos, n_pred)
+    return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+
+
 def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS, w_action=0.0, action_tol=None):
     """Reward of one completion for one task (needs task n, m, target; target[i-1] is a Y label or None).
     w_action > 0 (ActoR): also action, yaw_ok, pitch_ok, roll_ok, move_ok, action_parsed from action_reward and
@@ -159,19 +167,17 @@ def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS, w_action=0
     n_pos = sum(t is not None for t in target)
     if parsed is None:
         return dict(format=0.0, match=0.0, reward=0.0, precision=0.0, recall=0.0, f1=0.0, n_pred=0,
-                    n_correct=0, n_pos=n_pos, n_answered=0, malformed=True, parsed=None)
+                    n_correct=0, n_pos=n_pos, n_hits=0, n_answered=0, malformed=True, parsed=None)
     missing = object()  # a missing point never equals any target, none included
     hits = [parsed.get(i + 1, missing) == target[i] for i in range(n)]
     n_pred = sum(v is not None for v in parsed.values())
     n_correct = sum(parsed.get(i + 1) is not None and hits[i] for i in range(n))
-    precision = _ratio(n_correct, n_pred, n_pos)
-    recall = _ratio(n_correct, n_pos, n_pred)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    precision, recall, f1 = prf(n_correct, n_pred, n_pos)
     fmt = 1.0 if len(parsed) == n else 0.0
     match = sum(hits) / n
     return dict(format=fmt, match=match, reward=w_format * fmt + w_match * match, precision=precision,
-                recall=recall, f1=f1, n_pred=n_pred, n_correct=n_correct, n_pos=n_pos, n_answered=len(parsed),
-                malformed=False, parsed=parsed)
+                recall=recall, f1=f1, n_pred=n_pred, n_correct=n_correct, n_pos=n_pos, n_hits=sum(hits),
+                n_answered=len(parsed), malformed=False, parsed=parsed)
 
 # -----------------------------------------------------------------------------
 # ActoR (HATCH): the camera-motion action block, written before the answer block
@@ -232,7 +238,6 @@ def action_instructions(step_deg=ACTION_STEP_DEG):
         "in which the camera moved, as seen from camera 1: move forward, back, left, right, up, down or stay.\n")
 
 
-ACTION_INSTRUCTIONS = action_instructions()
 
 
 def _wrap180(a):
