@@ -169,13 +169,9 @@ class LMHeadOnly(torch.nn.Module):
 
 def naive_logprobs(model, batch, temperature):
     """What one writes first: logits for every completion position at once, then log_softmax over the full
-    vocabulary in fp32 and a gather. Same positions and targets as grpo.completion_logprobs."""
-    h = model.model(**batch).last_hidden_state                                                     # (B, L, H)
-    B, L, H = h.shape
-    T = int(batch["comp_len"].max())
-    pos = (batch["comp_start"][:, None] - 1 + torch.arange(T, device=h.device)[None]).clamp(max=L - 2)  # (B, T)
-    hc = h.gather(1, pos[..., None].expand(B, T, H))                                               # (B, T, H)
-    target = batch["input_ids"].gather(1, pos + 1)                                                 # (B, T)
+    vocabulary in fp32 and a gather. The positions and targets come from grpo.completion_hidden, as in
+    grpo.completion_logprobs, so the only difference measured is the chunked log-softmax."""
+    hc, target = grpo.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
     logits = model.lm_head(hc).float() / temperature                                               # (B, T, V)
     return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)                 # (B, T)
 

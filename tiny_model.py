@@ -57,6 +57,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen3VLConf
                           Qwen3VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import grpo  # model plumbing (encode, generate, tasks from the pool, completion states)
 import make_tasks
 import reward
 
@@ -208,7 +209,6 @@ def answer_loss(model, batch, soft):
     """Token-mean cross-entropy of the answer tokens where each label position's target is the UNIFORM
     distribution over the task's valid labels (the expectation of the random-mapping loss, without its noise) and
     every other position's target is its token. soft: per sample, per completion token, None or a set of ids."""
-    import grpo
     hc, target = grpo.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
     logp = torch.log_softmax(model.lm_head(hc).float(), -1)  # full logits: fine at a ~1k vocab      (B, T, V)
     q = torch.zeros_like(logp)                                                                     # (B, T, V)
@@ -229,12 +229,12 @@ def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_si
     buffer of `buffer` train tasks of which `fresh` are replaced by newly drawn ones every step (drawing a task
     costs about as much as this tiny model's step), so the model sees many (n, m, image) combinations instead of
     memorising a few prompts. lr: 10-step linear warm-up, then cosine decay to 10%."""
-    import grpo  # model plumbing (encode, tasks from the pool, chunked log-probs) lives there
     rng = np.random.default_rng(seed)
+    train = split_pairs(pool_dir, "train")
 
     def draw(k):
         return [(task, grpo.encode(tokenizer, image_processor, task["prompt"], images))
-                for task, images in draw_tasks(pool_dir, "train", k, rng, max_side, n_range, actor_share)]
+                for task, images in draw_tasks(train, pool_dir, k, rng, max_side, n_range, actor_share)]
     prompts = draw(buffer)
     if not prompts:
         sys.exit(f"tiny_model.py: error: no train pair in {pool_dir} can supply a task")
@@ -263,13 +263,17 @@ def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_si
     model.model.visual.requires_grad_(True)
     model.eval()
 
-def draw_tasks(pool_dir, split, k, rng, max_side, n_range, actor_share=0.0):
-    """k random tasks (any level / spatial mode) from the pool's split -> [(task, [img1, img2])]; each is an
-    ActoR prompt with probability actor_share."""
-    import grpo
+def split_pairs(pool_dir, split):
+    """The pool's pairs of one split (read once per run, not per draw); exits when there are none."""
     pairs = make_tasks.load_pairs(pool_dir, split)
     if not pairs:
         sys.exit(f"tiny_model.py: error: {pool_dir}/pairs.jsonl has no {split} pairs")
+    return pairs
+
+
+def draw_tasks(pairs, pool_dir, k, rng, max_side, n_range, actor_share=0.0):
+    """k random tasks (any level / spatial mode) from these pool pairs -> [(task, [img1, img2])]; each is an
+    ActoR prompt with probability actor_share."""
     out = []
     for _ in range(50 * k):
         if len(out) == k:
@@ -295,7 +299,6 @@ def well_formed(text, task):
 def format_rate(model, tokenizer, image_processor, tasks, group_size=4, max_new_tokens=48):
     """Share of well-formed answers (reward format 1, and for ActoR tasks also a parsed action block) ->
     (sampled at temperature 1, group_size per task, greedy)."""
-    import grpo
     encs = [grpo.encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in tasks]
     model.eval()
     rates = []
@@ -339,13 +342,15 @@ def main(argv=None):
         warmup(model, tokenizer, image_processor, args.pool, args.warmup_steps, args.warmup_batch,
                args.warmup_lr, args.max_side, (args.n_min, args.n_max), args.seed, args.actor_share)
         if args.format_tasks > 0:  # held-out tasks (test split, another seed), as grpo.py samples them
-            split = "test" if make_tasks.load_pairs(args.pool, "test") else "train"
+            pairs, split = make_tasks.load_pairs(args.pool, "test"), "test"
+            if not pairs:
+                pairs, split = split_pairs(args.pool, "train"), "train"
             rng = np.random.default_rng(args.seed + 1)
-            tasks = draw_tasks(args.pool, split, args.format_tasks, rng, args.max_side, (args.n_min, args.n_max))
+            tasks = draw_tasks(pairs, args.pool, args.format_tasks, rng, args.max_side, (args.n_min, args.n_max))
             torch.manual_seed(args.seed)
             sampled, greedy = format_rate(model, tokenizer, image_processor, tasks)
             # ActoR prompts (as grpo.py --actor draws them), measured even at --actor-share 0 to show the gap
-            actor_tasks = draw_tasks(args.pool, split, args.format_tasks, rng, args.max_side,
+            actor_tasks = draw_tasks(pairs, args.pool, args.format_tasks, rng, args.max_side,
                                      (args.n_min, args.n_max), actor_share=1.0)
             a_sampled, a_greedy = format_rate(model, tokenizer, image_processor, actor_tasks)
             print(f"warm-up: format rate {sampled:.2f} (sampled), {greedy:.2f} (greedy) on {len(tasks)} fresh "
