@@ -72,6 +72,7 @@ Departures from the paper / real data, and why
     appearance; training on it only exercises the pipeline.
 """
 import argparse
+import collections
 import gzip
 import json
 import math
@@ -585,6 +586,12 @@ def _jpeg(rgb, quality=92):
     return buf.tobytes()
 
 
+def _write_jpeg(path, rgb):
+    """Every layout's colour frames: the same JPEG bytes _jpeg gives (ScanNet's .sens embeds those)."""
+    with open(path, "wb") as f:
+        f.write(_jpeg(rgb))
+
+
 def _depth_mm(depth):
     mm = np.round(np.nan_to_num(depth, posinf=0.0) * 1000.0)
     mm[(mm <= 0) | (mm > 65535)] = 0
@@ -672,8 +679,7 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
     poses, pts, cols, meta_frames = [], [], [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         rgb, depth = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07))
-        cv2.imwrite(os.path.join(root, "images", f"{i:06d}.jpg"), rgb[..., ::-1],
-                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+        _write_jpeg(os.path.join(root, "images", f"{i:06d}.jpg"), rgb)
         # landmarks: back-project random pixels with a surface hit (exactly on the surfaces)
         ys, xs = np.nonzero(np.isfinite(depth))
         k = rng.choice(len(xs), min(landmarks_per_frame, len(xs)), replace=False)
@@ -709,7 +715,7 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
     cam = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=w, height=h,
                           params=[K[0, 0], K[0, 2] + 0.5, K[1, 2] + 0.5, 0.0])
     rec.add_camera_with_trivial_rig(cam)
-    point2d_index = []
+    tracks = collections.defaultdict(list)  # landmark -> its observations (image id, point2D index), in image order
     for i, (T, (visible, uv)) in enumerate(zip(poses, proj)):
         sel = keep[visible]
         visible, uv = visible[sel], uv[sel]
@@ -720,10 +726,10 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         image = pycolmap.Image(name=f"{i:06d}.jpg", points2D=points2D, camera_id=1, image_id=i + 1)
         w2c = np.linalg.inv(T)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[:3, :3]), w2c[:3, 3]))
-        point2d_index.append({int(j): n for n, j in enumerate(visible)})
+        for n, j in enumerate(visible):
+            tracks[int(j)].append(pycolmap.TrackElement(i + 1, n))
     for j in np.nonzero(keep)[0]:
-        els = [pycolmap.TrackElement(i + 1, idx[j]) for i, idx in enumerate(point2d_index) if j in idx]
-        rec.add_point3D(X[j], pycolmap.Track(els), C[j].astype(np.uint8))
+        rec.add_point3D(X[j], pycolmap.Track(tracks[int(j)]), C[j].astype(np.uint8))
     rec.write(os.path.join(root, "sparse", "0"))
     return dict(layout="colmap", path=f"colmap/{name}", name=name, seed=seed, kind=kind, frames=meta_frames,
                 num_points3D=int(keep.sum()))
@@ -751,7 +757,7 @@ def write_re10k(out, name, seed, n_frames, pbar, scale=1.0, kind="indoor"):
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         ts = t0 + i * 133467  # every 4th frame of a 29.97 fps video, in microseconds
         rgb, _ = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07))
-        cv2.imwrite(os.path.join(root, name, f"{ts}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        _write_jpeg(os.path.join(root, name, f"{ts}.jpg"), rgb)
         lines.append(re10k_line(ts, K, T, w, h))
         meta_frames.append(dict(image=f"re10k/{name}/{ts}.jpg", timestamp=ts, K=K.tolist(),
                                 cam_to_world=T.tolist(), width=w, height=h))
@@ -791,7 +797,7 @@ def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
         fg = foreground_mask(scene, pid)
         stem = f"frame{i + 1:06d}"
         rel = f"{category}/{seq}"
-        cv2.imwrite(os.path.join(root, "images", f"{stem}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        _write_jpeg(os.path.join(root, "images", f"{stem}.jpg"), rgb)
         valid = np.isfinite(depth)
         d16 = np.where(valid, depth / scale, 0).astype(np.float16)
         cv2.imwrite(os.path.join(root, "depths", f"{stem}.jpg.geometric.png"), d16.view(np.uint16))
