@@ -107,7 +107,8 @@ from PIL import Image
 from tqdm import tqdm
 
 PROG = "build_pool.py"
-SCENE_TYPE = {"scannet": "indoor", "co3d": "object", "uco3d": "object"}
+SCENE_TYPE = {"scannet": "indoor", "co3d": "object", "uco3d": "object"}  # colmap / re10k: from a flag
+RGBD = tuple(SCENE_TYPE)  # verified by depth reprojection (match_rgbd); the others by SfM landmarks (match_sfm)
 
 
 class BadInput(Exception):
@@ -722,8 +723,10 @@ def match_rgbd(frame1, frame2, params):
     images), and frame1's verified distractor candidates (no visible counterpart in frame2)."""
     step, tol, margin = params["depth_step"], params["depth_rel_tol"], params["occlusion_margin"]
     d1 = frame1["depth"][::step, ::step]
-    v, u = np.nonzero((d1 > 0) & np.isfinite(d1) if frame1["depth_mask"] is None
-                      else (d1 > 0) & np.isfinite(d1) & frame1["depth_mask"][::step, ::step])
+    valid = (d1 > 0) & np.isfinite(d1)
+    if frame1["depth_mask"] is not None:
+        valid &= frame1["depth_mask"][::step, ::step]
+    v, u = np.nonzero(valid)
     z1 = d1[v, u].astype(np.float64)
     u, v = u * step, v * step  # depth-map pixel coordinates
     Kd1inv = np.linalg.inv(frame1["Kd"])
@@ -922,8 +925,7 @@ def process_scene(task):
     source, name_out, kind, spec, args = task
     stats = dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(), pairs_tried=0)
     try:
-        scene = open_scene(source if source in ("scannet", "co3d", "uco3d", "re10k") else "colmap", kind, spec,
-                           args, stats["frames_skipped"])
+        scene = open_scene(source, kind, spec, args, stats["frames_skipped"])
     except BadInput as e:
         warn(f"{e}; skipping scene")
         stats["scenes_skipped"] = 1
@@ -962,7 +964,8 @@ def process_scene(task):
                 fh.write(f["jpeg"])
         return rel
 
-    match = match_sfm if source not in ("scannet", "co3d", "uco3d") else match_rgbd
+    match = match_rgbd if source in RGBD else match_sfm
+    scene_type = SCENE_TYPE[source] if source in RGBD else args[f"{source}_scene_type"]
     records = []
     for i, j in pairs:
         stats["pairs_tried"] += 1
@@ -981,7 +984,7 @@ def process_scene(task):
         n_m = int((arrays["match"] >= 0).sum())
         records.append(dict(
             pair_id=f"{name_out}/{scene.name}/{f1['id']}-{f2['id']}", source=name_out, scene=scene.name,
-            scene_type=args[f"{source}_scene_type"] if source in ("colmap", "re10k") else SCENE_TYPE[source],
+            scene_type=scene_type,
             split=None, frame1=f1["id"], frame2=f2["id"],
             image1=image_path(f1), image2=image_path(f2),
             width1=int(f1["width"]), height1=int(f1["height"]), width2=int(f2["width"]), height2=int(f2["height"]),
