@@ -491,11 +491,6 @@ def naive_match_rgbd(frame1, frame2, params):
     return counts
 
 
-def accepted(n_matches, params):
-    """build_pool's min-matches rule (select_points' first test)."""
-    return n_matches >= params["min_matches"] and min(int(np.clip(params["num_clusters"], 10, 50)), n_matches) >= 10
-
-
 def compare_pool(pairs, params=POOL_PARAMS, repeats=1):
     """pairs: list of (frame1, frame2) build_pool frame dicts. Both versions, both directions of every pair.
     Raises Mismatch if any accept/reject decision differs. -> dict with pairs/s and agreement numbers."""
@@ -509,8 +504,8 @@ def compare_pool(pairs, params=POOL_PARAMS, repeats=1):
     runs = [timed(vectorised) for _ in range(repeats)]
     fast, fast_s = runs[0][0], min(s for _, s in runs)
     slow, slow_s = timed(naive)
-    dec_fast = [accepted(r12["counts"]["match"], params) for r12, _ in fast]
-    dec_slow = [accepted(r12["match"], params) for r12, _ in slow]
+    dec_fast = [build_pool.enough_matches(r12["counts"]["match"], params) for r12, _ in fast]
+    dec_slow = [build_pool.enough_matches(r12["match"], params) for r12, _ in slow]
     if dec_fast != dec_slow:
         bad = [i for i in range(len(pairs)) if dec_fast[i] != dec_slow[i]]
         raise Mismatch(f"pool: accept/reject differs on {len(bad)} of {len(pairs)} pairs, e.g. pair {bad[0]}: "

@@ -854,13 +854,24 @@ def nearest_label(x, points, labels):
     return labels[nearest(x.astype(np.float64), points.astype(np.float64))].astype(np.int32)
 
 
+def n_clusters(n_matches, params):
+    """k-means clusters for a pair with n_matches verified matches: --num-clusters clipped to 10..50, at most one
+    per match."""
+    return min(int(np.clip(params["num_clusters"], 10, 50)), n_matches)
+
+
+def enough_matches(n_matches, params):
+    """The pair-acceptance rule: at least --min-matches verified matches and room for 10 clusters."""
+    return n_matches >= params["min_matches"] and n_clusters(n_matches, params) >= 10
+
+
 def select_points(res12, res21, params, rng):
     """From dense matches and distractor candidates to the stored arrays (None if too few matches)."""
     p1, p2 = res12["p1"], res12["p2"]
     m = len(p1)
-    k = min(int(np.clip(params["num_clusters"], 10, 50)), m)
-    if m < params["min_matches"] or k < 10:
+    if not enough_matches(m, params):
         return None
+    k = n_clusters(m, params)
     sub = rng.choice(m, min(m, 1500), replace=False)  # k-means on a capped sample keeps the cost flat
     x = p1[sub].astype(np.float64)
     C = kmeans(x, k, rng)
