@@ -476,8 +476,8 @@ def write_tasks(plan, args, out_images):
             skipped[f"{level}/{spatial}: {e}"] += 1
             continue
         task["images"] = []
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)  # pair ids contain "/"
         for v, img in zip((1, 2), imgs):
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)  # pair ids contain "/"
             rel = os.path.join(os.path.basename(out_images), f"{safe}_{v}.{args.image_format}")
             img.save(os.path.join(args.out, rel), **({"compress_level": 1} if args.image_format == "png" else
                                                      {"quality": 95}))  # fast PNG; JPEG sharp enough for labels
