@@ -1027,50 +1027,60 @@ def tasks_feed(cur, accs):
 def test_tasks_curriculum_dcrl_rule():
     cur = curriculum.Curriculum([1, 2, 4], window=4, threshold=0.75)  # bin 3 empty: skipped
     assert cur.current() == (1, "L1", "sparse")
-    # a full window is needed; mean must EXCEED the threshold
-    assert tasks_feed(cur, [1.0, 1.0, 1.0]) == [] and cur.current() == (1, "L1", "sparse")
-    assert tasks_feed(cur, [0.0]) == []                      # window [1,1,1,0] mean .75: not > .75
-    assert tasks_feed(cur, [0.5]) == []                      # [1,1,0,.5] .625
-    ev = tasks_feed(cur, [1.0, 1.0, 1.0])                     # [1,0,.5,1] [0,.5,1,1] .625, [.5,1,1,1] .875
-    assert [k for k, _ in ev] == [2] and ev[0][1].startswith("advance inner")
-    assert cur.current() == (1, "L2", "moderate") and len(cur.recent) == 0  # window restarts
-    assert tasks_feed(cur, [0.9] * 4)[0][1].startswith("advance inner")
-    assert cur.current() == (1, "L3", "dense")
-    ev = tasks_feed(cur, [0.9] * 4)
-    assert len(ev) == 1 and ev[0][0] == 3 and ev[0][1].startswith("advance bin")
-    assert cur.current() == (2, "L1", "sparse")              # inner restarts on the next bin
     rng = np.random.default_rng(0)
-    assert {cur.sample(rng)[0] for _ in range(200)} == {2}  # bin 1 dropped for good (replay 0)
-    assert tasks_feed(cur, [1.0] * 12) and cur.current() == (4, "L1", "sparse")  # bin 3 skipped
-    # updates on other configs never count towards the current window
+    assert {cur.sample(rng) for _ in range(50)} == {(1, "L1", "sparse")}  # one stage unlocked
+    # a full window is needed; its mean must EXCEED the threshold
+    assert tasks_feed(cur, [1.0, 1.0, 1.0]) == [] and cur.current() == (1, "L1", "sparse")
+    assert tasks_feed(cur, [0.0, 1.0, 1.0, 1.0]) == []      # windows [1,1,1,0] [1,1,0,1] [1,0,1,1] [0,1,1,1]: .75
+    ev = [e for _, e in tasks_feed(cur, [1.0])]              # [1,1,1,1]: the stage AND the bin window pass at once
+    assert [e.split()[0] for e in ev] == ["unlock", "advance"] and "L2/moderate" in ev[0] and "-> 2" in ev[1]
+    assert cur.current() == (2, "L2", "moderate")            # carry: L2 stays unlocked on bin 2
+    assert len(cur.bin_window) == 0                           # the new bin's window starts empty
+    assert {cur.sample(rng) for _ in range(200)} == {(2, "L1", "sparse"), (2, "L2", "moderate")}
+    # the old rule's stall: the newest stage stays at .6 but the bin's mix (.8 > .75) passes the bin
+    assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(2, "L2", "moderate", 0.6) == []
+    assert cur.update(2, "L1", "sparse", 1.0) == []
+    ev = cur.update(2, "L2", "moderate", 0.6)
+    assert len(ev) == 1 and ev[0].startswith("advance bin -> 4") and "mastered" in ev[0]  # bin 3 skipped
+    assert cur.current() == (4, "L2", "moderate")
+    assert {cur.sample(rng)[0] for _ in range(200)} == {4}   # bins 1, 2 dropped for good (replay 0)
+    # reports for other bins and for locked stages never count
     for _ in range(10):
-        assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(4, "L2", "moderate", 1.0) == []
-    assert len(cur.recent) == 0
-    # after the last bin's last stage: finished, stays there
-    ev = tasks_feed(cur, [1.0] * 12)
-    assert [e.split()[0] + " " + e.split()[1] for _, e in ev] == ["advance inner", "advance inner", "mastered all"]
-    assert cur.finished and cur.current() == (4, "L3", "dense")
+        assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(4, "L3", "dense", 1.0) == []
+    assert len(cur.bin_window) == 0 and list(cur.stage_windows[2]) == []
+    # carry keeps the stage windows: L2's is [.6, .6] from bin 2
+    assert cur.update(4, "L2", "moderate", 0.9) == [] and cur.update(4, "L2", "moderate", 0.9) == []  # .75
+    ev = cur.update(4, "L2", "moderate", 1.0)                # [.6, .9, .9, 1] = .85: unlock L3
+    assert len(ev) == 1 and ev[0].startswith("unlock L3/dense") and cur.current() == (4, "L3", "dense")
+    ev = cur.update(4, "L3", "dense", 1.0)                   # bin window [.9, .9, 1, 1]: last bin passed
+    assert len(ev) == 1 and ev[0].startswith("mastered all") and cur.finished
     assert tasks_feed(cur, [1.0] * 8) == [] and cur.current() == (4, "L3", "dense")
     assert "finished" in cur.describe()
 
 
 def test_tasks_curriculum_grid_restart_and_replay():
-    cur = curriculum.Curriculum([5, 7], stages="grid", window=2, restart_inner=False)
-    seen = [cur.current()]
-    for _ in range(8):
-        tasks_feed(cur, [1.0, 1.0])
-        seen.append(cur.current())
-    assert seen == [(5, lv, sp) for lv in ("L1", "L2", "L3") for sp in ("sparse", "moderate", "dense")]
-    tasks_feed(cur, [1.0, 1.0])
-    assert cur.current() == (7, "L3", "dense")  # restart_inner=False keeps the last stage
-    rep = curriculum.Curriculum([1, 2, 3], window=1, threshold=0.5, replay=0.25)
+    for inner, want in (("restart", (7, "L1", "sparse")), ("carry", (7, "L1", "moderate"))):
+        cur = curriculum.Curriculum([5, 7], stages="grid", window=2, inner_on_new_bin=inner)
+        ev = tasks_feed(cur, [1.0, 1.0])  # L1/sparse unlocks L1/moderate and bin 5 passes on the same update
+        assert [e.split()[0] for _, e in ev] == ["unlock", "advance"] and cur.current() == want
+    # stages unlock one by one in grid order while sampling stays uniform over the unlocked ones
+    cur = curriculum.Curriculum([1], stages="grid", window=3, threshold=0.5)
     rng = np.random.default_rng(0)
+    for k in range(1, 9):
+        while cur.unlocked == k:
+            b, lv, sp = cur.sample(rng)
+            cur.update(b, lv, sp, 1.0 if (lv, sp) == cur.current()[1:] else 0.0)  # only the newest stage passes
+        assert cur.current()[1:] == curriculum.STAGES["grid"][k]
+    draws = Counter(cur.sample(rng) for _ in range(4500))
+    assert set(draws) == {(1, lv, sp) for lv, sp in curriculum.STAGES["grid"]}
+    assert min(draws.values()) > 0.7 * 500 and max(draws.values()) < 1.3 * 500  # uniform over 9
+    rep = curriculum.Curriculum([1, 2, 3], window=1, threshold=0.5, replay=0.25)
     assert {rep.sample(rng) for _ in range(50)} == {(1, "L1", "sparse")}  # nothing mastered yet
-    tasks_feed(rep, [1.0] * 3)
+    tasks_feed(rep, [1.0])
     draws = [rep.sample(rng) for _ in range(2000)]
     old = sum(b == 1 for b, _, _ in draws)
-    assert rep.current() == (2, "L1", "sparse") and 380 < old < 620  # ~25 % replay of bin 1
-    assert all(d == rep.current() for d in draws if d[0] != 1)
+    assert rep.current() == (2, "L2", "moderate") and 380 < old < 620  # ~25 % replay of bin 1
+    assert {d for d in draws if d[0] != 1} == {(2, "L1", "sparse"), (2, "L2", "moderate")}
 
 
 def test_tasks_curriculum_static_modes():
@@ -1093,27 +1103,103 @@ def test_tasks_curriculum_state_roundtrip():
     rng = random.Random(0)
     accs = [rng.random() ** 0.3 for _ in range(300)]
     for mode in curriculum.MODES:
-        a = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, replay=0.1 if mode == "dcrl" else 0.0)
+        kw = dict(replay=0.1, threshold=0.86, max_steps_per_bin=40) if mode == "dcrl" else {}
+        a = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, **kw)
         r1 = np.random.default_rng(1)
-        for acc in accs[:37]:
+        for acc in accs[:25]:
             b = a.sample(r1)
             a.update(*b, acc)
         sd = json.loads(json.dumps(a.state_dict()))
-        b_cur = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, replay=0.1 if mode == "dcrl" else 0.0)
-        b_cur.load_state_dict(sd)
+        b_cur = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, **kw)
+        assert b_cur.load_state_dict(sd) == []  # nothing to migrate
         assert b_cur.state_dict() == a.state_dict() and b_cur.describe() == a.describe()
         r2 = np.random.default_rng(2)
         r3 = np.random.default_rng(2)
         log_a, log_b = [], []
-        for acc in accs[37:]:
+        for acc in accs[25:]:
             sa, sb = a.sample(r2), b_cur.sample(r3)
             log_a.append((sa, a.update(*sa, acc)))
             log_b.append((sb, b_cur.update(*sb, acc)))
         assert log_a == log_b
         if mode == "dcrl":  # the sequence does move the curriculum, so the comparison covers transitions
-            assert any(ev for _, ev in log_a)
+            assert sd["unlocked"] < 3 and any(ev for _, ev in log_a)
     with pytest.raises(ValueError):  # a checkpoint from another configuration is refused
         curriculum.Curriculum([1, 2], window=5).load_state_dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# curriculum.py: the paper's bin rule, unlocked stages, forced advance, simulation (issue 13)
+
+def test_tasks_curriculum_stall_case_reaches_last_bin():
+    # the old rule stayed on bin 1 for 1000 steps when L3/dense sat at 0.75 and the rest at 0.85
+    acc = curriculum.parse_acc("L3/dense=0.75,*=0.85")
+    for inner in curriculum.INNER_ON_NEW_BIN:
+        cur = curriculum.Curriculum(range(1, 11), inner_on_new_bin=inner)
+        res = curriculum.simulate(cur, acc, 1000, noise=0.05, seed=0)
+        assert set(res["reached"]) == set(range(1, 11)) and res["finished"]
+        assert all(how == "mastered" for _, how in res["left"].values())
+        assert sorted(res["reached"].values()) == [res["reached"][b] for b in range(1, 11)]  # in order
+        assert cur.current() == (10, "L3", "dense")  # the last stage unlocks in the end, even on the last bin
+    table = curriculum.simulation_table(cur, res)
+    assert table.count("\n") == 11 and "| 10 |" in table and "(mastered)" in table
+
+
+def test_tasks_curriculum_below_threshold_never_leaves_bin_1():
+    for noise in (0.0, 0.01):
+        cur = curriculum.Curriculum(range(1, 11))
+        res = curriculum.simulate(cur, curriculum.parse_acc("*=0.77"), 1000, noise=noise, seed=0)
+        assert res["reached"] == {1: 0} and res["left"] == {} and res["events"] == []
+        assert cur.current() == (1, "L1", "sparse") and len(cur.bin_window) == 20
+    # max_steps_per_bin: the same run is forced through every bin, every 50 updates
+    cur = curriculum.Curriculum(range(1, 11), max_steps_per_bin=50)
+    res = curriculum.simulate(cur, curriculum.parse_acc("*=0.77"), 1000, noise=0.0, seed=0)
+    assert res["reached"] == {b: 50 * (b - 1) for b in range(1, 11)}
+    assert res["left"] == {b: (50 * b, "forced") for b in range(1, 11)} and res["finished"]
+    assert all("forced" in e for _, e in res["events"])
+
+
+def test_tasks_curriculum_forced_counts_every_update():
+    cur = curriculum.Curriculum([1, 2, 3], max_steps_per_bin=3)
+    assert cur.update(1, "L1", "sparse", 0.0) == [] and cur.update(7, "L1", "sparse", 0.0) == []  # replay: a step
+    ev = cur.update(1, "L1", "sparse", 0.0)
+    assert len(ev) == 1 and "forced after 3 steps" in ev[0] and cur.current() == (2, "L1", "sparse")
+    with pytest.raises(ValueError, match="inner_on_new_bin"):
+        curriculum.Curriculum([1], inner_on_new_bin="keep")
+    with pytest.raises(ValueError, match="max_steps_per_bin"):
+        curriculum.Curriculum([1], max_steps_per_bin=-1)
+
+
+def test_tasks_curriculum_migrates_version_1_state():
+    old = dict(config=dict(bins=[1, 2, 3], mode="dcrl", stages=[["L1", "sparse"], ["L2", "moderate"], ["L3", "dense"]],
+                           window=20, threshold=0.8, replay=0.0, restart_inner=True),
+               bin_pos=1, stage_pos=2, finished=False, steps=57, recent=[0.9, 0.8])  # the old state_dict's keys
+    cur = curriculum.Curriculum([1, 2, 3])
+    notes = cur.load_state_dict(json.loads(json.dumps(old)))
+    assert len(notes) == 1 and "version-1" in notes[0]
+    assert cur.current() == (2, "L3", "dense") and cur.unlocked == 3 and cur.steps == 57
+    assert list(cur.stage_windows[2]) == [0.9, 0.8] and len(cur.bin_window) == 0
+    again = curriculum.Curriculum([1, 2, 3])
+    assert again.load_state_dict(cur.state_dict()) == [] and again.state_dict() == cur.state_dict()
+    with pytest.raises(ValueError, match="differs"):  # an old checkpoint of another configuration
+        curriculum.Curriculum([1, 2, 3], window=10).load_state_dict(old)
+    with pytest.raises(ValueError, match="version 9"):
+        curriculum.Curriculum([1, 2, 3]).load_state_dict(dict(cur.state_dict(), version=9))
+
+
+def test_tasks_curriculum_simulate_cli(capsys):
+    acc = curriculum.parse_acc("3:L2/moderate=0.1, L3/dense=0.75, 3:*=0.5, *=0.85")
+    assert (acc(3, "L2", "moderate"), acc(3, "L1", "sparse"), acc(2, "L3", "dense"), acc(2, "L1", "sparse")) == \
+        (0.1, 0.5, 0.75, 0.85)
+    for bad in ("L4/dense=0.5", "*=1.5", "L1/sparse", "x:*=0.5"):
+        with pytest.raises(ValueError, match="--acc"):
+            curriculum.parse_acc(bad)
+    with pytest.raises(ValueError, match="no accuracy"):
+        curriculum.parse_acc("L1/sparse=0.9")(1, "L2", "moderate")
+    curriculum.main(["--simulate", "--acc", "L3/dense=0.75,*=0.85", "--noise", "0.05", "--steps", "300",
+                     "--seed", "0", "--bins", "4"])
+    out = capsys.readouterr().out
+    assert "| bin | reached at step | L1/sparse unlocked | L2/moderate unlocked | L3/dense unlocked |" in out
+    assert "bin 4 (4/4)" in out
 
 
 # -----------------------------------------------------------------------------
@@ -1397,6 +1483,28 @@ def test_grpo_load_policy_bad_paths_exit_with_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             grpo.load_policy(str(bad))
         assert words in str(e.value) and str(bad) in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# grpo.py's curriculum flags and one curriculum draw per step (issue 13)
+
+def test_grpo_curriculum_flags_and_one_stage_per_step(tmp_path):
+    grpo_fake_pool(str(tmp_path / "pool"), n_pairs=5)
+    args = grpo.parse_args(["--pool", str(tmp_path / "pool"), "--eval-every", "0", "--inner-on-new-bin", "restart",
+                            "--max-steps-per-bin", "7", "--prompts-per-step", "6"])
+    _, pairs_by_bin, cur, _ = grpo.load_data(args)
+    assert (cur.inner_on_new_bin, cur.max_steps_per_bin, cur.bins) == ("restart", 7, [1, 2])
+    cur.unlocked = 3  # three stages to draw from: a step still uses one (bin, level, spatial) for all its prompts
+    rng = np.random.default_rng(0)
+    draws = set()
+    for _ in range(6):
+        tasks = grpo.sample_tasks(cur, pairs_by_bin, args.prompts_per_step, rng, args)
+        stages = {(t["bin"], t["level"], t["spatial"]) for t, _ in tasks}
+        assert len(tasks) == 6 and len(stages) == 1
+        draws |= stages
+    assert len(draws) > 1  # but different steps draw different unlocked stages
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--inner-on-new-bin", "keep"])
 
 
 # ==============================================================================
