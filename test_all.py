@@ -630,6 +630,30 @@ def test_pool_re10k_missing_frame_skipped_and_counted(pool_re10k, tmp_path, caps
     assert all(os.path.dirname(r["image1"]) == str(frames / sc["name"]) for r in rows)
 
 
+# -----------------------------------------------------------------------------
+# build_pool.py: --test-sources and --scene-types (the benchmark's composition, issue 13)
+
+def test_pool_test_sources_and_scene_types(pool_demo, tmp_path, capsys):
+    data = pool_demo["data"]
+    s0, s1 = sorted({p["scene"] for p in pool_demo["pairs"] if p["source"] == "colmap"})
+    f = tmp_path / "types.txt"
+    f.write_text(f"colmap/{s0} indoor\n\n{s1} object\nco3d/nothing outdoor\n")
+    build_pool.main(["--colmap", f"{data}/colmap", "--co3d", f"{data}/co3d", "--out", str(tmp_path / "p"),
+                     "--max-pairs-per-scene", "3", "--workers", "1", "--test-sources", "colmap,uco3d",
+                     "--scene-types", str(f)])
+    assert "co3d/nothing" in capsys.readouterr().out  # an entry that names no scene is reported
+    with open(tmp_path / "p" / "pairs.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    assert {r["split"] for r in rows if r["source"] == "co3d"} == {"train"}  # not a test source
+    assert "test" in {r["split"] for r in rows if r["source"] == "colmap"}
+    assert {(r["scene"], r["scene_type"]) for r in rows if r["source"] == "colmap"} == {(s0, "indoor"), (s1, "object")}
+    assert {r["scene_type"] for r in rows if r["source"] == "co3d"} == {"object"}  # unlisted: the default
+    f.write_text(f"colmap/{s0} indoor\n{s1} sideways\n")
+    with pytest.raises(SystemExit) as e:  # checked before any scene is processed
+        build_pool.main(["--colmap", f"{data}/colmap", "--out", str(tmp_path / "q"), "--scene-types", str(f)])
+    assert str(f) in str(e.value) and "line 2" in str(e.value) and not (tmp_path / "q").exists()
+
+
 # ==============================================================================
 # reward.py, make_tasks.py, curriculum.py: grammar, scores, sampling invariants, drawing, curriculum
 # ==============================================================================
@@ -1128,6 +1152,59 @@ def test_tasks_curriculum_state_roundtrip():
 
 
 # -----------------------------------------------------------------------------
+# make_tasks.py on a real (synthetic) pool from synthetic.py + build_pool.py
+
+
+@pytest.fixture(scope="module")
+def tasks_synthetic_pool(tmp_path_factory):
+    import build_pool
+    import synthetic
+    root = tmp_path_factory.mktemp("tasks_synth")
+    data, pool = str(root / "demo_data"), str(root / "pool")
+    synthetic.main(["--out", data, "--scenes", "2", "--frames", "4", "--seed", "0"])
+    build_pool.main(["--scannet", os.path.join(data, "scannet"), "--colmap", os.path.join(data, "colmap"),
+                     "--co3d", os.path.join(data, "co3d"), "--out", pool, "--max-pairs-per-scene", "4",
+                     "--workers", "1"])
+    return root, pool
+
+
+def test_tasks_synthetic_pool_sampling(tasks_synthetic_pool):
+    _, pool = tasks_synthetic_pool
+    pairs = make_tasks.load_pairs(pool)
+    assert {p["source"] for p in pairs} == {"scannet", "colmap", "co3d"}
+    rng = np.random.default_rng(0)
+    made = Counter()
+    for pair in pairs:
+        arrays = make_tasks.load_arrays(pool, pair)
+        for level in make_tasks.LEVELS:
+            for spatial in make_tasks.SPATIAL:
+                try:
+                    s = make_tasks.sample_points(arrays, level, spatial, 8, rng, min_sep=15.0)
+                except make_tasks.TaskUnavailable:
+                    continue
+                tasks_check_sample(arrays, s, 15.0)
+                made[level, spatial] += 1
+    assert len(made) == 9 and min(made.values()) >= len(pairs) // 2  # most pairs supply every configuration
+
+
+def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
+    root, pool = tasks_synthetic_pool
+    out = str(root / "tasks")
+    make_tasks.main(["--pool", pool, "--out", out, "--split", "test", "--per-pair", "3", "--max-side", "320",
+                     "--image-format", "png"])  # lossless, so the marker colour can be checked exactly
+    assert "make_tasks.py: test:" in capsys.readouterr().out
+    tasks = [json.loads(line) for line in open(os.path.join(out, "test.jsonl"))]
+    n_test = len(make_tasks.load_pairs(pool, "test"))
+    assert len(tasks) >= 0.8 * 3 * n_test and all(t["split"] == "test" for t in tasks)
+    levels = Counter(t["level"] for t in tasks)
+    assert set(levels) == set(make_tasks.LEVELS) and max(levels.values()) - min(levels.values()) <= 0.2 * len(tasks)
+    t = tasks[0]
+    img = np.asarray(Image.open(os.path.join(out, t["images"][0]))).astype(int)
+    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):
+        assert tuple(img[round(y), round(x)]) == make_tasks.STYLE1["fill"]
+
+
+# -----------------------------------------------------------------------------
 # curriculum.py: the paper's bin rule, unlocked stages, forced advance, simulation (issue 13)
 
 def test_tasks_curriculum_stall_case_reaches_last_bin():
@@ -1203,56 +1280,128 @@ def test_tasks_curriculum_simulate_cli(capsys):
 
 
 # -----------------------------------------------------------------------------
-# make_tasks.py on a real (synthetic) pool from synthetic.py + build_pool.py
+# make_tasks.py: the benchmark's composition (--pairs, --source-shares, --level-shares; issue 13)
+
+def test_tasks_shares_and_largest_remainder():
+    w = make_tasks.parse_shares("scannet=50, colmap=30", "--source-shares")
+    assert list(w) == ["scannet", "colmap"] and make_tasks.percent(w) == {"scannet": 62.5, "colmap": 37.5}
+    for bad in ("scannet", "scannet=-1", "a=1,a=2", "a=x", "a=0", ""):
+        with pytest.raises(ValueError, match="--source-shares"):
+            make_tasks.parse_shares(bad, "--source-shares")
+    with pytest.raises(ValueError, match="unknown name 'L4'"):
+        make_tasks.parse_shares("L1=1,L4=1", "--level-shares", make_tasks.LEVELS)
+    lr = make_tasks.largest_remainder
+    assert lr({"L1": 32.5, "L2": 36.8, "L3": 30.7}, 40) == {"L1": 13, "L2": 15, "L3": 12}  # 13 / 14.72 / 12.28
+    assert lr({"b": 1, "a": 1, "c": 1}, 10) == {"a": 4, "b": 3, "c": 3}   # equal remainders: by name
+    assert lr({"a": 2, "b": 1}, 0) == {"a": 0, "b": 0}
+    paper = lr(make_tasks.parse_shares(make_tasks.PAPER_MIX["source_shares"], "x"), 2810)
+    assert sum(paper.values()) == 2810 and paper == {"scannet": 779, "uco3d": 788, "dl3dv": 759, "re10k": 484}
+    assert make_tasks.spread({"L1": 2, "L2": 1}) == ["L1", "L2", "L1"]
+    seq = make_tasks.spread({"L1": 13, "L2": 15, "L3": 12})
+    assert Counter(seq) == {"L1": 13, "L2": 15, "L3": 12}
+    assert all(abs(seq[:k].count("L2") - 15 * k / 40) < 1 for k in range(41))  # spread evenly along the file
 
 
-@pytest.fixture(scope="module")
-def tasks_synthetic_pool(tmp_path_factory):
-    import build_pool
-    import synthetic
-    root = tmp_path_factory.mktemp("tasks_synth")
-    data, pool = str(root / "demo_data"), str(root / "pool")
-    synthetic.main(["--out", data, "--scenes", "2", "--frames", "4", "--seed", "0"])
-    build_pool.main(["--scannet", os.path.join(data, "scannet"), "--colmap", os.path.join(data, "colmap"),
-                     "--co3d", os.path.join(data, "co3d"), "--out", pool, "--max-pairs-per-scene", "4",
-                     "--workers", "1"])
-    return root, pool
+def _compose_pairs_spec(spec):
+    """Pair dicts {source: [bin per pair]} (no files)."""
+    return [dict(pair_id=f"{s}/{i:02d}", source=s, bin=b) for s, bins in spec.items() for i, b in enumerate(bins)]
 
 
-def test_tasks_synthetic_pool_sampling(tasks_synthetic_pool):
-    _, pool = tasks_synthetic_pool
-    pairs = make_tasks.load_pairs(pool)
-    assert {p["source"] for p in pairs} == {"scannet", "colmap", "co3d"}
-    rng = np.random.default_rng(0)
-    made = Counter()
-    for pair in pairs:
-        arrays = make_tasks.load_arrays(pool, pair)
-        for level in make_tasks.LEVELS:
-            for spatial in make_tasks.SPATIAL:
-                try:
-                    s = make_tasks.sample_points(arrays, level, spatial, 8, rng, min_sep=15.0)
-                except make_tasks.TaskUnavailable:
-                    continue
-                tasks_check_sample(arrays, s, 15.0)
-                made[level, spatial] += 1
-    assert len(made) == 9 and min(made.values()) >= len(pairs) // 2  # most pairs supply every configuration
+def test_tasks_compose_pairs_stratified_and_seeded():
+    pairs = _compose_pairs_spec({"a": [1] * 10 + [2] * 10 + [3] * 10, "b": [1] * 5 + [2] * 5, "c": [4] * 5})
+    chosen, reserve, asked = make_tasks.compose_pairs(pairs, 20, {"a": 50, "b": 50})
+    assert asked == {"a": 10, "b": 10} and set(chosen) == {"a", "b"}  # c unlisted: no pairs
+    assert Counter(p["bin"] for p in chosen["a"]) == {1: 4, 2: 3, 3: 3}  # stratified by bin
+    assert len(reserve["a"]) == 20 and reserve["b"] == []
+    assert not {p["pair_id"] for p in chosen["a"]} & {p["pair_id"] for p in reserve["a"]}
+    again, _, _ = make_tasks.compose_pairs(pairs[::-1], 20, {"a": 50, "b": 50})
+    assert again == chosen  # seeded, independent of the file order
+    other, _, _ = make_tasks.compose_pairs(pairs, 20, {"a": 50, "b": 50}, seed=1)
+    assert {p["pair_id"] for p in other["a"]} != {p["pair_id"] for p in chosen["a"]}
+    # without shares every source keeps its share of the split: 30 / 10 / 5 of 45 -> 6 / 2 / 1 of 9
+    assert make_tasks.compose_pairs(pairs, 9)[2] == {"a": 6, "b": 2, "c": 1}
+    with pytest.raises(ValueError, match=r"b: 10 available, 20 asked"):
+        make_tasks.compose_pairs(pairs, 40, {"a": 50, "b": 50})
+    with pytest.raises(ValueError, match=r"d: 0 available, 3 asked"):
+        make_tasks.compose_pairs(pairs, 6, {"a": 1, "d": 1})
+    with pytest.raises(ValueError, match="only 45 pairs"):
+        make_tasks.compose_pairs(pairs, 46)
+    # a replacement comes from the same source, the nearest bin first
+    res = {"a": [dict(pair_id="x", source="a", bin=3), dict(pair_id="y", source="a", bin=1)]}
+    assert make_tasks.take_replacement(res, dict(source="a", bin=2))["pair_id"] == "x"  # tie: reserve order
+    assert make_tasks.take_replacement(res, dict(source="a", bin=1))["pair_id"] == "y"
+    assert make_tasks.take_replacement(res, dict(source="a", bin=1)) is None
+    assert make_tasks.take_replacement(res, dict(source="z", bin=1)) is None
 
 
-def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
-    root, pool = tasks_synthetic_pool
-    out = str(root / "tasks")
-    make_tasks.main(["--pool", pool, "--out", out, "--split", "test", "--per-pair", "3", "--max-side", "320",
-                     "--image-format", "png"])  # lossless, so the marker colour can be checked exactly
-    assert "make_tasks.py: test:" in capsys.readouterr().out
-    tasks = [json.loads(line) for line in open(os.path.join(out, "test.jsonl"))]
-    n_test = len(make_tasks.load_pairs(pool, "test"))
-    assert len(tasks) >= 0.8 * 3 * n_test and all(t["split"] == "test" for t in tasks)
-    levels = Counter(t["level"] for t in tasks)
-    assert set(levels) == set(make_tasks.LEVELS) and max(levels.values()) - min(levels.values()) <= 0.2 * len(tasks)
-    t = tasks[0]
-    img = np.asarray(Image.open(os.path.join(out, t["images"][0]))).astype(int)
-    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):
-        assert tuple(img[round(y), round(x)]) == make_tasks.STYLE1["fill"]
+def test_tasks_assign_configs_level_shares():
+    pairs = _compose_pairs_spec({"a": [1] * 20, "b": [1] * 20})
+    plan = make_tasks.assign_configs(pairs, 1, ["L1", "L2", "L3"], list(make_tasks.SPATIAL), 0,
+                                     {"L1": 32.5, "L2": 36.8, "L3": 30.7})
+    assert Counter(lv for _, _, lv, _ in plan) == {"L1": 13, "L2": 15, "L3": 12}
+    for src in ("a", "b"):  # each source about the global proportions
+        c = Counter(lv for p, _, lv, _ in plan if p["source"] == src)
+        assert all(abs(c[lv] - n / 2) <= 1 for lv, n in (("L1", 13), ("L2", 15), ("L3", 12)))
+    for lv in ("L1", "L2", "L3"):  # spatial modes balanced within a level
+        c = Counter(sp for _, _, l2, sp in plan if l2 == lv)
+        assert max(c.values()) - min(c.values()) <= 2
+
+
+def _compose_fake_pool(root, spec):
+    """A pool folder: {source: [(bin, can_do_L3), ...]} test pairs with 560x560 plain images."""
+    os.makedirs(os.path.join(root, "pairs"), exist_ok=True)
+    lines = []
+    for src, rows in spec.items():
+        for i, (b, l3) in enumerate(rows):
+            npz = f"pairs/{src}_{i}.npz"
+            np.savez(os.path.join(root, npz), **tasks_fake_arrays(seed=i, w=560, h=560, n_un1=10 if l3 else 0))
+            for v in (1, 2):
+                Image.new("RGB", (560, 560), (90 + 20 * v, 100, 110)).save(os.path.join(root, f"{src}_{i}_{v}.png"))
+            lines.append(dict(pair_id=f"{src}/s/{i}", source=src, scene="s", scene_type="indoor" if src == "scannet"
+                              else "object", split="test", image1=f"{src}_{i}_1.png", image2=f"{src}_{i}_2.png",
+                              width1=560, height1=560, width2=560, height2=560, K1=np.eye(3).tolist(),
+                              K2=np.eye(3).tolist(), overlap=0.5, delta_v=0.1 * b, bin=b, npz=npz, R=None, t=None))
+    with open(os.path.join(root, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in lines)
+    return lines
+
+
+def test_tasks_cli_composition_exact_count_and_replacement(tmp_path, capsys):
+    # scannet: 6 test pairs, 2 of them cannot make L3 tasks (no verified unmatched points in image 1)
+    pool = str(tmp_path / "pool")
+    _compose_fake_pool(pool, {"scannet": [(1, True), (1, False), (2, True), (2, False), (1, True), (2, True)],
+                              "co3d": [(1, True)] * 4})
+    common = ["--pool", pool, "--split", "test", "--max-side", "160", "--n-min", "4", "--n-max", "5",
+              "--level-shares", "L1=1,L3=3", "--source-shares", "scannet=3,co3d=1"]
+    replaced = []
+    for seed in range(3):
+        out = tmp_path / f"t{seed}"
+        make_tasks.main(common + ["--out", str(out), "--pairs", "4", "--seed", str(seed)])
+        tasks = [json.loads(line) for line in open(out / "test.jsonl")]
+        comp = json.load(open(out / "composition_test.json"))
+        assert len(tasks) == 4 and comp["tasks"] == 4 and comp["per_pair"] == 1  # test split: one task a pair
+        assert Counter(t["source"] for t in tasks) == {"scannet": 3, "co3d": 1}
+        assert comp["source"] == dict(asked={"scannet": 75.0, "co3d": 25.0}, achieved={"co3d": 25.0, "scannet": 75.0},
+                                      counts={"co3d": 1, "scannet": 3})
+        assert comp["level"]["counts"] == {"L1": 1, "L3": 3} and comp["level"]["asked"] == {"L1": 25.0, "L3": 75.0}
+        assert not any(t["level"] == "L3" and t["pair_id"] in ("scannet/s/1", "scannet/s/3") for t in tasks)
+        replaced.append(comp["replaced"])
+        assert f"({comp['replaced']} replaced)" in capsys.readouterr().out
+    assert sum(replaced) > 0  # some seed drew a pair that had to be replaced
+    # --max-pairs is --pairs; the draw is seeded
+    make_tasks.main(common + ["--out", str(tmp_path / "alias"), "--max-pairs", "4", "--seed", "0"])
+    assert open(tmp_path / "alias" / "test.jsonl").read() == open(tmp_path / "t0" / "test.jsonl").read()
+    # errors: a source short of pairs; a source whose pairs run out of replacements; shares without --pairs
+    for extra, words in [(["--pairs", "12"], "scannet: 6 available, 9 asked"),
+                         (["--pairs", "5", "--source-shares", "scannet=1", "--level-shares", "L3=1"],
+                          "no test pair of source scannet left"),
+                         (["--pairs", "0"], "--source-shares needs --pairs")]:
+        with pytest.raises(SystemExit) as e:
+            make_tasks.main(common + ["--out", str(tmp_path / "bad")] + extra)
+        assert words in str(e.value)
+    with pytest.raises(SystemExit) as e:  # the paper's mix: 2810 pairs, no uCO3D here
+        make_tasks.main(["--pool", pool, "--out", str(tmp_path / "bad"), "--mix", "paper"])
+    assert "scannet: 6 available, 779 asked; uco3d: 0 available, 788 asked" in str(e.value)
 
 
 # ==============================================================================
@@ -1652,7 +1801,8 @@ def evaluate_tasks(tmp_path_factory):
     synthetic.main(["--out", str(d / "demo_data"), "--frames", "8"])  # small: this file must stay fast
     build_pool.main(["--scannet", str(d / "demo_data" / "scannet"), "--colmap", str(d / "demo_data" / "colmap"),
                      "--co3d", str(d / "demo_data" / "co3d"), "--out", str(d / "pool"), "--max-pairs-per-scene", "12"])
-    make_tasks.main(["--pool", str(d / "pool"), "--out", str(d / "tasks"), "--split", "test", "--per-pair", "1"])
+    make_tasks.main(["--pool", str(d / "pool"), "--out", str(d / "tasks"), "--split", "test", "--per-pair", "1",
+                     "--max-side", "640"])  # the CPU demo size (the default is the paper's 1024)
     return d / "tasks" / "test.jsonl"
 
 
