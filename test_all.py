@@ -1661,8 +1661,9 @@ def test_grpo_curriculum_flags_and_one_stage_per_step(tmp_path):
 # ==============================================================================
 
 def _evaluate_task(task_id, target, source, level, scene_type, spatial, bin, delta_v, m=4):
-    return dict(task_id=task_id, n=len(target), m=m, target=target, x_labels=reward.x_labels_for(len(target)),
-                y_labels=reward.y_labels_for(m), source=source, level=level, scene_type=scene_type,
+    return dict(task_id=task_id, pair_id=task_id, n=len(target), m=m, target=target,
+                x_labels=reward.x_labels_for(len(target)), y_labels=reward.y_labels_for(m), source=source,
+                level=level, scene_type=scene_type,
                 spatial=spatial, bin=bin, delta_v=delta_v)
 
 
@@ -1725,10 +1726,19 @@ def test_evaluate_aggregate_hand_made():
         pytest.approx((0.5, 1 / 3, 0.25, 0.5))
     assert m["by_spatial"]["dense"]["n_tasks"] == 1 and m["by_spatial"]["sparse"]["n_tasks"] == 3
     assert set(m["by_level_bin"]["L1"]) == {"1"} and m["by_level_bin"]["L1"]["1"]["f1"] == pytest.approx(0.5)
-    # widest 2: t3 (0.9) and t4 (0.7)
+    # widest 2 pairs by per-source Δv rank: t2 (scannet's widest, 0.5) and t3 (co3d's, 0.9), not the pooled
+    # largest Δv (t3, t4); rank ties go to the larger Δv
     w = m["widest"]
-    assert (w["k"], w["min_delta_v"], w["overall"]["f1"], w["overall"]["match_acc"]) == pytest.approx((2, 0.7, 0, 0.25))
-    assert set(w["by_source"]) == {"co3d"}
+    assert (w["pairs"], w["k"], w["n_tasks"], w["sources"]) == (["t3", "t2"], 2, 2, ["co3d", "scannet"])
+    assert (w["overall"]["f1"], w["overall"]["match_acc"]) == pytest.approx((1 / 3, 1 / 3))
+    assert set(w["by_source"]) == {"co3d", "scannet"}
+    assert evaluate.aggregate(rows, widest=2, widest_sources=["co3d"])["widest"]["pairs"] == ["t3", "t4"]
+    # the paper's difficulty table: scene type x level
+    stl = m["by_scene_type_level"]
+    assert set(stl) == {"indoor", "object"} and set(stl["object"]) == {"L1", "L3"}
+    assert (stl["indoor"]["L1"]["f1"], stl["indoor"]["L2"]["f1"], stl["object"]["L3"]["n_tasks"]) == \
+        pytest.approx((1.0, 2 / 3, 1))
+    assert o["truncated_rate"] is None  # baselines-like rows: nothing generated
     # the order of the rows does not matter
     assert evaluate.aggregate(rows[::-1], widest=2) == m
 
@@ -1958,6 +1968,40 @@ def test_evaluate_widest_default_sources():
     assert evaluate.widest_pairs(tasks) == ["u1", "d1", "d2"]  # scannet is not in the paper's widest table
     demo = _widest_tasks({"s1": ("scannet", 0.2, 1), "c1": ("co3d", 0.5, 1)})
     assert evaluate.widest_default_sources(demo) == ["co3d", "scannet"]  # none of the paper's: all sources
+
+
+def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
+    spec = [("d0", "dl3dv", "outdoor", "L1", 0.2), ("d1", "dl3dv", "outdoor", "L2", 0.4),
+            ("d2", "dl3dv", "outdoor", "L3", 0.6), ("r0", "re10k", "indoor", "L1", 0.1),
+            ("r1", "re10k", "indoor", "L3", 0.3), ("s0", "scannet", "indoor", "L2", 0.95)]
+    tasks = [_evaluate_task(tid, ["A", None], src, lv, st, "sparse", 1, dv) for tid, src, st, lv, dv in spec]
+    right, none = reward.format_answer({1: "A", 2: None}), reward.format_answer({1: None, 2: None})
+    model = [evaluate.score_row(t, right, truncated=t["task_id"] in ("d0", "r0"), n_tokens=9) for t in tasks]
+    base = [evaluate.score_row(t, none) for t in tasks]
+    all_metrics = {"m": dict(source="m", kind="model", max_new_tokens=5120, **evaluate.aggregate(model, widest=2)),
+                   "baseline_none": dict(source="none", kind="baseline", **evaluate.aggregate(base, widest=2))}
+    assert all_metrics["m"]["overall"]["truncated_rate"] == pytest.approx(2 / 6)
+    # default widest sources: dl3dv and re10k (scannet's larger raw Δv does not count); rank ties: larger Δv
+    assert all_metrics["m"]["widest"]["pairs"] == ["d2", "r1"]
+    evaluate.write_report(tmp_path, all_metrics, "t.jsonl", {})
+    report = (tmp_path / "report.md").read_text()
+    assert "| m | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 33.3 (5120) | 6 |" in report
+    assert "| baseline_none | 0.0 | 0.0 | 0.0 | 50.0 | 100.0 | 0.0 | - | 6 |" in report
+    assert "| model | scene type | L1 (n=2) | L2 (n=2) | L3 (n=2) | all levels |" in report
+    assert "| m | indoor (n=3) | 100.0 | 100.0 | 100.0 | 100.0 |" in report
+    assert "| baseline_none | outdoor (n=3) | 0.0 | 0.0 | 0.0 | 0.0 |" in report
+    assert "## Widest subset: the 2 pairs with the largest viewpoint difference (2 tasks)" in report
+    assert "percentile rank" in report and "from dl3dv, re10k" in report
+    assert "| model | overall (n=2) | dl3dv (n=1) | re10k (n=1) |" in report
+    assert "| m | 100.0 | 100.0 | 100.0 |" in report and "| baseline_none | 0.0 | 0.0 | 0.0 |" in report
+
+
+def test_evaluate_resumed_rows_take_pair_id_from_the_task(tmp_path):
+    tasks = [dict(_evaluate_task("a", ["A"], "co3d", "L1", "object", "sparse", 1, 0.2), pair_id="pa")]
+    old = {k: v for k, v in evaluate.score_row(tasks[0], reward.format_answer({1: "A"})).items() if k != "pair_id"}
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(old) + "\n")  # a row from before pair_id was recorded
+    rows = evaluate.predict(lambda: pytest.fail("nothing left to answer"), tasks, tmp_path, 4, "x")
+    assert rows[0]["pair_id"] == "pa" and evaluate.aggregate(rows, widest=1)["widest"]["pairs"] == ["pa"]
 
 
 # ==============================================================================
