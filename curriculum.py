@@ -21,21 +21,21 @@ Simulation (no torch, no model; per-stage accuracies + Gaussian noise, one sampl
 State machine of mode "dcrl" (written out):
     state  = (bin_pos, unlocked, stage_windows, bin_window, bin_start, finished): bin_pos indexes the sorted
              available bins (bins not given are empty and never visited); the first `unlocked` inner stages are
-             unlocked; stage_windows[i] holds the last <= `window` accuracies reported for stage i on the
-             CURRENT bin, bin_window the last <= `window` reported for the current bin (any stage); bin_start
-             is the update count when the bin became current.
+             unlocked; stage_windows[i] holds the last <= `window` accuracies reported for stage i (since the
+             run began with "carry", since the current bin began with "restart"), bin_window the last <= `window`
+             reported for the current bin (any stage); bin_start is the update count when the bin became current.
     start    bin_pos = 0, unlocked = 1, all windows empty, bin_start = 0, finished = False.
     update(b, level, spatial, acc):       (every call counts as a step, ignored or not)
         if b != current bin or (level, spatial) is not an unlocked stage: ignore (replay) -> [].
         append acc to stage_windows[stage] and to bin_window (each keeps the last `window`).
-        if finished: -> [] (stays on the last bin, keeps training there).
         if stage is the newest unlocked one, its window is full and its mean > threshold and a next stage
             exists: unlocked += 1                                             -> ["unlock <stage> ..."]
+        if finished: stop here (the run stays on the last bin; its stages still unlock).
         if bin_window is full and its mean > threshold (the paper's rule), or max_steps_per_bin > 0 and
             the updates since bin_start reach it ("forced"):
-            if bin_pos < last bin: bin_pos += 1, all windows emptied, bin_start = now, and
-                unlocked = 1 if inner_on_new_bin == "restart" else unchanged ("carry")
-                                                                             -> ["advance bin ..."]
+            if bin_pos < last bin: bin_pos += 1, bin_window emptied, bin_start = now, and with
+                inner_on_new_bin "carry" (default) the unlocked stages and their windows stay, with
+                "restart" unlocked = 1 and the stage windows are emptied      -> ["advance bin ..."]
                 (bins before bin_pos are mastered and dropped for good)
             else: finished = True                                             -> ["mastered all ..."]
     current(): (bin, newest unlocked stage).

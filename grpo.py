@@ -28,8 +28,8 @@ Outputs in --out:
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
                      reward parts (format, match, action: ActoR accuracy or null), length, truncated.
     metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, length,
-                     truncated, dlogp, lr, curriculum (bin, level, spatial after the update), curriculum_events
-                     (what update() reported, e.g. "advance inner -> L2/moderate ..."; also printed), eval_match
+                     truncated, dlogp, lr, curriculum (bin, newest unlocked stage after the update), curriculum_events
+                     (what update() reported, e.g. "unlock L2/moderate ..."; also printed), eval_match
                      (every --eval-every), action (--actor), pasta + pasta_acc (--pasta-weight > 0), seconds.
     args.json
 
