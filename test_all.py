@@ -1987,7 +1987,7 @@ def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| m | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 33.3 (5120) | 6 |" in report
     assert "| baseline_none | 0.0 | 0.0 | 0.0 | 50.0 | 100.0 | 0.0 | - | 6 |" in report
-    assert "| model | scene type | L1 (n=2) | L2 (n=2) | L3 (n=2) | all levels |" in report
+    assert "| model | scene type (tasks) | L1 | L2 | L3 | all levels |" in report
     assert "| m | indoor (n=3) | 100.0 | 100.0 | 100.0 | 100.0 |" in report
     assert "| baseline_none | outdoor (n=3) | 0.0 | 0.0 | 0.0 | 0.0 |" in report
     assert "## Widest subset: the 2 pairs with the largest viewpoint difference (2 tasks)" in report
