@@ -76,6 +76,8 @@ Choices the paper does not spell out (ours):
 - `--stop-after-step N` (tests): exits hard (os._exit, no clean-up) after step N, to test --resume.
 """
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import random
@@ -379,8 +381,9 @@ def score(text, task, args):
 # Distributed setup, sharding, checkpoints
 
 
-def setup_distributed():
-    """RANK / WORLD_SIZE from torchrun (absent: 1 process). gloo on CPU, nccl on GPU."""
+def setup_distributed(timeout_min=60):
+    """RANK / WORLD_SIZE from torchrun (absent: 1 process). gloo on CPU, nccl on GPU. timeout_min: how long a
+    collective may wait (torch's default, 10 min, is shorter than an 8B export or a long eval at 5,120 tokens)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -388,7 +391,8 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return rank, world, device
 
 
@@ -407,6 +411,48 @@ def shard(model, device):
     model.pasta = types.MethodType(lambda self, *a, **k: pasta.pasta_term(self, *a, **k), model)
     register_fsdp_forward_method(model, "pasta")
     return model
+
+
+def load_sharded(path, device, dtype, rank, world, prepare):
+    """-> (model, tokenizer, image processor); prepare(model) sets modes / grad checkpointing / requires_grad before
+    sharding. 1 process: load_policy. world > 1: only rank 0 reads the weights (from_pretrained, so transformers'
+    key conversions apply); every rank builds the model from the config on the meta device (no memory), shards
+    it, allocates its shard, and rank 0's full state is broadcast into the shards. Peak host RAM: one full copy on
+    rank 0, the shards elsewhere (was: the full model on every rank, and on every GPU before sharding)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if world == 1:
+        model, tokenizer, image_processor = load_policy(path, device, dtype)
+        prepare(model)
+        return model, tokenizer, image_processor
+    full, buffers, meta = {}, {}, [None]
+    if rank == 0:
+        src, tokenizer, image_processor = load_policy(path, "cpu", dtype)
+        full = src.state_dict()
+        # non-persistent buffers (the rotary inv_freq) are not in the state dict: sent from rank 0 below
+        buffers = {n: b for n, b in src.named_buffers() if n not in full}
+        meta = [(src.config, src.generation_config, sorted(buffers))]
+        del src
+    dist.broadcast_object_list(meta, src=0)  # config + generation config: ranks > 0 read no weight file
+    if rank != 0:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    config, generation_config, buffer_names = meta[0]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.generation_config = generation_config
+    prepare(model)
+    model = shard(model, device)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    bufs = dict(model.named_buffers())
+    for name in buffer_names:  # to_empty left them uninitialised
+        if rank == 0:
+            bufs[name].copy_(buffers[name])
+        dist.broadcast(bufs[name], 0)
+    model.tie_weights()  # a no-op unless tie_word_embeddings (to_empty may have split the tied pair)
+    return model, tokenizer, image_processor
 
 
 def all_sum(x, world):
@@ -440,9 +486,15 @@ def set_rng_state(s, task_rng):
     task_rng.bit_generator.state = s["task"]
 
 
-def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world, pending):
+    """step_%06d.tmp/ -> step_%06d/. Each rank writes its own shard of the weights and the optimizer state
+    (torch.distributed.checkpoint, dcp/) and its RNG state; rank 0 the scheduler, curriculum, tokenizer, image
+    processor and (--export-every) a bf16 save_pretrained export; meta.json last, then the rename. With
+    --async-save the shards are written in the background and pending (a dict) holds the unfinished save, which
+    finish_save completes (the main loop calls it one step later)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    finish_save(pending, args, rank, world)
     final = os.path.join(args.out, f"step_{step:06d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -450,22 +502,40 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
-    # full (unsharded) state dicts on CPU; collectives, so every rank calls them
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, opt, options=opts)
+    if args.export_every == 0 or step % args.export_every == 0 or step == args.steps:
+        export_weights(model, tmp, rank)
     torch.save(rng_state(task_rng), os.path.join(tmp, f"rng_{rank}.pt"))
-    if world > 1:
-        dist.barrier()
     if rank == 0:
-        model.save_pretrained(tmp, state_dict=msd)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
-        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
         torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "curriculum.json"), "w") as f:
             json.dump(cur.state_dict(), f)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks a complete checkpoint
+    msd, osd = get_state_dict(model, opt)  # this rank's shards (DTensors) when sharded, no gather
+    state = dict(model=msd, optim=osd)
+    pending.update(step=step, tmp=tmp, final=final)
+    if args.async_save:  # staged to CPU here, written by a thread; its own process group for its collectives
+        if world > 1 and "group" not in pending:
+            pending["group"] = dist.new_group(backend="gloo")
+        pending["future"] = dcp.async_save(state, checkpoint_id=os.path.join(tmp, "dcp"),
+                                           process_group=pending.get("group"))
+    else:
+        dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
+        finish_save(pending, args, rank, world)
+
+
+def finish_save(pending, args, rank, world):
+    """Completes the save in pending (if any): waits for its shards on every rank, then rank 0 writes meta.json
+    (its presence marks a complete checkpoint), renames step_%06d.tmp/ and prunes to --keep-last."""
+    if "tmp" not in pending:
+        return
+    if "future" in pending:
+        pending.pop("future").result()
+    if world > 1:
+        dist.barrier()
+    step, tmp, final = pending.pop("step"), pending.pop("tmp"), pending.pop("final")
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(step=step, world_size=world, args=vars(args)), f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -476,19 +546,52 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
         dist.barrier()
 
 
-def load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    osd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False)
-    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+def export_weights(model, out_dir, rank):
+    """A plain bf16 save_pretrained copy of the weights in out_dir (config.json + model.safetensors) for
+    evaluate.py / transformers. One tensor at a time is gathered (a collective: every rank calls this); only
+    rank 0 keeps them, so its host RAM peak is the bf16 model (16 GiB at 8B), not the fp32 one."""
+    full = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if rank == 0:
+            full[name] = t.detach().to("cpu", torch.bfloat16 if t.is_floating_point() else t.dtype).contiguous()
+    if rank == 0:
+        dtype = model.config.dtype
+        model.config.dtype = torch.bfloat16  # the config says what the file holds
+        model.save_pretrained(out_dir, state_dict=full)
+        model.config.dtype = dtype
+
+
+def load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, world):
+    """Restores weights + optimizer state (each rank reads its shards; a checkpoint of another world size is
+    resharded by torch.distributed.checkpoint), scheduler, curriculum and RNG -> the step done. Another world size
+    uses rank 0's RNG (ranks > 0 reseeded), so that run is not byte-identical to an uninterrupted one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    if not os.path.isdir(os.path.join(ckpt, "dcp")):
+        sys.exit(f"grpo.py: error: {ckpt} has no dcp/ (weights + optimizer shards): written by an older grpo.py; "
+                 f"start a new run from its weights with --model {ckpt}")
+    msd, osd = get_state_dict(model, opt)
+    state = dict(model=msd, optim=osd)
+    dcp.load(state, checkpoint_id=os.path.join(ckpt, "dcp"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
     with open(os.path.join(ckpt, "curriculum.json")) as f:
         cur.load_state_dict(json.load(f))
-    rng_file = os.path.join(ckpt, f"rng_{rank}.pt")
-    if not os.path.isfile(rng_file):
-        sys.exit(f"grpo.py: error: {rng_file} missing (resume with the same number of processes)")
-    set_rng_state(torch.load(rng_file, weights_only=False), task_rng)
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        return json.load(f)["step"]
+    saved_world = meta.get("world_size", 1)
+    same = saved_world == world
+    set_rng_state(torch.load(os.path.join(ckpt, f"rng_{rank if same else 0}.pt"), weights_only=False), task_rng)
+    if not same:
+        if rank > 0:  # rank 0's python / numpy / torch state on every rank would sample the same completions
+            s = args.seed + 1000 * meta["step"] + rank
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+        print0(f"grpo.py: resuming a {saved_world}-process checkpoint on {world} process(es): weights and optimizer "
+               f"resharded, rank 0's RNG state used; the run is NOT byte-identical to an uninterrupted one")
+    return meta["step"]
 
 
 def truncate_jsonl(path, last_step):
@@ -502,6 +605,18 @@ def truncate_jsonl(path, last_step):
 
 # -----------------------------------------------------------------------------
 # Training
+
+
+@contextlib.contextmanager
+def generation_mode(model):
+    """The policy in eval mode while it generates, then back in its mode: in train mode with gradient checkpointing
+    transformers switches the KV cache off, and generate needs the prefill's cache."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def rollout(model, tokenizer, image_processor, tasks, args, synced):
@@ -576,6 +691,20 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
     return stats, n_tok
 
 
+def debug_dump(path, model, ref_model, opt, tokenizer, image_processor, eval_tasks, args, rank, world):
+    """--debug-dump (tests): after loading / resuming, rank 0 saves the greedy eval rows of the policy and the
+    reference (evaluate_match) and the full model and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    out = dict(policy=evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[1],
+               ref=evaluate_match(ref_model, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
+               if ref_model is not None else None,
+               model=get_model_state_dict(model, options=opts), optim=get_optimizer_state_dict(model, opt, options=opts))
+    if rank == 0:
+        torch.save(out, path)
+
+
 def dump_grads(model, path, rank):
     grads = {}
     for name, p in model.named_parameters():
@@ -588,13 +717,24 @@ def dump_grads(model, path, rank):
 
 
 @torch.no_grad()
-def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced):
-    """Greedy match accuracy on the fixed held-out tasks (every rank runs all of them: FSDP needs equal calls)."""
+def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world):
+    """Greedy match accuracy on the fixed held-out tasks, split over the ranks (task k on rank k % world) and
+    gathered -> (mean match, rows: task_id, rank, text, token_ids, logprobs, match; every rank gets all rows).
+    FSDP needs every rank to issue the same collectives: each rank's share is padded to the same length with
+    copies of a task whose results are dropped, and generate runs with synced_gpus (ranks stop together)."""
     if not eval_tasks:
-        return float("nan")
-    encs = [encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in eval_tasks]
-    outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=synced)
-    return float(np.mean([reward.score(o["text"], t)["match"] for o, (t, _) in zip(outs, eval_tasks)]))
+        return float("nan"), []
+    per_rank = -(-len(eval_tasks) // world)
+    mine = list(range(rank, len(eval_tasks), world))
+    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # the copies get weight 0 (dropped)
+    encs = [encode(tokenizer, image_processor, eval_tasks[k][0]["prompt"], eval_tasks[k][1]) for k in padded]
+    with generation_mode(model):
+        outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=world > 1)
+    rows = [dict(task_id=eval_tasks[k][0].get("task_id", k), index=k, rank=rank, text=o["text"],
+                 token_ids=o["token_ids"], logprobs=o["logprobs"],
+                 match=reward.score(o["text"], eval_tasks[k][0])["match"]) for k, o in zip(mine, outs)]
+    rows = sorted((r for part in gather_objects(rows, world) for r in part), key=lambda r: r["index"])
+    return float(np.mean([r["match"] for r in rows])), rows
 
 
 # -----------------------------------------------------------------------------
@@ -620,6 +760,13 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
+    ap.add_argument("--export-every", type=int, default=0,
+                    help="bf16 save_pretrained export in a checkpoint whose step is a multiple of this, and the "
+                         "last one (0: in every checkpoint)")
+    ap.add_argument("--async-save", action="store_true",
+                    help="write the checkpoint shards in the background (the step dir appears one step later)")
+    ap.add_argument("--dist-timeout-min", type=float, default=60,
+                    help="minutes a collective may wait before the run fails (torch's default is 10)")
     ap.add_argument("--eval-every", type=int, default=10, help="greedy match accuracy on held-out tasks (0: off)")
     ap.add_argument("--eval-tasks", type=int, default=4, help="number of held-out test-split tasks")
     ap.add_argument("--seed", type=int, default=0)
@@ -643,6 +790,7 @@ def parse_args(argv=None):
     ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -686,22 +834,21 @@ def load_data(args):
     return pairs_by_id, pairs_by_bin, cur, eval_tasks
 
 
-def load_models(args, ckpt, device, world):
-    """-> policy (from ckpt when resuming, else --model; fp32, in train mode), frozen reference (always from
-    --model; None with --kl-beta 0), tokenizer, image processor. Both models FSDP2-sharded when world > 1."""
-    model, tokenizer, image_processor = load_policy(ckpt or args.model, device, torch.float32)
+def load_models(args, device, rank, world):
+    """-> policy (--model; fp32, in train mode; a resumed run overwrites its weights from the checkpoint), frozen
+    reference (--model; None with --kl-beta 0), tokenizer, image processor. Both FSDP2-sharded when world > 1, and
+    then only rank 0 reads the weight files (load_sharded)."""
+    def prepare_policy(m):
+        m.train()
+        if args.grad_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, tokenizer, image_processor = load_sharded(args.model, device, torch.float32, rank, world, prepare_policy)
     args.pad_id = tokenizer.pad_token_id
-    model.train()
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if args.kl_beta > 0:
-        ref_model = load_policy(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)[0]
-        ref_model.requires_grad_(False)
-    if world > 1:
-        model = shard(model, device)
-        if ref_model is not None:
-            ref_model = shard(ref_model, device)
+        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref_model = load_sharded(args.model, device, ref_dtype, rank, world,
+                                 lambda m: m.eval().requires_grad_(False))[0]
     return model, ref_model, tokenizer, image_processor
 
 
@@ -715,7 +862,7 @@ def make_optimizer(model, args):
 def resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world):
     """Restores optimizer, scheduler, curriculum and RNG state from ckpt (None: a fresh run) -> the step done."""
     if ckpt is not None:
-        start = load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world)
+        start = load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, world)
         print0(f"resumed from {ckpt} (step {start})")
         return start
     if args.resume:
@@ -758,10 +905,8 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
     stage = cur.current()  # the curriculum's (bin, level, spatial) at sampling time
     tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
     mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
-    model.eval()
-    with autocast():
+    with generation_mode(model), autocast():
         samples = rollout(model, tokenizer, image_processor, mine, args, world > 1)
-    model.train()
     if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
         n = len(samples) // world
         samples = samples[rank * n:(rank + 1) * n]
@@ -829,17 +974,20 @@ def log_step(m, records, args, rank, run):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout_min)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
     os.makedirs(args.out, exist_ok=True)
     task_rng = seed_everything(args.seed, rank, same_sampling=bool(args.debug_grad_dump))
     pairs_by_id, pairs_by_bin, cur, eval_tasks = load_data(args)
     ckpt = latest_checkpoint(args.out) if args.resume else None
-    model, ref_model, tokenizer, image_processor = load_models(args, ckpt, device, world)
+    model, ref_model, tokenizer, image_processor = load_models(args, device, rank, world)
     opt, sched = make_optimizer(model, args)
     start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
+    if args.debug_dump:
+        debug_dump(args.debug_dump, model, ref_model, opt, tokenizer, image_processor, eval_tasks, args, rank, world)
     run = open_logs(args, ckpt, start, rank)
+    pending = {}  # an unfinished --async-save
 
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
@@ -850,14 +998,17 @@ def main(argv=None):
                 dist.destroy_process_group()
             return
         if args.eval_every > 0 and step % args.eval_every == 0:
-            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, world > 1)
+            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[0]
         m["seconds"] = time.time() - t0
         log_step(m, records, args, rank, run)
+        finish_save(pending, args, rank, world)  # the previous step's --async-save
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world)
+            save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world,
+                            pending)
         if args.stop_after_step is not None and step >= args.stop_after_step:
             sys.stdout.flush()
             os._exit(17)  # a hard crash: no clean-up, no destructors
+    finish_save(pending, args, rank, world)
     if world > 1:
         dist.destroy_process_group()
     print0(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")
