@@ -136,7 +136,7 @@ def resolve_ckpt(ckpt):
         if (p / "config.json").exists():
             return str(p.resolve())
         import grpo  # torch and transformers only when a model is evaluated
-        latest = grpo.latest_checkpoint(str(p))
+        latest = grpo.latest_checkpoint(str(p), with_weights=True)  # the newest with the bf16 export
         if latest is None:
             sys.exit(f"evaluate.py: error: {ckpt} has no config.json and no complete step_* checkpoint")
         return str(Path(latest).resolve())

@@ -77,6 +77,7 @@ Choices the paper does not spell out (ours):
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -232,12 +233,14 @@ def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0,
     return results
 
 
-def latest_checkpoint(run_dir):
-    """Newest complete <run_dir>/step_%06d/ (one with meta.json, which is written last), or None."""
+def latest_checkpoint(run_dir, with_weights=False):
+    """Newest complete <run_dir>/step_%06d/ (one with meta.json, which is written last), or None. with_weights: the
+    newest that also holds the save_pretrained export (config.json; see --export-every), for evaluate.py."""
     if not os.path.isdir(run_dir):
         return None
     steps = [d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{6}", d)
-             and os.path.isfile(os.path.join(run_dir, d, "meta.json"))]
+             and os.path.isfile(os.path.join(run_dir, d, "meta.json"))
+             and (not with_weights or os.path.isfile(os.path.join(run_dir, d, "config.json")))]
     return os.path.join(run_dir, max(steps)) if steps else None
 
 # -----------------------------------------------------------------------------
@@ -556,10 +559,11 @@ def export_weights(model, out_dir, rank):
         if rank == 0:
             full[name] = t.detach().to("cpu", torch.bfloat16 if t.is_floating_point() else t.dtype).contiguous()
     if rank == 0:
-        dtype = model.config.dtype
-        model.config.dtype = torch.bfloat16  # the config says what the file holds
         model.save_pretrained(out_dir, state_dict=full)
-        model.config.dtype = dtype
+        config = copy.deepcopy(model.config)  # save_pretrained wrote the model's fp32 dtype: say what the file holds
+        for c in [config] + [getattr(config, k) for k in config.sub_configs]:
+            c.dtype = "bfloat16"
+        config.save_pretrained(out_dir)
 
 
 def load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, world):
@@ -691,13 +695,13 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
     return stats, n_tok
 
 
-def debug_dump(path, model, ref_model, opt, tokenizer, image_processor, eval_tasks, args, rank, world):
-    """--debug-dump (tests): after loading / resuming, rank 0 saves the greedy eval rows of the policy and the
-    reference (evaluate_match) and the full model and optimizer state."""
+def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank, world):
+    """--debug-dump (tests): after loading / resuming, rank 0 saves its RNG state, the greedy eval rows of the policy
+    and the reference (evaluate_match) and the full model and optimizer state."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    out = dict(policy=evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[1],
+    out = dict(rng=rng_state(task_rng), policy=evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[1],
                ref=evaluate_match(ref_model, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
                if ref_model is not None else None,
                model=get_model_state_dict(model, options=opts), optim=get_optimizer_state_dict(model, opt, options=opts))
@@ -985,7 +989,8 @@ def main(argv=None):
     opt, sched = make_optimizer(model, args)
     start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
     if args.debug_dump:
-        debug_dump(args.debug_dump, model, ref_model, opt, tokenizer, image_processor, eval_tasks, args, rank, world)
+        debug_dump(args.debug_dump, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank,
+                   world)
     run = open_logs(args, ckpt, start, rank)
     pending = {}  # an unfinished --async-save
 

@@ -8,7 +8,9 @@ evaluation, HATCH, benchmark checks. Assertions check behaviour (geometry, exact
 identical resumed runs), never timings.
 """
 import argparse
+import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -1331,16 +1333,22 @@ def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6 * max(1.0, float(scale))), n
 
 
-def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, tmp_path):
-    extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1"]
+def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, grpo_dist_env, tmp_path):
+    """Also (issue 11): the untied tiny model loaded on 1 and on 2 processes (rank 0 + broadcast) gives the greedy
+    tokens and log-probs of load_policy."""
+    evals = ["--pool", str(grpo_dist_env / "pool"), "--eval-every", "100", "--eval-tasks", "3", "--n-min", "2",
+             "--n-max", "3"]
+    extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1", *evals]
     one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"),
-                    *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one))],
+                    *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one),
+                                 "--debug-dump", str(tmp_path / "d1.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     subprocess.run([torchrun, "--nproc_per_node=2", os.path.join(HERE, "grpo.py"),
-                    *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two))],
+                    *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two),
+                                 "--debug-dump", str(tmp_path / "d2.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
     g1, g2 = torch.load(one), torch.load(two)
     assert g1.keys() == g2.keys()
@@ -1348,6 +1356,11 @@ def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, tmp_path):
     assert scale > 1e-4  # the toy reward gives non-zero advantages
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+    expected = grpo_eval_reference(grpo_env / "tiny", grpo_dist_env / "pool", *evals[2:], "--max-new-tokens", "12")
+    for d in ("d1.pt", "d2.pt"):
+        dump = torch.load(tmp_path / d, weights_only=False)
+        grpo_assert_rows_equal(dump["policy"], expected)
+        grpo_assert_rows_equal(dump["ref"], expected)
 
 
 def test_grpo_learns_toy_reward(grpo_env, tmp_path):
@@ -1397,6 +1410,196 @@ def test_grpo_load_policy_bad_paths_exit_with_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             grpo.load_policy(str(bad))
         assert words in str(e.value) and str(bad) in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# grpo.py on the paper's multi-GPU path: eval in generation mode, eval split over ranks, rank-0 loading,
+# sharded (torch.distributed.checkpoint) checkpoints, bf16 export, resharded resume. Two torchrun runs shared.
+
+GRPO_DIST_WRAPPER = """
+import os, sys, json
+import transformers.modeling_utils as mu
+from transformers.generation.utils import GenerationMixin
+LOG = os.environ["GRPO_CALL_LOG"] + "." + os.environ.get("RANK", "0")
+def log(**kw):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(kw) + "\\n")
+orig_fp = mu.PreTrainedModel.from_pretrained.__func__
+def from_pretrained(cls, *a, **k):
+    log(kind="from_pretrained")
+    return orig_fp(cls, *a, **k)
+mu.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+orig_gen = GenerationMixin.generate
+def generate(self, *a, **k):
+    log(kind="generate", n=int(k["input_ids"].shape[0]), greedy=not k["generation_config"].do_sample)
+    return orig_gen(self, *a, **k)
+GenerationMixin.generate = generate
+sys.path.insert(0, os.environ["GRPO_DIR"])
+import grpo
+grpo.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def grpo_dist_env(grpo_env):
+    """The tiny model with tie_word_embeddings true (grpo_env's has it false) and a pool with 3 test pairs
+    (--n-min 2 --n-max 3 makes all 3 eval tasks available)."""
+    from transformers import AutoModelForImageTextToText
+    d = grpo_env / "dist"
+    shutil.copytree(grpo_env / "tiny", d / "tied")
+    m = AutoModelForImageTextToText.from_pretrained(str(grpo_env / "tiny"))
+    m.config.tie_word_embeddings = m.config.text_config.tie_word_embeddings = True
+    m.tie_weights()
+    m.save_pretrained(str(d / "tied"))
+    grpo_fake_pool(str(d / "pool"), n_pairs=6)
+    rows = grpo_read(d / "pool" / "pairs.jsonl")
+    for r in rows[3:]:
+        r["split"] = "test"
+    with open(d / "pool" / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return d
+
+
+def grpo_dist_flags(denv, out, *extra):
+    return ["--model", str(denv / "tied"), "--pool", str(denv / "pool"), "--out", str(out), "--group-size", "4",
+            "--prompts-per-step", "2", "--max-new-tokens", "12", "--eval-tasks", "3", "--n-min", "2", "--n-max", "3",
+            *extra]
+
+
+def grpo_eval_reference(model_dir, pool, *extra):
+    """Greedy tokens and log-probs of the eval tasks under the loading of the original code (load_policy on one
+    process), one task at a time."""
+    model, tok, ip = grpo.load_policy(str(model_dir))
+    args = grpo.parse_args(["--pool", str(pool), "--eval-every", "1", *extra])
+    tasks = grpo.load_data(args)[3]
+    return [grpo.generate(model, tok, [grpo.encode(tok, ip, t["prompt"], imgs)], args.max_new_tokens, greedy=True)[0]
+            for t, imgs in tasks]
+
+
+def grpo_assert_rows_equal(rows, ref_rows):
+    assert len(rows) == len(ref_rows) > 0
+    for r, e in zip(rows, ref_rows):
+        assert r["token_ids"] == e["token_ids"]
+        assert np.allclose(r["logprobs"], e["logprobs"], atol=1e-5)
+
+
+def grpo_assert_state_equal(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        if isinstance(a[k], dict):
+            grpo_assert_state_equal(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def grpo_dist_runs(grpo_dist_env, tmp_path_factory):
+    """r2: torchrun 2 processes, --grad-checkpointing, eval every step, async sharded saves at steps 2 and 3 (export
+    at 3 only); r2r: its step 2 resumed on 2 processes; r1r: its step 2 resumed on 1 process; r1: 1 process fresh.
+    Each writes --debug-dump (eval rows of policy and reference, full model + optimizer state after loading)."""
+    t = tmp_path_factory.mktemp("grpo_dist")
+    denv = grpo_dist_env
+    flags = ["--grad-checkpointing", "--eval-every", "1", "--steps", "3", "--save-every", "2", "--toy-reward",
+             "--kl-beta", "0.1", "--lr", "1e-2", "--warmup-steps", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRPO_CALL_LOG=str(t / "calls"), GRPO_DIR=HERE)
+    (t / "wrapper.py").write_text(GRPO_DIST_WRAPPER)
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, str(t / "wrapper.py"), *grpo_dist_flags(denv, t / "r2", *flags, "--async-save",
+                        "--export-every", "3", "--debug-dump", str(t / "d2.pt"))],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = {rank: grpo_read(f"{t / 'calls'}.{rank}") for rank in (0, 1)}
+    for name in ("r2r", "r1r"):  # the run as if it had died after step 2 (step 3 never written)
+        shutil.copytree(t / "r2", t / name, ignore=shutil.ignore_patterns("step_000003"))
+    r = subprocess.run([*torchrun, os.path.join(HERE, "grpo.py"),
+                        *grpo_dist_flags(denv, t / "r2r", *flags, "--async-save", "--export-every", "3", "--resume",
+                                         "--debug-dump", str(t / "d2r.pt"))],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = {}
+    for name, extra in (("r1r", ["--resume"]), ("r1", ["--steps", "1", "--save-every", "1"])):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            grpo.main(grpo_dist_flags(denv, t / name, *flags, "--export-every", "3", *extra,
+                                      "--debug-dump", str(t / f"d_{name}.pt")))
+        out[name] = buf.getvalue()
+    dumps = {k: torch.load(t / f"{k}.pt", weights_only=False) for k in ("d2", "d2r", "d_r1r", "d_r1")}
+    return t, calls, dumps, out
+
+
+def test_grpo_dist_eval_with_grad_checkpointing_split_over_ranks(grpo_dist_runs):
+    """--grad-checkpointing + --eval-every 1 ran on 2 processes and on 1 (the policy generates in eval mode);
+    each eval task is decoded by one rank only (each rank's share padded to the same size), and the gathered
+    result equals one process's."""
+    t, calls, dumps, _ = grpo_dist_runs
+    for run in ("r2", "r1r", "r1"):
+        ms = grpo_read(t / run / "metrics.jsonl")
+        assert ms and all(np.isfinite(m["eval_match"]) and 0 <= m["eval_match"] <= 1 for m in ms)
+    assert sorted(os.listdir(t / "r2")) == ["args.json", "metrics.jsonl", "rollouts.jsonl", "step_000002",
+                                            "step_000003"]
+    assert os.path.isfile(t / "r1" / "step_000001" / "meta.json")
+    rows2, rows1 = dumps["d2"]["policy"], dumps["d_r1"]["policy"]
+    assert [r["index"] for r in rows2] == [0, 1, 2] and [r["rank"] for r in rows2] == [0, 1, 0]
+    assert [r["token_ids"] for r in rows2] == [r["token_ids"] for r in rows1]
+    assert [r["match"] for r in rows2] == [r["match"] for r in rows1]
+    for rank in (0, 1):  # every greedy generate call of a rank decodes its padded share (2 of 3), never all 3
+        greedy = [c["n"] for c in calls[rank] if c["kind"] == "generate" and c["greedy"]]
+        assert len(greedy) == 3 + 2 and set(greedy) == {2}  # 3 evals + the dump's policy and reference
+
+
+def test_grpo_dist_rank0_loading_equals_from_pretrained(grpo_dist_runs, grpo_dist_env, grpo_env):
+    """Only rank 0 reads the weights (policy and reference); the ranks build on the meta device and get rank 0's
+    state: greedy tokens and log-probs (policy and reference, tied embeddings here; untied in the gradient test
+    below) equal those of load_policy on one process, and the full state equals from_pretrained's."""
+    t, calls, dumps, _ = grpo_dist_runs
+    assert sum(c["kind"] == "from_pretrained" for c in calls[0]) == 2  # policy + reference
+    assert not any(c["kind"] == "from_pretrained" for c in calls[1])
+    expected = grpo_eval_reference(grpo_dist_env / "tied", grpo_dist_env / "pool", "--eval-tasks", "3",
+                                   "--n-min", "2", "--n-max", "3", "--max-new-tokens", "12")
+    for d in ("d2", "d_r1"):
+        grpo_assert_rows_equal(dumps[d]["policy"], expected)
+        grpo_assert_rows_equal(dumps[d]["ref"], expected)
+    sd = grpo.load_policy(str(grpo_dist_env / "tied"))[0].state_dict()
+    grpo_assert_state_equal(dumps["d2"]["model"], {k: v for k, v in sd.items() if k in dumps["d2"]["model"]})
+    m = dumps["d2"]["model"]
+    assert torch.equal(m["lm_head.weight"], m["model.language_model.embed_tokens.weight"])
+
+
+def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
+    """Each rank wrote its shard (dcp/); the 2-process run resumed on 2 processes from step 2 redoes step 3
+    byte-identically; resumed on 1 process, weights and optimizer state after loading equal the 2-process load,
+    rank 0's RNG is used and the run says it is not byte-identical. The bf16 export loads with transformers and
+    evaluate.py finds it."""
+    from transformers import AutoModelForImageTextToText
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    t, _, dumps, out = grpo_dist_runs
+    assert sorted(os.listdir(t / "r2" / "step_000002" / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not os.path.exists(t / "r2" / "step_000002" / "config.json")  # --export-every 3
+    drop = ("seconds",)
+    assert [{k: v for k, v in m.items() if k not in drop} for m in grpo_read(t / "r2" / "metrics.jsonl")] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in grpo_read(t / "r2r" / "metrics.jsonl")]
+    assert grpo_read(t / "r2" / "rollouts.jsonl") == grpo_read(t / "r2r" / "rollouts.jsonl")
+    assert grpo_read(t / "r2" / "metrics.jsonl")[-1]["kl"] > 0  # the policy moved: the resume restored weights
+    grpo_assert_state_equal(dumps["d_r1r"]["model"], dumps["d2r"]["model"])
+    grpo_assert_state_equal(dumps["d_r1r"]["optim"], dumps["d2r"]["optim"])
+    assert dumps["d2r"]["optim"]["state"]  # AdamW moments were restored, not empty
+    assert "NOT byte-identical" in out["r1r"] and "NOT byte-identical" not in out["r1"]
+    rng0 = torch.load(t / "r2" / "step_000002" / "rng_0.pt", weights_only=False)
+    rng = dumps["d_r1r"]["rng"]  # right after the 1-process resume: rank 0's saved state
+    assert rng["python"] == rng0["python"] and torch.equal(rng["torch"], rng0["torch"]) and rng["task"] == rng0["task"]
+    assert all(np.array_equal(a, b) for a, b in zip(rng["numpy"], rng0["numpy"]))
+    assert grpo.latest_checkpoint(str(t / "r1r")) == str(t / "r1r" / "step_000003")
+    # the export: evaluate.py resolves the run dir to it; transformers loads it; it is the checkpoint in bf16
+    ckpt = evaluate.resolve_ckpt(str(t / "r2"))
+    assert ckpt == str((t / "r2" / "step_000003").resolve())
+    exported = AutoModelForImageTextToText.from_pretrained(ckpt)
+    assert exported.dtype == torch.bfloat16
+    dcp_to_torch_save(str(t / "r2" / "step_000003" / "dcp"), str(t / "full.pt"))
+    full = torch.load(t / "full.pt", weights_only=False)["model"]
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, full[k].to(torch.bfloat16)), k
 
 
 # ==============================================================================
@@ -2151,6 +2354,11 @@ def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, 
     assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+    expected = grpo_eval_reference(grpo_env / "tiny", grpo_dist_env / "pool", *evals[2:], "--max-new-tokens", "12")
+    for d in ("d1.pt", "d2.pt"):
+        dump = torch.load(tmp_path / d, weights_only=False)
+        grpo_assert_rows_equal(dump["policy"], expected)
+        grpo_assert_rows_equal(dump["ref"], expected)
 
 
 def test_hatch_tiny_model_warmup_actor_targets():
