@@ -14,6 +14,8 @@ Usage:
             --group-size 32 --prompts-per-step 16 --micro-batch 4 --kl-beta 0.005 --max-new-tokens 5120 \
             --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
             --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
+        (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
+        16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
@@ -21,10 +23,15 @@ Usage:
 Inputs: --model (a local dir such as tiny_model.py's output or a checkpoint of this script, or a hub id),
 --pool (build_pool.py's pairs.jsonl + npz; train-split pairs for training, test-split for --eval-every).
 Outputs in --out:
-    step_%06d/       save_pretrained weights + tokenizer + image processor, optimizer.pt, scheduler.pt,
-                     curriculum.json, rng_<rank>.pt (python, numpy, torch RNG + the task sampler), meta.json (args,
-                     step; written last). Written to step_%06d.tmp/ then renamed, so a crash never leaves a
-                     half-written step_%06d/; --keep-last K prunes older ones.
+    step_%06d/       dcp/ (torch.distributed.checkpoint: each rank writes its own shard of the fp32 weights and
+                     the AdamW state; a checkpoint resumes on another number of processes, resharded on load, but
+                     then not byte-identically: rank 0's RNG is used), scheduler.pt, curriculum.json, rng_<rank>.pt
+                     (python, numpy, torch RNG + the task sampler), tokenizer + image processor, and (--export-every,
+                     default every checkpoint) a bf16 save_pretrained export (config.json + model.safetensors) that
+                     evaluate.py and from_pretrained load; meta.json (args, step, world size) written last. Written
+                     to step_%06d.tmp/ then renamed (after the background write with --async-save, one step later),
+                     so a crash never leaves a half-written step_%06d/; --keep-last K prunes older ones. --resume
+                     rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
                      reward parts (format, match, action: ActoR accuracy or null), length, truncated.
     metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, length,
@@ -71,6 +78,14 @@ Choices the paper does not spell out (ours):
   each epoch is one AdamW step over the whole batch and the old log-probs are those of the sampling policy.
 - `--toy-reward` replaces the matching reward by the share of digit characters in the completion: a signal any
   random model can learn in a few dozen steps; used by the learning test only.
+- Multi-process (torchrun): only rank 0 reads the weight files (from_pretrained, policy and reference); the
+  other ranks build the model on the meta device, and after sharding rank 0's state is broadcast into the shards
+  (non-persistent buffers such as the rotary inv_freq sent from rank 0, tied embeddings re-tied). Held-out eval
+  tasks are split over the ranks and gathered (same value as one process). The process group waits
+  --dist-timeout-min (default 60) minutes on a collective, not torch's 10: a rank may wait that long on an eval
+  at 5,120 tokens or on rank 0's export.
+- `--debug-dump PATH` (tests): after loading / resuming, rank 0 saves its RNG state, the greedy eval rows (tokens,
+  log-probs, which rank decoded them) of policy and reference, and the full model and optimizer state.
 - `--debug-grad-dump PATH` (tests): every rank generates the SAME global batch (same seed), each rank computes the
   loss on its share, the full gradient is saved to PATH and the script exits - 1 process vs torchrun must agree.
 - `--stop-after-step N` (tests): exits hard (os._exit, no clean-up) after step N, to test --resume.
@@ -701,10 +716,12 @@ def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    out = dict(rng=rng_state(task_rng), policy=evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[1],
-               ref=evaluate_match(ref_model, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
-               if ref_model is not None else None,
-               model=get_model_state_dict(model, options=opts), optim=get_optimizer_state_dict(model, opt, options=opts))
+    rng = rng_state(task_rng)  # before anything else runs
+
+    def rows(m):
+        return None if m is None else evaluate_match(m, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
+    out = dict(rng=rng, policy=rows(model), ref=rows(ref_model), model=get_model_state_dict(model, options=opts),
+               optim=get_optimizer_state_dict(model, opt, options=opts))
     if rank == 0:
         torch.save(out, path)
 
@@ -1003,7 +1020,8 @@ def main(argv=None):
                 dist.destroy_process_group()
             return
         if args.eval_every > 0 and step % args.eval_every == 0:
-            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[0]
+            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank,
+                                             world)[0]
         m["seconds"] = time.time() - t0
         log_step(m, records, args, rank, run)
         finish_save(pending, args, rank, world)  # the previous step's --async-save
