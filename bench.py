@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,10 +61,12 @@ import types
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import build_pool
 import grpo
 import make_tasks
+import rollout
 import synthetic
 import tiny_model
 
@@ -726,6 +729,162 @@ def bench_step(args, device, tmp):
                 prompts=P, new_tokens=k, trl=trl)
 
 # -----------------------------------------------------------------------------
+# 5) rollout-fsdp: resident weights + a KV cache written in place vs the legacy path, 2 processes, FSDP2 over gloo
+
+
+class RolloutCounter(TorchDispatchMode):
+    """While active, counts c10d collectives and the bytes they move (the largest tensor argument: an all-gather's
+    gathered output) and the KV-cache bytes copied: aten.cat along the sequence dim of 4-D (B, H, T, D) tensors
+    (DynamicCache's append), copy_ into and index_copy_ of 4-D tensors (StaticCache's update, our one-time fill).
+    Per model forward (a forward pre-hook on model) it also keeps the KV bytes, so the last decode step's can be
+    read: legacy's grows with the context, resident's does not."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.collectives, self.comm_bytes, self.kv_bytes, self.kv_by_forward = 0, 0, 0, [0]
+        self.hook = model.register_forward_pre_hook(lambda *_: self.kv_by_forward.append(0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ns, name = func.namespace, func.overloadpacket.__name__
+        if ns in ("c10d", "_c10d_functional"):
+            flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+            self.collectives += 1
+            self.comm_bytes += max((t.nbytes for t in flat if isinstance(t, torch.Tensor)), default=0)
+        elif ns == "aten":
+            moved = 0
+            if name == "cat" and out.dim() == 4 and (args[1] if len(args) > 1 else kwargs.get("dim", 0)) in (2, -2):
+                moved = out.nbytes
+            elif name == "copy_" and args[0].dim() == 4:
+                moved = args[0].nbytes
+            elif name == "index_copy_" and args[0].dim() == 4:
+                moved = args[3].nbytes
+            self.kv_bytes += moved
+            self.kv_by_forward[-1] += moved
+        return out
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        return super().__exit__(*exc)
+
+
+def reshard_settings(model):
+    """Each FSDP module's reshard-after-forward setting (per parameter group), to check that resident() restores
+    them."""
+    return [[g.post_forward_mesh_info is None for g in m._get_fsdp_state()._fsdp_param_groups]
+            for m in rollout.fsdp_modules(model)]
+
+
+def rollout_fsdp_worker(args):
+    """One rank of `torchrun --nproc_per_node=2 bench.py rollout-fsdp --worker OUT`: every model of --fsdp-dirs,
+    FSDP2-sharded by grpo.shard, rolls out G greedy completions of one prompt (rank r: prompt seed r) per impl and
+    completion length, counted by RolloutCounter; rank 0 writes every rank's rows to OUT (JSON)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    rows = []
+    for kind, path in (kv.split("=", 1) for kv in args.fsdp_dirs.split(",")):
+        model, tok, ip = grpo.load_policy(path)
+        never_stop(model, tok)
+        model = grpo.shard(model, torch.device("cpu"))
+        enc = bench_prompt(tok, ip, side=args.fsdp_side or SIZES.get(kind, {}).get("side", 640), seed=rank)
+        for impl in rollout.IMPLS:  # warm-up: FSDP's lazy init and first-call set-up are not timed
+            with rollout.resident(model, impl):
+                rollout.generate(model, tok, [enc], 2, greedy=True, group_size=args.fsdp_group_size,
+                                 synced_gpus=True)
+        before = reshard_settings(model)
+        for k in args.fsdp_lengths:
+            for impl in rollout.IMPLS:
+                counter = RolloutCounter(model)
+                t0 = time.perf_counter()
+                with counter, rollout.resident(model, impl):  # what one rollout costs, gathers included
+                    outs = rollout.generate(model, tok, [enc], k, greedy=True, group_size=args.fsdp_group_size,
+                                            synced_gpus=True)
+                seconds = time.perf_counter() - t0
+                n_tok = sum(len(o["token_ids"]) for o in outs)
+                rows.append(dict(model=kind, impl=impl, rank=rank, new_tokens=k, G=args.fsdp_group_size,
+                                 prompt_tokens=int(enc["input_ids"].shape[1]), generated=n_tok,
+                                 collectives=counter.collectives, comm_bytes=counter.comm_bytes,
+                                 kv_bytes=counter.kv_bytes, kv_bytes_last_step=counter.kv_by_forward[-1],
+                                 seconds=seconds, tokens=[o["token_ids"] for o in outs],
+                                 logprobs=[o["logprobs"] for o in outs],
+                                 settings_restored=reshard_settings(model) == before))
+        del model
+        gc.collect()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    if rank == 0:
+        with open(args.worker, "w") as f:
+            json.dump([r for p in parts for r in p], f)
+    dist.destroy_process_group()
+
+
+def run_rollout_fsdp(dirs, lengths, group_size, out_json, side=None, nproc=2):
+    """Launches the 2-process worker (torchrun --standalone: a free port) -> its rows."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "rollout-fsdp", "--worker", out_json,
+           "--fsdp-dirs", ",".join(f"{k}={v}" for k, v in dirs.items()),
+           "--fsdp-lengths", ",".join(map(str, lengths)), "--fsdp-group-size", str(group_size)] + \
+          (["--fsdp-side", str(side)] if side else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if r.returncode != 0:
+        raise RuntimeError(f"bench.py rollout-fsdp: the 2-process worker failed:\n{r.stderr[-3000:]}")
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def rollout_fsdp_table(rows, lengths):
+    """Rank 0's rows -> one line per (model, impl): per generated token (slope between the two completion
+    lengths) collectives, MB all-gathered and KV MB copied; the last decode step's KV MB at each length; time.
+    Raises Mismatch unless resident's greedy tokens equal legacy's and its log-probs agree (1e-5)."""
+    out = []
+    by = {(r["model"], r["impl"], r["rank"], r["new_tokens"]): r for r in rows}
+    for (model, impl, rank, k), r in by.items():
+        leg = by[(model, "legacy", rank, k)]
+        if r["tokens"] != leg["tokens"]:
+            raise Mismatch(f"rollout-fsdp {model} rank {rank} k={k}: {impl} tokens differ from legacy")
+        gap = max((abs(a - b) for x, y in zip(r["logprobs"], leg["logprobs"]) for a, b in zip(x, y)), default=0.0)
+        if gap > 1e-5:
+            raise Mismatch(f"rollout-fsdp {model} rank {rank} k={k}: {impl} log-probs differ from legacy by {gap}")
+    k1, k2 = min(lengths), max(lengths)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for impl in rollout.IMPLS:
+            a, b = by[(model, impl, 0, k1)], by[(model, impl, 0, k2)]
+            dk = (b["generated"] - a["generated"]) / b["G"]   # decode steps between the two lengths
+            out.append(dict(model=model, impl=impl, G=b["G"], prompt=b["prompt_tokens"], lengths=f"{k1},{k2}",
+                            coll_rollout=f"{a['collectives']},{b['collectives']}",
+                            coll_tok=(b["collectives"] - a["collectives"]) / dk,
+                            comm_mb_tok=(b["comm_bytes"] - a["comm_bytes"]) / dk / 2 ** 20,
+                            kv_mb_tok=(b["kv_bytes"] - a["kv_bytes"]) / dk / 2 ** 20,
+                            kv_last=f"{a['kv_bytes_last_step'] / 2 ** 20:.3f},{b['kv_bytes_last_step'] / 2 ** 20:.3f}",
+                            ms_tok=1000 * (b["seconds"] - a["seconds"]) / dk, seconds=b["seconds"]))
+    for model in dict.fromkeys(r["model"] for r in out):
+        leg, res = [next(r for r in out if r["model"] == model and r["impl"] == i) for i in ("legacy", "resident")]
+        res["speedup"] = leg["ms_tok"] / res["ms_tok"] if res["ms_tok"] > 0 else None
+        res["target"] = verdict(res["coll_tok"] == 0 and by[(model, "resident", 0, k1)]["kv_bytes_last_step"]
+                                == by[(model, "resident", 0, k2)]["kv_bytes_last_step"])
+    return out
+
+
+def bench_rollout_fsdp(args, device, tmp):
+    dirs = {kind: (args.model if (args.model and kind == "tiny") else build_model_dir(kind, os.path.join(tmp, kind)))
+            for kind in ("tiny", "small")}
+    rows = run_rollout_fsdp(dirs, args.fsdp_lengths, args.fsdp_group_size, os.path.join(tmp, "fsdp.json"),
+                            side=args.fsdp_side)
+    table = rollout_fsdp_table(rows, args.fsdp_lengths)
+    print_table("rollout-fsdp: one rollout on 2 CPU processes (FSDP2 over gloo), greedy, G completions of one prompt "
+                "per rank; per generated token = difference between the two lengths / decode steps [target: 0 "
+                "collectives per token, KV bytes of the last decode step not growing with the length]", table,
+                [("model", "model", "{}"), ("impl", "impl", "{}"), ("G", "G", "{}"), ("prompt", "prompt", "{}"),
+                 ("lengths", "new", "{}"), ("coll_rollout", "collectives/rollout", "{}"),
+                 ("coll_tok", "coll/token", "{:.1f}"), ("comm_mb_tok", "MB gathered/token", "{:.2f}"),
+                 ("kv_mb_tok", "KV MB copied/token", "{:.3f}"), ("kv_last", "KV MB last step", "{}"),
+                 ("ms_tok", "ms/token", "{:.1f}"), ("speedup", "x", "{:.2f}"), ("target", "", "{}")])
+    return dict(rows=table, raw=[{k: v for k, v in r.items() if k not in ("tokens", "logprobs")} for r in rows])
+
+# -----------------------------------------------------------------------------
 
 
 def machine_info(device):
@@ -748,7 +907,7 @@ def int_list(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step"])
+    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp"])
     ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--model", default=None, help="model dir for rollout/step (default: build the tiny model)")
@@ -768,22 +927,29 @@ def main(argv=None):
     ap.add_argument("--step-group-size", type=int, default=8)
     ap.add_argument("--step-prompts", type=int, default=2)
     ap.add_argument("--step-new-tokens", type=int, default=48)
+    ap.add_argument("--fsdp-lengths", type=int_list, default=None, help="rollout-fsdp lengths (quick 8,32, else 16,128)")
+    ap.add_argument("--fsdp-group-size", type=int, default=4, help="rollout-fsdp: G per prompt")
+    ap.add_argument("--fsdp-side", type=int, default=None, help="rollout-fsdp image side (default: per model)")
+    ap.add_argument("--fsdp-dirs", default=None, help=argparse.SUPPRESS)  # kind=model dir,... (set by the launcher)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank of rollout-fsdp (torchrun)
     args = ap.parse_args(argv)
     q = args.quick
     defaults = dict(repeats=1 if q else 2, lp_lengths=[3072] if q else [1024, 2048, 5120],
                     lp_hidden=256 if q else 512, new_tokens=[16, 128] if q else [16, 512],
                     small_new_tokens=[16] if q else [16, 256], frames=5 if q else 8,
-                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60)
+                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60, fsdp_lengths=[8, 32] if q else [16, 128])
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.model is not None and not os.path.isdir(args.model):
         sys.exit(f"bench.py: error: --model {args.model} does not exist")
+    if args.worker:
+        return rollout_fsdp_worker(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = dict(machine=machine_info(device), args=vars(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    commands = ["logprobs", "rollout", "pool", "step"] if args.command == "all" else [args.command]
+    commands = ["logprobs", "rollout", "pool", "step", "rollout-fsdp"] if args.command == "all" else [args.command]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         for cmd in commands:
@@ -793,6 +959,8 @@ def main(argv=None):
                 results[cmd] = bench_rollout(args, device, tmp)
             elif cmd == "pool":
                 results[cmd] = bench_pool(args, tmp)
+            elif cmd == "rollout-fsdp":
+                results[cmd] = bench_rollout_fsdp(args, device, tmp)
             else:
                 results[cmd] = bench_step(args, device, tmp)
             with open(args.out, "w") as f:  # after every command: a crash later keeps what was measured

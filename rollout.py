@@ -122,6 +122,8 @@ def resident(model, impl="resident"):
     if impl not in IMPLS:
         raise ValueError(f"rollout impl {impl!r}: expected one of {IMPLS}")
     mods = fsdp_modules(model) if impl == "resident" else []
+    if mods and mods[0] is model:  # FSDP2's lazy init (normally the first forward) decides the root's setting:
+        model._get_fsdp_state()._lazy_init()  # run it now, so that what we save is what training uses
     # FSDP2 keeps the setting per parameter group (post_forward_mesh_info; None = keep unsharded) plus an "auto"
     # flag that lets its lazy init switch the root to False: save both, restore both
     saved = [(m, m._get_fsdp_state()._auto_reshard_after_forward,
