@@ -10,6 +10,8 @@ Usage:
     python bench.py rollout [--group-sizes 8,32 --new-tokens 16,256] [--model DIR]
     python bench.py pool [--frames 8 --image-scale 1.0 --max-pairs 40]
     python bench.py step [--step-steps 4 --step-group-size 8]
+    python bench.py rollout-fsdp [--quick] [--fsdp-lengths 16,128 --fsdp-group-size 4]   # CPU, 2 processes
+    python bench.py plan-check                  # grpo.py --plan vs the measured peak of one CPU step (~3 min)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
@@ -40,6 +42,17 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             AdamW), checkpoint. The first step (warm-up) is left out of the means. Then what the shared prefill
             saves per step at the step's G. On a GPU with `trl` importable: seconds per step of TRL's GRPOTrainer
             on the same model, tasks and G (otherwise a skip line says why).
+  rollout-fsdp  one rollout (greedy, G completions of one prompt per rank) on 2 processes, FSDP2 over gloo
+            (torchrun --standalone, launched by bench.py itself), tiny and small random models, legacy vs resident
+            (rollout.py) at two completion lengths. Counted with a TorchDispatchMode (RolloutCounter): c10d
+            collectives and the bytes they gather, and KV bytes copied (aten.cat along the sequence dim of 4-D
+            tensors, copy_ into and index_copy_ of 4-D tensors). Per generated token = (long - short) / decode
+            steps; "KV MB last step" = one decode step's copy at each length. Checks identical greedy tokens and
+            log-probs (1e-5). [0 collectives per token; the last step's KV copy not growing with the length]
+  plan-check  grpo.py's memory plan (rollout.memory_plan for 1 process on CPU, fp32, with the measured prompt length)
+            vs max RSS during one grpo step minus RSS after the imports, measured in a fresh process, on a random
+            Qwen3-VL with ~97 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
+            --max-new-tokens. [within 25%]
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
 """
@@ -283,6 +296,11 @@ SIZES = dict(
                          num_key_value_heads=2, head_dim=64, mrope_section=[12, 10, 10]),
                vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),
                vocab=None, image_tokens=160, side=640),
+    # plan: >= 1 GiB of fp32 weights + AdamW state (~97 M parameters), for checking grpo.py --plan on CPU
+    plan=dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
+              vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),
+              vocab=None, image_tokens=160, side=640),
     mid=dict(text=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
              vision=dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
@@ -885,6 +903,96 @@ def bench_rollout_fsdp(args, device, tmp):
     return dict(rows=table, raw=[{k: v for k, v in r.items() if k not in ("tokens", "logprobs")} for r in rows])
 
 # -----------------------------------------------------------------------------
+# 6) plan-check: grpo.py --plan against the measured peak of one CPU step
+
+
+PLAN_FLAGS = ["--group-size", "4", "--prompts-per-step", "1", "--rollout-batch", "1", "--micro-batch", "4",
+              "--max-new-tokens", "128", "--kl-beta", "0.005", "--grad-checkpointing", "--max-side", "640",
+              "--steps", "1", "--save-every", "100", "--eval-every", "0"]
+
+
+def plan_check_worker(args):
+    """In a fresh process (`bench.py plan-check --worker OUT`): RSS after the imports, then grpo.main for one step
+    with train_step wrapped: the resident-set high-water mark is reset (/proc/self/clear_refs) when the step
+    starts and read when it ends. The prompt's real length and patches are recorded for the plan."""
+    rss0 = _proc_status_mb("VmRSS")
+    seen, peak = {}, {}
+    orig_step, orig_rollout = grpo.train_step, grpo.rollout
+
+    def step(*a, **k):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        out = orig_step(*a, **k)
+        peak["mb"] = _proc_status_mb("VmHWM")
+        return out
+
+    def roll(model, tokenizer, image_processor, tasks, a, synced):
+        samples = orig_rollout(model, tokenizer, image_processor, tasks, a, synced)
+        seen["prompt_tokens"] = max(int(s["enc"]["input_ids"].shape[1]) for s in samples)
+        seen["patches_per_image"] = max(int(s["enc"]["pixel_values"].shape[0]) // 2 for s in samples)
+        seen["lengths"] = [len(s["token_ids"]) for s in samples]
+        return samples
+    grpo.train_step, grpo.rollout = step, roll
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            grpo.main(["--model", args.model, "--pool", args.plan_pool, "--out", args.plan_run, *PLAN_FLAGS])
+    finally:
+        grpo.train_step, grpo.rollout = orig_step, orig_rollout
+    with open(args.worker, "w") as f:
+        json.dump(dict(rss_after_imports_mb=rss0, step_peak_rss_mb=peak["mb"], **seen), f)
+
+
+def bench_plan_check(args, device, tmp):
+    """grpo.py's memory plan (1 process, --plan-device cpu) vs the measured peak of one step on CPU of a random
+    Qwen3-VL with >= 1 GiB of weights + AdamW state. [within 25%]"""
+    model_dir = build_model_dir("plan", os.path.join(tmp, "plan_model"))
+    never_stop_dir(model_dir)
+    data = make_synthetic(os.path.join(tmp, "plan_data"), 5, 1.0, layouts="scannet")
+    pool = os.path.join(tmp, "plan_pool")
+    with contextlib.redirect_stdout(sys.stderr):
+        build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
+    out = os.path.join(tmp, "plan_check.json")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "plan-check", "--worker", out, "--model", model_dir,
+                        "--plan-pool", pool, "--plan-run", os.path.join(tmp, "plan_run")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench.py plan-check: the measured run failed:\n{r.stderr[-3000:]}")
+    with open(out) as f:
+        m = json.load(f)
+    pargs = grpo.parse_args(["--model", model_dir, "--plan", "--gpus", "1", "--gpu-mem-gib", "1000",
+                             "--plan-device", "cpu", *PLAN_FLAGS])
+    cfg, _ = rollout.read_model_config(model_dir)
+    plan = rollout.memory_plan(cfg, 1, pargs.prompts_per_step, pargs.group_size, pargs.rollout_batch,
+                               pargs.micro_batch, pargs.max_new_tokens, pargs.grad_checkpointing, pargs.kl_beta,
+                               pargs.rollout_impl, "cpu", prompt_tokens=m["prompt_tokens"],
+                               patches_per_image=m["patches_per_image"])
+    n = plan["counts"]["total"]
+    measured = m["step_peak_rss_mb"] - m["rss_after_imports_mb"]
+    planned = plan["peak"] / 2 ** 20
+    row = dict(parameters_m=n / 1e6, weights_optimizer_gib=12 * n / 2 ** 30, prompt=m["prompt_tokens"],
+               completion=max(m["lengths"]), planned_mb=planned, planned_phase=plan["peak_phase"],
+               measured_mb=measured, ratio=measured / planned, target=verdict(abs(measured / planned - 1) <= 0.25))
+    print_table("plan-check: grpo.py --plan (1 process, cpu) vs max RSS during one step minus RSS after imports, "
+                "random Qwen3-VL [target: within 25%]", [row],
+                [("parameters_m", "params M", "{:.1f}"), ("weights_optimizer_gib", "weights+AdamW GiB", "{:.2f}"),
+                 ("prompt", "prompt", "{}"), ("completion", "new", "{}"), ("planned_mb", "plan MiB", "{:.0f}"),
+                 ("planned_phase", "plan peak in", "{}"), ("measured_mb", "measured MiB", "{:.0f}"),
+                 ("ratio", "measured/plan", "{:.2f}"), ("target", "", "{}")])
+    for phase in ("fixed", "rollout", "update", "optimizer"):
+        print(f"  plan {phase:9s} {plan[phase] / 2 ** 20:8.0f} MiB")
+    return dict(row=row, measured=m, plan={k: plan[k] for k in ("fixed", "rollout", "update", "optimizer", "peak")})
+
+
+def never_stop_dir(model_dir):
+    """never_stop on a saved model dir (the stop tokens' lm_head rows zeroed, saved back): every completion of the
+    measured step runs to --max-new-tokens, the plan's worst case."""
+    model, tok, _ = grpo.load_policy(model_dir)
+    never_stop(model, tok)
+    model.save_pretrained(model_dir)
+    del model
+    gc.collect()
+
+# -----------------------------------------------------------------------------
 
 
 def machine_info(device):
@@ -907,7 +1015,7 @@ def int_list(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp"])
+    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp", "plan-check"])
     ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--model", default=None, help="model dir for rollout/step (default: build the tiny model)")
@@ -931,6 +1039,8 @@ def main(argv=None):
     ap.add_argument("--fsdp-group-size", type=int, default=4, help="rollout-fsdp: G per prompt")
     ap.add_argument("--fsdp-side", type=int, default=None, help="rollout-fsdp image side (default: per model)")
     ap.add_argument("--fsdp-dirs", default=None, help=argparse.SUPPRESS)  # kind=model dir,... (set by the launcher)
+    ap.add_argument("--plan-pool", default=None, help=argparse.SUPPRESS)  # plan-check worker's pool and run dir
+    ap.add_argument("--plan-run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank of rollout-fsdp (torchrun)
     args = ap.parse_args(argv)
     q = args.quick
@@ -944,7 +1054,7 @@ def main(argv=None):
     if args.model is not None and not os.path.isdir(args.model):
         sys.exit(f"bench.py: error: --model {args.model} does not exist")
     if args.worker:
-        return rollout_fsdp_worker(args)
+        return rollout_fsdp_worker(args) if args.command == "rollout-fsdp" else plan_check_worker(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = dict(machine=machine_info(device), args=vars(args))
@@ -961,6 +1071,8 @@ def main(argv=None):
                 results[cmd] = bench_pool(args, tmp)
             elif cmd == "rollout-fsdp":
                 results[cmd] = bench_rollout_fsdp(args, device, tmp)
+            elif cmd == "plan-check":
+                results[cmd] = bench_plan_check(args, device, tmp)
             else:
                 results[cmd] = bench_step(args, device, tmp)
             with open(args.out, "w") as f:  # after every command: a crash later keeps what was measured

@@ -14,6 +14,9 @@ Usage:
             --group-size 32 --prompts-per-step 16 --micro-batch 4 --kl-beta 0.005 --max-new-tokens 5120 \
             --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
             --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
+    Before launching it, the per-GPU memory plan (reads --model's config.json, or configs/ for the Qwen hub ids, or
+    --model-config FILE; needs neither the pool nor the weights; says whether it fits and which flag to change):
+        python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model Qwen/Qwen3-VL-8B-Instruct [the run's flags]
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
@@ -35,7 +38,8 @@ Outputs in --out:
 
 One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
 make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
-whose KV cache is repeated for its G completions -> reward.score -> group-normalised advantages -> clipped policy
+whose KV cache is copied into the G rows of a StaticCache, the policy's FSDP weights gathered ONCE for the whole
+rollout (rollout.py; --rollout-impl legacy: FSDP gathers every layer per token, DynamicCache) -> reward.score -> group-normalised advantages -> clipped policy
 loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
 the mean match accuracy of the step's prompts drawn from the curriculum's current (bin, level, spatial) (replay
 prompts excluded), so its 20-update window is the paper's 20-step moving average.
