@@ -16,6 +16,9 @@ Usage:
             --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
         (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
         16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
+    Before launching it, the per-GPU memory plan (reads --model's config.json, or configs/ for the Qwen hub ids, or
+    --model-config FILE; needs neither the pool nor the weights; says whether it fits and which flag to change):
+        python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model Qwen/Qwen3-VL-8B-Instruct [the run's flags]
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
@@ -42,7 +45,8 @@ Outputs in --out:
 
 One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
 make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
-whose KV cache is repeated for its G completions -> reward.score -> group-normalised advantages -> clipped policy
+whose KV cache is copied into the G rows of a StaticCache, the policy's FSDP weights gathered ONCE for the whole
+rollout (rollout.py; --rollout-impl legacy: FSDP gathers every layer per token, DynamicCache) -> reward.score -> group-normalised advantages -> clipped policy
 loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
 the mean match accuracy of the step's prompts drawn from the curriculum's current (bin, level, spatial) (replay
 prompts excluded), so its 20-update window is the paper's 20-step moving average.
@@ -106,13 +110,16 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
-                          LogitsProcessor, LogitsProcessorList)
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 import curriculum
 import make_tasks
 import pasta
 import reward
+# the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
+# plan) lives in rollout.py; these names stay importable as grpo.X for evaluate.py, tiny_model.py and bench.py
+from rollout import (BanTokens, SamplerLogprobs, banned_ids, collate_prompts, format_plan, generate, resident,
+                     stop_ids)
 
 # -----------------------------------------------------------------------------
 # Model plumbing (evaluate.py and tiny_model.py import these)
@@ -150,102 +157,6 @@ def encode(tokenizer, image_processor, prompt, images):
     mm = (ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()                    # (1, L)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
-
-
-def collate_prompts(encs, pad_id, device):
-    """Left-pad a list of encode() dicts into one batch (generation appends on the right)."""
-    L = max(e["input_ids"].shape[1] for e in encs)
-    def lpad(t, v):
-        return torch.cat([torch.full((1, L - t.shape[1]), v, dtype=t.dtype), t], 1)
-    return dict(input_ids=torch.cat([lpad(e["input_ids"], pad_id) for e in encs]).to(device),           # (B, L)
-                attention_mask=torch.cat([lpad(e["attention_mask"], 0) for e in encs]).to(device),     # (B, L)
-                mm_token_type_ids=torch.cat([lpad(e["mm_token_type_ids"], 0) for e in encs]).to(device),
-                pixel_values=torch.cat([e["pixel_values"] for e in encs]).to(device),                  # (P, D)
-                image_grid_thw=torch.cat([e["image_grid_thw"] for e in encs]).to(device))              # (I, 3)
-
-
-def stop_ids(tokenizer):
-    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-
-
-def banned_ids(tokenizer, vocab_size):
-    """Special tokens the policy must never sample (image pads, vision markers, im_start ...), minus the stops,
-    plus any padded embedding rows beyond the tokenizer."""
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return sorted((special - set(stop_ids(tokenizer))) | set(range(len(tokenizer), vocab_size)))
-
-
-class SamplerLogprobs(LogitsProcessor):
-    """Divides the raw logits by the temperature (generate itself runs at temperature 1 with top-k/top-p off) and
-    records log p(token) of every sampled token, keeping only one (N, V) step in memory."""
-
-    def __init__(self, temperature):
-        self.temperature, self.prev, self.out = temperature, None, []
-
-    def __call__(self, input_ids, scores):
-        if self.prev is not None:  # the token sampled from the previous step's distribution is input_ids[:, -1]
-            self.out.append(self.prev.gather(1, input_ids[:, -1:]))                                # (N, 1)
-        scores = scores.float() / self.temperature                                                 # (N, V)
-        self.prev = torch.log_softmax(scores, -1)                                                  # (N, V)
-        return scores
-
-    def finish(self, last_tokens):
-        self.out.append(self.prev.gather(1, last_tokens[:, None]))                                 # (N, 1)
-        return torch.cat(self.out, 1)                                                              # (N, T)
-
-
-class BanTokens(LogitsProcessor):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.ids] = -float("inf")
-        return scores
-
-
-@torch.no_grad()
-def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0, greedy=False, group_size=1,
-             synced_gpus=False):
-    """Sample group_size completions for each prompt (ONE prefill per prompt, its KV cache repeated group_size
-    times). Returns a list of len(batch_encodings) * group_size dicts, prompt-major: text (special tokens
-    dropped), token_ids (list, up to and including the stop token), logprobs (list, sampler's log p of each token
-    under logits / temperature; temperature <= 0 counts as 1), truncated (no stop token within max_new_tokens)."""
-    device = next(model.parameters()).device
-    G, temp = group_size, (temperature if temperature > 0 else 1.0)
-    batch = collate_prompts(batch_encodings, tokenizer.pad_token_id, device)
-    ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]        # (B, L)
-    inner = model.model
-    # 1) prefill everything but the last prompt token once per prompt (vision tower + prompt attention)
-    inner.rope_deltas = None
-    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True,
-                logits_to_keep=1)  # only the cache is wanted: no (B, L, V) logits (GBs at a 151k vocabulary)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)                                                               # (B*G, ...)
-    inner.rope_deltas = inner.rope_deltas.repeat_interleave(G, 0)                                  # (B*G, 1)
-    grids = [e["image_grid_thw"] for e in batch_encodings for _ in range(G)]
-    # 2) decode the G-times repeated prompts on top of the shared cache (no pixel_values: already in the cache)
-    record = SamplerLogprobs(temp)
-    # explicit values: None would be filled from the checkpoint's generation_config (Qwen ships top_k 20, top_p 0.8)
-    sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if not greedy else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, repetition_penalty=1.0,
-                              eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                              **sampling)
-    seqs = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
-                          mm_token_type_ids=mm.repeat_interleave(G, 0), image_grid_thw=torch.cat(grids).to(device),
-                          past_key_values=cache, generation_config=config, synced_gpus=synced_gpus,
-                          logits_processor=LogitsProcessorList([record, BanTokens(banned_ids(
-                              tokenizer, model.config.get_text_config().vocab_size))]))
-    new = seqs[:, ids.shape[1]:]                                                                   # (B*G, T)
-    logprobs = record.finish(new[:, -1]).cpu()                                                     # (B*G, T)
-    stops, results = set(stop_ids(tokenizer)), []
-    for row, lp in zip(new.tolist(), logprobs.tolist()):
-        end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
-        row, lp = row[:end], lp[:len(row[:end])]
-        results.append(dict(text=tokenizer.decode(row, skip_special_tokens=True), token_ids=row, logprobs=lp,
-                            truncated=end is None))
-    inner.rope_deltas = None  # stale deltas must not leak into the next (training) forward
-    return results
 
 
 def latest_checkpoint(run_dir, with_weights=False):
@@ -771,6 +682,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, all ranks (paper 16)")
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
     ap.add_argument("--rollout-batch", type=int, default=4, help="prompts per generate call on a rank")
+    ap.add_argument("--rollout-impl", default="resident", choices=["resident", "legacy"],
+                    help="resident: weights gathered once per rollout, StaticCache written in place (rollout.py); "
+                         "legacy: FSDP gathers per token, DynamicCache concatenated (benchmark, tests)")
     ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="paper 5120")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
@@ -809,10 +723,23 @@ def parse_args(argv=None):
                     help="ActoR: angles rounded to multiples of this (degrees); also the reward's tolerance")
     ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
     ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the per-GPU memory plan of this run (from --model's config.json) and exit")
+    ap.add_argument("--gpus", type=int, default=8, help="--plan: GPUs (FSDP2 shards over all of them)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80, help="--plan: memory per GPU, GiB")
+    ap.add_argument("--model-config", default=None, help="--plan: a config.json to read instead of --model's")
+    ap.add_argument("--plan-device", default="cuda", choices=["cuda", "cpu"],
+                    help="--plan: cuda (bf16 compute and reference) or cpu (fp32, as grpo.py runs on CPU)")
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def print_plan(args):
+    """--plan: the per-GPU memory budget of this run from the model's config.json alone (rollout.format_plan)."""
+    text, _ = format_plan(args)
+    print(text)
 
 
 def print0(*a, **k):
@@ -926,7 +853,7 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
     stage = cur.current()  # the curriculum's (bin, level, spatial) at sampling time
     tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
     mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
-    with generation_mode(model), autocast():
+    with generation_mode(model), resident(model, args.rollout_impl), autocast():  # weights gathered once per rollout
         samples = rollout(model, tokenizer, image_processor, mine, args, world > 1)
     if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
         n = len(samples) // world
@@ -995,6 +922,8 @@ def log_step(m, records, args, rank, run):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:  # the memory plan only: no pool, no weights, no processes
+        return print_plan(args)
     rank, world, device = setup_distributed(args.dist_timeout_min)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
@@ -1020,8 +949,9 @@ def main(argv=None):
                 dist.destroy_process_group()
             return
         if args.eval_every > 0 and step % args.eval_every == 0:
-            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank,
-                                             world)[0]
+            with resident(model, args.rollout_impl):
+                m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank,
+                                                 world)[0]
         m["seconds"] = time.time() - t0
         log_step(m, records, args, rank, run)
         finish_save(pending, args, rank, world)  # the previous step's --async-save

@@ -38,6 +38,7 @@ import grpo
 import make_tasks
 import pasta
 import reward
+import rollout
 import synthetic
 import tiny_model
 
@@ -1601,6 +1602,112 @@ def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
     full = torch.load(t / "full.pt", weights_only=False)["model"]
     for k, v in exported.state_dict().items():
         assert torch.equal(v, full[k].to(torch.bfloat16)), k
+
+
+# rollout.py: resident weights, the KV cache written in place, the memory plan
+
+# The impl whose collective count the count test checks: `WIDEMATCH_ROLLOUT_IMPL=legacy python -m pytest -q
+# test_all.py -k collectives` runs it on the legacy path, where it fails (one gather per layer per token).
+ROLLOUT_IMPL = os.environ.get("WIDEMATCH_ROLLOUT_IMPL", "resident")
+
+
+@pytest.fixture(scope="module")
+def rollout_fsdp_rows(grpo_env, tmp_path_factory):
+    """torchrun --nproc_per_node=2 (gloo) of bench.py's rollout-fsdp worker on the tiny model: per rank, impl and
+    completion length (3 and 9 new tokens, G=4, greedy), the collectives, KV bytes, tokens and log-probs."""
+    out = tmp_path_factory.mktemp("rollout_fsdp") / "rows.json"
+    return bench.run_rollout_fsdp({"tiny": str(grpo_env / "tiny")}, [3, 9], 4, str(out), side=128)
+
+
+def rollout_row(rows, impl, rank, k):
+    return next(r for r in rows if (r["impl"], r["rank"], r["new_tokens"]) == (impl, rank, k))
+
+
+def test_rollout_collectives_do_not_depend_on_new_tokens(rollout_fsdp_rows):
+    for rank in (0, 1):
+        short, long = rollout_row(rollout_fsdp_rows, ROLLOUT_IMPL, rank, 3), rollout_row(rollout_fsdp_rows, ROLLOUT_IMPL, rank, 9)
+        assert short["generated"] == 4 * 3 and long["generated"] == 4 * 9
+        assert short["collectives"] == long["collectives"], (ROLLOUT_IMPL, short["collectives"], long["collectives"])
+
+
+def test_rollout_resident_equals_legacy_on_2_processes(rollout_fsdp_rows):
+    for rank in (0, 1):
+        for k in (3, 9):
+            res, leg = rollout_row(rollout_fsdp_rows, "resident", rank, k), rollout_row(rollout_fsdp_rows, "legacy", rank, k)
+            assert res["tokens"] == leg["tokens"]
+            for a, b in zip(res["logprobs"], leg["logprobs"]):
+                assert len(a) == len(b) == k and np.allclose(a, b, atol=1e-5)
+            assert res["settings_restored"] and leg["settings_restored"]
+        # the counter does see legacy's per-token gathers
+        assert rollout_row(rollout_fsdp_rows, "legacy", rank, 9)["collectives"] > rollout_row(rollout_fsdp_rows, "legacy", rank, 3)["collectives"]
+        # a decode step's KV copy: legacy's grows with the context (DynamicCache cat), resident's does not
+        assert rollout_row(rollout_fsdp_rows, "legacy", rank, 9)["kv_bytes_last_step"] > rollout_row(rollout_fsdp_rows, "legacy", rank, 3)["kv_bytes_last_step"]
+        assert rollout_row(rollout_fsdp_rows, "resident", rank, 9)["kv_bytes_last_step"] == rollout_row(rollout_fsdp_rows, "resident", rank, 3)["kv_bytes_last_step"]
+    table = bench.rollout_fsdp_table(rollout_fsdp_rows, [3, 9])
+    resident = next(r for r in table if r["impl"] == "resident")
+    assert resident["coll_tok"] == 0 and resident["comm_mb_tok"] == 0 and resident["target"] == "ok"
+
+
+def test_rollout_resident_equals_legacy_on_1_process(grpo_env):
+    """StaticCache filled from the shared prefill vs DynamicCache repeated: same greedy tokens, same sampled tokens
+    under the same seed, same sampler log-probs; two prompts of different lengths (image sizes; left padding)."""
+    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    bench.never_stop(model, tok)
+    encs = [bench.bench_prompt(tok, ip, side=side, seed=s) for s, side in ((0, 128), (1, 192))]
+    assert encs[0]["input_ids"].shape[1] != encs[1]["input_ids"].shape[1]
+    for greedy in (True, False):
+        outs = {}
+        for impl in ("legacy", "resident"):
+            torch.manual_seed(0)
+            with rollout.resident(model, impl):
+                outs[impl] = grpo.generate(model, tok, encs, 7, 0.7, greedy=greedy, group_size=3)
+        assert [o["token_ids"] for o in outs["legacy"]] == [o["token_ids"] for o in outs["resident"]]
+        assert all(len(o["token_ids"]) == 7 for o in outs["resident"])
+        for a, b in zip(outs["legacy"], outs["resident"]):
+            assert np.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+    assert not hasattr(model, "rollout_impl") or model.rollout_impl is None  # the context leaves nothing behind
+
+
+def test_rollout_static_cache_holds_each_prompt_in_its_group_rows(grpo_env):
+    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    batch = rollout.collate_prompts([bench.bench_prompt(tok, ip, side=128, seed=s) for s in (0, 1)], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        pre = model(**batch, use_cache=True, logits_to_keep=1).past_key_values
+    cache = rollout.static_cache_from_prefill(model, pre, 3, batch["input_ids"].shape[1] + 5)
+    P = batch["input_ids"].shape[1]
+    for static, src in zip(cache.layers, pre.layers):
+        assert static.keys.shape[0] == 6 and static.keys.shape[2] == P + 5 and int(static.cumulative_length) == P
+        assert torch.equal(static.keys[:, :, :P], src.keys.repeat_interleave(3, 0))
+        assert torch.equal(static.values[:, :, :P], src.values.repeat_interleave(3, 0))
+        assert not static.keys[:, :, P:].any()
+    model.model.rope_deltas = None
+
+
+PAPER_FLAGS = ["--model", "Qwen/Qwen3-VL-8B-Instruct", "--group-size", "32", "--prompts-per-step", "16",
+               "--micro-batch", "4", "--kl-beta", "0.005", "--max-new-tokens", "5120", "--n-min", "4", "--n-max", "12",
+               "--max-side", "1024", "--grad-checkpointing"]
+
+
+def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
+    """grpo.py --plan reads the shipped 8B config for the hub id, needs no pool: on 8 x 80 GB the KV of 2 prompts
+    x 32 completions at full length does not fit and --rollout-batch 1 is proposed; 8 x 141 GB fits."""
+    grpo.main(["--plan", "--pool", str(tmp_path / "no_pool"), "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS])
+    text = capsys.readouterr().out
+    assert "qwen3-vl-8b-instruct.json" in text and "8.77 B parameters" in text  # Qwen's published 8.77 B
+    assert "DOES NOT FIT" in text and "change: --rollout-batch 1" in text
+    args = grpo.parse_args(["--plan", "--gpus", "8", "--gpu-mem-gib", "141", *PAPER_FLAGS])
+    text, plan = rollout.format_plan(args)
+    assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout"
+    kv = next(b for p, name, b in plan["items"] if name.startswith("KV cache"))
+    # K and V x 36 layers x 8 kv heads x head_dim 128 x bf16, for 2 prompts per rank x G=32 rows at full length
+    assert plan["rows"] == 64 and kv == 2 * 36 * 8 * 128 * 2 * 64 * (plan["prompt_tokens"] + 5120)
+    legacy = rollout.plan_from_args(args, rollout_impl="legacy", counts=plan["counts"])
+    assert plan["rollout"] - legacy["rollout"] > 10 * 2 ** 30  # resident holds the bf16 policy (~13.7 GiB)
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        rollout.read_model_config("x", str(bad))
+    assert str(bad) in str(e.value)
 
 
 # ==============================================================================
