@@ -75,7 +75,11 @@ Outputs (pool/): pairs.jsonl (one pair per line; fields in README.md, "Pool"), p
 (kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs),
 colmap_re10k/<clip>/sparse/ (RealEstate10K models), args.json, summary.json. Split by scene: hash of the scene
 name < --test-fraction -> test; a source with >= 2 scenes and no test scene sends its smallest-hash scene to
-test; --test-scenes FILE (one scene name a line) overrides (RE10K's own train/test folders are not used).
+test; --test-scenes FILE (one scene name a line) overrides (RE10K's own train/test folders are not used);
+--test-sources a,b keeps every other source train-only (the paper's benchmark has no CO3D: --test-sources
+scannet,uco3d,dl3dv,re10k). scene_type: indoor for ScanNet, object for CO3D / uCO3D, --colmap-scene-type and
+--re10k-scene-type for SfM scenes; --scene-types FILE ("scene TYPE" or "source/scene TYPE" a line, like
+--test-scenes) overrides any listed scene (DL3DV and RE10K mix indoor and outdoor scenes).
 
 Departures from the paper: delta_v bins are per-source deciles by default (the paper does not say how bins are
 cut); the photometric check is a loose normalised-colour test (the paper does not specify it); sparse spread
@@ -108,6 +112,7 @@ from tqdm import tqdm
 
 PROG = "build_pool.py"
 SCENE_TYPE = {"scannet": "indoor", "co3d": "object", "uco3d": "object"}  # colmap / re10k: from a flag
+SCENE_TYPES = ("indoor", "object", "outdoor")  # --scene-types overrides per scene
 RGBD = tuple(SCENE_TYPE)  # verified by depth reprojection (match_rgbd); the others by SfM landmarks (match_sfm)
 
 
@@ -1032,12 +1037,15 @@ def scene_hash(scene):
     return int(hashlib.sha1(scene.encode()).hexdigest()[:8], 16) / 2 ** 32
 
 
-def assign_split(records, test_fraction, test_scenes=None):
+def assign_split(records, test_fraction, test_scenes=None, test_sources=None):
+    """split = test / train per scene (see the usage card); sources not in test_sources (None: all) are train only."""
     by_source = collections.defaultdict(set)
     for r in records:
         by_source[r["source"]].add(r["scene"])
     test = set()
     for src, scenes in by_source.items():
+        if test_sources is not None and src not in test_sources:
+            continue
         if test_scenes is not None:
             test |= {(src, s) for s in scenes if s in test_scenes or f"{src}/{s}" in test_scenes}
             continue
@@ -1047,6 +1055,36 @@ def assign_split(records, test_fraction, test_scenes=None):
         test |= {(src, s) for s in t}
     for r in records:
         r["split"] = "test" if (r["source"], r["scene"]) in test else "train"
+
+
+def read_scene_types(path):
+    """--scene-types FILE: one "scene type" or "source/scene type" a line -> {name: type}; bad lines exit."""
+    if not os.path.isfile(path):
+        sys.exit(f"{PROG}: error: --scene-types {path} does not exist")
+    table = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in SCENE_TYPES:
+                sys.exit(f"{PROG}: error: --scene-types {path} line {lineno}: want 'source/scene TYPE' with TYPE "
+                         f"one of {', '.join(SCENE_TYPES)}, got {line.strip()!r}")
+            table[parts[0]] = parts[1]
+    return table
+
+
+def apply_scene_types(records, table):
+    """Set scene_type from the --scene-types table ("source/scene" beats "scene"); -> entries that matched no
+    scene of the pool."""
+    used = set()
+    for r in records:
+        for key in (f"{r['source']}/{r['scene']}", r["scene"]):
+            if key in table:
+                r["scene_type"] = table[key]
+                used.add(key)
+                break
+    return sorted(set(table) - used)
 
 
 def gather_tasks(args):
@@ -1102,6 +1140,10 @@ def main(argv=None):
     p.add_argument("--bin-edges", default="deciles", choices=["deciles", "uniform"])
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--test-scenes", help="file with one test scene name (or source/scene) per line")
+    p.add_argument("--test-sources", help="comma-separated sources allowed in the test split (default: all); the "
+                   "paper's benchmark: scannet,uco3d,dl3dv,re10k (CO3D is train only)")
+    p.add_argument("--scene-types", help="file with one 'scene TYPE' or 'source/scene TYPE' per line (TYPE: indoor, "
+                   "object, outdoor); overrides --colmap-scene-type / --re10k-scene-type for the scenes it lists")
     p.add_argument("--depth-step", type=int, default=2, help="sample every n-th depth pixel of I1 (both axes)")
     p.add_argument("--depth-rel-tol", type=float, default=0.03, help="match: |d2 - z| <= tol * z")
     p.add_argument("--occlusion-margin", type=float, default=0.1, help="occluded: d2 < (1 - margin) * z")
@@ -1120,6 +1162,8 @@ def main(argv=None):
     if args.re10k_frames is not None and not os.path.isdir(args.re10k_frames):
         sys.exit(f"{PROG}: error: --re10k-frames {args.re10k_frames} does not exist")
 
+    scene_types = read_scene_types(args.scene_types) if args.scene_types else None  # a bad file fails before the build
+
     t0 = time.time()
     tasks = gather_tasks(args)
     os.makedirs(args.out, exist_ok=True)
@@ -1137,7 +1181,12 @@ def main(argv=None):
             sys.exit(f"{PROG}: error: --test-scenes {args.test_scenes} does not exist")
         with open(args.test_scenes) as f:
             test_scenes = {line.strip() for line in f if line.strip()}
-    assign_split(records, args.test_fraction, test_scenes)
+    assign_split(records, args.test_fraction, test_scenes,
+                 set(args.test_sources.split(",")) if args.test_sources else None)
+    if scene_types:
+        unused = apply_scene_types(records, scene_types)
+        if unused:
+            print(f"{PROG}: warning: --scene-types entries that name no scene of the pool: {', '.join(unused)}")
     records.sort(key=lambda r: r["pair_id"])
     with open(os.path.join(args.out, "pairs.jsonl"), "w") as f:
         for r in records:

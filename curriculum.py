@@ -1,43 +1,68 @@
 """
-curriculum.py: the dual-level dynamic curriculum of DCRL (pure Python, no torch, no I/O).
+curriculum.py: the dual-level dynamic curriculum of DCRL (pure Python, no torch, no I/O outside the CLI).
 
-Usage (library; grpo.py drives it). One update() = one "step" of the paper's 20-step moving average: call it
-once per optimisation step with the mean r_match of that step's prompts drawn from current() (calling it once
-per prompt makes the window 20 prompts instead, a shorter horizon than the paper's):
+Usage (library; grpo.py drives it). One update() = one "step" of the paper's 20-step moving average: grpo.py
+draws ONE (bin, level, spatial) per optimisation step with sample(), makes all of that step's prompts from it, and
+reports their mean r_match with one update() (calling it once per prompt makes the windows count prompts
+instead, a shorter horizon than the paper's):
     cur = Curriculum(bins=[1, 2, 3, 5], mode="dcrl")          # bins present in the training pool
     b, level, spatial = cur.sample(rng)                          # rng: numpy Generator or random.Random
     ... draw tasks with make_tasks.make_task(pair in bin b, level, spatial), roll out, score ...
-    events = cur.update(b, level, spatial, mean_match_acc)       # e.g. ["advance inner -> L2/moderate"]
+    events = cur.update(b, level, spatial, mean_match_acc)       # e.g. ["unlock L2/moderate (bin 1, ...)"]
     ckpt["curriculum"] = cur.state_dict()                        # JSON-serialisable; load_state_dict restores
+Simulation (no torch, no model; per-stage accuracies + Gaussian noise, one sample + one update per step):
+    python curriculum.py --simulate --acc 'L3/dense=0.75,*=0.85' --noise 0.05 --steps 1000 --seed 0
+    --acc: comma-separated KEY=acc, KEY one of LEVEL/SPATIAL, *, BIN:LEVEL/SPATIAL, BIN:* (the most specific
+    key wins); --bins 10 (1..10, the paper's S), --stages, --inner-on-new-bin, --max-steps-per-bin, --window,
+    --threshold as the constructor. Prints the step at which each bin is reached and left and each stage is
+    unlocked on it (step k = after the k-th update; bin 1 and its first stage are reached at step 0); the last
+    bin's "passed" step is when it was mastered (the run stays on it and stages still unlock there).
 
 State machine of mode "dcrl" (written out):
-    state  = (bin_pos, stage_pos, recent, finished): bin_pos indexes the sorted available bins (bins not given
-             are empty and simply never visited), stage_pos indexes the inner stages, recent holds the last
-             <= `window` match accuracies reported for the CURRENT (bin, stage).
-    start    bin_pos = 0, stage_pos = 0, recent = [], finished = False.
-    update(b, level, spatial, acc):
-        if (b, level, spatial) != current(): ignore (replay samples never count) -> [].
-        append acc to recent (keep the last `window`).
-        if finished or len(recent) < window or mean(recent) <= threshold: -> [].   (a full window is needed)
-        recent = []
-        if stage_pos < last stage:  stage_pos += 1                                 -> ["advance inner ..."]
-        elif bin_pos < last bin:    bin_pos += 1; stage_pos = 0 if restart_inner   -> ["advance bin ..."]
-                                    (bins before bin_pos are mastered and dropped for good)
-        else:                       finished = True; stay on the last bin and last stage, keep training there
-                                                                                    -> ["mastered all ..."]
-    sample(rng): with probability `replay` (default 0, the paper) a uniformly drawn (mastered bin, stage);
-                 otherwise current().
+    state  = (bin_pos, unlocked, stage_windows, bin_window, bin_start, finished): bin_pos indexes the sorted
+             available bins (bins not given are empty and never visited); the first `unlocked` inner stages are
+             unlocked; stage_windows[i] holds the last <= `window` accuracies reported for stage i on the
+             CURRENT bin, bin_window the last <= `window` reported for the current bin (any stage); bin_start
+             is the update count when the bin became current.
+    start    bin_pos = 0, unlocked = 1, all windows empty, bin_start = 0, finished = False.
+    update(b, level, spatial, acc):       (every call counts as a step, ignored or not)
+        if b != current bin or (level, spatial) is not an unlocked stage: ignore (replay) -> [].
+        append acc to stage_windows[stage] and to bin_window (each keeps the last `window`).
+        if finished: -> [] (stays on the last bin, keeps training there).
+        if stage is the newest unlocked one, its window is full and its mean > threshold and a next stage
+            exists: unlocked += 1                                             -> ["unlock <stage> ..."]
+        if bin_window is full and its mean > threshold (the paper's rule), or max_steps_per_bin > 0 and
+            the updates since bin_start reach it ("forced"):
+            if bin_pos < last bin: bin_pos += 1, all windows emptied, bin_start = now, and
+                unlocked = 1 if inner_on_new_bin == "restart" else unchanged ("carry")
+                                                                             -> ["advance bin ..."]
+                (bins before bin_pos are mastered and dropped for good)
+            else: finished = True                                             -> ["mastered all ..."]
+    current(): (bin, newest unlocked stage).
+    sample(rng): with probability `replay` (default 0, the paper) a uniformly drawn (mastered bin, any stage);
+                 otherwise (current bin, a stage drawn uniformly from the unlocked ones).
 Outer level (the paper): overlap bins in order, advance when the 20-step moving average of r_match on the
-current bin exceeds 0.8, mastered bins dropped. Inner level (the paper names the stages, not the schedule; OUR
-design): an ordered list of point configurations, default "joint" = (L1, sparse) -> (L2, moderate) ->
-(L3, dense), option "grid" = all 9 in level-major order (L1 sparse, L1 moderate, ..., L3 dense), advanced by the
-same moving-average rule; a bin counts as mastered when its last inner stage is, and the inner stages restart
-for the next bin (restart_inner=True; False keeps the last stage). Replay > 0 is our departure from the paper.
+current bin exceeds 0.8, mastered bins dropped. The bin's window takes every stage's reports, so a hard last
+stage (say L3/dense at 0.75 while the rest are at 0.85) no longer blocks the bin: the mix of stages carries it.
+A full window is needed for both rules. A bin may be left before all its stages are unlocked (the paper's
+rule looks at the bin only); with "carry" the later stages then unlock on later bins, with "restart" every bin
+starts again from the first stage (and easy bins may never show the later ones).
+Inner level (the paper names the stages, not the schedule; OUR design): an ordered list of point configurations,
+default "joint" = (L1, sparse) -> (L2, moderate) -> (L3, dense), option "grid" = all 9 in level-major order
+(L1 sparse, L1 moderate, ..., L3 dense), unlocked one by one by the same moving-average rule on the newest
+unlocked stage; sampling is uniform over the unlocked stages so the earlier ones keep being practised.
+max_steps_per_bin > 0 (default 0 = off; ours) caps the updates spent on a bin so no run can stall for good;
+a capped advance says "forced". Replay > 0 is our departure from the paper.
+Version-1 checkpoints (the earlier rule: one stage at a time, a bin advanced when its last stage passed) are
+migrated by load_state_dict: same bin, the stages up to the old current one unlocked, the old window becomes
+that stage's window, the bin window starts empty.
 Other modes (the paper's ablations; no progression, update() only tracks, returns []):
     "uniform": uniform over all given bins x all stages;  "easy": the easiest third of the given bins (by
     sorted order, at least one) x all stages;  "hard": the hardest third likewise.
     For these, current() is the easiest (bin, stage) they sample from (informational only).
 """
+import argparse
+import random
 from collections import deque
 
 LEVELS = ("L1", "L2", "L3")
@@ -47,6 +72,8 @@ STAGES = {
     "grid": [(lv, sp) for lv in LEVELS for sp in SPATIAL],
 }
 MODES = ("dcrl", "uniform", "easy", "hard")
+INNER_ON_NEW_BIN = ("carry", "restart")
+STATE_VERSION = 2
 
 
 def _randint(rng, k):
@@ -54,10 +81,14 @@ def _randint(rng, k):
     return int(rng.integers(k)) if hasattr(rng, "integers") else rng.randrange(k)
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else 0.0
+
+
 class Curriculum:
 
     def __init__(self, bins, mode="dcrl", stages="joint", window=20, threshold=0.8, replay=0.0,
-                 restart_inner=True):
+                 inner_on_new_bin="carry", max_steps_per_bin=0):
         self.bins = sorted({int(b) for b in bins})
         if not self.bins:
             raise ValueError("Curriculum: no bins given (is the training split empty?)")
@@ -68,23 +99,34 @@ class Curriculum:
             raise ValueError(f"Curriculum: bad stages {stages!r}")
         if window < 1 or not 0.0 <= replay <= 1.0:
             raise ValueError(f"Curriculum: need window >= 1 and 0 <= replay <= 1 (got {window}, {replay})")
+        if inner_on_new_bin not in INNER_ON_NEW_BIN:
+            raise ValueError(f"Curriculum: inner_on_new_bin {inner_on_new_bin!r} not in {INNER_ON_NEW_BIN}")
+        if max_steps_per_bin < 0:
+            raise ValueError(f"Curriculum: max_steps_per_bin must be >= 0 (got {max_steps_per_bin})")
         self.mode, self.window, self.threshold = mode, int(window), float(threshold)
-        self.replay, self.restart_inner = float(replay), bool(restart_inner)
+        self.replay, self.inner_on_new_bin = float(replay), inner_on_new_bin
+        self.max_steps_per_bin = int(max_steps_per_bin)
         third = max(1, round(len(self.bins) / 3))
         self.pool = {"dcrl": self.bins, "uniform": self.bins, "easy": self.bins[:third],
                      "hard": self.bins[-third:]}[mode]  # bins a static mode samples from
-        self.bin_pos, self.stage_pos, self.finished, self.steps = 0, 0, False, 0
-        self.recent = deque(maxlen=self.window)
+        self.bin_pos, self.unlocked, self.finished, self.steps, self.bin_start = 0, 1, False, 0, 0
+        self._clear_windows()
+
+    def _clear_windows(self):
+        self.stage_windows = [deque(maxlen=self.window) for _ in self.stages]
+        self.bin_window = deque(maxlen=self.window)
 
     # -- queries --
 
     def current(self):
+        """(bin, level, spatial): the current bin and its newest unlocked stage."""
         if self.mode == "dcrl":
-            return (self.bins[self.bin_pos], *self.stages[self.stage_pos])
+            return (self.bins[self.bin_pos], *self.stages[self.unlocked - 1])
         return (self.pool[0], *self.stages[0])
 
     def moving_average(self):
-        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+        """The current bin's moving average (what the paper's bin rule compares with the threshold)."""
+        return _mean(self.bin_window)
 
     def sample(self, rng):
         """(bin, level, spatial) for the next task."""
@@ -92,54 +134,203 @@ class Curriculum:
             return (self.pool[_randint(rng, len(self.pool))], *self.stages[_randint(rng, len(self.stages))])
         if self.replay > 0 and self.bin_pos > 0 and rng.random() < self.replay:
             return (self.bins[_randint(rng, self.bin_pos)], *self.stages[_randint(rng, len(self.stages))])
-        return self.current()
+        k = _randint(rng, self.unlocked) if self.unlocked > 1 else 0  # one stage: no draw (same stream as before)
+        return (self.bins[self.bin_pos], *self.stages[k])
 
     def describe(self):
         if self.mode != "dcrl":
             return f"{self.mode}: bins {self.pool} x {len(self.stages)} stages"
         b, lv, sp = self.current()
-        return (f"dcrl bin {b} ({self.bin_pos + 1}/{len(self.bins)}) stage {lv}/{sp} "
-                f"({self.stage_pos + 1}/{len(self.stages)}) ma {self.moving_average():.2f} "
-                f"n {len(self.recent)}/{self.window}" + (" finished" if self.finished else ""))
+        newest = self.stage_windows[self.unlocked - 1]
+        return (f"dcrl bin {b} ({self.bin_pos + 1}/{len(self.bins)}) ma {self.moving_average():.2f} "
+                f"n {len(self.bin_window)}/{self.window}; stages 1..{self.unlocked}/{len(self.stages)} unlocked, "
+                f"newest {lv}/{sp} ma {_mean(newest):.2f} n {len(newest)}/{self.window}"
+                + (" finished" if self.finished else ""))
 
     # -- the state machine --
 
     def update(self, bin, level, spatial, match_acc):
         """Report one step's mean match accuracy for (bin, level, spatial); returns a list of event strings."""
         self.steps += 1
-        if self.mode != "dcrl" or (int(bin), level, spatial) != self.current():
+        if self.mode != "dcrl" or int(bin) != self.bins[self.bin_pos]:
             return []
-        self.recent.append(float(match_acc))
-        if self.finished or len(self.recent) < self.window or self.moving_average() <= self.threshold:
+        stage = (level, spatial)
+        if stage not in self.stages[:self.unlocked]:
             return []
+        i = self.stages.index(stage)
+        self.stage_windows[i].append(float(match_acc))
+        self.bin_window.append(float(match_acc))
+        events = []
+        sw = self.stage_windows[i]
+        if i == self.unlocked - 1 < len(self.stages) - 1 and len(sw) == self.window and _mean(sw) > self.threshold:
+            self.unlocked += 1
+            events.append(f"unlock {'/'.join(self.stages[i + 1])} (bin {bin}, {level}/{spatial} ma {_mean(sw):.3f})")
+        if self.finished:  # on the last bin for good; stages still unlock there
+            return events
         ma = self.moving_average()
-        self.recent.clear()
-        if self.stage_pos < len(self.stages) - 1:
-            self.stage_pos += 1
-            return [f"advance inner -> {'/'.join(self.stages[self.stage_pos])} (bin {bin}, ma {ma:.3f})"]
-        if self.bin_pos < len(self.bins) - 1:
-            self.bin_pos += 1
-            if self.restart_inner:
-                self.stage_pos = 0
-            return [f"advance bin -> {self.bins[self.bin_pos]} (bin {bin} mastered, ma {ma:.3f}; stage "
-                    f"{'/'.join(self.stages[self.stage_pos])})"]
-        self.finished = True
-        return [f"mastered all (bin {bin}, ma {ma:.3f}); staying on the last bin and stage"]
+        passed = len(self.bin_window) == self.window and ma > self.threshold
+        forced = not passed and 0 < self.max_steps_per_bin <= self.steps - self.bin_start
+        if not (passed or forced):
+            return events
+        why = (f"ma {ma:.3f}" if passed else
+               f"forced after {self.steps - self.bin_start} steps, ma {ma:.3f} n {len(self.bin_window)}")
+        if self.bin_pos == len(self.bins) - 1:
+            self.finished = True
+            return events + [f"mastered all (bin {bin}, {why}); staying on the last bin"]
+        self.bin_pos += 1
+        self.bin_start = self.steps
+        self.bin_window.clear()
+        if self.inner_on_new_bin == "restart":
+            self.unlocked = 1
+            self._clear_windows()
+        return events + [f"advance bin -> {self.bins[self.bin_pos]} (bin {bin} {'forced' if forced else 'mastered'}, "
+                         f"{why}; stages 1..{self.unlocked} unlocked)"]
 
     # -- checkpointing --
 
     def _config(self):
         return dict(bins=self.bins, mode=self.mode, stages=[list(s) for s in self.stages], window=self.window,
-                    threshold=self.threshold, replay=self.replay, restart_inner=self.restart_inner)
+                    threshold=self.threshold, replay=self.replay, inner_on_new_bin=self.inner_on_new_bin,
+                    max_steps_per_bin=self.max_steps_per_bin)
 
     def state_dict(self):
-        return dict(config=self._config(), bin_pos=self.bin_pos, stage_pos=self.stage_pos,
-                    finished=self.finished, steps=self.steps, recent=list(self.recent))
+        return dict(version=STATE_VERSION, config=self._config(), bin_pos=self.bin_pos, unlocked=self.unlocked,
+                    finished=self.finished, steps=self.steps, bin_start=self.bin_start,
+                    stage_windows=[list(w) for w in self.stage_windows], bin_window=list(self.bin_window))
 
     def load_state_dict(self, d):
-        if d["config"] != self._config():
+        """Restore a state_dict; a version-1 state (the earlier one-stage-at-a-time rule) is migrated (see the
+        usage card). Returns a list of notes (empty unless something was migrated). A checkpoint made with
+        another configuration is refused."""
+        version = d.get("version", 1)
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"Curriculum.load_state_dict: unknown curriculum state version {version}")
+        mine = self._config()
+        if version == 1:  # its config had restart_inner instead of the two new settings
+            mine = {k: v for k, v in mine.items() if k not in ("inner_on_new_bin", "max_steps_per_bin")}
+            theirs = {k: v for k, v in d["config"].items() if k != "restart_inner"}
+        else:
+            theirs = d["config"]
+        if theirs != mine:
             raise ValueError(f"Curriculum.load_state_dict: checkpoint config {d['config']} differs from "
                              f"this run's {self._config()}")
-        self.bin_pos, self.stage_pos = int(d["bin_pos"]), int(d["stage_pos"])
-        self.finished, self.steps = bool(d["finished"]), int(d["steps"])
-        self.recent = deque((float(v) for v in d["recent"]), maxlen=self.window)
+        self.bin_pos, self.finished, self.steps = int(d["bin_pos"]), bool(d["finished"]), int(d["steps"])
+        self._clear_windows()
+        if version == 1:
+            self.unlocked, self.bin_start = int(d["stage_pos"]) + 1, self.steps
+            self.stage_windows[self.unlocked - 1].extend(float(v) for v in d["recent"])
+            return [f"migrated a version-1 curriculum state (bin {self.bins[self.bin_pos]}, stages "
+                    f"1..{self.unlocked} unlocked, the old window kept as that stage's, bin window empty)"]
+        self.unlocked, self.bin_start = int(d["unlocked"]), int(d["bin_start"])
+        for w, vals in zip(self.stage_windows, d["stage_windows"]):
+            w.extend(float(v) for v in vals)
+        self.bin_window.extend(float(v) for v in d["bin_window"])
+        return []
+
+# -----------------------------------------------------------------------------
+# simulation: the state machine under made-up per-stage accuracies (no model)
+
+def parse_acc(spec):
+    """'L3/dense=0.75,*=0.85,4:L1/sparse=0.9' -> acc(bin, level, spatial); the most specific key wins
+    (BIN:STAGE, then STAGE, then BIN:*, then *). A stage with no matching key is an error at lookup."""
+    table = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        b, _, stage = key.strip().rpartition(":")
+        try:
+            acc = float(value)
+            b = int(b) if b else None
+        except ValueError:
+            raise ValueError(f"--acc: bad item {item!r} (want KEY=number, KEY = [BIN:]LEVEL/SPATIAL or [BIN:]*)")
+        if not sep or not 0 <= acc <= 1:
+            raise ValueError(f"--acc: bad item {item!r} (want KEY=accuracy in [0, 1])")
+        if stage != "*" and tuple(stage.split("/")) not in {(lv, sp) for lv in LEVELS for sp in SPATIAL}:
+            raise ValueError(f"--acc: bad stage {stage!r} in {item!r} (want LEVEL/SPATIAL like L3/dense, or *)")
+        table[(b, stage)] = acc
+
+    def acc(bin, level, spatial):
+        for key in ((bin, f"{level}/{spatial}"), (None, f"{level}/{spatial}"), (bin, "*"), (None, "*")):
+            if key in table:
+                return table[key]
+        raise ValueError(f"--acc {spec!r} gives no accuracy for bin {bin} {level}/{spatial} (add *=...)")
+    return acc
+
+
+def simulate(cur, acc, steps, noise=0.0, seed=0):
+    """Run `steps` sample + update rounds, acc(bin, level, spatial) + Gaussian noise (clipped to [0, 1]) as the
+    reported accuracy. -> dict: reached {bin: step}, left {bin: (step, "mastered"|"forced")} (the last bin: when
+    it was passed; the run stays on it), unlocked
+    {bin: {"L/S": step}} (stages available on a bin, carried ones at the bin's first step), events [(step, text)]."""
+    rng = random.Random(seed)
+    first = cur.bins[cur.bin_pos]
+    reached, left, events = {first: 0}, {}, []
+    unlocked = {first: {"/".join(s): 0 for s in cur.stages[:cur.unlocked]}}
+    for step in range(1, steps + 1):
+        b, level, spatial = cur.sample(rng)
+        a = min(1.0, max(0.0, acc(b, level, spatial) + rng.gauss(0.0, noise)))
+        before = cur.bins[cur.bin_pos]
+        for e in cur.update(b, level, spatial, a):
+            events.append((step, e))
+            if e.startswith("unlock"):
+                unlocked[before][e.split()[1]] = step  # "unlock L2/moderate (...)"
+            elif e.startswith(("advance bin", "mastered all")):
+                left[before] = (step, "forced" if "forced" in e else "mastered")
+        now = cur.bins[cur.bin_pos]
+        if now != before:
+            reached[now] = step
+            unlocked[now] = {"/".join(s): step for s in cur.stages[:cur.unlocked]}
+    return dict(reached=reached, left=left, unlocked=unlocked, events=events, final=cur.current(),
+                finished=cur.finished)
+
+
+def simulation_table(cur, result):
+    """Markdown table of simulate's result: one row per bin."""
+    names = ["/".join(s) for s in cur.stages]
+    lines = ["| bin | reached at step | " + " | ".join(f"{n} unlocked" for n in names) + " | passed at step |",
+             "|" + "---|" * (len(names) + 3)]
+    for b in cur.bins:
+        if b not in result["reached"]:
+            lines.append(f"| {b} | - | " + " | ".join("-" for _ in names) + " | - |")
+            continue
+        u = result["unlocked"][b]
+        step, how = result["left"].get(b, (None, None))
+        lines.append(f"| {b} | {result['reached'][b]} | " + " | ".join(str(u.get(n, "-")) for n in names)
+                     + f" | {'-' if step is None else f'{step} ({how})'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--simulate", action="store_true", help="run the state machine on made-up accuracies")
+    ap.add_argument("--acc", default="*=0.85", help="per-stage accuracies, e.g. 'L3/dense=0.75,*=0.85'")
+    ap.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise on each step's accuracy")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bins", type=int, default=10, help="bins 1..BINS (the paper: S = 10)")
+    ap.add_argument("--mode", default="dcrl", choices=MODES)
+    ap.add_argument("--stages", default="joint", choices=sorted(STAGES))
+    ap.add_argument("--window", type=int, default=20)
+    ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--inner-on-new-bin", default="carry", choices=INNER_ON_NEW_BIN)
+    ap.add_argument("--max-steps-per-bin", type=int, default=0, help="0 = off")
+    args = ap.parse_args(argv)
+    if not args.simulate:
+        ap.error("curriculum.py is a library; the only command is --simulate")
+    try:
+        acc = parse_acc(args.acc)
+    except ValueError as e:
+        ap.error(str(e))
+    cur = Curriculum(range(1, args.bins + 1), mode=args.mode, stages=args.stages, window=args.window,
+                     threshold=args.threshold, inner_on_new_bin=args.inner_on_new_bin,
+                     max_steps_per_bin=args.max_steps_per_bin)
+    result = simulate(cur, acc, args.steps, args.noise, args.seed)
+    print(f"curriculum.py --simulate: acc {args.acc!r}, noise {args.noise}, {args.steps} steps, seed {args.seed}, "
+          f"{args.mode}, inner on new bin: {args.inner_on_new_bin}, max steps per bin: {args.max_steps_per_bin}\n")
+    print(simulation_table(cur, result))
+    b, lv, sp = result["final"]
+    print(f"\nafter {args.steps} steps: bin {b} ({cur.bin_pos + 1}/{len(cur.bins)}), newest stage {lv}/{sp}"
+          + (", last bin passed (the run stays there)" if result["finished"] else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,8 +21,9 @@ $PY build_pool.py --scannet demo_data/scannet --colmap demo_data/colmap --co3d d
 step "3/6 make matching tasks (test split for evaluation, train split for inspection)"
 # 3-5 points per task: the range the tiny model is warmed up and trained on (grpo.py's CPU default); the
 # benchmark's own default is 4-12 (drop the two flags for real models).
-$PY make_tasks.py --pool pool --out tasks --split test --n-min 3 --n-max 5
-$PY make_tasks.py --pool pool --out tasks --split train --n-min 3 --n-max 5
+# 640 px: the CPU demo's image size (the benchmark default is the paper's 1024).
+$PY make_tasks.py --pool pool --out tasks --split test --n-min 3 --n-max 5 --max-side 640
+$PY make_tasks.py --pool pool --out tasks --split train --n-min 3 --n-max 5 --max-side 640
 
 step "4/6 build the tiny Qwen3-VL and teach it the answer format (random mappings)"
 $PY tiny_model.py --out demo_data/tiny-qwen3vl --pool pool
@@ -31,7 +32,9 @@ step "5/6 GRPO with the dual-level curriculum (online tasks from the pool's trai
 $PY grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo
 
 step "6/6 evaluate the base model, the trained checkpoint and the classical baselines"
-$PY evaluate.py demo_data/tiny-qwen3vl runs/grpo --tasks tasks/test.jsonl --out eval --baseline sift random none --show 4
+# 48 new tokens: what the tiny model is trained to (grpo.py's CPU default); the evaluation default is the paper's 5120.
+$PY evaluate.py demo_data/tiny-qwen3vl runs/grpo --tasks tasks/test.jsonl --out eval --baseline sift random none --show 4 \
+    --max-new-tokens 48
 
 echo
 echo "demo done: open eval/report.md (plots and side-by-side pictures are next to it)"

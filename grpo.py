@@ -48,8 +48,10 @@ make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavai
 whose KV cache is copied into the G rows of a StaticCache, the policy's FSDP weights gathered ONCE for the whole
 rollout (rollout.py; --rollout-impl legacy: FSDP gathers every layer per token, DynamicCache) -> reward.score -> group-normalised advantages -> clipped policy
 loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
-the mean match accuracy of the step's prompts drawn from the curriculum's current (bin, level, spatial) (replay
-prompts excluded), so its 20-update window is the paper's 20-step moving average.
+the mean match accuracy of the step's prompts, all drawn from the one (bin, level, spatial) the curriculum sampled
+for the step (a uniformly drawn unlocked stage of the current bin, or a replay draw that update ignores), so its
+20-update windows are the paper's 20-step moving average (curriculum.py's usage card has the state machine;
+--inner-on-new-bin, --max-steps-per-bin set it).
 
 HATCH extensions (HATCH: patch-level spatial alignment + action-then-answer reasoning; off by default):
 - PaStA (--pasta-weight w > 0, pasta.py): the visual tokens of each image are pooled into a --pasta-grid x
@@ -279,11 +281,12 @@ def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5),
 
 
 def sample_tasks(cur, pairs_by_bin, count, rng, args):
-    """count tasks: the curriculum picks (bin, level, spatial), a random train pair of that bin supplies it (other
-    pairs of the bin are tried when one cannot supply the level)."""
+    """count tasks: the curriculum picks ONE (bin, level, spatial) for the step (so the step's one update feeds
+    one stage window and the bin window once: the paper's 20-step average), a random train pair of that bin
+    supplies each task (other pairs of the bin are tried when one cannot supply the level)."""
     out = []
+    b, level, spatial = cur.sample(rng)
     while len(out) < count:
-        b, level, spatial = cur.sample(rng)
         candidates = pairs_by_bin[b]
         for k in rng.permutation(len(candidates)):
             try:
@@ -509,7 +512,8 @@ def load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, worl
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
     with open(os.path.join(ckpt, "curriculum.json")) as f:
-        cur.load_state_dict(json.load(f))
+        for note in cur.load_state_dict(json.load(f)):  # an older checkpoint's curriculum state is migrated
+            print0(f"grpo.py: {ckpt}/curriculum.json: {note}")
     saved_world = meta.get("world_size", 1)
     same = saved_world == world
     set_rng_state(torch.load(os.path.join(ckpt, f"rng_{rank if same else 0}.pt"), weights_only=False), task_rng)
@@ -707,6 +711,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--curriculum", default="dcrl", choices=["dcrl", "uniform", "easy", "hard"])
+    ap.add_argument("--inner-on-new-bin", default="carry", choices=curriculum.INNER_ON_NEW_BIN,
+                    help="dcrl: unlocked point stages stay unlocked on the next bin (carry) or start over (restart)")
+    ap.add_argument("--max-steps-per-bin", type=int, default=0,
+                    help="dcrl: force the next bin after this many steps on one (0 = off, the paper)")
     ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
     ap.add_argument("--clip-eps", type=float, default=0.2)
     ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images")
@@ -768,7 +776,8 @@ def load_data(args):
             pairs_by_bin.setdefault(int(p["bin"]), []).append(p)
     if not pairs_by_bin:
         sys.exit(f"grpo.py: error: --pool {args.pool} has no train pairs")
-    cur = curriculum.Curriculum(sorted(pairs_by_bin), mode=args.curriculum)
+    cur = curriculum.Curriculum(sorted(pairs_by_bin), mode=args.curriculum, inner_on_new_bin=args.inner_on_new_bin,
+                                max_steps_per_bin=args.max_steps_per_bin)
     eval_rng = np.random.default_rng(args.seed + 12345)
     test_pairs = [p for p in pairs if p["split"] == "test"]
     eval_tasks = []
@@ -850,8 +859,8 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
     -> (metrics, records), or (None, None) with --debug-grad-dump once the gradients are written."""
     autocast = autocast_for(device, world)
     per_rank = args.prompts_per_step // world
-    stage = cur.current()  # the curriculum's (bin, level, spatial) at sampling time
     tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
+    stage = tuple(tasks[0][0][k] for k in ("bin", "level", "spatial"))  # the step's draw (cur.sample)
     mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
     with generation_mode(model), resident(model, args.rollout_impl), autocast():  # weights gathered once per rollout
         samples = rollout(model, tokenizer, image_processor, mine, args, world > 1)
@@ -872,8 +881,8 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
                     match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"])
                for s in samples]
     records = [r for part in gather_objects(records, world) for r in part]
-    # ONE curriculum update per step (its window counts steps, as the paper's 20-step moving average): the mean
-    # match of this step's prompts drawn from the stage current at sampling time (replay samples excluded)
+    # ONE curriculum update per step (its windows count steps, as the paper's 20-step moving average): the mean
+    # match of this step's prompts (a replay draw of a mastered bin is ignored by update)
     cur_match = [r["match"] for r in records if (r["bin"], r["level"], r["spatial"]) == stage]
     events = cur.update(*stage, float(np.mean(cur_match))) if cur_match else []
     return step_metrics(step, records, stats, n_tok, sched, cur, events, args, world), records

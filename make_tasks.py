@@ -3,10 +3,17 @@ make_tasks.py: turn pool pairs into matching tasks: labelled point sets X (image
 f*: X -> Y u {none}, the two prompted images and the prompt text.
 
 Usage:
-    python make_tasks.py --pool pool --out tasks --split test --per-pair 3 --seed 0     # CPU demo, seconds
+    python make_tasks.py --pool pool --out tasks --split test --max-side 640 --seed 0   # CPU demo, seconds
     python make_tasks.py --pool pool --out tasks --split train --per-pair 8 --max-side 640
     python make_tasks.py --pool pool --out tasks --split test --levels L3 --spatial dense --n-min 8 --n-max 12
     python make_tasks.py --pool pool --out tasks_actor --split test --actor    # HATCH ActoR prompts (action block)
+ReasonMatch-Bench as published (2,810 pairs; ScanNet 27.7 %, uCO3D 28.0 %, DL3DV 27.0 %, RE10K 17.2 %;
+L1 32.5 % / L2 36.8 % / L3 30.7 %; build the pool with --test-sources scannet,uco3d,dl3dv,re10k):
+    python make_tasks.py --pool pool --out bench --split test --mix paper
+    (= --pairs 2810 --source-shares scannet=27.7,uco3d=28.0,dl3dv=27.0,re10k=17.2 --level-shares L1=32.5,L2=36.8,L3=30.7)
+A composition of your own (weights are normalised over the names listed; unlisted sources get no pairs):
+    python make_tasks.py --pool pool --out tasks --split test --pairs 40 --source-shares scannet=50,colmap=30,co3d=20 \
+        --level-shares L1=32.5,L2=36.8,L3=30.7
 grpo.py does not read train.jsonl: it calls make_task() online with the (bin, level, spatial) the curriculum
 asks for (the paper samples X, Y from the pool online); train.jsonl is for inspection and warm-up data.
 
@@ -17,10 +24,23 @@ y_points (ORIGINAL pixel coords, pixel centres at integers), x_labels ("1".."n")
 target (n entries: Y label or null), K1, K2, R, t, actor (bool: the prompt asks for HATCH's ActoR action block,
 see reward.py), plus x_idx/y_idx (row of kp1/kp2, or len(kp) + row of dense1/dense2), scale1/scale2 ((sx, sy):
 drawn = (orig + 0.5) * s - 0.5), size1/size2 (drawn image sizes);
-<split>_images/<task_id with "/" -> "_">_{1,2}.jpg (or .png with --image-format png); args_<split>.json (one per split, so both can share --out).
-The test split is stratified: within each source a counter walks all level x spatial combinations (levels
-change every task), so sources, levels and spatial modes are balanced (scene type follows the source). The
-train split is drawn the same way.
+<split>_images/<task_id with "/" -> "_">_{1,2}.jpg (or .png with --image-format png); args_<split>.json (one per split, so both can share --out);
+composition_<split>.json: asked and achieved shares in percent of sources, levels, scene types (+ counts, per-source
+bins, pairs replaced), also printed.
+
+Composition (both splits; --per-pair defaults to 1 for test, as the paper counts pairs, and 3 for train):
+- Pairs: all pairs of the split, or with --pairs N (alias --max-pairs) exactly N: per-source counts by largest
+  remainder of --source-shares (weights normalised over the names listed: scannet=50,colmap=30 is 62.5 % /
+  37.5 %; unlisted sources get none; without it each source keeps its share of the split); a listed source with
+  fewer pairs than asked is an error naming it, its available pairs and the number asked. Within a source the
+  pairs are drawn seeded and stratified by bin (each bin's count by largest remainder of its size).
+- Levels: over all tasks by largest remainder of --level-shares (default: equal over --levels; its names
+  replace --levels), spread evenly along the tasks grouped by source, so every source gets about the global
+  mix; within each (source, level) a counter walks the spatial modes. Scene type follows the pool (build_pool.py
+  --scene-types sets it per scene).
+- A pair that cannot supply its task (TaskUnavailable) is replaced, with --pairs, by an unused pair of the
+  same source nearest in bin (same (level, spatial), so the shares hold and the file has exactly N x per-pair
+  tasks); without --pairs it is skipped and counted.
 
 Task levels (paper): L1 one-to-one, every x has its partner in Y, no distractors; L2 distractors in Y only;
 L3 distractors on both sides, some x have target none. Spatial modes (paper; how to realise them is ours):
@@ -416,9 +436,9 @@ def parse_args(argv=None):
     ap.add_argument("--pool", default="pool", help="pool dir from build_pool.py")
     ap.add_argument("--out", default="tasks", help="output dir")
     ap.add_argument("--split", default="test", choices=["train", "test"])
-    ap.add_argument("--per-pair", type=int, default=3, help="tasks drawn per pair")
+    ap.add_argument("--per-pair", type=int, default=None, help="tasks drawn per pair (default: test 1, train 3)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-side", type=int, default=640, help="longer side of the prompted images")
+    ap.add_argument("--max-side", type=int, default=1024, help="longer side of the prompted images (the paper's 1024)")
     ap.add_argument("--levels", default="L1,L2,L3")
     ap.add_argument("--spatial", default="sparse,moderate,dense")
     ap.add_argument("--n-min", type=int, default=4, help="points in image 1, drawn uniformly in [n-min, n-max]")
@@ -431,59 +451,184 @@ def parse_args(argv=None):
     ap.add_argument("--per-cluster", type=int, default=3, help="moderate mode: max points per cluster")
     ap.add_argument("--image-format", default="jpg", choices=["png", "jpg"],
                     help="jpg (q95) writes ~10x faster than png on noisy textures; labels stay sharp")
-    ap.add_argument("--max-pairs", type=int, default=0, help="use only the first N pairs (0 = all)")
+    ap.add_argument("--pairs", "--max-pairs", dest="pairs", type=int, default=0,
+                    help="exactly N pairs, drawn seeded and stratified by bin within each source (0 = all pairs)")
+    ap.add_argument("--source-shares", default=None,
+                    help="e.g. scannet=27.7,uco3d=28.0 (weights, normalised; unlisted sources get no pairs; "
+                         "default: each source's share of the split); needs --pairs")
+    ap.add_argument("--level-shares", default=None,
+                    help="e.g. L1=32.5,L2=36.8,L3=30.7 (weights over tasks; default: equal over --levels)")
+    ap.add_argument("--mix", default=None, choices=["paper"],
+                    help="paper: ReasonMatch-Bench's published mix (2810 pairs, its source and level shares); "
+                         "explicit --pairs / --source-shares / --level-shares win")
     ap.add_argument("--actor", action="store_true", help="HATCH ActoR: ask for the camera motion before the answer")
     ap.add_argument("--action-step", type=float, default=ACTION_STEP_DEG, help="ActoR angle rounding (degrees)")
     return ap.parse_args(argv)
 
 
-def assign_configs(pairs, per_pair, levels, spatials, seed):
-    """Stratified (level, spatial) per task: within each source a counter walks all level x spatial combinations
-    with the level changing every task (a Latin square over len(levels) * len(spatials) steps), so each source
-    gets each level about equally and each spatial mode too. Seeded shuffles of the pair order and the lists.
+PAPER_MIX = dict(pairs=2810, source_shares="scannet=27.7,uco3d=28.0,dl3dv=27.0,re10k=17.2",
+                 level_shares="L1=32.5,L2=36.8,L3=30.7")  # ReasonMatch-Bench as published (no CO3D)
+PAPER_SCENE_TYPES = {"indoor": 55.1, "object": 28.0, "outdoor": 16.9}  # follows from its sources' scenes
+
+
+def parse_shares(text, flag, allowed=None):
+    """'scannet=27.7,uco3d=28' -> {"scannet": 27.7, "uco3d": 28.0} in the listed order (weights; normalised by
+    the caller). Raises ValueError naming the flag and the bad item."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        try:
+            w = float(value)
+        except ValueError:
+            w = float("nan")
+        if not sep or not name or not w >= 0 or math.isinf(w):
+            raise ValueError(f"{flag}: bad item {item!r} (want NAME=weight, weight >= 0)")
+        if allowed is not None and name not in allowed:
+            raise ValueError(f"{flag}: unknown name {name!r} (one of {', '.join(allowed)})")
+        if name in out:
+            raise ValueError(f"{flag}: {name} listed twice")
+        out[name] = w
+    if not out or sum(out.values()) <= 0:
+        raise ValueError(f"{flag}: no positive weight in {text!r}")
+    return out
+
+
+def largest_remainder(weights, total):
+    """{name: count} proportional to weights, summing to total (Hamilton's method: the floor of each quota, then
+    one more to the largest remainders; ties: larger weight, then name). A count never exceeds its quota rounded
+    up, so weights that are availabilities are never over-drawn."""
+    s = math.fsum(weights.values())
+    quota = {k: total * w / s for k, w in weights.items()}
+    counts = {k: math.floor(q) for k, q in quota.items()}
+    for k in sorted(weights, key=lambda k: (counts[k] - quota[k], -weights[k], k))[:total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def spread(counts):
+    """A sequence holding each key counts[key] times, each key spread evenly along it (at every position the key
+    furthest behind its quota goes next; ties: the listed order)."""
+    total, used, seq = sum(counts.values()), dict.fromkeys(counts, 0), []
+    for i in range(total):
+        k = max(counts, key=lambda k: counts[k] * (i + 1) / total - used[k])  # max keeps the first of ties
+        used[k] += 1
+        seq.append(k)
+    return seq
+
+
+def compose_pairs(pairs, n_pairs, source_shares=None, seed=0, split="test"):
+    """Choose exactly n_pairs pairs: per-source counts by largest remainder of source_shares ({source: weight};
+    unlisted sources get none; None: each source's share of the given pairs), then per source a seeded draw
+    stratified by bin (each bin's count by largest remainder of its size). -> (chosen {source: [pairs]},
+    reserve {source: [the source's other pairs, bin by bin]}, asked {source: count}). Raises ValueError naming
+    every source that has fewer pairs than asked."""
+    by_source = {}
+    for p in sorted(pairs, key=lambda p: p["pair_id"]):
+        by_source.setdefault(p["source"], []).append(p)
+    if source_shares is None and n_pairs > len(pairs):
+        raise ValueError(f"--pairs {n_pairs}: the {split} split has only {len(pairs)} pairs")
+    weights = source_shares if source_shares is not None else {s: len(g) for s, g in sorted(by_source.items())}
+    asked = largest_remainder(weights, n_pairs)
+    short = [f"{s}: {len(by_source.get(s, []))} available, {c} asked" for s, c in asked.items()
+             if c > len(by_source.get(s, []))]
+    if short:
+        raise ValueError(f"--pairs {n_pairs} with these source shares asks more {split} pairs than a source has "
+                         f"({'; '.join(short)})")
+    chosen, reserve = {}, {}
+    for s, c in asked.items():
+        rng = np.random.default_rng([seed, zlib.crc32(s.encode())])
+        by_bin = {}
+        for p in by_source.get(s, []):
+            by_bin.setdefault(int(p["bin"]), []).append(p)
+        per_bin = largest_remainder({b: len(g) for b, g in sorted(by_bin.items())}, c) if by_bin else {}
+        chosen[s], reserve[s] = [], []
+        for b in sorted(by_bin):
+            drawn = [by_bin[b][i] for i in rng.permutation(len(by_bin[b]))]
+            chosen[s] += drawn[:per_bin[b]]
+            reserve[s] += drawn[per_bin[b]:]
+    return chosen, reserve, asked
+
+
+def take_replacement(reserve, pair):
+    """Pop the reserve pair of pair's source nearest in bin (the same bin first; ties: the reserve's order), or
+    None when the source has none left."""
+    group = reserve.get(pair["source"], [])
+    if not group:
+        return None
+    i = min(range(len(group)), key=lambda i: abs(int(group[i]["bin"]) - int(pair["bin"])))
+    return group.pop(i)
+
+
+def assign_configs(pairs, per_pair, levels, spatials, seed, level_shares=None):
+    """(level, spatial) per task. Tasks are grouped by source (seeded pair order within it, a pair's per_pair
+    tasks together); the level counts over ALL tasks follow level_shares ({level: weight}; default equal over
+    levels) by largest remainder, laid out with spread() along that order, so every source (and every pair with
+    per_pair > 1) gets the levels in about the global proportions; within each (source, level) a counter walks
+    the spatial modes (offset by the level), so spatial modes are balanced within each level.
     Returns [(pair, k, level, spatial)]."""
-    plan = []
+    weights = level_shares or {lv: 1.0 for lv in levels}
+    slots, spatial_order = [], {}
     for source in sorted({p["source"] for p in pairs}):
         rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
-        lv = [levels[i] for i in rng.permutation(len(levels))]
-        sp = [spatials[i] for i in rng.permutation(len(spatials))]
+        spatial_order[source] = [spatials[i] for i in rng.permutation(len(spatials))]
         group = sorted((p for p in pairs if p["source"] == source), key=lambda p: p["pair_id"])
-        c = 0
-        for q in rng.permutation(len(group)):
-            for k in range(per_pair):
-                a, b = c % len(lv), (c // len(lv)) % len(sp)
-                plan.append((group[q], k, lv[a], sp[(a + b) % len(sp)]))
-                c += 1
+        slots += [(group[q], k) for q in rng.permutation(len(group)) for k in range(per_pair)]
+    plan, walked = [], Counter()
+    for (pair, k), level in zip(slots, spread(largest_remainder(weights, len(slots)))):
+        sp = spatial_order[pair["source"]]
+        c = walked[pair["source"], level]
+        walked[pair["source"], level] += 1
+        plan.append((pair, k, level, sp[(c + list(weights).index(level)) % len(sp)]))
     return plan
 
 
-def write_tasks(plan, args, out_images):
-    tasks, skipped = [], Counter()
-    cache = {}
+def draw_task(pair, k, level, spatial, args, cache):
+    """Task k of a pair (seeded by the pair and k) -> (task, images); raises TaskUnavailable. cache holds the
+    last pair's arrays (the plan is grouped by pair)."""
+    if pair["pair_id"] not in cache:
+        cache.clear()
+        cache[pair["pair_id"]] = load_arrays(args.pool, pair)
+    rng = np.random.default_rng([args.seed, zlib.crc32(pair["pair_id"].encode()), k])
+    n = int(rng.integers(args.n_min, args.n_max + 1))
+    return make_task(pair, cache[pair["pair_id"]], level, spatial, n, rng, args.pool, args.max_side,
+                     min_sep=args.min_sep, task_id=f"{pair['pair_id']}-{k}", per_cluster=args.per_cluster,
+                     dist_y=(args.dist_y_min, args.dist_y_max or None),
+                     unmatched_frac=(args.unmatched_min, args.unmatched_max), actor=args.actor,
+                     action_step=args.action_step)
+
+
+def write_tasks(plan, args, out_images, reserve=None):
+    """Draw and write the plan's tasks. A pair that cannot supply its task is skipped (counted), or, with a
+    reserve ({source: [pairs]}, from compose_pairs), replaced by the reserve pair of its source nearest in bin,
+    so the file holds exactly the planned number. -> (tasks, skipped Counter, number of replacements)."""
+    tasks, skipped, replaced, cache = [], Counter(), 0, {}
     for pair, k, level, spatial in tqdm(plan, desc=f"make_tasks {args.split}"):
-        if pair["pair_id"] not in cache:
-            cache = {pair["pair_id"]: load_arrays(args.pool, pair)}  # plan is grouped by pair: keep one
-        rng = np.random.default_rng([args.seed, zlib.crc32(pair["pair_id"].encode()), k])
-        n = int(rng.integers(args.n_min, args.n_max + 1))
-        task_id = f"{pair['pair_id']}-{k}"
-        try:
-            task, imgs = make_task(pair, cache[pair["pair_id"]], level, spatial, n, rng, args.pool, args.max_side,
-                                   min_sep=args.min_sep, task_id=task_id, per_cluster=args.per_cluster,
-                                   dist_y=(args.dist_y_min, args.dist_y_max or None),
-                                   unmatched_frac=(args.unmatched_min, args.unmatched_max), actor=args.actor,
-                                   action_step=args.action_step)
-        except TaskUnavailable as e:
-            skipped[f"{level}/{spatial}: {e}"] += 1
+        made = None
+        while made is None:
+            try:
+                made = draw_task(pair, k, level, spatial, args, cache)
+            except TaskUnavailable as e:
+                skipped[f"{level}/{spatial}: {e}"] += 1
+                if reserve is None:
+                    break
+                failed, pair = pair, take_replacement(reserve, pair)
+                if pair is None:
+                    sys.exit(f"make_tasks.py: error: no {args.split} pair of source {failed['source']} left to "
+                             f"replace {failed['pair_id']}, which cannot supply {level}/{spatial} ({e}); ask fewer "
+                             f"--pairs of it or relax --n-min/--min-sep")
+                replaced += 1
+        if made is None:
             continue
+        task, imgs = made
         task["images"] = []
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)  # pair ids contain "/"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", task["task_id"])  # pair ids contain "/"
         for v, img in zip((1, 2), imgs):
             rel = os.path.join(os.path.basename(out_images), f"{safe}_{v}.{args.image_format}")
             img.save(os.path.join(args.out, rel), **({"compress_level": 1} if args.image_format == "png" else
                                                      {"quality": 95}))  # fast PNG; JPEG sharp enough for labels
             task["images"].append(rel)
         tasks.append(task)
-    return tasks, skipped
+    return tasks, skipped, replaced
 
 
 def report(tasks, skipped):
@@ -494,29 +639,93 @@ def report(tasks, skipped):
         print(f"  skipped {v:5d}  {reason}")
 
 
+def percent(weights):
+    s = math.fsum(weights.values())
+    return {k: round(100 * w / s, 2) for k, w in weights.items()}
+
+
+def composition(tasks, split_pairs, source_shares, level_shares, args, replaced):
+    """What was asked and what the file holds, in percent (pure): sources (asked: --source-shares, or each
+    source's share of the split), levels (asked: --level-shares, or equal), scene types (achieved; with --mix
+    paper also the paper's), per-source bins (counts)."""
+    n = len(tasks)
+    achieved = lambda key: {k: round(100 * v / n, 2) for k, v in sorted(Counter(t[key] for t in tasks).items())}
+    counts = lambda key: dict(sorted(Counter(t[key] for t in tasks).items()))
+    split_share = Counter(p["source"] for p in split_pairs)
+    comp = dict(split=args.split, pairs_asked=args.pairs or len(split_pairs), per_pair=args.per_pair, tasks=n,
+                pairs=len({t["pair_id"] for t in tasks}), replaced=replaced, seed=args.seed, mix=args.mix,
+                source=dict(asked=percent(source_shares or dict(sorted(split_share.items()))),
+                            achieved=achieved("source"), counts=counts("source")),
+                level=dict(asked=percent(level_shares), achieved=achieved("level"), counts=counts("level")),
+                scene_type=dict(achieved=achieved("scene_type"), counts=counts("scene_type")),
+                bins={s: dict(sorted(Counter(int(t["bin"]) for t in tasks if t["source"] == s).items()))
+                      for s in sorted({t["source"] for t in tasks})})
+    if args.mix == "paper":
+        comp["scene_type"]["paper"] = PAPER_SCENE_TYPES
+    return comp
+
+
+def print_composition(comp):
+    print(f"  composition ({comp['split']}): {comp['tasks']} tasks from {comp['pairs']} pairs "
+          f"({comp['replaced']} replaced), shares in percent:")
+    for key in ("source", "level", "scene_type"):
+        c = comp[key]
+        asked = c.get("asked", c.get("paper", {}))
+        names = list(dict.fromkeys([*asked, *c["achieved"]]))
+        print(f"    {key:10s} " + "  ".join(f"{k} {asked.get(k, 0) if asked else '-'} -> {c['achieved'].get(k, 0)}"
+                                           for k in names) + ("  (asked -> achieved)" if asked else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.per_pair is None:
+        args.per_pair = 1 if args.split == "test" else 3  # the paper's benchmark counts pairs
+    if args.mix == "paper":
+        args.pairs = args.pairs or PAPER_MIX["pairs"]
+        args.source_shares = args.source_shares or PAPER_MIX["source_shares"]
+        args.level_shares = args.level_shares or PAPER_MIX["level_shares"]
     if not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
         sys.exit(f"make_tasks.py: error: --pool {args.pool} has no pairs.jsonl")
     levels, spatials = args.levels.split(","), args.spatial.split(",")
     bad = [x for x in levels if x not in LEVELS] + [x for x in spatials if x not in SPATIAL]
-    if bad or not 1 <= args.n_min <= args.n_max:
-        sys.exit(f"make_tasks.py: error: bad --levels/--spatial/--n-min/--n-max ({bad or (args.n_min, args.n_max)})")
-    pairs = load_pairs(args.pool, args.split)
-    if args.max_pairs:
-        pairs = pairs[:args.max_pairs]
+    if bad or not 1 <= args.n_min <= args.n_max or args.per_pair < 1 or args.pairs < 0:
+        sys.exit(f"make_tasks.py: error: bad --levels/--spatial/--n-min/--n-max/--per-pair/--pairs "
+                 f"({bad or (args.n_min, args.n_max, args.per_pair, args.pairs)})")
+    try:
+        source_shares = parse_shares(args.source_shares, "--source-shares") if args.source_shares else None
+        level_shares = (parse_shares(args.level_shares, "--level-shares", LEVELS) if args.level_shares
+                        else {lv: 1.0 for lv in levels})
+    except ValueError as e:
+        sys.exit(f"make_tasks.py: error: {e}")
+    if source_shares and not args.pairs:
+        sys.exit("make_tasks.py: error: --source-shares needs --pairs N")
+    split_pairs = load_pairs(args.pool, args.split)
+    pairs, reserve = split_pairs, None
+    if args.pairs:
+        try:
+            chosen, reserve, _ = compose_pairs(split_pairs, args.pairs, source_shares, args.seed, args.split)
+        except ValueError as e:
+            sys.exit(f"make_tasks.py: error: {e}")
+        pairs = [p for group in chosen.values() for p in group]
     out_images = os.path.join(args.out, f"{args.split}_images")
     os.makedirs(out_images, exist_ok=True)
-    plan = assign_configs(pairs, args.per_pair, levels, spatials, args.seed)
-    tasks, skipped = write_tasks(plan, args, out_images)
+    plan = assign_configs(pairs, args.per_pair, levels, spatials, args.seed, level_shares)
+    tasks, skipped, replaced = write_tasks(plan, args, out_images, reserve)
     with open(os.path.join(args.out, f"{args.split}.jsonl"), "w") as f:
         for t in tasks:
             f.write(json.dumps(t) + "\n")
     with open(os.path.join(args.out, f"args_{args.split}.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
+    if not tasks:
+        sys.exit(f"make_tasks.py: error: no task could be made from the {args.split} split of {args.pool}")
+    comp = composition(tasks, split_pairs, source_shares, level_shares, args, replaced)
+    with open(os.path.join(args.out, f"composition_{args.split}.json"), "w") as f:
+        json.dump(comp, f, indent=2)
     report(tasks, skipped)
-    print(f"make_tasks.py: {args.split}: {len(tasks)} tasks from {len(pairs)} pairs "
-          f"({sum(skipped.values())} skipped) -> {os.path.join(args.out, args.split + '.jsonl')}")
+    print_composition(comp)
+    print(f"make_tasks.py: {args.split}: {len(tasks)} tasks from {comp['pairs']} pairs "
+          f"({f'{replaced} replaced' if reserve is not None else f'{sum(skipped.values())} skipped'}) -> "
+          f"{os.path.join(args.out, args.split + '.jsonl')}")
 
 
 if __name__ == "__main__":

@@ -633,6 +633,30 @@ def test_pool_re10k_missing_frame_skipped_and_counted(pool_re10k, tmp_path, caps
     assert all(os.path.dirname(r["image1"]) == str(frames / sc["name"]) for r in rows)
 
 
+# -----------------------------------------------------------------------------
+# build_pool.py: --test-sources and --scene-types (the benchmark's composition, issue 13)
+
+def test_pool_test_sources_and_scene_types(pool_demo, tmp_path, capsys):
+    data = pool_demo["data"]
+    s0, s1 = sorted({p["scene"] for p in pool_demo["pairs"] if p["source"] == "colmap"})
+    f = tmp_path / "types.txt"
+    f.write_text(f"colmap/{s0} indoor\n\n{s1} object\nco3d/nothing outdoor\n")
+    build_pool.main(["--colmap", f"{data}/colmap", "--co3d", f"{data}/co3d", "--out", str(tmp_path / "p"),
+                     "--max-pairs-per-scene", "3", "--workers", "1", "--test-sources", "colmap,uco3d",
+                     "--scene-types", str(f)])
+    assert "co3d/nothing" in capsys.readouterr().out  # an entry that names no scene is reported
+    with open(tmp_path / "p" / "pairs.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    assert {r["split"] for r in rows if r["source"] == "co3d"} == {"train"}  # not a test source
+    assert "test" in {r["split"] for r in rows if r["source"] == "colmap"}
+    assert {(r["scene"], r["scene_type"]) for r in rows if r["source"] == "colmap"} == {(s0, "indoor"), (s1, "object")}
+    assert {r["scene_type"] for r in rows if r["source"] == "co3d"} == {"object"}  # unlisted: the default
+    f.write_text(f"colmap/{s0} indoor\n{s1} sideways\n")
+    with pytest.raises(SystemExit) as e:  # checked before any scene is processed
+        build_pool.main(["--colmap", f"{data}/colmap", "--out", str(tmp_path / "q"), "--scene-types", str(f)])
+    assert str(f) in str(e.value) and "line 2" in str(e.value) and not (tmp_path / "q").exists()
+
+
 # ==============================================================================
 # reward.py, make_tasks.py, curriculum.py: grammar, scores, sampling invariants, drawing, curriculum
 # ==============================================================================
@@ -1030,50 +1054,60 @@ def tasks_feed(cur, accs):
 def test_tasks_curriculum_dcrl_rule():
     cur = curriculum.Curriculum([1, 2, 4], window=4, threshold=0.75)  # bin 3 empty: skipped
     assert cur.current() == (1, "L1", "sparse")
-    # a full window is needed; mean must EXCEED the threshold
-    assert tasks_feed(cur, [1.0, 1.0, 1.0]) == [] and cur.current() == (1, "L1", "sparse")
-    assert tasks_feed(cur, [0.0]) == []                      # window [1,1,1,0] mean .75: not > .75
-    assert tasks_feed(cur, [0.5]) == []                      # [1,1,0,.5] .625
-    ev = tasks_feed(cur, [1.0, 1.0, 1.0])                     # [1,0,.5,1] [0,.5,1,1] .625, [.5,1,1,1] .875
-    assert [k for k, _ in ev] == [2] and ev[0][1].startswith("advance inner")
-    assert cur.current() == (1, "L2", "moderate") and len(cur.recent) == 0  # window restarts
-    assert tasks_feed(cur, [0.9] * 4)[0][1].startswith("advance inner")
-    assert cur.current() == (1, "L3", "dense")
-    ev = tasks_feed(cur, [0.9] * 4)
-    assert len(ev) == 1 and ev[0][0] == 3 and ev[0][1].startswith("advance bin")
-    assert cur.current() == (2, "L1", "sparse")              # inner restarts on the next bin
     rng = np.random.default_rng(0)
-    assert {cur.sample(rng)[0] for _ in range(200)} == {2}  # bin 1 dropped for good (replay 0)
-    assert tasks_feed(cur, [1.0] * 12) and cur.current() == (4, "L1", "sparse")  # bin 3 skipped
-    # updates on other configs never count towards the current window
+    assert {cur.sample(rng) for _ in range(50)} == {(1, "L1", "sparse")}  # one stage unlocked
+    # a full window is needed; its mean must EXCEED the threshold
+    assert tasks_feed(cur, [1.0, 1.0, 1.0]) == [] and cur.current() == (1, "L1", "sparse")
+    assert tasks_feed(cur, [0.0, 1.0, 1.0, 1.0]) == []      # windows [1,1,1,0] [1,1,0,1] [1,0,1,1] [0,1,1,1]: .75
+    ev = [e for _, e in tasks_feed(cur, [1.0])]              # [1,1,1,1]: the stage AND the bin window pass at once
+    assert [e.split()[0] for e in ev] == ["unlock", "advance"] and "L2/moderate" in ev[0] and "-> 2" in ev[1]
+    assert cur.current() == (2, "L2", "moderate")            # carry: L2 stays unlocked on bin 2
+    assert len(cur.bin_window) == 0                           # the new bin's window starts empty
+    assert {cur.sample(rng) for _ in range(200)} == {(2, "L1", "sparse"), (2, "L2", "moderate")}
+    # the old rule's stall: the newest stage stays at .6 but the bin's mix (.8 > .75) passes the bin
+    assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(2, "L2", "moderate", 0.6) == []
+    assert cur.update(2, "L1", "sparse", 1.0) == []
+    ev = cur.update(2, "L2", "moderate", 0.6)
+    assert len(ev) == 1 and ev[0].startswith("advance bin -> 4") and "mastered" in ev[0]  # bin 3 skipped
+    assert cur.current() == (4, "L2", "moderate")
+    assert {cur.sample(rng)[0] for _ in range(200)} == {4}   # bins 1, 2 dropped for good (replay 0)
+    # reports for other bins and for locked stages never count
     for _ in range(10):
-        assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(4, "L2", "moderate", 1.0) == []
-    assert len(cur.recent) == 0
-    # after the last bin's last stage: finished, stays there
-    ev = tasks_feed(cur, [1.0] * 12)
-    assert [e.split()[0] + " " + e.split()[1] for _, e in ev] == ["advance inner", "advance inner", "mastered all"]
-    assert cur.finished and cur.current() == (4, "L3", "dense")
+        assert cur.update(2, "L1", "sparse", 1.0) == [] and cur.update(4, "L3", "dense", 1.0) == []
+    assert len(cur.bin_window) == 0 and list(cur.stage_windows[2]) == []
+    # carry keeps the stage windows: L2's is [.6, .6] from bin 2
+    assert cur.update(4, "L2", "moderate", 0.9) == [] and cur.update(4, "L2", "moderate", 0.9) == []  # .75
+    ev = cur.update(4, "L2", "moderate", 1.0)                # [.6, .9, .9, 1] = .85: unlock L3
+    assert len(ev) == 1 and ev[0].startswith("unlock L3/dense") and cur.current() == (4, "L3", "dense")
+    ev = cur.update(4, "L3", "dense", 1.0)                   # bin window [.9, .9, 1, 1]: last bin passed
+    assert len(ev) == 1 and ev[0].startswith("mastered all") and cur.finished
     assert tasks_feed(cur, [1.0] * 8) == [] and cur.current() == (4, "L3", "dense")
     assert "finished" in cur.describe()
 
 
 def test_tasks_curriculum_grid_restart_and_replay():
-    cur = curriculum.Curriculum([5, 7], stages="grid", window=2, restart_inner=False)
-    seen = [cur.current()]
-    for _ in range(8):
-        tasks_feed(cur, [1.0, 1.0])
-        seen.append(cur.current())
-    assert seen == [(5, lv, sp) for lv in ("L1", "L2", "L3") for sp in ("sparse", "moderate", "dense")]
-    tasks_feed(cur, [1.0, 1.0])
-    assert cur.current() == (7, "L3", "dense")  # restart_inner=False keeps the last stage
-    rep = curriculum.Curriculum([1, 2, 3], window=1, threshold=0.5, replay=0.25)
+    for inner, want in (("restart", (7, "L1", "sparse")), ("carry", (7, "L1", "moderate"))):
+        cur = curriculum.Curriculum([5, 7], stages="grid", window=2, inner_on_new_bin=inner)
+        ev = tasks_feed(cur, [1.0, 1.0])  # L1/sparse unlocks L1/moderate and bin 5 passes on the same update
+        assert [e.split()[0] for _, e in ev] == ["unlock", "advance"] and cur.current() == want
+    # stages unlock one by one in grid order while sampling stays uniform over the unlocked ones
+    cur = curriculum.Curriculum([1], stages="grid", window=3, threshold=0.5)
     rng = np.random.default_rng(0)
+    for k in range(1, 9):
+        while cur.unlocked == k:
+            b, lv, sp = cur.sample(rng)
+            cur.update(b, lv, sp, 1.0 if (lv, sp) == cur.current()[1:] else 0.0)  # only the newest stage passes
+        assert cur.current()[1:] == curriculum.STAGES["grid"][k]
+    draws = Counter(cur.sample(rng) for _ in range(4500))
+    assert set(draws) == {(1, lv, sp) for lv, sp in curriculum.STAGES["grid"]}
+    assert min(draws.values()) > 0.7 * 500 and max(draws.values()) < 1.3 * 500  # uniform over 9
+    rep = curriculum.Curriculum([1, 2, 3], window=1, threshold=0.5, replay=0.25)
     assert {rep.sample(rng) for _ in range(50)} == {(1, "L1", "sparse")}  # nothing mastered yet
-    tasks_feed(rep, [1.0] * 3)
+    tasks_feed(rep, [1.0])
     draws = [rep.sample(rng) for _ in range(2000)]
     old = sum(b == 1 for b, _, _ in draws)
-    assert rep.current() == (2, "L1", "sparse") and 380 < old < 620  # ~25 % replay of bin 1
-    assert all(d == rep.current() for d in draws if d[0] != 1)
+    assert rep.current() == (2, "L2", "moderate") and 380 < old < 620  # ~25 % replay of bin 1
+    assert {d for d in draws if d[0] != 1} == {(2, "L1", "sparse"), (2, "L2", "moderate")}
 
 
 def test_tasks_curriculum_static_modes():
@@ -1096,25 +1130,26 @@ def test_tasks_curriculum_state_roundtrip():
     rng = random.Random(0)
     accs = [rng.random() ** 0.3 for _ in range(300)]
     for mode in curriculum.MODES:
-        a = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, replay=0.1 if mode == "dcrl" else 0.0)
+        kw = dict(replay=0.1, threshold=0.86, max_steps_per_bin=40) if mode == "dcrl" else {}
+        a = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, **kw)
         r1 = np.random.default_rng(1)
-        for acc in accs[:37]:
+        for acc in accs[:25]:
             b = a.sample(r1)
             a.update(*b, acc)
         sd = json.loads(json.dumps(a.state_dict()))
-        b_cur = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, replay=0.1 if mode == "dcrl" else 0.0)
-        b_cur.load_state_dict(sd)
+        b_cur = curriculum.Curriculum([1, 2, 3, 6], mode=mode, window=5, **kw)
+        assert b_cur.load_state_dict(sd) == []  # nothing to migrate
         assert b_cur.state_dict() == a.state_dict() and b_cur.describe() == a.describe()
         r2 = np.random.default_rng(2)
         r3 = np.random.default_rng(2)
         log_a, log_b = [], []
-        for acc in accs[37:]:
+        for acc in accs[25:]:
             sa, sb = a.sample(r2), b_cur.sample(r3)
             log_a.append((sa, a.update(*sa, acc)))
             log_b.append((sb, b_cur.update(*sb, acc)))
         assert log_a == log_b
         if mode == "dcrl":  # the sequence does move the curriculum, so the comparison covers transitions
-            assert any(ev for _, ev in log_a)
+            assert sd["unlocked"] < 3 and any(ev for _, ev in log_a)
     with pytest.raises(ValueError):  # a checkpoint from another configuration is refused
         curriculum.Curriculum([1, 2], window=5).load_state_dict(sd)
 
@@ -1170,6 +1205,206 @@ def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
     img = np.asarray(Image.open(os.path.join(out, t["images"][0]))).astype(int)
     for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):
         assert tuple(img[round(y), round(x)]) == make_tasks.STYLE1["fill"]
+
+
+# -----------------------------------------------------------------------------
+# curriculum.py: the paper's bin rule, unlocked stages, forced advance, simulation (issue 13)
+
+def test_tasks_curriculum_stall_case_reaches_last_bin():
+    # the old rule stayed on bin 1 for 1000 steps when L3/dense sat at 0.75 and the rest at 0.85
+    acc = curriculum.parse_acc("L3/dense=0.75,*=0.85")
+    for inner in curriculum.INNER_ON_NEW_BIN:
+        cur = curriculum.Curriculum(range(1, 11), inner_on_new_bin=inner)
+        res = curriculum.simulate(cur, acc, 1000, noise=0.05, seed=0)
+        assert set(res["reached"]) == set(range(1, 11)) and res["finished"]
+        assert all(how == "mastered" for _, how in res["left"].values())
+        assert sorted(res["reached"].values()) == [res["reached"][b] for b in range(1, 11)]  # in order
+        assert cur.current() == (10, "L3", "dense")  # the last stage unlocks in the end, even on the last bin
+    table = curriculum.simulation_table(cur, res)
+    assert table.count("\n") == 11 and "| 10 |" in table and "(mastered)" in table
+
+
+def test_tasks_curriculum_below_threshold_never_leaves_bin_1():
+    for noise in (0.0, 0.01):
+        cur = curriculum.Curriculum(range(1, 11))
+        res = curriculum.simulate(cur, curriculum.parse_acc("*=0.77"), 1000, noise=noise, seed=0)
+        assert res["reached"] == {1: 0} and res["left"] == {} and res["events"] == []
+        assert cur.current() == (1, "L1", "sparse") and len(cur.bin_window) == 20
+    # max_steps_per_bin: the same run is forced through every bin, every 50 updates
+    cur = curriculum.Curriculum(range(1, 11), max_steps_per_bin=50)
+    res = curriculum.simulate(cur, curriculum.parse_acc("*=0.77"), 1000, noise=0.0, seed=0)
+    assert res["reached"] == {b: 50 * (b - 1) for b in range(1, 11)}
+    assert res["left"] == {b: (50 * b, "forced") for b in range(1, 11)} and res["finished"]
+    assert all("forced" in e for _, e in res["events"])
+
+
+def test_tasks_curriculum_forced_counts_every_update():
+    cur = curriculum.Curriculum([1, 2, 3], max_steps_per_bin=3)
+    assert cur.update(1, "L1", "sparse", 0.0) == [] and cur.update(7, "L1", "sparse", 0.0) == []  # replay: a step
+    ev = cur.update(1, "L1", "sparse", 0.0)
+    assert len(ev) == 1 and "forced after 3 steps" in ev[0] and cur.current() == (2, "L1", "sparse")
+    with pytest.raises(ValueError, match="inner_on_new_bin"):
+        curriculum.Curriculum([1], inner_on_new_bin="keep")
+    with pytest.raises(ValueError, match="max_steps_per_bin"):
+        curriculum.Curriculum([1], max_steps_per_bin=-1)
+
+
+def test_tasks_curriculum_migrates_version_1_state():
+    old = dict(config=dict(bins=[1, 2, 3], mode="dcrl", stages=[["L1", "sparse"], ["L2", "moderate"], ["L3", "dense"]],
+                           window=20, threshold=0.8, replay=0.0, restart_inner=True),
+               bin_pos=1, stage_pos=2, finished=False, steps=57, recent=[0.9, 0.8])  # the old state_dict's keys
+    cur = curriculum.Curriculum([1, 2, 3])
+    notes = cur.load_state_dict(json.loads(json.dumps(old)))
+    assert len(notes) == 1 and "version-1" in notes[0]
+    assert cur.current() == (2, "L3", "dense") and cur.unlocked == 3 and cur.steps == 57
+    assert list(cur.stage_windows[2]) == [0.9, 0.8] and len(cur.bin_window) == 0
+    again = curriculum.Curriculum([1, 2, 3])
+    assert again.load_state_dict(cur.state_dict()) == [] and again.state_dict() == cur.state_dict()
+    with pytest.raises(ValueError, match="differs"):  # an old checkpoint of another configuration
+        curriculum.Curriculum([1, 2, 3], window=10).load_state_dict(old)
+    with pytest.raises(ValueError, match="version 9"):
+        curriculum.Curriculum([1, 2, 3]).load_state_dict(dict(cur.state_dict(), version=9))
+
+
+def test_tasks_curriculum_simulate_cli(capsys):
+    acc = curriculum.parse_acc("3:L2/moderate=0.1, L3/dense=0.75, 3:*=0.5, *=0.85")
+    assert (acc(3, "L2", "moderate"), acc(3, "L1", "sparse"), acc(2, "L3", "dense"), acc(2, "L1", "sparse")) == \
+        (0.1, 0.5, 0.75, 0.85)
+    for bad in ("L4/dense=0.5", "*=1.5", "L1/sparse", "x:*=0.5"):
+        with pytest.raises(ValueError, match="--acc"):
+            curriculum.parse_acc(bad)
+    with pytest.raises(ValueError, match="no accuracy"):
+        curriculum.parse_acc("L1/sparse=0.9")(1, "L2", "moderate")
+    curriculum.main(["--simulate", "--acc", "L3/dense=0.75,*=0.85", "--noise", "0.05", "--steps", "300",
+                     "--seed", "0", "--bins", "4"])
+    out = capsys.readouterr().out
+    assert "| bin | reached at step | L1/sparse unlocked | L2/moderate unlocked | L3/dense unlocked |" in out
+    assert "bin 4 (4/4)" in out
+
+
+# -----------------------------------------------------------------------------
+# make_tasks.py: the benchmark's composition (--pairs, --source-shares, --level-shares; issue 13)
+
+def test_tasks_shares_and_largest_remainder():
+    w = make_tasks.parse_shares("scannet=50, colmap=30", "--source-shares")
+    assert list(w) == ["scannet", "colmap"] and make_tasks.percent(w) == {"scannet": 62.5, "colmap": 37.5}
+    for bad in ("scannet", "scannet=-1", "a=1,a=2", "a=x", "a=0", ""):
+        with pytest.raises(ValueError, match="--source-shares"):
+            make_tasks.parse_shares(bad, "--source-shares")
+    with pytest.raises(ValueError, match="unknown name 'L4'"):
+        make_tasks.parse_shares("L1=1,L4=1", "--level-shares", make_tasks.LEVELS)
+    lr = make_tasks.largest_remainder
+    assert lr({"L1": 32.5, "L2": 36.8, "L3": 30.7}, 40) == {"L1": 13, "L2": 15, "L3": 12}  # 13 / 14.72 / 12.28
+    assert lr({"b": 1, "a": 1, "c": 1}, 10) == {"a": 4, "b": 3, "c": 3}   # equal remainders: by name
+    assert lr({"a": 2, "b": 1}, 0) == {"a": 0, "b": 0}
+    paper = lr(make_tasks.parse_shares(make_tasks.PAPER_MIX["source_shares"], "x"), 2810)
+    assert sum(paper.values()) == 2810 and paper == {"scannet": 779, "uco3d": 788, "dl3dv": 759, "re10k": 484}
+    assert make_tasks.spread({"L1": 2, "L2": 1}) == ["L1", "L2", "L1"]
+    seq = make_tasks.spread({"L1": 13, "L2": 15, "L3": 12})
+    assert Counter(seq) == {"L1": 13, "L2": 15, "L3": 12}
+    assert all(abs(seq[:k].count("L2") - 15 * k / 40) < 1 for k in range(41))  # spread evenly along the file
+
+
+def _compose_pairs_spec(spec):
+    """Pair dicts {source: [bin per pair]} (no files)."""
+    return [dict(pair_id=f"{s}/{i:02d}", source=s, bin=b) for s, bins in spec.items() for i, b in enumerate(bins)]
+
+
+def test_tasks_compose_pairs_stratified_and_seeded():
+    pairs = _compose_pairs_spec({"a": [1] * 10 + [2] * 10 + [3] * 10, "b": [1] * 5 + [2] * 5, "c": [4] * 5})
+    chosen, reserve, asked = make_tasks.compose_pairs(pairs, 20, {"a": 50, "b": 50})
+    assert asked == {"a": 10, "b": 10} and set(chosen) == {"a", "b"}  # c unlisted: no pairs
+    assert Counter(p["bin"] for p in chosen["a"]) == {1: 4, 2: 3, 3: 3}  # stratified by bin
+    assert len(reserve["a"]) == 20 and reserve["b"] == []
+    assert not {p["pair_id"] for p in chosen["a"]} & {p["pair_id"] for p in reserve["a"]}
+    again, _, _ = make_tasks.compose_pairs(pairs[::-1], 20, {"a": 50, "b": 50})
+    assert again == chosen  # seeded, independent of the file order
+    other, _, _ = make_tasks.compose_pairs(pairs, 20, {"a": 50, "b": 50}, seed=1)
+    assert {p["pair_id"] for p in other["a"]} != {p["pair_id"] for p in chosen["a"]}
+    # without shares every source keeps its share of the split: 30 / 10 / 5 of 45 -> 6 / 2 / 1 of 9
+    assert make_tasks.compose_pairs(pairs, 9)[2] == {"a": 6, "b": 2, "c": 1}
+    with pytest.raises(ValueError, match=r"b: 10 available, 20 asked"):
+        make_tasks.compose_pairs(pairs, 40, {"a": 50, "b": 50})
+    with pytest.raises(ValueError, match=r"d: 0 available, 3 asked"):
+        make_tasks.compose_pairs(pairs, 6, {"a": 1, "d": 1})
+    with pytest.raises(ValueError, match="only 45 pairs"):
+        make_tasks.compose_pairs(pairs, 46)
+    # a replacement comes from the same source, the nearest bin first
+    res = {"a": [dict(pair_id="x", source="a", bin=3), dict(pair_id="y", source="a", bin=1)]}
+    assert make_tasks.take_replacement(res, dict(source="a", bin=2))["pair_id"] == "x"  # tie: reserve order
+    assert make_tasks.take_replacement(res, dict(source="a", bin=1))["pair_id"] == "y"
+    assert make_tasks.take_replacement(res, dict(source="a", bin=1)) is None
+    assert make_tasks.take_replacement(res, dict(source="z", bin=1)) is None
+
+
+def test_tasks_assign_configs_level_shares():
+    pairs = _compose_pairs_spec({"a": [1] * 20, "b": [1] * 20})
+    plan = make_tasks.assign_configs(pairs, 1, ["L1", "L2", "L3"], list(make_tasks.SPATIAL), 0,
+                                     {"L1": 32.5, "L2": 36.8, "L3": 30.7})
+    assert Counter(lv for _, _, lv, _ in plan) == {"L1": 13, "L2": 15, "L3": 12}
+    for src in ("a", "b"):  # each source about the global proportions
+        c = Counter(lv for p, _, lv, _ in plan if p["source"] == src)
+        assert all(abs(c[lv] - n / 2) <= 1 for lv, n in (("L1", 13), ("L2", 15), ("L3", 12)))
+    for lv in ("L1", "L2", "L3"):  # spatial modes balanced within a level
+        c = Counter(sp for _, _, l2, sp in plan if l2 == lv)
+        assert max(c.values()) - min(c.values()) <= 2
+
+
+def _compose_fake_pool(root, spec):
+    """A pool folder: {source: [(bin, can_do_L3), ...]} test pairs with 560x560 plain images."""
+    os.makedirs(os.path.join(root, "pairs"), exist_ok=True)
+    lines = []
+    for src, rows in spec.items():
+        for i, (b, l3) in enumerate(rows):
+            npz = f"pairs/{src}_{i}.npz"
+            np.savez(os.path.join(root, npz), **tasks_fake_arrays(seed=i, w=560, h=560, n_un1=10 if l3 else 0))
+            for v in (1, 2):
+                Image.new("RGB", (560, 560), (90 + 20 * v, 100, 110)).save(os.path.join(root, f"{src}_{i}_{v}.png"))
+            lines.append(dict(pair_id=f"{src}/s/{i}", source=src, scene="s", scene_type="indoor" if src == "scannet"
+                              else "object", split="test", image1=f"{src}_{i}_1.png", image2=f"{src}_{i}_2.png",
+                              width1=560, height1=560, width2=560, height2=560, K1=np.eye(3).tolist(),
+                              K2=np.eye(3).tolist(), overlap=0.5, delta_v=0.1 * b, bin=b, npz=npz, R=None, t=None))
+    with open(os.path.join(root, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in lines)
+    return lines
+
+
+def test_tasks_cli_composition_exact_count_and_replacement(tmp_path, capsys):
+    # scannet: 6 test pairs, 2 of them cannot make L3 tasks (no verified unmatched points in image 1)
+    pool = str(tmp_path / "pool")
+    _compose_fake_pool(pool, {"scannet": [(1, True), (1, False), (2, True), (2, False), (1, True), (2, True)],
+                              "co3d": [(1, True)] * 4})
+    common = ["--pool", pool, "--split", "test", "--max-side", "160", "--n-min", "4", "--n-max", "5",
+              "--level-shares", "L1=1,L3=3", "--source-shares", "scannet=3,co3d=1"]
+    replaced = []
+    for seed in range(3):
+        out = tmp_path / f"t{seed}"
+        make_tasks.main(common + ["--out", str(out), "--pairs", "4", "--seed", str(seed)])
+        tasks = [json.loads(line) for line in open(out / "test.jsonl")]
+        comp = json.load(open(out / "composition_test.json"))
+        assert len(tasks) == 4 and comp["tasks"] == 4 and comp["per_pair"] == 1  # test split: one task a pair
+        assert Counter(t["source"] for t in tasks) == {"scannet": 3, "co3d": 1}
+        assert comp["source"] == dict(asked={"scannet": 75.0, "co3d": 25.0}, achieved={"co3d": 25.0, "scannet": 75.0},
+                                      counts={"co3d": 1, "scannet": 3})
+        assert comp["level"]["counts"] == {"L1": 1, "L3": 3} and comp["level"]["asked"] == {"L1": 25.0, "L3": 75.0}
+        assert not any(t["level"] == "L3" and t["pair_id"] in ("scannet/s/1", "scannet/s/3") for t in tasks)
+        replaced.append(comp["replaced"])
+        assert f"({comp['replaced']} replaced)" in capsys.readouterr().out
+    assert sum(replaced) > 0  # some seed drew a pair that had to be replaced
+    # --max-pairs is --pairs; the draw is seeded
+    make_tasks.main(common + ["--out", str(tmp_path / "alias"), "--max-pairs", "4", "--seed", "0"])
+    assert open(tmp_path / "alias" / "test.jsonl").read() == open(tmp_path / "t0" / "test.jsonl").read()
+    # errors: a source short of pairs; a source whose pairs run out of replacements; shares without --pairs
+    for extra, words in [(["--pairs", "12"], "scannet: 6 available, 9 asked"),
+                         (["--pairs", "5", "--source-shares", "scannet=1", "--level-shares", "L3=1"],
+                          "no test pair of source scannet left"),
+                         (["--pairs", "0"], "--source-shares needs --pairs")]:
+        with pytest.raises(SystemExit) as e:
+            make_tasks.main(common + ["--out", str(tmp_path / "bad")] + extra)
+        assert words in str(e.value)
+    with pytest.raises(SystemExit) as e:  # the paper's mix: 2810 pairs, no uCO3D here
+        make_tasks.main(["--pool", pool, "--out", str(tmp_path / "bad"), "--mix", "paper"])
+    assert "scannet: 6 available, 779 asked; uco3d: 0 available, 788 asked" in str(e.value)
 
 
 # ==============================================================================
@@ -1710,6 +1945,27 @@ def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
     assert str(bad) in str(e.value)
 
 
+# grpo.py's curriculum flags and one curriculum draw per step (issue 13)
+
+def test_grpo_curriculum_flags_and_one_stage_per_step(tmp_path):
+    grpo_fake_pool(str(tmp_path / "pool"), n_pairs=5)
+    args = grpo.parse_args(["--pool", str(tmp_path / "pool"), "--eval-every", "0", "--inner-on-new-bin", "restart",
+                            "--max-steps-per-bin", "7", "--prompts-per-step", "6"])
+    _, pairs_by_bin, cur, _ = grpo.load_data(args)
+    assert (cur.inner_on_new_bin, cur.max_steps_per_bin, cur.bins) == ("restart", 7, [1, 2])
+    cur.unlocked = 3  # three stages to draw from: a step still uses one (bin, level, spatial) for all its prompts
+    rng = np.random.default_rng(0)
+    draws = set()
+    for _ in range(6):
+        tasks = grpo.sample_tasks(cur, pairs_by_bin, args.prompts_per_step, rng, args)
+        stages = {(t["bin"], t["level"], t["spatial"]) for t, _ in tasks}
+        assert len(tasks) == 6 and len(stages) == 1
+        draws |= stages
+    assert len(draws) > 1  # but different steps draw different unlocked stages
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--inner-on-new-bin", "keep"])
+
+
 # ==============================================================================
 # evaluate.py: metrics aggregation, baselines, resume, determinism, the model path
 # ==============================================================================
@@ -1855,7 +2111,8 @@ def evaluate_tasks(tmp_path_factory):
     synthetic.main(["--out", str(d / "demo_data"), "--frames", "8"])  # small: this file must stay fast
     build_pool.main(["--scannet", str(d / "demo_data" / "scannet"), "--colmap", str(d / "demo_data" / "colmap"),
                      "--co3d", str(d / "demo_data" / "co3d"), "--out", str(d / "pool"), "--max-pairs-per-scene", "12"])
-    make_tasks.main(["--pool", str(d / "pool"), "--out", str(d / "tasks"), "--split", "test", "--per-pair", "1"])
+    make_tasks.main(["--pool", str(d / "pool"), "--out", str(d / "tasks"), "--split", "test", "--per-pair", "1",
+                     "--max-side", "640"])  # the CPU demo size (the default is the paper's 1024)
     return d / "tasks" / "test.jsonl"
 
 
@@ -1976,6 +2233,41 @@ def test_evaluate_tiny_model_run_dir_deterministic_resumes(evaluate_tasks, evalu
     evaluate.main(args(tmp_path / "a"))
     assert pred.read_text() == "".join(lines)
     assert _evaluate_metrics(tmp_path / "a", "tiny") == _evaluate_metrics(tmp_path / "b", "tiny")
+
+
+# -----------------------------------------------------------------------------
+# the widest subset (issue 13): per-source Δv percentile rank, whole pairs
+
+def _widest_tasks(spec):
+    """Tasks from {pair_id: (source, delta_v, n_tasks)}."""
+    return [dict(task_id=f"{pid}-{k}", pair_id=pid, source=s, delta_v=dv)
+            for pid, (s, dv, n) in spec.items() for k in range(n)]
+
+
+def test_evaluate_widest_pairs_rank_within_source():
+    # source a (Δv 0.1..0.4): ranks 1/4, 2/4, 3/4, 1; source b (Δv 5, 10, larger scale): ranks 1/2, 1
+    tasks = _widest_tasks({"a1": ("a", 0.1, 2), "a2": ("a", 0.2, 1), "a3": ("a", 0.3, 3), "a4": ("a", 0.4, 1),
+                           "b1": ("b", 5.0, 2), "b2": ("b", 10.0, 1)})
+    # rank 1 tie (b2, a4): larger Δv first; rank 1/2 tie (b1, a2) likewise
+    assert evaluate.widest_pairs(tasks, k=10) == ["b2", "a4", "a3", "b1", "a2", "a1"]
+    assert evaluate.widest_pairs(tasks, k=3) == ["b2", "a4", "a3"]  # pairs, not tasks: a3 has 3 tasks
+    assert evaluate.widest_pairs(tasks, k=3, sources=["a"]) == ["a4", "a3", "a2"]
+    assert evaluate.widest_pairs(random.Random(0).sample(tasks, len(tasks)), k=10) == \
+        evaluate.widest_pairs(tasks, k=10)  # file order does not matter
+    # equal Δv inside a source: equal rank, then pair_id
+    ties = _widest_tasks({"c2": ("c", 1.0, 1), "c1": ("c", 1.0, 1), "c3": ("c", 0.5, 1)})
+    assert evaluate.widest_pairs(ties, k=3) == ["c1", "c2", "c3"]
+    with pytest.raises(ValueError, match="a1"):
+        evaluate.widest_pairs(tasks + [dict(task_id="x", pair_id="a1", source="a", delta_v=0.9)])
+
+
+def test_evaluate_widest_default_sources():
+    tasks = _widest_tasks({"d1": ("dl3dv", 0.2, 1), "d2": ("dl3dv", 0.1, 1), "s1": ("scannet", 9.0, 1),
+                           "u1": ("uco3d", 0.3, 1)})
+    assert evaluate.widest_default_sources(tasks) == ["dl3dv", "uco3d"]
+    assert evaluate.widest_pairs(tasks) == ["u1", "d1", "d2"]  # scannet is not in the paper's widest table
+    demo = _widest_tasks({"s1": ("scannet", 0.2, 1), "c1": ("co3d", 0.5, 1)})
+    assert evaluate.widest_default_sources(demo) == ["co3d", "scannet"]  # none of the paper's: all sources
 
 
 # ==============================================================================
