@@ -10,6 +10,8 @@ Usage:
     python bench.py rollout [--group-sizes 8,32 --new-tokens 16,256] [--model DIR]
     python bench.py pool [--frames 8 --image-scale 1.0 --max-pairs 40]
     python bench.py step [--step-steps 4 --step-group-size 8]
+    python bench.py rollout-fsdp [--quick] [--fsdp-lengths 16,128 --fsdp-group-size 4]   # CPU, 2 processes
+    python bench.py plan-check                  # grpo.py --plan vs the measured peak of one CPU step (~3 min)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
@@ -40,6 +42,17 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             AdamW), checkpoint. The first step (warm-up) is left out of the means. Then what the shared prefill
             saves per step at the step's G. On a GPU with `trl` importable: seconds per step of TRL's GRPOTrainer
             on the same model, tasks and G (otherwise a skip line says why).
+  rollout-fsdp  one rollout (greedy, G completions of one prompt per rank) on 2 processes, FSDP2 over gloo
+            (torchrun --standalone, launched by bench.py itself), tiny and small random models, legacy vs resident
+            (rollout.py) at two completion lengths. Counted with a TorchDispatchMode (RolloutCounter): c10d
+            collectives and the bytes they gather, and KV bytes copied (aten.cat along the sequence dim of 4-D
+            tensors, copy_ into and index_copy_ of 4-D tensors). Per generated token = (long - short) / decode
+            steps; "KV MB last step" = one decode step's copy at each length. Checks identical greedy tokens and
+            log-probs (1e-5). [0 collectives per token; the last step's KV copy not growing with the length]
+  plan-check  grpo.py's memory plan (rollout.memory_plan for 1 process on CPU, fp32, with the measured prompt length)
+            vs max RSS during one grpo step minus RSS after the imports, measured in a fresh process, on a random
+            Qwen3-VL with ~97 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
+            --max-new-tokens. [within 25%]
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
 """
@@ -52,6 +65,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,10 +74,12 @@ import types
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import build_pool
 import grpo
 import make_tasks
+import rollout
 import synthetic
 import tiny_model
 
@@ -280,6 +296,11 @@ SIZES = dict(
                          num_key_value_heads=2, head_dim=64, mrope_section=[12, 10, 10]),
                vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),
                vocab=None, image_tokens=160, side=640),
+    # plan: >= 1 GiB of fp32 weights + AdamW state (~97 M parameters), for checking grpo.py --plan on CPU
+    plan=dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
+              vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),
+              vocab=None, image_tokens=160, side=640),
     mid=dict(text=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
              vision=dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
@@ -726,6 +747,252 @@ def bench_step(args, device, tmp):
                 prompts=P, new_tokens=k, trl=trl)
 
 # -----------------------------------------------------------------------------
+# 5) rollout-fsdp: resident weights + a KV cache written in place vs the legacy path, 2 processes, FSDP2 over gloo
+
+
+class RolloutCounter(TorchDispatchMode):
+    """While active, counts c10d collectives and the bytes they move (the largest tensor argument: an all-gather's
+    gathered output) and the KV-cache bytes copied: aten.cat along the sequence dim of 4-D (B, H, T, D) tensors
+    (DynamicCache's append), copy_ into and index_copy_ of 4-D tensors (StaticCache's update, our one-time fill).
+    Per model forward (a forward pre-hook on model) it also keeps the KV bytes, so the last decode step's can be
+    read: legacy's grows with the context, resident's does not."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.collectives, self.comm_bytes, self.kv_bytes, self.kv_by_forward = 0, 0, 0, [0]
+        self.hook = model.register_forward_pre_hook(lambda *_: self.kv_by_forward.append(0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ns, name = func.namespace, func.overloadpacket.__name__
+        if ns in ("c10d", "_c10d_functional"):
+            flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+            self.collectives += 1
+            self.comm_bytes += max((t.nbytes for t in flat if isinstance(t, torch.Tensor)), default=0)
+        elif ns == "aten":
+            moved = 0
+            if name == "cat" and out.dim() == 4 and (args[1] if len(args) > 1 else kwargs.get("dim", 0)) in (2, -2):
+                moved = out.nbytes
+            elif name == "copy_" and args[0].dim() == 4:
+                moved = args[0].nbytes
+            elif name == "index_copy_" and args[0].dim() == 4:
+                moved = args[3].nbytes
+            self.kv_bytes += moved
+            self.kv_by_forward[-1] += moved
+        return out
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        return super().__exit__(*exc)
+
+
+def reshard_settings(model):
+    """Each FSDP module's reshard-after-forward setting (per parameter group), to check that resident() restores
+    them."""
+    return [[g.post_forward_mesh_info is None for g in m._get_fsdp_state()._fsdp_param_groups]
+            for m in rollout.fsdp_modules(model)]
+
+
+def rollout_fsdp_worker(args):
+    """One rank of `torchrun --nproc_per_node=2 bench.py rollout-fsdp --worker OUT`: every model of --fsdp-dirs,
+    FSDP2-sharded by grpo.shard, rolls out G greedy completions of one prompt (rank r: prompt seed r) per impl and
+    completion length, counted by RolloutCounter; rank 0 writes every rank's rows to OUT (JSON)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    rows = []
+    for kind, path in (kv.split("=", 1) for kv in args.fsdp_dirs.split(",")):
+        model, tok, ip = grpo.load_policy(path)
+        never_stop(model, tok)
+        model = grpo.shard(model, torch.device("cpu"))
+        enc = bench_prompt(tok, ip, side=args.fsdp_side or SIZES.get(kind, {}).get("side", 640), seed=rank)
+        for impl in rollout.IMPLS:  # warm-up: FSDP's lazy init and first-call set-up are not timed
+            with rollout.resident(model, impl):
+                rollout.generate(model, tok, [enc], 2, greedy=True, group_size=args.fsdp_group_size,
+                                 synced_gpus=True)
+        before = reshard_settings(model)
+        for k in args.fsdp_lengths:
+            for impl in rollout.IMPLS:
+                counter = RolloutCounter(model)
+                t0 = time.perf_counter()
+                with counter, rollout.resident(model, impl):  # what one rollout costs, gathers included
+                    outs = rollout.generate(model, tok, [enc], k, greedy=True, group_size=args.fsdp_group_size,
+                                            synced_gpus=True)
+                seconds = time.perf_counter() - t0
+                n_tok = sum(len(o["token_ids"]) for o in outs)
+                rows.append(dict(model=kind, impl=impl, rank=rank, new_tokens=k, G=args.fsdp_group_size,
+                                 prompt_tokens=int(enc["input_ids"].shape[1]), generated=n_tok,
+                                 collectives=counter.collectives, comm_bytes=counter.comm_bytes,
+                                 kv_bytes=counter.kv_bytes, kv_bytes_last_step=counter.kv_by_forward[-1],
+                                 seconds=seconds, tokens=[o["token_ids"] for o in outs],
+                                 logprobs=[o["logprobs"] for o in outs],
+                                 settings_restored=reshard_settings(model) == before))
+        del model
+        gc.collect()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    if rank == 0:
+        with open(args.worker, "w") as f:
+            json.dump([r for p in parts for r in p], f)
+    dist.destroy_process_group()
+
+
+def run_rollout_fsdp(dirs, lengths, group_size, out_json, side=None, nproc=2):
+    """Launches the 2-process worker (torchrun --standalone: a free port) -> its rows."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "rollout-fsdp", "--worker", out_json,
+           "--fsdp-dirs", ",".join(f"{k}={v}" for k, v in dirs.items()),
+           "--fsdp-lengths", ",".join(map(str, lengths)), "--fsdp-group-size", str(group_size)] + \
+          (["--fsdp-side", str(side)] if side else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if r.returncode != 0:
+        raise RuntimeError(f"bench.py rollout-fsdp: the 2-process worker failed:\n{r.stderr[-3000:]}")
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def rollout_fsdp_table(rows, lengths):
+    """Rank 0's rows -> one line per (model, impl): per generated token (slope between the two completion
+    lengths) collectives, MB all-gathered and KV MB copied; the last decode step's KV MB at each length; time.
+    Raises Mismatch unless resident's greedy tokens equal legacy's and its log-probs agree (1e-5)."""
+    out = []
+    by = {(r["model"], r["impl"], r["rank"], r["new_tokens"]): r for r in rows}
+    for (model, impl, rank, k), r in by.items():
+        leg = by[(model, "legacy", rank, k)]
+        if r["tokens"] != leg["tokens"]:
+            raise Mismatch(f"rollout-fsdp {model} rank {rank} k={k}: {impl} tokens differ from legacy")
+        gap = max((abs(a - b) for x, y in zip(r["logprobs"], leg["logprobs"]) for a, b in zip(x, y)), default=0.0)
+        if gap > 1e-5:
+            raise Mismatch(f"rollout-fsdp {model} rank {rank} k={k}: {impl} log-probs differ from legacy by {gap}")
+    k1, k2 = min(lengths), max(lengths)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for impl in rollout.IMPLS:
+            a, b = by[(model, impl, 0, k1)], by[(model, impl, 0, k2)]
+            dk = (b["generated"] - a["generated"]) / b["G"]   # decode steps between the two lengths
+            out.append(dict(model=model, impl=impl, G=b["G"], prompt=b["prompt_tokens"], lengths=f"{k1},{k2}",
+                            coll_rollout=f"{a['collectives']},{b['collectives']}",
+                            coll_tok=(b["collectives"] - a["collectives"]) / dk,
+                            comm_mb_tok=(b["comm_bytes"] - a["comm_bytes"]) / dk / 2 ** 20,
+                            kv_mb_tok=(b["kv_bytes"] - a["kv_bytes"]) / dk / 2 ** 20,
+                            kv_last=f"{a['kv_bytes_last_step'] / 2 ** 20:.3f},{b['kv_bytes_last_step'] / 2 ** 20:.3f}",
+                            ms_tok=1000 * (b["seconds"] - a["seconds"]) / dk, seconds=b["seconds"]))
+    for model in dict.fromkeys(r["model"] for r in out):
+        leg, res = [next(r for r in out if r["model"] == model and r["impl"] == i) for i in ("legacy", "resident")]
+        res["speedup"] = leg["ms_tok"] / res["ms_tok"] if res["ms_tok"] > 0 else None
+        res["target"] = verdict(res["coll_tok"] == 0 and by[(model, "resident", 0, k1)]["kv_bytes_last_step"]
+                                == by[(model, "resident", 0, k2)]["kv_bytes_last_step"])
+    return out
+
+
+def bench_rollout_fsdp(args, device, tmp):
+    dirs = {kind: (args.model if (args.model and kind == "tiny") else build_model_dir(kind, os.path.join(tmp, kind)))
+            for kind in ("tiny", "small")}
+    rows = run_rollout_fsdp(dirs, args.fsdp_lengths, args.fsdp_group_size, os.path.join(tmp, "fsdp.json"),
+                            side=args.fsdp_side)
+    table = rollout_fsdp_table(rows, args.fsdp_lengths)
+    print_table("rollout-fsdp: one rollout on 2 CPU processes (FSDP2 over gloo), greedy, G completions of one prompt "
+                "per rank; per generated token = difference between the two lengths / decode steps [target: 0 "
+                "collectives per token, KV bytes of the last decode step not growing with the length]", table,
+                [("model", "model", "{}"), ("impl", "impl", "{}"), ("G", "G", "{}"), ("prompt", "prompt", "{}"),
+                 ("lengths", "new", "{}"), ("coll_rollout", "collectives/rollout", "{}"),
+                 ("coll_tok", "coll/token", "{:.1f}"), ("comm_mb_tok", "MB gathered/token", "{:.2f}"),
+                 ("kv_mb_tok", "KV MB copied/token", "{:.3f}"), ("kv_last", "KV MB last step", "{}"),
+                 ("ms_tok", "ms/token", "{:.1f}"), ("speedup", "x", "{:.2f}"), ("target", "", "{}")])
+    return dict(rows=table, raw=[{k: v for k, v in r.items() if k not in ("tokens", "logprobs")} for r in rows])
+
+# -----------------------------------------------------------------------------
+# 6) plan-check: grpo.py --plan against the measured peak of one CPU step
+
+
+PLAN_FLAGS = ["--group-size", "4", "--prompts-per-step", "1", "--rollout-batch", "1", "--micro-batch", "4",
+              "--max-new-tokens", "128", "--kl-beta", "0.005", "--grad-checkpointing", "--max-side", "640",
+              "--steps", "1", "--save-every", "100", "--eval-every", "0"]
+
+
+def plan_check_worker(args):
+    """In a fresh process (`bench.py plan-check --worker OUT`): RSS after the imports, then grpo.main for one step
+    with train_step wrapped: the resident-set high-water mark is reset (/proc/self/clear_refs) when the step
+    starts and read when it ends. The prompt's real length and patches are recorded for the plan."""
+    rss0 = _proc_status_mb("VmRSS")
+    seen, peak = {}, {}
+    orig_step, orig_rollout = grpo.train_step, grpo.rollout
+
+    def step(*a, **k):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        out = orig_step(*a, **k)
+        peak["mb"] = _proc_status_mb("VmHWM")
+        return out
+
+    def roll(model, tokenizer, image_processor, tasks, a, synced):
+        samples = orig_rollout(model, tokenizer, image_processor, tasks, a, synced)
+        seen["prompt_tokens"] = max(int(s["enc"]["input_ids"].shape[1]) for s in samples)
+        seen["patches_per_image"] = max(int(s["enc"]["pixel_values"].shape[0]) // 2 for s in samples)
+        seen["lengths"] = [len(s["token_ids"]) for s in samples]
+        return samples
+    grpo.train_step, grpo.rollout = step, roll
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            grpo.main(["--model", args.model, "--pool", args.plan_pool, "--out", args.plan_run, *PLAN_FLAGS])
+    finally:
+        grpo.train_step, grpo.rollout = orig_step, orig_rollout
+    with open(args.worker, "w") as f:
+        json.dump(dict(rss_after_imports_mb=rss0, step_peak_rss_mb=peak["mb"], **seen), f)
+
+
+def bench_plan_check(args, device, tmp):
+    """grpo.py's memory plan (1 process, --plan-device cpu) vs the measured peak of one step on CPU of a random
+    Qwen3-VL with >= 1 GiB of weights + AdamW state. [within 25%]"""
+    model_dir = build_model_dir("plan", os.path.join(tmp, "plan_model"))
+    never_stop_dir(model_dir)
+    data = make_synthetic(os.path.join(tmp, "plan_data"), 5, 1.0, layouts="scannet")
+    pool = os.path.join(tmp, "plan_pool")
+    with contextlib.redirect_stdout(sys.stderr):
+        build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
+    out = os.path.join(tmp, "plan_check.json")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "plan-check", "--worker", out, "--model", model_dir,
+                        "--plan-pool", pool, "--plan-run", os.path.join(tmp, "plan_run")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench.py plan-check: the measured run failed:\n{r.stderr[-3000:]}")
+    with open(out) as f:
+        m = json.load(f)
+    pargs = grpo.parse_args(["--model", model_dir, "--plan", "--gpus", "1", "--gpu-mem-gib", "1000",
+                             "--plan-device", "cpu", *PLAN_FLAGS])
+    cfg, _ = rollout.read_model_config(model_dir)
+    plan = rollout.memory_plan(cfg, 1, pargs.prompts_per_step, pargs.group_size, pargs.rollout_batch,
+                               pargs.micro_batch, pargs.max_new_tokens, pargs.grad_checkpointing, pargs.kl_beta,
+                               pargs.rollout_impl, "cpu", prompt_tokens=m["prompt_tokens"],
+                               patches_per_image=m["patches_per_image"])
+    n = plan["counts"]["total"]
+    measured = m["step_peak_rss_mb"] - m["rss_after_imports_mb"]
+    planned = plan["peak"] / 2 ** 20
+    row = dict(parameters_m=n / 1e6, weights_optimizer_gib=12 * n / 2 ** 30, prompt=m["prompt_tokens"],
+               completion=max(m["lengths"]), planned_mb=planned, planned_phase=plan["peak_phase"],
+               measured_mb=measured, ratio=measured / planned, target=verdict(abs(measured / planned - 1) <= 0.25))
+    print_table("plan-check: grpo.py --plan (1 process, cpu) vs max RSS during one step minus RSS after imports, "
+                "random Qwen3-VL [target: within 25%]", [row],
+                [("parameters_m", "params M", "{:.1f}"), ("weights_optimizer_gib", "weights+AdamW GiB", "{:.2f}"),
+                 ("prompt", "prompt", "{}"), ("completion", "new", "{}"), ("planned_mb", "plan MiB", "{:.0f}"),
+                 ("planned_phase", "plan peak in", "{}"), ("measured_mb", "measured MiB", "{:.0f}"),
+                 ("ratio", "measured/plan", "{:.2f}"), ("target", "", "{}")])
+    for phase in ("fixed", "rollout", "update", "optimizer"):
+        print(f"  plan {phase:9s} {plan[phase] / 2 ** 20:8.0f} MiB")
+    return dict(row=row, measured=m, plan={k: plan[k] for k in ("fixed", "rollout", "update", "optimizer", "peak")})
+
+
+def never_stop_dir(model_dir):
+    """never_stop on a saved model dir (the stop tokens' lm_head rows zeroed, saved back): every completion of the
+    measured step runs to --max-new-tokens, the plan's worst case."""
+    model, tok, _ = grpo.load_policy(model_dir)
+    never_stop(model, tok)
+    model.save_pretrained(model_dir)
+    del model
+    gc.collect()
+
+# -----------------------------------------------------------------------------
 
 
 def machine_info(device):
@@ -748,7 +1015,7 @@ def int_list(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step"])
+    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp", "plan-check"])
     ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--model", default=None, help="model dir for rollout/step (default: build the tiny model)")
@@ -768,22 +1035,31 @@ def main(argv=None):
     ap.add_argument("--step-group-size", type=int, default=8)
     ap.add_argument("--step-prompts", type=int, default=2)
     ap.add_argument("--step-new-tokens", type=int, default=48)
+    ap.add_argument("--fsdp-lengths", type=int_list, default=None, help="rollout-fsdp lengths (quick 8,32, else 16,128)")
+    ap.add_argument("--fsdp-group-size", type=int, default=4, help="rollout-fsdp: G per prompt")
+    ap.add_argument("--fsdp-side", type=int, default=None, help="rollout-fsdp image side (default: per model)")
+    ap.add_argument("--fsdp-dirs", default=None, help=argparse.SUPPRESS)  # kind=model dir,... (set by the launcher)
+    ap.add_argument("--plan-pool", default=None, help=argparse.SUPPRESS)  # plan-check worker's pool and run dir
+    ap.add_argument("--plan-run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank of rollout-fsdp (torchrun)
     args = ap.parse_args(argv)
     q = args.quick
     defaults = dict(repeats=1 if q else 2, lp_lengths=[3072] if q else [1024, 2048, 5120],
                     lp_hidden=256 if q else 512, new_tokens=[16, 128] if q else [16, 512],
                     small_new_tokens=[16] if q else [16, 256], frames=5 if q else 8,
-                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60)
+                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60, fsdp_lengths=[8, 32] if q else [16, 128])
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.model is not None and not os.path.isdir(args.model):
         sys.exit(f"bench.py: error: --model {args.model} does not exist")
+    if args.worker:
+        return rollout_fsdp_worker(args) if args.command == "rollout-fsdp" else plan_check_worker(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = dict(machine=machine_info(device), args=vars(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    commands = ["logprobs", "rollout", "pool", "step"] if args.command == "all" else [args.command]
+    commands = ["logprobs", "rollout", "pool", "step", "rollout-fsdp"] if args.command == "all" else [args.command]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         for cmd in commands:
@@ -793,6 +1069,10 @@ def main(argv=None):
                 results[cmd] = bench_rollout(args, device, tmp)
             elif cmd == "pool":
                 results[cmd] = bench_pool(args, tmp)
+            elif cmd == "rollout-fsdp":
+                results[cmd] = bench_rollout_fsdp(args, device, tmp)
+            elif cmd == "plan-check":
+                results[cmd] = bench_plan_check(args, device, tmp)
             else:
                 results[cmd] = bench_step(args, device, tmp)
             with open(args.out, "w") as f:  # after every command: a crash later keeps what was measured

@@ -9,6 +9,12 @@ paper's training budget, 5120 new tokens, so a model that reasons at length is n
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --device cuda
 Baselines only (no torch needed):  python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
+Answers made by any other tool (no model, no torch):
+    python evaluate.py --answers their_answers.jsonl --name their-model --tasks tasks/test.jsonl --out eval
+    their_answers.jsonl: one JSON object a line, {"task_id": "<a task_id of the tasks file>", "text": "<the
+    model's raw answer to that task's prompt>"}. Scored with reward.score like our models' completions, from
+    scratch on every run (edit the file, rerun); a task without a line is scored as an unanswered (empty) answer
+    and counted in n_missing; a task_id the tasks file lacks, or one given twice, is an error naming it.
 
 CKPT may be a checkpoint dir (runs/x/step_000010/), a run dir (its latest step_*/ via grpo.latest_checkpoint),
 any local Hugging Face model dir, or a hub id; put CKPTs before --baseline. Decoding is greedy unless
@@ -28,20 +34,28 @@ baseline_sift, baseline_random, baseline_none):
         a rerun with different settings into the same dir stops with an error instead of mixing predictions.
     <out>/<name>/metrics.json       aggregate(rows): overall and by source / level / scene_type / spatial / bin /
         level x bin, scene_type x level (the paper's difficulty table), truncated_rate (models), and the widest
-        subset (widest: its pairs, sources, overall and by source; see below).
+        subset (widest: its pairs, sources, overall and by source; see below); plus model / kind (model, answers,
+        baseline) / source, tasks_sha (sha256 of the tasks file, first 16 hex) and limit (--limit) that say which
+        tasks it was made on, n_missing (tasks with no answer in an --answers file; their rows carry
+        "missing": true), usage ({prompt_tokens, completion_tokens} summed over the rows that report token
+        usage, else null) and, for models, max_new_tokens.
     <out>/<name>/show/*.png         with --show K: both images side by side with the labelled points; model links
         green (correct) or red (wrong), ground-truth links dashed grey, rings on points answered "none"
         (green: correct none, orange: missed match) or not answered (magenta).
     <out>/report.md (overall with each model's truncation rate, F1 by source / level / scene type / layout /
         bin, scene type x level, the widest subset with per-source columns and how it was chosen),
-        <out>/f1_vs_bin.png (F1 vs overlap bin, one panel per level), <out>/f1_by_source.png.
+        <out>/f1_vs_bin.png (F1 vs overlap bin, one panel per level), <out>/f1_by_source.png:
+        every model with a <out>/*/metrics.json made on the same tasks file (same tasks_sha and limit), this run's
+        and earlier runs', one row each under its directory name; so models evaluated in separate runs (a local
+        checkpoint, an API model, an answers file) land in one table.
 
 Widest subset (the paper's human-control subset, "90 largest viewpoint differences", reported Overall / DL3DV /
 RE10K / uCO3D): widest_pairs() ranks each pair's Δv as a percentile among the task file's pairs of the same source
 (Δv = 1 - overlap is not comparable across sources: RGB-D pixel overlap vs SfM shared landmarks), keeps the
 --widest pairs (default 90) with the highest rank from --widest-sources (default dl3dv, re10k, uco3d where any is
 present, otherwise every source; ties: larger Δv, then pair_id) and takes every task of those pairs (a pure
-function, for the human-baseline page to share).
+function, for the human-baseline page to share). A model whose metrics.json holds another subset (an earlier
+run with other --widest settings) shows "-" in that table.
 
 Metrics. Per task, reward.score gives precision = correct links / links predicted (answers other than none),
 recall = correct links / ground-truth links, f1 (both ratios are 1 when nothing is claimed and nothing exists),
@@ -148,7 +162,7 @@ def resolve_ckpt(ckpt):
         if (p / "config.json").exists():
             return str(p.resolve())
         import grpo  # torch and transformers only when a model is evaluated
-        latest = grpo.latest_checkpoint(str(p))
+        latest = grpo.latest_checkpoint(str(p), with_weights=True)  # the newest with the bf16 export
         if latest is None:
             sys.exit(f"evaluate.py: error: {ckpt} has no config.json and no complete step_* checkpoint")
         return str(Path(latest).resolve())
@@ -200,17 +214,52 @@ def read_predictions(path):
     return rows
 
 
-def check_run_info(model_dir, info):
-    """Refuse to resume into predictions that were made with different settings."""
+def check_run_info(model_dir, info, keys=None):
+    """Refuse to resume into predictions that were made with different settings (only `keys` compared, if given:
+    re-scored answers replace their predictions whatever changed, but never a model's)."""
     p = model_dir / "run.json"
     if p.exists():
         old = json.loads(p.read_text())
-        if old != info:
-            diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
+        diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k) and (keys is None or k in keys))
+        if diff:
             sys.exit(f"evaluate.py: error: {p} was made with other settings ({', '.join(diff)}); "
                      f"use another --out or delete {model_dir}")
     model_dir.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_answers(path, all_ids):
+    """{task_id: text} of an answers file (one JSON object {"task_id": ..., "text": ...} a line, made by any
+    tool). A line that is not such an object, a task_id the tasks file does not have, or one given twice is an
+    error naming the file, the line and the task_id."""
+    answers = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--answers {path} line {lineno}"
+            try:
+                a = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
+            if not isinstance(a, dict) or not isinstance(a.get("task_id"), str) or not isinstance(a.get("text"), str):
+                sys.exit(f"evaluate.py: error: {where} is not an object with a string task_id and a string text")
+            tid = a["task_id"]
+            if tid not in all_ids:
+                sys.exit(f"evaluate.py: error: {where}: unknown task_id {tid!r} (not in the tasks file)")
+            if tid in answers:
+                sys.exit(f"evaluate.py: error: {where}: duplicate task_id {tid!r} (answered twice)")
+            answers[tid] = a["text"]
+    return answers
+
+
+def score_answers(tasks, answers, model_dir):
+    """Score every task from scratch (answers are cheap to re-score, and the file may have changed) and rewrite
+    predictions.jsonl; a task without an answer is scored as the empty (unparseable) answer, flagged missing."""
+    rows = [score_row(t, answers[t["task_id"]]) if t["task_id"] in answers else score_row(t, "", missing=True)
+            for t in tasks]
+    (model_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def predict(make_answerer, tasks, model_dir, batch_size, desc):
@@ -462,6 +511,31 @@ def aggregate(rows, widest=90, widest_sources=None):
                        overall=group_metrics(w) if w else None, by_source=breakdown(w, "source"))
     return m
 
+def run_metrics(name, kind, source, rows, tasks_sha, limit, widest, widest_sources=None):
+    """metrics.json of one model: aggregate(rows) plus what the report needs to put runs side by side (the tasks
+    file's hash and --limit), the unanswered count and the summed token usage (None when no row has usage)."""
+    used = [r["usage"] for r in rows if r.get("usage")]
+    usage = {k: sum(u[k] for u in used) for k in ("prompt_tokens", "completion_tokens")} if used else None
+    return dict(model=name, kind=kind, source=source, tasks_sha=tasks_sha, limit=limit,
+                n_missing=sum(bool(r.get("missing")) for r in rows), usage=usage,
+                **aggregate(rows, widest, widest_sources))
+
+
+def report_metrics(out, current, tasks_sha, limit):
+    """This run's metrics plus every other <out>/*/metrics.json made on the same tasks (file hash and --limit),
+    so models evaluated in separate runs share one report; models first, then baselines, each by name."""
+    found = dict(current)
+    for p in sorted(out.glob("*/metrics.json")):
+        if p.parent.name in found:
+            continue
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            sys.exit(f"evaluate.py: error: {p} is not JSON ({e}); delete it or rerun that model")
+        if m.get("tasks_sha") == tasks_sha and m.get("limit") == limit and m.get("overall"):
+            found[p.parent.name] = m
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].get("kind") == "baseline", kv[0])))
+
 # -----------------------------------------------------------------------------
 # outputs: report, plots, side-by-side pictures
 
@@ -496,15 +570,20 @@ def scene_level_table(all_metrics):
     levels = list(first["by_level"])
     rows = []
     for name, m in all_metrics.items():
-        for st, by_level in m["by_scene_type_level"].items():
+        for st, by_level in m.get("by_scene_type_level", {}).items():  # absent in metrics.json of older runs
             rows.append([name, f"{st} (n={m['by_scene_type'][st]['n_tasks']})"]
                         + [pct(by_level[lv]["f1"]) if lv in by_level else "-" for lv in levels]
                         + [pct(m["by_scene_type"][st]["f1"])])
     return table(["model", "scene type (tasks)"] + levels + ["all levels"], rows)
 
 
-def widest_section(w, all_metrics):
-    """The widest subset: how it was chosen, then Overall and one column per widest source (F1)."""
+def widest_section(all_metrics):
+    """The widest subset: how it was chosen, then Overall and one column per widest source (F1). Models whose
+    metrics.json holds another subset (older runs, other --widest settings) get "-"."""
+    w = next((m["widest"] for m in all_metrics.values() if "pairs" in m.get("widest", {})), None)
+    if w is None:
+        return ["\n## Widest subset\n\nNone of these metrics.json files has one (made by an older evaluate.py).\n"]
+    same = lambda m: m.get("widest", {}).get("pairs") == w["pairs"] and m["widest"].get("sources") == w["sources"]
     n_src = {s: w["by_source"][s]["n_tasks"] if s in w["by_source"] else 0 for s in w["sources"]}
     how = (f"\n## Widest subset: the {w['k']} pairs with the largest viewpoint difference ({w['n_tasks']} tasks), "
            "F1\n\nChosen as the paper's human-control subset (its 90 largest viewpoint differences, reported "
@@ -512,8 +591,9 @@ def widest_section(w, all_metrics):
            "source (Δv = 1 - overlap is not comparable across sources), then the pairs with the highest rank from "
            f"{', '.join(w['sources'])} (ties: larger Δv, then pair_id), with every task of those pairs "
            "(evaluate.widest_pairs; --widest, --widest-sources).\n")
-    rows = [[n, pct(m["widest"]["overall"]["f1"]) if m["widest"]["overall"] else "-"]
-            + [pct(m["widest"]["by_source"][s]["f1"]) if s in m["widest"]["by_source"] else "-" for s in w["sources"]]
+    rows = [[n, pct(m["widest"]["overall"]["f1"]) if same(m) and m["widest"]["overall"] else "-"]
+            + [pct(m["widest"]["by_source"][s]["f1"]) if same(m) and s in m["widest"]["by_source"] else "-"
+               for s in w["sources"]]
             for n, m in all_metrics.items()]
     return [how, table(["model", f"overall (n={w['n_tasks']})"] + [f"{s} (n={n_src[s]})" for s in w["sources"]],
                        rows)]
@@ -544,7 +624,7 @@ def write_report(out, all_metrics, tasks_path, shows):
                        ("spatial", "point layout"), ("bin", "overlap bin (numbered within each source)")]:
         parts += [f"\n## F1 by {title}\n", breakdown_table(all_metrics, lambda m, k=key: m[f"by_{k}"])]
     parts += ["\n## F1 by scene type x level (the paper's difficulty table)\n", scene_level_table(all_metrics)]
-    parts += widest_section(next(iter(all_metrics.values()))["widest"], all_metrics)
+    parts += widest_section(all_metrics)
     parts += ["\n## Plots\n", "![F1 vs overlap bin](f1_vs_bin.png)\n", "![F1 by source](f1_by_source.png)\n"]
     if shows:
         parts += ["\n## Examples\n", "Links: green correct, red wrong, dashed grey ground truth; rings on points "
@@ -652,6 +732,8 @@ def write_shows(show_dir, tasks, rows, k, name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpts", nargs="*", metavar="CKPT", help="step dir, run dir, HF model dir or hub id")
+    parser.add_argument("--answers", help="score this jsonl of {task_id, text} made by any other tool")
+    parser.add_argument("--name", help="report name of the --answers model (default: the file's stem)")
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
@@ -676,12 +758,16 @@ def main(argv=None):
     tasks_path = Path(args.tasks)
     if not tasks_path.is_file():
         sys.exit(f"evaluate.py: error: --tasks {tasks_path} does not exist")
-    if not args.ckpts and not args.baseline:
-        sys.exit("evaluate.py: error: give at least one CKPT or --baseline")
+    if not args.ckpts and not args.baseline and not args.answers:
+        sys.exit("evaluate.py: error: give at least one CKPT, --baseline or --answers")
+    if args.answers and not Path(args.answers).is_file():
+        sys.exit(f"evaluate.py: error: --answers {args.answers} does not exist")
+    if args.name and not args.answers:
+        sys.exit("evaluate.py: error: --name names the --answers model; give --answers too")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    tasks = load_tasks(tasks_path)
+    tasks = all_tasks = load_tasks(tasks_path)
     if args.limit:
         tasks = tasks[:args.limit]
     if not tasks:
@@ -691,26 +777,33 @@ def main(argv=None):
     if widest_sources and not set(widest_sources) & {t["source"] for t in tasks}:
         sys.exit(f"evaluate.py: error: --widest-sources {args.widest_sources}: no task of {tasks_path} is from them")
 
-    # what to evaluate: models first, then baselines, each under a unique directory name
+    # what to evaluate: models, answers files, then baselines, each under a unique directory name
     resolved = [resolve_ckpt(c) for c in args.ckpts]
-    names = unique_names([model_name(c) for c in resolved] + [f"baseline_{b}" for b in args.baseline])
-    entries = [(n, "model", c) for n, c in zip(names, resolved)] + \
-              [(n, "baseline", b) for n, b in zip(names[len(resolved):], args.baseline)]
+    entries = [("model", c, model_name(c)) for c in resolved]
+    if args.answers:
+        entries.append(("answers", str(Path(args.answers).resolve()),
+                        args.name or re.sub(r"[^A-Za-z0-9._-]", "_", Path(args.answers).stem).strip("._") or "answers"))
+    entries += [("baseline", b, f"baseline_{b}") for b in args.baseline]
+    entries = [(n, kind, what) for n, (kind, what, _) in zip(unique_names([e[2] for e in entries]), entries)]
 
     all_metrics, shows = {}, {}
     for name, kind, what in entries:
         model_dir = out / name
         info = dict(kind=kind, what=what, tasks_sha=tasks_sha, seed=args.seed)
-        if kind == "model":
-            info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-            make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+        if kind == "answers":  # re-scored from scratch every run: nothing to resume, only a model's dir to protect
+            check_run_info(model_dir, dict(kind=kind, what=what, tasks_sha=tasks_sha), keys=("kind",))
+            rows = score_answers(tasks, read_answers(args.answers, {t["task_id"] for t in all_tasks}), model_dir)
         else:
-            if what == "sift":
-                info.update({k: getattr(args, k) for k in ("sift_size", "sift_epi", "sift_ratio", "sift_max_dist")})
-            make_answerer = lambda: baseline_answerer(what, args)
-        check_run_info(model_dir, info)
-        rows = predict(make_answerer, tasks, model_dir, args.batch_size, name)
-        metrics = dict(model=name, kind=kind, source=what, **aggregate(rows, args.widest, widest_sources))
+            if kind == "model":
+                info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+                make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+            else:
+                if what == "sift":
+                    info.update({k: getattr(args, k) for k in ("sift_size", "sift_epi", "sift_ratio", "sift_max_dist")})
+                make_answerer = lambda: baseline_answerer(what, args)
+            check_run_info(model_dir, info)
+            rows = predict(make_answerer, tasks, model_dir, args.batch_size, name)
+        metrics = run_metrics(name, kind, what, rows, tasks_sha, args.limit, args.widest, widest_sources)
         if kind == "model":
             metrics["max_new_tokens"] = args.max_new_tokens
         (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -718,6 +811,7 @@ def main(argv=None):
         if args.show:
             shows[name] = write_shows(model_dir / "show", tasks, rows, args.show, name)
 
+    all_metrics = report_metrics(out, all_metrics, tasks_sha, args.limit)
     plot_f1_vs_bin(out, all_metrics)
     plot_f1_by_source(out, all_metrics)
     write_report(out, all_metrics, tasks_path, shows)

@@ -14,6 +14,11 @@ Usage:
             --group-size 32 --prompts-per-step 16 --micro-batch 4 --kl-beta 0.005 --max-new-tokens 5120 \
             --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
             --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
+        (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
+        16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
+    Before launching it, the per-GPU memory plan (reads --model's config.json, or configs/ for the Qwen hub ids, or
+    --model-config FILE; needs neither the pool nor the weights; says whether it fits and which flag to change):
+        python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model Qwen/Qwen3-VL-8B-Instruct [the run's flags]
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
@@ -21,10 +26,15 @@ Usage:
 Inputs: --model (a local dir such as tiny_model.py's output or a checkpoint of this script, or a hub id),
 --pool (build_pool.py's pairs.jsonl + npz; train-split pairs for training, test-split for --eval-every).
 Outputs in --out:
-    step_%06d/       save_pretrained weights + tokenizer + image processor, optimizer.pt, scheduler.pt,
-                     curriculum.json, rng_<rank>.pt (python, numpy, torch RNG + the task sampler), meta.json (args,
-                     step; written last). Written to step_%06d.tmp/ then renamed, so a crash never leaves a
-                     half-written step_%06d/; --keep-last K prunes older ones.
+    step_%06d/       dcp/ (torch.distributed.checkpoint: each rank writes its own shard of the fp32 weights and
+                     the AdamW state; a checkpoint resumes on another number of processes, resharded on load, but
+                     then not byte-identically: rank 0's RNG is used), scheduler.pt, curriculum.json, rng_<rank>.pt
+                     (python, numpy, torch RNG + the task sampler), tokenizer + image processor, and (--export-every,
+                     default every checkpoint) a bf16 save_pretrained export (config.json + model.safetensors) that
+                     evaluate.py and from_pretrained load; meta.json (args, step, world size) written last. Written
+                     to step_%06d.tmp/ then renamed (after the background write with --async-save, one step later),
+                     so a crash never leaves a half-written step_%06d/; --keep-last K prunes older ones. --resume
+                     rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
                      reward parts (format, match, action: ActoR accuracy or null), length, truncated.
     metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, length,
@@ -35,7 +45,8 @@ Outputs in --out:
 
 One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
 make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
-whose KV cache is repeated for its G completions -> reward.score -> group-normalised advantages -> clipped policy
+whose KV cache is copied into the G rows of a StaticCache, the policy's FSDP weights gathered ONCE for the whole
+rollout (rollout.py; --rollout-impl legacy: FSDP gathers every layer per token, DynamicCache) -> reward.score -> group-normalised advantages -> clipped policy
 loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
 the mean match accuracy of the step's prompts, all drawn from the one (bin, level, spatial) the curriculum sampled
 for the step (a uniformly drawn unlocked stage of the current bin, or a replay draw that update ignores), so its
@@ -73,11 +84,22 @@ Choices the paper does not spell out (ours):
   each epoch is one AdamW step over the whole batch and the old log-probs are those of the sampling policy.
 - `--toy-reward` replaces the matching reward by the share of digit characters in the completion: a signal any
   random model can learn in a few dozen steps; used by the learning test only.
+- Multi-process (torchrun): only rank 0 reads the weight files (from_pretrained, policy and reference); the
+  other ranks build the model on the meta device, and after sharding rank 0's state is broadcast into the shards
+  (non-persistent buffers such as the rotary inv_freq sent from rank 0, tied embeddings re-tied). Held-out eval
+  tasks are split over the ranks and gathered (same value as one process). The process group waits
+  --dist-timeout-min (default 60) minutes on a collective, not torch's 10: a rank may wait that long on an eval
+  at 5,120 tokens or on rank 0's export.
+- `--debug-dump PATH` (tests): after loading / resuming, rank 0 saves its RNG state, the greedy eval rows (tokens,
+  log-probs, which rank decoded them) of policy and reference, and the full model and optimizer state.
 - `--debug-grad-dump PATH` (tests): every rank generates the SAME global batch (same seed), each rank computes the
   loss on its share, the full gradient is saved to PATH and the script exits - 1 process vs torchrun must agree.
 - `--stop-after-step N` (tests): exits hard (os._exit, no clean-up) after step N, to test --resume.
 """
 import argparse
+import contextlib
+import copy
+import datetime
 import json
 import os
 import random
@@ -90,13 +112,16 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
-                          LogitsProcessor, LogitsProcessorList)
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 import curriculum
 import make_tasks
 import pasta
 import reward
+# the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
+# plan) lives in rollout.py; these names stay importable as grpo.X for evaluate.py, tiny_model.py and bench.py
+from rollout import (BanTokens, SamplerLogprobs, banned_ids, collate_prompts, format_plan, generate, resident,
+                     stop_ids)
 
 # -----------------------------------------------------------------------------
 # Model plumbing (evaluate.py and tiny_model.py import these)
@@ -136,108 +161,14 @@ def encode(tokenizer, image_processor, prompt, images):
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
 
-def collate_prompts(encs, pad_id, device):
-    """Left-pad a list of encode() dicts into one batch (generation appends on the right)."""
-    L = max(e["input_ids"].shape[1] for e in encs)
-    def lpad(t, v):
-        return torch.cat([torch.full((1, L - t.shape[1]), v, dtype=t.dtype), t], 1)
-    return dict(input_ids=torch.cat([lpad(e["input_ids"], pad_id) for e in encs]).to(device),           # (B, L)
-                attention_mask=torch.cat([lpad(e["attention_mask"], 0) for e in encs]).to(device),     # (B, L)
-                mm_token_type_ids=torch.cat([lpad(e["mm_token_type_ids"], 0) for e in encs]).to(device),
-                pixel_values=torch.cat([e["pixel_values"] for e in encs]).to(device),                  # (P, D)
-                image_grid_thw=torch.cat([e["image_grid_thw"] for e in encs]).to(device))              # (I, 3)
-
-
-def stop_ids(tokenizer):
-    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-
-
-def banned_ids(tokenizer, vocab_size):
-    """Special tokens the policy must never sample (image pads, vision markers, im_start ...), minus the stops,
-    plus any padded embedding rows beyond the tokenizer."""
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return sorted((special - set(stop_ids(tokenizer))) | set(range(len(tokenizer), vocab_size)))
-
-
-class SamplerLogprobs(LogitsProcessor):
-    """Divides the raw logits by the temperature (generate itself runs at temperature 1 with top-k/top-p off) and
-    records log p(token) of every sampled token, keeping only one (N, V) step in memory."""
-
-    def __init__(self, temperature):
-        self.temperature, self.prev, self.out = temperature, None, []
-
-    def __call__(self, input_ids, scores):
-        if self.prev is not None:  # the token sampled from the previous step's distribution is input_ids[:, -1]
-            self.out.append(self.prev.gather(1, input_ids[:, -1:]))                                # (N, 1)
-        scores = scores.float() / self.temperature                                                 # (N, V)
-        self.prev = torch.log_softmax(scores, -1)                                                  # (N, V)
-        return scores
-
-    def finish(self, last_tokens):
-        self.out.append(self.prev.gather(1, last_tokens[:, None]))                                 # (N, 1)
-        return torch.cat(self.out, 1)                                                              # (N, T)
-
-
-class BanTokens(LogitsProcessor):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.ids] = -float("inf")
-        return scores
-
-
-@torch.no_grad()
-def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0, greedy=False, group_size=1,
-             synced_gpus=False):
-    """Sample group_size completions for each prompt (ONE prefill per prompt, its KV cache repeated group_size
-    times). Returns a list of len(batch_encodings) * group_size dicts, prompt-major: text (special tokens
-    dropped), token_ids (list, up to and including the stop token), logprobs (list, sampler's log p of each token
-    under logits / temperature; temperature <= 0 counts as 1), truncated (no stop token within max_new_tokens)."""
-    device = next(model.parameters()).device
-    G, temp = group_size, (temperature if temperature > 0 else 1.0)
-    batch = collate_prompts(batch_encodings, tokenizer.pad_token_id, device)
-    ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]        # (B, L)
-    inner = model.model
-    # 1) prefill everything but the last prompt token once per prompt (vision tower + prompt attention)
-    inner.rope_deltas = None
-    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True,
-                logits_to_keep=1)  # only the cache is wanted: no (B, L, V) logits (GBs at a 151k vocabulary)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)                                                               # (B*G, ...)
-    inner.rope_deltas = inner.rope_deltas.repeat_interleave(G, 0)                                  # (B*G, 1)
-    grids = [e["image_grid_thw"] for e in batch_encodings for _ in range(G)]
-    # 2) decode the G-times repeated prompts on top of the shared cache (no pixel_values: already in the cache)
-    record = SamplerLogprobs(temp)
-    # explicit values: None would be filled from the checkpoint's generation_config (Qwen ships top_k 20, top_p 0.8)
-    sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if not greedy else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, repetition_penalty=1.0,
-                              eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                              **sampling)
-    seqs = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
-                          mm_token_type_ids=mm.repeat_interleave(G, 0), image_grid_thw=torch.cat(grids).to(device),
-                          past_key_values=cache, generation_config=config, synced_gpus=synced_gpus,
-                          logits_processor=LogitsProcessorList([record, BanTokens(banned_ids(
-                              tokenizer, model.config.get_text_config().vocab_size))]))
-    new = seqs[:, ids.shape[1]:]                                                                   # (B*G, T)
-    logprobs = record.finish(new[:, -1]).cpu()                                                     # (B*G, T)
-    stops, results = set(stop_ids(tokenizer)), []
-    for row, lp in zip(new.tolist(), logprobs.tolist()):
-        end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
-        row, lp = row[:end], lp[:len(row[:end])]
-        results.append(dict(text=tokenizer.decode(row, skip_special_tokens=True), token_ids=row, logprobs=lp,
-                            truncated=end is None))
-    inner.rope_deltas = None  # stale deltas must not leak into the next (training) forward
-    return results
-
-
-def latest_checkpoint(run_dir):
-    """Newest complete <run_dir>/step_%06d/ (one with meta.json, which is written last), or None."""
+def latest_checkpoint(run_dir, with_weights=False):
+    """Newest complete <run_dir>/step_%06d/ (one with meta.json, which is written last), or None. with_weights: the
+    newest that also holds the save_pretrained export (config.json; see --export-every), for evaluate.py."""
     if not os.path.isdir(run_dir):
         return None
     steps = [d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{6}", d)
-             and os.path.isfile(os.path.join(run_dir, d, "meta.json"))]
+             and os.path.isfile(os.path.join(run_dir, d, "meta.json"))
+             and (not with_weights or os.path.isfile(os.path.join(run_dir, d, "config.json")))]
     return os.path.join(run_dir, max(steps)) if steps else None
 
 # -----------------------------------------------------------------------------
@@ -382,8 +313,9 @@ def score(text, task, args):
 # Distributed setup, sharding, checkpoints
 
 
-def setup_distributed():
-    """RANK / WORLD_SIZE from torchrun (absent: 1 process). gloo on CPU, nccl on GPU."""
+def setup_distributed(timeout_min=60):
+    """RANK / WORLD_SIZE from torchrun (absent: 1 process). gloo on CPU, nccl on GPU. timeout_min: how long a
+    collective may wait (torch's default, 10 min, is shorter than an 8B export or a long eval at 5,120 tokens)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -391,7 +323,8 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return rank, world, device
 
 
@@ -410,6 +343,48 @@ def shard(model, device):
     model.pasta = types.MethodType(lambda self, *a, **k: pasta.pasta_term(self, *a, **k), model)
     register_fsdp_forward_method(model, "pasta")
     return model
+
+
+def load_sharded(path, device, dtype, rank, world, prepare):
+    """-> (model, tokenizer, image processor); prepare(model) sets modes / grad checkpointing / requires_grad before
+    sharding. 1 process: load_policy. world > 1: only rank 0 reads the weights (from_pretrained, so transformers'
+    key conversions apply); every rank builds the model from the config on the meta device (no memory), shards
+    it, allocates its shard, and rank 0's full state is broadcast into the shards. Peak host RAM: one full copy on
+    rank 0, the shards elsewhere (was: the full model on every rank, and on every GPU before sharding)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if world == 1:
+        model, tokenizer, image_processor = load_policy(path, device, dtype)
+        prepare(model)
+        return model, tokenizer, image_processor
+    full, buffers, meta = {}, {}, [None]
+    if rank == 0:
+        src, tokenizer, image_processor = load_policy(path, "cpu", dtype)
+        full = src.state_dict()
+        # non-persistent buffers (the rotary inv_freq) are not in the state dict: sent from rank 0 below
+        buffers = {n: b for n, b in src.named_buffers() if n not in full}
+        meta = [(src.config, src.generation_config, sorted(buffers))]
+        del src
+    dist.broadcast_object_list(meta, src=0)  # config + generation config: ranks > 0 read no weight file
+    if rank != 0:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    config, generation_config, buffer_names = meta[0]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.generation_config = generation_config
+    prepare(model)
+    model = shard(model, device)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    bufs = dict(model.named_buffers())
+    for name in buffer_names:  # to_empty left them uninitialised
+        if rank == 0:
+            bufs[name].copy_(buffers[name])
+        dist.broadcast(bufs[name], 0)
+    model.tie_weights()  # a no-op unless tie_word_embeddings (to_empty may have split the tied pair)
+    return model, tokenizer, image_processor
 
 
 def all_sum(x, world):
@@ -443,9 +418,15 @@ def set_rng_state(s, task_rng):
     task_rng.bit_generator.state = s["task"]
 
 
-def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world, pending):
+    """step_%06d.tmp/ -> step_%06d/. Each rank writes its own shard of the weights and the optimizer state
+    (torch.distributed.checkpoint, dcp/) and its RNG state; rank 0 the scheduler, curriculum, tokenizer, image
+    processor and (--export-every) a bf16 save_pretrained export; meta.json last, then the rename. With
+    --async-save the shards are written in the background and pending (a dict) holds the unfinished save, which
+    finish_save completes (the main loop calls it one step later)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    finish_save(pending, args, rank, world)
     final = os.path.join(args.out, f"step_{step:06d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -453,22 +434,40 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
-    # full (unsharded) state dicts on CPU; collectives, so every rank calls them
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, opt, options=opts)
+    if args.export_every == 0 or step % args.export_every == 0 or step == args.steps:
+        export_weights(model, tmp, rank)
     torch.save(rng_state(task_rng), os.path.join(tmp, f"rng_{rank}.pt"))
-    if world > 1:
-        dist.barrier()
     if rank == 0:
-        model.save_pretrained(tmp, state_dict=msd)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
-        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
         torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "curriculum.json"), "w") as f:
             json.dump(cur.state_dict(), f)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks a complete checkpoint
+    msd, osd = get_state_dict(model, opt)  # this rank's shards (DTensors) when sharded, no gather
+    state = dict(model=msd, optim=osd)
+    pending.update(step=step, tmp=tmp, final=final)
+    if args.async_save:  # staged to CPU here, written by a thread; its own process group for its collectives
+        if world > 1 and "group" not in pending:
+            pending["group"] = dist.new_group(backend="gloo")
+        pending["future"] = dcp.async_save(state, checkpoint_id=os.path.join(tmp, "dcp"),
+                                           process_group=pending.get("group"))
+    else:
+        dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
+        finish_save(pending, args, rank, world)
+
+
+def finish_save(pending, args, rank, world):
+    """Completes the save in pending (if any): waits for its shards on every rank, then rank 0 writes meta.json
+    (its presence marks a complete checkpoint), renames step_%06d.tmp/ and prunes to --keep-last."""
+    if "tmp" not in pending:
+        return
+    if "future" in pending:
+        pending.pop("future").result()
+    if world > 1:
+        dist.barrier()
+    step, tmp, final = pending.pop("step"), pending.pop("tmp"), pending.pop("final")
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(step=step, world_size=world, args=vars(args)), f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -479,20 +478,54 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
         dist.barrier()
 
 
-def load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    osd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False)
-    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+def export_weights(model, out_dir, rank):
+    """A plain bf16 save_pretrained copy of the weights in out_dir (config.json + model.safetensors) for
+    evaluate.py / transformers. One tensor at a time is gathered (a collective: every rank calls this); only
+    rank 0 keeps them, so its host RAM peak is the bf16 model (16 GiB at 8B), not the fp32 one."""
+    full = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if rank == 0:
+            full[name] = t.detach().to("cpu", torch.bfloat16 if t.is_floating_point() else t.dtype).contiguous()
+    if rank == 0:
+        model.save_pretrained(out_dir, state_dict=full)
+        config = copy.deepcopy(model.config)  # save_pretrained wrote the model's fp32 dtype: say what the file holds
+        for c in [config] + [getattr(config, k) for k in config.sub_configs]:
+            c.dtype = "bfloat16"
+        config.save_pretrained(out_dir)
+
+
+def load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, world):
+    """Restores weights + optimizer state (each rank reads its shards; a checkpoint of another world size is
+    resharded by torch.distributed.checkpoint), scheduler, curriculum and RNG -> the step done. Another world size
+    uses rank 0's RNG (ranks > 0 reseeded), so that run is not byte-identical to an uninterrupted one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    if not os.path.isdir(os.path.join(ckpt, "dcp")):
+        sys.exit(f"grpo.py: error: {ckpt} has no dcp/ (weights + optimizer shards): written by an older grpo.py; "
+                 f"start a new run from its weights with --model {ckpt}")
+    msd, osd = get_state_dict(model, opt)
+    state = dict(model=msd, optim=osd)
+    dcp.load(state, checkpoint_id=os.path.join(ckpt, "dcp"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     sched.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=False))
     with open(os.path.join(ckpt, "curriculum.json")) as f:
         for note in cur.load_state_dict(json.load(f)):  # an older checkpoint's curriculum state is migrated
             print0(f"grpo.py: {ckpt}/curriculum.json: {note}")
-    rng_file = os.path.join(ckpt, f"rng_{rank}.pt")
-    if not os.path.isfile(rng_file):
-        sys.exit(f"grpo.py: error: {rng_file} missing (resume with the same number of processes)")
-    set_rng_state(torch.load(rng_file, weights_only=False), task_rng)
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        return json.load(f)["step"]
+    saved_world = meta.get("world_size", 1)
+    same = saved_world == world
+    set_rng_state(torch.load(os.path.join(ckpt, f"rng_{rank if same else 0}.pt"), weights_only=False), task_rng)
+    if not same:
+        if rank > 0:  # rank 0's python / numpy / torch state on every rank would sample the same completions
+            s = args.seed + 1000 * meta["step"] + rank
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+        print0(f"grpo.py: resuming a {saved_world}-process checkpoint on {world} process(es): weights and optimizer "
+               f"resharded, rank 0's RNG state used; the run is NOT byte-identical to an uninterrupted one")
+    return meta["step"]
 
 
 def truncate_jsonl(path, last_step):
@@ -506,6 +539,18 @@ def truncate_jsonl(path, last_step):
 
 # -----------------------------------------------------------------------------
 # Training
+
+
+@contextlib.contextmanager
+def generation_mode(model):
+    """The policy in eval mode while it generates, then back in its mode: in train mode with gradient checkpointing
+    transformers switches the KV cache off, and generate needs the prefill's cache."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def rollout(model, tokenizer, image_processor, tasks, args, synced):
@@ -580,6 +625,22 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
     return stats, n_tok
 
 
+def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank, world):
+    """--debug-dump (tests): after loading / resuming, rank 0 saves its RNG state, the greedy eval rows of the policy
+    and the reference (evaluate_match) and the full model and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    rng = rng_state(task_rng)  # before anything else runs
+
+    def rows(m):
+        return None if m is None else evaluate_match(m, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
+    out = dict(rng=rng, policy=rows(model), ref=rows(ref_model), model=get_model_state_dict(model, options=opts),
+               optim=get_optimizer_state_dict(model, opt, options=opts))
+    if rank == 0:
+        torch.save(out, path)
+
+
 def dump_grads(model, path, rank):
     grads = {}
     for name, p in model.named_parameters():
@@ -592,13 +653,24 @@ def dump_grads(model, path, rank):
 
 
 @torch.no_grad()
-def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, synced):
-    """Greedy match accuracy on the fixed held-out tasks (every rank runs all of them: FSDP needs equal calls)."""
+def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world):
+    """Greedy match accuracy on the fixed held-out tasks, split over the ranks (task k on rank k % world) and
+    gathered -> (mean match, rows: task_id, rank, text, token_ids, logprobs, match; every rank gets all rows).
+    FSDP needs every rank to issue the same collectives: each rank's share is padded to the same length with
+    copies of a task whose results are dropped, and generate runs with synced_gpus (ranks stop together)."""
     if not eval_tasks:
-        return float("nan")
-    encs = [encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in eval_tasks]
-    outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=synced)
-    return float(np.mean([reward.score(o["text"], t)["match"] for o, (t, _) in zip(outs, eval_tasks)]))
+        return float("nan"), []
+    per_rank = -(-len(eval_tasks) // world)
+    mine = list(range(rank, len(eval_tasks), world))
+    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # the copies get weight 0 (dropped)
+    encs = [encode(tokenizer, image_processor, eval_tasks[k][0]["prompt"], eval_tasks[k][1]) for k in padded]
+    with generation_mode(model):
+        outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=world > 1)
+    rows = [dict(task_id=eval_tasks[k][0].get("task_id", k), index=k, rank=rank, text=o["text"],
+                 token_ids=o["token_ids"], logprobs=o["logprobs"],
+                 match=reward.score(o["text"], eval_tasks[k][0])["match"]) for k, o in zip(mine, outs)]
+    rows = sorted((r for part in gather_objects(rows, world) for r in part), key=lambda r: r["index"])
+    return float(np.mean([r["match"] for r in rows])), rows
 
 
 # -----------------------------------------------------------------------------
@@ -614,6 +686,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, all ranks (paper 16)")
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
     ap.add_argument("--rollout-batch", type=int, default=4, help="prompts per generate call on a rank")
+    ap.add_argument("--rollout-impl", default="resident", choices=["resident", "legacy"],
+                    help="resident: weights gathered once per rollout, StaticCache written in place (rollout.py); "
+                         "legacy: FSDP gathers per token, DynamicCache concatenated (benchmark, tests)")
     ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="paper 5120")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
@@ -624,6 +699,13 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
+    ap.add_argument("--export-every", type=int, default=0,
+                    help="bf16 save_pretrained export in a checkpoint whose step is a multiple of this, and the "
+                         "last one (0: in every checkpoint)")
+    ap.add_argument("--async-save", action="store_true",
+                    help="write the checkpoint shards in the background (the step dir appears one step later)")
+    ap.add_argument("--dist-timeout-min", type=float, default=60,
+                    help="minutes a collective may wait before the run fails (torch's default is 10)")
     ap.add_argument("--eval-every", type=int, default=10, help="greedy match accuracy on held-out tasks (0: off)")
     ap.add_argument("--eval-tasks", type=int, default=4, help="number of held-out test-split tasks")
     ap.add_argument("--seed", type=int, default=0)
@@ -649,9 +731,23 @@ def parse_args(argv=None):
                     help="ActoR: angles rounded to multiples of this (degrees); also the reward's tolerance")
     ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
     ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the per-GPU memory plan of this run (from --model's config.json) and exit")
+    ap.add_argument("--gpus", type=int, default=8, help="--plan: GPUs (FSDP2 shards over all of them)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80, help="--plan: memory per GPU, GiB")
+    ap.add_argument("--model-config", default=None, help="--plan: a config.json to read instead of --model's")
+    ap.add_argument("--plan-device", default="cuda", choices=["cuda", "cpu"],
+                    help="--plan: cuda (bf16 compute and reference) or cpu (fp32, as grpo.py runs on CPU)")
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def print_plan(args):
+    """--plan: the per-GPU memory budget of this run from the model's config.json alone (rollout.format_plan)."""
+    text, _ = format_plan(args)
+    print(text)
 
 
 def print0(*a, **k):
@@ -695,22 +791,21 @@ def load_data(args):
     return pairs_by_id, pairs_by_bin, cur, eval_tasks
 
 
-def load_models(args, ckpt, device, world):
-    """-> policy (from ckpt when resuming, else --model; fp32, in train mode), frozen reference (always from
-    --model; None with --kl-beta 0), tokenizer, image processor. Both models FSDP2-sharded when world > 1."""
-    model, tokenizer, image_processor = load_policy(ckpt or args.model, device, torch.float32)
+def load_models(args, device, rank, world):
+    """-> policy (--model; fp32, in train mode; a resumed run overwrites its weights from the checkpoint), frozen
+    reference (--model; None with --kl-beta 0), tokenizer, image processor. Both FSDP2-sharded when world > 1, and
+    then only rank 0 reads the weight files (load_sharded)."""
+    def prepare_policy(m):
+        m.train()
+        if args.grad_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, tokenizer, image_processor = load_sharded(args.model, device, torch.float32, rank, world, prepare_policy)
     args.pad_id = tokenizer.pad_token_id
-    model.train()
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if args.kl_beta > 0:
-        ref_model = load_policy(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)[0]
-        ref_model.requires_grad_(False)
-    if world > 1:
-        model = shard(model, device)
-        if ref_model is not None:
-            ref_model = shard(ref_model, device)
+        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref_model = load_sharded(args.model, device, ref_dtype, rank, world,
+                                 lambda m: m.eval().requires_grad_(False))[0]
     return model, ref_model, tokenizer, image_processor
 
 
@@ -724,7 +819,7 @@ def make_optimizer(model, args):
 def resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world):
     """Restores optimizer, scheduler, curriculum and RNG state from ckpt (None: a fresh run) -> the step done."""
     if ckpt is not None:
-        start = load_training_state(ckpt, model, opt, sched, cur, task_rng, rank, world)
+        start = load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, world)
         print0(f"resumed from {ckpt} (step {start})")
         return start
     if args.resume:
@@ -767,10 +862,8 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
     tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
     stage = tuple(tasks[0][0][k] for k in ("bin", "level", "spatial"))  # the step's draw (cur.sample)
     mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
-    model.eval()
-    with autocast():
+    with generation_mode(model), resident(model, args.rollout_impl), autocast():  # weights gathered once per rollout
         samples = rollout(model, tokenizer, image_processor, mine, args, world > 1)
-    model.train()
     if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
         n = len(samples) // world
         samples = samples[rank * n:(rank + 1) * n]
@@ -838,17 +931,23 @@ def log_step(m, records, args, rank, run):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    if args.plan:  # the memory plan only: no pool, no weights, no processes
+        return print_plan(args)
+    rank, world, device = setup_distributed(args.dist_timeout_min)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
     os.makedirs(args.out, exist_ok=True)
     task_rng = seed_everything(args.seed, rank, same_sampling=bool(args.debug_grad_dump))
     pairs_by_id, pairs_by_bin, cur, eval_tasks = load_data(args)
     ckpt = latest_checkpoint(args.out) if args.resume else None
-    model, ref_model, tokenizer, image_processor = load_models(args, ckpt, device, world)
+    model, ref_model, tokenizer, image_processor = load_models(args, device, rank, world)
     opt, sched = make_optimizer(model, args)
     start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
+    if args.debug_dump:
+        debug_dump(args.debug_dump, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank,
+                   world)
     run = open_logs(args, ckpt, start, rank)
+    pending = {}  # an unfinished --async-save
 
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
@@ -859,14 +958,19 @@ def main(argv=None):
                 dist.destroy_process_group()
             return
         if args.eval_every > 0 and step % args.eval_every == 0:
-            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, world > 1)
+            with resident(model, args.rollout_impl):
+                m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank,
+                                                 world)[0]
         m["seconds"] = time.time() - t0
         log_step(m, records, args, rank, run)
+        finish_save(pending, args, rank, world)  # the previous step's --async-save
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world)
+            save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world,
+                            pending)
         if args.stop_after_step is not None and step >= args.stop_after_step:
             sys.stdout.flush()
             os._exit(17)  # a hard crash: no clean-up, no destructors
+    finish_save(pending, args, rank, world)
     if world > 1:
         dist.destroy_process_group()
     print0(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")

@@ -8,7 +8,9 @@ evaluation, HATCH, benchmark checks. Assertions check behaviour (geometry, exact
 identical resumed runs), never timings.
 """
 import argparse
+import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -36,6 +38,7 @@ import grpo
 import make_tasks
 import pasta
 import reward
+import rollout
 import synthetic
 import tiny_model
 
@@ -1566,16 +1569,22 @@ def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6 * max(1.0, float(scale))), n
 
 
-def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, tmp_path):
-    extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1"]
+def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, grpo_dist_env, tmp_path):
+    """Also (issue 11): the untied tiny model loaded on 1 and on 2 processes (rank 0 + broadcast) gives the greedy
+    tokens and log-probs of load_policy."""
+    evals = ["--pool", str(grpo_dist_env / "pool"), "--eval-every", "100", "--eval-tasks", "3", "--n-min", "2",
+             "--n-max", "3"]
+    extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1", *evals]
     one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"),
-                    *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one))],
+                    *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one),
+                                 "--debug-dump", str(tmp_path / "d1.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     subprocess.run([torchrun, "--nproc_per_node=2", os.path.join(HERE, "grpo.py"),
-                    *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two))],
+                    *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two),
+                                 "--debug-dump", str(tmp_path / "d2.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
     g1, g2 = torch.load(one), torch.load(two)
     assert g1.keys() == g2.keys()
@@ -1583,6 +1592,11 @@ def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, tmp_path):
     assert scale > 1e-4  # the toy reward gives non-zero advantages
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+    expected = grpo_eval_reference(grpo_env / "tiny", grpo_dist_env / "pool", *evals[2:], "--max-new-tokens", "12")
+    for d in ("d1.pt", "d2.pt"):
+        dump = torch.load(tmp_path / d, weights_only=False)
+        grpo_assert_rows_equal(dump["policy"], expected)
+        grpo_assert_rows_equal(dump["ref"], expected)
 
 
 def test_grpo_learns_toy_reward(grpo_env, tmp_path):
@@ -1635,6 +1649,302 @@ def test_grpo_load_policy_bad_paths_exit_with_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# grpo.py on the paper's multi-GPU path: eval in generation mode, eval split over ranks, rank-0 loading,
+# sharded (torch.distributed.checkpoint) checkpoints, bf16 export, resharded resume. Two torchrun runs shared.
+
+GRPO_DIST_WRAPPER = """
+import os, sys, json
+import transformers.modeling_utils as mu
+from transformers.generation.utils import GenerationMixin
+LOG = os.environ["GRPO_CALL_LOG"] + "." + os.environ.get("RANK", "0")
+def log(**kw):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(kw) + "\\n")
+orig_fp = mu.PreTrainedModel.from_pretrained.__func__
+def from_pretrained(cls, *a, **k):
+    log(kind="from_pretrained")
+    return orig_fp(cls, *a, **k)
+mu.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+orig_gen = GenerationMixin.generate
+def generate(self, *a, **k):
+    log(kind="generate", n=int(k["input_ids"].shape[0]), greedy=not k["generation_config"].do_sample)
+    return orig_gen(self, *a, **k)
+GenerationMixin.generate = generate
+sys.path.insert(0, os.environ["GRPO_DIR"])
+import grpo
+grpo.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def grpo_dist_env(grpo_env):
+    """The tiny model with tie_word_embeddings true (grpo_env's has it false) and a pool with 3 test pairs
+    (--n-min 2 --n-max 3 makes all 3 eval tasks available)."""
+    from transformers import AutoModelForImageTextToText
+    d = grpo_env / "dist"
+    shutil.copytree(grpo_env / "tiny", d / "tied")
+    m = AutoModelForImageTextToText.from_pretrained(str(grpo_env / "tiny"))
+    m.config.tie_word_embeddings = m.config.text_config.tie_word_embeddings = True
+    m.tie_weights()
+    m.save_pretrained(str(d / "tied"))
+    grpo_fake_pool(str(d / "pool"), n_pairs=6)
+    rows = grpo_read(d / "pool" / "pairs.jsonl")
+    for r in rows[3:]:
+        r["split"] = "test"
+    with open(d / "pool" / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return d
+
+
+def grpo_dist_flags(denv, out, *extra):
+    return ["--model", str(denv / "tied"), "--pool", str(denv / "pool"), "--out", str(out), "--group-size", "4",
+            "--prompts-per-step", "2", "--max-new-tokens", "12", "--eval-tasks", "3", "--n-min", "2", "--n-max", "3",
+            *extra]
+
+
+def grpo_eval_reference(model_dir, pool, *extra):
+    """Greedy tokens and log-probs of the eval tasks under the loading of the original code (load_policy on one
+    process), one task at a time."""
+    model, tok, ip = grpo.load_policy(str(model_dir))
+    args = grpo.parse_args(["--pool", str(pool), "--eval-every", "1", *extra])
+    tasks = grpo.load_data(args)[3]
+    return [grpo.generate(model, tok, [grpo.encode(tok, ip, t["prompt"], imgs)], args.max_new_tokens, greedy=True)[0]
+            for t, imgs in tasks]
+
+
+def grpo_assert_rows_equal(rows, ref_rows):
+    assert len(rows) == len(ref_rows) > 0
+    for r, e in zip(rows, ref_rows):
+        assert r["token_ids"] == e["token_ids"]
+        assert np.allclose(r["logprobs"], e["logprobs"], atol=1e-5)
+
+
+def grpo_assert_state_equal(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        if isinstance(a[k], dict):
+            grpo_assert_state_equal(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def grpo_dist_runs(grpo_dist_env, tmp_path_factory):
+    """r2: torchrun 2 processes, --grad-checkpointing, eval every step, async sharded saves at steps 2 and 3 (export
+    at 3 only); r2r: its step 2 resumed on 2 processes; r1r: its step 2 resumed on 1 process; r1: 1 process fresh.
+    Each writes --debug-dump (eval rows of policy and reference, full model + optimizer state after loading)."""
+    t = tmp_path_factory.mktemp("grpo_dist")
+    denv = grpo_dist_env
+    flags = ["--grad-checkpointing", "--eval-every", "1", "--steps", "3", "--save-every", "2", "--toy-reward",
+             "--kl-beta", "0.1", "--lr", "1e-2", "--warmup-steps", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRPO_CALL_LOG=str(t / "calls"), GRPO_DIR=HERE)
+    (t / "wrapper.py").write_text(GRPO_DIST_WRAPPER)
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, str(t / "wrapper.py"), *grpo_dist_flags(denv, t / "r2", *flags, "--async-save",
+                        "--export-every", "3", "--debug-dump", str(t / "d2.pt"))],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = {rank: grpo_read(f"{t / 'calls'}.{rank}") for rank in (0, 1)}
+    for name in ("r2r", "r1r"):  # the run as if it had died after step 2 (step 3 never written)
+        shutil.copytree(t / "r2", t / name, ignore=shutil.ignore_patterns("step_000003"))
+    r = subprocess.run([*torchrun, os.path.join(HERE, "grpo.py"),
+                        *grpo_dist_flags(denv, t / "r2r", *flags, "--async-save", "--export-every", "3", "--resume",
+                                         "--debug-dump", str(t / "d2r.pt"))],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = {}
+    for name, extra in (("r1r", ["--resume"]), ("r1", ["--steps", "1", "--save-every", "1"])):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            grpo.main(grpo_dist_flags(denv, t / name, *flags, "--export-every", "3", *extra,
+                                      "--debug-dump", str(t / f"d_{name}.pt")))
+        out[name] = buf.getvalue()
+    dumps = {k: torch.load(t / f"{k}.pt", weights_only=False) for k in ("d2", "d2r", "d_r1r", "d_r1")}
+    return t, calls, dumps, out
+
+
+def test_grpo_dist_eval_with_grad_checkpointing_split_over_ranks(grpo_dist_runs):
+    """--grad-checkpointing + --eval-every 1 ran on 2 processes and on 1 (the policy generates in eval mode);
+    each eval task is decoded by one rank only (each rank's share padded to the same size), and the gathered
+    result equals one process's."""
+    t, calls, dumps, _ = grpo_dist_runs
+    for run in ("r2", "r1r", "r1"):
+        ms = grpo_read(t / run / "metrics.jsonl")
+        assert ms and all(np.isfinite(m["eval_match"]) and 0 <= m["eval_match"] <= 1 for m in ms)
+    assert sorted(os.listdir(t / "r2")) == ["args.json", "metrics.jsonl", "rollouts.jsonl", "step_000002",
+                                            "step_000003"]
+    assert os.path.isfile(t / "r1" / "step_000001" / "meta.json")
+    rows2, rows1 = dumps["d2"]["policy"], dumps["d_r1"]["policy"]
+    assert [r["index"] for r in rows2] == [0, 1, 2] and [r["rank"] for r in rows2] == [0, 1, 0]
+    assert [r["token_ids"] for r in rows2] == [r["token_ids"] for r in rows1]
+    assert [r["match"] for r in rows2] == [r["match"] for r in rows1]
+    for rank in (0, 1):  # every greedy generate call of a rank decodes its padded share (2 of 3), never all 3
+        greedy = [c["n"] for c in calls[rank] if c["kind"] == "generate" and c["greedy"]]
+        assert len(greedy) == 3 + 2 and set(greedy) == {2}  # 3 evals + the dump's policy and reference
+
+
+def test_grpo_dist_rank0_loading_equals_from_pretrained(grpo_dist_runs, grpo_dist_env, grpo_env):
+    """Only rank 0 reads the weights (policy and reference); the ranks build on the meta device and get rank 0's
+    state: greedy tokens and log-probs (policy and reference, tied embeddings here; untied in the gradient test
+    below) equal those of load_policy on one process, and the full state equals from_pretrained's."""
+    t, calls, dumps, _ = grpo_dist_runs
+    assert sum(c["kind"] == "from_pretrained" for c in calls[0]) == 2  # policy + reference
+    assert not any(c["kind"] == "from_pretrained" for c in calls[1])
+    expected = grpo_eval_reference(grpo_dist_env / "tied", grpo_dist_env / "pool", "--eval-tasks", "3",
+                                   "--n-min", "2", "--n-max", "3", "--max-new-tokens", "12")
+    for d in ("d2", "d_r1"):
+        grpo_assert_rows_equal(dumps[d]["policy"], expected)
+        grpo_assert_rows_equal(dumps[d]["ref"], expected)
+    sd = grpo.load_policy(str(grpo_dist_env / "tied"))[0].state_dict()
+    grpo_assert_state_equal(dumps["d2"]["model"], {k: v for k, v in sd.items() if k in dumps["d2"]["model"]})
+    m = dumps["d2"]["model"]
+    assert torch.equal(m["lm_head.weight"], m["model.language_model.embed_tokens.weight"])
+
+
+def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
+    """Each rank wrote its shard (dcp/); the 2-process run resumed on 2 processes from step 2 redoes step 3
+    byte-identically; resumed on 1 process, weights and optimizer state after loading equal the 2-process load,
+    rank 0's RNG is used and the run says it is not byte-identical. The bf16 export loads with transformers and
+    evaluate.py finds it."""
+    from transformers import AutoModelForImageTextToText
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    t, _, dumps, out = grpo_dist_runs
+    assert sorted(os.listdir(t / "r2" / "step_000002" / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not os.path.exists(t / "r2" / "step_000002" / "config.json")  # --export-every 3
+    drop = ("seconds",)
+    assert [{k: v for k, v in m.items() if k not in drop} for m in grpo_read(t / "r2" / "metrics.jsonl")] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in grpo_read(t / "r2r" / "metrics.jsonl")]
+    assert grpo_read(t / "r2" / "rollouts.jsonl") == grpo_read(t / "r2r" / "rollouts.jsonl")
+    assert grpo_read(t / "r2" / "metrics.jsonl")[-1]["kl"] > 0  # the policy moved: the resume restored weights
+    grpo_assert_state_equal(dumps["d_r1r"]["model"], dumps["d2r"]["model"])
+    grpo_assert_state_equal(dumps["d_r1r"]["optim"], dumps["d2r"]["optim"])
+    assert dumps["d2r"]["optim"]["state"]  # AdamW moments were restored, not empty
+    assert "NOT byte-identical" in out["r1r"] and "NOT byte-identical" not in out["r1"]
+    rng0 = torch.load(t / "r2" / "step_000002" / "rng_0.pt", weights_only=False)
+    rng = dumps["d_r1r"]["rng"]  # right after the 1-process resume: rank 0's saved state
+    assert rng["python"] == rng0["python"] and rng["task"] == rng0["task"]
+    assert torch.equal(rng["torch"], rng0["torch"])
+    assert all(np.array_equal(a, b) for a, b in zip(rng["numpy"], rng0["numpy"]))
+    assert grpo.latest_checkpoint(str(t / "r1r")) == str(t / "r1r" / "step_000003")
+    # the export: evaluate.py resolves the run dir to it; transformers loads it; it is the checkpoint in bf16
+    ckpt = evaluate.resolve_ckpt(str(t / "r2"))
+    assert ckpt == str((t / "r2" / "step_000003").resolve())
+    exported = AutoModelForImageTextToText.from_pretrained(ckpt)
+    assert exported.dtype == torch.bfloat16
+    dcp_to_torch_save(str(t / "r2" / "step_000003" / "dcp"), str(t / "full.pt"))
+    full = torch.load(t / "full.pt", weights_only=False)["model"]
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, full[k].to(torch.bfloat16)), k
+
+
+# rollout.py: resident weights, the KV cache written in place, the memory plan
+
+# The impl whose collective count the count test checks: `WIDEMATCH_ROLLOUT_IMPL=legacy python -m pytest -q
+# test_all.py -k collectives` runs it on the legacy path, where it fails (one gather per layer per token).
+ROLLOUT_IMPL = os.environ.get("WIDEMATCH_ROLLOUT_IMPL", "resident")
+
+
+@pytest.fixture(scope="module")
+def rollout_fsdp_rows(grpo_env, tmp_path_factory):
+    """torchrun --nproc_per_node=2 (gloo) of bench.py's rollout-fsdp worker on the tiny model: per rank, impl and
+    completion length (3 and 9 new tokens, G=4, greedy), the collectives, KV bytes, tokens and log-probs."""
+    out = tmp_path_factory.mktemp("rollout_fsdp") / "rows.json"
+    return bench.run_rollout_fsdp({"tiny": str(grpo_env / "tiny")}, [3, 9], 4, str(out), side=128)
+
+
+def rollout_row(rows, impl, rank, k):
+    return next(r for r in rows if (r["impl"], r["rank"], r["new_tokens"]) == (impl, rank, k))
+
+
+def test_rollout_collectives_do_not_depend_on_new_tokens(rollout_fsdp_rows):
+    for rank in (0, 1):
+        short, long = rollout_row(rollout_fsdp_rows, ROLLOUT_IMPL, rank, 3), rollout_row(rollout_fsdp_rows, ROLLOUT_IMPL, rank, 9)
+        assert short["generated"] == 4 * 3 and long["generated"] == 4 * 9
+        assert short["collectives"] == long["collectives"], (ROLLOUT_IMPL, short["collectives"], long["collectives"])
+
+
+def test_rollout_resident_equals_legacy_on_2_processes(rollout_fsdp_rows):
+    for rank in (0, 1):
+        for k in (3, 9):
+            res, leg = rollout_row(rollout_fsdp_rows, "resident", rank, k), rollout_row(rollout_fsdp_rows, "legacy", rank, k)
+            assert res["tokens"] == leg["tokens"]
+            for a, b in zip(res["logprobs"], leg["logprobs"]):
+                assert len(a) == len(b) == k and np.allclose(a, b, atol=1e-5)
+            assert res["settings_restored"] and leg["settings_restored"]
+        # the counter does see legacy's per-token gathers
+        assert rollout_row(rollout_fsdp_rows, "legacy", rank, 9)["collectives"] > rollout_row(rollout_fsdp_rows, "legacy", rank, 3)["collectives"]
+        # a decode step's KV copy: legacy's grows with the context (DynamicCache cat), resident's does not
+        assert rollout_row(rollout_fsdp_rows, "legacy", rank, 9)["kv_bytes_last_step"] > rollout_row(rollout_fsdp_rows, "legacy", rank, 3)["kv_bytes_last_step"]
+        assert rollout_row(rollout_fsdp_rows, "resident", rank, 9)["kv_bytes_last_step"] == rollout_row(rollout_fsdp_rows, "resident", rank, 3)["kv_bytes_last_step"]
+    table = bench.rollout_fsdp_table(rollout_fsdp_rows, [3, 9])
+    resident = next(r for r in table if r["impl"] == "resident")
+    assert resident["coll_tok"] == 0 and resident["comm_mb_tok"] == 0 and resident["target"] == "ok"
+
+
+def test_rollout_resident_equals_legacy_on_1_process(grpo_env):
+    """StaticCache filled from the shared prefill vs DynamicCache repeated: same greedy tokens, same sampled tokens
+    under the same seed, same sampler log-probs; two prompts of different lengths (image sizes; left padding)."""
+    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    bench.never_stop(model, tok)
+    encs = [bench.bench_prompt(tok, ip, side=side, seed=s) for s, side in ((0, 128), (1, 192))]
+    assert encs[0]["input_ids"].shape[1] != encs[1]["input_ids"].shape[1]
+    for greedy in (True, False):
+        outs = {}
+        for impl in ("legacy", "resident"):
+            torch.manual_seed(0)
+            with rollout.resident(model, impl):
+                outs[impl] = grpo.generate(model, tok, encs, 7, 0.7, greedy=greedy, group_size=3)
+        assert [o["token_ids"] for o in outs["legacy"]] == [o["token_ids"] for o in outs["resident"]]
+        assert all(len(o["token_ids"]) == 7 for o in outs["resident"])
+        for a, b in zip(outs["legacy"], outs["resident"]):
+            assert np.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+    assert not hasattr(model, "rollout_impl") or model.rollout_impl is None  # the context leaves nothing behind
+
+
+def test_rollout_static_cache_holds_each_prompt_in_its_group_rows(grpo_env):
+    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    batch = rollout.collate_prompts([bench.bench_prompt(tok, ip, side=128, seed=s) for s in (0, 1)], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        pre = model(**batch, use_cache=True, logits_to_keep=1).past_key_values
+    cache = rollout.static_cache_from_prefill(model, pre, 3, batch["input_ids"].shape[1] + 5)
+    P = batch["input_ids"].shape[1]
+    for static, src in zip(cache.layers, pre.layers):
+        assert static.keys.shape[0] == 6 and static.keys.shape[2] == P + 5 and int(static.cumulative_length) == P
+        assert torch.equal(static.keys[:, :, :P], src.keys.repeat_interleave(3, 0))
+        assert torch.equal(static.values[:, :, :P], src.values.repeat_interleave(3, 0))
+        assert not static.keys[:, :, P:].any()
+    model.model.rope_deltas = None
+
+
+PAPER_FLAGS = ["--model", "Qwen/Qwen3-VL-8B-Instruct", "--group-size", "32", "--prompts-per-step", "16",
+               "--micro-batch", "4", "--kl-beta", "0.005", "--max-new-tokens", "5120", "--n-min", "4", "--n-max", "12",
+               "--max-side", "1024", "--grad-checkpointing"]
+
+
+def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
+    """grpo.py --plan reads the shipped 8B config for the hub id, needs no pool: on 8 x 80 GB the KV of 2 prompts
+    x 32 completions at full length does not fit and --rollout-batch 1 is proposed; 8 x 141 GB fits."""
+    grpo.main(["--plan", "--pool", str(tmp_path / "no_pool"), "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS])
+    text = capsys.readouterr().out
+    assert "qwen3-vl-8b-instruct.json" in text and "8.77 B parameters" in text  # Qwen's published 8.77 B
+    assert "DOES NOT FIT" in text and "change: --rollout-batch 1" in text
+    args = grpo.parse_args(["--plan", "--gpus", "8", "--gpu-mem-gib", "141", *PAPER_FLAGS])
+    text, plan = rollout.format_plan(args)
+    assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout"
+    kv = next(b for p, name, b in plan["items"] if name.startswith("KV cache"))
+    # K and V x 36 layers x 8 kv heads x head_dim 128 x bf16, for 2 prompts per rank x G=32 rows at full length
+    assert plan["rows"] == 64 and kv == 2 * 36 * 8 * 128 * 2 * 64 * (plan["prompt_tokens"] + 5120)
+    legacy = rollout.plan_from_args(args, rollout_impl="legacy", counts=plan["counts"])
+    assert plan["rollout"] - legacy["rollout"] > 10 * 2 ** 30  # resident holds the bf16 policy (~13.7 GiB)
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        rollout.read_model_config("x", str(bad))
+    assert str(bad) in str(e.value)
+
+
 # grpo.py's curriculum flags and one curriculum draw per step (issue 13)
 
 def test_grpo_curriculum_flags_and_one_stage_per_step(tmp_path):
@@ -1936,7 +2246,7 @@ def test_evaluate_tiny_model_run_dir_deterministic_resumes(evaluate_tasks, evalu
 
 
 # -----------------------------------------------------------------------------
-# the widest subset (issue 13): per-source Δv percentile rank, whole pairs
+# the widest subset, truncation rate, scene type x level (issue 13): per-source Δv rank, whole pairs
 
 def _widest_tasks(spec):
     """Tasks from {pair_id: (source, delta_v, n_tasks)}."""
@@ -2002,6 +2312,65 @@ def test_evaluate_resumed_rows_take_pair_id_from_the_task(tmp_path):
     (tmp_path / "predictions.jsonl").write_text(json.dumps(old) + "\n")  # a row from before pair_id was recorded
     rows = evaluate.predict(lambda: pytest.fail("nothing left to answer"), tasks, tmp_path, 4, "x")
     assert rows[0]["pair_id"] == "pa" and evaluate.aggregate(rows, widest=1)["widest"]["pairs"] == ["pa"]
+
+
+# -----------------------------------------------------------------------------
+# answers from other tools: evaluate.py --answers FILE --name NAME
+
+
+def _evaluate_write_answers(path, pairs):
+    path.write_text("".join(json.dumps(dict(task_id=tid, text=text)) + "\n" for tid, text in pairs))
+    return path
+
+
+def _evaluate_exit_line(argv):
+    """The one-line message evaluate.main exits with."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("evaluate.py: error:") and "\n" not in msg
+    return msg
+
+
+def test_evaluate_answers_scored_counted_refused_and_reported(evaluate_tasks, evaluate_baselines, tmp_path):
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    gold = [(t["task_id"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])})) for t in tasks]
+    out = tmp_path / "eval"
+    shutil.copytree(evaluate_baselines / "baseline_none", out / "baseline_none")  # evaluated in an earlier run
+    args = lambda f, *extra: ["--answers", str(f), "--tasks", str(evaluate_tasks), "--out", str(out), *extra]
+    # answers equal to the targets, in any order: F1 100 on every task, nothing missing
+    evaluate.main(args(_evaluate_write_answers(tmp_path / "gold.jsonl", gold[::-1]), "--name", "oracle"))
+    m = _evaluate_metrics(out, "oracle")
+    assert (m["overall"]["f1"], m["overall"]["match_acc"], m["overall"]["n_tasks"], m["n_missing"]) == \
+        (1.0, 1.0, len(tasks), 0)
+    assert (m["kind"], m["usage"], m["tasks_sha"]) == ("answers", None, _evaluate_metrics(out, "baseline_none")["tasks_sha"])
+    assert [r["task_id"] for r in _evaluate_rows(out, "oracle")] == [t["task_id"] for t in tasks]
+    # separate runs land in one report: the baseline of the earlier run has its row beside the answers
+    report = (out / "report.md").read_text()
+    assert "| oracle | 100.0 |" in report and "| baseline_none |" in report
+    # the file changes, the same name re-scores from scratch: two tasks unanswered count as missing, scored 0
+    f = _evaluate_write_answers(tmp_path / "gold.jsonl", gold[2:])
+    evaluate.main(args(f, "--name", "oracle"))
+    m = _evaluate_metrics(out, "oracle")
+    rows = _evaluate_rows(out, "oracle")
+    assert m["n_missing"] == 2 and m["overall"]["n_tasks"] == len(tasks)
+    assert m["overall"]["f1"] == pytest.approx((len(tasks) - 2) / len(tasks))
+    assert [r.get("missing", False) for r in rows[:3]] == [True, True, False] and rows[0]["f1"] == 0
+    # duplicate, unknown, malformed lines: one-line errors naming the task / line; nothing is written
+    before = (out / "oracle" / "metrics.json").read_text()
+    dup = _evaluate_write_answers(tmp_path / "dup.jsonl", gold + [gold[3]])
+    assert f"duplicate task_id {gold[3][0]!r}" in _evaluate_exit_line(args(dup, "--name", "oracle"))
+    unknown = _evaluate_write_answers(tmp_path / "unknown.jsonl", gold[:1] + [("no-such-task", "1: A")])
+    assert "unknown task_id 'no-such-task'" in _evaluate_exit_line(args(unknown, "--name", "oracle"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(task_id=gold[0][0], text="1: A")) + "\n" + '{"task_id": 3}\n')
+    assert "bad.jsonl line 2" in _evaluate_exit_line(args(bad, "--name", "oracle"))
+    assert (out / "oracle" / "metrics.json").read_text() == before
+    # a model's predictions are never overwritten by answers given the same name
+    assert "other settings (kind)" in _evaluate_exit_line(args(f, "--name", "baseline_none"))
+    # default name: the file's stem
+    evaluate.main(args(f))
+    assert _evaluate_metrics(out, "gold")["n_missing"] == 2
 
 
 # ==============================================================================
@@ -2488,6 +2857,11 @@ def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, 
     assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+    expected = grpo_eval_reference(grpo_env / "tiny", grpo_dist_env / "pool", *evals[2:], "--max-new-tokens", "12")
+    for d in ("d1.pt", "d2.pt"):
+        dump = torch.load(tmp_path / d, weights_only=False)
+        grpo_assert_rows_equal(dump["policy"], expected)
+        grpo_assert_rows_equal(dump["ref"], expected)
 
 
 def test_hatch_tiny_model_warmup_actor_targets():

@@ -1,0 +1,417 @@
+"""
+rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): sampling G completions
+per prompt from ONE prefill, with the policy's weights resident and a KV cache written in place; and the per-GPU
+memory plan of a run, printed by `python grpo.py --plan ...` before anything is loaded.
+
+Used as:
+    with rollout.resident(model, "resident"):       # once around all generate calls of a step's rollout / an eval
+        outs = rollout.generate(model, tokenizer, encodings, max_new_tokens, group_size=G)
+    python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model configs/qwen3-vl-8b-instruct [the run's flags]
+
+Two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
+- resident (default): `resident()` calls unshard() on every FSDP module of the policy (it acts on the module it is
+  called on, not its children) and set_reshard_after_forward(False), so generate issues NO collective per token:
+  the all-gathers happen once per rollout, and ranks may stop decoding at different steps (synced_gpus is not
+  needed). On exit every module is resharded and its previous reshard-after-forward setting restored. Costs the
+  policy unsharded (bf16 under FSDP's mixed precision on GPU) for the rollout's duration: the plan counts it.
+  The KV cache is a StaticCache of B x G rows and L + max_new_tokens positions: the prefill of the B prompts
+  (minus their last token) is copied into it once, each prompt's KV into its G rows (our copy: StaticCache has no
+  batch_repeat_interleave in transformers 5.23), then each decode step writes one position in place
+  (index_copy_). Sharing one prompt KV across G rows with no copy at all needs a cascade-attention kernel: not here.
+- legacy: the cache is a DynamicCache repeated G times (batch_repeat_interleave), which concatenates its whole
+  KV at every decode step, and FSDP2 re-gathers every decoder layer for every token (it reshards after each
+  forward, in no-grad mode too), so sharded ranks must decode in lock-step (synced_gpus).
+Both give the same tokens and sampler log-probs (tested on 1 and 2 processes, greedy).
+transformers compiles generate's forward by itself on GPU when the cache is static; we switch that off
+(disable_compile): compiling an FSDP-wrapped model was not tried here (no GPU).
+
+The memory plan (memory_plan / format_plan): bytes per GPU, from the model's config.json only (no weights, no
+pool). Counted, per GPU of `gpus` (FSDP2 shards the fp32 policy evenly): fp32 parameter, gradient and AdamW
+(2 states) shards; the reference (bf16 on GPU, sharded); the root's parameters unsharded (FSDP2 keeps the root's
+after forward: embeddings, lm_head, final norm, the vision merger and position embeddings), in the compute dtype;
+during the rollout the whole policy unsharded in the compute dtype (resident) or one decoder layer (legacy), plus
+the StaticCache for --rollout-batch x G rows at prompt + --max-new-tokens positions, plus the prefill's logits
+row and one step's (rows, V) fp32 scores; during the update one micro-batch's checkpointed activations (one
+(B, T, H) input per decoder layer and the vision tower's per block, plus one layer's full activations being
+recomputed), the log-prob chunks (chunk x V fp32 logits, their log-softmax and its gradient), the (B, T, H)
+gradient of the final hidden states, and the micro-batch's pixel values; peak = fixed + max(rollout, update).
+The prompt length is estimated from --max-side (visual tokens of two images at 4:3) + the text; the image tokens
+use the config's patch and merge sizes. Not counted: allocator fragmentation, CUDA context (~0.5-1 GiB), NCCL
+buffers, the tokenizer: keep a margin (the verdict wants 10% headroom).
+"""
+import contextlib
+import json
+import math
+import os
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+
+IMPLS = ("legacy", "resident")
+
+# -----------------------------------------------------------------------------
+# Prompt batches, stops, sampler log-probs
+
+
+def collate_prompts(encs, pad_id, device):
+    """Left-pad a list of grpo.encode() dicts into one batch (generation appends on the right)."""
+    L = max(e["input_ids"].shape[1] for e in encs)
+    def lpad(t, v):
+        return torch.cat([torch.full((1, L - t.shape[1]), v, dtype=t.dtype), t], 1)
+    return dict(input_ids=torch.cat([lpad(e["input_ids"], pad_id) for e in encs]).to(device),           # (B, L)
+                attention_mask=torch.cat([lpad(e["attention_mask"], 0) for e in encs]).to(device),     # (B, L)
+                mm_token_type_ids=torch.cat([lpad(e["mm_token_type_ids"], 0) for e in encs]).to(device),
+                pixel_values=torch.cat([e["pixel_values"] for e in encs]).to(device),                  # (P, D)
+                image_grid_thw=torch.cat([e["image_grid_thw"] for e in encs]).to(device))              # (I, 3)
+
+
+def stop_ids(tokenizer):
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+def banned_ids(tokenizer, vocab_size):
+    """Special tokens the policy must never sample (image pads, vision markers, im_start ...), minus the stops,
+    plus any padded embedding rows beyond the tokenizer."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return sorted((special - set(stop_ids(tokenizer))) | set(range(len(tokenizer), vocab_size)))
+
+
+class SamplerLogprobs(LogitsProcessor):
+    """Divides the raw logits by the temperature (generate itself runs at temperature 1 with top-k/top-p off) and
+    records log p(token) of every sampled token, keeping only one (N, V) step in memory."""
+
+    def __init__(self, temperature):
+        self.temperature, self.prev, self.out = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:  # the token sampled from the previous step's distribution is input_ids[:, -1]
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]))                                # (N, 1)
+        scores = scores.float() / self.temperature                                                 # (N, V)
+        self.prev = torch.log_softmax(scores, -1)                                                  # (N, V)
+        return scores
+
+    def finish(self, last_tokens):
+        self.out.append(self.prev.gather(1, last_tokens[:, None]))                                 # (N, 1)
+        return torch.cat(self.out, 1)                                                              # (N, T)
+
+
+class BanTokens(LogitsProcessor):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids] = -float("inf")
+        return scores
+
+# -----------------------------------------------------------------------------
+# Resident weights
+
+
+def fsdp_modules(model):
+    """The FSDP2 modules of model (the root and every fully_shard'ed block), [] when not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def resident(model, impl="resident"):
+    """Around all generate calls of one rollout (or eval): with impl "resident", every FSDP module of model is
+    unsharded once on entry (one all-gather each) and kept so (set_reshard_after_forward(False)), then resharded
+    on exit with each module's previous setting restored (the root's is False). generate() called inside uses
+    this impl. With "legacy", or an unsharded model, only the impl is set."""
+    if impl not in IMPLS:
+        raise ValueError(f"rollout impl {impl!r}: expected one of {IMPLS}")
+    mods = fsdp_modules(model) if impl == "resident" else []
+    if mods and mods[0] is model:  # FSDP2's lazy init (normally the first forward) decides the root's setting:
+        model._get_fsdp_state()._lazy_init()  # run it now, so that what we save is what training uses
+    # FSDP2 keeps the setting per parameter group (post_forward_mesh_info; None = keep unsharded) plus an "auto"
+    # flag that lets its lazy init switch the root to False: save both, restore both
+    saved = [(m, m._get_fsdp_state()._auto_reshard_after_forward,
+              [g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups]) for m in mods]
+    previous_impl = getattr(model, "rollout_impl", None)
+    model.rollout_impl = impl
+    try:
+        for m in mods:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in mods:
+            m.unshard()
+        yield model
+    finally:
+        for m, auto, infos in saved:
+            m.reshard()
+            state = m._get_fsdp_state()
+            state._auto_reshard_after_forward = auto
+            for g, info in zip(state._fsdp_param_groups, infos):
+                g.post_forward_mesh_info = info
+        model.rollout_impl = previous_impl
+
+
+def weights_resident(model):
+    """True when no FSDP module of model would all-gather in its next forward (all unsharded, kept so)."""
+    for m in fsdp_modules(model):
+        for g in m._get_fsdp_state()._fsdp_param_groups:
+            if not g.is_unsharded or g.post_forward_mesh_info is not None:
+                return False
+    return True
+
+# -----------------------------------------------------------------------------
+# The KV cache written in place
+
+
+def static_cache_from_prefill(model, prefill_cache, group_size, max_cache_len):
+    """A StaticCache of B * group_size rows and max_cache_len positions holding the prefill's KV (B rows, P
+    positions) in its first P positions, prompt b's KV in rows b*G .. b*G+G-1: one copy per layer and K/V (a
+    broadcast view, no repeated temporary); decode steps then write one position each in place."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if len(cache.layers) != len(prefill_cache.layers):
+        raise RuntimeError(f"StaticCache has {len(cache.layers)} layers, the prefill {len(prefill_cache.layers)}")
+    G = group_size
+    for static, src in zip(cache.layers, prefill_cache.layers):
+        k, v = src.keys, src.values                                                              # (B, Hkv, P, D)
+        B, H, P, D = k.shape
+        static.lazy_initialization(k.new_empty(B * G, H, 1, D), v.new_empty(B * G, H, 1, v.shape[-1]))
+        static.keys.view(B, G, H, max_cache_len, D)[:, :, :, :P].copy_(k[:, None])
+        static.values.view(B, G, H, max_cache_len, v.shape[-1])[:, :, :, :P].copy_(v[:, None])
+        static.cumulative_length.fill_(P)
+    return cache
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0, greedy=False, group_size=1,
+             synced_gpus=False, impl=None):
+    """Sample group_size completions for each prompt (ONE prefill per prompt, its KV cache repeated group_size
+    times). Returns a list of len(batch_encodings) * group_size dicts, prompt-major: text (special tokens
+    dropped), token_ids (list, up to and including the stop token), logprobs (list, sampler's log p of each token
+    under logits / temperature; temperature <= 0 counts as 1), truncated (no stop token within max_new_tokens).
+    impl: "resident" (StaticCache; synced_gpus ignored: the weights must be resident, i.e. inside resident()),
+    "legacy" (DynamicCache repeated, synced_gpus as given); None: the impl of the enclosing resident(), else
+    "resident"."""
+    impl = impl or getattr(model, "rollout_impl", None) or "resident"
+    if impl not in IMPLS:
+        raise ValueError(f"rollout impl {impl!r}: expected one of {IMPLS}")
+    if impl == "resident" and not weights_resident(model):
+        raise RuntimeError("rollout.generate(impl='resident') on a sharded model: call it inside "
+                           "rollout.resident(model), or pass impl='legacy'")
+    device = next(model.parameters()).device
+    G, temp = group_size, (temperature if temperature > 0 else 1.0)
+    batch = collate_prompts(batch_encodings, tokenizer.pad_token_id, device)
+    ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]        # (B, L)
+    inner = model.model
+    # 1) prefill everything but the last prompt token once per prompt (vision tower + prompt attention)
+    inner.rope_deltas = None
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True,
+                logits_to_keep=1)  # only the cache is wanted: no (B, L, V) logits (GBs at a 151k vocabulary)
+    if impl == "legacy":
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)                                                           # (B*G, ...)
+    else:
+        cache = static_cache_from_prefill(model, out.past_key_values, G, ids.shape[1] + max_new_tokens)
+        synced_gpus = False  # resident weights: a forward issues no collective, ranks need not decode in step
+    del out
+    inner.rope_deltas = inner.rope_deltas.repeat_interleave(G, 0)                                  # (B*G, 1)
+    grids = [e["image_grid_thw"] for e in batch_encodings for _ in range(G)]
+    # 2) decode the G-times repeated prompts on top of the shared cache (no pixel_values: already in the cache)
+    record = SamplerLogprobs(temp)
+    # explicit values: None would be filled from the checkpoint's generation_config (Qwen ships top_k 20, top_p 0.8)
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if not greedy else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, repetition_penalty=1.0,
+                              eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                              disable_compile=True, **sampling)
+    seqs = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                          mm_token_type_ids=mm.repeat_interleave(G, 0), image_grid_thw=torch.cat(grids).to(device),
+                          past_key_values=cache, generation_config=config, synced_gpus=synced_gpus,
+                          logits_processor=LogitsProcessorList([record, BanTokens(banned_ids(
+                              tokenizer, model.config.get_text_config().vocab_size))]))
+    new = seqs[:, ids.shape[1]:]                                                                   # (B*G, T)
+    logprobs = record.finish(new[:, -1]).cpu()                                                     # (B*G, T)
+    stops, results = set(stop_ids(tokenizer)), []
+    for row, lp in zip(new.tolist(), logprobs.tolist()):
+        end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
+        row, lp = row[:end], lp[:len(row[:end])]
+        results.append(dict(text=tokenizer.decode(row, skip_special_tokens=True), token_ids=row, logprobs=lp,
+                            truncated=end is None))
+    inner.rope_deltas = None  # stale deltas must not leak into the next (training) forward
+    return results
+
+# -----------------------------------------------------------------------------
+# The memory plan: bytes per GPU of a run, before launch
+
+GIB = 2 ** 30
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def read_model_config(model, model_config=None):
+    """-> (config dict, the file it came from): model_config (a config.json), else <model>/config.json, else the
+    shipped configs/<name>.json for a hub id (Qwen/Qwen3-VL-8B-Instruct -> configs/qwen3-vl-8b-instruct.json)."""
+    candidates = [model_config] if model_config else [os.path.join(str(model), "config.json"),
+                                                      os.path.join(CONFIGS, str(model).split("/")[-1].lower() + ".json")]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return json.load(f), path
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"grpo.py --plan: error: {path} is not valid JSON ({e})")
+    raise SystemExit(f"grpo.py --plan: error: no config.json for --model {model} (tried {', '.join(candidates)}); "
+                     f"pass --model-config FILE (configs/ has Qwen3-VL 2B and 8B)")
+
+
+def parameter_counts(cfg):
+    """Exact parameter counts from a Qwen3-VL config, the model built on the meta device (no memory, no weights):
+    -> dict(total, root: outside the FSDP blocks, layer: one decoder layer, vblock: one vision block)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    try:
+        config = Qwen3VLConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"grpo.py --plan: error: the model config is not a Qwen3-VL config ({e})")
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    layers, vblocks = model.model.language_model.layers, model.model.visual.blocks
+    total = count(model)  # parameters() yields a tied weight once
+    return dict(total=total, root=total - sum(count(b) for b in layers) - sum(count(b) for b in vblocks),
+                layer=count(layers[0]), vblock=count(vblocks[0]) if len(vblocks) else 0)
+
+
+def estimate_prompt(cfg, max_side, n_max):
+    """-> (prompt tokens, vision patches per image) of a two-image prompt with images of max_side x 3/4 max_side
+    (sides rounded to the patch x merge grid, as Qwen's processor does) and ~4 characters per text token."""
+    import make_tasks
+    v = cfg["vision_config"]
+    unit = v["patch_size"] * v["spatial_merge_size"]
+    w, h = [max(unit, round(s / unit) * unit) for s in (max_side, max_side * 3 / 4)]
+    patches = (w // v["patch_size"]) * (h // v["patch_size"])
+    text = len(make_tasks.build_prompt(n_max, 2 * n_max)) // 4 + 30  # + chat template and vision markers
+    return 2 * patches // v["spatial_merge_size"] ** 2 + text, patches
+
+
+def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,
+                grad_checkpointing, kl_beta, impl="resident", device="cuda", prompt_tokens=None,
+                patches_per_image=None, max_side=1024, n_max=12, logprob_chunk=512, counts=None):
+    """Bytes per GPU, by phase. -> dict(items: [(phase, name, bytes)], fixed, rollout, update, optimizer, peak,
+    rows, prompt_tokens, counts). device "cuda": bf16 compute (FSDP mixed precision; autocast on 1 GPU) and a bf16
+    reference; "cpu": fp32 everywhere, as grpo.py runs on CPU. Shapes are the worst case: every completion
+    max_new_tokens long."""
+    t, v = cfg["text_config"], cfg["vision_config"]
+    n = counts or parameter_counts(cfg)
+    P, W = n["total"], gpus
+    cdt = 2 if device == "cuda" else 4                       # compute dtype bytes
+    H, I, NL, V = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["vocab_size"]
+    nh, nkv = t["num_attention_heads"], t["num_key_value_heads"]
+    hd = t.get("head_dim") or H // nh
+    if prompt_tokens is None or patches_per_image is None:
+        est_tokens, est_patches = estimate_prompt(cfg, max_side, n_max)
+        prompt_tokens, patches_per_image = prompt_tokens or est_tokens, patches_per_image or est_patches
+    L, T = prompt_tokens, prompt_tokens + max_new_tokens
+    B = min(rollout_batch, max(1, prompts_per_step // W))    # prompts per generate call on a rank
+    rows = B * group_size
+    sharded = W > 1
+    items = []
+
+    def add(phase, name, nbytes):
+        items.append((phase, name, int(nbytes)))
+    # always there
+    add("fixed", "policy fp32 parameter shard", 4 * P / W)
+    add("fixed", "AdamW state shard (2 x fp32)", 8 * P / W)
+    if kl_beta > 0:
+        add("fixed", f"reference ({'bf16' if cdt == 2 else 'fp32'}{', shard' if sharded else ''})", cdt * P / W)
+    if sharded:  # FSDP2 keeps the root's parameters unsharded after forward (policy; reference: no backward)
+        add("fixed", "unsharded roots (policy + reference, compute dtype)",
+            cdt * n["root"] * (2 if kl_beta > 0 else 1))
+    # the rollout
+    if sharded and impl == "resident":
+        add("rollout", "policy unsharded, compute dtype (resident)", cdt * (P - n["root"]))
+    elif sharded:
+        add("rollout", "two decoder layers unsharded (legacy, prefetch)", 2 * cdt * n["layer"])
+    elif device == "cuda":
+        add("rollout", "bf16 weight casts cached by autocast (1 GPU)", 2 * P)
+    kv_row = 2 * NL * nkv * hd * cdt                         # K and V of one position, all layers
+    add("rollout", f"KV cache {rows} rows x {L + max_new_tokens} positions", kv_row * rows * (L + max_new_tokens))
+    add("rollout", "prefill KV (B rows, copied into the cache)", kv_row * B * L)
+    add("rollout", "prefill activations (B prompts, one layer)", B * L * (4 * H + 3 * I) * cdt
+        + (B * nh * L * L * 4 * 2 if device == "cpu" else 0))  # CPU sdpa materialises the scores
+    add("rollout", "vision tower of B prompts (one block)", B * 2 * patches_per_image * 6 * v["hidden_size"] * cdt)
+    add("rollout", "decode step scores (rows x V fp32: logits, /T, log-softmax)", 4 * rows * V * 4)
+    if not sharded and device == "cpu":
+        pass  # no copy of the weights during the rollout on CPU (fp32 compute)
+    # the update (one micro-batch in flight)
+    mb = micro_batch
+    add("update", "gradient shard (fp32)", 4 * P / W)
+    if sharded:
+        add("update", "two decoder layers unsharded + their gradients", 4 * cdt * n["layer"])
+    layer_full = mb * T * (6 * H + 2 * nh * hd + 2 * nkv * hd + 4 * I) * cdt \
+        + (mb * nh * T * T * 4 * 3 if device == "cpu" else 0)   # CPU sdpa: scores, softmax, grad
+    vblock_full = mb * 2 * patches_per_image * (8 * v["hidden_size"] + 2 * v["intermediate_size"]) * cdt
+    if grad_checkpointing:
+        add("update", f"checkpointed layer inputs ({NL} x micro-batch {mb} x {T} x H)", NL * mb * T * H * cdt)
+        add("update", "one decoder layer recomputed in backward", layer_full)
+        add("update", "vision tower: block inputs + one block",
+            v["depth"] * mb * 2 * patches_per_image * v["hidden_size"] * cdt + vblock_full)
+    else:
+        add("update", f"activations of {NL} decoder layers (no checkpointing)", NL * layer_full)
+        add("update", f"vision tower activations ({v['depth']} blocks)", v["depth"] * vblock_full)
+    add("update", "final hidden states, completion gather and their gradients", 4 * mb * T * H * cdt)
+    c = min(logprob_chunk, max_new_tokens)
+    add("update", f"log-prob chunk ({mb} x {c} x V fp32: logits, log-softmax, gradient)", 3 * mb * c * V * 4)
+    add("update", "pixel values of the micro-batch (fp32)",
+        mb * 2 * patches_per_image * 3 * v["temporal_patch_size"] * v["patch_size"] ** 2 * 4)
+    # the optimizer step
+    add("optimizer", "gradient shard (fp32)", 4 * P / W)
+    add("optimizer", "AdamW foreach temporaries (~1 fp32 shard)", 4 * P / W)
+    out = dict(items=items, rows=rows, prompt_tokens=L, counts=n, patches_per_image=patches_per_image)
+    for phase in ("fixed", "rollout", "update", "optimizer"):
+        out[phase] = sum(b for p, _, b in items if p == phase)
+    out["peak_phase"] = max(("rollout", "update", "optimizer"), key=lambda p: out[p])
+    out["peak"] = out["fixed"] + out[out["peak_phase"]]
+    return out
+
+
+def plan_from_args(args, **overrides):
+    """memory_plan for grpo.py's parsed arguments (overrides: other values of the same argument names)."""
+    a = dict(vars(args), **overrides)
+    cfg, _ = read_model_config(a["model"], a.get("model_config"))
+    return memory_plan(cfg, a["gpus"], a["prompts_per_step"], a["group_size"], a["rollout_batch"],
+                       a["micro_batch"], a["max_new_tokens"], a["grad_checkpointing"], a["kl_beta"],
+                       a["rollout_impl"], a["plan_device"], max_side=a["max_side"], n_max=a["n_max"],
+                       counts=a.get("counts"))
+
+
+def format_plan(args, headroom=0.9):
+    """The plan of grpo.py's arguments as printed text: the budget table, fits or not (peak <= headroom x
+    --gpu-mem-gib), and if not, the first single flag change that makes it fit."""
+    cfg, source = read_model_config(args.model, args.model_config)
+    plan = plan_from_args(args)
+    budget = args.gpu_mem_gib * GIB
+    n = plan["counts"]
+    lines = [f"memory plan per GPU: {source} ({n['total'] / 1e9:.2f} B parameters, {n['root'] / 1e9:.2f} B in the FSDP "
+             f"root), {args.gpus} x {args.gpu_mem_gib:g} GiB, {args.plan_device}, rollout {args.rollout_impl}",
+             f"  rollout: {plan['rows']} rows (prompts per generate call x G) x ({plan['prompt_tokens']} prompt "
+             f"+ {args.max_new_tokens} new tokens); update: micro-batch {args.micro_batch}, "
+             f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}"]
+    for phase in ("fixed", "rollout", "update", "optimizer"):
+        lines.append(f"  {phase:9s} {plan[phase] / GIB:8.2f} GiB")
+        lines += [f"      {b / GIB:8.2f}  {name}" for p, name, b in plan["items"] if p == phase]
+    fits = plan["peak"] <= headroom * budget
+    lines.append(f"  peak = fixed + {plan['peak_phase']} = {plan['peak'] / GIB:.2f} GiB of {args.gpu_mem_gib:g} GiB "
+                 f"-> {'FITS' if fits else 'DOES NOT FIT'} (wants {1 - headroom:.0%} headroom for the allocator, "
+                 f"CUDA context and NCCL buffers)")
+    if not fits:
+        tries = [("rollout_batch", k) for k in range(args.rollout_batch - 1, 0, -1)] + \
+                [("micro_batch", k) for k in range(args.micro_batch - 1, 0, -1)] + \
+                ([("grad_checkpointing", True)] if not args.grad_checkpointing else []) + \
+                [("gpus", args.gpus * 2)]
+        for name, value in tries:
+            p = plan_from_args(args, counts=n, **{name: value})
+            if p["peak"] <= headroom * budget:
+                flag = "--" + name.replace("_", "-") + ("" if value is True else f" {value}")
+                lines.append(f"  change: {flag} -> peak {p['peak'] / GIB:.2f} GiB")
+                break
+        else:
+            lines.append("  change: no single flag makes it fit; lower --max-new-tokens or --group-size")
+    return "\n".join(lines), plan
