@@ -2304,6 +2304,12 @@ def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
     assert "percentile rank" in report and "from dl3dv, re10k" in report
     assert "| model | overall (n=2) | dl3dv (n=1) | re10k (n=1) |" in report
     assert "| m | 100.0 | 100.0 | 100.0 |" in report and "| baseline_none | 0.0 | 0.0 | 0.0 |" in report
+    # a metrics.json of an older run (pooled widest tasks, no scene x level) still renders, with "-" there
+    older = {k: v for k, v in all_metrics["baseline_none"].items() if k != "by_scene_type_level"}
+    older["widest"] = dict(k=2, min_delta_v=0.6, overall=older["overall"], by_source={})
+    evaluate.write_report(tmp_path, dict(all_metrics, old=older), "t.jsonl", {})
+    report = (tmp_path / "report.md").read_text()
+    assert "| old | - | - | - |" in report and "| old | indoor" not in report
 
 
 def test_evaluate_resumed_rows_take_pair_id_from_the_task(tmp_path):
