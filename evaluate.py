@@ -388,6 +388,41 @@ def breakdown(rows, key):
     return {str(k): group_metrics(groups[k]) for k in sorted(groups)}
 
 
+WIDEST_SOURCES = ("dl3dv", "re10k", "uco3d")  # the sources of the paper's widest table
+
+
+def widest_default_sources(tasks):
+    """The paper's widest-table sources (dl3dv, re10k, uco3d) that occur in the tasks; all their sources when
+    none of them does (e.g. the synthetic demo)."""
+    present = sorted({t["source"] for t in tasks})
+    return [s for s in present if s in WIDEST_SOURCES] or present
+
+
+def widest_pairs(tasks, k=90, sources=None):
+    """The paper's "90 largest viewpoint differences" as a pure rule on task dicts (pair_id, source, delta_v):
+    each pair's Δv percentile rank among the pairs of its own source (fraction of that source's pairs whose Δv
+    is <= its own, so the widest pair of every source has rank 1; Δv scales differ between sources, so raw Δv
+    is never compared across them), then the k pairs with the highest rank from `sources` (default
+    widest_default_sources), ties broken by larger Δv, then pair_id. Returns the pair_ids, highest rank first.
+    Every task of a chosen pair belongs to the subset."""
+    dv = {}
+    for t in tasks:
+        pid = t["pair_id"]
+        if pid in dv and dv[pid][1] != t["delta_v"]:
+            raise ValueError(f"widest_pairs: pair {pid} has tasks with different delta_v "
+                             f"({dv[pid][1]} and {t['delta_v']})")
+        dv[pid] = (t["source"], t["delta_v"])
+    keep = set(widest_default_sources(tasks) if sources is None else sources)
+    ranked = []
+    for src in sorted({s for s, _ in dv.values()} & keep):
+        values = np.sort([v for s, v in dv.values() if s == src])
+        for pid, (s, v) in dv.items():
+            if s == src:
+                ranked.append((np.searchsorted(values, v, side="right") / len(values), v, pid))
+    ranked.sort(key=lambda r: (-r[0], -r[1], r[2]))
+    return [pid for _, _, pid in ranked[:k]]
+
+
 def widest_rows(rows, k):
     """The k rows with the largest delta_v (ties: task_id)."""
     return sorted(rows, key=lambda r: (-r["delta_v"], r["task_id"]))[:k]

@@ -1667,6 +1667,41 @@ def test_evaluate_tiny_model_run_dir_deterministic_resumes(evaluate_tasks, evalu
     assert _evaluate_metrics(tmp_path / "a", "tiny") == _evaluate_metrics(tmp_path / "b", "tiny")
 
 
+# -----------------------------------------------------------------------------
+# the widest subset (issue 13): per-source Δv percentile rank, whole pairs
+
+def _widest_tasks(spec):
+    """Tasks from {pair_id: (source, delta_v, n_tasks)}."""
+    return [dict(task_id=f"{pid}-{k}", pair_id=pid, source=s, delta_v=dv)
+            for pid, (s, dv, n) in spec.items() for k in range(n)]
+
+
+def test_evaluate_widest_pairs_rank_within_source():
+    # source a (Δv 0.1..0.4): ranks 1/4, 2/4, 3/4, 1; source b (Δv 5, 10, larger scale): ranks 1/2, 1
+    tasks = _widest_tasks({"a1": ("a", 0.1, 2), "a2": ("a", 0.2, 1), "a3": ("a", 0.3, 3), "a4": ("a", 0.4, 1),
+                           "b1": ("b", 5.0, 2), "b2": ("b", 10.0, 1)})
+    # rank 1 tie (b2, a4): larger Δv first; rank 1/2 tie (b1, a2) likewise
+    assert evaluate.widest_pairs(tasks, k=10) == ["b2", "a4", "a3", "b1", "a2", "a1"]
+    assert evaluate.widest_pairs(tasks, k=3) == ["b2", "a4", "a3"]  # pairs, not tasks: a3 has 3 tasks
+    assert evaluate.widest_pairs(tasks, k=3, sources=["a"]) == ["a4", "a3", "a2"]
+    assert evaluate.widest_pairs(random.Random(0).sample(tasks, len(tasks)), k=10) == \
+        evaluate.widest_pairs(tasks, k=10)  # file order does not matter
+    # equal Δv inside a source: equal rank, then pair_id
+    ties = _widest_tasks({"c2": ("c", 1.0, 1), "c1": ("c", 1.0, 1), "c3": ("c", 0.5, 1)})
+    assert evaluate.widest_pairs(ties, k=3) == ["c1", "c2", "c3"]
+    with pytest.raises(ValueError, match="a1"):
+        evaluate.widest_pairs(tasks + [dict(task_id="x", pair_id="a1", source="a", delta_v=0.9)])
+
+
+def test_evaluate_widest_default_sources():
+    tasks = _widest_tasks({"d1": ("dl3dv", 0.2, 1), "d2": ("dl3dv", 0.1, 1), "s1": ("scannet", 9.0, 1),
+                           "u1": ("uco3d", 0.3, 1)})
+    assert evaluate.widest_default_sources(tasks) == ["dl3dv", "uco3d"]
+    assert evaluate.widest_pairs(tasks) == ["u1", "d1", "d2"]  # scannet is not in the paper's widest table
+    demo = _widest_tasks({"s1": ("scannet", 0.2, 1), "c1": ("co3d", 0.5, 1)})
+    assert evaluate.widest_default_sources(demo) == ["co3d", "scannet"]  # none of the paper's: all sources
+
+
 # ==============================================================================
 # HATCH: PaStA cell correspondence and loss, ActoR actions and reward, grpo with both
 # ==============================================================================
