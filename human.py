@@ -38,7 +38,8 @@ instead of coming in file order; tasks.jsonl records the order.
 
 Departures from the paper: its human study is not published (protocol, interface, instructions unknown). Ours
 shows the model's prompted images and prompt, scores answers with the training reward's code, and by default
-uses the widest-Δv subset of evaluate.py (--widest K pairs, every task of them; the paper: 90 widest pairs).
+uses the widest-Δv subset of evaluate.py (evaluate.widest_pairs: the K pairs of highest Δv rank within their
+source, every task of them; the paper: its 90 widest pairs).
 """
 
 import argparse
@@ -415,22 +416,29 @@ function nextOpenTask() {
   }
 }
 
-// a click on an image -> the point whose label box holds it, else the nearest marker within reach
-function hit(e, img, points, boxes, size, reach) {
-  const r = img.getBoundingClientRect();
-  const x = (e.clientX - r.left) * size[0] / r.width - 0.5, y = (e.clientY - r.top) * size[1] / r.height - 0.5;
-  let best = -1, bestD = reach;
-  points.forEach((p, j) => { const d = Math.hypot(p[0] - x, p[1] - y); if (d <= bestD) { best = j; bestD = d; } });
-  if (best < 0) best = boxes.findIndex((b) => x >= b[0] - 1 && x <= b[2] + 1 && y >= b[1] - 1 && y <= b[3] + 1);
-  return best;
+// a click on an image -> the point whose marker it is on, else whose label box holds it, else the nearest
+// marker within reach (markers are drawn over label boxes, so a marker wins where the two overlap)
+function hit(e, img, points, boxes, size, r) {
+  const rect = img.getBoundingClientRect();
+  const x = (e.clientX - rect.left) * size[0] / rect.width - 0.5;
+  const y = (e.clientY - rect.top) * size[1] / rect.height - 0.5;
+  const nearest = (reach) => {
+    let best = -1, bestD = reach;
+    points.forEach((p, j) => { const d = Math.hypot(p[0] - x, p[1] - y); if (d <= bestD) { best = j; bestD = d; } });
+    return best;
+  };
+  const on = nearest(r + 2);
+  if (on >= 0) return on;
+  const box = boxes.findIndex((b) => x >= b[0] - 1 && x <= b[2] + 1 && y >= b[1] - 1 && y <= b[3] + 1);
+  return box >= 0 ? box : nearest(2.5 * r + 4);
 }
 
 $("img2").addEventListener("click", (e) => {
-  const t = task(), j = hit(e, $("img2"), t.y_points, t.y_boxes, t.sizes[1], 2.5 * t.radius[1] + 4);
+  const t = task(), j = hit(e, $("img2"), t.y_points, t.y_boxes, t.sizes[1], t.radius[1]);
   if (j >= 0) setAnswer(t.y_labels[j]);
 });
 $("img1").addEventListener("click", (e) => {
-  const t = task(), i = hit(e, $("img1"), t.x_points, t.x_boxes, t.sizes[0], 2.5 * t.radius[0] + 4);
+  const t = task(), i = hit(e, $("img1"), t.x_points, t.x_boxes, t.sizes[0], t.radius[0]);
   if (i >= 0) { active = i; render(); }
 });
 $("none").addEventListener("click", () => setAnswer(null));
