@@ -313,7 +313,7 @@ function answerText(a) {  // reward.format_answer: "i: LABEL" or "i: none", in p
 
 // ---- drawing: rings over the prompted images (SVG in drawn-pixel units; pixel centres at integers)
 function ring(svg, p, r, color, width, dash) {  // a coloured ring on a white halo, visible on any texture
-  for (const [stroke, w] of [["#fff", width + 3], [color, width]]) {
+  for (const [stroke, w] of [["#fff", width + 2], [color, width]]) {
     const c = document.createElementNS(SVG, "circle");
     c.setAttribute("cx", p[0] + 0.5); c.setAttribute("cy", p[1] + 0.5); c.setAttribute("r", r);
     c.setAttribute("fill", "none"); c.setAttribute("stroke", stroke); c.setAttribute("stroke-width", w);
@@ -328,20 +328,20 @@ function drawOverlays() {
   const [ov1, ov2] = [$("ov1"), $("ov2")];
   [ov1, ov2].forEach((s, k) => { s.setAttribute("viewBox", "0 0 " + t.sizes[k][0] + " " + t.sizes[k][1]);
                                   s.setAttribute("preserveAspectRatio", "none"); s.replaceChildren(); });
-  const [r1, r2] = t.radius.map((r) => 2.2 * r + 3);
+  const [r1, r2] = t.radius.map((r) => r + 3);  // tight: the label boxes start just outside the marker
   for (let i = 0; i < t.n; i++) {
     const key = String(i + 1);
     if (key in a) ring(ov1, t.x_points[i], r1, a[key] === null ? "#888" : "#11813a", 2);
   }
-  ring(ov1, t.x_points[active], r1 + 2, "#d0169e", 4);
+  ring(ov1, t.x_points[active], r1 + 1, "#d0169e", 3);
   const mine = answers()[String(active + 1)];
   for (const [key, lab] of Object.entries(a)) {
     if (lab !== null && key !== String(active + 1)) ring(ov2, t.y_points[t.y_labels.indexOf(lab)], r2, "#11813a", 2);
   }
-  if (mine) ring(ov2, t.y_points[t.y_labels.indexOf(mine)], r2 + 2, "#d0169e", 4);
+  if (mine) ring(ov2, t.y_points[t.y_labels.indexOf(mine)], r2 + 1, "#d0169e", 3);
   if (DATA.show_truth && mine !== undefined) {
     const truth = t.target[active];
-    if (truth !== null) ring(ov2, t.y_points[t.y_labels.indexOf(truth)], r2 + 7, "#ff8c00", 3, true);
+    if (truth !== null) ring(ov2, t.y_points[t.y_labels.indexOf(truth)], r2 + 5, "#ff8c00", 2, true);
   }
 }
 
