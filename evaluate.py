@@ -8,6 +8,12 @@ Usage (CPU demo, after make_tasks.py and tiny_model.py / grpo.py):
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --max-new-tokens 2048 --device cuda
 Baselines only (no torch needed):  python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
+Answers made by any other tool (no model, no torch):
+    python evaluate.py --answers their_answers.jsonl --name their-model --tasks tasks/test.jsonl --out eval
+    their_answers.jsonl: one JSON object a line, {"task_id": "<a task_id of the tasks file>", "text": "<the
+    model's raw answer to that task's prompt>"}. Scored with reward.score like our models' completions, from
+    scratch on every run (edit the file, rerun); a task without a line is scored as an unanswered (empty) answer
+    and counted in n_missing; a task_id the tasks file lacks, or one given twice, is an error naming it.
 
 CKPT may be a checkpoint dir (runs/x/step_000010/), a run dir (its latest step_*/ via grpo.latest_checkpoint),
 any local Hugging Face model dir, or a hub id; put CKPTs before --baseline. Decoding is greedy unless
@@ -26,11 +32,18 @@ baseline_sift, baseline_random, baseline_none):
     <out>/<name>/run.json           what the predictions were made with (ckpt, tasks file hash, decoding);
         a rerun with different settings into the same dir stops with an error instead of mixing predictions.
     <out>/<name>/metrics.json       aggregate(rows): overall and by source / level / scene_type / spatial / bin /
-        level x bin, and the widest-Δv subset (the --widest tasks with the largest Δv, overall and by source).
+        level x bin, and the widest-Δv subset (the --widest tasks with the largest Δv, overall and by source);
+        plus model / kind (model, answers, baseline) / source, tasks_sha (sha256 of the tasks file, first 16 hex)
+        and limit (--limit) that say which tasks it was made on, n_missing (tasks with no answer in an --answers
+        file; their rows carry "missing": true) and usage ({prompt_tokens, completion_tokens} summed over the rows
+        that report token usage, else null).
     <out>/<name>/show/*.png         with --show K: both images side by side with the labelled points; model links
         green (correct) or red (wrong), ground-truth links dashed grey, rings on points answered "none"
         (green: correct none, orange: missed match) or not answered (magenta).
-    <out>/report.md, <out>/f1_vs_bin.png (F1 vs overlap bin, one panel per level), <out>/f1_by_source.png.
+    <out>/report.md, <out>/f1_vs_bin.png (F1 vs overlap bin, one panel per level), <out>/f1_by_source.png:
+        every model with a <out>/*/metrics.json made on the same tasks file (same tasks_sha and limit), this run's
+        and earlier runs', one row each under its directory name; so models evaluated in separate runs (a local
+        checkpoint, an API model, an answers file) land in one table.
 
 Metrics. Per task, reward.score gives precision = correct links / links predicted (answers other than none),
 recall = correct links / ground-truth links, f1 (both ratios are 1 when nothing is claimed and nothing exists),
@@ -188,17 +201,52 @@ def read_predictions(path):
     return rows
 
 
-def check_run_info(model_dir, info):
-    """Refuse to resume into predictions that were made with different settings."""
+def check_run_info(model_dir, info, keys=None):
+    """Refuse to resume into predictions that were made with different settings (only `keys` compared, if given:
+    re-scored answers replace their predictions whatever changed, but never a model's)."""
     p = model_dir / "run.json"
     if p.exists():
         old = json.loads(p.read_text())
-        if old != info:
-            diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
+        diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k) and (keys is None or k in keys))
+        if diff:
             sys.exit(f"evaluate.py: error: {p} was made with other settings ({', '.join(diff)}); "
                      f"use another --out or delete {model_dir}")
     model_dir.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_answers(path, all_ids):
+    """{task_id: text} of an answers file (one JSON object {"task_id": ..., "text": ...} a line, made by any
+    tool). A line that is not such an object, a task_id the tasks file does not have, or one given twice is an
+    error naming the file, the line and the task_id."""
+    answers = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--answers {path} line {lineno}"
+            try:
+                a = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
+            if not isinstance(a, dict) or not isinstance(a.get("task_id"), str) or not isinstance(a.get("text"), str):
+                sys.exit(f"evaluate.py: error: {where} is not an object with a string task_id and a string text")
+            tid = a["task_id"]
+            if tid not in all_ids:
+                sys.exit(f"evaluate.py: error: {where}: unknown task_id {tid!r} (not in the tasks file)")
+            if tid in answers:
+                sys.exit(f"evaluate.py: error: {where}: duplicate task_id {tid!r} (answered twice)")
+            answers[tid] = a["text"]
+    return answers
+
+
+def score_answers(tasks, answers, model_dir):
+    """Score every task from scratch (answers are cheap to re-score, and the file may have changed) and rewrite
+    predictions.jsonl; a task without an answer is scored as the empty (unparseable) answer, flagged missing."""
+    rows = [score_row(t, answers[t["task_id"]]) if t["task_id"] in answers else score_row(t, "", missing=True)
+            for t in tasks]
+    (model_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def predict(make_answerer, tasks, model_dir, batch_size, desc):
@@ -443,6 +491,30 @@ def aggregate(rows, widest=90):
                        by_source=breakdown(w, "source"))
     return m
 
+def run_metrics(name, kind, source, rows, tasks_sha, limit, widest):
+    """metrics.json of one model: aggregate(rows) plus what the report needs to put runs side by side (the tasks
+    file's hash and --limit), the unanswered count and the summed token usage (None when no row has usage)."""
+    used = [r["usage"] for r in rows if r.get("usage")]
+    usage = {k: sum(u[k] for u in used) for k in ("prompt_tokens", "completion_tokens")} if used else None
+    return dict(model=name, kind=kind, source=source, tasks_sha=tasks_sha, limit=limit,
+                n_missing=sum(bool(r.get("missing")) for r in rows), usage=usage, **aggregate(rows, widest))
+
+
+def report_metrics(out, current, tasks_sha, limit):
+    """This run's metrics plus every other <out>/*/metrics.json made on the same tasks (file hash and --limit),
+    so models evaluated in separate runs share one report; models first, then baselines, each by name."""
+    found = dict(current)
+    for p in sorted(out.glob("*/metrics.json")):
+        if p.parent.name in found:
+            continue
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            sys.exit(f"evaluate.py: error: {p} is not JSON ({e}); delete it or rerun that model")
+        if m.get("tasks_sha") == tasks_sha and m.get("limit") == limit and m.get("overall"):
+            found[p.parent.name] = m
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].get("kind") == "baseline", kv[0])))
+
 # -----------------------------------------------------------------------------
 # outputs: report, plots, side-by-side pictures
 
@@ -600,6 +672,8 @@ def write_shows(show_dir, tasks, rows, k, name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpts", nargs="*", metavar="CKPT", help="step dir, run dir, HF model dir or hub id")
+    parser.add_argument("--answers", help="score this jsonl of {task_id, text} made by any other tool")
+    parser.add_argument("--name", help="report name of the --answers model (default: the file's stem)")
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
@@ -620,43 +694,55 @@ def main(argv=None):
     tasks_path = Path(args.tasks)
     if not tasks_path.is_file():
         sys.exit(f"evaluate.py: error: --tasks {tasks_path} does not exist")
-    if not args.ckpts and not args.baseline:
-        sys.exit("evaluate.py: error: give at least one CKPT or --baseline")
+    if not args.ckpts and not args.baseline and not args.answers:
+        sys.exit("evaluate.py: error: give at least one CKPT, --baseline or --answers")
+    if args.answers and not Path(args.answers).is_file():
+        sys.exit(f"evaluate.py: error: --answers {args.answers} does not exist")
+    if args.name and not args.answers:
+        sys.exit("evaluate.py: error: --name names the --answers model; give --answers too")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    tasks = load_tasks(tasks_path)
+    tasks = all_tasks = load_tasks(tasks_path)
     if args.limit:
         tasks = tasks[:args.limit]
     if not tasks:
         sys.exit(f"evaluate.py: error: --tasks {tasks_path} has no tasks")
     tasks_sha = hashlib.sha256(tasks_path.read_bytes()).hexdigest()[:16]
 
-    # what to evaluate: models first, then baselines, each under a unique directory name
+    # what to evaluate: models, answers files, then baselines, each under a unique directory name
     resolved = [resolve_ckpt(c) for c in args.ckpts]
-    names = unique_names([model_name(c) for c in resolved] + [f"baseline_{b}" for b in args.baseline])
-    entries = [(n, "model", c) for n, c in zip(names, resolved)] + \
-              [(n, "baseline", b) for n, b in zip(names[len(resolved):], args.baseline)]
+    entries = [("model", c, model_name(c)) for c in resolved]
+    if args.answers:
+        entries.append(("answers", str(Path(args.answers).resolve()),
+                        args.name or re.sub(r"[^A-Za-z0-9._-]", "_", Path(args.answers).stem).strip("._") or "answers"))
+    entries += [("baseline", b, f"baseline_{b}") for b in args.baseline]
+    entries = [(n, kind, what) for n, (kind, what, _) in zip(unique_names([e[2] for e in entries]), entries)]
 
     all_metrics, shows = {}, {}
     for name, kind, what in entries:
         model_dir = out / name
         info = dict(kind=kind, what=what, tasks_sha=tasks_sha, seed=args.seed)
-        if kind == "model":
-            info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-            make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+        if kind == "answers":  # re-scored from scratch every run: nothing to resume, only a model's dir to protect
+            check_run_info(model_dir, dict(kind=kind, what=what, tasks_sha=tasks_sha), keys=("kind",))
+            rows = score_answers(tasks, read_answers(args.answers, {t["task_id"] for t in all_tasks}), model_dir)
         else:
-            if what == "sift":
-                info.update({k: getattr(args, k) for k in ("sift_size", "sift_epi", "sift_ratio", "sift_max_dist")})
-            make_answerer = lambda: baseline_answerer(what, args)
-        check_run_info(model_dir, info)
-        rows = predict(make_answerer, tasks, model_dir, args.batch_size, name)
-        metrics = dict(model=name, kind=kind, source=what, **aggregate(rows, args.widest))
+            if kind == "model":
+                info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+                make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+            else:
+                if what == "sift":
+                    info.update({k: getattr(args, k) for k in ("sift_size", "sift_epi", "sift_ratio", "sift_max_dist")})
+                make_answerer = lambda: baseline_answerer(what, args)
+            check_run_info(model_dir, info)
+            rows = predict(make_answerer, tasks, model_dir, args.batch_size, name)
+        metrics = run_metrics(name, kind, what, rows, tasks_sha, args.limit, args.widest)
         (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         all_metrics[name] = metrics
         if args.show:
             shows[name] = write_shows(model_dir / "show", tasks, rows, args.show, name)
 
+    all_metrics = report_metrics(out, all_metrics, tasks_sha, args.limit)
     plot_f1_vs_bin(out, all_metrics)
     plot_f1_by_source(out, all_metrics)
     write_report(out, all_metrics, tasks_path, shows)

@@ -1707,6 +1707,65 @@ def test_evaluate_widest_default_sources():
 
 
 # -----------------------------------------------------------------------------
+# answers from other tools: evaluate.py --answers FILE --name NAME
+
+
+def _evaluate_write_answers(path, pairs):
+    path.write_text("".join(json.dumps(dict(task_id=tid, text=text)) + "\n" for tid, text in pairs))
+    return path
+
+
+def _evaluate_exit_line(argv):
+    """The one-line message evaluate.main exits with."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("evaluate.py: error:") and "\n" not in msg
+    return msg
+
+
+def test_evaluate_answers_scored_counted_refused_and_reported(evaluate_tasks, evaluate_baselines, tmp_path):
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    gold = [(t["task_id"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])})) for t in tasks]
+    out = tmp_path / "eval"
+    shutil.copytree(evaluate_baselines / "baseline_none", out / "baseline_none")  # evaluated in an earlier run
+    args = lambda f, *extra: ["--answers", str(f), "--tasks", str(evaluate_tasks), "--out", str(out), *extra]
+    # answers equal to the targets, in any order: F1 100 on every task, nothing missing
+    evaluate.main(args(_evaluate_write_answers(tmp_path / "gold.jsonl", gold[::-1]), "--name", "oracle"))
+    m = _evaluate_metrics(out, "oracle")
+    assert (m["overall"]["f1"], m["overall"]["match_acc"], m["overall"]["n_tasks"], m["n_missing"]) == \
+        (1.0, 1.0, len(tasks), 0)
+    assert (m["kind"], m["usage"], m["tasks_sha"]) == ("answers", None, _evaluate_metrics(out, "baseline_none")["tasks_sha"])
+    assert [r["task_id"] for r in _evaluate_rows(out, "oracle")] == [t["task_id"] for t in tasks]
+    # separate runs land in one report: the baseline of the earlier run has its row beside the answers
+    report = (out / "report.md").read_text()
+    assert "| oracle | 100.0 |" in report and "| baseline_none |" in report
+    # the file changes, the same name re-scores from scratch: two tasks unanswered count as missing, scored 0
+    f = _evaluate_write_answers(tmp_path / "gold.jsonl", gold[2:])
+    evaluate.main(args(f, "--name", "oracle"))
+    m = _evaluate_metrics(out, "oracle")
+    rows = _evaluate_rows(out, "oracle")
+    assert m["n_missing"] == 2 and m["overall"]["n_tasks"] == len(tasks)
+    assert m["overall"]["f1"] == pytest.approx((len(tasks) - 2) / len(tasks))
+    assert [r.get("missing", False) for r in rows[:3]] == [True, True, False] and rows[0]["f1"] == 0
+    # duplicate, unknown, malformed lines: one-line errors naming the task / line; nothing is written
+    before = (out / "oracle" / "metrics.json").read_text()
+    dup = _evaluate_write_answers(tmp_path / "dup.jsonl", gold + [gold[3]])
+    assert f"duplicate task_id {gold[3][0]!r}" in _evaluate_exit_line(args(dup, "--name", "oracle"))
+    unknown = _evaluate_write_answers(tmp_path / "unknown.jsonl", gold[:1] + [("no-such-task", "1: A")])
+    assert "unknown task_id 'no-such-task'" in _evaluate_exit_line(args(unknown, "--name", "oracle"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(task_id=gold[0][0], text="1: A")) + "\n" + '{"task_id": 3}\n')
+    assert "bad.jsonl line 2" in _evaluate_exit_line(args(bad, "--name", "oracle"))
+    assert (out / "oracle" / "metrics.json").read_text() == before
+    # a model's predictions are never overwritten by answers given the same name
+    assert "other settings (kind)" in _evaluate_exit_line(args(f, "--name", "baseline_none"))
+    # default name: the file's stem
+    evaluate.main(args(f))
+    assert _evaluate_metrics(out, "gold")["n_missing"] == 2
+
+
+# -----------------------------------------------------------------------------
 # human baseline page (human.py, issue 16): the page's data, then a real browser answering it
 
 
@@ -1817,6 +1876,7 @@ def _human_click_point(page, task, j, side=2):
 
 
 def test_human_page_in_browser_answers_persist_download_and_score(human_browser, human_page, tmp_path):
+    """Four of the five tasks answered (the third with one deliberate mistake), the fifth left open."""
     tasks = evaluate.load_tasks(human_page / "page" / "tasks.jsonl")  # page order
     context, page, requests = _human_open(human_browser, human_page / "page")
     expected = []  # the mapping each answered task should get
@@ -1855,8 +1915,21 @@ def test_human_page_in_browser_answers_persist_download_and_score(human_browser,
     lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [(a["task_id"], a["text"], a["seconds"]) for a in lines] == \
         [(t["task_id"], reward.format_answer(m), k + 2.0) for k, (t, m) in enumerate(zip(tasks, expected))]
+    # scored like a model, next to one: what the reward code says of the intended answers; unanswered tasks 0
     f1 = [reward.score(reward.format_answer(m), t)["f1"] for t, m in zip(tasks, expected)]
-    assert f1[:2] + f1[3:] == [1.0, 1.0, 1.0] and f1[2] < 1.0  # independent of the page: the reward's code
+    assert f1[:2] + f1[3:] == [1.0, 1.0, 1.0] and f1[2] < 1.0
+    f1 += [0.0] * (len(tasks) - len(expected))
+    common = ["--tasks", str(human_page / "page" / "tasks.jsonl"), "--out", str(tmp_path / "eval")]
+    evaluate.main(common + ["--baseline", "none"])
+    evaluate.main(common + ["--answers", str(tmp_path / "answers.jsonl"), "--name", "human"])
+    rows = {r["task_id"]: r for r in _evaluate_rows(tmp_path / "eval", "human")}
+    assert [rows[t["task_id"]]["f1"] for t in tasks] == f1
+    m = _evaluate_metrics(tmp_path / "eval", "human")
+    assert m["n_missing"] == len(tasks) - len(expected) and m["overall"]["f1"] == pytest.approx(sum(f1) / len(tasks))
+    report = (tmp_path / "eval" / "report.md").read_text()
+    overall, widest = report.split("## Overall")[1].split("\n## ")[0], report.split("## Widest")[1].split("\n## ")[0]
+    assert f"| human | {100 * m['overall']['f1']:.1f} |" in overall and "| baseline_none |" in overall
+    assert "| human |" in widest and "| baseline_none |" in widest
     shot = Image.open(tmp_path / "task.png")
     assert shot.size == (1280, 760) and (tmp_path / "task.png").stat().st_size > 50_000
     assert np.asarray(shot.convert("L"), float).std() > 20  # the images are there, not a blank page
