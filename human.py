@@ -15,6 +15,8 @@ Outputs (in --out):
     index.html   one self-contained page: the tasks' data and both prompted images of every task embedded as data
                  URLs (the image files' own bytes, so people see exactly the pixels the model sees), inline CSS and
                  JavaScript, nothing fetched.
+                 About 0.4 MB per task at make_tasks.py's 640 px; a 230-task page (97 MB) opened in about 4 s in
+                 headless Chromium here.
     tasks.jsonl  the tasks on the page, in page order: the input's task objects unchanged except "images", rewritten
                  relative to --out so evaluate.py (or a model) can still open them from there.
     args.json    the arguments.
@@ -29,7 +31,9 @@ localStorage under "widematch-human/<first 16 hex of sha256(tasks.jsonl)>" (plus
 so a closed tab loses nothing and pages made from other task files (file:// pages share one storage) never mix.
 Seconds per task: time the task was on screen while the tab was visible. "Download answers" saves answers.jsonl,
 one line per task with at least one point answered: {"task_id", "text", "seconds"}, text in reward.py's grammar
-("<answer>\\n1: C\\n2: none\\n</answer>", lines in point order; a partly answered task scores as a partial answer).
+("<answer>\\n1: C\\n2: none\\n</answer>", lines in point order). evaluate.py --answers scores it with reward.score:
+a partly answered task as a partial answer, a task with no line as 0 (counted in its n_missing); seconds are
+for the people running the study (evaluate.py does not read them).
 --show-truth embeds the targets and, after each answer, marks it right or wrong and rings the true letter (and
 shows source, level, bin and Δv); the default page contains no targets, so the page source gives nothing away.
 
