@@ -1774,9 +1774,19 @@ HUMAN_WIDEST = 5
 
 def _human_page_data(html_path):
     """The JSON the page embeds (tasks, images, storage key)."""
-    html = html_path.read_text(encoding="utf-8")
-    start = html.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    html, tag = html_path.read_text(encoding="utf-8"), '<script id="data" type="application/json">'
+    start = html.index(tag) + len(tag)
     return json.loads(html[start:html.index("</script>", start)])
+
+
+def test_human_subset_is_every_task_of_the_widest_pairs():
+    tasks = _widest_tasks({"a1": ("a", 0.1, 2), "a2": ("a", 0.2, 1), "a3": ("a", 0.3, 3), "b1": ("b", 5.0, 2)})
+    chosen = human.select_tasks(tasks, 2, every=False)  # b1 and a3 rank 1 within their sources
+    assert sorted(t["task_id"] for t in chosen) == ["a3-0", "a3-1", "a3-2", "b1-0", "b1-1"]
+    assert human.select_tasks(tasks, 2, every=True) == tasks
+    order = [t["task_id"] for t in human.page_order(tasks, seed=0)]
+    assert order == [t["task_id"] for t in human.page_order(tasks[::-1], seed=0)]  # not the file's order
+    assert sorted(order) == sorted(t["task_id"] for t in tasks) and order != sorted(order)
 
 
 @pytest.fixture(scope="module")
