@@ -5,6 +5,7 @@ in a browser; evaluate.py scores the answers they download next to the models, w
 Usage:
     python human.py --tasks tasks/test.jsonl --out human             # the widest-Δv subset (evaluate.py's rule)
     python human.py --tasks tasks/test.jsonl --out human --widest 30 # a smaller widest subset
+    python human.py --tasks tasks/test.jsonl --out human --widest-sources dl3dv,re10k   # as evaluate.py's flag
     python human.py --tasks tasks/test.jsonl --out human_all --all   # every task of the file
     python human.py --tasks tasks/train.jsonl --out look --all --show-truth   # inspect a pool or a prompt by hand
 Then open human/index.html (double-click it: file://, no server, no network), answer, press "Download answers"
@@ -67,11 +68,12 @@ PAGE_FIELDS = ("scale1", "scale2", "size1", "size2")  # drawing geometry make_ta
 # which tasks, in which order
 
 
-def select_tasks(tasks, widest, every):
-    """Every task (every=True) or every task of the widest pairs by evaluate.py's rule (--widest K pairs)."""
+def select_tasks(tasks, widest, every, sources=None):
+    """Every task (every=True) or every task of the widest pairs by evaluate.py's rule (--widest K pairs from
+    --widest-sources; None: evaluate's default sources)."""
     if every:
         return list(tasks)
-    chosen = set(evaluate.widest_pairs(tasks, k=widest))
+    chosen = set(evaluate.widest_pairs(tasks, k=widest, sources=sources))
     return [t for t in tasks if t["pair_id"] in chosen]
 
 
@@ -161,6 +163,8 @@ def parse_args(argv=None):
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--widest", type=int, default=90, help="the K widest-Δv pairs, as evaluate.py --widest")
     which.add_argument("--all", action="store_true", help="every task of the file")
+    ap.add_argument("--widest-sources", default=None, help="comma-separated sources of the widest pairs, as "
+                    "evaluate.py (default: dl3dv, re10k, uco3d where present, else every source)")
     ap.add_argument("--show-truth", action="store_true", help="reveal the ground truth after each answer")
     ap.add_argument("--seed", type=int, default=0, help="page order shuffle")
     return ap.parse_args(argv)
@@ -173,7 +177,8 @@ def main(argv=None):
         sys.exit(f"human.py: error: --tasks {tasks_path} does not exist")
     if not args.all and args.widest < 1:
         sys.exit("human.py: error: --widest must be at least 1 (or use --all)")
-    tasks = page_order(select_tasks(evaluate.load_tasks(tasks_path), args.widest, args.all), args.seed)
+    sources = args.widest_sources.split(",") if args.widest_sources else None
+    tasks = page_order(select_tasks(evaluate.load_tasks(tasks_path), args.widest, args.all, sources), args.seed)
     if not tasks:
         sys.exit(f"human.py: error: --tasks {tasks_path} has no tasks")
     for t in tasks:

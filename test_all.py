@@ -1784,6 +1784,7 @@ def test_human_subset_is_every_task_of_the_widest_pairs():
     chosen = human.select_tasks(tasks, 2, every=False)  # b1 and a3 rank 1 within their sources
     assert sorted(t["task_id"] for t in chosen) == ["a3-0", "a3-1", "a3-2", "b1-0", "b1-1"]
     assert human.select_tasks(tasks, 2, every=True) == tasks
+    assert sorted(t["task_id"] for t in human.select_tasks(tasks, 1, False, sources=["a"])) == ["a3-0", "a3-1", "a3-2"]
     order = [t["task_id"] for t in human.page_order(tasks, seed=0)]
     assert order == [t["task_id"] for t in human.page_order(tasks[::-1], seed=0)]  # not the file's order
     assert sorted(order) == sorted(t["task_id"] for t in tasks) and order != sorted(order)
