@@ -1875,15 +1875,22 @@ def _human_open(browser, page_dir):
     return context, page, requests
 
 
-def _human_click_point(page, task, j, side=2):
+def _human_click_point(page, task, j, side=2, on_label=False):
     """Click the j-th drawn marker of image 1 or 2 where a person sees it: the task's original-pixel point through
-    the drawing scale, scaled to the image as displayed."""
+    the drawing scale, scaled to the image as displayed; on_label: the centre of its label box, where make_tasks
+    draws it."""
     img = page.locator("img").nth(side - 1)
     page.evaluate("Promise.all([...document.images].map(i => i.decode()))")  # the task's images are laid out
     box = img.bounding_box()
-    (x, y), (sx, sy) = task["y_points" if side == 2 else "x_points"][j], task[f"scale{side}"]
     W, H = task[f"size{side}"]
-    page.mouse.click(box["x"] + (x + 0.5) * sx * box["width"] / W, box["y"] + (y + 0.5) * sy * box["height"] / H)
+    x, y = make_tasks.to_drawn([task["y_points" if side == 2 else "x_points"][j]], task[f"scale{side}"])[0]
+    if on_label:
+        _, _, geom = make_tasks.draw_prompts(Image.open(task["originals"][0]), Image.open(task["originals"][1]),
+                                             task["x_points"], task["y_points"], task["x_labels"], task["y_labels"],
+                                             max(task["size1"]), return_geometry=True)
+        x0, y0, x1, y1 = geom[f"labels{side}"][j]["box"]
+        x, y = (x0 + x1) / 2, (y0 + y1) / 2
+    page.mouse.click(box["x"] + (x + 0.5) * box["width"] / W, box["y"] + (y + 0.5) * box["height"] / H)
 
 
 def test_human_page_in_browser_answers_persist_download_and_score(human_browser, human_page, tmp_path):
@@ -1896,7 +1903,7 @@ def test_human_page_in_browser_answers_persist_download_and_score(human_browser,
         mapping = {i + 1: t for i, t in enumerate(task["target"])}
         if k == 2:  # a deliberate mistake on point 1
             mapping[1] = next(lab for lab in task["y_labels"] + [None] if lab != task["target"][0])
-        if k == 3:  # start on the last point: clicking its marker in image 1 selects it
+        if k == 3:  # start on the last point: clicking its marker in image 1 selects it, then answer on labels
             _human_click_point(page, task, task["n"] - 1, side=1)
             order = [task["n"]] + list(range(1, task["n"]))
         else:
@@ -1907,8 +1914,8 @@ def test_human_page_in_browser_answers_persist_download_and_score(human_browser,
                 page.keyboard.press("0" if lab is None else lab.lower())
             elif lab is None:
                 page.get_by_role("button", name="No match").click()
-            else:
-                _human_click_point(page, task, task["y_labels"].index(lab))
+            else:  # on the marker; on its label box in the fourth task
+                _human_click_point(page, task, task["y_labels"].index(lab), on_label=k == 3)
         expected.append(mapping)
         page.get_by_role("button", name="Next ▶", exact=True).click()
     page.screenshot(path=tmp_path / "task.png")  # the fifth task, unanswered
