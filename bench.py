@@ -51,7 +51,7 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             log-probs (1e-5). [0 collectives per token; the last step's KV copy not growing with the length]
   plan-check  grpo.py's memory plan (rollout.memory_plan for 1 process on CPU, fp32, with the measured prompt length)
             vs max RSS during one grpo step minus RSS after the imports, measured in a fresh process, on a random
-            Qwen3-VL with ~97 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
+            Qwen3-VL with ~107 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
             --max-new-tokens. [within 25%]
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
@@ -296,7 +296,7 @@ SIZES = dict(
                          num_key_value_heads=2, head_dim=64, mrope_section=[12, 10, 10]),
                vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),
                vocab=None, image_tokens=160, side=640),
-    # plan: >= 1 GiB of fp32 weights + AdamW state (~97 M parameters), for checking grpo.py --plan on CPU
+    # plan: >= 1 GiB of fp32 weights + AdamW state (~107 M parameters), for checking grpo.py --plan on CPU
     plan=dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
               vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 3]),

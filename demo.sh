@@ -6,6 +6,7 @@
 #   tasks/      matching tasks with the points drawn on the images (train.jsonl, test.jsonl)
 #   runs/grpo/  GRPO checkpoints (step_%06d/) and rollouts.jsonl
 #   eval/       predictions, metrics.json per model, report.md, plots
+#   human/      index.html: the widest tasks as a page people answer (README, Human baseline)
 # Usage: bash demo.sh        (PYTHON=/path/to/python bash demo.sh to pick an interpreter)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,5 +37,8 @@ step "6/6 evaluate the base model, the trained checkpoint and the classical base
 $PY evaluate.py demo_data/tiny-qwen3vl runs/grpo --tasks tasks/test.jsonl --out eval --baseline sift random none --show 4 \
     --max-new-tokens 48
 
+step "the human-baseline page: the widest tasks, to answer by hand in a browser"
+$PY human.py --tasks tasks/test.jsonl --out human
+
 echo
-echo "demo done: open eval/report.md (plots and side-by-side pictures are next to it)"
+echo "demo done: open eval/report.md (plots and side-by-side pictures are next to it); human/index.html to try the tasks"

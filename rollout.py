@@ -25,19 +25,25 @@ Both give the same tokens and sampler log-probs (tested on 1 and 2 processes, gr
 transformers compiles generate's forward by itself on GPU when the cache is static; we switch that off
 (disable_compile): compiling an FSDP-wrapped model was not tried here (no GPU).
 
-The memory plan (memory_plan / format_plan): bytes per GPU, from the model's config.json only (no weights, no
-pool). Counted, per GPU of `gpus` (FSDP2 shards the fp32 policy evenly): fp32 parameter, gradient and AdamW
-(2 states) shards; the reference (bf16 on GPU, sharded); the root's parameters unsharded (FSDP2 keeps the root's
-after forward: embeddings, lm_head, final norm, the vision merger and position embeddings), in the compute dtype;
-during the rollout the whole policy unsharded in the compute dtype (resident) or one decoder layer (legacy), plus
-the StaticCache for --rollout-batch x G rows at prompt + --max-new-tokens positions, plus the prefill's logits
-row and one step's (rows, V) fp32 scores; during the update one micro-batch's checkpointed activations (one
-(B, T, H) input per decoder layer and the vision tower's per block, plus one layer's full activations being
-recomputed), the log-prob chunks (chunk x V fp32 logits, their log-softmax and its gradient), the (B, T, H)
-gradient of the final hidden states, and the micro-batch's pixel values; peak = fixed + max(rollout, update).
-The prompt length is estimated from --max-side (visual tokens of two images at 4:3) + the text; the image tokens
-use the config's patch and merge sizes. Not counted: allocator fragmentation, CUDA context (~0.5-1 GiB), NCCL
-buffers, the tokenizer: keep a margin (the verdict wants 10% headroom).
+The memory plan (memory_plan / format_plan): bytes per GPU, from the model's config.json only (parameter counts
+exact: the model is built on the meta device; no weights, no pool). FSDP2 shards the fp32 policy evenly over
+`gpus`. Phases, peak = fixed + the largest of the other three:
+  fixed      fp32 parameter shard, AdamW's two fp32 states, the reference (bf16 on GPU, sharded; with --kl-beta > 0),
+             the FSDP roots' parameters unsharded in the compute dtype (FSDP2 keeps the root's after forward:
+             embeddings, lm_head, final norm, vision patch/position embeddings and mergers; policy and reference)
+  rollout    the policy unsharded in the compute dtype (resident; legacy: two decoder layers; 1 GPU: autocast's
+             bf16 weight casts), the StaticCache of (prompts per generate call = min(--rollout-batch, prompts per
+             rank)) x G rows at prompt + --max-new-tokens positions, the prefill's own KV, its activations (one
+             layer), the vision tower (one block), one decode step's (rows, V) fp32 scores
+  update     fp32 gradient shard, two decoder layers unsharded + their gradients, one micro-batch's activations
+             (checkpointed: a (B, T, H) input per decoder layer and per vision block + one layer recomputed; else
+             every layer's), the final hidden states and their gradient, the log-prob chunk (B x 512 x V fp32
+             logits, log-softmax, gradient), the micro-batch's pixel values
+  optimizer  fp32 gradient shard + AdamW's foreach temporaries (~one fp32 shard)
+Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
+images at 4:3, sides rounded to the patch x merge grid) + the prompt text at ~4 characters per token. Not counted:
+allocator fragmentation, the CUDA context (~0.5-1 GiB), NCCL buffers: the verdict wants 10% headroom. Checked on
+CPU by `bench.py plan-check` (measured / plan = 1.11 on a 107 M-parameter random model, fp32, 1 process).
 """
 import contextlib
 import json

@@ -8,8 +8,11 @@ evaluation, HATCH, benchmark checks. Assertions check behaviour (geometry, exact
 identical resumed runs), never timings.
 """
 import argparse
+import base64
 import contextlib
+import datetime
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -35,6 +38,7 @@ import build_pool
 import curriculum
 import evaluate
 import grpo
+import human
 import make_tasks
 import pasta
 import reward
@@ -2377,6 +2381,210 @@ def test_evaluate_answers_scored_counted_refused_and_reported(evaluate_tasks, ev
     # default name: the file's stem
     evaluate.main(args(f))
     assert _evaluate_metrics(out, "gold")["n_missing"] == 2
+
+
+# -----------------------------------------------------------------------------
+# human baseline page (human.py, issue 16): the page's data, then a real browser answering it
+
+
+HUMAN_WIDEST = 5
+
+
+def _human_page_data(html_path):
+    """The JSON the page embeds (tasks, images, storage key)."""
+    html, tag = html_path.read_text(encoding="utf-8"), '<script id="data" type="application/json">'
+    start = html.index(tag) + len(tag)
+    return json.loads(html[start:html.index("</script>", start)])
+
+
+def test_human_subset_is_every_task_of_the_widest_pairs():
+    tasks = _widest_tasks({"a1": ("a", 0.1, 2), "a2": ("a", 0.2, 1), "a3": ("a", 0.3, 3), "b1": ("b", 5.0, 2)})
+    chosen = human.select_tasks(tasks, 2, every=False)  # b1 and a3 rank 1 within their sources
+    assert sorted(t["task_id"] for t in chosen) == ["a3-0", "a3-1", "a3-2", "b1-0", "b1-1"]
+    assert human.select_tasks(tasks, 2, every=True) == tasks
+    assert sorted(t["task_id"] for t in human.select_tasks(tasks, 1, False, sources=["a"])) == ["a3-0", "a3-1", "a3-2"]
+    order = [t["task_id"] for t in human.page_order(tasks, seed=0)]
+    assert order == [t["task_id"] for t in human.page_order(tasks[::-1], seed=0)]  # not the file's order
+    assert sorted(order) == sorted(t["task_id"] for t in tasks) and order != sorted(order)
+
+
+@pytest.fixture(scope="module")
+def human_page(evaluate_tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("human")
+    human.main(["--tasks", str(evaluate_tasks), "--out", str(out / "page"), "--widest", str(HUMAN_WIDEST)])
+    human.main(["--tasks", str(evaluate_tasks), "--out", str(out / "truth"), "--widest", str(HUMAN_WIDEST),
+                "--show-truth"])
+    return out
+
+
+def test_human_page_subset_data_and_no_network(evaluate_tasks, human_page, tmp_path):
+    all_tasks = evaluate.load_tasks(evaluate_tasks)
+    shown = evaluate.load_tasks(human_page / "page" / "tasks.jsonl")
+    pairs = set(evaluate.widest_pairs(all_tasks, k=HUMAN_WIDEST))
+    assert len(pairs) == HUMAN_WIDEST and {t["pair_id"] for t in shown} == pairs
+    assert sorted(t["task_id"] for t in shown) == sorted(t["task_id"] for t in all_tasks if t["pair_id"] in pairs)
+    by_id = {t["task_id"]: t for t in all_tasks}
+    for t in shown:  # the input's tasks, images now relative to the page's dir
+        assert {k: v for k, v in t.items() if k != "images"} == {k: v for k, v in by_id[t["task_id"]].items()
+                                                                 if k != "images"}
+        for p, q in zip(t["images"], by_id[t["task_id"]]["images"]):
+            assert (human_page / "page" / p).resolve() == (evaluate_tasks.parent / q).resolve()
+    data = _human_page_data(human_page / "page" / "index.html")
+    sha = hashlib.sha256((human_page / "page" / "tasks.jsonl").read_bytes()).hexdigest()[:16]
+    assert data["storage_key"] == f"widematch-human/{sha}" and not data["show_truth"]
+    assert [t["task_id"] for t in data["tasks"]] == [t["task_id"] for t in shown]
+    assert all("target" not in t for t in data["tasks"])  # the default page gives nothing away
+    truth = _human_page_data(human_page / "truth" / "index.html")
+    assert truth["storage_key"] == data["storage_key"] + "/truth"
+    assert [t["target"] for t in truth["tasks"]] == [t["target"] for t in shown]
+    for t, pt in zip(shown, data["tasks"]):
+        # the images are the prompted files' own bytes, and the label boxes are where make_tasks drew them
+        for k in (0, 1):
+            url = data["images"][pt["images"][k]]
+            assert base64.b64decode(url.split(",", 1)[1]) == (evaluate_tasks.parent / by_id[t["task_id"]]["images"][k]).read_bytes()
+        _, _, geom = make_tasks.draw_prompts(Image.open(t["originals"][0]), Image.open(t["originals"][1]),
+                                             t["x_points"], t["y_points"], t["x_labels"], t["y_labels"],
+                                             max(t["size1"]), return_geometry=True)
+        for side, key in (("labels1", "x_boxes"), ("labels2", "y_boxes")):
+            assert np.allclose([g["box"] for g in geom[side]], pt[key], atol=0.01)
+    html = (human_page / "page" / "index.html").read_text(encoding="utf-8")
+    for ref in ('src="http', "href=", "<link", "url(", "@import", "fetch(", "XMLHttpRequest", "import("):
+        assert ref not in html
+    # --all, the same order again for the same seed, and bad input named
+    human.main(["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "all"), "--all"])
+    assert len(evaluate.load_tasks(tmp_path / "all" / "tasks.jsonl")) == len(all_tasks)
+    human.main(["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "again"), "--widest", str(HUMAN_WIDEST)])
+    assert (tmp_path / "again" / "tasks.jsonl").read_bytes() == (human_page / "page" / "tasks.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match="nope.jsonl"):
+        human.main(["--tasks", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+
+
+@pytest.fixture(scope="module")
+def human_browser():
+    """Debian's chromium (apt-get install chromium) driven by Playwright (requirements.txt); `playwright install`
+    cannot download its own browsers here. Skipped when missing, except in CI (CI set): there it fails."""
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium is None or sync_playwright is None:
+        why = "needs Debian's chromium and the playwright package (.ci/run installs both)"
+        if os.environ.get("CI"):
+            pytest.fail("browser test " + why + ": missing in CI")
+        pytest.skip(why)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield browser
+        browser.close()
+
+
+def _human_open(browser, page_dir):
+    """A fresh browser context (empty localStorage) on the page, its clock paused so seconds are exact."""
+    context = browser.new_context(viewport={"width": 1280, "height": 760})
+    page = context.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.clock.install(time=datetime.datetime(2026, 1, 1))
+    page.clock.pause_at(datetime.datetime(2026, 1, 1, 0, 1))
+    page.goto((page_dir / "index.html").as_uri())
+    return context, page, requests
+
+
+def _human_click_point(page, task, j, side=2, on_label=False):
+    """Click the j-th drawn marker of image 1 or 2 where a person sees it: the task's original-pixel point through
+    the drawing scale, scaled to the image as displayed; on_label: the centre of its label box, where make_tasks
+    draws it."""
+    img = page.locator("img").nth(side - 1)
+    page.evaluate("Promise.all([...document.images].map(i => i.decode()))")  # the task's images are laid out
+    box = img.bounding_box()
+    W, H = task[f"size{side}"]
+    x, y = make_tasks.to_drawn([task["y_points" if side == 2 else "x_points"][j]], task[f"scale{side}"])[0]
+    if on_label:
+        _, _, geom = make_tasks.draw_prompts(Image.open(task["originals"][0]), Image.open(task["originals"][1]),
+                                             task["x_points"], task["y_points"], task["x_labels"], task["y_labels"],
+                                             max(task["size1"]), return_geometry=True)
+        x0, y0, x1, y1 = geom[f"labels{side}"][j]["box"]
+        x, y = (x0 + x1) / 2, (y0 + y1) / 2
+    page.mouse.click(box["x"] + (x + 0.5) * box["width"] / W, box["y"] + (y + 0.5) * box["height"] / H)
+
+
+def test_human_page_in_browser_answers_persist_download_and_score(human_browser, human_page, tmp_path):
+    """Four of the five tasks answered (the third with one deliberate mistake), the fifth left open."""
+    tasks = evaluate.load_tasks(human_page / "page" / "tasks.jsonl")  # page order
+    context, page, requests = _human_open(human_browser, human_page / "page")
+    expected = []  # the mapping each answered task should get
+    for k, task in enumerate(tasks[:4]):
+        page.clock.run_for(1000 * (k + 2))  # seconds on this task: k + 2
+        mapping = {i + 1: t for i, t in enumerate(task["target"])}
+        if k == 2:  # a deliberate mistake on point 1
+            mapping[1] = next(lab for lab in task["y_labels"] + [None] if lab != task["target"][0])
+        if k == 3:  # start on the last point: clicking its marker in image 1 selects it, then answer on labels
+            _human_click_point(page, task, task["n"] - 1, side=1)
+            order = [task["n"]] + list(range(1, task["n"]))
+        else:
+            order = list(range(1, task["n"] + 1))
+        for i in order:  # the active point moves on to the next unanswered one after each answer
+            lab = mapping[i]
+            if k == 1:  # by keyboard
+                page.keyboard.press("0" if lab is None else lab.lower())
+            elif lab is None:
+                page.get_by_role("button", name="No match").click()
+            else:  # on the marker; on its label box in the fourth task
+                _human_click_point(page, task, task["y_labels"].index(lab), on_label=k == 3)
+        expected.append(mapping)
+        page.get_by_role("button", name="Next ▶", exact=True).click()
+    page.screenshot(path=tmp_path / "task.png")  # the fifth task, unanswered
+    page.reload()  # progress survives: same task, same answers
+    assert page.get_by_text(f"Task 5 of {len(tasks)} · 4 done").count() == 1
+    page.get_by_role("button", name="◀ Prev", exact=True).click()
+    assert [r.split("\n")[-1] for r in page.locator(".row").all_inner_texts()] == \
+        ["none" if expected[3][i] is None else expected[3][i] for i in range(1, tasks[3]["n"] + 1)]
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download answers").click()
+    dl.value.save_as(tmp_path / "answers.jsonl")
+    assert all(u.startswith(("file:", "data:")) for u in requests), [u[:80] for u in requests]
+    context.close()
+
+    lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [(a["task_id"], a["text"], a["seconds"]) for a in lines] == \
+        [(t["task_id"], reward.format_answer(m), k + 2.0) for k, (t, m) in enumerate(zip(tasks, expected))]
+    # scored like a model, next to one: what the reward code says of the intended answers; unanswered tasks 0
+    f1 = [reward.score(reward.format_answer(m), t)["f1"] for t, m in zip(tasks, expected)]
+    assert f1[:2] + f1[3:] == [1.0, 1.0, 1.0] and f1[2] < 1.0
+    f1 += [0.0] * (len(tasks) - len(expected))
+    common = ["--tasks", str(human_page / "page" / "tasks.jsonl"), "--out", str(tmp_path / "eval")]
+    evaluate.main(common + ["--baseline", "none"])
+    evaluate.main(common + ["--answers", str(tmp_path / "answers.jsonl"), "--name", "human"])
+    rows = {r["task_id"]: r for r in _evaluate_rows(tmp_path / "eval", "human")}
+    assert [rows[t["task_id"]]["f1"] for t in tasks] == f1
+    m = _evaluate_metrics(tmp_path / "eval", "human")
+    assert m["n_missing"] == len(tasks) - len(expected) and m["overall"]["f1"] == pytest.approx(sum(f1) / len(tasks))
+    report = (tmp_path / "eval" / "report.md").read_text()
+    overall, widest = report.split("## Overall")[1].split("\n## ")[0], report.split("## Widest")[1].split("\n## ")[0]
+    assert f"| human | {100 * m['overall']['f1']:.1f} |" in overall and "| baseline_none |" in overall
+    assert "| human |" in widest and "| baseline_none |" in widest
+    shot = Image.open(tmp_path / "task.png")
+    assert shot.size == (1280, 760) and (tmp_path / "task.png").stat().st_size > 50_000
+    assert np.asarray(shot.convert("L"), float).std() > 20  # the images are there, not a blank page
+
+
+def test_human_show_truth_page_marks_answers(human_browser, human_page):
+    task = evaluate.load_tasks(human_page / "truth" / "tasks.jsonl")[0]
+    context, page, _ = _human_open(human_browser, human_page / "truth")
+    target = task["target"][0]
+    wrong = next(lab for lab in task["y_labels"] if lab != target)
+    first_row = lambda: page.locator(".row").first.inner_text()
+    page.keyboard.press(wrong.lower())  # point 1, wrong: marked, the truth shown
+    assert "✗" in first_row() and f"truth: {'none' if target is None else target}" in first_row()
+    page.keyboard.press("ArrowUp")  # the answer moved the active point to 2; back to 1
+    page.keyboard.press("Backspace")
+    assert first_row().split("\n")[-1] == "?"  # cleared: nothing marked
+    page.keyboard.press("0" if target is None else target.lower())
+    assert "✓" in first_row() and "truth" not in first_row()
+    context.close()
 
 
 # ==============================================================================
