@@ -2355,11 +2355,6 @@ def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, 
     assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
-    expected = grpo_eval_reference(grpo_env / "tiny", grpo_dist_env / "pool", *evals[2:], "--max-new-tokens", "12")
-    for d in ("d1.pt", "d2.pt"):
-        dump = torch.load(tmp_path / d, weights_only=False)
-        grpo_assert_rows_equal(dump["policy"], expected)
-        grpo_assert_rows_equal(dump["ref"], expected)
 
 
 def test_hatch_tiny_model_warmup_actor_targets():
