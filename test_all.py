@@ -1595,6 +1595,8 @@ def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
     # the export: evaluate.py resolves the run dir to it; transformers loads it; it is the checkpoint in bf16
     ckpt = evaluate.resolve_ckpt(str(t / "r2"))
     assert ckpt == str((t / "r2" / "step_000003").resolve())
+    with pytest.raises(SystemExit, match="export-every"):  # a checkpoint without the export, named directly
+        evaluate.resolve_ckpt(str(t / "r2" / "step_000002"))
     exported = AutoModelForImageTextToText.from_pretrained(ckpt)
     assert exported.dtype == torch.bfloat16
     dcp_to_torch_save(str(t / "r2" / "step_000003" / "dcp"), str(t / "full.pt"))
