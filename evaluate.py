@@ -164,7 +164,9 @@ def resolve_ckpt(ckpt):
         import grpo  # torch and transformers only when a model is evaluated
         latest = grpo.latest_checkpoint(str(p), with_weights=True)  # the newest with the bf16 export
         if latest is None:
-            sys.exit(f"evaluate.py: error: {ckpt} has no config.json and no complete step_* checkpoint")
+            hint = " (a grpo.py checkpoint without the bf16 export: see its --export-every)" \
+                if (p / "meta.json").exists() else ""
+            sys.exit(f"evaluate.py: error: {ckpt} has no config.json and no complete step_* checkpoint{hint}")
         return str(Path(latest).resolve())
     if p.exists() or len(p.parts) != 2 or p.parent.exists():  # a local path that is not a model dir
         sys.exit(f"evaluate.py: error: CKPT {ckpt} is neither a model dir, a run dir nor a hub id (owner/name)")

@@ -1835,6 +1835,8 @@ def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
     # the export: evaluate.py resolves the run dir to it; transformers loads it; it is the checkpoint in bf16
     ckpt = evaluate.resolve_ckpt(str(t / "r2"))
     assert ckpt == str((t / "r2" / "step_000003").resolve())
+    with pytest.raises(SystemExit, match="export-every"):  # a checkpoint without the export, named directly
+        evaluate.resolve_ckpt(str(t / "r2" / "step_000002"))
     exported = AutoModelForImageTextToText.from_pretrained(ckpt)
     assert exported.dtype == torch.bfloat16
     dcp_to_torch_save(str(t / "r2" / "step_000003" / "dcp"), str(t / "full.pt"))
@@ -3071,11 +3073,6 @@ def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, 
     assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
-    expected = grpo_eval_reference(grpo_env / "tiny", grpo_dist_env / "pool", *evals[2:], "--max-new-tokens", "12")
-    for d in ("d1.pt", "d2.pt"):
-        dump = torch.load(tmp_path / d, weights_only=False)
-        grpo_assert_rows_equal(dump["policy"], expected)
-        grpo_assert_rows_equal(dump["ref"], expected)
 
 
 def test_hatch_tiny_model_warmup_actor_targets():
