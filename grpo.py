@@ -657,14 +657,15 @@ def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, wo
     """Greedy match accuracy on the fixed held-out tasks, split over the ranks (task k on rank k % world) and
     gathered -> (mean match, rows: task_id, rank, text, token_ids, logprobs, match; every rank gets all rows).
     FSDP needs every rank to issue the same collectives: each rank's share is padded to the same length with
-    copies of a task whose results are dropped, and generate runs with synced_gpus (ranks stop together)."""
+    copies of a task whose results are dropped; with --rollout-impl legacy generate runs with synced_gpus (ranks
+    stop together), with resident the weights are gathered once for the whole eval."""
     if not eval_tasks:
         return float("nan"), []
     per_rank = -(-len(eval_tasks) // world)
     mine = list(range(rank, len(eval_tasks), world))
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # the copies get weight 0 (dropped)
     encs = [encode(tokenizer, image_processor, eval_tasks[k][0]["prompt"], eval_tasks[k][1]) for k in padded]
-    with generation_mode(model):
+    with generation_mode(model), resident(model, args.rollout_impl):  # weights gathered once for the whole eval
         outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=world > 1)
     rows = [dict(task_id=eval_tasks[k][0].get("task_id", k), index=k, rank=rank, text=o["text"],
                  token_ids=o["token_ids"], logprobs=o["logprobs"],
@@ -958,9 +959,7 @@ def main(argv=None):
                 dist.destroy_process_group()
             return
         if args.eval_every > 0 and step % args.eval_every == 0:
-            with resident(model, args.rollout_impl):
-                m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank,
-                                                 world)[0]
+            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[0]
         m["seconds"] = time.time() - t0
         log_step(m, records, args, rank, run)
         finish_save(pending, args, rank, world)  # the previous step's --async-save
