@@ -845,6 +845,8 @@ def main(argv=None):
         sys.exit(f"evaluate.py: error: --answers {args.answers} does not exist")
     if bool(args.api_base) != bool(args.api_model):
         sys.exit("evaluate.py: error: --api-base and --api-model go together")
+    if args.api_base and not re.match(r"https?://[^/]", args.api_base):
+        sys.exit(f"evaluate.py: error: --api-base {args.api_base} is not an http(s):// URL")
     if args.name and bool(args.answers) == bool(args.api_base):
         sys.exit("evaluate.py: error: --name names the one --answers or --api-base model of a run")
     api_key = os.environ.get(args.api_key_env) if args.api_base else None
