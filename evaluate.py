@@ -9,6 +9,20 @@ paper's training budget, 5120 new tokens, so a model that reasons at length is n
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --device cuda
 Baselines only (no torch needed):  python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
+A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, hosted APIs; README
+"Evaluating other models"), the key read from the environment variable named by --api-key-env, never a flag:
+    OPENAI_API_KEY=... python evaluate.py --api-base http://gpu-host:8000/v1 --api-model Qwen/Qwen3-VL-235B-A22B-Instruct \
+        --api-workers 32 --tasks tasks/test.jsonl --out eval
+    One request per task: one user message, content [image_url(image 1), image_url(image 2), text(prompt)] (the
+    order grpo.encode gives our model), each image a data URL of the prompted image file's bytes, unchanged;
+    temperature --temperature (0) unless --api-no-temperature; --max-new-tokens sent as --api-max-tokens-param
+    (max_tokens, or max_completion_tokens for reasoning models). --api-workers requests in flight; our own retry
+    loop (the client's is off) backs off on 429 / 5xx / 408 / 409, timeouts (--api-timeout) and dropped
+    connections, --api-retries times from --api-backoff s doubling (max 60 s, Retry-After honoured); 401/403 and
+    other 4xx, a malformed response, a missing key variable, or a server still failing after the retries end
+    the run with one line naming the cause; the rerun resumes. Row and report name: --api-model (or --name).
+A model larger than one GPU, loaded here: --device-map auto (accelerate spreads it over the visible GPUs) and
+--dtype (auto = bfloat16 on GPUs, float32 on CPU).
 Answers made by any other tool (no model, no torch):
     python evaluate.py --answers their_answers.jsonl --name their-model --tasks tasks/test.jsonl --out eval
     their_answers.jsonl: one JSON object a line, {"task_id": "<a task_id of the tasks file>", "text": "<the
@@ -27,10 +41,15 @@ baseline_sift, baseline_random, baseline_none):
         answer of a baseline), parsed ({"1": "C", "2": null, ...}; null when the answer did not parse), format,
         match, reward, precision, recall, f1 and the counts n_pred / n_correct / n_pos (all from reward.score,
         the training reward's own code), n and n_hits (points answered exactly right), and the task's source,
-        scene_type, level, spatial, bin, delta_v; for models also truncated (no stop token) and n_tokens.
-        Appended and flushed line by line; a rerun skips the task_ids already there (a truncated last line from
-        a killed run is dropped), so an interrupted run resumes where it stopped.
-    <out>/<name>/run.json           what the predictions were made with (ckpt, tasks file hash, decoding);
+        scene_type, level, spatial, bin, delta_v; for models also truncated (no stop token; for an API model
+        finish_reason == "length", the raw finish_reason kept beside it), n_tokens and usage ({prompt_tokens,
+        completion_tokens}: the server's count for an API model; ours, image pads included, for a local one).
+        Appended and flushed line by line, in the order answers arrive (an API model's come out of task order);
+        a rerun skips the task_ids already there (a truncated last line from a killed run is dropped), so an
+        interrupted run resumes where it stopped and no task is asked twice. An --answers model's file is
+        rewritten whole on every run.
+    <out>/<name>/run.json           what the predictions were made with (ckpt or model @ URL, tasks file hash,
+        decoding, dtype);
         a rerun with different settings into the same dir stops with an error instead of mixing predictions.
     <out>/<name>/metrics.json       aggregate(rows): overall and by source / level / scene_type / spatial / bin /
         level x bin, scene_type x level (the paper's difficulty table), truncated_rate (models), and the widest
@@ -87,13 +106,18 @@ discusses classical matchers but lists no numbers for them).
 """
 
 import argparse
+import base64
 import hashlib
 import json
 import math
+import mimetypes
+import os
 import re
 import sys
+import threading
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import cv2
@@ -264,23 +288,31 @@ def score_answers(tasks, answers, model_dir):
     return rows
 
 
-def predict(make_answerer, tasks, model_dir, batch_size, desc):
-    """Run make_answerer()(list of tasks) -> list of dicts (text + extra row fields) over the tasks not yet in
-    predictions.jsonl, appending each scored row as it comes; returns all rows in task order. The answerer is
-    only made (a model only loaded) when something is left to do."""
+def in_batches(answer_batch, batch_size):
+    """A batch answerer (list of tasks -> list of answers) as a stream of (task, answer), batch after batch."""
+    def stream(todo):
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b:b + batch_size]
+            yield from zip(batch, answer_batch(batch))
+    return stream
+
+
+def predict(make_answerer, tasks, model_dir, desc):
+    """Run make_answerer()(tasks) -> stream of (task, dict of text + extra row fields), in any order, over the
+    tasks not yet in predictions.jsonl, appending each scored row as it arrives; returns all rows in task order.
+    The answerer is only made (a model only loaded) when something is left to do."""
     path = model_dir / "predictions.jsonl"
     done = {r["task_id"]: r for r in read_predictions(path)}
     todo = [t for t in tasks if t["task_id"] not in done]
-    answer_batches = make_answerer() if todo else None
+    answers = make_answerer() if todo else None
     with open(path, "a") as f, tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc) as bar:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            for task, answer in zip(batch, answer_batches(batch)):
-                row = score_row(task, **answer)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                done[task["task_id"]] = row
-                bar.update(1)
+        for task, answer in (answers(todo) if todo else ()):
+            assert task["task_id"] not in done, f"{task['task_id']} answered twice"
+            row = score_row(task, **answer)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            done[task["task_id"]] = row
+            bar.update(1)
     for t in tasks:  # rows written before a task field was recorded (e.g. pair_id) take it from the task
         for k in TASK_FIELDS:
             done[t["task_id"]].setdefault(k, t.get(k))
@@ -289,12 +321,22 @@ def predict(make_answerer, tasks, model_dir, batch_size, desc):
 # -----------------------------------------------------------------------------
 # answerers: the model, then the baselines; each maps a batch of tasks to [dict(text=completion, ...)]
 
+def model_dtype(args):
+    """--dtype, with auto = bfloat16 when the model goes to GPUs (--device cuda*, or --device-map with a GPU
+    visible), float32 on CPU."""
+    if args.dtype != "auto":
+        return args.dtype
+    import torch
+    on_gpu = args.device.startswith("cuda") or (args.device_map and torch.cuda.is_available())
+    return "bfloat16" if on_gpu else "float32"
+
+
 def model_answerer(ckpt, tasks_dir, args):
     import grpo  # torch and transformers only when a model is evaluated
     import torch
     from PIL import Image
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, dtype)
+    model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, getattr(torch, model_dtype(args)),
+                                                         device_map=args.device_map)
     greedy = args.temperature <= 0
 
     def answer(batch):
@@ -305,8 +347,129 @@ def model_answerer(ckpt, tasks_dir, args):
         # seeded per batch by its first task, so a rerun of the same batches samples the same tokens
         torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))
         outs = grpo.generate(model, tokenizer, encs, args.max_new_tokens, args.temperature, greedy)
-        return [dict(text=o["text"], truncated=o["truncated"], n_tokens=len(o["token_ids"])) for o in outs]
-    return answer
+        return [dict(text=o["text"], truncated=o["truncated"], n_tokens=len(o["token_ids"]),
+                     usage=dict(prompt_tokens=e["input_ids"].shape[1], completion_tokens=len(o["token_ids"])))
+                for e, o in zip(encs, outs)]
+    return in_batches(answer, args.batch_size)
+
+# the API answerer: one chat-completions request per task to an OpenAI-compatible server, --api-workers at a time
+
+
+def data_url(path):
+    """The image file's bytes, unchanged, as a data URL (no re-encoding: the server sees what our model sees)."""
+    mime = mimetypes.guess_type(path.name)[0]
+    if mime not in ("image/jpeg", "image/png"):
+        sys.exit(f"evaluate.py: error: {path}: only .jpg / .png images can be sent to an API")
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def api_request(task, tasks_dir, args):
+    """One task's chat-completions body: one user message, the prompted images then the prompt's text (the
+    order grpo.encode gives our own model), decoding settings from the flags."""
+    content = [{"type": "image_url", "image_url": {"url": data_url(tasks_dir / p)}} for p in task["images"]]
+    body = dict(model=args.api_model, messages=[{"role": "user", "content": content +
+                                                 [{"type": "text", "text": task["prompt"]}]}])
+    body[args.api_max_tokens_param] = args.max_new_tokens
+    if not args.api_no_temperature:
+        body["temperature"] = args.temperature
+    return body
+
+
+class ApiStopped(Exception):
+    """Another request failed for good: this one gives up instead of retrying."""
+
+
+def one_line(e, limit=300):
+    return " ".join(str(e).split())[:limit]
+
+
+def api_answer(client, task, body, args, stop):
+    """Our retry loop around one request (the client itself never retries): 429, 5xx, 408/409, timeouts and
+    dropped connections back off (--api-backoff doubling, capped at 60 s, Retry-After honoured up to that cap)
+    and retry up to --api-retries times; anything else, or no luck after the retries, exits with one line."""
+    import openai  # slow to import: only when an API model is evaluated
+    base, tid = args.api_base, task["task_id"]
+    for attempt in range(args.api_retries + 1):
+        if stop.is_set():
+            raise ApiStopped
+        wait = min(args.api_backoff * 2 ** attempt, 60.0)
+        try:
+            resp = client.chat.completions.create(**body)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            sys.exit(f"evaluate.py: error: {base} refused the key in ${args.api_key_env} "
+                     f"(HTTP {e.status_code}: {one_line(e.message)})")
+        except openai.APIStatusError as e:
+            if e.status_code not in (408, 409, 429) and e.status_code < 500:
+                sys.exit(f"evaluate.py: error: {base} rejected the request for task {tid} (HTTP {e.status_code}: "
+                         f"{one_line(e.message)}); if it is the temperature or the token limit, see "
+                         "--api-no-temperature and --api-max-tokens-param")
+            cause = f"HTTP {e.status_code} ({one_line(e.message, 120)})"
+            retry_after = e.response.headers.get("retry-after", "")
+            if re.fullmatch(r"\d+(\.\d+)?", retry_after.strip()):
+                wait = min(max(wait, float(retry_after)), 60.0)
+        except openai.APITimeoutError:  # before APIConnectionError: it is one
+            cause = f"no answer within --api-timeout {args.api_timeout:g} s"
+        except openai.APIConnectionError as e:
+            cause = f"cannot connect ({one_line(e.__cause__ or e, 120)})"
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+            sys.exit(f"evaluate.py: error: {base} sent a malformed response for task {tid} ({one_line(e, 120)})")
+        else:
+            return api_completion(resp, base, tid)
+        if attempt < args.api_retries:
+            stop.wait(wait)
+    sys.exit(f"evaluate.py: error: {base} still failing after {args.api_retries + 1} attempts: {cause}; "
+             "rerun the same command to resume")
+
+
+def api_completion(resp, base, tid):
+    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage."""
+    choices = getattr(resp, "choices", None)
+    message = choices[0].message if isinstance(choices, list) and choices else None
+    if message is None or not isinstance(message.content, (str, type(None))):
+        what = "not a chat completion" if choices is None else "no choices[0].message with text content"
+        sys.exit(f"evaluate.py: error: {base} sent a malformed response for task {tid} ({what})")
+    u = getattr(resp, "usage", None)
+    usage = None
+    if u is not None and isinstance(u.prompt_tokens, int) and isinstance(u.completion_tokens, int):
+        usage = dict(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+    reason = choices[0].finish_reason
+    return dict(text=message.content or "", truncated=reason == "length", finish_reason=reason,
+                n_tokens=usage and usage["completion_tokens"], usage=usage)
+
+
+def api_answerer(tasks_dir, args, key):
+    """Stream of (task, answer) in the order the answers arrive, --api-workers requests in flight. When one
+    request fails for good the others stop, the answers already back are still handed out (written), then its
+    one-line error is raised: a rerun resumes from what was written."""
+    import openai
+    client = openai.OpenAI(base_url=args.api_base, api_key=key, max_retries=0, timeout=args.api_timeout)
+
+    def ask(task, stop):
+        if stop.is_set():
+            raise ApiStopped
+        return api_answer(client, task, api_request(task, tasks_dir, args), args, stop)
+
+    def stream(todo):
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=args.api_workers)
+        jobs = {pool.submit(ask, t, stop): t for t in todo}
+        error = None
+        try:
+            for fut in as_completed(jobs):
+                if isinstance(fut.exception(), ApiStopped):
+                    continue
+                if fut.exception() is not None:
+                    if error is None:  # the first failure is the one reported; the queued requests stop at once
+                        error = fut.exception()  # (not cancel_futures: as_completed never hears of those)
+                        stop.set()
+                    continue
+                yield jobs[fut], fut.result()
+        finally:  # also when the caller stops early (Ctrl-C): nothing more is asked
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+        if error is not None:
+            raise error
+    return stream
 
 
 def task_rng(seed, task_id):
@@ -418,7 +581,7 @@ def baseline_answerer(kind, args):
         rule = lambda t: answer_random(t, args.seed)
     else:
         rule = answer_none
-    return lambda batch: [dict(text=reward.format_answer(rule(t))) for t in batch]
+    return in_batches(lambda batch: [dict(text=reward.format_answer(rule(t))) for t in batch], args.batch_size)
 
 # -----------------------------------------------------------------------------
 # metrics: a pure function of the prediction rows
@@ -735,7 +898,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpts", nargs="*", metavar="CKPT", help="step dir, run dir, HF model dir or hub id")
     parser.add_argument("--answers", help="score this jsonl of {task_id, text} made by any other tool")
-    parser.add_argument("--name", help="report name of the --answers model (default: the file's stem)")
+    parser.add_argument("--api-base", help="evaluate --api-model behind this OpenAI-compatible URL (.../v1)")
+    parser.add_argument("--api-model", help="the model name the --api-base server knows")
+    parser.add_argument("--name", help="report name of the --answers or --api-base model "
+                        "(default: the file's stem / --api-model)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--api-workers", type=int, default=4, help="concurrent API requests")
+    parser.add_argument("--api-timeout", type=float, default=600.0, help="seconds to wait for one API answer")
+    parser.add_argument("--api-retries", type=int, default=6, help="retries of a request on 429/5xx/timeout/drop")
+    parser.add_argument("--api-backoff", type=float, default=1.0, help="first retry wait in s (doubles, max 60)")
+    parser.add_argument("--api-max-tokens-param", default="max_tokens", choices=("max_tokens", "max_completion_tokens"),
+                        help="request field carrying --max-new-tokens (OpenAI reasoning models want the second)")
+    parser.add_argument("--api-no-temperature", action="store_true", help="send no temperature (for endpoints "
+                        "that reject one; they then decode with their own default)")
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
@@ -745,6 +920,11 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--seed", type=int, default=0, help="sampling and random-baseline seed")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device-map", choices=("auto", "balanced", "sequential"),
+                        help="spread a model larger than one GPU over all visible GPUs (accelerate); "
+                        "replaces --device")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model weights and compute (auto: bfloat16 on GPUs, float32 on CPU)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N tasks (0 = all)")
     parser.add_argument("--widest", type=int, default=90, help="pairs in the widest subset (the paper: 90)")
     parser.add_argument("--widest-sources", default=None,
@@ -760,12 +940,22 @@ def main(argv=None):
     tasks_path = Path(args.tasks)
     if not tasks_path.is_file():
         sys.exit(f"evaluate.py: error: --tasks {tasks_path} does not exist")
-    if not args.ckpts and not args.baseline and not args.answers:
-        sys.exit("evaluate.py: error: give at least one CKPT, --baseline or --answers")
+    if not args.ckpts and not args.baseline and not args.answers and not args.api_base:
+        sys.exit("evaluate.py: error: give at least one CKPT, --baseline, --answers or --api-base")
     if args.answers and not Path(args.answers).is_file():
         sys.exit(f"evaluate.py: error: --answers {args.answers} does not exist")
-    if args.name and not args.answers:
-        sys.exit("evaluate.py: error: --name names the --answers model; give --answers too")
+    if bool(args.api_base) != bool(args.api_model):
+        sys.exit("evaluate.py: error: --api-base and --api-model go together")
+    if args.api_base and not re.match(r"https?://[^/]", args.api_base):
+        sys.exit(f"evaluate.py: error: --api-base {args.api_base} is not an http(s):// URL")
+    if args.name and bool(args.answers) == bool(args.api_base):
+        sys.exit("evaluate.py: error: --name names the one --answers or --api-base model of a run")
+    api_key = os.environ.get(args.api_key_env) if args.api_base else None
+    if args.api_base and not api_key:  # a local server started without a key accepts any value, e.g. EMPTY
+        sys.exit(f"evaluate.py: error: --api-key-env {args.api_key_env}: environment variable {args.api_key_env} "
+                 "is not set (export it; any value such as EMPTY for a server started without a key)")
+    if args.api_workers < 1 or args.api_retries < 0:
+        sys.exit("evaluate.py: error: --api-workers must be >= 1 and --api-retries >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
@@ -785,6 +975,9 @@ def main(argv=None):
     if args.answers:
         entries.append(("answers", str(Path(args.answers).resolve()),
                         args.name or re.sub(r"[^A-Za-z0-9._-]", "_", Path(args.answers).stem).strip("._") or "answers"))
+    if args.api_base:
+        entries.append(("api", f"{args.api_model} @ {args.api_base}",
+                        re.sub(r"[^A-Za-z0-9._-]", "_", args.name or args.api_model).strip("._") or "api"))
     entries += [("baseline", b, f"baseline_{b}") for b in args.baseline]
     entries = [(n, kind, what) for n, (kind, what, _) in zip(unique_names([e[2] for e in entries]), entries)]
 
@@ -797,14 +990,18 @@ def main(argv=None):
             rows = score_answers(tasks, read_answers(args.answers, {t["task_id"] for t in all_tasks}), model_dir)
         else:
             if kind == "model":
-                info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+                info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=model_dtype(args))
                 make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+            elif kind == "api":
+                info.update(temperature=None if args.api_no_temperature else args.temperature,
+                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param)
+                make_answerer = lambda: api_answerer(tasks_path.parent, args, api_key)
             else:
                 if what == "sift":
                     info.update({k: getattr(args, k) for k in ("sift_size", "sift_epi", "sift_ratio", "sift_max_dist")})
                 make_answerer = lambda: baseline_answerer(what, args)
             check_run_info(model_dir, info)
-            rows = predict(make_answerer, tasks, model_dir, args.batch_size, name)
+            rows = predict(make_answerer, tasks, model_dir, name)
         metrics = run_metrics(name, kind, what, rows, tasks_sha, args.limit, args.widest, widest_sources)
         if kind == "model":
             metrics["max_new_tokens"] = args.max_new_tokens

@@ -127,15 +127,20 @@ from rollout import (BanTokens, SamplerLogprobs, banned_ids, collate_prompts, fo
 # Model plumbing (evaluate.py and tiny_model.py import these)
 
 
-def load_policy(path, device="cpu", dtype=torch.float32):
+def load_policy(path, device="cpu", dtype=torch.float32, device_map=None):
     """-> (model, tokenizer, image_processor) from a local dir or hub id. AutoTokenizer + AutoImageProcessor, never
-    AutoProcessor: Qwen3-VL's processor needs torchvision for its video half, which the CPU machine lacks."""
+    AutoProcessor: Qwen3-VL's processor needs torchvision for its video half, which the CPU machine lacks.
+    device_map ("auto", ...): accelerate spreads the layers over the visible GPUs (then CPU) instead of `device`,
+    for a model larger than one device (inference only)."""
     p = str(path)
     if not os.path.isdir(p) and (os.path.exists(p) or p.startswith((".", "/", "~")) or p.count("/") != 1):
         sys.exit(f"grpo.py: error: model {p} is neither a local model dir nor a hub id (owner/name)")
     if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "config.json")):
         sys.exit(f"grpo.py: error: model dir {p} has no config.json (a run dir? pass one of its step_* dirs)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    if device_map:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=device_map)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     image_processor = AutoImageProcessor.from_pretrained(path)

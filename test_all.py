@@ -22,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
@@ -2587,6 +2588,241 @@ def test_human_show_truth_page_marks_answers(human_browser, human_page):
     page.keyboard.press("0" if target is None else target.lower())
     assert "✓" in first_row() and "truth" not in first_row()
     context.close()
+
+
+# OpenAI-compatible endpoints: evaluate.py --api-base against a chat-completions server on 127.0.0.1 that answers
+# with the tiny model (our encode + generate, greedy), with injected faults
+
+
+class _EvaluateChatServer:
+    """A chat-completions server (http.server, 127.0.0.1 only) answering with a local model. faults: None or
+    "500" / "429" / "drop" (connection closed without an answer) for the first attempts of some requests, chosen
+    by a hash of the request body so that every request succeeds by its third attempt whatever the concurrency;
+    slow_first: the very first request sleeps 4 s, then drops (a client timeout); stop_after: close the listening socket
+    after that many answers (a server that goes away mid-run); malformed: answer 200 with no choices."""
+
+    def __init__(self, policy, key, port=0, faults=False, slow_first=False, stop_after=None, malformed=False):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.policy, self.key, self.faults, self.slow_first = policy, key, faults, slow_first
+        self.stop_after, self.malformed = stop_after, malformed
+        self.lock, self.seen, self.bodies, self.answered, self.events = threading.Lock(), {}, [], 0, Counter()
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                code, payload = server.respond(self, raw)
+                if code is None:  # a dropped connection: no status line at all
+                    self.close_connection = True
+                    return
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if code == 429:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that timed out leaves a broken pipe: expected here
+
+        self.httpd = Server(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def respond(self, handler, raw):
+        import base64
+        import hashlib
+        import io
+        if handler.path != "/v1/chat/completions":
+            return 404, {"error": {"message": f"no route {handler.path}"}}
+        if handler.headers.get("Authorization") != f"Bearer {self.key}":
+            return 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+        with self.lock:
+            h = int(hashlib.sha256(raw).hexdigest(), 16)
+            attempt = self.seen[h] = self.seen.get(h, -1) + 1
+            self.requests += 1
+            first = self.requests == 1
+        if self.slow_first and first:  # longer than the client waits: it times out and asks again
+            self.events["slow"] += 1
+            time.sleep(4)
+            return None, None
+        if self.faults and attempt < 2:
+            kind = ["500", "429", "drop", None][(h + attempt) % 4]
+            if kind:
+                self.events[kind] += 1
+                return (None, None) if kind == "drop" else (int(kind), {"error": {"message": f"injected {kind}"}})
+        if self.malformed:
+            return 200, {"id": "x", "object": "chat.completion", "choices": []}
+        body = json.loads(raw)
+        self.bodies.append(body)
+        content = body["messages"][0]["content"]
+        assert [c["type"] for c in content] == ["image_url", "image_url", "text"]
+        images = [Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",", 1)[1]))).convert("RGB")
+                  for c in content[:2]]
+        model, tokenizer, image_processor = self.policy
+        with self.lock:  # one generate at a time: the model keeps per-call state (rope deltas)
+            enc = grpo.encode(tokenizer, image_processor, content[2]["text"], images)
+            out = grpo.generate(model, tokenizer, [enc], body.get("max_tokens") or body["max_completion_tokens"],
+                                body.get("temperature", 1.0), greedy=body.get("temperature") == 0)[0]
+            self.answered += 1
+            if self.stop_after is not None and self.answered >= self.stop_after:
+                threading.Thread(target=self.close).start()  # gone before the next request
+        n_prompt, n_completion = enc["input_ids"].shape[1], len(out["token_ids"])
+        return 200, {"id": f"chatcmpl-{self.answered}", "object": "chat.completion", "created": 0,
+                     "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                                  "finish_reason": "length" if out["truncated"] else "stop"}],
+                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                               "total_tokens": n_prompt + n_completion}}
+
+
+@pytest.fixture(scope="module")
+def evaluate_api(evaluate_tasks, evaluate_tiny, tmp_path_factory):
+    """The tiny model evaluated locally with --batch-size 1, and the model loaded once for the servers."""
+    out = tmp_path_factory.mktemp("evaluate_api")
+    common = ["--tasks", str(evaluate_tasks), "--limit", "6", "--max-new-tokens", "12"]
+    evaluate.main([str(evaluate_tiny), "--out", str(out / "local"), "--batch-size", "1", *common])
+    return dict(out=out, common=common, policy=grpo.load_policy(str(evaluate_tiny)))
+
+
+def _evaluate_api_args(server, out, common, *extra):
+    return ["--api-base", server.url, "--api-model", "tiny-served", "--name", "tiny", "--out", str(out),
+            "--api-backoff", "0.01", "--api-retries", "3", "--api-workers", "2", "--api-timeout", "60", *common, *extra]
+
+
+def _evaluate_same_as_local(out, local):
+    """API rows and metrics equal the local model's (the API row also keeps the raw finish_reason)."""
+    rows = {r["task_id"]: r for r in _evaluate_rows(out, "tiny")}
+    local_rows = _evaluate_rows(local, "tiny")
+    assert len(rows) == len(local_rows) == len(_evaluate_rows(out, "tiny"))  # each task exactly once
+    for r in local_rows:
+        api = dict(rows[r["task_id"]])
+        assert api.pop("finish_reason") == ("length" if r["truncated"] else "stop")
+        assert api == r
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("kind", "source")}
+    assert drop(_evaluate_metrics(out, "tiny")) == drop(_evaluate_metrics(local, "tiny"))
+
+
+def test_evaluate_api_equals_local_and_request_shape(evaluate_tasks, evaluate_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("WIDEMATCH_TEST_KEY", "sk-test")
+    server = _EvaluateChatServer(evaluate_api["policy"], "sk-test")
+    try:
+        evaluate.main(_evaluate_api_args(server, tmp_path / "a", evaluate_api["common"],
+                                         "--api-key-env", "WIDEMATCH_TEST_KEY"))
+        _evaluate_same_as_local(tmp_path / "a", evaluate_api["out"] / "local")
+        m = _evaluate_metrics(tmp_path / "a", "tiny")
+        rows = _evaluate_rows(tmp_path / "a", "tiny")
+        assert m["usage"] == {k: sum(r["usage"][k] for r in rows) for k in ("prompt_tokens", "completion_tokens")}
+        assert m["usage"]["prompt_tokens"] > 0 and m["kind"] == "api" and "| tiny |" in \
+            (tmp_path / "a" / "report.md").read_text()
+        # the request: the prompted image files' bytes unchanged, then the prompt; temperature 0, max_tokens
+        import base64
+        url = lambda p: "data:image/jpeg;base64," + base64.b64encode((evaluate_tasks.parent / p).read_bytes()).decode()
+        want = sorted((*[url(p) for p in t["images"]], t["prompt"]) for t in evaluate.load_tasks(evaluate_tasks)[:6])
+        got = sorted((*[x["image_url"]["url"] for x in b["messages"][0]["content"][:2]],
+                      b["messages"][0]["content"][2]["text"]) for b in server.bodies)
+        assert got == want
+        assert all((b["model"], b["temperature"], b["max_tokens"], len(b["messages"]), b["messages"][0]["role"]) ==
+                   ("tiny-served", 0.0, 12, 1, "user") for b in server.bodies)
+        # endpoints that reject temperature / max_tokens
+        server.bodies.clear()
+        evaluate.main(_evaluate_api_args(server, tmp_path / "b", evaluate_api["common"][:-4], "--limit", "1",
+                                         "--max-new-tokens", "5", "--api-key-env", "WIDEMATCH_TEST_KEY",
+                                         "--api-no-temperature", "--api-max-tokens-param", "max_completion_tokens"))
+        assert len(server.bodies) == 1 and "temperature" not in server.bodies[0] and "max_tokens" not in \
+            server.bodies[0] and server.bodies[0]["max_completion_tokens"] == 5
+    finally:
+        server.close()
+
+
+def test_evaluate_api_faults_stop_restart_resume(evaluate_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    out, common = tmp_path / "eval", evaluate_api["common"]
+    # 500 / 429 / dropped connections on a share of requests, and the server goes away after 3 answers: the run
+    # ends with one line naming the cause, keeping the answers already back
+    server = _EvaluateChatServer(evaluate_api["policy"], "sk-test", faults=True, stop_after=3)
+    args = _evaluate_api_args(server, out, common, "--api-timeout", "3", "--api-retries", "5")
+    msg = _evaluate_exit_line(args)
+    assert "still failing after 6 attempts: cannot connect" in msg and "rerun" in msg
+    assert server.events["500"] and server.events["429"] and server.events["drop"]
+    written = _evaluate_rows(out, "tiny")
+    assert 3 <= len(written) < 6 and len({r["task_id"] for r in written}) == len(written)
+    # the server comes back on the same address (first answer too slow: a client timeout, retried): the rerun
+    # asks only for what is missing and completes
+    server = _EvaluateChatServer(evaluate_api["policy"], "sk-test", port=server.port, faults=True, slow_first=True)
+    try:
+        evaluate.main(args)
+        assert server.events["slow"] == 1
+        done = {r["task_id"] for r in written}
+        assert {b["messages"][0]["content"][2]["text"] for b in server.bodies} == \
+            {t["prompt"] for t in evaluate.load_tasks(common[1])[:6] if t["task_id"] not in done}
+        assert _evaluate_rows(out, "tiny")[:len(written)] == written
+        _evaluate_same_as_local(out, evaluate_api["out"] / "local")
+    finally:
+        server.close()
+
+
+def test_evaluate_api_errors_one_line(evaluate_api, tmp_path, monkeypatch):
+    common = evaluate_api["common"][:-4] + ["--limit", "2", "--max-new-tokens", "4"]
+    monkeypatch.delenv("WIDEMATCH_NO_SUCH_KEY", raising=False)
+    server = _EvaluateChatServer(evaluate_api["policy"], "sk-right")
+    bad = _EvaluateChatServer(evaluate_api["policy"], "sk-right", malformed=True)
+    try:
+        assert "WIDEMATCH_NO_SUCH_KEY is not set" in _evaluate_exit_line(
+            _evaluate_api_args(server, tmp_path / "a", common, "--api-key-env", "WIDEMATCH_NO_SUCH_KEY"))
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")  # one worker: the second task is still queued, and stops
+        msg = _evaluate_exit_line(_evaluate_api_args(server, tmp_path / "b", common, "--api-workers", "1"))
+        assert "refused the key in $OPENAI_API_KEY (HTTP 401" in msg and server.answered == 0
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+        assert "malformed response" in _evaluate_exit_line(_evaluate_api_args(bad, tmp_path / "c", common))
+    finally:
+        server.close()
+        bad.close()
+    # nothing listens there any more
+    msg = _evaluate_exit_line(_evaluate_api_args(server, tmp_path / "d", common))
+    assert f"{server.url} still failing after 4 attempts: cannot connect" in msg
+    assert not (tmp_path / "d" / "tiny" / "predictions.jsonl").read_text()
+
+
+# -----------------------------------------------------------------------------
+# big local models: --device-map auto (accelerate) gives the predictions of the plain load
+
+
+def test_evaluate_device_map_same_predictions(evaluate_tasks, evaluate_tiny, evaluate_api, tmp_path):
+    local = evaluate_api["out"] / "local"
+    evaluate.main([str(evaluate_tiny), "--out", str(tmp_path), "--batch-size", "1", "--device-map", "auto",
+                   "--dtype", "float32", *evaluate_api["common"]])
+    assert _evaluate_rows(tmp_path, "tiny") == _evaluate_rows(local, "tiny")
+    assert _evaluate_metrics(tmp_path, "tiny") == _evaluate_metrics(local, "tiny")
+    # on a CPU-only host "auto" keeps everything in place; a real split runs every forward through accelerate's
+    # hooks: one decoder layer offloaded to disk (weights on meta, loaded by its hook), our generate unchanged
+    from transformers import AutoModelForImageTextToText
+    split = {"model.visual": "cpu", "model.language_model.embed_tokens": "cpu", "model.language_model.layers.0": "cpu",
+             "model.language_model.layers.1": "disk", "model.language_model.norm": "cpu",
+             "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForImageTextToText.from_pretrained(str(evaluate_tiny), dtype=torch.float32, device_map=split,
+                                                        offload_folder=str(tmp_path / "offload")).eval()
+    assert model.model.language_model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    _, tokenizer, image_processor = evaluate_api["policy"]
+    for task, row in list(zip(evaluate.load_tasks(evaluate_tasks), _evaluate_rows(local, "tiny")))[:2]:
+        images = [Image.open(evaluate_tasks.parent / p).convert("RGB") for p in task["images"]]
+        out = grpo.generate(model, tokenizer, [grpo.encode(tokenizer, image_processor, task["prompt"], images)], 12,
+                            0.0, greedy=True)[0]
+        assert (out["text"], len(out["token_ids"])) == (row["text"], row["n_tokens"])
 
 
 # ==============================================================================
