@@ -1003,7 +1003,7 @@ def main(argv=None):
             check_run_info(model_dir, info)
             rows = predict(make_answerer, tasks, model_dir, name)
         metrics = run_metrics(name, kind, what, rows, tasks_sha, args.limit, args.widest, widest_sources)
-        if kind == "model":
+        if kind in ("model", "api"):  # the budget the truncation rate is measured against
             metrics["max_new_tokens"] = args.max_new_tokens
         (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         all_metrics[name] = metrics

@@ -2323,7 +2323,7 @@ def test_evaluate_resumed_rows_take_pair_id_from_the_task(tmp_path):
     tasks = [dict(_evaluate_task("a", ["A"], "co3d", "L1", "object", "sparse", 1, 0.2), pair_id="pa")]
     old = {k: v for k, v in evaluate.score_row(tasks[0], reward.format_answer({1: "A"})).items() if k != "pair_id"}
     (tmp_path / "predictions.jsonl").write_text(json.dumps(old) + "\n")  # a row from before pair_id was recorded
-    rows = evaluate.predict(lambda: pytest.fail("nothing left to answer"), tasks, tmp_path, 4, "x")
+    rows = evaluate.predict(lambda: pytest.fail("nothing left to answer"), tasks, tmp_path, "x")
     assert rows[0]["pair_id"] == "pa" and evaluate.aggregate(rows, widest=1)["widest"]["pairs"] == ["pa"]
 
 
