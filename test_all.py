@@ -2596,8 +2596,9 @@ def test_human_show_truth_page_marks_answers(human_browser, human_page):
 
 class _EvaluateChatServer:
     """A chat-completions server (http.server, 127.0.0.1 only) answering with a local model. faults: None or
-    "500" / "429" / "drop" (connection closed without an answer) for the first attempts of some requests, chosen
-    by a hash of the request body so that every request succeeds by its third attempt whatever the concurrency;
+    the first two attempts of every request (a request is known by the hash of its body) fail, in turn "500",
+    "429" or "drop" (connection closed without an answer), so every request succeeds by its third attempt and
+    all three faults occur whatever the concurrency and however few requests the run makes;
     slow_first: the very first request sleeps 4 s, then drops (a client timeout); stop_after: close the listening socket
     after that many answers (a server that goes away mid-run); malformed: answer 200 with no choices."""
 
@@ -2656,15 +2657,16 @@ class _EvaluateChatServer:
             attempt = self.seen[h] = self.seen.get(h, -1) + 1
             self.requests += 1
             first = self.requests == 1
+            fault = self.faults and attempt < 2 and not (self.slow_first and first)
+            if fault:
+                kind = ["500", "429", "drop"][sum(self.events[k] for k in ("500", "429", "drop")) % 3]
+                self.events[kind] += 1
         if self.slow_first and first:  # longer than the client waits: it times out and asks again
             self.events["slow"] += 1
             time.sleep(4)
             return None, None
-        if self.faults and attempt < 2:
-            kind = ["500", "429", "drop", None][(h + attempt) % 4]
-            if kind:
-                self.events[kind] += 1
-                return (None, None) if kind == "drop" else (int(kind), {"error": {"message": f"injected {kind}"}})
+        if fault:
+            return (None, None) if kind == "drop" else (int(kind), {"error": {"message": f"injected {kind}"}})
         if self.malformed:
             return 200, {"id": "x", "object": "chat.completion", "choices": []}
         body = json.loads(raw)
