@@ -496,6 +496,12 @@ def report(tasks, skipped):
 
 def main(argv=None):
     args = parse_args(argv)
+    shard = os.path.join(args.pool, "shard.json")
+    if os.path.isfile(shard) and not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
+        with open(shard) as f:
+            i, n = json.load(f)["shard"]
+        sys.exit(f"make_tasks.py: error: --pool {args.pool} is shard {i}/{n} of a sharded build (no bins, no split "
+                 f"yet): join all {n} shards first with build_pool.py --merge SHARD_DIR... --out POOL")
     if not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
         sys.exit(f"make_tasks.py: error: --pool {args.pool} has no pairs.jsonl")
     levels, spatials = args.levels.split(","), args.spatial.split(",")
