@@ -780,6 +780,24 @@ def depth_window(frame, r):
     return frame[key]
 
 
+def bilinear_depth(frame, q):
+    """Depth at depth-map coordinates q (N, 2), bilinear over the 4 pixels around; 0 where any is invalid."""
+    D = frame["depth"]
+    hd, wd = D.shape
+    ok = (q[:, 0] >= 0) & (q[:, 0] <= wd - 1) & (q[:, 1] >= 0) & (q[:, 1] <= hd - 1)
+    qx, qy = np.clip(q[:, 0], 0, wd - 1), np.clip(q[:, 1], 0, hd - 1)
+    x0, y0 = np.floor(qx).astype(np.int64), np.floor(qy).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, wd - 1), np.minimum(y0 + 1, hd - 1)
+    fx, fy = qx - x0, qy - y0
+    nb = np.stack([D[y0, x0], D[y0, x1], D[y1, x0], D[y1, x1]], 1).astype(np.float64)
+    good = ((nb > 0) & np.isfinite(nb)).all(1) & ok
+    if frame["depth_mask"] is not None:
+        M = frame["depth_mask"]
+        good &= M[y0, x0] & M[y0, x1] & M[y1, x0] & M[y1, x1]
+    w4 = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+    return np.where(good, (np.where(good[:, None], nb, 0) * w4).sum(1), 0.0)
+
+
 def match_rgbd(frame1, frame2, params):
     """Verify depth samples of frame1 against frame2. Returns omega, the dense matches (colour pixels in both
     images), frame1's verified distractor candidates (no visible counterpart in frame2) and counts per rule.
@@ -814,6 +832,12 @@ def match_rgbd(frame1, frame2, params):
     border = scaled_px(params["border_px"], frame2) if params.get("border_px") is not None else BORDER
     inside = front & in_image(p2, W2, H2, 0.0)
     outside = front & ~in_image(p2, W2, H2, border)  # clearly outside: depth noise cannot bring it back in
+    if params.get("border_px") is not None:  # ... nor a depth error of --depth-rel-tol either way (a wide
+        # baseline moves the projection a lot)
+        for f in (1.0 - tol, 1.0 + tol):
+            Xf = X1 * f @ R.T + t
+            pf = (Xf @ frame2["K"].T)[:, :2] / np.where(Xf[:, 2:] > 1e-6, Xf[:, 2:], 1.0)
+            outside &= (Xf[:, 2] <= 1e-6) | ~in_image(pf, W2, H2, border)
     # the 4 depth pixels around the projection in I2 (pixel centres at integer coordinates)
     D2 = frame2["depth"]
     hd, wd = D2.shape
@@ -856,8 +880,17 @@ def match_rgbd(frame1, frame2, params):
         Xb = (np.stack([q2[i, 0], q2[i, 1], np.ones(len(i))], 1) @ np.linalg.inv(frame2["Kd"]).T) * d2[:, None]
         Xb1 = (Xb - t) @ R  # R^T (x - t) for row vectors
         pb = Xb1 @ frame1["K"].T
-        err = np.linalg.norm(pb[:, :2] / pb[:, 2:] - p1[i], axis=1)
-        bad = i[err > scaled_px(params["cycle_px"], frame1)]
+        err1 = np.linalg.norm(pb[:, :2] / pb[:, 2:] - p1[i], axis=1)
+        # and on from there with I1's depth into I2 again: the same residual measured in I2's pixels, where a
+        # grazing view of I1 seen head-on in I2 magnifies it (a 0.5 px slip in I1 can be 3 px in I2)
+        qb = Xb1 @ frame1["Kd"].T
+        qb = qb[:, :2] / np.maximum(qb[:, 2:], 1e-9)
+        d1b = bilinear_depth(frame1, qb)
+        Xf = (np.c_[qb, np.ones(len(i))] @ Kd1inv.T) * d1b[:, None]
+        pf = (Xf @ R.T + t) @ frame2["K"].T
+        err2 = np.linalg.norm(pf[:, :2] / np.maximum(pf[:, 2:], 1e-9) - p2[i], axis=1)
+        err2[~(d1b > 0)] = np.inf  # no depth at the back-warped point: cannot confirm
+        bad = i[(err1 > scaled_px(params["cycle_px"], frame1)) | (err2 > scaled_px(params["cycle_px"], frame2))]
         agree[bad] = False
         counts["cycle"] = len(bad)
     distractor = (~front | outside | occluded) & smooth

@@ -577,6 +577,67 @@ def _intrinsics(w, h, hfov_deg, rng):
 
 
 # -----------------------------------------------------------------------------
+# sensor model (--sensor kinect): what a structured-light RGB-D camera does to the exact depth and poses
+
+KINECT_FB = 43.5  # px * m: focal length (580 px) x projector baseline (7.5 cm) of a Kinect v1 / Structure sensor
+# the depth map is misregistered against the colour image by this much: px (x, y) at 640 px on the long side of
+# the depth map, so the same angle at every --image-scale (1 px at 640 = 0.5 px of ScanNet's 320 x 240 depth)
+KINECT_SHIFT = (1.0, 0.5)
+
+
+def kinect_depth(depth, rgb, rng):
+    """Sensor-like depth (float32 metres, 0 = hole) from exact z-depth (inf = nothing hit), at depth resolution.
+    Axial noise grows with depth (Nguyen et al. 2012: sigma = 1.2 mm + 1.9 mm * (z - 0.4 m)^2), disparity is
+    quantised to 1/8 px (Kinect v1: steps of z^2 / (8 * 43.5) m, 2.6 cm at 3 m), holes at depth edges (the
+    projector's shadow, 1 px either side of a > 5% step) and on dark surfaces (gray < 45: 80% dropped), and the
+    whole map is shifted by KINECT_SHIFT against the colour image (imperfect depth-to-colour registration).
+    rgb: the colour image at the depth resolution."""
+    z = np.where(np.isfinite(depth), depth, 0).astype(np.float64)
+    valid = z > 0
+    kernel = np.ones((3, 3), np.uint8)
+    hi = cv2.dilate(np.where(valid, z, 1e3).astype(np.float32), kernel)
+    lo = cv2.erode(np.where(valid, z, 0).astype(np.float32), kernel)
+    edge = cv2.dilate(((hi > lo * 1.05) & valid).astype(np.uint8), kernel) > 0
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    dark = (gray < 45) & (rng.random(z.shape) < 0.8)
+    sigma = 0.0012 + 0.0019 * (z - 0.4) ** 2
+    zn = np.maximum(z + rng.normal(0.0, 1.0, z.shape) * sigma, 0.05)
+    disp = np.round(KINECT_FB / zn * 8.0) / 8.0
+    zq = np.where(disp > 0, KINECT_FB / np.maximum(disp, 1e-9), 0.0)
+    out = np.where(valid & ~edge & ~dark, zq, 0.0).astype(np.float32)
+    # written(x, y) = sensed(x - dx, y - dy), bilinear; a pixel that would mix in a hole becomes a hole
+    s = max(z.shape) / 640.0
+    h, w = z.shape
+    mx, my = np.meshgrid(np.arange(w, dtype=np.float32) - KINECT_SHIFT[0] * s,
+                         np.arange(h, dtype=np.float32) - KINECT_SHIFT[1] * s)
+    shifted = cv2.remap(out, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    full = cv2.remap((out > 0).astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=0)
+    return np.where(full > 0.999, shifted, 0).astype(np.float32)
+
+
+def jitter_pose(T, jitter, rng):
+    """T (cam_to_world) with a pose error of about jitter cm and jitter / 2 degrees: rotation about a random axis
+    by an angle ~ N(0, (0.5 deg * jitter)^2), translation ~ N(0, (1 cm * jitter)^2 / 3) per axis."""
+    if jitter <= 0:
+        return np.array(T, np.float64)
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    dR, _ = cv2.Rodrigues(axis * np.deg2rad(0.5 * jitter) * rng.normal())
+    J = np.array(T, np.float64).copy()
+    J[:3, :3] = dR @ J[:3, :3]
+    J[:3, 3] += rng.normal(0.0, 0.01 * jitter / math.sqrt(3), 3)
+    return J
+
+
+def _save_exact_depth(out, rel, depth):
+    """Exact z-depth (float32 metres, inf = nothing hit) next to a sensor-like depth map, for tests."""
+    path = os.path.join(out, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, depth.astype(np.float32))
+
+
+# -----------------------------------------------------------------------------
 # writers: ScanNet (SensReader export + raw .sens), COLMAP (pycolmap), CO3D v2
 
 
@@ -625,9 +686,10 @@ def write_sens(path, frames, K_color, K_depth, wc, hc, wd, hd, sensor_name=b"Str
         f.write(struct.pack("<Q", 0))  # no IMU frames
 
 
-def write_scannet(out, name, seed, n_frames, pbar, scale=1.0):
+def write_scannet(out, name, seed, n_frames, pbar, scale=1.0, sensor="exact", jitter=0.0):
     scene = make_scene(seed, "indoor")
     rng = np.random.default_rng(seed + 3)
+    srng = np.random.default_rng([seed, 77])  # the sensor's own stream: exact output stays byte-identical
     wc, hc = _even(640 * scale), _even(480 * scale)
     wd, hd = wc // 2, hc // 2
     Kc = _intrinsics(wc, hc, 58.0, rng)
@@ -647,23 +709,33 @@ def write_scannet(out, name, seed, n_frames, pbar, scale=1.0):
     frames, meta_frames = [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         T = _f32_pose(T)
+        Tw = _f32_pose(jitter_pose(T, jitter, srng))  # the pose the files say (== T without --pose-jitter)
         rgb, _ = render(scene, Kc, T, wc, hc, gain=rng.uniform(0.93, 1.07))
-        depth = _depth_mm(render_depth(scene, Kd, T, wd, hd))
+        exact = render_depth(scene, Kd, T, wd, hd)
+        extra = {}
+        if sensor == "kinect":
+            small = cv2.resize(rgb, (wd, hd), interpolation=cv2.INTER_AREA)
+            depth = _depth_mm(kinect_depth(exact, small, srng))
+            extra["depth_exact"] = f"exact/scannet/{name}/{i}.npy"
+            _save_exact_depth(out, extra["depth_exact"], exact)
+        else:
+            depth = _depth_mm(exact)
         jpg = _jpeg(rgb)
         with open(os.path.join(root, "color", f"{i}.jpg"), "wb") as f:
             f.write(jpg)
         cv2.imwrite(os.path.join(root, "depth", f"{i}.png"), depth)
-        _save_mat(os.path.join(root, "pose", f"{i}.txt"), T)
-        frames.append((T, jpg, depth))
+        _save_mat(os.path.join(root, "pose", f"{i}.txt"), Tw)
+        frames.append((Tw, jpg, depth))
         meta_frames.append(dict(image=f"scannet/{name}/color/{i}.jpg", depth=f"scannet/{name}/depth/{i}.png",
                                 K=Kc.tolist(), K_depth=Kd.tolist(), cam_to_world=T.tolist(),
-                                width=wc, height=hc, depth_width=wd, depth_height=hd))
+                                cam_to_world_written=Tw.tolist(), width=wc, height=hc, depth_width=wd,
+                                depth_height=hd, **extra))
         pbar.update(1)
     sens_dir = os.path.join(out, "scannet_sens", name)
     os.makedirs(sens_dir, exist_ok=True)
     write_sens(os.path.join(sens_dir, f"{name}.sens"), frames, Kc, Kd, wc, hc, wd, hd)
     return dict(layout="scannet", path=f"scannet/{name}", sens=f"scannet_sens/{name}/{name}.sens", name=name,
-                seed=seed, kind="indoor", frames=meta_frames)
+                seed=seed, kind="indoor", sensor=sensor, pose_jitter=jitter, frames=meta_frames)
 
 
 def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", landmarks_per_frame=300):
@@ -781,10 +853,11 @@ def opencv_to_co3d(K, cam_to_world, w, h):
                 intrinsics_format="ndc_isotropic")
 
 
-def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
+def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0, sensor="exact", jitter=0.0):
     """One CO3D sequence; returns (meta entry, frame annotations, sequence annotation)."""
     scene = make_scene(seed, "object")
     rng = np.random.default_rng(seed + 9)
+    srng = np.random.default_rng([seed, 77])  # the sensor's own stream: exact output stays byte-identical
     w, h = _even(360 * scale), _even(480 * scale)  # portrait, like most CO3D phone videos
     K = _intrinsics(w, h, 50.0, rng)
     root = os.path.join(out, "co3d", category, seq)
@@ -794,10 +867,17 @@ def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
     annos, meta_frames = [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         rgb, depth, pid = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07), return_ids=True)
+        Tw = jitter_pose(T, jitter, srng)  # the pose the annotation says (== T without --pose-jitter)
         fg = foreground_mask(scene, pid)
         stem = f"frame{i + 1:06d}"
         rel = f"{category}/{seq}"
         _write_jpeg(os.path.join(root, "images", f"{stem}.jpg"), rgb)
+        extra = {}
+        if sensor == "kinect":
+            extra["depth_exact"] = f"exact/co3d/{rel}/{stem}.npy"
+            _save_exact_depth(out, extra["depth_exact"], depth)
+            depth = kinect_depth(depth, rgb, srng)
+            depth[depth <= 0] = np.inf  # holes: invalid below, like sky
         valid = np.isfinite(depth)
         d16 = np.where(valid, depth / scale, 0).astype(np.float16)
         cv2.imwrite(os.path.join(root, "depths", f"{stem}.jpg.geometric.png"), d16.view(np.uint16))
@@ -809,17 +889,18 @@ def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
             depth=dict(path=f"{rel}/depths/{stem}.jpg.geometric.png", scale_adjustment=scale,
                        mask_path=f"{rel}/depth_masks/{stem}.png"),
             mask=dict(path=f"{rel}/masks/{stem}.png", mass=float(fg.sum())),
-            viewpoint=opencv_to_co3d(K, T, w, h),
+            viewpoint=opencv_to_co3d(K, Tw, w, h),
             meta=dict(frame_type="test_known" if i % 10 == 0 else "train_known", frame_splits=[],
                       synthetic=True)))
         meta_frames.append(dict(image=f"co3d/{rel}/images/{stem}.jpg",
                                 depth=f"co3d/{rel}/depths/{stem}.jpg.geometric.png", K=K.tolist(),
-                                cam_to_world=T.tolist(), width=w, height=h))
+                                cam_to_world=T.tolist(), cam_to_world_written=Tw.tolist(), width=w, height=h,
+                                **extra))
         pbar.update(1)
     seq_anno = dict(sequence_name=seq, category=category, video=dict(path=f"{category}/{seq}/video.mp4",
                     length=n_frames), point_cloud=None, viewpoint_quality_score=1.0)
     entry = dict(layout="co3d", path=f"co3d/{category}/{seq}", name=seq, seed=seed, kind="object",
-                 frames=meta_frames)
+                 sensor=sensor, pose_jitter=jitter, frames=meta_frames)
     return entry, annos, seq_anno
 
 
@@ -868,6 +949,8 @@ def _remove_previous(out):
                 path = os.path.join(out, os.path.dirname(sc["path"]), name)
                 if os.path.isfile(path):
                     os.remove(path)
+    if os.path.isdir(os.path.join(out, "exact")):  # exact depths of a --sensor kinect run
+        shutil.rmtree(os.path.join(out, "exact"))
     os.remove(os.path.join(out, "synthetic_meta.json"))
 
 
@@ -884,7 +967,15 @@ def main(argv=None):
                     help="comma list of scannet,colmap,co3d,re10k (re10k is opt-in: only build_pool --re10k reads it)")
     ap.add_argument("--co3d-category", default="synthobject")
     ap.add_argument("--image-scale", type=float, default=1.0, help="scale all image sizes (e.g. 0.25 for fast tests)")
+    ap.add_argument("--sensor", default="exact", choices=["exact", "kinect"],
+                    help="ScanNet and CO3D depth: exact, or like a structured-light sensor (noise, quantisation, "
+                         "holes, misregistration; see kinect_depth)")
+    ap.add_argument("--pose-jitter", type=float, default=None,
+                    help="written poses off by about this many cm and half as many degrees (ScanNet, CO3D; "
+                         "default 1 with --sensor kinect, else 0)")
     args = ap.parse_args(argv)
+    if args.pose_jitter is None:
+        args.pose_jitter = 1.0 if args.sensor == "kinect" else 0.0
     layouts = [s for s in args.layouts.split(",") if s]
     bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d", "re10k")]
     if bad:
@@ -901,8 +992,8 @@ def main(argv=None):
     for li, layout in enumerate(layouts):
         seeds = [args.seed * 1000 + li * 100 + k for k in range(args.scenes)]
         if layout == "scannet":
-            entries += [write_scannet(args.out, f"scene{k:04d}_00", s, args.frames, pbar, args.image_scale)
-                        for k, s in enumerate(seeds)]
+            entries += [write_scannet(args.out, f"scene{k:04d}_00", s, args.frames, pbar, args.image_scale,
+                                      args.sensor, args.pose_jitter) for k, s in enumerate(seeds)]
         elif layout == "colmap":
             entries += [write_colmap(args.out, f"plaza{k:02d}", s, args.frames, pbar, args.image_scale)
                         for k, s in enumerate(seeds)]
@@ -914,7 +1005,8 @@ def main(argv=None):
             annos, seqs = [], []
             for k, s in enumerate(seeds):
                 seq = f"{100 + k}_{s:05d}_{7 * s + 11:05d}"  # CO3D-like sequence name
-                entry, a, sq = write_co3d(args.out, cat, seq, s, args.frames, pbar, args.image_scale)
+                entry, a, sq = write_co3d(args.out, cat, seq, s, args.frames, pbar, args.image_scale,
+                                          args.sensor, args.pose_jitter)
                 entries.append(entry)
                 annos += a
                 seqs.append(sq)
