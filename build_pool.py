@@ -492,6 +492,9 @@ def find_uco3d(path, scenes_skipped=None):
 class ColmapScene:
     def __init__(self, spec):
         self.name, self.sparse, self.images = spec
+        # images_N (DL3DV, Mip-NeRF 360): the images are the model's resolution divided by N
+        suffix = os.path.basename(os.path.normpath(self.images)).rpartition("_")[2]
+        self.downscale = int(suffix) if suffix.isdigit() and int(suffix) > 0 else 1
         import pycolmap
         for part in ("cameras", "images", "points3D"):  # name the missing file, not just the folder
             if not any(os.path.isfile(os.path.join(self.sparse, f"{part}.{e}")) for e in ("bin", "txt")):
@@ -508,19 +511,40 @@ class ColmapScene:
             cam = rec.cameras[im.camera_id]
             pose = im.cam_from_world()
             pts = im.points2D
-            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) - 0.5  # COLMAP centre +0.5 -> OpenCV
+            # COLMAP puts the first pixel's centre at 0.5 (2D points and principal point alike); OpenCV at 0. Images
+            # downscaled by f (DL3DV's images_4: f = 4) map COLMAP x to OpenCV (x_colmap / f) - 0.5, which is the
+            # pixel-centre-correct (x_opencv_full + 0.5) / f - 0.5.
+            sx, sy = self.downscale / 1.0, self.downscale / 1.0
+            w, h = round(cam.width / sx), round(cam.height / sy)
+            sx, sy = cam.width / w, cam.height / h  # the exact ratio when the size does not divide evenly
+            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) / [sx, sy] - 0.5
             pid = np.array([p.point3D_id if p.has_point3D() else -1 for p in pts], np.int64)
             K = np.array(cam.calibration_matrix(), np.float64)
-            K[:2, 2] -= 0.5  # COLMAP's principal point has the same +0.5 pixel-centre offset
-            self.frames[im.name] = dict(id=im.name, K=K, width=cam.width, height=cam.height,
+            K[0] /= sx
+            K[1] /= sy
+            K[:2, 2] -= 0.5
+            self.frames[im.name] = dict(id=im.name, K=K, width=w, height=h, model_wh=(cam.width, cam.height),
                                         R=pose.rotation.matrix(), t=np.asarray(pose.translation), xy=xy, pid=pid,
                                         image=os.path.abspath(os.path.join(self.images, im.name)))
         self.frame_ids = sorted(self.frames)
+        if self.downscale != 1:  # a wrong factor would scale every point wrongly: check one image, fail the scene
+            f = next((self.frames[i] for i in self.frame_ids if os.path.isfile(self.frames[i]["image"])), None)
+            if f is not None:
+                with Image.open(f["image"]) as im:
+                    if im.size != (f["width"], f["height"]):
+                        raise BadInput("image size mismatch", self.size_error(f, im.size))
+
+    def size_error(self, f, size):
+        return (f"{f['image']}: image is {size[0]}x{size[1]}, but the model's camera is "
+                f"{f['model_wh'][0]}x{f['model_wh'][1]} / {self.downscale} = {f['width']}x{f['height']} "
+                f"(from the folder name {os.path.basename(self.images)})")
 
     def load(self, fid):
         f = dict(self.frames[fid])
         rgb = read_image_file(f["image"])  # checks the image decodes; geometry comes from the model
         if rgb.shape[:2] != (f["height"], f["width"]):
+            if self.downscale != 1:
+                raise BadInput("image size mismatch", self.size_error(f, (rgb.shape[1], rgb.shape[0])))
             raise BadInput("corrupt image", f"{f['image']}: size {rgb.shape[1]}x{rgb.shape[0]} != camera "
                            f"{f['width']}x{f['height']}")
         valid = f["pid"] >= 0
@@ -531,7 +555,8 @@ class ColmapScene:
         return f
 
 
-def find_colmap(path):
+def find_colmap(path, images=None):
+    """(name, model folder, image folder) per scene; images: the image folder's name (--colmap-images)."""
     def model_dir(scene):
         for cand in ("sparse/0", "sparse", "colmap/sparse/0"):
             d = os.path.join(scene, cand)
@@ -540,6 +565,8 @@ def find_colmap(path):
         return None
 
     def images_dir(scene):
+        if images:
+            return os.path.join(scene, images)
         for cand in ("images", "dense/images"):
             if os.path.isdir(os.path.join(scene, cand)):
                 return os.path.join(scene, cand)
@@ -893,6 +920,24 @@ def match_rgbd(frame1, frame2, params):
         bad = i[(err1 > scaled_px(params["cycle_px"], frame1)) | (err2 > scaled_px(params["cycle_px"], frame2))]
         agree[bad] = False
         counts["cycle"] = len(bad)
+    if params.get("max_stretch") and agree.any():
+        # conditioning: where one pixel of I1 covers many of I2 (a surface seen grazing in I1, head-on in I2), a
+        # sub-pixel slip of I1's depth (misregistration, noise) moves the match by that factor in I2, and a round
+        # trip cannot see it (it is consistent both ways). Stretch = largest |dp2| / |dp1| to a grid neighbour.
+        gh, gw = d1.shape
+        P1 = np.full((gh + 2, gw + 2, 2), np.nan)
+        P2 = np.full((gh + 2, gw + 2, 2), np.nan)
+        gy, gx = v // step + 1, u // step + 1
+        P1[gy, gx] = p1
+        P2[gy, gx] = np.where(front[:, None], p2, np.nan)
+        stretch = np.zeros(n_valid)
+        for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+            d2n = np.linalg.norm(P2[gy + dy, gx + dx] - p2, axis=1)
+            d1n = np.linalg.norm(P1[gy + dy, gx + dx] - p1, axis=1)
+            stretch = np.fmax(stretch, d2n / np.maximum(d1n, 1e-9))
+        bad = np.nonzero(agree & (stretch > params["max_stretch"]))[0]
+        agree[bad] = False
+        counts["stretch"] = len(bad)
     distractor = (~front | outside | occluded) & smooth
     band = inside & all_valid & smooth & ~agree & ~occluded & (np.abs(nb - zz) > tol * zz).any(1)
     counts.update(match=int(agree.sum()), behind=int((~front & smooth).sum()), outside=int((outside & smooth).sum()),
@@ -1189,7 +1234,7 @@ def gather_tasks(args, scenes_skipped):
     uCO3D's metadata) are warned about and counted in scenes_skipped."""
     tasks = []
     sources = [("scannet", args.scannet, find_scannet), ("co3d", args.co3d, find_co3d),
-               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, find_colmap),
+               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, lambda p: find_colmap(p, args.colmap_images)),
                ("re10k", args.re10k, lambda p: find_re10k(p, args.re10k_frames))]
     for source, path, finder in sources:
         if path is None:
@@ -1220,6 +1265,8 @@ def main(argv=None):
     p.add_argument("--colmap", help="folder of COLMAP scenes (<scene>/images, <scene>/sparse/0) or one scene")
     p.add_argument("--colmap-source", default="colmap", help="source name written for --colmap scenes (dl3dv, ...)")
     p.add_argument("--colmap-scene-type", default="outdoor", choices=["indoor", "object", "outdoor"])
+    p.add_argument("--colmap-images", help="image folder name inside each COLMAP scene (default images or "
+                   "dense/images); images_N: downscaled N times from the model's resolution (DL3DV: images_4)")
     p.add_argument("--re10k", help="RealEstate10K root (<split>/<clip>.txt or <clip>.txt + frame folders) or one txt")
     p.add_argument("--re10k-frames", help="folder holding the <clip>/<timestamp_us>.png|jpg frame folders "
                    "(default: next to the txt files)")
@@ -1251,6 +1298,9 @@ def main(argv=None):
     p.add_argument("--border-px", type=float, default=3.0,
                    help="an 'outside' distractor projects at least this far outside the other image (px at 640 on "
                         "the long side, scaled like --cycle-px)")
+    p.add_argument("--max-stretch", type=float, default=3.0,
+                   help="drop a match where one pixel of I1 spans more than this many pixels of I2 (grazing in I1, "
+                        "head-on in I2: a sub-pixel depth error of I1 is magnified there); 0 = off")
     p.add_argument("--edge-window", type=int, default=2,
                    help="depth px: samples of I1 with a depth edge or hole this close are neither match nor "
                         "distractor, and an occluder must cover this window around the projection (0 = off)")
@@ -1430,6 +1480,7 @@ def verification_summary(points):
     RGB-D, landmark observations for SfM)."""
     names = dict(valid="samples tried", match="kept as matches", edge="depth edge or hole in I1: neither",
                  photo="removed by the colour check", cycle="removed by the two-way check (--cycle-px)",
+                 stretch="removed as ill-conditioned (--max-stretch)",
                  neither_gap="depth gap between --depth-rel-tol and --occlusion-margin: neither",
                  neither_border="within --border-px of the other image's border: neither",
                  no_depth2="no depth in I2 at the projection: neither", behind="distractor: behind camera 2",

@@ -738,20 +738,29 @@ def write_scannet(out, name, seed, n_frames, pbar, scale=1.0, sensor="exact", ji
                 seed=seed, kind="indoor", sensor=sensor, pose_jitter=jitter, frames=meta_frames)
 
 
-def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", landmarks_per_frame=300):
+def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", landmarks_per_frame=300, layout="colmap"):
+    """layout colmap: <scene>/images/%06d.jpg + <scene>/sparse/0. layout dl3dv (as DL3DV-10K ships it):
+    <scene>/images_4/frame_%05d.png only, the model in <scene>/colmap/sparse/0 at the full resolution (4x the
+    images; pixel-centre-correct: x_full = (x_4 + 0.5) * 4 - 0.5 in OpenCV pixels)."""
     import pycolmap  # only this writer needs it
     scene = make_scene(seed, kind)
     rng = np.random.default_rng(seed + 5)
     w, h = _even(480 * scale), _even(360 * scale)
     K = _intrinsics(w, h, 65.0, rng)
     K[1, 1] = K[0, 0]  # SIMPLE_RADIAL has one focal length
-    root = os.path.join(out, "colmap", name)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(root, "sparse", "0"), exist_ok=True)
+    root = os.path.join(out, layout, name)
+    f = 4 if layout == "dl3dv" else 1  # the model's resolution over the images'
+    img_dir, sparse = ("images_4", os.path.join("colmap", "sparse", "0")) if f == 4 else ("images", os.path.join("sparse", "0"))
+    os.makedirs(os.path.join(root, img_dir), exist_ok=True)
+    os.makedirs(os.path.join(root, sparse), exist_ok=True)
     poses, pts, cols, meta_frames = [], [], [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         rgb, depth = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07))
-        _write_jpeg(os.path.join(root, "images", f"{i:06d}.jpg"), rgb)
+        fname = f"frame_{i + 1:05d}.png" if f == 4 else f"{i:06d}.jpg"
+        if f == 4:
+            cv2.imwrite(os.path.join(root, img_dir, fname), rgb[..., ::-1])
+        else:
+            _write_jpeg(os.path.join(root, img_dir, fname), rgb)
         # landmarks: back-project random pixels with a surface hit (exactly on the surfaces)
         ys, xs = np.nonzero(np.isfinite(depth))
         k = rng.choice(len(xs), min(landmarks_per_frame, len(xs)), replace=False)
@@ -762,7 +771,7 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         pts.append(T[:3, 3] + t[good, None] * ray[good])
         cols.append(rgb[ys[k][good], xs[k][good]])
         poses.append(T)
-        meta_frames.append(dict(image=f"colmap/{name}/images/{i:06d}.jpg", K=K.tolist(), cam_to_world=T.tolist(),
+        meta_frames.append(dict(image=f"{layout}/{name}/{img_dir}/{fname}", K=K.tolist(), cam_to_world=T.tolist(),
                                 width=w, height=h))
         pbar.update(1)
     X, C = np.concatenate(pts), np.concatenate(cols)
@@ -784,8 +793,9 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         proj.append((visible, uv[visible]))
     keep = vis_count >= 2  # COLMAP only triangulates points seen at least twice
     rec = pycolmap.Reconstruction()
-    cam = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=w, height=h,
-                          params=[K[0, 0], K[0, 2] + 0.5, K[1, 2] + 0.5, 0.0])
+    # COLMAP pixels (centre of the first pixel at 0.5) at the model's resolution: x_colmap = (x_opencv + 0.5) * f
+    cam = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=w * f, height=h * f,
+                          params=[K[0, 0] * f, (K[0, 2] + 0.5) * f, (K[1, 2] + 0.5) * f, 0.0])
     rec.add_camera_with_trivial_rig(cam)
     tracks = collections.defaultdict(list)  # landmark -> its observations (image id, point2D index), in image order
     for i, (T, (visible, uv)) in enumerate(zip(poses, proj)):
@@ -793,17 +803,18 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         visible, uv = visible[sel], uv[sel]
         # untriangulated features too (as in real models): random pixels with no 3D point
         extra = rng.uniform([0, 0], [w - 1, h - 1], (len(visible) // 4, 2))
-        xy = np.concatenate([uv, extra]) + 0.5  # COLMAP pixel convention
+        xy = (np.concatenate([uv, extra]) + 0.5) * f  # COLMAP pixel convention, at the model's resolution
         points2D = pycolmap.Point2DList([pycolmap.Point2D(p) for p in xy])
-        image = pycolmap.Image(name=f"{i:06d}.jpg", points2D=points2D, camera_id=1, image_id=i + 1)
+        image = pycolmap.Image(name=os.path.basename(meta_frames[i]["image"]), points2D=points2D, camera_id=1,
+                               image_id=i + 1)
         w2c = np.linalg.inv(T)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[:3, :3]), w2c[:3, 3]))
         for n, j in enumerate(visible):
             tracks[int(j)].append(pycolmap.TrackElement(i + 1, n))
     for j in np.nonzero(keep)[0]:
         rec.add_point3D(X[j], pycolmap.Track(tracks[int(j)]), C[j].astype(np.uint8))
-    rec.write(os.path.join(root, "sparse", "0"))
-    return dict(layout="colmap", path=f"colmap/{name}", name=name, seed=seed, kind=kind, frames=meta_frames,
+    rec.write(os.path.join(root, sparse))
+    return dict(layout=layout, path=f"{layout}/{name}", name=name, seed=seed, kind=kind, frames=meta_frames,
                 num_points3D=int(keep.sum()))
 
 
@@ -964,7 +975,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=24, help="frames per scene")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layouts", default="scannet,colmap,co3d",
-                    help="comma list of scannet,colmap,co3d,re10k (re10k is opt-in: only build_pool --re10k reads it)")
+                    help="comma list of scannet,colmap,co3d,re10k,dl3dv (re10k, dl3dv are opt-in)")
     ap.add_argument("--co3d-category", default="synthobject")
     ap.add_argument("--image-scale", type=float, default=1.0, help="scale all image sizes (e.g. 0.25 for fast tests)")
     ap.add_argument("--sensor", default="exact", choices=["exact", "kinect"],
@@ -977,9 +988,9 @@ def main(argv=None):
     if args.pose_jitter is None:
         args.pose_jitter = 1.0 if args.sensor == "kinect" else 0.0
     layouts = [s for s in args.layouts.split(",") if s]
-    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d", "re10k")]
+    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d", "re10k", "dl3dv")]
     if bad:
-        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d, re10k)")
+        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d, re10k, dl3dv)")
     if args.frames < 2 or args.scenes < 1:
         sys.exit("synthetic.py: error: need --frames >= 2 and --scenes >= 1")
     os.makedirs(args.out, exist_ok=True)
@@ -997,6 +1008,9 @@ def main(argv=None):
         elif layout == "colmap":
             entries += [write_colmap(args.out, f"plaza{k:02d}", s, args.frames, pbar, args.image_scale)
                         for k, s in enumerate(seeds)]
+        elif layout == "dl3dv":  # DL3DV-10K scene ids are 64-hex-digit hashes
+            entries += [write_colmap(args.out, f"{(s + 7) * 0x9E3779B97F4A7C15 % 2 ** 64:016x}" * 4, s, args.frames,
+                                     pbar, args.image_scale, layout="dl3dv") for s in seeds]
         elif layout == "re10k":  # clip ids look like RealEstate10K's 16-hex-digit ones
             entries += [write_re10k(args.out, f"{(s + 1) * 0x9E3779B97F4A7C15 % 2 ** 64:016x}", s, args.frames,
                                     pbar, args.image_scale) for s in seeds]
