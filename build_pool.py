@@ -13,7 +13,15 @@ Real data (one machine, scenes in parallel over CPU cores; no GPU is used):
     python build_pool.py --scannet /data/scannet/scans --out pool --frame-stride 10 \
         --max-pairs-per-scene 200 --workers 16
     python build_pool.py --scannet /data/scannet_sens --out pool     # raw .sens files, no export step
-    python build_pool.py --co3d /data/co3d --uco3d /data/uco3d --colmap /data/dl3dv --colmap-source dl3dv --out pool
+    python build_pool.py --co3d /data/co3d --uco3d /data/uco3d --out pool
+    python build_pool.py --colmap /data/DL3DV-10K/960P --colmap-images images_4 --colmap-source dl3dv --out pool
+Sharded (a cluster, one job per shard; README.md has a SLURM array script):
+    python build_pool.py --scannet /data/scannet_sens --out shards/07 --shard 7/64 --workers 32
+    python build_pool.py --merge shards/* --out pool      # bins and split over the whole corpus
+A shard folder has shard_pairs.jsonl + shard.json (no pairs.jsonl: make_tasks.py refuses it); --merge checks
+that it has every shard 0..N-1 of one build made with the same settings, copies pairs/, images/ and colmap_re10k/,
+sums the counts, then bins and splits exactly as an unsharded build does (same pairs.jsonl, same npz files: the
+per-scene random streams are seeded by source/scene, not by the shard).
     python build_pool.py --re10k /data/re10k --frame-stride 10 --out pool        # triangulates each clip first
 CPU demo for RealEstate10K (opt-in synthetic layout, its own folder: a re-run of synthetic.py replaces what
 it wrote before; ~10 s for 2 clips x 10 frames):
@@ -35,7 +43,12 @@ Inputs, per source
   distortion as the uCO3D loader does) and depth_maps.h5 (needs the optional package h5py). Frames used are
   written to pool/images/ as JPEG. Not tested end to end (no synthetic writer); the pure conversions are.
 - COLMAP (--colmap, name the corpus with --colmap-source dl3dv|re10k|...): <scene>/images/ and
-  <scene>/sparse/0/ (or sparse/) with cameras/images/points3D .bin or .txt, read with pycolmap.
+  <scene>/sparse/0/ (or sparse/, colmap/sparse/0) with cameras/images/points3D .bin or .txt, read with pycolmap.
+  --colmap-images images_N reads the images from <scene>/images_N/, downscaled N times from the model's
+  resolution, as DL3DV-10K ships them (images_4 beside a full-resolution colmap/sparse/0): intrinsics and 2D
+  observations are scaled pixel-centre-correct, x = (x_full + 0.5) / N - 0.5 in OpenCV pixels (sizes that do not
+  divide evenly use the exact ratio of the sizes); an image whose size is not the camera's / N stops the scene
+  with one warning naming the image, both sizes and N.
 - RealEstate10K (--re10k ROOT): camera files ROOT/<split>/<clip>.txt or ROOT/<clip>.txt (or one .txt): a URL
   line, then per frame `timestamp_us fx fy cx cy k1 k2` + a 3x4 row-major world-to-camera [R|t] (OpenCV axes),
   intrinsics divided by the image width (fx, cx) and height (fy, cy); we take cx * W as an OpenCV principal point.
@@ -52,28 +65,47 @@ Inputs, per source
 
 Verification rules
 - RGB-D: valid depth pixels of I1 (every --depth-step-th pixel of the depth map) are back-projected with
-  the DEPTH intrinsics, moved into camera 2 and projected with camera 2's colour and depth intrinsics. A
-  point is a match when all 4 depth pixels around its projection agree within --depth-rel-tol (relative) and,
-  with --photo-check, the colours agree: each image is blurred (box 5) and normalised per channel (zero mean,
-  unit std over the image, which cancels global gain/offset lighting changes between wide-baseline views) and
-  the largest per-channel difference must stay below --photo-tol (loose on purpose). omega = matches / valid
-  depth samples of I1. A point is a verified distractor when it lands behind camera 2, outside image 2, or
-  behind a clearly closer surface (all 4 depth pixels of I2 smaller by more than --occlusion-margin,
-  relative); "outside" means at least 2 px outside its border. Anything else (no depth in I2, colour
-  disagreement, depth edges, the 2 px band around the border) is unverifiable: neither.
+  the DEPTH intrinsics, moved into camera 2 and projected with camera 2's colour and depth intrinsics. A sample
+  with a depth edge (a step > --occlusion-margin) or a hole within --edge-window depth px in I1 is neither a
+  match nor a distractor (its depth may belong to the other side of the edge on a misregistered sensor). A point
+  is a match when all 4 depth pixels around its projection agree within --depth-rel-tol (relative); with
+  --photo-check the colours agree (each image blurred (box 5), normalised per channel (zero mean, unit std: this
+  cancels global gain/offset lighting changes between wide-baseline views), largest per-channel difference below
+  --photo-tol, loose on purpose); it survives the two-way check: warped back into I1 with I2's own depth
+  (bilinear) it lands within --cycle-px of its start, and carried on with I1's depth into I2 again it lands within
+  --cycle-px of its match (the residual seen in each image's own pixels); and it is well conditioned: one pixel
+  of I1 spans at most --max-stretch pixels of I2 (where a surface is seen grazing in I1 and head-on in I2, a
+  sub-pixel depth error moves the match by that factor and no round trip can see it: it is consistent both ways).
+  Pixel tolerances are given at 640 px on the long side and scaled with each image (3 px -> 6.1 px at 1296x968):
+  depth noise and pose error are angles, so their pixel size grows with the resolution, and tasks are drawn at
+  640 px where 3 px is half a marker and far below make_tasks' 20 px --min-sep. omega = matches / valid depth
+  samples of I1. A point is a verified distractor when it lands behind camera 2, outside image 2 by more than
+  --border-px for its depth and for its depth +- --depth-rel-tol, or behind a clearly closer surface: every depth
+  pixel of I2 within --edge-window of its projection is closer by more than --occlusion-margin (0.2: LoFTR's
+  relative gap; at 0.1 half of the 10-16.7% band was sensor noise on real ScanNet frames). Anything between (no
+  depth in I2, colour disagreement, a gap between --depth-rel-tol and --occlusion-margin, the border band) is
+  neither. summary.json "verification" counts what each rule decided. Without --cycle-px, --edge-window,
+  --border-px, --max-stretch in its params match_rgbd applies the one-way rule bench.py's loop restates.
 - SfM: a match is a landmark observed in both images; omega = shared landmarks / landmarks observed in I1
   (asymmetric, as in the paper). Distractors: observations of I1 whose landmark is not observed in I2 and
   projects outside image 2 or behind camera 2 (and vice versa). COLMAP's 2D points put pixel centres at +0.5;
   we subtract 0.5 (OpenCV convention: pixel centres at integer coordinates).
-- Sparse set: k-means (k-means++ init, fixed seed) on the matches' pixels in I1 with k = --num-clusters
-  (clipped to 10..50); per cluster the match nearest its centre is kept. Distractors: farthest-point sampling
+- Sparse set: N_p is drawn per pair uniformly in --num-points-range (default 10 50, the paper's range; seeded per
+  scene; --num-clusters K is the old fixed N_p = K); k-means (k-means++ init) on the matches' pixels in I1 with
+  k = min(N_p, matches); per cluster the match nearest its centre is kept (fewer than N_p only when the verified
+  overlap cannot supply them; a pair with fewer than 10 is dropped). Distractors: farthest-point sampling
   (up to --max-distractors per side) among candidates at least --min-sep px from every kept match point.
   cluster2 of a kept match is the cluster of its image-1 point; a distractor takes the cluster of the nearest
   kept match point in its own image.
 
 Outputs (pool/): pairs.jsonl (one pair per line; fields in README.md, "Pool"), pairs/<source>/<scene>/<f1>_<f2>.npz
 (kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs),
-colmap_re10k/<clip>/sparse/ (RealEstate10K models), args.json, summary.json. Split by scene: hash of the scene
+colmap_re10k/<clip>/sparse/ (RealEstate10K models), args.json, summary.json (counts per source and bin, pairs
+and frames skipped by reason, scenes skipped by reason, what each verification rule decided).
+Bad input never stops a corpus build: a truncated .sens keeps its complete frames (one warning naming the file
+and the frame where it ends); an unreadable scene (COLMAP model without or with a corrupt images.bin, a CO3D
+category's corrupt frame_annotations.jgz or a sequence with malformed entries, a corrupt uCO3D metadata.sqlite, a
+.sens cut inside its header) is skipped with one warning naming the file and counted. Split by scene: hash of the scene
 name < --test-fraction -> test; a source with >= 2 scenes and no test scene sends its smallest-hash scene to
 test; --test-scenes FILE (one scene name a line) overrides (RE10K's own train/test folders are not used).
 
@@ -861,10 +893,11 @@ def match_rgbd(frame1, frame2, params):
     outside = front & ~in_image(p2, W2, H2, border)  # clearly outside: depth noise cannot bring it back in
     if params.get("border_px") is not None:  # ... nor a depth error of --depth-rel-tol either way (a wide
         # baseline moves the projection a lot)
+        i = np.nonzero(outside)[0]
         for f in (1.0 - tol, 1.0 + tol):
-            Xf = X1 * f @ R.T + t
+            Xf = X1[i] * f @ R.T + t
             pf = (Xf @ frame2["K"].T)[:, :2] / np.where(Xf[:, 2:] > 1e-6, Xf[:, 2:], 1.0)
-            outside &= (Xf[:, 2] <= 1e-6) | ~in_image(pf, W2, H2, border)
+            outside[i[(Xf[:, 2] > 1e-6) & in_image(pf, W2, H2, border)]] = False
     # the 4 depth pixels around the projection in I2 (pixel centres at integer coordinates)
     D2 = frame2["depth"]
     hd, wd = D2.shape
@@ -930,12 +963,14 @@ def match_rgbd(frame1, frame2, params):
         gy, gx = v // step + 1, u // step + 1
         P1[gy, gx] = p1
         P2[gy, gx] = np.where(front[:, None], p2, np.nan)
-        stretch = np.zeros(n_valid)
+        i = np.nonzero(agree)[0]
+        gy, gx = gy[i], gx[i]
+        stretch = np.zeros(len(i))
         for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
-            d2n = np.linalg.norm(P2[gy + dy, gx + dx] - p2, axis=1)
-            d1n = np.linalg.norm(P1[gy + dy, gx + dx] - p1, axis=1)
+            d2n = np.linalg.norm(P2[gy + dy, gx + dx] - p2[i], axis=1)
+            d1n = np.linalg.norm(P1[gy + dy, gx + dx] - p1[i], axis=1)
             stretch = np.fmax(stretch, d2n / np.maximum(d1n, 1e-9))
-        bad = np.nonzero(agree & (stretch > params["max_stretch"]))[0]
+        bad = i[stretch > params["max_stretch"]]
         agree[bad] = False
         counts["stretch"] = len(bad)
     distractor = (~front | outside | occluded) & smooth

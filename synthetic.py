@@ -9,6 +9,8 @@ Commands
     python synthetic.py --out demo_data --scenes 3 --frames 30 --layouts scannet,co3d
     python synthetic.py --out /tmp/d --frames 3 --image-scale 0.5      # tiny data for fast tests
     python synthetic.py --out demo_re10k --layouts re10k --frames 10    # RealEstate10K clips only (~2 s)
+    python synthetic.py --out /tmp/k --layouts scannet,co3d --sensor kinect --pose-jitter 0   # sensor-like depth
+    python synthetic.py --out /tmp/dl --layouts dl3dv      # DL3DV-10K: images_4/ beside a full-resolution model
 No GPU path: the renderer is numpy only (a GPU would not help at these sizes). World frame: metres, z up.
 Trajectories sweep 200-320 degrees (indoor walk across the room, object orbit, outdoor arc), so frame
 pairs range from overlap ~0.9 (neighbours) down to 0.
@@ -49,10 +51,19 @@ Writes (under --out)
         its cameras and as users extract its frames: the txt has a URL line, then per frame
         `timestamp_us fx/W fy/H cx/W cy/H 0 0` + the 3x4 row-major world-to-camera [R|t] (OpenCV axes, cx, cy
         OpenCV pixels / W, H). Indoor scenes, 480x270 frames; no 3D points (build_pool.py triangulates them).
+    dl3dv/<64-hex scene>/images_4/frame_%05d.png + colmap/sparse/0 (opt-in: --layouts ...,dl3dv) as DL3DV-10K
+        ships: the model at 4x the images' resolution (camera, principal point and 2D points: COLMAP
+        x_full = (x_opencv_4 + 0.5) * 4); build_pool.py reads it with --colmap-images images_4.
+    --sensor kinect (ScanNet and CO3D): the written depth is what a structured-light RGB-D sensor gives (see
+        kinect_depth: noise growing with depth, 1/8 px disparity quantisation, holes at depth edges and on dark
+        surfaces, a sub-pixel depth-to-colour shift) and --pose-jitter J (default 1 with kinect) writes poses off
+        by about J cm and J/2 degrees; the exact depth goes to exact/<layout>/.../<frame>.npy (float32 metres,
+        inf = nothing hit) and the meta keeps both (cam_to_world = exact, cam_to_world_written = in the files).
     synthetic_meta.json  every written scene: layout, path, name, seed, kind, and per frame the image path
-        (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes);
-        ScanNet frames also K_depth, depth size, RE10K frames their timestamp; so tests can re-render or
-        re-raycast the scene.
+        (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes, the
+        exact pose); ScanNet and CO3D frames also cam_to_world_written (the pose in the files; differs only with
+        --pose-jitter), with --sensor kinect depth_exact; ScanNet frames K_depth, depth size, RE10K frames their
+        timestamp; so tests can re-render or re-raycast the scene. Scenes: sensor, pose_jitter (ScanNet, CO3D).
     args.json
 
 Python API (used by tests of later stages)
@@ -66,9 +77,10 @@ Python API (used by tests of later stages)
 
 Departures from the paper / real data, and why
     Analytic scenes stand in for real scans: the demo must run offline in seconds, and exact geometry lets
-    tests check every correspondence build_pool.py produces against the renderer. Depth is exact (no sensor
-    noise, no holes except sky); CO3D depth is dense where the real one is MVS-sparse. Textures are
-    procedural noise + random patches, so SIFT works at small baselines. Nothing here imitates real
+    tests check every correspondence build_pool.py produces against the renderer. Depth is exact by default (no
+    sensor noise, no holes except sky; --sensor kinect adds them); CO3D depth is dense where the real one is MVS-sparse. Textures are
+    procedural noise + random patches, so SIFT works at small baselines. --sensor kinect is a simple model
+    (Nguyen et al. 2012 axial noise, Kinect v1 quantisation), not a simulation of a real sensor's optics. Nothing here imitates real
     appearance; training on it only exercises the pipeline.
 """
 import argparse
