@@ -546,9 +546,8 @@ class ColmapScene:
             # COLMAP puts the first pixel's centre at 0.5 (2D points and principal point alike); OpenCV at 0. Images
             # downscaled by f (DL3DV's images_4: f = 4) map COLMAP x to OpenCV (x_colmap / f) - 0.5, which is the
             # pixel-centre-correct (x_opencv_full + 0.5) / f - 0.5.
-            sx, sy = self.downscale / 1.0, self.downscale / 1.0
-            w, h = round(cam.width / sx), round(cam.height / sy)
-            sx, sy = cam.width / w, cam.height / h  # the exact ratio when the size does not divide evenly
+            w, h = round(cam.width / self.downscale), round(cam.height / self.downscale)
+            sx, sy = cam.width / w, cam.height / h  # the exact ratio, also when the size does not divide evenly
             xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) / [sx, sy] - 0.5
             pid = np.array([p.point3D_id if p.has_point3D() else -1 for p in pts], np.int64)
             K = np.array(cam.calibration_matrix(), np.float64)
@@ -1432,7 +1431,6 @@ def in_shard(task, i, n):
     return int(hashlib.sha1(task_scene(task).encode()).hexdigest()[:12], 16) % n == i
 
 
-SHARD_FILES = ("shard.json", "shard_pairs.jsonl")
 SHARD_IGNORED_ARGS = ("shard", "out", "workers", "merge")  # may differ between shards; the rest must agree
 
 
