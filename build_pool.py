@@ -1401,7 +1401,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "pairs.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    write_summary(args, records, stats, edges, time.time() - t0)
+    # merged: the shards' own build time (summed over shards, so pairs/s is per build process, not the merge's)
+    write_summary(args, records, stats, edges, stats.get("shard_seconds", time.time() - t0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1482,6 +1483,7 @@ def merge_shards(dirs, out):
         for k in ("pairs_skipped", "frames_skipped", "scenes_skipped", "points"):
             stats[k].update(st.get(k, {}))
         stats["pairs_tried"] += st["pairs_tried"]
+        stats["shard_seconds"] = stats.get("shard_seconds", 0.0) + info["seconds"]
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(dict(infos[0]["args"], merged_from=[os.path.abspath(d) for d in dirs]), f, indent=2)
     return records, stats
