@@ -439,9 +439,10 @@ def bench_rollout(args, device, tmp):
 # -----------------------------------------------------------------------------
 # 3) pool: build_pool's vectorised verification vs a per-point loop
 
-# build_pool.py's defaults for the rules both versions apply
-POOL_PARAMS = dict(depth_step=2, depth_rel_tol=0.03, occlusion_margin=0.1, photo_check=True, photo_tol=1.0,
-                   min_matches=30, num_clusters=30)
+# build_pool.py's defaults for the rules both versions apply: the one-way rule (the two-way check, the depth-edge
+# window, the robust border and --max-stretch are not restated by the loop; without their keys match_rgbd skips them)
+POOL_PARAMS = dict(depth_step=2, depth_rel_tol=0.03, occlusion_margin=0.2, photo_check=True, photo_tol=1.0,
+                   min_matches=30)
 
 
 def naive_match_rgbd(frame1, frame2, params):

@@ -13,7 +13,15 @@ Real data (one machine, scenes in parallel over CPU cores; no GPU is used):
     python build_pool.py --scannet /data/scannet/scans --out pool --frame-stride 10 \
         --max-pairs-per-scene 200 --workers 16
     python build_pool.py --scannet /data/scannet_sens --out pool     # raw .sens files, no export step
-    python build_pool.py --co3d /data/co3d --uco3d /data/uco3d --colmap /data/dl3dv --colmap-source dl3dv --out pool
+    python build_pool.py --co3d /data/co3d --uco3d /data/uco3d --out pool
+    python build_pool.py --colmap /data/DL3DV-10K/960P --colmap-images images_4 --colmap-source dl3dv --out pool
+Sharded (a cluster, one job per shard; README.md has a SLURM array script):
+    python build_pool.py --scannet /data/scannet_sens --out shards/07 --shard 7/64 --workers 32
+    python build_pool.py --merge shards/* --out pool      # bins and split over the whole corpus
+A shard folder has shard_pairs.jsonl + shard.json (no pairs.jsonl: make_tasks.py refuses it); --merge checks
+that it has every shard 0..N-1 of one build made with the same settings, copies pairs/, images/ and colmap_re10k/,
+sums the counts, then bins and splits exactly as an unsharded build does (same pairs.jsonl, same npz files: the
+per-scene random streams are seeded by source/scene, not by the shard).
     python build_pool.py --re10k /data/re10k --frame-stride 10 --out pool        # triangulates each clip first
 CPU demo for RealEstate10K (opt-in synthetic layout, its own folder: a re-run of synthetic.py replaces what
 it wrote before; ~10 s for 2 clips x 10 frames):
@@ -35,7 +43,12 @@ Inputs, per source
   distortion as the uCO3D loader does) and depth_maps.h5 (needs the optional package h5py). Frames used are
   written to pool/images/ as JPEG. Not tested end to end (no synthetic writer); the pure conversions are.
 - COLMAP (--colmap, name the corpus with --colmap-source dl3dv|re10k|...): <scene>/images/ and
-  <scene>/sparse/0/ (or sparse/) with cameras/images/points3D .bin or .txt, read with pycolmap.
+  <scene>/sparse/0/ (or sparse/, colmap/sparse/0) with cameras/images/points3D .bin or .txt, read with pycolmap.
+  --colmap-images images_N reads the images from <scene>/images_N/, downscaled N times from the model's
+  resolution, as DL3DV-10K ships them (images_4 beside a full-resolution colmap/sparse/0): intrinsics and 2D
+  observations are scaled pixel-centre-correct, x = (x_full + 0.5) / N - 0.5 in OpenCV pixels (sizes that do not
+  divide evenly use the exact ratio of the sizes); an image whose size is not the camera's / N stops the scene
+  with one warning naming the image, both sizes and N.
 - RealEstate10K (--re10k ROOT): camera files ROOT/<split>/<clip>.txt or ROOT/<clip>.txt (or one .txt): a URL
   line, then per frame `timestamp_us fx fy cx cy k1 k2` + a 3x4 row-major world-to-camera [R|t] (OpenCV axes),
   intrinsics divided by the image width (fx, cx) and height (fy, cy); we take cx * W as an OpenCV principal point.
@@ -52,28 +65,47 @@ Inputs, per source
 
 Verification rules
 - RGB-D: valid depth pixels of I1 (every --depth-step-th pixel of the depth map) are back-projected with
-  the DEPTH intrinsics, moved into camera 2 and projected with camera 2's colour and depth intrinsics. A
-  point is a match when all 4 depth pixels around its projection agree within --depth-rel-tol (relative) and,
-  with --photo-check, the colours agree: each image is blurred (box 5) and normalised per channel (zero mean,
-  unit std over the image, which cancels global gain/offset lighting changes between wide-baseline views) and
-  the largest per-channel difference must stay below --photo-tol (loose on purpose). omega = matches / valid
-  depth samples of I1. A point is a verified distractor when it lands behind camera 2, outside image 2, or
-  behind a clearly closer surface (all 4 depth pixels of I2 smaller by more than --occlusion-margin,
-  relative); "outside" means at least 2 px outside its border. Anything else (no depth in I2, colour
-  disagreement, depth edges, the 2 px band around the border) is unverifiable: neither.
+  the DEPTH intrinsics, moved into camera 2 and projected with camera 2's colour and depth intrinsics. A sample
+  with a depth edge (a step > --occlusion-margin) or a hole within --edge-window depth px in I1 is neither a
+  match nor a distractor (its depth may belong to the other side of the edge on a misregistered sensor). A point
+  is a match when all 4 depth pixels around its projection agree within --depth-rel-tol (relative); with
+  --photo-check the colours agree (each image blurred (box 5), normalised per channel (zero mean, unit std: this
+  cancels global gain/offset lighting changes between wide-baseline views), largest per-channel difference below
+  --photo-tol, loose on purpose); it survives the two-way check: warped back into I1 with I2's own depth
+  (bilinear) it lands within --cycle-px of its start, and carried on with I1's depth into I2 again it lands within
+  --cycle-px of its match (the residual seen in each image's own pixels); and it is well conditioned: one pixel
+  of I1 spans at most --max-stretch pixels of I2 (where a surface is seen grazing in I1 and head-on in I2, a
+  sub-pixel depth error moves the match by that factor and no round trip can see it: it is consistent both ways).
+  Pixel tolerances are given at 640 px on the long side and scaled with each image (3 px -> 6.1 px at 1296x968):
+  depth noise and pose error are angles, so their pixel size grows with the resolution, and tasks are drawn at
+  640 px where 3 px is half a marker and far below make_tasks' 20 px --min-sep. omega = matches / valid depth
+  samples of I1. A point is a verified distractor when it lands behind camera 2, outside image 2 by more than
+  --border-px for its depth and for its depth +- --depth-rel-tol, or behind a clearly closer surface: every depth
+  pixel of I2 within --edge-window of its projection is closer by more than --occlusion-margin (0.2: LoFTR's
+  relative gap; at 0.1 half of the 10-16.7% band was sensor noise on real ScanNet frames). Anything between (no
+  depth in I2, colour disagreement, a gap between --depth-rel-tol and --occlusion-margin, the border band) is
+  neither. summary.json "verification" counts what each rule decided. Without --cycle-px, --edge-window,
+  --border-px, --max-stretch in its params match_rgbd applies the one-way rule bench.py's loop restates.
 - SfM: a match is a landmark observed in both images; omega = shared landmarks / landmarks observed in I1
   (asymmetric, as in the paper). Distractors: observations of I1 whose landmark is not observed in I2 and
   projects outside image 2 or behind camera 2 (and vice versa). COLMAP's 2D points put pixel centres at +0.5;
   we subtract 0.5 (OpenCV convention: pixel centres at integer coordinates).
-- Sparse set: k-means (k-means++ init, fixed seed) on the matches' pixels in I1 with k = --num-clusters
-  (clipped to 10..50); per cluster the match nearest its centre is kept. Distractors: farthest-point sampling
+- Sparse set: N_p is drawn per pair uniformly in --num-points-range (default 10 50, the paper's range; seeded per
+  scene; --num-clusters K is the old fixed N_p = K); k-means (k-means++ init) on the matches' pixels in I1 with
+  k = min(N_p, matches); per cluster the match nearest its centre is kept (fewer than N_p only when the verified
+  overlap cannot supply them; a pair with fewer than 10 is dropped). Distractors: farthest-point sampling
   (up to --max-distractors per side) among candidates at least --min-sep px from every kept match point.
   cluster2 of a kept match is the cluster of its image-1 point; a distractor takes the cluster of the nearest
   kept match point in its own image.
 
 Outputs (pool/): pairs.jsonl (one pair per line; fields in README.md, "Pool"), pairs/<source>/<scene>/<f1>_<f2>.npz
 (kp1, kp2, match, cluster, cluster2, dense1, dense2), images/ (only for .sens / video inputs),
-colmap_re10k/<clip>/sparse/ (RealEstate10K models), args.json, summary.json. Split by scene: hash of the scene
+colmap_re10k/<clip>/sparse/ (RealEstate10K models), args.json, summary.json (counts per source and bin, pairs
+and frames skipped by reason, scenes skipped by reason, what each verification rule decided).
+Bad input never stops a corpus build: a truncated .sens keeps its complete frames (one warning naming the file
+and the frame where it ends); an unreadable scene (COLMAP model without or with a corrupt images.bin, a CO3D
+category's corrupt frame_annotations.jgz or a sequence with malformed entries, a corrupt uCO3D metadata.sqlite, a
+.sens cut inside its header) is skipped with one warning naming the file and counted. Split by scene: hash of the scene
 name < --test-fraction -> test; a source with >= 2 scenes and no test scene sends its smallest-hash scene to
 test; --test-scenes FILE (one scene name a line) overrides (RE10K's own train/test folders are not used);
 --test-sources a,b keeps every other source train-only (the paper's benchmark has no CO3D: --test-sources
@@ -246,9 +278,10 @@ class ScanNetExported:
 class ScanNetSens:
     """Streaming reader for ScanNet's .sens format (see ScanNet's SensReader/python/SensorData.py)."""
 
-    def __init__(self, path):
+    def __init__(self, path, frames_skipped=None):
         self.path = path
         self.name = os.path.splitext(os.path.basename(path))[0]
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             try:
                 version, = struct.unpack("<I", f.read(4))
@@ -266,17 +299,26 @@ class ScanNetSens:
                     raise BadInput("corrupt sens", f"{path}: need JPEG colour and zlib depth "
                                    f"(got compression types {color_comp}, {depth_comp})")
                 self.depth_wh = (dw, dh)
-                # index pass: remember where each frame's record starts, skip the blobs
+                # index pass: remember where each complete frame record starts, skip the blobs. A file cut short
+                # (an interrupted download) keeps its complete frames: the first incomplete record ends the index.
                 self.offsets = []
                 for _ in range(num_frames):
-                    self.offsets.append(f.tell())
+                    start = f.tell()
                     head = f.read(64 + 32)
                     if len(head) < 96:
                         break
                     cs, ds = struct.unpack("<QQ", head[80:96])
+                    if start + 96 + cs + ds > size:
+                        break
+                    self.offsets.append(start)
                     f.seek(cs + ds, 1)
-            except struct.error as e:
+            except (struct.error, ValueError) as e:  # a short read fails to unpack or to reshape
                 raise BadInput("corrupt sens", f"{path}: truncated header ({e})")
+        if len(self.offsets) < num_frames:
+            warn(f"{path}: file ends inside frame {len(self.offsets)} (header says {num_frames} frames); "
+                 f"keeping the {len(self.offsets)} complete frames")
+            if frames_skipped is not None:
+                frames_skipped["truncated sens"] += num_frames - len(self.offsets)
         self.frame_ids = [str(i) for i in range(len(self.offsets))]
 
     def load(self, fid):
@@ -324,9 +366,23 @@ def find_scannet(path):
 # ----------------------------------------------------------------------------------------------------------------
 # CO3D v2
 
+CO3D_FIELDS = (("frame_number",), ("image", "path"), ("image", "size"), ("depth", "path"),
+               ("depth", "scale_adjustment"), ("viewpoint", "R"), ("viewpoint", "T"), ("viewpoint", "focal_length"),
+               ("viewpoint", "principal_point"))
+
+
 class CO3DSequence:
     def __init__(self, spec):
-        self.root, self.name, annots = spec
+        self.root, self.name, annots = spec[:3]
+        source = spec[3] if len(spec) > 3 else "frame_annotations.jgz"
+        for a in annots:  # a malformed entry makes the sequence unreadable: one warning naming the file
+            for keys in CO3D_FIELDS:
+                v = a
+                for k in keys:
+                    v = v.get(k) if isinstance(v, dict) else None
+                if v is None:
+                    raise BadInput("corrupt annotations", f"{source}: sequence {self.name} frame "
+                                   f"{a.get('frame_number') if isinstance(a, dict) else '?'} has no {'.'.join(keys)}")
         self.frames = {str(a["frame_number"]): a for a in annots}
         self.frame_ids = sorted(self.frames, key=int)
 
@@ -356,8 +412,9 @@ class CO3DSequence:
                           depth_mask=mask)
 
 
-def find_co3d(path):
-    """Scenes (sequences) under a CO3D root, a category folder, or a single sequence folder."""
+def find_co3d(path, scenes_skipped=None):
+    """Scenes (sequences) under a CO3D root, a category folder, or a single sequence folder. An unreadable
+    frame_annotations.jgz skips its category with one warning (counted in scenes_skipped)."""
     if os.path.isfile(os.path.join(path, "frame_annotations.jgz")):
         cats, only = [path], None
     elif os.path.isfile(os.path.join(os.path.dirname(os.path.normpath(path)), "frame_annotations.jgz")):
@@ -372,14 +429,18 @@ def find_co3d(path):
         try:
             with gzip.open(fa, "rt") as f:
                 annots = json.load(f)
-        except (OSError, EOFError, json.JSONDecodeError) as e:
+            if not isinstance(annots, list) or not all(isinstance(a, dict) and "sequence_name" in a for a in annots):
+                raise ValueError("not a list of frame annotations with sequence_name")
+        except (OSError, EOFError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             warn(f"{fa}: cannot read ({e}); skipping category")
+            if scenes_skipped is not None:
+                scenes_skipped["corrupt annotations"] += 1
             continue
         by_seq = collections.defaultdict(list)
         for a in annots:
             by_seq[a["sequence_name"]].append(a)
         root = os.path.dirname(os.path.normpath(cat))
-        out += [(root, s, by_seq[s]) for s in sorted(by_seq) if only is None or s == only]
+        out += [(root, s, by_seq[s], fa) for s in sorted(by_seq) if only is None or s == only]
     return out
 
 
@@ -435,21 +496,29 @@ class UCO3DSequence:
                           world_to_cam_to_world(R_cw, t_cw), None, jpeg=jpeg.tobytes())
 
 
-def find_uco3d(path):
+def find_uco3d(path, scenes_skipped=None):
     root, only = path, None
     while not os.path.isfile(os.path.join(root, "metadata.sqlite")):
         parent = os.path.dirname(os.path.normpath(root))
         if parent == root:
             sys.exit(f"{PROG}: error: --uco3d {path}: no metadata.sqlite here or in a parent folder")
         only, root = only or os.path.basename(os.path.normpath(path)), parent
-    con = sqlite3.connect(os.path.join(root, "metadata.sqlite"))
+    db = os.path.join(root, "metadata.sqlite")
+    con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
-    seqs = {r["sequence_name"]: (r["_video_path"], r["_depth_video_path"])
-            for r in con.execute("SELECT sequence_name, _video_path, _depth_video_path FROM sequence_annots")}
     rows = collections.defaultdict(list)
-    for r in con.execute("SELECT * FROM frame_annots"):
-        rows[r["sequence_name"]].append(dict(r))
-    con.close()
+    try:
+        seqs = {r["sequence_name"]: (r["_video_path"], r["_depth_video_path"])
+                for r in con.execute("SELECT sequence_name, _video_path, _depth_video_path FROM sequence_annots")}
+        for r in con.execute("SELECT * FROM frame_annots"):
+            rows[r["sequence_name"]].append(dict(r))
+    except (sqlite3.DatabaseError, IndexError) as e:  # not a database, a missing table or column
+        warn(f"{db}: cannot read metadata ({e}); skipping uco3d")
+        if scenes_skipped is not None:
+            scenes_skipped["corrupt metadata"] += 1
+        return []
+    finally:
+        con.close()
     return [(root, s, *seqs[s], rows[s]) for s in sorted(rows)
             if s in seqs and (only is None or s == only) and seqs[s][1]]
 
@@ -460,7 +529,13 @@ def find_uco3d(path):
 class ColmapScene:
     def __init__(self, spec):
         self.name, self.sparse, self.images = spec
+        # images_N (DL3DV, Mip-NeRF 360): the images are the model's resolution divided by N
+        suffix = os.path.basename(os.path.normpath(self.images)).rpartition("_")[2]
+        self.downscale = int(suffix) if suffix.isdigit() and int(suffix) > 0 else 1
         import pycolmap
+        for part in ("cameras", "images", "points3D"):  # name the missing file, not just the folder
+            if not any(os.path.isfile(os.path.join(self.sparse, f"{part}.{e}")) for e in ("bin", "txt")):
+                raise BadInput("corrupt model", f"{os.path.join(self.sparse, part)}.bin: missing (no .txt either)")
         try:
             rec = pycolmap.Reconstruction(self.sparse)
         except (RuntimeError, ValueError) as e:
@@ -473,19 +548,39 @@ class ColmapScene:
             cam = rec.cameras[im.camera_id]
             pose = im.cam_from_world()
             pts = im.points2D
-            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) - 0.5  # COLMAP centre +0.5 -> OpenCV
+            # COLMAP puts the first pixel's centre at 0.5 (2D points and principal point alike); OpenCV at 0. Images
+            # downscaled by f (DL3DV's images_4: f = 4) map COLMAP x to OpenCV (x_colmap / f) - 0.5, which is the
+            # pixel-centre-correct (x_opencv_full + 0.5) / f - 0.5.
+            w, h = round(cam.width / self.downscale), round(cam.height / self.downscale)
+            sx, sy = cam.width / w, cam.height / h  # the exact ratio, also when the size does not divide evenly
+            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) / [sx, sy] - 0.5
             pid = np.array([p.point3D_id if p.has_point3D() else -1 for p in pts], np.int64)
             K = np.array(cam.calibration_matrix(), np.float64)
-            K[:2, 2] -= 0.5  # COLMAP's principal point has the same +0.5 pixel-centre offset
-            self.frames[im.name] = dict(id=im.name, K=K, width=cam.width, height=cam.height,
+            K[0] /= sx
+            K[1] /= sy
+            K[:2, 2] -= 0.5
+            self.frames[im.name] = dict(id=im.name, K=K, width=w, height=h, model_wh=(cam.width, cam.height),
                                         R=pose.rotation.matrix(), t=np.asarray(pose.translation), xy=xy, pid=pid,
                                         image=os.path.abspath(os.path.join(self.images, im.name)))
         self.frame_ids = sorted(self.frames)
+        if self.downscale != 1:  # a wrong factor would scale every point wrongly: check one image, fail the scene
+            f = next((self.frames[i] for i in self.frame_ids if os.path.isfile(self.frames[i]["image"])), None)
+            if f is not None:
+                with Image.open(f["image"]) as im:
+                    if im.size != (f["width"], f["height"]):
+                        raise BadInput("image size mismatch", self.size_error(f, im.size))
+
+    def size_error(self, f, size):
+        return (f"{f['image']}: image is {size[0]}x{size[1]}, but the model's camera is "
+                f"{f['model_wh'][0]}x{f['model_wh'][1]} / {self.downscale} = {f['width']}x{f['height']} "
+                f"(from the folder name {os.path.basename(self.images)})")
 
     def load(self, fid):
         f = dict(self.frames[fid])
         rgb = read_image_file(f["image"])  # checks the image decodes; geometry comes from the model
         if rgb.shape[:2] != (f["height"], f["width"]):
+            if self.downscale != 1:
+                raise BadInput("image size mismatch", self.size_error(f, (rgb.shape[1], rgb.shape[0])))
             raise BadInput("corrupt image", f"{f['image']}: size {rgb.shape[1]}x{rgb.shape[0]} != camera "
                            f"{f['width']}x{f['height']}")
         valid = f["pid"] >= 0
@@ -496,7 +591,8 @@ class ColmapScene:
         return f
 
 
-def find_colmap(path):
+def find_colmap(path, images=None):
+    """(name, model folder, image folder) per scene; images: the image folder's name (--colmap-images)."""
     def model_dir(scene):
         for cand in ("sparse/0", "sparse", "colmap/sparse/0"):
             d = os.path.join(scene, cand)
@@ -505,6 +601,8 @@ def find_colmap(path):
         return None
 
     def images_dir(scene):
+        if images:
+            return os.path.join(scene, images)
         for cand in ("images", "dense/images"):
             if os.path.isdir(os.path.join(scene, cand)):
                 return os.path.join(scene, cand)
@@ -698,7 +796,13 @@ class RE10KClip(ColmapScene):
 # ----------------------------------------------------------------------------------------------------------------
 # Geometry: verification rules
 
-BORDER = 2.0  # px: a distractor "outside the other image" must project at least this far outside it
+BORDER = 2.0  # px: the one-way rule's fixed border band (bench.py's loop and match_rgbd without border_px)
+REF_SIDE = 640  # px: tasks are drawn at 640 px on the long side; pixel tolerances scale from there
+
+
+def scaled_px(value, frame):
+    """A tolerance given in pixels at REF_SIDE on the long side, in this frame's own pixels."""
+    return value * max(frame["width"], frame["height"]) / REF_SIDE
 
 
 def in_image(p, w, h, border):
@@ -723,10 +827,46 @@ def normalised_colour(frame):
     return frame["_norm"]
 
 
+def depth_window(frame, r):
+    """(min, max) of the valid depth over the (2r+1)^2 window around every depth pixel; min is 0 and max inf
+    where any pixel of the window is invalid. Cached on the frame."""
+    key = f"_win{r}"
+    if frame.get(key) is None:
+        D = frame["depth"]
+        valid = (D > 0) & np.isfinite(D)
+        if frame["depth_mask"] is not None:
+            valid &= frame["depth_mask"]
+        kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+        lo = cv2.erode(np.where(valid, D, 0).astype(np.float32), kernel, borderType=cv2.BORDER_REPLICATE)
+        hi = cv2.dilate(np.where(valid, D, np.inf).astype(np.float32), kernel, borderType=cv2.BORDER_REPLICATE)
+        frame[key] = (lo, hi)
+    return frame[key]
+
+
+def bilinear_depth(frame, q):
+    """Depth at depth-map coordinates q (N, 2), bilinear over the 4 pixels around; 0 where any is invalid."""
+    D = frame["depth"]
+    hd, wd = D.shape
+    ok = (q[:, 0] >= 0) & (q[:, 0] <= wd - 1) & (q[:, 1] >= 0) & (q[:, 1] <= hd - 1)
+    qx, qy = np.clip(q[:, 0], 0, wd - 1), np.clip(q[:, 1], 0, hd - 1)
+    x0, y0 = np.floor(qx).astype(np.int64), np.floor(qy).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, wd - 1), np.minimum(y0 + 1, hd - 1)
+    fx, fy = qx - x0, qy - y0
+    nb = np.stack([D[y0, x0], D[y0, x1], D[y1, x0], D[y1, x1]], 1).astype(np.float64)
+    good = ((nb > 0) & np.isfinite(nb)).all(1) & ok
+    if frame["depth_mask"] is not None:
+        M = frame["depth_mask"]
+        good &= M[y0, x0] & M[y0, x1] & M[y1, x0] & M[y1, x1]
+    w4 = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+    return np.where(good, (np.where(good[:, None], nb, 0) * w4).sum(1), 0.0)
+
+
 def match_rgbd(frame1, frame2, params):
     """Verify depth samples of frame1 against frame2. Returns omega, the dense matches (colour pixels in both
-    images), and frame1's verified distractor candidates (no visible counterpart in frame2)."""
+    images), frame1's verified distractor candidates (no visible counterpart in frame2) and counts per rule.
+    params without cycle_px / edge_window / border_px give the one-way rule (what bench.py's loop restates)."""
     step, tol, margin = params["depth_step"], params["depth_rel_tol"], params["occlusion_margin"]
+    win = params.get("edge_window", 0)
     d1 = frame1["depth"][::step, ::step]
     valid = (d1 > 0) & np.isfinite(d1)
     if frame1["depth_mask"] is not None:
@@ -734,6 +874,12 @@ def match_rgbd(frame1, frame2, params):
     v, u = np.nonzero(valid)
     z1 = d1[v, u].astype(np.float64)
     u, v = u * step, v * step  # depth-map pixel coordinates
+    n_valid = len(z1)
+    if win:  # depth edges of I1 (or holes next to the sample): neither match nor distractor
+        lo1, hi1 = depth_window(frame1, win)
+        smooth = (lo1[v, u] > 0) & (hi1[v, u] <= lo1[v, u] * (1.0 + margin))
+    else:
+        smooth = np.ones(n_valid, bool)
     Kd1inv = np.linalg.inv(frame1["Kd"])
     X1 = (np.stack([u, v, np.ones_like(u)], 1) @ Kd1inv.T) * z1[:, None]
     p1 = X1 @ frame1["K"].T
@@ -746,8 +892,16 @@ def match_rgbd(frame1, frame2, params):
     p2 = (X2 @ frame2["K"].T)[:, :2] / zs[:, None]
     q2 = (X2 @ frame2["Kd"].T)[:, :2] / zs[:, None]
     W2, H2 = frame2["width"], frame2["height"]
+    border = scaled_px(params["border_px"], frame2) if params.get("border_px") is not None else BORDER
     inside = front & in_image(p2, W2, H2, 0.0)
-    outside = front & ~in_image(p2, W2, H2, BORDER)  # clearly outside: depth noise cannot bring it back in
+    outside = front & ~in_image(p2, W2, H2, border)  # clearly outside: depth noise cannot bring it back in
+    if params.get("border_px") is not None:  # ... nor a depth error of --depth-rel-tol either way (a wide
+        # baseline moves the projection a lot)
+        i = np.nonzero(outside)[0]
+        for f in (1.0 - tol, 1.0 + tol):
+            Xf = X1[i] * f @ R.T + t
+            pf = (Xf @ frame2["K"].T)[:, :2] / np.where(Xf[:, 2:] > 1e-6, Xf[:, 2:], 1.0)
+            outside[i[(Xf[:, 2] > 1e-6) & in_image(pf, W2, H2, border)]] = False
     # the 4 depth pixels around the projection in I2 (pixel centres at integer coordinates)
     D2 = frame2["depth"]
     hd, wd = D2.shape
@@ -763,21 +917,75 @@ def match_rgbd(frame1, frame2, params):
     all_valid = valid_nb.all(1)
     zz = z2[:, None]
     agree = inside & all_valid & (np.abs(nb - zz) <= tol * zz).all(1)
-    occluded = inside & all_valid & (nb < zz * (1.0 - margin)).all(1)
+    if win:  # occluded: the whole window around the projection is valid and closer by the margin
+        hi2 = depth_window(frame2, win)[1]
+        far = np.stack([hi2[y0, x0], hi2[y0, x1], hi2[y1, x0], hi2[y1, x1]], 1).max(1)
+        occluded = inside & all_valid & (far < z2 * (1.0 - margin))
+    else:
+        occluded = inside & all_valid & (nb < zz * (1.0 - margin)).all(1)
+    counts = dict(valid=n_valid, edge=int((~smooth).sum()))
+    agree &= smooth
     if params["photo_check"] and agree.any():
         n1, n2 = normalised_colour(frame1), normalised_colour(frame2)
         i = np.nonzero(agree)[0]
         a = n1[np.clip(np.rint(p1[i, 1]).astype(int), 0, frame1["height"] - 1),
                np.clip(np.rint(p1[i, 0]).astype(int), 0, frame1["width"] - 1)]
         b = n2[np.clip(np.rint(p2[i, 1]).astype(int), 0, H2 - 1), np.clip(np.rint(p2[i, 0]).astype(int), 0, W2 - 1)]
-        agree[i[np.abs(a - b).max(1) > params["photo_tol"]]] = False
-    distractor = ~front | outside | occluded
-    n_valid = len(z1)
+        bad = i[np.abs(a - b).max(1) > params["photo_tol"]]
+        agree[bad] = False
+        counts["photo"] = len(bad)
+    if params.get("cycle_px") is not None and params["cycle_px"] > 0 and agree.any():
+        # two-way check: back-project the I2 pixel with I2's own depth (bilinear over the 4 agreeing pixels)
+        # and move it back into I1; it must land within cycle_px of where the sample started
+        i = np.nonzero(agree)[0]
+        fx, fy = qx[i] - x0[i], qy[i] - y0[i]
+        w4 = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+        d2 = (nb[i] * w4).sum(1)
+        Xb = (np.stack([q2[i, 0], q2[i, 1], np.ones(len(i))], 1) @ np.linalg.inv(frame2["Kd"]).T) * d2[:, None]
+        Xb1 = (Xb - t) @ R  # R^T (x - t) for row vectors
+        pb = Xb1 @ frame1["K"].T
+        err1 = np.linalg.norm(pb[:, :2] / pb[:, 2:] - p1[i], axis=1)
+        # and on from there with I1's depth into I2 again: the same residual measured in I2's pixels, where a
+        # grazing view of I1 seen head-on in I2 magnifies it (a 0.5 px slip in I1 can be 3 px in I2)
+        qb = Xb1 @ frame1["Kd"].T
+        qb = qb[:, :2] / np.maximum(qb[:, 2:], 1e-9)
+        d1b = bilinear_depth(frame1, qb)
+        Xf = (np.c_[qb, np.ones(len(i))] @ Kd1inv.T) * d1b[:, None]
+        pf = (Xf @ R.T + t) @ frame2["K"].T
+        err2 = np.linalg.norm(pf[:, :2] / np.maximum(pf[:, 2:], 1e-9) - p2[i], axis=1)
+        err2[~(d1b > 0)] = np.inf  # no depth at the back-warped point: cannot confirm
+        bad = i[(err1 > scaled_px(params["cycle_px"], frame1)) | (err2 > scaled_px(params["cycle_px"], frame2))]
+        agree[bad] = False
+        counts["cycle"] = len(bad)
+    if params.get("max_stretch") and agree.any():
+        # conditioning: where one pixel of I1 covers many of I2 (a surface seen grazing in I1, head-on in I2), a
+        # sub-pixel slip of I1's depth (misregistration, noise) moves the match by that factor in I2, and a round
+        # trip cannot see it (it is consistent both ways). Stretch = largest |dp2| / |dp1| to a grid neighbour.
+        gh, gw = d1.shape
+        P1 = np.full((gh + 2, gw + 2, 2), np.nan)
+        P2 = np.full((gh + 2, gw + 2, 2), np.nan)
+        gy, gx = v // step + 1, u // step + 1
+        P1[gy, gx] = p1
+        P2[gy, gx] = np.where(front[:, None], p2, np.nan)
+        i = np.nonzero(agree)[0]
+        gy, gx = gy[i], gx[i]
+        stretch = np.zeros(len(i))
+        for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+            d2n = np.linalg.norm(P2[gy + dy, gx + dx] - p2[i], axis=1)
+            d1n = np.linalg.norm(P1[gy + dy, gx + dx] - p1[i], axis=1)
+            stretch = np.fmax(stretch, d2n / np.maximum(d1n, 1e-9))
+        bad = i[stretch > params["max_stretch"]]
+        agree[bad] = False
+        counts["stretch"] = len(bad)
+    distractor = (~front | outside | occluded) & smooth
+    band = inside & all_valid & smooth & ~agree & ~occluded & (np.abs(nb - zz) > tol * zz).any(1)
+    counts.update(match=int(agree.sum()), behind=int((~front & smooth).sum()), outside=int((outside & smooth).sum()),
+                  occluded=int((occluded & smooth).sum()), neither_gap=int(band.sum()),
+                  neither_border=int((front & ~inside & ~outside & smooth).sum()),
+                  no_depth2=int((inside & ~all_valid & smooth).sum()))
     return dict(omega=float(agree.sum() / max(n_valid, 1)), n_valid=n_valid,
                 p1=p1[agree].astype(np.float32), p2=p2[agree].astype(np.float32),
-                dist=p1[distractor].astype(np.float32), R=R, t=t,
-                counts=dict(match=int(agree.sum()), behind=int((~front).sum()), outside=int(outside.sum()),
-                            occluded=int(occluded.sum())))
+                dist=p1[distractor].astype(np.float32), R=R, t=t, counts=counts)
 
 
 def match_sfm(frame1, frame2, params):
@@ -790,13 +998,14 @@ def match_sfm(frame1, frame2, params):
     X2 = frame1["X"][only1] @ frame2["R"].T + frame2["t"]
     front = X2[:, 2] > 1e-9
     p = (X2 @ frame2["K"].T)[:, :2] / np.where(front, X2[:, 2], 1.0)[:, None]
-    outside = front & ~in_image(p, frame2["width"], frame2["height"], BORDER)
+    border = scaled_px(params["border_px"], frame2) if params.get("border_px") is not None else BORDER
+    outside = front & ~in_image(p, frame2["width"], frame2["height"], border)
     distractor = ~front | outside
     return dict(omega=float(len(shared) / max(len(frame1["pid"]), 1)), n_valid=len(frame1["pid"]),
                 p1=frame1["xy"][i1].astype(np.float32), p2=frame2["xy"][i2].astype(np.float32),
                 dist=frame1["xy"][only1][distractor].astype(np.float32), R=R, t=t,
-                counts=dict(match=len(shared), behind=int((~front).sum()), outside=int(outside.sum()),
-                            occluded=0))
+                counts=dict(valid=len(frame1["pid"]), match=len(shared), behind=int((~front).sum()),
+                            outside=int(outside.sum()), occluded=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -859,24 +1068,26 @@ def nearest_label(x, points, labels):
     return labels[nearest(x.astype(np.float64), points.astype(np.float64))].astype(np.int32)
 
 
-def n_clusters(n_matches, params):
-    """k-means clusters for a pair with n_matches verified matches: --num-clusters clipped to 10..50, at most one
-    per match."""
-    return min(int(np.clip(params["num_clusters"], 10, 50)), n_matches)
-
-
 def enough_matches(n_matches, params):
-    """The pair-acceptance rule: at least --min-matches verified matches and room for 10 clusters."""
-    return n_matches >= params["min_matches"] and n_clusters(n_matches, params) >= 10
+    """The pair-acceptance rule: at least --min-matches verified matches and room for 10 clusters (the paper's
+    smallest N_p)."""
+    return n_matches >= params["min_matches"] and n_matches >= 10
+
+
+def draw_num_points(params, rng):
+    """N_p of one pair: uniform in --num-points-range (seeded per scene, so shards draw what one run draws)."""
+    lo, hi = params["num_points_range"]
+    return int(rng.integers(lo, hi + 1))
 
 
 def select_points(res12, res21, params, rng):
-    """From dense matches and distractor candidates to the stored arrays (None if too few matches)."""
+    """From dense matches and distractor candidates to the stored arrays (None if too few matches). N_p matches
+    (drawn in --num-points-range; fewer only when the verified overlap cannot supply them, never under 10)."""
     p1, p2 = res12["p1"], res12["p2"]
     m = len(p1)
     if not enough_matches(m, params):
         return None
-    k = n_clusters(m, params)
+    k = min(draw_num_points(params, rng), m)
     sub = rng.choice(m, min(m, 1500), replace=False)  # k-means on a capped sample keeps the cost flat
     x = p1[sub].astype(np.float64)
     C = kmeans(x, k, rng)
@@ -912,7 +1123,7 @@ def open_scene(source, kind, spec, params=None, frames_skipped=None):
     if source == "re10k":
         return RE10KClip(spec, params, frames_skipped)
     if source == "scannet":
-        return ScanNetSens(spec) if kind == "sens" else ScanNetExported(spec)
+        return ScanNetSens(spec, frames_skipped) if kind == "sens" else ScanNetExported(spec)
     if source == "co3d":
         return CO3DSequence(spec)
     if source == "uco3d":
@@ -939,12 +1150,13 @@ def sample_pairs(n, max_pairs, rng):
 
 def process_scene(task):
     source, name_out, kind, spec, args = task
-    stats = dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(), pairs_tried=0)
+    stats = dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(), pairs_tried=0,
+                 points=collections.Counter())
     try:
         scene = open_scene(source, kind, spec, args, stats["frames_skipped"])
     except BadInput as e:
         warn(f"{e}; skipping scene")
-        stats["scenes_skipped"] = 1
+        stats["scenes_skipped"] = collections.Counter({e.reason: 1})
         return [], stats
     rng = np.random.default_rng(scene_seed(args["seed"], name_out, scene.name))
     ids = scene.frame_ids[::1 if source == "re10k" else args["frame_stride"]]  # re10k: strided before COLMAP
@@ -990,6 +1202,8 @@ def process_scene(task):
             stats["pairs_skipped"]["bad frame"] += 1
             continue
         res12, res21 = match(f1, f2, args), match(f2, f1, args)
+        stats["points"].update(res12["counts"])
+        stats["points"].update(res21["counts"])
         arrays = select_points(res12, res21, args, rng)
         if arrays is None:
             stats["pairs_skipped"]["too few matches"] += 1
@@ -1087,10 +1301,12 @@ def apply_scene_types(records, table):
     return sorted(set(table) - used)
 
 
-def gather_tasks(args):
+def gather_tasks(args, scenes_skipped):
+    """(source, name_out, kind, spec, None) per scene; unreadable index files (a CO3D category's annotations,
+    uCO3D's metadata) are warned about and counted in scenes_skipped."""
     tasks = []
     sources = [("scannet", args.scannet, find_scannet), ("co3d", args.co3d, find_co3d),
-               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, find_colmap),
+               ("uco3d", args.uco3d, find_uco3d), ("colmap", args.colmap, lambda p: find_colmap(p, args.colmap_images)),
                ("re10k", args.re10k, lambda p: find_re10k(p, args.re10k_frames))]
     for source, path, finder in sources:
         if path is None:
@@ -1102,8 +1318,9 @@ def gather_tasks(args):
                 import h5py  # noqa: F401  (optional: only uCO3D's depth_maps.h5 needs it)
             except ImportError:
                 sys.exit(f"{PROG}: error: --uco3d needs the optional package h5py for depth_maps.h5 (pip install h5py)")
-        found = finder(path)
-        if not found:
+        before = sum(scenes_skipped.values())
+        found = finder(path, scenes_skipped) if source in ("co3d", "uco3d") else finder(path)
+        if not found and sum(scenes_skipped.values()) == before:
             sys.exit(f"{PROG}: error: --{source} {path}: no {source} scenes found there")
         name_out = args.colmap_source if source == "colmap" else source
         for spec in found:
@@ -1120,6 +1337,8 @@ def main(argv=None):
     p.add_argument("--colmap", help="folder of COLMAP scenes (<scene>/images, <scene>/sparse/0) or one scene")
     p.add_argument("--colmap-source", default="colmap", help="source name written for --colmap scenes (dl3dv, ...)")
     p.add_argument("--colmap-scene-type", default="outdoor", choices=["indoor", "object", "outdoor"])
+    p.add_argument("--colmap-images", help="image folder name inside each COLMAP scene (default images or "
+                   "dense/images); images_N: downscaled N times from the model's resolution (DL3DV: images_4)")
     p.add_argument("--re10k", help="RealEstate10K root (<split>/<clip>.txt or <clip>.txt + frame folders) or one txt")
     p.add_argument("--re10k-frames", help="folder holding the <clip>/<timestamp_us>.png|jpg frame folders "
                    "(default: next to the txt files)")
@@ -1146,32 +1365,72 @@ def main(argv=None):
                    "object, outdoor); overrides --colmap-scene-type / --re10k-scene-type for the scenes it lists")
     p.add_argument("--depth-step", type=int, default=2, help="sample every n-th depth pixel of I1 (both axes)")
     p.add_argument("--depth-rel-tol", type=float, default=0.03, help="match: |d2 - z| <= tol * z")
-    p.add_argument("--occlusion-margin", type=float, default=0.1, help="occluded: d2 < (1 - margin) * z")
+    p.add_argument("--occlusion-margin", type=float, default=0.2,
+                   help="occluded: the depth of I2 around the projection < (1 - margin) * z (LoFTR's 0.2 gap); "
+                        "also the relative depth step that marks a depth edge of I1")
+    p.add_argument("--cycle-px", type=float, default=3.0,
+                   help="two-way check: a match warped into I2 and back with I2's depth must land within this many "
+                        "px of its start, px at 640 on the long side (scaled: 6.1 px at 1296x968); 0 = one-way")
+    p.add_argument("--border-px", type=float, default=3.0,
+                   help="an 'outside' distractor projects at least this far outside the other image (px at 640 on "
+                        "the long side, scaled like --cycle-px)")
+    p.add_argument("--max-stretch", type=float, default=3.0,
+                   help="drop a match where one pixel of I1 spans more than this many pixels of I2 (grazing in I1, "
+                        "head-on in I2: a sub-pixel depth error of I1 is magnified there); 0 = off")
+    p.add_argument("--edge-window", type=int, default=2,
+                   help="depth px: samples of I1 with a depth edge or hole this close are neither match nor "
+                        "distractor, and an occluder must cover this window around the projection (0 = off)")
     p.add_argument("--photo-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also require colours to agree after per-image normalisation")
     p.add_argument("--photo-tol", type=float, default=1.0, help="max per-channel difference in image stds")
     p.add_argument("--min-matches", type=int, default=30, help="min dense verified matches to keep a pair")
-    p.add_argument("--num-clusters", type=int, default=30, help="k-means clusters = kept matches (10..50)")
+    p.add_argument("--num-points-range", type=int, nargs=2, default=[10, 50], metavar=("MIN", "MAX"),
+                   help="N_p: matches kept per pair, drawn uniformly per pair (seeded); fewer only when the pair "
+                        "has fewer verified matches (never under 10)")
+    p.add_argument("--num-clusters", type=int, default=None, help="the old flag: N_p fixed (MIN = MAX = this)")
     p.add_argument("--max-distractors", type=int, default=30, help="per side")
     p.add_argument("--min-sep", type=float, default=6.0, help="px between a distractor and any kept match point")
     p.add_argument("--max-dense", type=int, default=1000, help="cap on stored dense matches")
     p.add_argument("--cache-frames", type=int, default=48, help="decoded frames kept in memory per worker")
+    p.add_argument("--shard", help="i/N: build only the scenes whose stable hash of source/scene falls in shard i "
+                   "(no bins, no split: join the shards with --merge)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="shard folders (all N of one --shard build) to join into "
+                   "--out: copies their files, computes bins and split over the whole corpus")
     args = p.parse_args(argv)
-    if not any([args.scannet, args.co3d, args.uco3d, args.colmap, args.re10k]):
-        sys.exit(f"{PROG}: error: give at least one of --scannet --co3d --uco3d --colmap --re10k")
+    if args.merge:
+        if any([args.scannet, args.co3d, args.uco3d, args.colmap, args.re10k]) or args.shard:
+            sys.exit(f"{PROG}: error: --merge takes shard folders only (no --SOURCE flags, no --shard)")
+    elif not any([args.scannet, args.co3d, args.uco3d, args.colmap, args.re10k]):
+        sys.exit(f"{PROG}: error: give at least one of --scannet --co3d --uco3d --colmap --re10k (or --merge)")
     if args.re10k_frames is not None and not os.path.isdir(args.re10k_frames):
         sys.exit(f"{PROG}: error: --re10k-frames {args.re10k_frames} does not exist")
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.num_clusters is not None:  # the old flag: exactly that many matches per pair
+        args.num_points_range = [args.num_clusters, args.num_clusters]
+    lo, hi = args.num_points_range
+    if not 10 <= lo <= hi <= 50:
+        sys.exit(f"{PROG}: error: --num-points-range {lo} {hi}: need 10 <= MIN <= MAX <= 50 (the paper's N_p)")
 
     scene_types = read_scene_types(args.scene_types) if args.scene_types else None  # a bad file fails before the build
 
     t0 = time.time()
-    tasks = gather_tasks(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    shared = dict(vars(args), out=args.out)
-    tasks = [t[:4] + (shared,) for t in tasks]
-    records, stats = run_scenes(tasks, args.workers)
+    if args.merge:
+        records, stats = merge_shards(args.merge, args.out)
+    else:
+        scenes_skipped = collections.Counter()
+        tasks = gather_tasks(args, scenes_skipped)
+        if shard is not None:
+            tasks = [t for t in tasks if in_shard(t, *shard)]
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        shared = dict(vars(args), out=args.out)
+        tasks = [t[:4] + (shared,) for t in tasks]
+        records, stats = run_scenes(tasks, args.workers)
+        stats["scenes_skipped"].update(scenes_skipped)
+        if shard is not None:  # bins and split need the whole corpus: --merge computes them
+            write_shard(args, shard, records, stats, time.time() - t0)
+            return
     if not records:
         sys.exit(f"{PROG}: error: no pair passed verification ({dict(stats['pairs_skipped'])})")
     edges = assign_bins(records, args.num_bins, args.bin_edges)
@@ -1191,12 +1450,97 @@ def main(argv=None):
     with open(os.path.join(args.out, "pairs.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    write_summary(args, records, stats, edges, time.time() - t0)
+    # merged: the shards' own build time (summed over shards, so pairs/s is per build process, not the merge's)
+    write_summary(args, records, stats, edges, stats.get("shard_seconds", time.time() - t0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded building: --shard i/N builds the scenes whose stable hash falls in shard i; --merge joins the shards
+
+def parse_shard(text):
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        sys.exit(f"{PROG}: error: --shard {text}: expected i/N, e.g. 3/16")
+    if not 0 <= i < n:
+        sys.exit(f"{PROG}: error: --shard {text}: need 0 <= i < N")
+    return i, n
+
+
+def task_scene(task):
+    """source/scene of a task, known before the scene is opened (for the shard hash)."""
+    source, name_out, kind, spec = task[:4]
+    if source == "scannet":
+        base = os.path.basename(os.path.normpath(spec))
+        return f"{name_out}/{os.path.splitext(base)[0] if kind == 'sens' else base}"
+    return f"{name_out}/{spec[0] if source in ('colmap', 're10k') else spec[1]}"
+
+
+def in_shard(task, i, n):
+    """Stable across machines and runs (sha1, not Python's salted hash): a scene always lands in one shard."""
+    return int(hashlib.sha1(task_scene(task).encode()).hexdigest()[:12], 16) % n == i
+
+
+SHARD_IGNORED_ARGS = ("shard", "out", "workers", "merge")  # may differ between shards; the rest must agree
+
+
+def write_shard(args, shard, records, stats, seconds):
+    """One shard's output: npz files, images as usual; the records without bins or split in shard_pairs.jsonl
+    and the counts in shard.json. No pairs.jsonl: make_tasks.py refuses the folder until it is merged."""
+    records.sort(key=lambda r: r["pair_id"])
+    with open(os.path.join(args.out, "shard_pairs.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(args.out, "shard.json"), "w") as f:
+        json.dump(dict(shard=list(shard), pairs=len(records), seconds=round(seconds, 2),
+                       stats={k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in stats.items()},
+                       args={k: v for k, v in vars(args).items() if k not in SHARD_IGNORED_ARGS}), f, indent=2)
+    print(f"build_pool: shard {shard[0]}/{shard[1]}: {len(records)} pairs -> {args.out} in {seconds:.1f}s; "
+          f"merge all shards with: build_pool.py --merge SHARD_DIR... --out POOL")
+
+
+def merge_shards(dirs, out):
+    """Records and summed counts of every shard of one sharded build; copies their pool files into out."""
+    infos = []
+    for d in dirs:
+        path = os.path.join(d, "shard.json")
+        if not os.path.isfile(path):
+            sys.exit(f"{PROG}: error: --merge {d}: no shard.json (not a folder written by build_pool.py --shard)")
+        with open(path) as f:
+            infos.append(json.load(f))
+        if os.path.abspath(d) == os.path.abspath(out):
+            sys.exit(f"{PROG}: error: --out {out} is one of the shards: merge into a new folder")
+    n = infos[0]["shard"][1]
+    got = sorted(info["shard"][0] for info in infos)
+    if any(info["shard"][1] != n for info in infos) or got != list(range(n)):
+        sys.exit(f"{PROG}: error: --merge needs each shard 0..{n - 1} of one N exactly once, got "
+                 f"{sorted('%d/%d' % tuple(info['shard']) for info in infos)}")
+    for d, info in zip(dirs, infos):
+        if info["args"] != infos[0]["args"]:
+            diff = sorted(k for k in info["args"] if info["args"][k] != infos[0]["args"].get(k))
+            sys.exit(f"{PROG}: error: --merge {d} was built with other settings than {dirs[0]} ({', '.join(diff)})")
+    os.makedirs(out, exist_ok=True)
+    records, stats = [], dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(),
+                              pairs_tried=0, scenes_skipped=collections.Counter(), points=collections.Counter())
+    for d, info in zip(dirs, infos):
+        for sub in ("pairs", "images", "colmap_re10k"):  # npz files, .sens / video frames, RE10K models
+            if os.path.isdir(os.path.join(d, sub)):
+                shutil.copytree(os.path.join(d, sub), os.path.join(out, sub), dirs_exist_ok=True)
+        with open(os.path.join(d, "shard_pairs.jsonl")) as f:
+            records += [json.loads(line) for line in f]
+        st = info["stats"]
+        for k in ("pairs_skipped", "frames_skipped", "scenes_skipped", "points"):
+            stats[k].update(st.get(k, {}))
+        stats["pairs_tried"] += st["pairs_tried"]
+        stats["shard_seconds"] = stats.get("shard_seconds", 0.0) + info["seconds"]
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(dict(infos[0]["args"], merged_from=[os.path.abspath(d) for d in dirs]), f, indent=2)
+    return records, stats
 
 
 def run_scenes(tasks, workers):
     records, stats = [], dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(),
-                              pairs_tried=0, scenes_skipped=0)
+                              pairs_tried=0, scenes_skipped=collections.Counter(), points=collections.Counter())
     if workers > 1 and len(tasks) > 1:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(min(workers, len(tasks))) as pool:
@@ -1210,8 +1554,22 @@ def run_scenes(tasks, workers):
         stats["pairs_skipped"].update(st["pairs_skipped"])
         stats["frames_skipped"].update(st["frames_skipped"])
         stats["pairs_tried"] += st["pairs_tried"]
-        stats["scenes_skipped"] += st.get("scenes_skipped", 0)
+        stats["scenes_skipped"].update(st.get("scenes_skipped", {}))
+        stats["points"].update(st["points"])
     return records, stats
+
+
+def verification_summary(points):
+    """What each verification rule decided, summed over both directions of every pair tried (depth samples for
+    RGB-D, landmark observations for SfM)."""
+    names = dict(valid="samples tried", match="kept as matches", edge="depth edge or hole in I1: neither",
+                 photo="removed by the colour check", cycle="removed by the two-way check (--cycle-px)",
+                 stretch="removed as ill-conditioned (--max-stretch)",
+                 neither_gap="depth gap between --depth-rel-tol and --occlusion-margin: neither",
+                 neither_border="within --border-px of the other image's border: neither",
+                 no_depth2="no depth in I2 at the projection: neither", behind="distractor: behind camera 2",
+                 outside="distractor: outside image 2", occluded="distractor: occluded by --occlusion-margin")
+    return {k: dict(count=int(points.get(k, 0)), rule=names[k]) for k in names}
 
 
 def write_summary(args, records, stats, edges, seconds):
@@ -1227,7 +1585,9 @@ def write_summary(args, records, stats, edges, seconds):
     summary = dict(pairs=len(records), pairs_tried=stats["pairs_tried"], seconds=round(seconds, 2),
                    pairs_per_second=round(stats["pairs_tried"] / max(seconds, 1e-9), 2),
                    pairs_skipped=dict(stats["pairs_skipped"]), frames_skipped=dict(stats["frames_skipped"]),
-                   scenes_skipped=stats["scenes_skipped"], sources=per_source)
+                   scenes_skipped=sum(stats["scenes_skipped"].values()),
+                   scenes_skipped_by_reason=dict(stats["scenes_skipped"]),
+                   verification=verification_summary(stats["points"]), sources=per_source)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     for src, s in per_source.items():

@@ -678,6 +678,12 @@ def print_composition(comp):
 
 def main(argv=None):
     args = parse_args(argv)
+    shard = os.path.join(args.pool, "shard.json")
+    if os.path.isfile(shard) and not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
+        with open(shard) as f:
+            i, n = json.load(f)["shard"]
+        sys.exit(f"make_tasks.py: error: --pool {args.pool} is shard {i}/{n} of a sharded build (no bins, no split "
+                 f"yet): join all {n} shards first with build_pool.py --merge SHARD_DIR... --out POOL")
     if args.per_pair is None:
         args.per_pair = 1 if args.split == "test" else 3  # the paper's benchmark counts pairs
     if args.mix == "paper":

@@ -9,6 +9,8 @@ Commands
     python synthetic.py --out demo_data --scenes 3 --frames 30 --layouts scannet,co3d
     python synthetic.py --out /tmp/d --frames 3 --image-scale 0.5      # tiny data for fast tests
     python synthetic.py --out demo_re10k --layouts re10k --frames 10    # RealEstate10K clips only (~2 s)
+    python synthetic.py --out /tmp/k --layouts scannet,co3d --sensor kinect --pose-jitter 0   # sensor-like depth
+    python synthetic.py --out /tmp/dl --layouts dl3dv      # DL3DV-10K: images_4/ beside a full-resolution model
 No GPU path: the renderer is numpy only (a GPU would not help at these sizes). World frame: metres, z up.
 Trajectories sweep 200-320 degrees (indoor walk across the room, object orbit, outdoor arc), so frame
 pairs range from overlap ~0.9 (neighbours) down to 0.
@@ -49,10 +51,19 @@ Writes (under --out)
         its cameras and as users extract its frames: the txt has a URL line, then per frame
         `timestamp_us fx/W fy/H cx/W cy/H 0 0` + the 3x4 row-major world-to-camera [R|t] (OpenCV axes, cx, cy
         OpenCV pixels / W, H). Indoor scenes, 480x270 frames; no 3D points (build_pool.py triangulates them).
+    dl3dv/<64-hex scene>/images_4/frame_%05d.png + colmap/sparse/0 (opt-in: --layouts ...,dl3dv) as DL3DV-10K
+        ships: the model at 4x the images' resolution (camera, principal point and 2D points: COLMAP
+        x_full = (x_opencv_4 + 0.5) * 4); build_pool.py reads it with --colmap-images images_4.
+    --sensor kinect (ScanNet and CO3D): the written depth is what a structured-light RGB-D sensor gives (see
+        kinect_depth: noise growing with depth, 1/8 px disparity quantisation, holes at depth edges and on dark
+        surfaces, a sub-pixel depth-to-colour shift) and --pose-jitter J (default 1 with kinect) writes poses off
+        by about J cm and J/2 degrees; the exact depth goes to exact/<layout>/.../<frame>.npy (float32 metres,
+        inf = nothing hit) and the meta keeps both (cam_to_world = exact, cam_to_world_written = in the files).
     synthetic_meta.json  every written scene: layout, path, name, seed, kind, and per frame the image path
-        (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes);
-        ScanNet frames also K_depth, depth size, RE10K frames their timestamp; so tests can re-render or
-        re-raycast the scene.
+        (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes, the
+        exact pose); ScanNet and CO3D frames also cam_to_world_written (the pose in the files; differs only with
+        --pose-jitter), with --sensor kinect depth_exact; ScanNet frames K_depth, depth size, RE10K frames their
+        timestamp; so tests can re-render or re-raycast the scene. Scenes: sensor, pose_jitter (ScanNet, CO3D).
     args.json
 
 Python API (used by tests of later stages)
@@ -66,9 +77,10 @@ Python API (used by tests of later stages)
 
 Departures from the paper / real data, and why
     Analytic scenes stand in for real scans: the demo must run offline in seconds, and exact geometry lets
-    tests check every correspondence build_pool.py produces against the renderer. Depth is exact (no sensor
-    noise, no holes except sky); CO3D depth is dense where the real one is MVS-sparse. Textures are
-    procedural noise + random patches, so SIFT works at small baselines. Nothing here imitates real
+    tests check every correspondence build_pool.py produces against the renderer. Depth is exact by default (no
+    sensor noise, no holes except sky; --sensor kinect adds them); CO3D depth is dense where the real one is MVS-sparse. Textures are
+    procedural noise + random patches, so SIFT works at small baselines. --sensor kinect is a simple model
+    (Nguyen et al. 2012 axial noise, Kinect v1 quantisation), not a simulation of a real sensor's optics. Nothing here imitates real
     appearance; training on it only exercises the pipeline.
 """
 import argparse
@@ -577,6 +589,67 @@ def _intrinsics(w, h, hfov_deg, rng):
 
 
 # -----------------------------------------------------------------------------
+# sensor model (--sensor kinect): what a structured-light RGB-D camera does to the exact depth and poses
+
+KINECT_FB = 43.5  # px * m: focal length (580 px) x projector baseline (7.5 cm) of a Kinect v1 / Structure sensor
+# the depth map is misregistered against the colour image by this much: px (x, y) at 640 px on the long side of
+# the depth map, so the same angle at every --image-scale (1 px at 640 = 0.5 px of ScanNet's 320 x 240 depth)
+KINECT_SHIFT = (1.0, 0.5)
+
+
+def kinect_depth(depth, rgb, rng):
+    """Sensor-like depth (float32 metres, 0 = hole) from exact z-depth (inf = nothing hit), at depth resolution.
+    Axial noise grows with depth (Nguyen et al. 2012: sigma = 1.2 mm + 1.9 mm * (z - 0.4 m)^2), disparity is
+    quantised to 1/8 px (Kinect v1: steps of z^2 / (8 * 43.5) m, 2.6 cm at 3 m), holes at depth edges (the
+    projector's shadow, 1 px either side of a > 5% step) and on dark surfaces (gray < 45: 80% dropped), and the
+    whole map is shifted by KINECT_SHIFT against the colour image (imperfect depth-to-colour registration).
+    rgb: the colour image at the depth resolution."""
+    z = np.where(np.isfinite(depth), depth, 0).astype(np.float64)
+    valid = z > 0
+    kernel = np.ones((3, 3), np.uint8)
+    hi = cv2.dilate(np.where(valid, z, 1e3).astype(np.float32), kernel)
+    lo = cv2.erode(np.where(valid, z, 0).astype(np.float32), kernel)
+    edge = cv2.dilate(((hi > lo * 1.05) & valid).astype(np.uint8), kernel) > 0
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    dark = (gray < 45) & (rng.random(z.shape) < 0.8)
+    sigma = 0.0012 + 0.0019 * (z - 0.4) ** 2
+    zn = np.maximum(z + rng.normal(0.0, 1.0, z.shape) * sigma, 0.05)
+    disp = np.round(KINECT_FB / zn * 8.0) / 8.0
+    zq = np.where(disp > 0, KINECT_FB / np.maximum(disp, 1e-9), 0.0)
+    out = np.where(valid & ~edge & ~dark, zq, 0.0).astype(np.float32)
+    # written(x, y) = sensed(x - dx, y - dy), bilinear; a pixel that would mix in a hole becomes a hole
+    s = max(z.shape) / 640.0
+    h, w = z.shape
+    mx, my = np.meshgrid(np.arange(w, dtype=np.float32) - KINECT_SHIFT[0] * s,
+                         np.arange(h, dtype=np.float32) - KINECT_SHIFT[1] * s)
+    shifted = cv2.remap(out, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    full = cv2.remap((out > 0).astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=0)
+    return np.where(full > 0.999, shifted, 0).astype(np.float32)
+
+
+def jitter_pose(T, jitter, rng):
+    """T (cam_to_world) with a pose error of about jitter cm and jitter / 2 degrees: rotation about a random axis
+    by an angle ~ N(0, (0.5 deg * jitter)^2), translation ~ N(0, (1 cm * jitter)^2 / 3) per axis."""
+    if jitter <= 0:
+        return np.array(T, np.float64)
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    dR, _ = cv2.Rodrigues(axis * np.deg2rad(0.5 * jitter) * rng.normal())
+    J = np.array(T, np.float64).copy()
+    J[:3, :3] = dR @ J[:3, :3]
+    J[:3, 3] += rng.normal(0.0, 0.01 * jitter / math.sqrt(3), 3)
+    return J
+
+
+def _save_exact_depth(out, rel, depth):
+    """Exact z-depth (float32 metres, inf = nothing hit) next to a sensor-like depth map, for tests."""
+    path = os.path.join(out, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, depth.astype(np.float32))
+
+
+# -----------------------------------------------------------------------------
 # writers: ScanNet (SensReader export + raw .sens), COLMAP (pycolmap), CO3D v2
 
 
@@ -625,9 +698,10 @@ def write_sens(path, frames, K_color, K_depth, wc, hc, wd, hd, sensor_name=b"Str
         f.write(struct.pack("<Q", 0))  # no IMU frames
 
 
-def write_scannet(out, name, seed, n_frames, pbar, scale=1.0):
+def write_scannet(out, name, seed, n_frames, pbar, scale=1.0, sensor="exact", jitter=0.0):
     scene = make_scene(seed, "indoor")
     rng = np.random.default_rng(seed + 3)
+    srng = np.random.default_rng([seed, 77])  # the sensor's own stream: exact output stays byte-identical
     wc, hc = _even(640 * scale), _even(480 * scale)
     wd, hd = wc // 2, hc // 2
     Kc = _intrinsics(wc, hc, 58.0, rng)
@@ -647,39 +721,58 @@ def write_scannet(out, name, seed, n_frames, pbar, scale=1.0):
     frames, meta_frames = [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         T = _f32_pose(T)
+        Tw = _f32_pose(jitter_pose(T, jitter, srng))  # the pose the files say (== T without --pose-jitter)
         rgb, _ = render(scene, Kc, T, wc, hc, gain=rng.uniform(0.93, 1.07))
-        depth = _depth_mm(render_depth(scene, Kd, T, wd, hd))
+        exact = render_depth(scene, Kd, T, wd, hd)
+        extra = {}
+        if sensor == "kinect":
+            small = cv2.resize(rgb, (wd, hd), interpolation=cv2.INTER_AREA)
+            depth = _depth_mm(kinect_depth(exact, small, srng))
+            extra["depth_exact"] = f"exact/scannet/{name}/{i}.npy"
+            _save_exact_depth(out, extra["depth_exact"], exact)
+        else:
+            depth = _depth_mm(exact)
         jpg = _jpeg(rgb)
         with open(os.path.join(root, "color", f"{i}.jpg"), "wb") as f:
             f.write(jpg)
         cv2.imwrite(os.path.join(root, "depth", f"{i}.png"), depth)
-        _save_mat(os.path.join(root, "pose", f"{i}.txt"), T)
-        frames.append((T, jpg, depth))
+        _save_mat(os.path.join(root, "pose", f"{i}.txt"), Tw)
+        frames.append((Tw, jpg, depth))
         meta_frames.append(dict(image=f"scannet/{name}/color/{i}.jpg", depth=f"scannet/{name}/depth/{i}.png",
                                 K=Kc.tolist(), K_depth=Kd.tolist(), cam_to_world=T.tolist(),
-                                width=wc, height=hc, depth_width=wd, depth_height=hd))
+                                cam_to_world_written=Tw.tolist(), width=wc, height=hc, depth_width=wd,
+                                depth_height=hd, **extra))
         pbar.update(1)
     sens_dir = os.path.join(out, "scannet_sens", name)
     os.makedirs(sens_dir, exist_ok=True)
     write_sens(os.path.join(sens_dir, f"{name}.sens"), frames, Kc, Kd, wc, hc, wd, hd)
     return dict(layout="scannet", path=f"scannet/{name}", sens=f"scannet_sens/{name}/{name}.sens", name=name,
-                seed=seed, kind="indoor", frames=meta_frames)
+                seed=seed, kind="indoor", sensor=sensor, pose_jitter=jitter, frames=meta_frames)
 
 
-def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", landmarks_per_frame=300):
+def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", landmarks_per_frame=300, layout="colmap"):
+    """layout colmap: <scene>/images/%06d.jpg + <scene>/sparse/0. layout dl3dv (as DL3DV-10K ships it):
+    <scene>/images_4/frame_%05d.png only, the model in <scene>/colmap/sparse/0 at the full resolution (4x the
+    images; pixel-centre-correct: x_full = (x_4 + 0.5) * 4 - 0.5 in OpenCV pixels)."""
     import pycolmap  # only this writer needs it
     scene = make_scene(seed, kind)
     rng = np.random.default_rng(seed + 5)
     w, h = _even(480 * scale), _even(360 * scale)
     K = _intrinsics(w, h, 65.0, rng)
     K[1, 1] = K[0, 0]  # SIMPLE_RADIAL has one focal length
-    root = os.path.join(out, "colmap", name)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(root, "sparse", "0"), exist_ok=True)
+    root = os.path.join(out, layout, name)
+    f = 4 if layout == "dl3dv" else 1  # the model's resolution over the images'
+    img_dir, sparse = ("images_4", os.path.join("colmap", "sparse", "0")) if f == 4 else ("images", os.path.join("sparse", "0"))
+    os.makedirs(os.path.join(root, img_dir), exist_ok=True)
+    os.makedirs(os.path.join(root, sparse), exist_ok=True)
     poses, pts, cols, meta_frames = [], [], [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         rgb, depth = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07))
-        _write_jpeg(os.path.join(root, "images", f"{i:06d}.jpg"), rgb)
+        fname = f"frame_{i + 1:05d}.png" if f == 4 else f"{i:06d}.jpg"
+        if f == 4:
+            cv2.imwrite(os.path.join(root, img_dir, fname), rgb[..., ::-1])
+        else:
+            _write_jpeg(os.path.join(root, img_dir, fname), rgb)
         # landmarks: back-project random pixels with a surface hit (exactly on the surfaces)
         ys, xs = np.nonzero(np.isfinite(depth))
         k = rng.choice(len(xs), min(landmarks_per_frame, len(xs)), replace=False)
@@ -690,7 +783,7 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         pts.append(T[:3, 3] + t[good, None] * ray[good])
         cols.append(rgb[ys[k][good], xs[k][good]])
         poses.append(T)
-        meta_frames.append(dict(image=f"colmap/{name}/images/{i:06d}.jpg", K=K.tolist(), cam_to_world=T.tolist(),
+        meta_frames.append(dict(image=f"{layout}/{name}/{img_dir}/{fname}", K=K.tolist(), cam_to_world=T.tolist(),
                                 width=w, height=h))
         pbar.update(1)
     X, C = np.concatenate(pts), np.concatenate(cols)
@@ -712,8 +805,9 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         proj.append((visible, uv[visible]))
     keep = vis_count >= 2  # COLMAP only triangulates points seen at least twice
     rec = pycolmap.Reconstruction()
-    cam = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=w, height=h,
-                          params=[K[0, 0], K[0, 2] + 0.5, K[1, 2] + 0.5, 0.0])
+    # COLMAP pixels (centre of the first pixel at 0.5) at the model's resolution: x_colmap = (x_opencv + 0.5) * f
+    cam = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=w * f, height=h * f,
+                          params=[K[0, 0] * f, (K[0, 2] + 0.5) * f, (K[1, 2] + 0.5) * f, 0.0])
     rec.add_camera_with_trivial_rig(cam)
     tracks = collections.defaultdict(list)  # landmark -> its observations (image id, point2D index), in image order
     for i, (T, (visible, uv)) in enumerate(zip(poses, proj)):
@@ -721,17 +815,18 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
         visible, uv = visible[sel], uv[sel]
         # untriangulated features too (as in real models): random pixels with no 3D point
         extra = rng.uniform([0, 0], [w - 1, h - 1], (len(visible) // 4, 2))
-        xy = np.concatenate([uv, extra]) + 0.5  # COLMAP pixel convention
+        xy = (np.concatenate([uv, extra]) + 0.5) * f  # COLMAP pixel convention, at the model's resolution
         points2D = pycolmap.Point2DList([pycolmap.Point2D(p) for p in xy])
-        image = pycolmap.Image(name=f"{i:06d}.jpg", points2D=points2D, camera_id=1, image_id=i + 1)
+        image = pycolmap.Image(name=os.path.basename(meta_frames[i]["image"]), points2D=points2D, camera_id=1,
+                               image_id=i + 1)
         w2c = np.linalg.inv(T)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[:3, :3]), w2c[:3, 3]))
         for n, j in enumerate(visible):
             tracks[int(j)].append(pycolmap.TrackElement(i + 1, n))
     for j in np.nonzero(keep)[0]:
         rec.add_point3D(X[j], pycolmap.Track(tracks[int(j)]), C[j].astype(np.uint8))
-    rec.write(os.path.join(root, "sparse", "0"))
-    return dict(layout="colmap", path=f"colmap/{name}", name=name, seed=seed, kind=kind, frames=meta_frames,
+    rec.write(os.path.join(root, sparse))
+    return dict(layout=layout, path=f"{layout}/{name}", name=name, seed=seed, kind=kind, frames=meta_frames,
                 num_points3D=int(keep.sum()))
 
 
@@ -781,10 +876,11 @@ def opencv_to_co3d(K, cam_to_world, w, h):
                 intrinsics_format="ndc_isotropic")
 
 
-def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
+def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0, sensor="exact", jitter=0.0):
     """One CO3D sequence; returns (meta entry, frame annotations, sequence annotation)."""
     scene = make_scene(seed, "object")
     rng = np.random.default_rng(seed + 9)
+    srng = np.random.default_rng([seed, 77])  # the sensor's own stream: exact output stays byte-identical
     w, h = _even(360 * scale), _even(480 * scale)  # portrait, like most CO3D phone videos
     K = _intrinsics(w, h, 50.0, rng)
     root = os.path.join(out, "co3d", category, seq)
@@ -794,10 +890,17 @@ def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
     annos, meta_frames = [], []
     for i, T in enumerate(make_trajectory(scene, n_frames, seed)):
         rgb, depth, pid = render(scene, K, T, w, h, gain=rng.uniform(0.93, 1.07), return_ids=True)
+        Tw = jitter_pose(T, jitter, srng)  # the pose the annotation says (== T without --pose-jitter)
         fg = foreground_mask(scene, pid)
         stem = f"frame{i + 1:06d}"
         rel = f"{category}/{seq}"
         _write_jpeg(os.path.join(root, "images", f"{stem}.jpg"), rgb)
+        extra = {}
+        if sensor == "kinect":
+            extra["depth_exact"] = f"exact/co3d/{rel}/{stem}.npy"
+            _save_exact_depth(out, extra["depth_exact"], depth)
+            depth = kinect_depth(depth, rgb, srng)
+            depth[depth <= 0] = np.inf  # holes: invalid below, like sky
         valid = np.isfinite(depth)
         d16 = np.where(valid, depth / scale, 0).astype(np.float16)
         cv2.imwrite(os.path.join(root, "depths", f"{stem}.jpg.geometric.png"), d16.view(np.uint16))
@@ -809,17 +912,18 @@ def write_co3d(out, category, seq, seed, n_frames, pbar, scale=1.0):
             depth=dict(path=f"{rel}/depths/{stem}.jpg.geometric.png", scale_adjustment=scale,
                        mask_path=f"{rel}/depth_masks/{stem}.png"),
             mask=dict(path=f"{rel}/masks/{stem}.png", mass=float(fg.sum())),
-            viewpoint=opencv_to_co3d(K, T, w, h),
+            viewpoint=opencv_to_co3d(K, Tw, w, h),
             meta=dict(frame_type="test_known" if i % 10 == 0 else "train_known", frame_splits=[],
                       synthetic=True)))
         meta_frames.append(dict(image=f"co3d/{rel}/images/{stem}.jpg",
                                 depth=f"co3d/{rel}/depths/{stem}.jpg.geometric.png", K=K.tolist(),
-                                cam_to_world=T.tolist(), width=w, height=h))
+                                cam_to_world=T.tolist(), cam_to_world_written=Tw.tolist(), width=w, height=h,
+                                **extra))
         pbar.update(1)
     seq_anno = dict(sequence_name=seq, category=category, video=dict(path=f"{category}/{seq}/video.mp4",
                     length=n_frames), point_cloud=None, viewpoint_quality_score=1.0)
     entry = dict(layout="co3d", path=f"co3d/{category}/{seq}", name=seq, seed=seed, kind="object",
-                 frames=meta_frames)
+                 sensor=sensor, pose_jitter=jitter, frames=meta_frames)
     return entry, annos, seq_anno
 
 
@@ -868,6 +972,8 @@ def _remove_previous(out):
                 path = os.path.join(out, os.path.dirname(sc["path"]), name)
                 if os.path.isfile(path):
                     os.remove(path)
+    if os.path.isdir(os.path.join(out, "exact")):  # exact depths of a --sensor kinect run
+        shutil.rmtree(os.path.join(out, "exact"))
     os.remove(os.path.join(out, "synthetic_meta.json"))
 
 
@@ -881,14 +987,22 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=24, help="frames per scene")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layouts", default="scannet,colmap,co3d",
-                    help="comma list of scannet,colmap,co3d,re10k (re10k is opt-in: only build_pool --re10k reads it)")
+                    help="comma list of scannet,colmap,co3d,re10k,dl3dv (re10k, dl3dv are opt-in)")
     ap.add_argument("--co3d-category", default="synthobject")
     ap.add_argument("--image-scale", type=float, default=1.0, help="scale all image sizes (e.g. 0.25 for fast tests)")
+    ap.add_argument("--sensor", default="exact", choices=["exact", "kinect"],
+                    help="ScanNet and CO3D depth: exact, or like a structured-light sensor (noise, quantisation, "
+                         "holes, misregistration; see kinect_depth)")
+    ap.add_argument("--pose-jitter", type=float, default=None,
+                    help="written poses off by about this many cm and half as many degrees (ScanNet, CO3D; "
+                         "default 1 with --sensor kinect, else 0)")
     args = ap.parse_args(argv)
+    if args.pose_jitter is None:
+        args.pose_jitter = 1.0 if args.sensor == "kinect" else 0.0
     layouts = [s for s in args.layouts.split(",") if s]
-    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d", "re10k")]
+    bad = [s for s in layouts if s not in ("scannet", "colmap", "co3d", "re10k", "dl3dv")]
     if bad:
-        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d, re10k)")
+        sys.exit(f"synthetic.py: error: unknown layout(s) {bad} in --layouts (scannet, colmap, co3d, re10k, dl3dv)")
     if args.frames < 2 or args.scenes < 1:
         sys.exit("synthetic.py: error: need --frames >= 2 and --scenes >= 1")
     os.makedirs(args.out, exist_ok=True)
@@ -901,11 +1015,14 @@ def main(argv=None):
     for li, layout in enumerate(layouts):
         seeds = [args.seed * 1000 + li * 100 + k for k in range(args.scenes)]
         if layout == "scannet":
-            entries += [write_scannet(args.out, f"scene{k:04d}_00", s, args.frames, pbar, args.image_scale)
-                        for k, s in enumerate(seeds)]
+            entries += [write_scannet(args.out, f"scene{k:04d}_00", s, args.frames, pbar, args.image_scale,
+                                      args.sensor, args.pose_jitter) for k, s in enumerate(seeds)]
         elif layout == "colmap":
             entries += [write_colmap(args.out, f"plaza{k:02d}", s, args.frames, pbar, args.image_scale)
                         for k, s in enumerate(seeds)]
+        elif layout == "dl3dv":  # DL3DV-10K scene ids are 64-hex-digit hashes
+            entries += [write_colmap(args.out, f"{(s + 7) * 0x9E3779B97F4A7C15 % 2 ** 64:016x}" * 4, s, args.frames,
+                                     pbar, args.image_scale, layout="dl3dv") for s in seeds]
         elif layout == "re10k":  # clip ids look like RealEstate10K's 16-hex-digit ones
             entries += [write_re10k(args.out, f"{(s + 1) * 0x9E3779B97F4A7C15 % 2 ** 64:016x}", s, args.frames,
                                     pbar, args.image_scale) for s in seeds]
@@ -914,7 +1031,8 @@ def main(argv=None):
             annos, seqs = [], []
             for k, s in enumerate(seeds):
                 seq = f"{100 + k}_{s:05d}_{7 * s + 11:05d}"  # CO3D-like sequence name
-                entry, a, sq = write_co3d(args.out, cat, seq, s, args.frames, pbar, args.image_scale)
+                entry, a, sq = write_co3d(args.out, cat, seq, s, args.frames, pbar, args.image_scale,
+                                          args.sensor, args.pose_jitter)
                 entries.append(entry)
                 annos += a
                 seqs.append(sq)

@@ -662,6 +662,262 @@ def test_pool_test_sources_and_scene_types(pool_demo, tmp_path, capsys):
     assert str(f) in str(e.value) and "line 2" in str(e.value) and not (tmp_path / "q").exists()
 
 
+# real sensors and corpus scale: sensor-like synthetic depth, two-way checks, N_p, DL3DV, shards, bad files
+
+def pool_exact_errors(data, pool, pairs, meta):
+    """Against the renderer's exact geometry (exact poses, exact surfaces): the reprojection error of every stored
+    match (sparse kept and dense) and whether each "none" point is in fact visible in the other image."""
+    scenes, kept, dense, visible = {}, [], [], []
+    for pair in pairs:
+        sc, f1 = pool_frame_meta(meta, data, pair, 1)
+        _, f2 = pool_frame_meta(meta, data, pair, 2)
+        scene = scenes.setdefault((sc["seed"], sc["kind"]), synthetic.make_scene(sc["seed"], sc["kind"]))
+        a = pool_load(pool, pair)
+        m = a["match"]
+        for kp1, kp2, out in ((a["kp1"][m >= 0], a["kp2"][m[m >= 0]], kept), (a["dense1"], a["dense2"], dense)):
+            X1, hit = pool_surface_points(scene, f1, kp1)
+            assert hit.all()
+            out += np.linalg.norm(pool_project(f2, X1)[0] - kp2, axis=1).tolist()
+        Xd1, _ = pool_surface_points(scene, f1, a["kp1"][m < 0])
+        Xd2, _ = pool_surface_points(scene, f2, a["kp2"][np.setdiff1d(np.arange(len(a["kp2"])), m[m >= 0])])
+        visible += pool_visible(scene, f2, Xd1).tolist() + pool_visible(scene, f1, Xd2).tolist()
+    return np.array(kept), np.array(dense), np.array(visible)
+
+
+@pytest.fixture(scope="module")
+def pool_kinect(tmp_path_factory):
+    """--sensor kinect ScanNet + CO3D scenes with exact poses (--pose-jitter 0) and the pool built from them."""
+    root = tmp_path_factory.mktemp("pool_kinect")
+    data, pool = str(root / "data"), str(root / "pool")
+    synthetic.main(["--out", data, "--layouts", "scannet,co3d", "--frames", "7", "--image-scale", "0.5",
+                    "--sensor", "kinect", "--pose-jitter", "0"])
+    build_pool.main(["--scannet", f"{data}/scannet", "--co3d", f"{data}/co3d", "--out", pool,
+                     "--max-pairs-per-scene", "0", "--workers", "1"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    return dict(root=str(root), data=data, pool=pool, pairs=pairs, meta=synthetic.load_meta(data))
+
+
+def test_synthetic_kinect_depth_is_sensor_like(pool_kinect):
+    meta = pool_kinect["meta"]
+    sc = next(s for s in meta["scenes"] if s["layout"] == "scannet")
+    assert sc["sensor"] == "kinect" and sc["pose_jitter"] == 0
+    rel, holes, edge_holes = [], 0, 0
+    for fr in sc["frames"]:
+        assert fr["cam_to_world_written"] == fr["cam_to_world"]  # no jitter asked
+        d = cv2.imread(os.path.join(pool_kinect["data"], fr["depth"]), cv2.IMREAD_UNCHANGED) / 1000.0
+        e = np.load(os.path.join(pool_kinect["data"], fr["depth_exact"]))
+        # compare away from the sub-pixel misregistration: both maps smooth over a 3x3 window
+        lo = cv2.erode(np.where(np.isfinite(e), e, 0).astype(np.float32), np.ones((3, 3)))
+        hi = cv2.dilate(np.where(np.isfinite(e), e, 1e3).astype(np.float32), np.ones((3, 3)))
+        flat = (d > 0) & (lo > 0) & (hi < lo * 1.01)
+        rel.append(np.c_[e[flat], d[flat] / e[flat] - 1])
+        holes += int(((d == 0) & np.isfinite(e)).sum())
+        edge_holes += int(((d == 0) & (hi > lo * 1.2) & (lo > 0)).sum())
+        assert (d[np.isfinite(e) & (d > 0)] != np.round(e[np.isfinite(e) & (d > 0)] * 1000) / 1000).mean() > 0.5
+    rel = np.concatenate(rel)
+    near, far = rel[rel[:, 0] < 2.0], rel[rel[:, 0] > 3.5]
+    assert len(near) > 100 and len(far) > 100 and np.abs(rel[:, 1]).max() < 0.05
+    # the error in metres grows with depth (noise ~ z^2, quantisation steps ~ z^2)
+    assert np.abs(far[:, 0] * far[:, 1]).mean() > 3 * np.abs(near[:, 0] * near[:, 1]).mean()
+    assert holes > 0 and edge_holes > 0
+    # --pose-jitter: written poses off by about 1 cm and 0.5 degrees, the exact ones kept in the meta
+    out = os.path.join(pool_kinect["root"], "jitter")
+    synthetic.main(["--out", out, "--layouts", "scannet", "--scenes", "1", "--frames", "6", "--image-scale", "0.25",
+                    "--sensor", "kinect"])
+    frames = synthetic.load_meta(out)["scenes"][0]["frames"]
+    dt, da = [], []
+    for fr in frames:
+        T, W = np.array(fr["cam_to_world"]), np.array(fr["cam_to_world_written"])
+        assert np.allclose(np.loadtxt(os.path.join(out, "scannet", "scene0000_00", "pose",
+                                                   os.path.basename(fr["image"])[:-4] + ".txt")), W, atol=1e-5)
+        dt.append(np.linalg.norm(T[:3, 3] - W[:3, 3]))
+        da.append(np.degrees(np.arccos(np.clip((np.trace(T[:3, :3].T @ W[:3, :3]) - 1) / 2, -1, 1))))
+    assert 0.001 < np.mean(dt) < 0.03 and 0.05 < np.mean(da) < 1.5, (dt, da)
+
+
+def test_pool_kinect_two_way_checks_hold_exact_geometry(pool_kinect):
+    """--sensor kinect, exact poses: every kept match within 3 px of the exact geometry, no "none" point visible;
+    the rules that did it are counted in summary.json."""
+    kept, dense, visible = pool_exact_errors(pool_kinect["data"], pool_kinect["pool"], pool_kinect["pairs"],
+                                             pool_kinect["meta"])
+    assert len(kept) > 300 and len(dense) > 10000 and len(visible) > 500
+    assert kept.max() < 3.0 and dense.max() < 3.0, (kept.max(), dense.max())
+    assert not visible.any()
+    with open(os.path.join(pool_kinect["pool"], "summary.json")) as f:
+        v = {k: x["count"] for k, x in json.load(f)["verification"].items()}
+    assert v["cycle"] > 0 and v["edge"] > 0 and v["neither_gap"] > 0 and v["occluded"] > 0 and v["match"] > 0
+    # N_p: drawn per pair in 10..50, not one fixed number
+    n = [p["n_matches"] for p in pool_kinect["pairs"]]
+    assert min(n) >= 10 and max(n) <= 50 and len(set(n)) > 5
+
+
+def test_pool_kinect_one_way_rule_keeps_worse_matches(pool_kinect, tmp_path):
+    """The same data under the one-way rule (no round trip, no edge rule, 10% occlusion margin): more matches kept,
+    and less accurate ones (the tail of the error against the exact geometry is longer)."""
+    data = pool_kinect["data"]
+    build_pool.main(["--scannet", f"{data}/scannet", "--co3d", f"{data}/co3d", "--out", str(tmp_path / "p"),
+                     "--max-pairs-per-scene", "0", "--workers", "1", "--cycle-px", "0", "--edge-window", "0",
+                     "--occlusion-margin", "0.1", "--num-clusters", "50"])
+    with open(tmp_path / "p" / "pairs.jsonl") as f:
+        pairs = [json.loads(line) for line in f]
+    _, dense, _ = pool_exact_errors(data, str(tmp_path / "p"), pairs, pool_kinect["meta"])
+    _, dense_after, _ = pool_exact_errors(data, pool_kinect["pool"], pool_kinect["pairs"], pool_kinect["meta"])
+    before = sum(p["n_dense_verified"] for p in pairs)
+    after = sum(p["n_dense_verified"] for p in pool_kinect["pairs"])
+    assert after < before and np.percentile(dense, 95) > np.percentile(dense_after, 95)
+    assert {p["n_matches"] for p in pairs} <= {50} | set(range(10, 50))  # --num-clusters: N_p fixed where possible
+    assert sum(p["n_matches"] == 50 for p in pairs) > len(pairs) // 2
+
+
+def test_pool_shards_merged_equal_unsharded(pool_kinect, tmp_path, capsys):
+    data = pool_kinect["data"]
+    common = ["--scannet", f"{data}/scannet_sens", "--co3d", f"{data}/co3d", "--max-pairs-per-scene", "8",
+              "--workers", "1"]
+    build_pool.main(common + ["--out", str(tmp_path / "whole")])
+    shards = [str(tmp_path / f"s{i}") for i in range(3)]
+    for i, d in enumerate(shards):
+        build_pool.main(common + ["--out", d, "--shard", f"{i}/3"])
+        assert not os.path.exists(os.path.join(d, "pairs.jsonl"))
+    assert sum(bool(open(os.path.join(d, "shard_pairs.jsonl")).read()) for d in shards) >= 2  # really split
+    with pytest.raises(SystemExit) as e:  # make_tasks refuses a shard
+        make_tasks.main(["--pool", shards[0], "--out", str(tmp_path / "t")])
+    assert "shard 0/3" in str(e.value) and "--merge" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # an incomplete set of shards
+        build_pool.main(["--merge"] + shards[:2] + ["--out", str(tmp_path / "bad")])
+    assert "0..2" in str(e.value)
+    build_pool.main(["--merge"] + shards + ["--out", str(tmp_path / "merged")])
+    lines = []
+    for name in ("whole", "merged"):
+        with open(tmp_path / name / "pairs.jsonl") as f:
+            lines.append(sorted(f.read().splitlines()))
+    assert lines[0] == lines[1] and len(lines[0]) > 15
+    for row in map(json.loads, lines[0]):
+        a, b = pool_load(str(tmp_path / "whole"), row), pool_load(str(tmp_path / "merged"), row)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        for k in ("image1", "image2"):  # .sens frames were copied along
+            assert os.path.isfile(os.path.join(tmp_path / "merged", row[k]))
+    with open(tmp_path / "whole" / "summary.json") as f1, open(tmp_path / "merged" / "summary.json") as f2:
+        s1, s2 = json.load(f1), json.load(f2)
+    assert s1["sources"] == s2["sources"] and s1["verification"] == s2["verification"]
+    assert s1["pairs_tried"] == s2["pairs_tried"]
+
+
+def test_pool_truncated_sens_keeps_complete_frames(pool_kinect, tmp_path, capsys):
+    src = os.path.join(pool_kinect["data"], pool_kinect["meta"]["scenes"][0]["sens"])
+    raw = open(src, "rb").read()
+    starts = build_pool.ScanNetSens(src).offsets
+    n = len(starts)
+    capsys.readouterr()
+    for cut, complete in ((starts[0] + 50, 0), (starts[2] + 10, 2), ((starts[n - 2] + starts[n - 1]) // 2, n - 2),
+                          (len(raw) - 8 - 100, n - 1), (len(raw) - 8, n)):
+        path = tmp_path / f"cut{cut}" / "scene0000_00.sens"
+        path.parent.mkdir()
+        path.write_bytes(raw[:cut])
+        sens = build_pool.ScanNetSens(str(path))
+        assert sens.offsets == starts[:complete]
+        err = capsys.readouterr().err
+        if complete < n:
+            assert err.count("warning") == 1 and str(path) in err and f"frame {complete}" in err
+        else:
+            assert "warning" not in err
+        if complete:
+            assert sens.load(str(complete - 1))["depth"].shape == (120, 160)
+    with pytest.raises(build_pool.BadInput, match="truncated header"):
+        (tmp_path / "head.sens").write_bytes(raw[:100])
+        build_pool.ScanNetSens(str(tmp_path / "head.sens"))
+    # in a build: the cut file and one cut inside its header next to a good one; the build goes on
+    root = tmp_path / "scans"
+    root.mkdir()
+    good = os.path.join(pool_kinect["data"], pool_kinect["meta"]["scenes"][1]["sens"])
+    shutil.copy(good, root / "scene0001_00.sens")
+    (root / "scene0000_00.sens").write_bytes(raw[: starts[4] + 1000])
+    (root / "scene0002_00.sens").write_bytes(raw[:100])
+    build_pool.main(["--scannet", str(root), "--out", str(tmp_path / "p"), "--workers", "1",
+                     "--max-pairs-per-scene", "0"])
+    err = capsys.readouterr().err
+    assert "scene0000_00.sens: file ends inside frame 4" in err and "scene0002_00.sens" in err
+    with open(tmp_path / "p" / "summary.json") as f:
+        s = json.load(f)
+    assert s["frames_skipped"] == {"truncated sens": n - 4} and s["scenes_skipped"] == 1
+    with open(tmp_path / "p" / "pairs.jsonl") as f:
+        scenes = {json.loads(line)["scene"] for line in f}
+    assert scenes == {"scene0000_00", "scene0001_00"}
+
+
+def test_pool_unreadable_scenes_skipped_and_counted(pool_demo, tmp_path, capsys):
+    # a COLMAP model without images.bin next to a good one
+    for name in ("plaza00", "plaza01"):
+        shutil.copytree(os.path.join(pool_demo["data"], "colmap", name), tmp_path / "colmap" / name)
+    (tmp_path / "colmap" / "plaza00" / "sparse" / "0" / "images.bin").unlink()
+    # a CO3D sequence with corrupt annotations next to a good one, and a category whose annotations are garbage
+    shutil.copytree(os.path.join(pool_demo["data"], "co3d"), tmp_path / "co3d")
+    fa = tmp_path / "co3d" / "synthobject" / "frame_annotations.jgz"
+    with gzip.open(fa, "rt") as f:
+        annots = json.load(f)
+    seqs = sorted({a["sequence_name"] for a in annots})
+    for a in annots:
+        if a["sequence_name"] == seqs[0] and a["frame_number"] == 3:
+            del a["viewpoint"]["R"]
+    with gzip.open(fa, "wt") as f:
+        json.dump(annots, f)
+    (tmp_path / "co3d" / "broken").mkdir()
+    (tmp_path / "co3d" / "broken" / "frame_annotations.jgz").write_bytes(b"\x1f\x8b not really gzip")
+    capsys.readouterr()
+    build_pool.main(["--colmap", str(tmp_path / "colmap"), "--co3d", str(tmp_path / "co3d"), "--out",
+                     str(tmp_path / "p"), "--workers", "1", "--max-pairs-per-scene", "4"])
+    err = capsys.readouterr().err
+    assert err.count("warning") == 3
+    assert "plaza00/sparse/0/images.bin: missing" in err and "broken/frame_annotations.jgz" in err
+    assert f"frame_annotations.jgz: sequence {seqs[0]} frame 3 has no viewpoint.R" in err
+    with open(tmp_path / "p" / "summary.json") as f:
+        s = json.load(f)
+    assert s["scenes_skipped"] == 3
+    assert s["scenes_skipped_by_reason"] == {"corrupt model": 1, "corrupt annotations": 2}
+    with open(tmp_path / "p" / "pairs.jsonl") as f:
+        scenes = {(r["source"], r["scene"]) for r in map(json.loads, f)}
+    assert scenes == {("colmap", "plaza01"), ("co3d", seqs[1])}
+
+
+def test_pool_dl3dv_downscaled_images(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    synthetic.main(["--out", data, "--layouts", "dl3dv", "--scenes", "1", "--frames", "6", "--image-scale", "0.5"])
+    sc = synthetic.load_meta(data)["scenes"][0]
+    scene_dir = os.path.join(data, sc["path"])
+    rec = pycolmap.Reconstruction(os.path.join(scene_dir, "colmap", "sparse", "0"))
+    cam = rec.cameras[1]
+    assert (cam.width, cam.height) == (4 * sc["frames"][0]["width"], 4 * sc["frames"][0]["height"])
+    pool = str(tmp_path / "pool")
+    build_pool.main(["--colmap", os.path.join(data, "dl3dv"), "--colmap-images", "images_4", "--colmap-source", "dl3dv",
+                     "--out", pool, "--workers", "1", "--max-pairs-per-scene", "0"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    assert pairs and {p["source"] for p in pairs} == {"dl3dv"}
+    meta = synthetic.load_meta(data)
+    scene = synthetic.make_scene(sc["seed"], sc["kind"])
+    errs = []
+    for pair in pairs:
+        _, f1 = pool_frame_meta(meta, data, pair, 1)
+        _, f2 = pool_frame_meta(meta, data, pair, 2)
+        assert np.allclose(pair["K1"], f1["K"], atol=1e-6) and (pair["width1"], pair["height1"]) == (f1["width"], f1["height"])
+        a = pool_load(pool, pair)
+        m = a["match"]
+        X1, hit = pool_surface_points(scene, f1, a["kp1"][m >= 0])
+        assert hit.all()
+        errs += np.linalg.norm(pool_project(f2, X1)[0] - a["kp2"][m[m >= 0]], axis=1).tolist()
+    # pixel-centre-correct scaling: the observations land on the exact geometry (a 0.375 px slip would show)
+    assert max(errs) < 0.05, max(errs)
+    # a folder that does not match the model's resolution: one clear error naming image, sizes and factor
+    os.rename(os.path.join(scene_dir, "images_4"), os.path.join(scene_dir, "images_2"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        build_pool.main(["--colmap", os.path.join(data, "dl3dv"), "--colmap-images", "images_2", "--out",
+                         str(tmp_path / "p2"), "--workers", "1"])
+    err = capsys.readouterr().err
+    w, h = sc["frames"][0]["width"], sc["frames"][0]["height"]
+    assert f"image is {w}x{h}, but the model's camera is {4 * w}x{4 * h} / 2 = {2 * w}x{2 * h}" in err
+
+
 # ==============================================================================
 # reward.py, make_tasks.py, curriculum.py: grammar, scores, sampling invariants, drawing, curriculum
 # ==============================================================================
