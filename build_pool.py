@@ -1374,7 +1374,7 @@ def main(argv=None):
     p.add_argument("--border-px", type=float, default=3.0,
                    help="an 'outside' distractor projects at least this far outside the other image (px at 640 on "
                         "the long side, scaled like --cycle-px)")
-    p.add_argument("--max-stretch", type=float, default=3.0,
+    p.add_argument("--max-stretch", type=float, default=2.5,
                    help="drop a match where one pixel of I1 spans more than this many pixels of I2 (grazing in I1, "
                         "head-on in I2: a sub-pixel depth error of I1 is magnified there); 0 = off")
     p.add_argument("--edge-window", type=int, default=2,
