@@ -119,9 +119,8 @@ import make_tasks
 import pasta
 import reward
 # the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
-# plan) lives in rollout.py; these names stay importable as grpo.X for evaluate.py, tiny_model.py and bench.py
-from rollout import (BanTokens, SamplerLogprobs, banned_ids, collate_prompts, format_plan, generate, resident,
-                     stop_ids)
+# plan) lives in rollout.py; grpo.generate and grpo.stop_ids stay importable for evaluate.py, tiny_model.py, bench.py
+from rollout import format_plan, generate, resident, stop_ids
 
 # -----------------------------------------------------------------------------
 # Model plumbing (evaluate.py and tiny_model.py import these)
@@ -141,10 +140,14 @@ def load_policy(path, device="cpu", dtype=torch.float32, device_map=None):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=device_map)
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    return (model.eval(), *load_processors(path))
+
+
+def load_processors(path):
+    """-> (tokenizer with left padding, for generation; image processor) of a model dir or hub id."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    return model.eval(), tokenizer, image_processor
+    return tokenizer, AutoImageProcessor.from_pretrained(path)
 
 
 def encode(tokenizer, image_processor, prompt, images):
@@ -371,9 +374,7 @@ def load_sharded(path, device, dtype, rank, world, prepare):
         del src
     dist.broadcast_object_list(meta, src=0)  # config + generation config: ranks > 0 read no weight file
     if rank != 0:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        tokenizer.padding_side = "left"
-        image_processor = AutoImageProcessor.from_pretrained(path)
+        tokenizer, image_processor = load_processors(path)
     config, generation_config, buffer_names = meta[0]
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
@@ -889,8 +890,7 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
     records = [r for part in gather_objects(records, world) for r in part]
     # ONE curriculum update per step (its windows count steps, as the paper's 20-step moving average): the mean
     # match of this step's prompts (a replay draw of a mastered bin is ignored by update)
-    cur_match = [r["match"] for r in records if (r["bin"], r["level"], r["spatial"]) == stage]
-    events = cur.update(*stage, float(np.mean(cur_match))) if cur_match else []
+    events = cur.update(*stage, float(np.mean([r["match"] for r in records])))  # every prompt is from `stage`
     return step_metrics(step, records, stats, n_tok, sched, cur, events, args, world), records
 
 

@@ -47,7 +47,6 @@ CPU by `bench.py plan-check` (measured / plan = 1.11 on a 107 M-parameter random
 """
 import contextlib
 import json
-import math
 import os
 
 import torch
