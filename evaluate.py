@@ -355,11 +355,12 @@ def model_answerer(ckpt, tasks_dir, args):
 # the API answerer: one chat-completions request per task to an OpenAI-compatible server, --api-workers at a time
 
 
-def data_url(path):
-    """The image file's bytes, unchanged, as a data URL (no re-encoding: the server sees what our model sees)."""
+def data_url(path, prog="evaluate.py"):
+    """The image file's bytes, unchanged, as a data URL (no re-encoding: the server, or human.py's page, shows what
+    our model sees). prog names the script in the error."""
     mime = mimetypes.guess_type(path.name)[0]
     if mime not in ("image/jpeg", "image/png"):
-        sys.exit(f"evaluate.py: error: {path}: only .jpg / .png images can be sent to an API")
+        sys.exit(f"{prog}: error: {path} is not a .jpg or .png image (only those are sent as data URLs)")
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 

@@ -48,7 +48,6 @@ source, every task of them; the paper: its 90 widest pairs).
 """
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -61,7 +60,6 @@ from PIL import Image
 import evaluate
 import make_tasks
 
-MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 PAGE_FIELDS = ("scale1", "scale2", "size1", "size2")  # drawing geometry make_tasks.py records per task
 
 # -----------------------------------------------------------------------------
@@ -114,13 +112,6 @@ def page_task(task, image_ids, show_truth):
     return d
 
 
-def data_url(path):
-    mime = MIME.get(path.suffix.lower())
-    if mime is None:
-        sys.exit(f"human.py: error: {path} is not a .jpg or .png image")
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
 def check_task(task, tasks_path):
     missing = [k for k in ("images", "x_points", "y_points", "target") + PAGE_FIELDS if not task.get(k)]
     if missing:
@@ -148,7 +139,7 @@ def write_page(path, tasks, tasks_dir, storage_key, show_truth, title):
         for p in t["images"]:
             if p not in ids:  # a prompted image shared by tasks is embedded once
                 ids[p] = len(images)
-                images.append(data_url(tasks_dir / p))
+                images.append(evaluate.data_url(tasks_dir / p, "human.py"))
     data = dict(storage_key=storage_key, show_truth=show_truth, title=title, images=images,
                 tasks=[page_task(t, [ids[p] for p in t["images"]], show_truth) for t in tasks])
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # nothing in it can close the script tag
