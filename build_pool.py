@@ -843,22 +843,35 @@ def depth_window(frame, r):
     return frame[key]
 
 
-def bilinear_depth(frame, q):
-    """Depth at depth-map coordinates q (N, 2), bilinear over the 4 pixels around; 0 where any is invalid."""
+def depth_corners(frame, q):
+    """The 4 depth pixels around depth-map coordinates q (N, 2) (pixel centres at integers; q clipped into the
+    map), in the order (x0, y0), (x1, y0), (x0, y1), (x1, y1) -> (nb (N, 4) float64 depths, valid (N, 4): positive,
+    finite and inside the depth mask, corners (y0, x0, y1, x1), fractional position (fx, fy))."""
     D = frame["depth"]
     hd, wd = D.shape
-    ok = (q[:, 0] >= 0) & (q[:, 0] <= wd - 1) & (q[:, 1] >= 0) & (q[:, 1] <= hd - 1)
     qx, qy = np.clip(q[:, 0], 0, wd - 1), np.clip(q[:, 1], 0, hd - 1)
     x0, y0 = np.floor(qx).astype(np.int64), np.floor(qy).astype(np.int64)
     x1, y1 = np.minimum(x0 + 1, wd - 1), np.minimum(y0 + 1, hd - 1)
-    fx, fy = qx - x0, qy - y0
     nb = np.stack([D[y0, x0], D[y0, x1], D[y1, x0], D[y1, x1]], 1).astype(np.float64)
-    good = ((nb > 0) & np.isfinite(nb)).all(1) & ok
+    valid = (nb > 0) & np.isfinite(nb)
     if frame["depth_mask"] is not None:
         M = frame["depth_mask"]
-        good &= M[y0, x0] & M[y0, x1] & M[y1, x0] & M[y1, x1]
-    w4 = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
-    return np.where(good, (np.where(good[:, None], nb, 0) * w4).sum(1), 0.0)
+        valid &= np.stack([M[y0, x0], M[y0, x1], M[y1, x0], M[y1, x1]], 1)
+    return nb, valid, (y0, x0, y1, x1), (qx - x0, qy - y0)
+
+
+def bilinear_weights(fx, fy):
+    """(N, 4) weights of depth_corners' 4 pixels at fractional position (fx, fy)."""
+    return np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+
+
+def bilinear_depth(frame, q):
+    """Depth at depth-map coordinates q (N, 2), bilinear over the 4 pixels around; 0 where any is invalid."""
+    hd, wd = frame["depth"].shape
+    ok = (q[:, 0] >= 0) & (q[:, 0] <= wd - 1) & (q[:, 1] >= 0) & (q[:, 1] <= hd - 1)
+    nb, valid, _, (fx, fy) = depth_corners(frame, q)
+    good = valid.all(1) & ok
+    return np.where(good, (np.where(good[:, None], nb, 0) * bilinear_weights(fx, fy)).sum(1), 0.0)
 
 
 def match_rgbd(frame1, frame2, params):
@@ -903,17 +916,7 @@ def match_rgbd(frame1, frame2, params):
             pf = (Xf @ frame2["K"].T)[:, :2] / np.where(Xf[:, 2:] > 1e-6, Xf[:, 2:], 1.0)
             outside[i[(Xf[:, 2] > 1e-6) & in_image(pf, W2, H2, border)]] = False
     # the 4 depth pixels around the projection in I2 (pixel centres at integer coordinates)
-    D2 = frame2["depth"]
-    hd, wd = D2.shape
-    qx = np.clip(np.where(inside, q2[:, 0], 0), 0, wd - 1)
-    qy = np.clip(np.where(inside, q2[:, 1], 0), 0, hd - 1)
-    x0, y0 = np.floor(qx).astype(np.int64), np.floor(qy).astype(np.int64)
-    x1, y1 = np.minimum(x0 + 1, wd - 1), np.minimum(y0 + 1, hd - 1)
-    nb = np.stack([D2[y0, x0], D2[y0, x1], D2[y1, x0], D2[y1, x1]], 1).astype(np.float64)
-    valid_nb = (nb > 0) & np.isfinite(nb)
-    if frame2["depth_mask"] is not None:
-        M2 = frame2["depth_mask"]
-        valid_nb &= np.stack([M2[y0, x0], M2[y0, x1], M2[y1, x0], M2[y1, x1]], 1)
+    nb, valid_nb, (y0, x0, y1, x1), (fx2, fy2) = depth_corners(frame2, np.where(inside[:, None], q2, 0.0))
     all_valid = valid_nb.all(1)
     zz = z2[:, None]
     agree = inside & all_valid & (np.abs(nb - zz) <= tol * zz).all(1)
@@ -938,9 +941,7 @@ def match_rgbd(frame1, frame2, params):
         # two-way check: back-project the I2 pixel with I2's own depth (bilinear over the 4 agreeing pixels)
         # and move it back into I1; it must land within cycle_px of where the sample started
         i = np.nonzero(agree)[0]
-        fx, fy = qx[i] - x0[i], qy[i] - y0[i]
-        w4 = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
-        d2 = (nb[i] * w4).sum(1)
+        d2 = (nb[i] * bilinear_weights(fx2[i], fy2[i])).sum(1)
         Xb = (np.stack([q2[i, 0], q2[i, 1], np.ones(len(i))], 1) @ np.linalg.inv(frame2["Kd"]).T) * d2[:, None]
         Xb1 = (Xb - t) @ R  # R^T (x - t) for row vectors
         pb = Xb1 @ frame1["K"].T
