@@ -10,7 +10,8 @@ Usage:
 
 What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` / from_pretrained just work):
     config.json + model.safetensors   Qwen3VLForConditionalGeneration, text: hidden 64, 2 layers, 4 heads (2 kv),
-                                      head_dim 16, mrope [2,3,3]; vision: depth 2, hidden 32, patch 16, merge 2
+                                      head_dim 32 (vLLM's CPU attention rejects 16), mrope [4,6,6]; vision: depth 2,
+                                      hidden 32, patch 16, merge 2
                                       (~0.3 M parameters, < 2 MB)
     tokenizer.json + tokenizer_config.json + chat_template.jinja
                                       byte-level BPE (vocab <= 2048, ~1000 here) trained offline on a small corpus (the
@@ -147,8 +148,8 @@ def build_model(tokenizer, seed=0):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6],
                                               mrope_interleaved=True),
                          pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|im_end|>"]),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
