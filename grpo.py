@@ -1,27 +1,32 @@
 """
 grpo.py: GRPO (hand-written, no TRL) that teaches Qwen3-VL wide-baseline matching with the dual-level curriculum.
 
-Usage:
-    CPU demo (tiny model, synthetic pool; defaults: 40 steps of 4 prompts x G=4, ~0.5 s a step on 2 cores):
-        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo
-    2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
-        torchrun --nproc_per_node=2 grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo2
-    1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
-        python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --pool pool --out runs/grpo_2b --group-size 8 \
-            --prompts-per-step 4 --micro-batch 4 --max-new-tokens 1024 --lr 1e-6 --grad-checkpointing
-    The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights):
-        torchrun --nproc_per_node=8 grpo.py --model Qwen/Qwen3-VL-8B-Instruct --pool pool --out runs/dcrl \
-            --group-size 32 --prompts-per-step 16 --micro-batch 4 --kl-beta 0.005 --max-new-tokens 5120 \
-            --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
-            --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
+Usage (every default is the paper's recipe; smaller runs pass their own flags):
+    The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights): Qwen/Qwen3-VL-8B-Instruct on pool/,
+    G 32 x 16 prompts, micro-batch 4, beta 0.005, 5,120 new tokens, T 1.0, lr 1e-6 after 10 warm-up steps,
+    n 4..12 points, 1,024 px, grad checkpointing, dcrl, 1,000 steps, save every 50, eval every 25 on 64 tasks:
+        torchrun --nproc_per_node=8 grpo.py --out runs/dcrl
         (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
         16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
+    CPU demo (the tiny model and its recipe, ~0.5 s a step on 2 cores; demo.sh runs this):
+        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo --group-size 4 \
+            --prompts-per-step 4 --micro-batch 8 --max-new-tokens 48 --lr 1e-3 --max-side 640 --n-min 3 --n-max 5 \
+            --steps 40 --save-every 10 --eval-every 10 --eval-tasks 6 --no-grad-checkpointing
+    2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
+        torchrun --nproc_per_node=2 grpo.py [the CPU demo's flags, --out runs/grpo2]
+    1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
+        python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --out runs/grpo_2b --group-size 8 --prompts-per-step 4 \
+            --max-new-tokens 1024
     Before launching it, the per-GPU memory plan (reads --model's config.json, or configs/ for the Qwen hub ids, or
     --model-config FILE; needs neither the pool nor the weights; says whether it fits and which flag to change):
         python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model Qwen/Qwen3-VL-8B-Instruct [the run's flags]
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
-        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
+        python grpo.py [the CPU demo's flags, --out runs/hatch] --pasta-weight 0.1 --actor
+    DAPO dynamic sampling (off by default; the paper does not use it): add --filter-groups [--filter-max-retries 3]
+    A full disk (ENOSPC while writing a checkpoint, export, log line or curves.png) stops every rank with one line
+    naming the path and the space needed; the half-written step_%06d.tmp/ is removed, the last complete step_*/
+    kept: free space, then --resume. A second run on an --out that a live run holds (<out>/.lock) refuses.
 
 Inputs: --model (a local dir such as tiny_model.py's output or a checkpoint of this script, or a hub id),
 --pool (build_pool.py's pairs.jsonl + npz; train-split pairs for training, test-split for --eval-every).
@@ -37,10 +42,20 @@ Outputs in --out:
                      rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
                      reward parts (format, match, action: ActoR accuracy or null), length, truncated.
-    metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, length,
-                     truncated, dlogp, lr, curriculum (bin, newest unlocked stage after the update), curriculum_events
-                     (what update() reported, e.g. "unlock L2/moderate ..."; also printed), eval_match
-                     (every --eval-every), action (--actor), pasta + pasta_acc (--pasta-weight > 0), seconds.
+    metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, entropy
+                     (mean over completion tokens of the sampled logits / T distribution's entropy), clip_frac
+                     (share of tokens whose ratio was clipped), zero_std_frac (share of groups whose rewards are all
+                     equal), length, length_max, truncated, dlogp, grad_norm (before clipping), lr, curriculum (bin,
+                     newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
+                     "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
+                     action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
+                     filter_filled (--filter-groups), tokens_per_s (generated tokens of all ranks per second of
+                     rollout), seconds_rollout / seconds_logprobs / seconds_update (rank 0's phases), seconds.
+    curves.png       reward / match, eval match (per bin), entropy, KL, lengths, truncated / zero-std / clipped,
+                     curriculum bin, grad norm over steps; redrawn at every eval and at the end (rank 0).
+    eval_tasks.jsonl the held-out eval set (task dicts, make_tasks.py's format without image files: the prompted
+                     images are redrawn from the pool's originals), drawn once, read back by --resume.
+    .lock            held (flock) by the live run; holds its pid.
     args.json
 
 One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
@@ -80,6 +95,14 @@ Choices the paper does not spell out (ours):
   numerics only (the banned tokens' mass is the difference between sampled and trained distribution; ~0 once
   the model never proposes them).
 - Completions cut at --max-new-tokens are marked `truncated` (usually malformed, reward 0) and still trained on.
+- --filter-groups (DAPO's dynamic sampling, ours to offer): a group whose G rewards are all equal is dropped and
+  prompts of the step's (bin, level, spatial) are redrawn until every rank holds its share of groups with a
+  spread, at most --filter-max-retries rounds. Every rank draws the same global tasks and rolls out the same
+  number per round (the largest shortfall of any rank), so FSDP's collectives stay in step; a rank still short
+  trains on dropped groups at weight 0 (in the forward passes, out of the loss). The token normaliser counts the
+  kept tokens only. The curriculum update and the reward metrics use every rolled-out prompt (unbiased).
+- The held-out eval set: task k from test bin k mod #bins, levels L1 / L2 / L3 in turn within a bin, sparse
+  points (as before); a bin with fewer test pairs than tasks reuses its pairs with other points.
 - The learning-rate schedule (10-step linear warm-up, then constant) counts training steps; with --ppo-epochs > 1
   each epoch is one AdamW step over the whole batch and the old log-probs are those of the sampling policy.
 - `--toy-reward` replaces the matching reward by the share of digit characters in the completion: a signal any
@@ -837,10 +860,12 @@ def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, wo
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the usage card's layout, and every flag's default in --help
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
     ap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct", help="policy init: local dir or hub id")
     ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
-    ap.add_argument("--out", default="runs/dcrl")
+    ap.add_argument("--out", default="runs/dcrl", help="run dir")
     ap.add_argument("--group-size", type=int, default=32, help="G completions per prompt (paper 32)")
     ap.add_argument("--prompts-per-step", type=int, default=16, help="prompts per step, all ranks (paper 16)")
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
@@ -854,9 +879,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-6, help="AdamW lr (paper 1e-6; the random tiny model needs 1e-3)")
     ap.add_argument("--warmup-steps", type=int, default=10, help="linear lr warm-up, then constant (paper 10)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1000, help="training steps (paper 1000)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
-    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     ap.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
     ap.add_argument("--export-every", type=int, default=0,
                     help="bf16 save_pretrained export in a checkpoint whose step is a multiple of this, and the "
@@ -868,7 +893,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=25, help="greedy match accuracy on held-out tasks (0: off)")
     ap.add_argument("--eval-tasks", type=int, default=64,
                     help="held-out tasks from test pairs, drawn once stratified over bins (<out>/eval_tasks.jsonl)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed")
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute activations in backward (the paper command; --no-grad-checkpointing: off)")
     ap.add_argument("--curriculum", default="dcrl", choices=["dcrl", "uniform", "easy", "hard"])
@@ -877,7 +902,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps-per-bin", type=int, default=0,
                     help="dcrl: force the next bin after this many steps on one (0 = off, the paper)")
     ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
-    ap.add_argument("--clip-eps", type=float, default=0.2)
+    ap.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
     ap.add_argument("--max-side", type=int, default=1024, help="longest side of the prompted images (paper 1024)")
     ap.add_argument("--n-min", type=int, default=4, help="points in image 1 per task, uniform in [n-min, n-max]")
     ap.add_argument("--n-max", type=int, default=12, help="(the paper: 4..12; the tiny model is trained on 3..5)")

@@ -2256,8 +2256,8 @@ def test_grpo_dist_eval_with_grad_checkpointing_split_over_ranks(grpo_dist_runs)
     for run in ("r2", "r1r", "r1"):
         ms = grpo_read(t / run / "metrics.jsonl")
         assert ms and all(np.isfinite(m["eval_match"]) and 0 <= m["eval_match"] <= 1 for m in ms)
-    assert sorted(os.listdir(t / "r2")) == ["args.json", "metrics.jsonl", "rollouts.jsonl", "step_000002",
-                                            "step_000003"]
+    assert sorted(os.listdir(t / "r2")) == [".lock", "args.json", "curves.png", "eval_tasks.jsonl", "metrics.jsonl",
+                                            "rollouts.jsonl", "step_000002", "step_000003"]
     assert os.path.isfile(t / "r1" / "step_000001" / "meta.json")
     rows2, rows1 = dumps["d2"]["policy"], dumps["d_r1"]["policy"]
     assert [r["index"] for r in rows2] == [0, 1, 2] and [r["rank"] for r in rows2] == [0, 1, 0]
@@ -2296,9 +2296,10 @@ def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
     t, _, dumps, out = grpo_dist_runs
     assert sorted(os.listdir(t / "r2" / "step_000002" / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not os.path.exists(t / "r2" / "step_000002" / "config.json")  # --export-every 3
-    drop = ("seconds",)
-    assert [{k: v for k, v in m.items() if k not in drop} for m in grpo_read(t / "r2" / "metrics.jsonl")] == \
-           [{k: v for k, v in m.items() if k not in drop} for m in grpo_read(t / "r2r" / "metrics.jsonl")]
+    def same(m):  # wall-clock figures differ
+        return {k: v for k, v in m.items() if not k.startswith("seconds") and k != "tokens_per_s"}
+    assert [same(m) for m in grpo_read(t / "r2" / "metrics.jsonl")] == \
+           [same(m) for m in grpo_read(t / "r2r" / "metrics.jsonl")]
     assert grpo_read(t / "r2" / "rollouts.jsonl") == grpo_read(t / "r2r" / "rollouts.jsonl")
     assert grpo_read(t / "r2" / "metrics.jsonl")[-1]["kl"] > 0  # the policy moved: the resume restored weights
     grpo_assert_state_equal(dumps["d_r1r"]["model"], dumps["d2r"]["model"])
