@@ -2027,6 +2027,34 @@ def test_grpo_filter_groups_run_logs_drops_and_zero_std_frac(grpo_env, tmp_path,
         assert m["filter_redrawn"] == len(groups) - 2
 
 
+GRPO_FILTER_WRAPPER = """
+import os, random, sys
+sys.path.insert(0, os.environ["GRPO_DIR"])
+import grpo
+grpo.score = lambda text, task, args: dict(format=0.0, match=0.0, action=None,
+                                           reward=0.5 if task["n"] % 2 else random.random())
+grpo.main(sys.argv[1:])
+"""
+
+
+def test_grpo_filter_groups_on_2_processes_stays_in_step(grpo_dist_env, tmp_path):
+    """torchrun 2 ranks, --filter-groups with one retry round: ranks drop different numbers of groups, redraw the
+    same number, fill up at weight 0, and the run finishes (no collective waits on a rank that trains less)."""
+    (tmp_path / "w.py").write_text(GRPO_FILTER_WRAPPER)
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+                        str(tmp_path / "w.py"), *grpo_dist_flags(grpo_dist_env, tmp_path / "run", "--steps", "3",
+                        "--save-every", "100", "--eval-every", "0", "--group-size", "2", "--prompts-per-step", "4",
+                        "--max-new-tokens", "4", "--filter-groups", "--filter-max-retries", "1")],
+                       cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1", GRPO_DIR=HERE), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ms = grpo_read(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in ms] == [1, 2, 3] and sum(m["filter_dropped"] for m in ms) > 0
+    for m in ms:
+        rs = [x for x in grpo_read(tmp_path / "run" / "rollouts.jsonl") if x["step"] == m["step"]]
+        assert sum(x["kept"] for x in rs) == 2 * (4 - m["filter_filled"])  # groups of 2, 4 prompts per step
+
+
 def test_grpo_metrics_held_out_set_curves_and_tensorboard(grpo_dist_env, tmp_path, monkeypatch):
     """The new per-step metrics, the stratified held-out set saved in the run dir (a resumed run reads it back,
     same images), per-bin eval accuracy, curves.png (opens), --tensorboard (a stand-in SummaryWriter)."""
