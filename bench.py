@@ -614,6 +614,11 @@ PHASES = ("tasks", "rollout", "  of it generate", "ref/old logprobs", "policy lo
           "optimizer", "checkpoint", "other")
 
 
+# grpo.py's defaults are the paper's 8B recipe; the step benchmark runs the tiny model's (the CPU demo's)
+TINY_RECIPE = ["--lr", "1e-3", "--max-side", "640", "--n-min", "3", "--n-max", "5", "--micro-batch", "8",
+               "--no-grad-checkpointing"]
+
+
 def step_breakdown(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens, extra=()):
     """Run grpo.main for `steps` steps (checkpoint every step, no eval) with its functions timed. -> dict
     phase -> mean seconds per step over steps 2.. (all steps if only one), plus total."""
@@ -630,7 +635,7 @@ def step_breakdown(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens, 
     pt.wrap(grpo, "save_checkpoint", "checkpoint")
     argv = ["--model", model_dir, "--pool", pool_dir, "--out", out_dir, "--steps", str(steps), "--save-every", "1",
             "--eval-every", "0", "--group-size", str(G), "--prompts-per-step", str(prompts),
-            "--max-new-tokens", str(new_tokens), *extra]
+            "--max-new-tokens", str(new_tokens), *TINY_RECIPE, *extra]
     try:
         with contextlib.redirect_stdout(sys.stderr):
             grpo.main(argv)
@@ -909,7 +914,8 @@ def bench_rollout_fsdp(args, device, tmp):
 
 PLAN_FLAGS = ["--group-size", "4", "--prompts-per-step", "1", "--rollout-batch", "1", "--micro-batch", "4",
               "--max-new-tokens", "128", "--kl-beta", "0.005", "--grad-checkpointing", "--max-side", "640",
-              "--steps", "1", "--save-every", "100", "--eval-every", "0"]
+              "--steps", "1", "--save-every", "100", "--eval-every", "0", "--lr", "1e-3", "--n-min", "3",
+              "--n-max", "5"]
 
 
 def plan_check_worker(args):

@@ -20,7 +20,7 @@ step "2/6 build the verified correspondence pool"
 $PY build_pool.py --scannet demo_data/scannet --colmap demo_data/colmap --co3d demo_data/co3d --out pool
 
 step "3/6 make matching tasks (test split for evaluation, train split for inspection)"
-# 3-5 points per task: the range the tiny model is warmed up and trained on (grpo.py's CPU default); the
+# 3-5 points per task: the range the tiny model is warmed up and trained on (demo.sh's grpo.py line); the
 # benchmark's own default is 4-12 (drop the two flags for real models).
 # 640 px: the CPU demo's image size (the benchmark default is the paper's 1024).
 $PY make_tasks.py --pool pool --out tasks --split test --n-min 3 --n-max 5 --max-side 640
@@ -30,10 +30,14 @@ step "4/6 build the tiny Qwen3-VL and teach it the answer format (random mapping
 $PY tiny_model.py --out demo_data/tiny-qwen3vl --pool pool
 
 step "5/6 GRPO with the dual-level curriculum (online tasks from the pool's train split)"
-$PY grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo
+# grpo.py's defaults are the paper's 8B recipe (G 32, 5120 tokens, lr 1e-6, 1024 px, ...): the tiny model's here.
+# metrics.jsonl and curves.png (redrawn at every eval) are in runs/grpo/.
+$PY grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo \
+    --group-size 4 --prompts-per-step 4 --micro-batch 8 --max-new-tokens 48 --lr 1e-3 --max-side 640 \
+    --n-min 3 --n-max 5 --steps 40 --save-every 10 --eval-every 10 --eval-tasks 6 --no-grad-checkpointing
 
 step "6/6 evaluate the base model, the trained checkpoint and the classical baselines"
-# 48 new tokens: what the tiny model is trained to (grpo.py's CPU default); the evaluation default is the paper's 5120.
+# 48 new tokens: what the tiny model is trained to (the grpo.py line above); the evaluation default is the paper's 5120.
 $PY evaluate.py demo_data/tiny-qwen3vl runs/grpo --tasks tasks/test.jsonl --out eval --baseline sift random none --show 4 \
     --max-new-tokens 48
 

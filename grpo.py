@@ -1,27 +1,32 @@
 """
 grpo.py: GRPO (hand-written, no TRL) that teaches Qwen3-VL wide-baseline matching with the dual-level curriculum.
 
-Usage:
-    CPU demo (tiny model, synthetic pool; defaults: 40 steps of 4 prompts x G=4, ~0.5 s a step on 2 cores):
-        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo
-    2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
-        torchrun --nproc_per_node=2 grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo2
-    1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
-        python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --pool pool --out runs/grpo_2b --group-size 8 \
-            --prompts-per-step 4 --micro-batch 4 --max-new-tokens 1024 --lr 1e-6 --grad-checkpointing
-    The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights):
-        torchrun --nproc_per_node=8 grpo.py --model Qwen/Qwen3-VL-8B-Instruct --pool pool --out runs/dcrl \
-            --group-size 32 --prompts-per-step 16 --micro-batch 4 --kl-beta 0.005 --max-new-tokens 5120 \
-            --temperature 1.0 --lr 1e-6 --warmup-steps 10 --n-min 4 --n-max 12 --max-side 1024 --grad-checkpointing \
-            --curriculum dcrl --steps 1000 --save-every 50 --eval-every 25
+Usage (every default is the paper's recipe; smaller runs pass their own flags):
+    The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights): Qwen/Qwen3-VL-8B-Instruct on pool/,
+    G 32 x 16 prompts, micro-batch 4, beta 0.005, 5,120 new tokens, T 1.0, lr 1e-6 after 10 warm-up steps,
+    n 4..12 points, 1,024 px, grad checkpointing, dcrl, 1,000 steps, save every 50, eval every 25 on 64 tasks:
+        torchrun --nproc_per_node=8 grpo.py --out runs/dcrl
         (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
         16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
+    CPU demo (the tiny model and its recipe, ~0.5 s a step on 2 cores; demo.sh runs this):
+        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo --group-size 4 \
+            --prompts-per-step 4 --micro-batch 8 --max-new-tokens 48 --lr 1e-3 --max-side 640 --n-min 3 --n-max 5 \
+            --steps 40 --save-every 10 --eval-every 10 --eval-tasks 6 --no-grad-checkpointing
+    2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
+        torchrun --nproc_per_node=2 grpo.py [the CPU demo's flags, --out runs/grpo2]
+    1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
+        python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --out runs/grpo_2b --group-size 8 --prompts-per-step 4 \
+            --max-new-tokens 1024
     Before launching it, the per-GPU memory plan (reads --model's config.json, or configs/ for the Qwen hub ids, or
     --model-config FILE; needs neither the pool nor the weights; says whether it fits and which flag to change):
         python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model Qwen/Qwen3-VL-8B-Instruct [the run's flags]
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
-        python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/hatch --pasta-weight 0.1 --actor
+        python grpo.py [the CPU demo's flags, --out runs/hatch] --pasta-weight 0.1 --actor
+    DAPO dynamic sampling (off by default; the paper does not use it): add --filter-groups [--filter-max-retries 3]
+    A full disk (ENOSPC while writing a checkpoint, export, log line or curves.png) stops every rank with one line
+    naming the path and the space needed; the half-written step_%06d.tmp/ is removed, the last complete step_*/
+    kept: free space, then --resume. A second run on an --out that a live run holds (<out>/.lock) refuses.
 
 Inputs: --model (a local dir such as tiny_model.py's output or a checkpoint of this script, or a hub id),
 --pool (build_pool.py's pairs.jsonl + npz; train-split pairs for training, test-split for --eval-every).
@@ -37,10 +42,20 @@ Outputs in --out:
                      rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
                      reward parts (format, match, action: ActoR accuracy or null), length, truncated.
-    metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, length,
-                     truncated, dlogp, lr, curriculum (bin, newest unlocked stage after the update), curriculum_events
-                     (what update() reported, e.g. "unlock L2/moderate ..."; also printed), eval_match
-                     (every --eval-every), action (--actor), pasta + pasta_acc (--pasta-weight > 0), seconds.
+    metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, entropy
+                     (mean over completion tokens of the sampled logits / T distribution's entropy), clip_frac
+                     (share of tokens whose ratio was clipped), zero_std_frac (share of groups whose rewards are all
+                     equal), length, length_max, truncated, dlogp, grad_norm (before clipping), lr, curriculum (bin,
+                     newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
+                     "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
+                     action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
+                     filter_filled (--filter-groups), tokens_per_s (generated tokens of all ranks per second of
+                     rollout), seconds_rollout / seconds_logprobs / seconds_update (rank 0's phases), seconds.
+    curves.png       reward / match, eval match (per bin), entropy, KL, lengths, truncated / zero-std / clipped,
+                     curriculum bin, grad norm over steps; redrawn at every eval and at the end (rank 0).
+    eval_tasks.jsonl the held-out eval set (task dicts, make_tasks.py's format without image files: the prompted
+                     images are redrawn from the pool's originals), drawn once, read back by --resume.
+    .lock            held (flock) by the live run; holds its pid.
     args.json
 
 One step: the curriculum picks (bin, level, spatial) per prompt -> a random train pair of that bin ->
@@ -80,6 +95,14 @@ Choices the paper does not spell out (ours):
   numerics only (the banned tokens' mass is the difference between sampled and trained distribution; ~0 once
   the model never proposes them).
 - Completions cut at --max-new-tokens are marked `truncated` (usually malformed, reward 0) and still trained on.
+- --filter-groups (DAPO's dynamic sampling, ours to offer): a group whose G rewards are all equal is dropped and
+  prompts of the step's (bin, level, spatial) are redrawn until every rank holds its share of groups with a
+  spread, at most --filter-max-retries rounds. Every rank draws the same global tasks and rolls out the same
+  number per round (the largest shortfall of any rank), so FSDP's collectives stay in step; a rank still short
+  trains on dropped groups at weight 0 (in the forward passes, out of the loss). The token normaliser counts the
+  kept tokens only. The curriculum update and the reward metrics use every rolled-out prompt (unbiased).
+- The held-out eval set: task k from test bin k mod #bins, levels L1 / L2 / L3 in turn within a bin, sparse
+  points (as before); a bin with fewer test pairs than tasks reuses its pairs with other points.
 - The learning-rate schedule (10-step linear warm-up, then constant) counts training steps; with --ppo-epochs > 1
   each epoch is one AdamW step over the whole batch and the old log-probs are those of the sampling policy.
 - `--toy-reward` replaces the matching reward by the share of digit characters in the completion: a signal any
@@ -100,6 +123,8 @@ import argparse
 import contextlib
 import copy
 import datetime
+import errno
+import fcntl
 import json
 import os
 import random
@@ -112,6 +137,7 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 import curriculum
@@ -136,18 +162,34 @@ def load_policy(path, device="cpu", dtype=torch.float32, device_map=None):
         sys.exit(f"grpo.py: error: model {p} is neither a local model dir nor a hub id (owner/name)")
     if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "config.json")):
         sys.exit(f"grpo.py: error: model dir {p} has no config.json (a run dir? pass one of its step_* dirs)")
-    if device_map:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=device_map)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    with hub_errors(p):
+        if device_map:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=device_map)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     return (model.eval(), *load_processors(path))
 
 
 def load_processors(path):
     """-> (tokenizer with left padding, for generation; image processor) of a model dir or hub id."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with hub_errors(str(path)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
     tokenizer.padding_side = "left"
-    return tokenizer, AutoImageProcessor.from_pretrained(path)
+    return tokenizer, image_processor
+
+
+@contextlib.contextmanager
+def hub_errors(path):
+    """A hub id that is neither cached nor downloadable (no network): transformers raises OSError ("We couldn't
+    connect to 'https://huggingface.co' ...") -> one line naming the model. Local dirs keep their own errors."""
+    try:
+        yield
+    except OSError as e:
+        if os.path.isdir(path):
+            raise
+        sys.exit(f"grpo.py: error: cannot load --model {path}: not a local dir, not in the Hugging Face cache and "
+                 f"the hub is unreachable ({str(e).splitlines()[0]}); download it first or pass a local dir")
 
 
 def encode(tokenizer, image_processor, prompt, images):
@@ -198,16 +240,19 @@ def completion_hidden(model, batch):
     return hc, batch["input_ids"].gather(1, pos + 1)                                               # (B, T)
 
 
-def completion_logprobs(model, batch, temperature, chunk=512):
+def completion_logprobs(model, batch, temperature, chunk=512, entropy=False):
     """log p(completion token) under logits / temperature, (B, T) fp32, without materialising (B, L, V) logits:
     the model runs to hidden states, the hidden states that predict completion tokens are gathered, and lm_head +
-    log_softmax run on chunks of T (each chunk recomputed in backward, so its fp32 logits are never kept)."""
+    log_softmax run on chunks of T (each chunk recomputed in backward, so its fp32 logits are never kept).
+    entropy: also -> the entropy of that (temperature-scaled, sampled) distribution per token, (B, T), computed
+    inside the chunk from the same log_softmax (no (B, T, V) tensor outlives its chunk)."""
     hc, target = completion_hidden(model, batch)                                                   # (B, T, H), (B, T)
     T = target.shape[1]
 
     def chunk_logp(hc_, tgt_):
-        logits = model.lm_head(hc_).float() / temperature                                          # (B, c, V)
-        return torch.log_softmax(logits, -1).gather(-1, tgt_[..., None]).squeeze(-1)               # (B, c)
+        logp = torch.log_softmax(model.lm_head(hc_).float() / temperature, -1)                    # (B, c, V)
+        lp = logp.gather(-1, tgt_[..., None]).squeeze(-1)                                          # (B, c)
+        return (lp, -(logp.exp() * logp).sum(-1)) if entropy else lp                               # (B, c) [, (B, c)]
     parts = []
     for s in range(0, T, chunk):
         if torch.is_grad_enabled():
@@ -215,6 +260,8 @@ def completion_logprobs(model, batch, temperature, chunk=512):
                                                            use_reentrant=False))
         else:
             parts.append(chunk_logp(hc[:, s:s + chunk], target[:, s:s + chunk]))
+    if entropy:
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1).detach()  # (B, T) x 2
     return torch.cat(parts, 1)                                                                     # (B, T)
 
 
@@ -248,9 +295,16 @@ def group_advantages(rewards, group_size, eps=1e-4):
     return adv.view(-1).float()                                                                    # (N*G,)
 
 
+def constant_groups(rewards, group_size):
+    """rewards (N*G,) prompt-major -> [bool] * N: the groups whose G rewards are all equal (advantage 0)."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)                              # (N, G)
+    return (r.max(1) == r.min(1)).tolist()
+
+
 def collate_samples(samples, pad_id, device):
     """Training micro-batch: each sample = its prompt (unpadded) + its completion, right-padded together.
-    Positions (incl. Qwen3-VL's 3-D rope) are computed from attention_mask, so they equal the sampler's."""
+    Positions (incl. Qwen3-VL's 3-D rope) are computed from attention_mask, so they equal the sampler's.
+    mask: 1 on completion tokens, times the sample's "weight" (0: a --filter-groups filler, out of the loss)."""
     seqs = [torch.cat([s["enc"]["input_ids"][0], torch.tensor(s["token_ids"], dtype=torch.long)]) for s in samples]
     L = max(len(q) for q in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)                                    # (B, L)
@@ -261,7 +315,7 @@ def collate_samples(samples, pad_id, device):
     for b, (q, s) in enumerate(zip(seqs, samples)):
         P = s["enc"]["input_ids"].shape[1]
         ids[b, :len(q)], att[b, :len(q)], mm[b, :P] = q, 1, s["enc"]["mm_token_type_ids"][0]
-        mask[b, :len(s["token_ids"])] = 1
+        mask[b, :len(s["token_ids"])] = s.get("weight", 1.0)
     return dict(input_ids=ids.to(device), attention_mask=att.to(device), mm_token_type_ids=mm.to(device),
                 pixel_values=torch.cat([s["enc"]["pixel_values"] for s in samples]).to(device),
                 image_grid_thw=torch.cat([s["enc"]["image_grid_thw"] for s in samples]).to(device),
@@ -288,12 +342,13 @@ def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5),
                                 max_side, actor=actor, action_step=action_step)
 
 
-def sample_tasks(cur, pairs_by_bin, count, rng, args):
+def sample_tasks(cur, pairs_by_bin, count, rng, args, stage=None):
     """count tasks: the curriculum picks ONE (bin, level, spatial) for the step (so the step's one update feeds
     one stage window and the bin window once: the paper's 20-step average), a random train pair of that bin
-    supplies each task (other pairs of the bin are tried when one cannot supply the level)."""
+    supplies each task (other pairs of the bin are tried when one cannot supply the level). stage: that draw,
+    given (--filter-groups' redraws of the step)."""
     out = []
-    b, level, spatial = cur.sample(rng)
+    b, level, spatial = stage or cur.sample(rng)
     while len(out) < count:
         candidates = pairs_by_bin[b]
         for k in rng.permutation(len(candidates)):
@@ -345,7 +400,7 @@ def shard(model, device):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # completion_logprobs calls model.model and model.lm_head directly: make it a root forward for FSDP
-    model.logprobs = types.MethodType(lambda self, batch, t: completion_logprobs(self, batch, t), model)
+    model.logprobs = types.MethodType(lambda self, batch, t, **k: completion_logprobs(self, batch, t, **k), model)
     register_fsdp_forward_method(model, "logprobs")
     # likewise pasta.pasta_term (the vision tower alone, or one more forward of the prompt for --pasta-layer >= 1)
     model.pasta = types.MethodType(lambda self, *a, **k: pasta.pasta_term(self, *a, **k), model)
@@ -429,36 +484,44 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
     (torch.distributed.checkpoint, dcp/) and its RNG state; rank 0 the scheduler, curriculum, tokenizer, image
     processor and (--export-every) a bf16 save_pretrained export; meta.json last, then the rename. With
     --async-save the shards are written in the background and pending (a dict) holds the unfinished save, which
-    finish_save completes (the main loop calls it one step later)."""
+    finish_save completes (the main loop calls it one step later). A full disk on any rank: the .tmp dir is
+    removed and every rank stops with one line (disk_full_check); the previous step_*/ is untouched."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     finish_save(pending, args, rank, world)
     final = os.path.join(args.out, f"step_{step:06d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if world > 1:
-        dist.barrier()
-    if args.export_every == 0 or step % args.export_every == 0 or step == args.steps:
-        export_weights(model, tmp, rank)
-    torch.save(rng_state(task_rng), os.path.join(tmp, f"rng_{rank}.pt"))
-    if rank == 0:
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        with open(os.path.join(tmp, "curriculum.json"), "w") as f:
-            json.dump(cur.state_dict(), f)
+    need = checkpoint_bytes(model, args, step)
+    full = []  # this rank's ENOSPC, if any
+    with catch_enospc(full):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    disk_full_check(full, tmp, need, rank, world, tmp)  # also the barrier before the other ranks write into tmp
+    export = args.export_every == 0 or step % args.export_every == 0 or step == args.steps
+    with catch_enospc(full):
+        if export:
+            export_weights(model, tmp, rank)  # its gathers run before rank 0 writes: no rank waits on a failure
+        torch.save(rng_state(task_rng), os.path.join(tmp, f"rng_{rank}.pt"))
+        if rank == 0:
+            tokenizer.save_pretrained(tmp)
+            image_processor.save_pretrained(tmp)
+            torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            with open(os.path.join(tmp, "curriculum.json"), "w") as f:
+                json.dump(cur.state_dict(), f)
+    disk_full_check(full, tmp, need, rank, world, tmp)
     msd, osd = get_state_dict(model, opt)  # this rank's shards (DTensors) when sharded, no gather
     state = dict(model=msd, optim=osd)
-    pending.update(step=step, tmp=tmp, final=final)
+    pending.update(step=step, tmp=tmp, final=final, need=need)
     if args.async_save:  # staged to CPU here, written by a thread; its own process group for its collectives
         if world > 1 and "group" not in pending:
             pending["group"] = dist.new_group(backend="gloo")
         pending["future"] = dcp.async_save(state, checkpoint_id=os.path.join(tmp, "dcp"),
                                            process_group=pending.get("group"))
     else:
-        dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
+        with catch_enospc(full):  # dcp reports a failed write to every rank (CheckpointException)
+            dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
+        disk_full_check(full, os.path.join(tmp, "dcp"), need, rank, world, tmp, pending)
         finish_save(pending, args, rank, world)
 
 
@@ -467,21 +530,109 @@ def finish_save(pending, args, rank, world):
     (its presence marks a complete checkpoint), renames step_%06d.tmp/ and prunes to --keep-last."""
     if "tmp" not in pending:
         return
+    full = []
     if "future" in pending:
-        pending.pop("future").result()
-    if world > 1:
-        dist.barrier()
+        with catch_enospc(full):
+            pending.pop("future").result()
+    disk_full_check(full, os.path.join(pending["tmp"], "dcp"), pending["need"], rank, world, pending["tmp"], pending)
     step, tmp, final = pending.pop("step"), pending.pop("tmp"), pending.pop("final")
-    if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(dict(step=step, world_size=world, args=vars(args)), f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        done = sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step_\d{6}", d))
-        for d in done[:-args.keep_last] if args.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(args.out, d))
+    need = pending.pop("need")
+    with catch_enospc(full):
+        if rank == 0:
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(dict(step=step, world_size=world, args=vars(args)), f, indent=2)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            done = sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step_\d{6}", d))
+            for d in done[:-args.keep_last] if args.keep_last > 0 else []:
+                shutil.rmtree(os.path.join(args.out, d))
+    disk_full_check(full, os.path.join(tmp, "meta.json"), need, rank, world, tmp)  # and the closing barrier
+
+
+def checkpoint_bytes(model, args, step):
+    """Estimated bytes of one checkpoint (all ranks): fp32 weights + AdamW's two fp32 moments, + the bf16 export."""
+    n = sum(p.numel() for p in model.parameters())  # global sizes, also of FSDP2's DTensor shards
+    export = args.export_every == 0 or step % args.export_every == 0 or step == args.steps
+    return n * (4 + 8 + (2 if export else 0))
+
+
+def is_enospc(e):
+    """e (or what it wraps: its cause, dcp's per-rank failures, safetensors' Rust IoError) is a full disk."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(x).__name__ == "SafetensorError" and ("StorageFull" in str(x) or "code: 28" in str(x)):
+            return True
+        todo += [x.__cause__, x.__context__] + [f[0] for f in getattr(x, "failures", {}).values()]
+    return False
+
+
+@contextlib.contextmanager
+def catch_enospc(found):
+    """Runs the block; a full-disk error is appended to found (for disk_full_check), any other error raised."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        if not is_enospc(e):
+            raise
+        found.append(e)
+
+
+def disk_full_check(found, path, need, rank, world, tmp=None, pending=None):
+    """Every rank calls it after a write phase (a collective: it is also a barrier). When any rank ran out of
+    space: rank 0 removes the half-written tmp dir, and every rank stops with one line naming the path and the
+    space needed."""
+    if all_sum(len(found), world) == 0:
+        return
+    if pending is not None:
+        pending.clear()
+    if tmp and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    where = next((getattr(e, "filename", None) for e in found if getattr(e, "filename", None)), None) or path
+    if not found:
+        where = f"{path} (on another rank)"
+    probe = os.path.dirname(path) if not os.path.isdir(path) else path
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe or ".").free
     if world > 1:
-        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(f"grpo.py: error: no space left on device writing {where}: needs about {need / 2 ** 20:,.1f} MiB, "
+             f"{free / 2 ** 20:,.1f} MiB free there; the last complete step_*/ is kept: free space, then rerun "
+             f"with --resume")
+
+
+def lock_run_dir(out, rank, world):
+    """rank 0 holds an exclusive flock on <out>/.lock (the file says its pid) for the whole run -> the open file
+    (None on ranks > 0). A second run on the same --out while one is live stops with one line, on every rank.
+    The kernel drops the lock when the process dies, so a crashed run leaves no stale lock."""
+    busy = [None]
+    f = None
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except BlockingIOError:
+            f.seek(0)
+            busy = [f.read().strip() or "?"]
+            f.close()
+    if world > 1:
+        dist.broadcast_object_list(busy, src=0)
+    if busy[0] is not None:
+        sys.exit(f"grpo.py: error: --out {out} is in use by a live run (pid {busy[0]}, see {out}/.lock); wait for "
+                 f"it to end or pick another --out")
+    return f
 
 
 def export_weights(model, out_dir, rank):
@@ -538,8 +689,13 @@ def truncate_jsonl(path, last_step):
     """Drop lines of steps after the checkpoint we resume from (they will be redone)."""
     if not os.path.isfile(path):
         return
+    def step_of(line):  # a line cut by a full disk or a crash is dropped
+        try:
+            return json.loads(line)["step"]
+        except json.JSONDecodeError:
+            return None
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        keep = [line for line in f if line.strip() and (step_of(line) or last_step + 1) <= last_step]
     with open(path, "w") as f:
         f.writelines(keep)
 
@@ -575,13 +731,19 @@ def rollout(model, tokenizer, image_processor, tasks, args, synced):
 def train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id=None):
     """One (or --ppo-epochs) AdamW step(s) on this rank's samples; returns summed stats for logging.
     With --pasta-weight w > 0 the loss of each step is GRPO loss + w * mean over the step's prompts (all ranks) of
-    pasta.pasta_term (pairs_by_id: pool pair_id -> pairs.jsonl row, for the pair's dense matches)."""
+    pasta.pasta_term (pairs_by_id: pool pair_id -> pairs.jsonl row, for the pair's dense matches).
+    Samples of weight 0 (--filter-groups fillers) are in the forward passes (every rank runs as many) but out of
+    the loss and of the token count. Stats: sums over tokens (kl, clip, entropy, dlogp), grad_norm (mean over the
+    --ppo-epochs updates, before clipping), seconds of the no-grad log-probs and of the update."""
     adv = group_advantages([s["reward"] for s in samples], args.group_size)                       # (N,)
-    n_tok = all_sum(sum(len(s["token_ids"]) for s in samples), world)  # global completion tokens
+    # global completion tokens of the loss (at least 1: a batch of fillers only has loss 0)
+    n_tok = max(1.0, all_sum(sum(len(s["token_ids"]) * s.get("weight", 1.0) for s in samples), world))
     mbs = [list(range(i, min(i + args.micro_batch, len(samples)))) for i in range(0, len(samples), args.micro_batch)]
     batches = [collate_samples([samples[i] for i in mb], args.pad_id, device) for mb in mbs]
-    def logprob_fn(m, b):  # the FSDP-registered method when sharded (see shard())
-        return m.logprobs(b, args.temperature) if hasattr(m, "logprobs") else completion_logprobs(m, b, args.temperature)
+    def logprob_fn(m, b):  # the FSDP-registered method when sharded (see shard()); entropy of the policy only
+        kw = dict(entropy=m is model and torch.is_grad_enabled())
+        return m.logprobs(b, args.temperature, **kw) if hasattr(m, "logprobs") else \
+            completion_logprobs(m, b, args.temperature, **kw)
 
     def pasta_fn(m, *a, **k):
         return m.pasta(*a, **k) if hasattr(m, "pasta") else pasta.pasta_term(m, *a, **k)
@@ -590,24 +752,27 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
     # each prompt's pool pair and its dense matches, loaded once (not again in every --ppo-epochs pass)
     pasta_pairs = [pairs_by_id[s["task"]["pair_id"]] for s in prompts]
     pasta_pairs = [(pair, make_tasks.load_arrays(args.pool, pair)) for pair in pasta_pairs]
+    t0 = time.perf_counter()
     with torch.no_grad(), autocast():
         ref = [logprob_fn(ref_model, b) if ref_model is not None else None for b in batches]
         old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 else None
+    t1 = sync_time(device)
     stats = dict(kl_sum=0.0, clip_sum=0.0, dlogp_sum=0.0, loss=0.0, pasta_sum=0.0, pasta_acc_sum=0.0,
-                 pasta_acc_n=0.0)
+                 pasta_acc_n=0.0, entropy_sum=0.0, grad_norm=0.0, seconds_logprobs=t1 - t0)
     for epoch in range(args.ppo_epochs):
         for k, (mb, b) in enumerate(zip(mbs, batches)):
             with autocast():
-                logp = logprob_fn(model, b)                                             # (B, T)
+                logp, ent = logprob_fn(model, b)                                                   # (B, T) x 2
             old_k = old[k] if old is not None else logp.detach()  # ratio 1 with one update per batch
             loss, st = grpo_loss(logp, old_k, ref[k], adv[mb].to(device), b["mask"], args.kl_beta, args.clip_eps,
                                  n_tok)
             # FSDP2 averages gradients over ranks; x world makes the result the global-token-normalised sum
             (loss * world).backward()
             stats["loss"] += loss.item()
+            stats["clip_sum"] += st["clip_sum"] / args.ppo_epochs  # ratio 1 in epoch 0: clipping starts at 1
             if epoch == 0:
                 stats["kl_sum"] += st["kl_sum"]
-                stats["clip_sum"] += st["clip_sum"]
+                stats["entropy_sum"] += float((ent.float() * b["mask"]).sum())
                 sampler = torch.zeros_like(b["mask"])                                              # (B, T)
                 for r, i in enumerate(mb):
                     sampler[r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
@@ -624,11 +789,20 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
                     stats["pasta_acc_n"] += 1
         if args.debug_grad_dump:
             return stats, n_tok
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        # the norm before clipping (inf: measured, not clipped); a DTensor under FSDP2 (full_tensor: all ranks)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        stats["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / args.ppo_epochs
         opt.step()
         opt.zero_grad(set_to_none=True)
+    stats["seconds_update"] = sync_time(device) - t1
     return stats, n_tok
+
+
+def sync_time(device):
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank, world):
@@ -675,7 +849,8 @@ def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, wo
         outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=world > 1)
     rows = [dict(task_id=eval_tasks[k][0].get("task_id", k), index=k, rank=rank, text=o["text"],
                  token_ids=o["token_ids"], logprobs=o["logprobs"],
-                 match=reward.score(o["text"], eval_tasks[k][0])["match"]) for k, o in zip(mine, outs)]
+                 match=reward.score(o["text"], eval_tasks[k][0])["match"], bin=eval_tasks[k][0]["bin"])
+            for k, o in zip(mine, outs)]
     rows = sorted((r for part in gather_objects(rows, world) for r in part), key=lambda r: r["index"])
     return float(np.mean([r["match"] for r in rows])), rows
 
@@ -685,26 +860,28 @@ def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, wo
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo_data/tiny-qwen3vl", help="policy init: local dir or hub id")
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the usage card's layout, and every flag's default in --help
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
+    ap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct", help="policy init: local dir or hub id")
     ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
-    ap.add_argument("--out", default="runs/grpo")
-    ap.add_argument("--group-size", type=int, default=4, help="G completions per prompt (paper 32)")
-    ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, all ranks (paper 16)")
-    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
+    ap.add_argument("--out", default="runs/dcrl", help="run dir")
+    ap.add_argument("--group-size", type=int, default=32, help="G completions per prompt (paper 32)")
+    ap.add_argument("--prompts-per-step", type=int, default=16, help="prompts per step, all ranks (paper 16)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
     ap.add_argument("--rollout-batch", type=int, default=4, help="prompts per generate call on a rank")
     ap.add_argument("--rollout-impl", default="resident", choices=["resident", "legacy"],
                     help="resident: weights gathered once per rollout, StaticCache written in place (rollout.py); "
                          "legacy: FSDP gathers per token, DynamicCache concatenated (benchmark, tests)")
     ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="paper 5120")
+    ap.add_argument("--max-new-tokens", type=int, default=5120, help="paper 5120")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (paper 1e-6; the random tiny model needs more)")
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW lr (paper 1e-6; the random tiny model needs 1e-3)")
     ap.add_argument("--warmup-steps", type=int, default=10, help="linear lr warm-up, then constant (paper 10)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=1000, help="training steps (paper 1000)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
-    ap.add_argument("--save-every", type=int, default=10)
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     ap.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
     ap.add_argument("--export-every", type=int, default=0,
                     help="bf16 save_pretrained export in a checkpoint whose step is a multiple of this, and the "
@@ -713,20 +890,22 @@ def parse_args(argv=None):
                     help="write the checkpoint shards in the background (the step dir appears one step later)")
     ap.add_argument("--dist-timeout-min", type=float, default=60,
                     help="minutes a collective may wait before the run fails (torch's default is 10)")
-    ap.add_argument("--eval-every", type=int, default=10, help="greedy match accuracy on held-out tasks (0: off)")
-    ap.add_argument("--eval-tasks", type=int, default=4, help="number of held-out test-split tasks")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--eval-every", type=int, default=25, help="greedy match accuracy on held-out tasks (0: off)")
+    ap.add_argument("--eval-tasks", type=int, default=64,
+                    help="held-out tasks from test pairs, drawn once stratified over bins (<out>/eval_tasks.jsonl)")
+    ap.add_argument("--seed", type=int, default=0, help="seed")
+    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute activations in backward (the paper command; --no-grad-checkpointing: off)")
     ap.add_argument("--curriculum", default="dcrl", choices=["dcrl", "uniform", "easy", "hard"])
     ap.add_argument("--inner-on-new-bin", default="carry", choices=curriculum.INNER_ON_NEW_BIN,
                     help="dcrl: unlocked point stages stay unlocked on the next bin (carry) or start over (restart)")
     ap.add_argument("--max-steps-per-bin", type=int, default=0,
                     help="dcrl: force the next bin after this many steps on one (0 = off, the paper)")
     ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
-    ap.add_argument("--clip-eps", type=float, default=0.2)
-    ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images")
-    ap.add_argument("--n-min", type=int, default=3, help="points in image 1 per task, uniform in [n-min, n-max]")
-    ap.add_argument("--n-max", type=int, default=5, help="(make_tasks.py's choice for real runs: 4..12)")
+    ap.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
+    ap.add_argument("--max-side", type=int, default=1024, help="longest side of the prompted images (paper 1024)")
+    ap.add_argument("--n-min", type=int, default=4, help="points in image 1 per task, uniform in [n-min, n-max]")
+    ap.add_argument("--n-max", type=int, default=12, help="(the paper: 4..12; the tiny model is trained on 3..5)")
     ap.add_argument("--pasta-weight", type=float, default=0.0, help="HATCH PaStA loss weight (0: off)")
     ap.add_argument("--pasta-grid", type=int, default=4, help="PaStA cells per side (HATCH's best: 4)")
     ap.add_argument("--pasta-layer", type=int, default=0,
@@ -737,7 +916,14 @@ def parse_args(argv=None):
     ap.add_argument("--action-step", type=float, default=reward.ACTION_STEP_DEG,
                     help="ActoR: angles rounded to multiples of this (degrees); also the reward's tolerance")
     ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
+    ap.add_argument("--filter-groups", action="store_true",
+                    help="DAPO dynamic sampling: drop groups whose rewards are all equal, redraw prompts of the "
+                         "step's stage (off: the paper does not)")
+    ap.add_argument("--filter-max-retries", type=int, default=3,
+                    help="--filter-groups: redraw rounds per step before the batch is filled with dropped groups "
+                         "at weight 0")
     ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
+    ap.add_argument("--tensorboard", default=None, help="tensorboard log dir (imported only when given)")
     ap.add_argument("--plan", action="store_true",
                     help="print the per-GPU memory plan of this run (from --model's config.json) and exit")
     ap.add_argument("--gpus", type=int, default=8, help="--plan: GPUs (FSDP2 shards over all of them)")
@@ -772,9 +958,9 @@ def seed_everything(seed, rank, same_sampling=False):
     return np.random.default_rng(seed)
 
 
-def load_data(args):
+def load_data(args, rank=0, reuse=False):
     """-> pairs_by_id (pair_id -> pairs.jsonl row), pairs_by_bin (bin -> train pairs), the curriculum over those
-    bins, eval_tasks (fixed held-out tasks from test pairs; empty with --eval-every 0)."""
+    bins, eval_tasks (the fixed held-out tasks: held_out_tasks; empty with --eval-every 0)."""
     pairs = read_pairs(args.pool)
     pairs_by_id = {p["pair_id"]: p for p in pairs}
     pairs_by_bin = {}
@@ -785,17 +971,48 @@ def load_data(args):
         sys.exit(f"grpo.py: error: --pool {args.pool} has no train pairs")
     cur = curriculum.Curriculum(sorted(pairs_by_bin), mode=args.curriculum, inner_on_new_bin=args.inner_on_new_bin,
                                 max_steps_per_bin=args.max_steps_per_bin)
-    eval_rng = np.random.default_rng(args.seed + 12345)
-    test_pairs = [p for p in pairs if p["split"] == "test"]
-    eval_tasks = []
-    for k in range(min(args.eval_tasks, len(test_pairs)) if args.eval_every > 0 else 0):
-        try:
-            eval_tasks.append(task_for_pair(test_pairs[k], args.pool, ("L1", "L2", "L3")[k % 3], "sparse",
-                                            eval_rng, args.max_side, (args.n_min, args.n_max), args.actor,
-                                            args.action_step))
-        except make_tasks.TaskUnavailable:
-            continue
+    eval_tasks = held_out_tasks(args, [p for p in pairs if p["split"] == "test"], rank, reuse)
     return pairs_by_id, pairs_by_bin, cur, eval_tasks
+
+
+def held_out_tasks(args, test_pairs, rank, reuse):
+    """The in-training eval set, drawn ONCE: --eval-tasks tasks from test pairs, stratified over bins (task k from
+    bin k mod #bins, levels L1/L2/L3 in turn within a bin, sparse points; a bin's pairs in a seeded order, reused
+    when it has fewer pairs than tasks). rank 0 saves the task dicts to <out>/eval_tasks.jsonl; reuse (a resumed
+    run) reads that file back and redraws the prompted images from the tasks' own points (make_tasks.draw_prompts)
+    -> [(task, [img1, img2])]."""
+    path = os.path.join(args.out, "eval_tasks.jsonl")
+    if args.eval_every <= 0:
+        return []
+    if reuse and os.path.isfile(path):
+        with open(path) as f:
+            tasks = [json.loads(line) for line in f if line.strip()]
+        return [(t, list(make_tasks.draw_prompts(*[Image.open(o) for o in t["originals"]], t["x_points"],
+                                                 t["y_points"], t["x_labels"], t["y_labels"], args.max_side)))
+                for t in tasks]
+    rng = np.random.default_rng(args.seed + 12345)
+    by_bin = {}
+    for p in test_pairs:
+        by_bin.setdefault(int(p["bin"]), []).append(p)
+    order = {b: rng.permutation(len(v)) for b, v in sorted(by_bin.items())}
+    bins, out = sorted(by_bin), []
+    for k in range(args.eval_tasks if bins else 0):
+        b, j = bins[k % len(bins)], k // len(bins)
+        for t in range(len(by_bin[b])):  # this bin's next pair that can supply the level
+            pair = by_bin[b][order[b][(j + t) % len(by_bin[b])]]
+            try:
+                task, images = task_for_pair(pair, args.pool, make_tasks.LEVELS[j % 3], "sparse", rng,
+                                             args.max_side, (args.n_min, args.n_max), args.actor, args.action_step)
+            except make_tasks.TaskUnavailable:
+                continue
+            task["task_id"] = f"eval{k:04d}-{task['task_id']}"  # a pair may serve twice
+            out.append((task, images))
+            break
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(t) + "\n" for t, _ in out)
+    return out
 
 
 def load_models(args, device, rank, world):
@@ -836,9 +1053,11 @@ def resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world):
 
 def open_logs(args, ckpt, start, rank):
     """rank 0: rollouts.jsonl / metrics.jsonl cut back to step `start` when resuming (else removed), args.json
-    written, wandb started (--wandb). -> the wandb run or None."""
+    written, wandb (--wandb) and tensorboard (--tensorboard) started. -> dict(wandb=run, tb=writer), None when off
+    (and on ranks > 0)."""
+    sinks = dict(wandb=None, tb=None)
     if rank != 0:
-        return None
+        return sinks
     for name in ("rollouts.jsonl", "metrics.jsonl"):
         if ckpt is not None:
             truncate_jsonl(os.path.join(args.out, name), start)
@@ -846,10 +1065,16 @@ def open_logs(args, ckpt, start, rank):
             os.remove(os.path.join(args.out, name))
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-    if not args.wandb:
-        return None
-    import wandb
-    return wandb.init(project=args.wandb, config=vars(args))
+    if args.wandb:
+        import wandb
+        sinks["wandb"] = wandb.init(project=args.wandb, config=vars(args))
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            sys.exit(f"grpo.py: error: --tensorboard needs the tensorboard package (pip install tensorboard): {e}")
+        sinks["tb"] = SummaryWriter(args.tensorboard, purge_step=start + 1 if ckpt is not None else None)
+    return sinks
 
 
 def autocast_for(device, world):
@@ -861,16 +1086,25 @@ def autocast_for(device, world):
 
 def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, cur, task_rng, pairs_by_bin,
                pairs_by_id, args, rank, world, device):
-    """One GRPO step: sample the global prompts -> roll out this rank's share -> rewards, advantages, loss,
-    backward, AdamW (train_on) -> ONE curriculum update from all ranks' samples.
-    -> (metrics, records), or (None, None) with --debug-grad-dump once the gradients are written."""
+    """One GRPO step: sample the global prompts -> roll out this rank's share (--filter-groups: drop the constant
+    groups, redraw) -> rewards, advantages, loss, backward, AdamW (train_on) -> ONE curriculum update from all
+    ranks' samples. -> (metrics, records), or (None, None) with --debug-grad-dump once the gradients are written."""
     autocast = autocast_for(device, world)
+    t0 = time.perf_counter()
     per_rank = args.prompts_per_step // world
     tasks = sample_tasks(cur, pairs_by_bin, args.prompts_per_step, task_rng, args)  # same on every rank
     stage = tuple(tasks[0][0][k] for k in ("bin", "level", "spatial"))  # the step's draw (cur.sample)
-    mine = tasks if args.debug_grad_dump else tasks[rank * per_rank:(rank + 1) * per_rank]
-    with generation_mode(model), resident(model, args.rollout_impl), autocast():  # weights gathered once per rollout
-        samples = rollout(model, tokenizer, image_processor, mine, args, world > 1)
+
+    def roll(tasks):  # this rank's share of the global tasks (all of them with --debug-grad-dump)
+        n = len(tasks) // world
+        mine = tasks if args.debug_grad_dump else tasks[rank * n:(rank + 1) * n]
+        with generation_mode(model), resident(model, args.rollout_impl), autocast():  # weights gathered once
+            return rollout(model, tokenizer, image_processor, mine, args, world > 1)
+    rolled = roll(tasks)
+    samples, fstats = rolled, {}
+    if args.filter_groups:
+        samples, rolled, fstats = dynamic_sampling(rolled, roll, stage, cur, pairs_by_bin, task_rng, args, world)
+    seconds_rollout = sync_time(device) - t0
     if args.debug_grad_dump:  # every rank holds the whole batch; train on this rank's share of it
         n = len(samples) // world
         samples = samples[rank * n:(rank + 1) * n]
@@ -881,58 +1115,163 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
         return None, None
     sched.step()
 
-    # gather per-sample records to every rank (the curriculum must advance identically everywhere)
+    # gather per-sample records to every rank (the curriculum must advance identically everywhere); every
+    # completion rolled out, kept (trained on at weight 1) or not (--filter-groups)
     records = [dict(step=step, task_id=s["task"].get("task_id"), pair_id=s["task"].get("pair_id"),
                     bin=s["task"].get("bin"), level=s["task"].get("level"), spatial=s["task"].get("spatial"),
                     n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
-                    match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"])
-               for s in samples]
+                    match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"],
+                    **({"kept": s.get("weight", 0.0) == 1.0} if args.filter_groups else {}))
+               for s in rolled]
     records = [r for part in gather_objects(records, world) for r in part]
     # ONE curriculum update per step (its windows count steps, as the paper's 20-step moving average): the mean
-    # match of this step's prompts (a replay draw of a mastered bin is ignored by update)
+    # match of this step's prompts (a replay draw of a mastered bin is ignored by update); with --filter-groups
+    # all rolled-out prompts, so dropping the all-correct groups does not bias it
     events = cur.update(*stage, float(np.mean([r["match"] for r in records])))  # every prompt is from `stage`
+    stats.update(fstats, seconds_rollout=seconds_rollout)
     return step_metrics(step, records, stats, n_tok, sched, cur, events, args, world), records
 
 
+def dynamic_sampling(samples, roll, stage, cur, pairs_by_bin, task_rng, args, world):
+    """--filter-groups (DAPO's dynamic sampling): groups whose G rewards are all equal are dropped and prompts of
+    the step's stage are redrawn until every rank holds its share of groups with a reward spread, at most
+    --filter-max-retries rounds. Every rank draws the same global tasks (task_rng) and rolls out the same number
+    per round (the largest shortfall of any rank, from the gathered counts), so the collectives stay in step; a
+    rank still short after the last round fills up with dropped groups at weight 0 (out of the loss).
+    -> (the samples to train on: this rank's share of groups, each with its weight; every sample rolled out;
+    stats: groups dropped, prompts redrawn, filler groups, over all ranks)."""
+    G = args.group_size
+    share = len(samples) // G
+    rolled, kept, dropped, redrawn = [], [], [], 0
+
+    def split(new):
+        rolled.extend(new)
+        for g, const in enumerate(constant_groups([s["reward"] for s in new], G)):
+            (dropped if const else kept).append(new[g * G:(g + 1) * G])
+    split(samples)
+    for _ in range(args.filter_max_retries):
+        need = max(share - c for c in gather_objects(len(kept), world))
+        if need <= 0:
+            break
+        redrawn += need * world
+        split(roll(sample_tasks(cur, pairs_by_bin, need * world, task_rng, args, stage=stage)))
+    groups = [[dict(s, weight=1.0) for s in g] for g in kept[:share]]
+    fill = share - len(groups)
+    groups += [[dict(s, weight=0.0) for s in g] for g in dropped[:fill]]
+    for s in rolled:  # for the records: kept or not
+        s["weight"] = 0.0
+    for g in kept[:share]:
+        for s in g:
+            s["weight"] = 1.0
+    return [s for g in groups for s in g], rolled, dict(
+        filter_dropped=all_sum(len(dropped), world), filter_redrawn=redrawn, filter_filled=all_sum(max(0, fill), world))
+
+
 def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
-    """The step's metrics line: means over all ranks' records, token-normalised kl / dlogp, HATCH extras."""
+    """The step's metrics line: means over all ranks' records, token-normalised kl / dlogp / entropy / clip_frac
+    (over the tokens trained on), the group and length statistics, the update's grad norm, rank 0's seconds per
+    phase and generated tokens per second of rollout (all ranks), HATCH extras."""
     totals = [all_sum(stats[k], world)
-              for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n")]
+              for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n", "entropy_sum", "clip_sum")]
+    lengths = [r["length"] for r in records]
     m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
              format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
-             kl=totals[0] / n_tok, length=np.mean([r["length"] for r in records]),
-             truncated=np.mean([r["truncated"] for r in records]), dlogp=totals[1] / n_tok,
-             lr=sched.get_last_lr()[0], curriculum=list(cur.current()), curriculum_events=events)
+             kl=totals[0] / n_tok, entropy=totals[5] / n_tok, clip_frac=totals[6] / n_tok,
+             zero_std_frac=np.mean(constant_groups([r["reward"] for r in records], args.group_size)),
+             length=np.mean(lengths), length_max=max(lengths), truncated=np.mean([r["truncated"] for r in records]),
+             dlogp=totals[1] / n_tok, grad_norm=stats["grad_norm"], lr=sched.get_last_lr()[0],
+             curriculum=list(cur.current()), curriculum_events=events,
+             tokens_per_s=sum(lengths) / max(stats["seconds_rollout"], 1e-9),
+             seconds_rollout=stats["seconds_rollout"], seconds_logprobs=stats["seconds_logprobs"],
+             seconds_update=stats["seconds_update"])
+    for k in ("filter_dropped", "filter_redrawn", "filter_filled"):
+        if k in stats:
+            m[k] = int(stats[k])
     if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
         acts = [r["action"] for r in records if r["action"] is not None]
         m["action"] = np.mean(acts) if acts else float("nan")
     if args.pasta_weight > 0:  # mean PaStA loss over the step's prompts; cell accuracy over prompts with cells
-        m["pasta"] = totals[2] / (len(records) // args.group_size)
+        m["pasta"] = totals[2] / args.prompts_per_step
         m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
     return m
 
 
-def log_step(m, records, args, rank, run):
-    """rank 0: appends to rollouts.jsonl and metrics.jsonl, logs to wandb, prints the step line and the
-    curriculum's events."""
+def log_step(m, records, args, rank, world, sinks):
+    """rank 0: appends to rollouts.jsonl and metrics.jsonl (a full disk stops every rank with one line), logs to
+    wandb / tensorboard, prints the step line and the curriculum's events."""
     m = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
+    full, line = [], json.dumps(m) + "\n"
+    with catch_enospc(full):
+        if rank == 0:
+            with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(line)
+    disk_full_check(full, os.path.join(args.out, "metrics.jsonl"), len(line) * 1000, rank, world)
     if rank != 0:
         return
-    with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(m) + "\n")
-    if run is not None:
-        run.log({k: v for k, v in m.items() if k not in ("curriculum", "curriculum_events")}, step=m["step"])
+    scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
+    scalars.update({f"eval_match_bin{b}": v for b, v in m.get("eval_match_by_bin", {}).items()})
+    if sinks["wandb"] is not None:
+        sinks["wandb"].log(scalars, step=m["step"])
+    if sinks["tb"] is not None:
+        for k, v in scalars.items():
+            sinks["tb"].add_scalar(k, v, m["step"])
+        sinks["tb"].flush()
     ev = f" | eval match {m['eval_match']:.3f}" if "eval_match" in m else ""
     hatch = (f" | action {m['action']:.2f}" if "action" in m else "") + \
             (f" | pasta {m['pasta']:.3f} acc {m['pasta_acc']:.2f}" if "pasta" in m else "")
+    filt = f" | dropped {m['filter_dropped']} redrawn {m['filter_redrawn']}" if "filter_dropped" in m else ""
     print(f"step {m['step']:5d} | reward {m['reward']:.3f} | format {m['format']:.2f} | match {m['match']:.3f} | "
-          f"kl {m['kl']:.2e} | len {m['length']:.1f} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e}"
-          f"{hatch} | "
-          f"bin {m['curriculum'][0]} {m['curriculum'][1]} {m['curriculum'][2]}{ev} | {m['seconds']:.1f}s")
+          f"kl {m['kl']:.2e} | ent {m['entropy']:.2f} | clip {m['clip_frac']:.2f} | 0-std {m['zero_std_frac']:.2f} | "
+          f"len {m['length']:.1f} max {m['length_max']} | trunc {m['truncated']:.2f} | |dlogp| {m['dlogp']:.1e} | "
+          f"gnorm {m['grad_norm']:.2e}{hatch}{filt} | "
+          f"bin {m['curriculum'][0]} {m['curriculum'][1]} {m['curriculum'][2]}{ev} | {m['tokens_per_s']:.0f} tok/s | "
+          f"{m['seconds']:.1f}s (rollout {m['seconds_rollout']:.1f} logp {m['seconds_logprobs']:.1f} "
+          f"update {m['seconds_update']:.1f})")
     for e in m["curriculum_events"]:
         print(f"step {m['step']:5d} | curriculum: {e}")
+
+
+CURVES = [("reward", ["reward", "match", "format"]), ("held-out eval match", ["eval_match"]),
+          ("entropy (nats / token)", ["entropy"]), ("KL to the reference", ["kl"]),
+          ("completion length", ["length", "length_max"]), ("truncated / zero-std groups / clipped",
+                                                            ["truncated", "zero_std_frac", "clip_frac"]),
+          ("curriculum bin", ["bin"]), ("grad norm", ["grad_norm"])]
+
+
+def draw_curves(out, rank):
+    """rank 0: <out>/curves.png from <out>/metrics.jsonl, one panel per group of CURVES over steps (matplotlib,
+    Agg backend: no display). Written to a temp name and renamed: a reader never sees half a picture."""
+    path = os.path.join(out, "metrics.jsonl")
+    if rank != 0 or not os.path.isfile(path):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        r["bin"] = r["curriculum"][0]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5), constrained_layout=True)
+    for ax, (title, keys) in zip(axes.flat, CURVES):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if k == "eval_match" else "-", label=k, lw=1.2, ms=3)
+        if title.startswith("held-out"):  # per bin, dashed
+            for b in sorted({b for r in rows for b in r.get("eval_match_by_bin", {})}, key=int):
+                pts = [(r["step"], r["eval_match_by_bin"][b]) for r in rows if b in r.get("eval_match_by_bin", {})]
+                ax.plot(*zip(*pts), "--", lw=0.8, label=f"bin {b}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        if ax.lines and len(ax.lines) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"grpo.py: {out}", fontsize=10)
+    fig.savefig(path_tmp := os.path.join(out, "curves.tmp.png"), dpi=80)
+    plt.close(fig)
+    os.replace(path_tmp, os.path.join(out, "curves.png"))
 
 
 def main(argv=None):
@@ -942,17 +1281,26 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.dist_timeout_min)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
-    os.makedirs(args.out, exist_ok=True)
+    lock = lock_run_dir(args.out, rank, world)  # one live run per --out
+    try:
+        train(args, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train(args, rank, world, device):
+    """The run: seeds, data, models, logs, then one step at a time (eval, log, curves, checkpoint)."""
     task_rng = seed_everything(args.seed, rank, same_sampling=bool(args.debug_grad_dump))
-    pairs_by_id, pairs_by_bin, cur, eval_tasks = load_data(args)
     ckpt = latest_checkpoint(args.out) if args.resume else None
+    pairs_by_id, pairs_by_bin, cur, eval_tasks = load_data(args, rank, reuse=ckpt is not None)
     model, ref_model, tokenizer, image_processor = load_models(args, device, rank, world)
     opt, sched = make_optimizer(model, args)
     start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
     if args.debug_dump:
         debug_dump(args.debug_dump, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank,
                    world)
-    run = open_logs(args, ckpt, start, rank)
+    sinks = open_logs(args, ckpt, start, rank)
     pending = {}  # an unfinished --async-save
 
     for step in range(start + 1, args.steps + 1):
@@ -963,10 +1311,18 @@ def main(argv=None):
             if world > 1:
                 dist.destroy_process_group()
             return
-        if args.eval_every > 0 and step % args.eval_every == 0:
-            m["eval_match"] = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)[0]
+        evaluated = args.eval_every > 0 and step % args.eval_every == 0
+        if evaluated:
+            m["eval_match"], rows = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)
+            m["eval_match_by_bin"] = {str(b): float(np.mean([r["match"] for r in rows if r["bin"] == b]))
+                                      for b in sorted({r["bin"] for r in rows})}
         m["seconds"] = time.time() - t0
-        log_step(m, records, args, rank, run)
+        log_step(m, records, args, rank, world, sinks)
+        if evaluated or step == args.steps:
+            full = []
+            with catch_enospc(full):
+                draw_curves(args.out, rank)
+            disk_full_check(full, os.path.join(args.out, "curves.png"), 2 ** 20, rank, world)
         finish_save(pending, args, rank, world)  # the previous step's --async-save
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world,
@@ -975,6 +1331,8 @@ def main(argv=None):
             sys.stdout.flush()
             os._exit(17)  # a hard crash: no clean-up, no destructors
     finish_save(pending, args, rank, world)
+    if sinks["tb"] is not None:
+        sinks["tb"].close()
     if world > 1:
         dist.destroy_process_group()
     print0(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")

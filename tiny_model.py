@@ -27,7 +27,7 @@ What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` 
 
 The optional warm-up is supervised fine-tuning on well-formed answers with RANDOM mappings
 (reward.format_answer) for prompts drawn online by make_tasks from the pool's train split (n in [--n-min,
---n-max] as grpo.py; a buffer of 32 tasks, 2 replaced by fresh ones every step). The loss is on the answer tokens
+--n-max] as demo.sh runs grpo.py; a buffer of 32 tasks, 2 replaced by fresh ones every step). The loss is on the answer tokens
 only, and at each label position its target is the uniform distribution over the task's m labels + none (the
 expected loss of random mappings, without the noise), so the model learns the line count n and the label range m
 from the prompt and nothing about which label is right. The vision tower is frozen during it (the format does not
@@ -321,8 +321,8 @@ def main(argv=None):
                     help="SFT steps on random well-formed answers (with --pool)")
     ap.add_argument("--warmup-batch", type=int, default=8)
     ap.add_argument("--warmup-lr", type=float, default=3e-3)
-    ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images (as grpo.py)")
-    ap.add_argument("--n-min", type=int, default=3, help="points in image 1 (as grpo.py's --n-min/--n-max)")
+    ap.add_argument("--max-side", type=int, default=640, help="longest side of the prompted images (as demo.sh runs grpo.py)")
+    ap.add_argument("--n-min", type=int, default=3, help="points in image 1 (as demo.sh passes grpo.py --n-min/--n-max)")
     ap.add_argument("--n-max", type=int, default=5)
     ap.add_argument("--actor-share", type=float, default=0.25,
                     help="share of warm-up tasks that are ActoR prompts (random action block + random answer)")
