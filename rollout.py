@@ -40,11 +40,13 @@ exact: the model is built on the meta device; no weights, no pool). FSDP2 shards
              every layer's), the final hidden states and their gradient, the log-prob chunk (B x 512 x V fp32
              logits, log-softmax, gradient), the micro-batch's pixel values
   optimizer  fp32 gradient shard + AdamW's foreach temporaries (~one fp32 shard)
-Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
+--rollout-batch auto (fit_rollout_batch): the largest batch whose plan fits; grpo.py's launch check (check_memory)
+calls format_plan with the GPUs it has. Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
 images at 4:3, sides rounded to the patch x merge grid) + the prompt text at ~4 characters per token. Not counted:
 allocator fragmentation, the CUDA context (~0.5-1 GiB), NCCL buffers: the verdict wants 10% headroom. Checked on
 CPU by `bench.py plan-check` (measured / plan = 1.11 on a 107 M-parameter random model, fp32, 1 process).
 """
+import argparse
 import contextlib
 import json
 import os
@@ -377,9 +379,15 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     return out
 
 
+CPU_ROLLOUT_BATCH = 4  # --rollout-batch auto on CPU: prompts per generate call, as before auto existed
+
+
 def plan_from_args(args, **overrides):
-    """memory_plan for grpo.py's parsed arguments (overrides: other values of the same argument names)."""
+    """memory_plan for grpo.py's parsed arguments (overrides: other values of the same argument names; an integer
+    --rollout-batch; auto: fit_rollout_batch's choice)."""
     a = dict(vars(args), **overrides)
+    if a["rollout_batch"] == "auto":
+        return fit_rollout_batch(argparse.Namespace(**a), a.get("counts"))[1]
     cfg, _ = read_model_config(a["model"], a.get("model_config"))
     return memory_plan(cfg, a["gpus"], a["prompts_per_step"], a["group_size"], a["rollout_batch"],
                        a["micro_batch"], a["max_new_tokens"], a["grad_checkpointing"], a["kl_beta"],
@@ -387,36 +395,66 @@ def plan_from_args(args, **overrides):
                        counts=a.get("counts"))
 
 
+def fits(plan, args, headroom=0.9):
+    """Whether a plan's peak leaves `headroom` of --gpu-mem-gib free for the allocator, CUDA context, NCCL."""
+    return plan["peak"] <= headroom * args.gpu_mem_gib * GIB
+
+
+def fit_rollout_batch(args, counts=None, headroom=0.9):
+    """--rollout-batch auto: the largest number of prompts per generate call (at most the prompts of a rank) whose
+    plan fits -> (rollout batch, its plan, fits); none fits: (1, the plan at 1, False). An integer --rollout-batch
+    is kept as given."""
+    if args.rollout_batch != "auto":
+        plan = plan_from_args(args, counts=counts)
+        return args.rollout_batch, plan, fits(plan, args, headroom)
+    counts = counts or parameter_counts(read_model_config(args.model, args.model_config)[0])
+    for k in range(max(1, args.prompts_per_step // args.gpus), 0, -1):
+        plan = plan_from_args(args, counts=counts, rollout_batch=k)
+        if fits(plan, args, headroom) or k == 1:
+            return k, plan, fits(plan, args, headroom)
+
+
+def plan_fix(args, counts, headroom=0.9):
+    """The first single flag change that makes a plan that does not fit fit -> ("--flag value", its plan) or None.
+    Tried in this order: a smaller --rollout-batch, a smaller --micro-batch, --grad-checkpointing, twice --gpus."""
+    rb = 1 if args.rollout_batch == "auto" else args.rollout_batch  # auto already tried every smaller batch
+    tries = [("rollout_batch", k) for k in range(rb - 1, 0, -1)] + \
+            [("micro_batch", k) for k in range(args.micro_batch - 1, 0, -1)] + \
+            ([("grad_checkpointing", True)] if not args.grad_checkpointing else []) + \
+            [("gpus", args.gpus * 2)]
+    for name, value in tries:
+        p = plan_from_args(args, **dict(dict(rollout_batch=rb, counts=counts), **{name: value}))
+        if fits(p, args, headroom):
+            return "--" + name.replace("_", "-") + ("" if value is True else f" {value}"), p
+    return None
+
+
 def format_plan(args, headroom=0.9):
     """The plan of grpo.py's arguments as printed text: the budget table, fits or not (peak <= headroom x
-    --gpu-mem-gib), and if not, the first single flag change that makes it fit."""
+    --gpu-mem-gib), and if not, the first single flag change that makes it fit. -> (text, plan); the plan also
+    holds rollout_batch (--rollout-batch, or what auto chose), fits, and fix (plan_fix's flag, or None)."""
     cfg, source = read_model_config(args.model, args.model_config)
-    plan = plan_from_args(args)
-    budget = args.gpu_mem_gib * GIB
-    n = plan["counts"]
+    n = parameter_counts(cfg)
+    rb, plan, ok = fit_rollout_batch(args, n, headroom)
+    auto = f" (auto: the largest that fits)" if args.rollout_batch == "auto" else ""
     lines = [f"memory plan per GPU: {source} ({n['total'] / 1e9:.2f} B parameters, {n['root'] / 1e9:.2f} B in the FSDP "
              f"root), {args.gpus} x {args.gpu_mem_gib:g} GiB, {args.plan_device}, rollout {args.rollout_impl}",
-             f"  rollout: {plan['rows']} rows (prompts per generate call x G) x ({plan['prompt_tokens']} prompt "
-             f"+ {args.max_new_tokens} new tokens); update: micro-batch {args.micro_batch}, "
-             f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}"]
+             f"  rollout: {plan['rows']} rows (rollout batch {rb}{auto} prompts per generate call x G) x "
+             f"({plan['prompt_tokens']} prompt + {args.max_new_tokens} new tokens); update: micro-batch "
+             f"{args.micro_batch}, grad checkpointing {'on' if args.grad_checkpointing else 'off'}"]
     for phase in ("fixed", "rollout", "update", "optimizer"):
         lines.append(f"  {phase:9s} {plan[phase] / GIB:8.2f} GiB")
         lines += [f"      {b / GIB:8.2f}  {name}" for p, name, b in plan["items"] if p == phase]
-    fits = plan["peak"] <= headroom * budget
     lines.append(f"  peak = fixed + {plan['peak_phase']} = {plan['peak'] / GIB:.2f} GiB of {args.gpu_mem_gib:g} GiB "
-                 f"-> {'FITS' if fits else 'DOES NOT FIT'} (wants {1 - headroom:.0%} headroom for the allocator, "
+                 f"-> {'FITS' if ok else 'DOES NOT FIT'} (wants {1 - headroom:.0%} headroom for the allocator, "
                  f"CUDA context and NCCL buffers)")
-    if not fits:
-        tries = [("rollout_batch", k) for k in range(args.rollout_batch - 1, 0, -1)] + \
-                [("micro_batch", k) for k in range(args.micro_batch - 1, 0, -1)] + \
-                ([("grad_checkpointing", True)] if not args.grad_checkpointing else []) + \
-                [("gpus", args.gpus * 2)]
-        for name, value in tries:
-            p = plan_from_args(args, counts=n, **{name: value})
-            if p["peak"] <= headroom * budget:
-                flag = "--" + name.replace("_", "-") + ("" if value is True else f" {value}")
-                lines.append(f"  change: {flag} -> peak {p['peak'] / GIB:.2f} GiB")
-                break
+    fix = None
+    if not ok:
+        found = plan_fix(args, n, headroom)
+        if found:
+            fix = found[0]
+            lines.append(f"  change: {fix} -> peak {found[1]['peak'] / GIB:.2f} GiB")
         else:
             lines.append("  change: no single flag makes it fit; lower --max-new-tokens or --group-size")
+    plan.update(rollout_batch=rb, fits=ok, fix=fix)
     return "\n".join(lines), plan

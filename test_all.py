@@ -2439,14 +2439,19 @@ PAPER_FLAGS = ["--model", "Qwen/Qwen3-VL-8B-Instruct", "--group-size", "32", "--
 
 def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
     """grpo.py --plan reads the shipped 8B config for the hub id, needs no pool: on 8 x 80 GB the KV of 2 prompts
-    x 32 completions at full length does not fit and --rollout-batch 1 is proposed; 8 x 141 GB fits."""
-    grpo.main(["--plan", "--pool", str(tmp_path / "no_pool"), "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS])
+    x 32 completions at full length does not fit and --rollout-batch 1 is proposed (auto takes 1); 8 x 141 GB fits
+    (auto takes 2)."""
+    grpo.main(["--plan", "--pool", str(tmp_path / "no_pool"), "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS,
+               "--rollout-batch", "2"])
     text = capsys.readouterr().out
     assert "qwen3-vl-8b-instruct.json" in text and "8.77 B parameters" in text  # Qwen's published 8.77 B
     assert "DOES NOT FIT" in text and "change: --rollout-batch 1" in text
+    text, plan = rollout.format_plan(grpo.parse_args(["--plan", "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS]))
+    assert "DOES NOT FIT" not in text and plan["rollout_batch"] == 1 and plan["rows"] == 32 and "(auto" in text
     args = grpo.parse_args(["--plan", "--gpus", "8", "--gpu-mem-gib", "141", *PAPER_FLAGS])
     text, plan = rollout.format_plan(args)
     assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout"
+    assert plan["rollout_batch"] == 2 and plan["fits"] and plan["fix"] is None
     kv = next(b for p, name, b in plan["items"] if name.startswith("KV cache"))
     # K and V x 36 layers x 8 kv heads x head_dim 128 x bf16, for 2 prompts per rank x G=32 rows at full length
     assert plan["rows"] == 64 and kv == 2 * 36 * 8 * 128 * 2 * 64 * (plan["prompt_tokens"] + 5120)
@@ -2457,6 +2462,50 @@ def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         rollout.read_model_config("x", str(bad))
     assert str(bad) in str(e.value)
+
+
+def fake_cuda_launch(monkeypatch, world, gib):
+    """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
+    group are faked; loading a model fails the test; train() records the args it got instead of training."""
+    monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60: (0, world, torch.device("cuda", 0)))
+    monkeypatch.setattr(grpo, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)
+    monkeypatch.setattr(grpo, "lock_run_dir", lambda out, rank, world: None)  # no process group to broadcast on
+    loaded, trained = [], []
+
+    def no_load(*a, **k):
+        loaded.append(a)
+        raise AssertionError("weights loaded")
+    for cls in (grpo.AutoModelForImageTextToText, grpo.AutoTokenizer, grpo.AutoImageProcessor):
+        monkeypatch.setattr(cls, "from_pretrained", no_load)
+    monkeypatch.setattr(grpo, "train", lambda args, rank, world, device: trained.append(args))
+    return loaded, trained
+
+
+def test_launch_check_stops_before_loading_when_the_plan_does_not_fit(tmp_path, monkeypatch, capsys):
+    """issue 21: on CUDA the run computes --plan for the GPUs it has before reading weights; the paper's run with
+    --rollout-batch 2 on 8 x 80 GiB stops with one line naming --rollout-batch 1; auto picks the largest batch that
+    fits (1 on 80 GiB, 2 on 141 GiB); too few GPUs names the GPU count; CPU keeps its batch of 4."""
+    flags = [*PAPER_FLAGS, "--pool", str(tmp_path / "no_pool"), "--out", str(tmp_path / "run")]
+    loaded, trained = fake_cuda_launch(monkeypatch, 8, 80)
+    with pytest.raises(SystemExit) as e:
+        grpo.main([*flags, "--rollout-batch", "2"])
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit" in msg and "change --rollout-batch 1" in msg, msg
+    assert not loaded and not trained
+    grpo.main(flags)  # auto
+    assert trained[-1].rollout_batch == 1 and not loaded
+    _, trained = fake_cuda_launch(monkeypatch, 8, 141)
+    grpo.main(flags)
+    assert trained[-1].rollout_batch == 2  # prompts per rank: 16 / 8
+    loaded, trained = fake_cuda_launch(monkeypatch, 8, 70)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(flags)
+    assert "run on 16 GPUs" in str(e.value) and not loaded and not trained
+    grpo.main([*flags, "--no-memory-check"])  # the escape hatch: the plan is an estimate
+    assert trained[-1].rollout_batch == 1
+    args = grpo.parse_args(flags)
+    grpo.check_memory(args, torch.device("cpu"), 0, 1)
+    assert args.rollout_batch == rollout.CPU_ROLLOUT_BATCH == 4
 
 
 # grpo.py's curriculum flags and one curriculum draw per step (issue 13)
