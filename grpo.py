@@ -5,8 +5,9 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
     The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights): Qwen/Qwen3-VL-8B-Instruct on pool/,
     G 32 x 16 prompts, micro-batch 4, beta 0.005, 5,120 new tokens, T 1.0, lr 1e-6 after 10 warm-up steps,
     n 4..12 points, 1,024 px, grad checkpointing, dcrl, 1,000 steps, save every 50, eval every 25 on 64 tasks:
-        torchrun --nproc_per_node=8 grpo.py --out runs/dcrl
-        (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
+        torchrun --nproc_per_node=8 grpo.py --out runs/dcrl --rollout-engine vllm
+        (vLLM rollouts, colocated, sleep mode while training: --plan estimates 63 GiB peak per GPU on 8 x 80 GB at
+        --vllm-gpu-memory-utilization 0.5, + ~16 GiB host RAM per rank for the sleeping engine's weights; needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
         16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
     CPU demo (the tiny model and its recipe, ~0.5 s a step on 2 cores; demo.sh runs this):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo --group-size 4 \
@@ -879,6 +880,12 @@ def parse_args(argv=None):
     ap.add_argument("--rollout-impl", default="resident", choices=["resident", "legacy"],
                     help="resident: weights gathered once per rollout, StaticCache written in place (rollout.py); "
                          "legacy: FSDP gathers per token, DynamicCache concatenated (benchmark, tests)")
+    ap.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"],
+                    help="hf: transformers generate on the trainer's weights (--rollout-impl); vllm: a colocated "
+                         "vLLM engine per rank, weights synced after every optimizer step")
+    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                    help="--rollout-engine vllm: the engine's share of each GPU (weights + KV pool) on top of the "
+                         "trainer's; sleep mode frees it during the update")
     ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
     ap.add_argument("--max-new-tokens", type=int, default=5120, help="paper 5120")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")

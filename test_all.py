@@ -2464,6 +2464,38 @@ def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
     assert str(bad) in str(e.value)
 
 
+def test_rollout_plan_of_the_paper_run_with_the_vllm_engine(tmp_path):
+    """--rollout-engine vllm: the rollout phase is the engine's --vllm-gpu-memory-utilization share (its bf16 weights,
+    its reserve, the KV pool: the rest) + the weight sync's largest parameter, none of the HF rollout's items; with
+    sleep mode the update and optimizer phases hold only its residue, without it its whole share. The paper's run
+    fits on 8 x 80 GiB and 8 x 141 GiB at 0.5; 0.7 on 80 GiB does not fit (0.6 is proposed); 0.2 leaves no KV pool
+    for one sequence (0.25 is proposed)."""
+    flags = ["--plan", "--gpus", "8", *PAPER_FLAGS, "--rollout-engine", "vllm"]
+    for gib in (80, 141):
+        args = grpo.parse_args([*flags, "--gpu-mem-gib", str(gib)])
+        text, plan = rollout.format_plan(args)
+        assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout", text
+        e, items = plan["engine"], {name: b for p, name, b in plan["items"] if p == "rollout"}
+        assert e["weights"] == 2 * plan["counts"]["total"] and e["share"] == 0.5 * gib * 2 ** 30
+        assert e["kv"] == pytest.approx(e["share"] - e["weights"] - e["reserve"])
+        assert sum(items.values()) == pytest.approx(e["share"] + 6 * plan["counts"]["largest"], abs=4)
+        assert not any(name.startswith(("KV cache", "policy unsharded", "prefill")) for name in items)
+        assert plan["counts"]["largest"] == 151936 * 4096  # the embedding (lm_head is as large)
+        kv_row = 2 * 36 * 8 * 128 * 2
+        assert e["full_rows"] == min(64, int(e["kv"] // (kv_row * (5120 + plan["prompt_tokens"] / 32))))
+        asleep = [b for p, name, b in plan["items"] if p == "update" and "asleep" in name]
+        awake = rollout.plan_from_args(args, vllm_sleep=False, counts=plan["counts"])
+        assert len(asleep) == 1 and awake["update"] - plan["update"] == pytest.approx(e["share"] - asleep[0], abs=2)
+    assert plan["engine"]["full_rows"] == 64  # 141 GiB: every row of a rank at once (80 GiB: some queue)
+    hf = rollout.plan_from_args(grpo.parse_args([*PAPER_FLAGS, "--gpus", "8", "--gpu-mem-gib", "80"]))
+    vl = rollout.plan_from_args(grpo.parse_args([*flags, "--gpu-mem-gib", "80"]))
+    assert vl["fixed"] == hf["fixed"] and vl["rollout"] != hf["rollout"]
+    text, plan = rollout.format_plan(grpo.parse_args([*flags, "--gpu-mem-gib", "80", "--vllm-gpu-memory-utilization", "0.7"]))
+    assert not plan["fits"] and plan["fix"] == "--vllm-gpu-memory-utilization 0.6", text
+    text, plan = rollout.format_plan(grpo.parse_args([*flags, "--gpu-mem-gib", "80", "--vllm-gpu-memory-utilization", "0.2"]))
+    assert not plan["engine"]["ok"] and "TOO SMALL" in text and plan["fix"] == "--vllm-gpu-memory-utilization 0.25"
+
+
 def fake_cuda_launch(monkeypatch, world, gib):
     """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
     group are faked; loading a model fails the test; train() records the args it got instead of training."""
