@@ -3985,6 +3985,23 @@ def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
     assert {"shared_prefill", "repeated_prefill", "prefill_ratio", "shared_tok_s", "saved"} <= set(row)
 
 
+def test_bench_gpu_dry_run(tmp_path):
+    """bench.py gpu --dry-run: the GPU command's code on CPU with the tiny model, so it cannot rot before a GPU is
+    lent: one JSON with versions, HF (and vLLM where it imports) tokens/s and |dlogp|, a step by phase, peak vs plan."""
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--dry-run", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {"torch", "transformers", "vllm", "torchvision"} <= set(res["versions"])
+    G, N = res["shape"]["G"], res["shape"]["new_tokens"]
+    assert res["hf"]["generated"] == G * N and res["hf"]["dlogp_max"] < 1e-4  # fp32: sampler == trainer
+    if "skipped" not in res["vllm"]:
+        assert res["vllm"]["generated"] == G * N and res["vllm"]["prompt_ids_equal"]
+        assert res["vllm"]["dlogp_mean"] < 1e-1
+    st = res["step_hf"]
+    assert st["phases"]["total"] > 0 and len(st["dlogp"]) == res["shape"]["steps"]
+    assert st["peak_gib"] > 0 and st["plan_peak_gib"] > 0
+
+
 # ==============================================================================
 # The whole pipeline, as demo.sh runs it (small): pool -> tasks -> tiny model -> GRPO -> evaluate
 # ==============================================================================
