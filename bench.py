@@ -12,6 +12,8 @@ Usage:
     python bench.py step [--step-steps 4 --step-group-size 8]
     python bench.py rollout-fsdp [--quick] [--fsdp-lengths 16,128 --fsdp-group-size 4]   # CPU, 2 processes
     python bench.py plan-check                  # grpo.py --plan vs the measured peak of one CPU step (~3 min)
+    python bench.py gpu --out bench/gpu.json    # 1 GPU, <= 8 min, no network: the first GPU any task is lent
+    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~15 s; a test)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
@@ -53,6 +55,14 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             vs max RSS during one grpo step minus RSS after the imports, measured in a fresh process, on a random
             Qwen3-VL with ~107 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
             --max-new-tokens. [within 25%]
+  gpu       one JSON (--out): versions (torch, transformers, torchvision, vllm or why not); on one prompt with
+            two 896 x 672 images (~1,400 tokens) x G 8 x 1,024 new tokens of a random Qwen3-VL-2B-shaped model
+            (SIZES["2b"], stop rows zeroed): HF decode tokens/s (fp32 weights, bf16 autocast, grpo.generate) and
+            vLLM's (bf16, gpu_memory_utilization 0.35, where vllm imports), each with the sampler-vs-trainer |dlogp|
+            of its own tokens (vLLM: logprobs_mode processed_logprobs, the same banned special tokens); then two
+            grpo.py steps by phase (step_breakdown; with --rollout-engine vllm too where rollout.VllmEngine exists)
+            and the step's peak memory next to grpo.py --plan of the same flags. Each part is written as soon as
+            it is measured. Written against transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
 """
@@ -305,7 +315,13 @@ SIZES = dict(
                        num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20]),
              vision=dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
                          deepstack_visual_indexes=[3, 7, 11]),
-             vocab=VOCAB, image_tokens=768, side=1024))
+             vocab=VOCAB, image_tokens=768, side=1024),
+    # 2b: Qwen3-VL-2B-Instruct's shape (configs/qwen3-vl-2b-instruct.json; untied lm_head here: +0.3 B), for gpu
+    **{"2b": dict(text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                            num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]),
+                  vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                              deepstack_visual_indexes=[5, 11, 17]),
+                  vocab=VOCAB, image_tokens=600, side=896)})
 
 
 def random_vl_config(tokenizer, size):
@@ -999,6 +1015,232 @@ def never_stop_dir(model_dir):
     del model
     gc.collect()
 
+
+# -----------------------------------------------------------------------------
+# 7) gpu: one prepared command for the first GPU a task is lent (<= 8 min on one GPU, no network)
+
+# real: a random Qwen3-VL-2B-shaped model, two 896 x 672 images (~1,200 visual tokens + the text), G 8, 1,024
+# new tokens; dry: the same code on CPU with the tiny model and tiny lengths (the test that keeps it from rotting)
+GPU_SHAPES = dict(real=dict(kind="2b", G=8, new_tokens=1024, steps=2, vllm_util=0.35),
+                  dry=dict(kind="tiny", G=2, new_tokens=8, steps=2, vllm_util=None))
+
+
+def gpu_versions(device):
+    """Versions of what the GPU bench uses; vllm / torchvision: the version or why it does not import."""
+    import transformers
+    out = dict(torch=torch.__version__, transformers=transformers.__version__, cuda=torch.version.cuda,
+               device=device.type)
+    for name in ("torchvision", "vllm"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as e:  # noqa: BLE001 - recorded, not hidden: a CUDA-linked wheel fails with OSError etc.
+            out[name] = f"not importable: {type(e).__name__}: {str(e)[:200]}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_mem_gib=props.total_memory / 2 ** 30)
+    return out
+
+
+def gpu_model_dir(kind, out, device):
+    """tiny: tiny_model.py's model; 2b: SIZES["2b"] random (bf16 on disk, built on `device`), with the tiny
+    tokenizer, chat template and image processor files (max pixels raised to SIZES' image tokens). Both with the
+    stop tokens' lm_head rows zeroed (never_stop): every completion runs to --max-new-tokens in both engines."""
+    if kind == "tiny":
+        build_model_dir("tiny", out)
+        never_stop_dir(out)
+        return out
+    import shutil
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    tiny = build_model_dir("tiny", out + "_tiny")
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(tiny):  # tokenizer, chat template, image processor
+        if not f.endswith((".safetensors", ".json")) or f.startswith(("tokenizer", "preprocessor", "chat", "special")):
+            shutil.copy(os.path.join(tiny, f), out)
+    with open(os.path.join(out, "preprocessor_config.json")) as f:
+        pp = json.load(f)
+    pp["size"] = dict(pp.get("size", {}), longest_edge=32 * 32 * SIZES[kind]["image_tokens"])
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump(pp, f, indent=2)
+    tok = tiny_model.build_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration(random_vl_config(tok, kind)).to(torch.bfloat16)
+    never_stop(model, tok)
+    model.generation_config = GenerationConfig(eos_token_id=grpo.stop_ids(tok), pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return out
+
+
+def trainer_logprobs(model, enc, token_rows, device, autocast):
+    """The trainer's teacher-forced log-probs (grpo.completion_logprobs at T 1, no grad, grpo's 1-GPU autocast) of
+    completions of one prompt -> list of per-row lists."""
+    samples = [dict(enc=enc, token_ids=list(r)) for r in token_rows]
+    batch = grpo.collate_samples(samples, model.config.text_config.pad_token_id or 0, device)
+    with torch.no_grad(), autocast():
+        lp = grpo.completion_logprobs(model, batch, 1.0)
+    return [lp[b, :len(r)].float().cpu().tolist() for b, r in enumerate(token_rows)]
+
+
+def dlogp_stats(sampler, trainer):
+    d = np.abs(np.concatenate([np.array(a) - np.array(b) for a, b in zip(sampler, trainer)]))
+    return dict(dlogp_mean=float(d.mean()), dlogp_max=float(d.max()), tokens=int(d.size))
+
+
+def gpu_hf(model, tok, enc, G, N, device, autocast):
+    """HF sampling as grpo.py does on 1 GPU (fp32 weights, bf16 autocast; one shared prefill): decode tokens/s of
+    G x N, and the sampler's vs the trainer's log-probs of those tokens."""
+    grpo.generate(model, tok, [enc], 2, 1.0, group_size=G)  # warm-up at this shape
+    cuda_sync()
+    with autocast():
+        outs, sec = timed(grpo.generate, model, tok, [enc], N, 1.0, group_size=G)
+    rows = [o["token_ids"] for o in outs]
+    n_tok = sum(len(r) for r in rows)
+    return dict(seconds=sec, generated=n_tok, tok_s=n_tok / sec,
+                **dlogp_stats([o["logprobs"] for o in outs], trainer_logprobs(model, enc, rows, device, autocast)))
+
+
+def gpu_vllm(model_dir, model, tok, enc, images, prompt, G, N, device, autocast, util):
+    """vLLM's own API (LLM, SamplingParams(logprobs=0), logprobs_mode="processed_logprobs": log-probs of the
+    temperature-scaled distribution it sampled from), in-process: decode tokens/s of the same G x N, whether its
+    prompt token ids equal grpo.encode's, and its log-probs vs the trainer's of its tokens. -> dict, or
+    dict(skipped=why) when vllm does not import."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")          # GiB of KV on CPU
+    try:
+        import vllm
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON: a missing or CUDA-mismatched vllm
+        return dict(skipped=f"vllm does not import: {type(e).__name__}: {str(e)[:300]}")
+    L = int(enc["input_ids"].shape[1])
+    kw = dict(model=model_dir, dtype="bfloat16" if device.type == "cuda" else "float32", seed=0,
+              max_model_len=L + N + 64, limit_mm_per_prompt={"image": 2}, logprobs_mode="processed_logprobs")
+    if device.type == "cuda":
+        kw.update(gpu_memory_utilization=util)
+    else:
+        kw.update(enforce_eager=True)
+    t0 = time.perf_counter()
+    llm = vllm.LLM(**kw)
+    start_s = time.perf_counter() - t0
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # one pad per image
+    req = {"prompt": text, "multi_modal_data": {"image": list(images)}}
+    V = model.config.text_config.vocab_size  # the same banned special tokens as grpo's sampler (rollout.banned_ids)
+    allowed = sorted(set(range(V)) - set(rollout.banned_ids(tok, V)))
+    params = vllm.SamplingParams(n=G, max_tokens=N, temperature=1.0, top_k=-1, top_p=1.0, logprobs=0,
+                                 detokenize=False, seed=0, allowed_token_ids=allowed)
+    llm.generate([req], vllm.SamplingParams(n=G, max_tokens=2, temperature=1.0), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    out = llm.generate([req], params, use_tqdm=False)[0]
+    sec = time.perf_counter() - t0
+    rows = [list(c.token_ids) for c in out.outputs]
+    lps = [[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] for c in out.outputs]
+    n_tok = sum(len(r) for r in rows)
+    res = dict(vllm=vllm.__version__, start_s=start_s, seconds=sec, generated=n_tok, tok_s=n_tok / sec,
+               prompt_ids_equal=list(out.prompt_token_ids) == enc["input_ids"][0].tolist(),
+               prompt_tokens=len(out.prompt_token_ids), grpo_prompt_tokens=L)
+    del llm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    res.update(dlogp_stats(lps, trainer_logprobs(model, enc, rows, device, autocast)))
+    return res
+
+
+def gpu_step(model_dir, pool, out_dir, shape, device, extra=()):
+    """One GRPO step of grpo.main (steps 2.. averaged; step_breakdown's phases) at the shape's lengths, its
+    sampler-vs-trainer |dlogp| from metrics.jsonl, its peak memory (GPU: max_memory_allocated; CPU: VmHWM)
+    next to grpo.py --plan of the same flags on 1 GPU of this one's memory."""
+    G, N = shape["G"], shape["new_tokens"]
+    if shape["kind"] == "tiny":
+        flags = []
+    else:  # the paper's step shape on 1 GPU: 4..12 points, 896 px (~1,400-token prompts), checkpointing, KL
+        flags = ["--max-side", str(SIZES[shape["kind"]]["side"]), "--n-min", "4", "--n-max", "12", "--micro-batch",
+                 "4", "--grad-checkpointing", "--lr", "1e-6"]
+    flags += ["--kl-beta", "0.005", *extra]
+    with PeakMemory(device) as peak:
+        phases = step_breakdown(model_dir, pool, out_dir, shape["steps"], G, 1, N, extra=flags)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 1000
+    pargs = grpo.parse_args(["--model", model_dir, "--plan", "--gpus", "1", "--gpu-mem-gib", str(gib),
+                             "--plan-device", device.type, "--group-size", str(G), "--prompts-per-step", "1",
+                             "--max-new-tokens", str(N), *TINY_RECIPE, *flags])
+    _, plan = rollout.format_plan(pargs)
+    return dict(phases=phases, dlogp=[m["dlogp"] for m in metrics], length=[m["length"] for m in metrics],
+                tokens_per_s=[m.get("tokens_per_s") for m in metrics], peak_gib=peak.mb / 1024,
+                plan_peak_gib=plan["peak"] / 2 ** 30, plan_phase=plan["peak_phase"],
+                measured_over_plan=peak.mb / 1024 / (plan["peak"] / 2 ** 30), plan_fits=plan["fits"], flags=flags)
+
+
+def bench_gpu(args, device, tmp):
+    """bench.py gpu [--dry-run]: versions; HF and vLLM decode tokens/s and sampler-vs-trainer |dlogp| on one
+    prompt x G; one GRPO step by phase (and with --rollout-engine vllm where grpo.py has it); peak vs --plan. Each
+    part's figures are written as soon as they exist (--out), so a part that fails or runs out of time keeps the
+    others."""
+    shape = GPU_SHAPES["dry" if args.dry_run else "real"]
+    if device.type != "cuda" and not args.dry_run:
+        sys.exit("bench.py gpu: error: no CUDA device; use --dry-run for the CPU rehearsal with the tiny model")
+    res = dict(versions=gpu_versions(device), shape=shape)
+    save = lambda: json.dump(res, open(args.out, "w"), indent=2, default=float)  # noqa: E731
+    save()
+    t0 = time.perf_counter()
+    model_dir = gpu_model_dir(shape["kind"], os.path.join(tmp, "gpu_" + shape["kind"]), device)
+    res["build_s"] = time.perf_counter() - t0
+    model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
+    autocast = grpo.autocast_for(device, 1)
+    side = SIZES.get(shape["kind"], {}).get("side", 640)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((side, side * 3 // 4),
+                                                                                   Image.NEAREST) for _ in range(2)]
+    prompt = make_tasks.build_prompt(12, 24)
+    enc = grpo.encode(tok, ip, prompt, images)
+    res["prompt_tokens"] = int(enc["input_ids"].shape[1])
+    G, N = shape["G"], shape["new_tokens"]
+    res["hf"] = gpu_hf(model, tok, enc, G, N, device, autocast)
+    save()
+    res["vllm"] = gpu_vllm(model_dir, model, tok, enc, images, prompt, G, N, device, autocast, shape["vllm_util"])
+    if "tok_s" in res["vllm"]:
+        res["vllm_over_hf_tok_s"] = res["vllm"]["tok_s"] / res["hf"]["tok_s"]
+    save()
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    data = make_synthetic(os.path.join(tmp, "gpu_data"), 5, 0.5, layouts="scannet")
+    pool = os.path.join(tmp, "gpu_pool")
+    with contextlib.redirect_stdout(sys.stderr):
+        build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
+    res["step_hf"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_hf"), shape, device)
+    save()
+    if hasattr(rollout, "VllmEngine") and not str(res["versions"]["vllm"]).startswith("not"):
+        res["step_vllm"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_vllm"), shape, device,
+                                    extra=["--rollout-engine", "vllm"])
+    else:
+        res["step_vllm"] = dict(skipped="grpo.py has no vLLM engine here (rollout.VllmEngine) or vllm does not import")
+    res["total_s"] = time.perf_counter() - t0
+    save()
+    h, v = res["hf"], res["vllm"]
+    print(f"gpu ({res['versions'].get('gpu', device.type)}): prompt {res['prompt_tokens']} tokens, G {G} x {N} new")
+    print(f"  HF   decode {h['tok_s']:.0f} tok/s, |dlogp| mean {h['dlogp_mean']:.2e} max {h['dlogp_max']:.2e}")
+    if "tok_s" in v:
+        print(f"  vLLM decode {v['tok_s']:.0f} tok/s (x{res['vllm_over_hf_tok_s']:.2f} HF), |dlogp| mean "
+              f"{v['dlogp_mean']:.2e} max {v['dlogp_max']:.2e}, prompt ids equal: {v['prompt_ids_equal']}")
+    else:
+        print(f"  vLLM skipped: {v['skipped']}")
+    for name in ("step_hf", "step_vllm"):
+        st = res[name]
+        if "phases" in st:
+            ph = st["phases"]
+            print(f"  {name}: {ph['total']:.1f} s/step (" + ", ".join(f"{k.strip()} {ph[k]:.1f}" for k in PHASES
+                                                                      if ph.get(k)) +
+                  f"), peak {st['peak_gib']:.2f} GiB vs plan {st['plan_peak_gib']:.2f} GiB "
+                  f"(x{st['measured_over_plan']:.2f})")
+        else:
+            print(f"  {name} skipped: {st['skipped']}")
+    return res
+
 # -----------------------------------------------------------------------------
 
 
@@ -1022,7 +1264,10 @@ def int_list(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp", "plan-check"])
+    ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp", "plan-check",
+                                        "gpu"])
+    ap.add_argument("--dry-run", action="store_true",
+                    help="gpu: the same code on CPU with the tiny model and tiny lengths (the test)")
     ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--model", default=None, help="model dir for rollout/step (default: build the tiny model)")
@@ -1080,6 +1325,9 @@ def main(argv=None):
                 results[cmd] = bench_rollout_fsdp(args, device, tmp)
             elif cmd == "plan-check":
                 results[cmd] = bench_plan_check(args, device, tmp)
+            elif cmd == "gpu":  # writes its own JSON (--out) part by part
+                results = bench_gpu(args, device, tmp)
+                continue
             else:
                 results[cmd] = bench_step(args, device, tmp)
             with open(args.out, "w") as f:  # after every command: a crash later keeps what was measured

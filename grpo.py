@@ -5,8 +5,9 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
     The paper's run (8 GPUs, FSDP2, bf16 compute / fp32 master weights): Qwen/Qwen3-VL-8B-Instruct on pool/,
     G 32 x 16 prompts, micro-batch 4, beta 0.005, 5,120 new tokens, T 1.0, lr 1e-6 after 10 warm-up steps,
     n 4..12 points, 1,024 px, grad checkpointing, dcrl, 1,000 steps, save every 50, eval every 25 on 64 tasks:
-        torchrun --nproc_per_node=8 grpo.py --out runs/dcrl
-        (needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
+        torchrun --nproc_per_node=8 grpo.py --out runs/dcrl --rollout-engine vllm
+        (vLLM rollouts, colocated, sleep mode while training: --plan estimates 63 GiB peak per GPU on 8 x 80 GB at
+        --vllm-gpu-memory-utilization 0.5, + ~16 GiB host RAM per rank for the sleeping engine's weights; needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
         16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
     CPU demo (the tiny model and its recipe, ~0.5 s a step on 2 cores; demo.sh runs this):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo --group-size 4 \
@@ -20,6 +21,10 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
     Before launching it, the per-GPU memory plan (reads --model's config.json, or configs/ for the Qwen hub ids, or
     --model-config FILE; needs neither the pool nor the weights; says whether it fits and which flag to change):
         python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model Qwen/Qwen3-VL-8B-Instruct [the run's flags]
+    Every CUDA launch does the same check itself before reading any weights (the GPUs it has: processes x the
+    smallest visible GPU's memory) and stops with one line naming the flag to change if the plan does not fit
+    (--no-memory-check skips it); --rollout-batch auto (default) takes the largest rollout batch that fits. On CPU
+    nothing is checked and auto means 4 prompts per generate call (the CPU behaviour before auto).
     Resume after a crash (same command + --resume): continues from the latest complete <out>/step_%06d/.
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
         python grpo.py [the CPU demo's flags, --out runs/hatch] --pasta-weight 0.1 --actor
@@ -146,7 +151,7 @@ import pasta
 import reward
 # the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
 # plan) lives in rollout.py; grpo.generate and grpo.stop_ids stay importable for evaluate.py, tiny_model.py, bench.py
-from rollout import format_plan, generate, resident, stop_ids
+from rollout import CPU_ROLLOUT_BATCH, GIB, format_plan, generate, resident, stop_ids
 
 # -----------------------------------------------------------------------------
 # Model plumbing (evaluate.py and tiny_model.py import these)
@@ -869,10 +874,18 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=32, help="G completions per prompt (paper 32)")
     ap.add_argument("--prompts-per-step", type=int, default=16, help="prompts per step, all ranks (paper 16)")
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
-    ap.add_argument("--rollout-batch", type=int, default=4, help="prompts per generate call on a rank")
+    ap.add_argument("--rollout-batch", type=rollout_batch_arg, default="auto",
+                    help="prompts per generate call on a rank; auto: on CUDA the largest whose --plan fits these "
+                         f"GPUs with 10%% headroom, on CPU {CPU_ROLLOUT_BATCH}")
     ap.add_argument("--rollout-impl", default="resident", choices=["resident", "legacy"],
                     help="resident: weights gathered once per rollout, StaticCache written in place (rollout.py); "
                          "legacy: FSDP gathers per token, DynamicCache concatenated (benchmark, tests)")
+    ap.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"],
+                    help="hf: transformers generate on the trainer's weights (--rollout-impl); vllm: a colocated "
+                         "vLLM engine per rank, weights synced after every optimizer step")
+    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                    help="--rollout-engine vllm: the engine's share of each GPU (weights + KV pool) on top of the "
+                         "trainer's; sleep mode frees it during the update")
     ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
     ap.add_argument("--max-new-tokens", type=int, default=5120, help="paper 5120")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
@@ -931,16 +944,65 @@ def parse_args(argv=None):
     ap.add_argument("--model-config", default=None, help="--plan: a config.json to read instead of --model's")
     ap.add_argument("--plan-device", default="cuda", choices=["cuda", "cpu"],
                     help="--plan: cuda (bf16 compute and reference) or cpu (fp32, as grpo.py runs on CPU)")
+    ap.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="on CUDA, before loading weights: stop with one line when --plan for the GPUs this run has "
+                         "(processes x the smallest visible GPU's memory) does not fit")
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
+def rollout_batch_arg(value):
+    """--rollout-batch: a positive integer or auto."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+    return int(value)
+
+
 def print_plan(args):
     """--plan: the per-GPU memory budget of this run from the model's config.json alone (rollout.format_plan)."""
     text, _ = format_plan(args)
     print(text)
+
+
+def gpu_query():
+    """-> the total memory in bytes of each visible CUDA device (the launch check's view of this machine; the
+    tests replace this function with a fake machine)."""
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+
+
+def check_memory(args, device, rank, world):
+    """Before any weights are read. On CUDA: --plan for the GPUs this run has (FSDP over `world` processes, each
+    with the smallest visible GPU's memory) must fit, else every rank stops and rank 0 prints one line naming the
+    flag to change; --rollout-batch auto becomes the largest that fits. On CPU: auto becomes
+    CPU_ROLLOUT_BATCH and nothing is checked (the plan is of GPU memory)."""
+    if device.type != "cuda":
+        if args.rollout_batch == "auto":
+            args.rollout_batch = CPU_ROLLOUT_BATCH
+        return
+    mems = gpu_query()
+    if not mems:
+        sys.exit("grpo.py: error: CUDA is available but torch.cuda.device_count() is 0")
+    plan_args = copy.copy(args)
+    plan_args.gpus, plan_args.gpu_mem_gib, plan_args.plan_device = world, min(mems) / GIB, "cuda"
+    _, plan = format_plan(plan_args)
+    if args.rollout_batch == "auto":
+        args.rollout_batch = plan["rollout_batch"]
+    if plan["fits"] or not args.memory_check:
+        print0(f"grpo.py: memory plan {plan['peak'] / GIB:.1f} GiB peak per GPU of "
+               f"{plan_args.gpu_mem_gib:.1f} GiB ({world} x GPU, rollout batch {args.rollout_batch})"
+               + ("" if plan["fits"] else ": DOES NOT FIT, --no-memory-check"))
+        return
+    fix = plan["fix"] or ""
+    change = (f"run on {fix.split()[1]} GPUs (torchrun --nnodes / --nproc_per_node)" if fix.startswith("--gpus")
+              else f"change {fix}" if fix else "lower --max-new-tokens or --group-size")
+    sys.exit(f"grpo.py: error: the memory plan does not fit: peak {plan['peak'] / GIB:.1f} GiB per GPU > 90% "
+             f"of {plan_args.gpu_mem_gib:.1f} GiB on {world} x GPU; {change} (python grpo.py --plan --gpus {world} "
+             f"--gpu-mem-gib {plan_args.gpu_mem_gib:.0f} [flags] shows the budget; --no-memory-check skips this)"
+             if rank == 0 else 1)
 
 
 def print0(*a, **k):
@@ -1281,6 +1343,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.dist_timeout_min)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
+    check_memory(args, device, rank, world)  # before any weights are read; resolves --rollout-batch auto
     lock = lock_run_dir(args.out, rank, world)  # one live run per --out
     try:
         train(args, rank, world, device)

@@ -40,11 +40,20 @@ exact: the model is built on the meta device; no weights, no pool). FSDP2 shards
              every layer's), the final hidden states and their gradient, the log-prob chunk (B x 512 x V fp32
              logits, log-softmax, gradient), the micro-batch's pixel values
   optimizer  fp32 gradient shard + AdamW's foreach temporaries (~one fp32 shard)
-Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
+--rollout-engine vllm (vllm_share): the rollout phase is instead the colocated engine's
+--vllm-gpu-memory-utilization x GPU share (vLLM wants it free on top of the trainer's memory): its weights in the
+compute dtype (whole model per rank), a profiling reserve (one layer of an 8,192-token prefill + sampler logits of
+up to 256 rows; estimate), the KV pool (the rest; it must hold one prompt + --max-new-tokens sequence, and the plan
+says how many full-length rows it holds at once, a group's prompt shared by its G rows), + the weight sync's
+largest parameter gathered in fp32 and cast. Update and optimizer phases: sleep mode (the CUDA default) leaves a
+0.5 GiB residue (estimate; weights offloaded to host RAM, KV freed); without it the whole share stays.
+--rollout-batch auto (fit_rollout_batch): the largest batch whose plan fits; grpo.py's launch check (check_memory)
+calls format_plan with the GPUs it has. Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
 images at 4:3, sides rounded to the patch x merge grid) + the prompt text at ~4 characters per token. Not counted:
 allocator fragmentation, the CUDA context (~0.5-1 GiB), NCCL buffers: the verdict wants 10% headroom. Checked on
 CPU by `bench.py plan-check` (measured / plan = 1.11 on a 107 M-parameter random model, fp32, 1 process).
 """
+import argparse
 import contextlib
 import json
 import os
@@ -281,7 +290,8 @@ def parameter_counts(cfg):
     layers, vblocks = model.model.language_model.layers, model.model.visual.blocks
     total = count(model)  # parameters() yields a tied weight once
     return dict(total=total, root=total - sum(count(b) for b in layers) - sum(count(b) for b in vblocks),
-                layer=count(layers[0]), vblock=count(vblocks[0]) if len(vblocks) else 0)
+                layer=count(layers[0]), vblock=count(vblocks[0]) if len(vblocks) else 0,
+                largest=max(p.numel() for p in model.parameters()))
 
 
 def estimate_prompt(cfg, max_side, n_max):
@@ -298,11 +308,16 @@ def estimate_prompt(cfg, max_side, n_max):
 
 def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,
                 grad_checkpointing, kl_beta, impl="resident", device="cuda", prompt_tokens=None,
-                patches_per_image=None, max_side=1024, n_max=12, logprob_chunk=512, counts=None):
+                patches_per_image=None, max_side=1024, n_max=12, logprob_chunk=512, counts=None, engine="hf",
+                gpu_mem=None, vllm_util=0.5, vllm_sleep=True):
     """Bytes per GPU, by phase. -> dict(items: [(phase, name, bytes)], fixed, rollout, update, optimizer, peak,
-    rows, prompt_tokens, counts). device "cuda": bf16 compute (FSDP mixed precision; autocast on 1 GPU) and a bf16
-    reference; "cpu": fp32 everywhere, as grpo.py runs on CPU. Shapes are the worst case: every completion
-    max_new_tokens long."""
+    rows, prompt_tokens, counts; engine "vllm": engine = dict(share, weights, reserve, kv, full_rows, ok)).
+    device "cuda": bf16 compute (FSDP mixed precision; autocast on 1 GPU) and a bf16 reference; "cpu": fp32
+    everywhere, as grpo.py runs on CPU. Shapes are the worst case: every completion max_new_tokens long.
+    engine "vllm" (needs gpu_mem, bytes of one GPU): the rollout is the colocated engine's vllm_util share of the
+    GPU (its bf16 weights, a profiling reserve, the KV pool: the rest) instead of the HF rollout's items; with
+    vllm_sleep (sleep mode, the CUDA default) its weights are offloaded to host RAM and its KV freed during the
+    update and the optimizer step, otherwise the whole share stays there too."""
     t, v = cfg["text_config"], cfg["vision_config"]
     n = counts or parameter_counts(cfg)
     P, W = n["total"], gpus
@@ -314,7 +329,9 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
         est_tokens, est_patches = estimate_prompt(cfg, max_side, n_max)
         prompt_tokens, patches_per_image = prompt_tokens or est_tokens, patches_per_image or est_patches
     L, T = prompt_tokens, prompt_tokens + max_new_tokens
-    B = min(rollout_batch, max(1, prompts_per_step // W))    # prompts per generate call on a rank
+    B = max(1, prompts_per_step // W)                        # prompts per generate call on a rank
+    if engine != "vllm":  # the engine takes all of a rank's prompts at once (continuous batching)
+        B = min(rollout_batch, B)
     rows = B * group_size
     sharded = W > 1
     items = []
@@ -329,22 +346,40 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     if sharded:  # FSDP2 keeps the root's parameters unsharded after forward (policy; reference: no backward)
         add("fixed", "unsharded roots (policy + reference, compute dtype)",
             cdt * n["root"] * (2 if kl_beta > 0 else 1))
-    # the rollout
-    if sharded and impl == "resident":
-        add("rollout", "policy unsharded, compute dtype (resident)", cdt * (P - n["root"]))
-    elif sharded:
-        add("rollout", "two decoder layers unsharded (legacy, prefetch)", 2 * cdt * n["layer"])
-    elif device == "cuda":
-        add("rollout", "bf16 weight casts cached by autocast (1 GPU)", 2 * P)
     kv_row = 2 * NL * nkv * hd * cdt                         # K and V of one position, all layers
-    add("rollout", f"KV cache {rows} rows x {L + max_new_tokens} positions", kv_row * rows * (L + max_new_tokens))
-    add("rollout", "prefill KV (B rows, copied into the cache)", kv_row * B * L)
-    add("rollout", "prefill activations (B prompts, one layer)", B * L * (4 * H + 3 * I) * cdt
-        + (B * nh * L * L * 4 * 2 if device == "cpu" else 0))  # CPU sdpa materialises the scores
-    add("rollout", "vision tower of B prompts (one block)", B * 2 * patches_per_image * 6 * v["hidden_size"] * cdt)
-    add("rollout", "decode step scores (rows x V fp32: logits, /T, log-softmax)", 4 * rows * V * 4)
-    if not sharded and device == "cpu":
-        pass  # no copy of the weights during the rollout on CPU (fp32 compute)
+    engine_info = None
+    # the rollout
+    if engine == "vllm":  # the colocated engine samples: no HF weights gather, cache, prefill or decode scores
+        engine_info = vllm_share(n, t, cdt, kv_row, rows, group_size, L, max_new_tokens, gpu_mem, vllm_util)
+        add("rollout", f"vLLM engine: weights ({'bf16' if cdt == 2 else 'fp32'}, whole model per rank)",
+            engine_info["weights"])
+        add("rollout", f"vLLM engine: profiling reserve ({VLLM_BATCHED_TOKENS}-token prefill layer, sampler "
+                       "logits; estimate)", engine_info["reserve"])
+        add("rollout", f"vLLM engine: KV pool (the rest of its {vllm_util:g} x GPU share; holds "
+                       f"{engine_info['full_rows']} of {rows} full-length rows at once)", max(0, engine_info["kv"]))
+        add("rollout", "weight sync: the largest parameter gathered (fp32) + its cast",
+            (4 + cdt) * n.get("largest", V * H))
+    else:
+        if sharded and impl == "resident":
+            add("rollout", "policy unsharded, compute dtype (resident)", cdt * (P - n["root"]))
+        elif sharded:
+            add("rollout", "two decoder layers unsharded (legacy, prefetch)", 2 * cdt * n["layer"])
+        elif device == "cuda":
+            add("rollout", "bf16 weight casts cached by autocast (1 GPU)", 2 * P)
+        add("rollout", f"KV cache {rows} rows x {L + max_new_tokens} positions", kv_row * rows * (L + max_new_tokens))
+        add("rollout", "prefill KV (B rows, copied into the cache)", kv_row * B * L)
+        add("rollout", "prefill activations (B prompts, one layer)", B * L * (4 * H + 3 * I) * cdt
+            + (B * nh * L * L * 4 * 2 if device == "cpu" else 0))  # CPU sdpa materialises the scores
+        add("rollout", "vision tower of B prompts (one block)", B * 2 * patches_per_image * 6 * v["hidden_size"] * cdt)
+        add("rollout", "decode step scores (rows x V fp32: logits, /T, log-softmax)", 4 * rows * V * 4)
+    # the engine while the trainer works: asleep (sleep mode: weights offloaded to host RAM, KV freed) or awake
+    if engine == "vllm":
+        for phase in ("update", "optimizer"):
+            if vllm_sleep:
+                add(phase, "vLLM engine asleep (weights in host RAM, KV freed; its residue, estimate)", GIB // 2)
+            else:
+                add(phase, f"vLLM engine awake (no sleep mode: its whole {vllm_util:g} x GPU share)",
+                    engine_info["share"])
     # the update (one micro-batch in flight)
     mb = micro_batch
     add("update", "gradient shard (fp32)", 4 * P / W)
@@ -369,7 +404,8 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     # the optimizer step
     add("optimizer", "gradient shard (fp32)", 4 * P / W)
     add("optimizer", "AdamW foreach temporaries (~1 fp32 shard)", 4 * P / W)
-    out = dict(items=items, rows=rows, prompt_tokens=L, counts=n, patches_per_image=patches_per_image)
+    out = dict(items=items, rows=rows, prompt_tokens=L, counts=n, patches_per_image=patches_per_image,
+               engine=engine_info)
     for phase in ("fixed", "rollout", "update", "optimizer"):
         out[phase] = sum(b for p, _, b in items if p == phase)
     out["peak_phase"] = max(("rollout", "update", "optimizer"), key=lambda p: out[p])
@@ -377,46 +413,124 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     return out
 
 
+CPU_ROLLOUT_BATCH = 4  # --rollout-batch auto on CPU: prompts per generate call, as before auto existed
+
+
+VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS = 8192, 256  # vLLM's profile run: max_num_batched_tokens, max_num_seqs
+
+
+def vllm_share(n, t, cdt, kv_row, rows, group_size, prompt_tokens, max_new_tokens, gpu_mem, util):
+    """The colocated vLLM engine's share of one GPU (--vllm-gpu-memory-utilization x the GPU's memory, which vLLM
+    wants free on top of what the trainer holds) -> dict(share, weights: the whole model in the engine's dtype
+    (tensor parallel 1), reserve: what vLLM's profile run peaks at (one layer's activations of a
+    max_num_batched_tokens prefill + the sampler's fp32 logits and log-probs of max_num_seqs rows; an estimate),
+    kv: the pool, i.e. the rest; full_rows: full-length completions the pool holds at once (a group's prompt
+    blocks shared by its G rows: prefix caching; the engine queues the rest), ok: the pool holds one whole
+    prompt + max_new_tokens sequence, which vLLM needs to start)."""
+    if gpu_mem is None:
+        raise ValueError("memory_plan: engine vllm needs gpu_mem (bytes of one GPU)")
+    H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    share, weights = util * gpu_mem, cdt * n["total"]
+    reserve = VLLM_BATCHED_TOKENS * (4 * H + 3 * I) * cdt + 2 * min(rows, VLLM_MAX_SEQS) * V * 4
+    kv = share - weights - reserve
+    per_row = kv_row * (max_new_tokens + prompt_tokens / group_size)
+    return dict(share=share, weights=weights, reserve=reserve, kv=kv,
+                full_rows=int(min(rows, max(0, kv) // per_row)),
+                ok=kv >= kv_row * (prompt_tokens + max_new_tokens))
+
+
 def plan_from_args(args, **overrides):
-    """memory_plan for grpo.py's parsed arguments (overrides: other values of the same argument names)."""
+    """memory_plan for grpo.py's parsed arguments (overrides: other values of the same argument names; an integer
+    --rollout-batch; auto: fit_rollout_batch's choice)."""
     a = dict(vars(args), **overrides)
+    if a["rollout_batch"] == "auto":
+        return fit_rollout_batch(argparse.Namespace(**a), a.get("counts"))[1]
     cfg, _ = read_model_config(a["model"], a.get("model_config"))
     return memory_plan(cfg, a["gpus"], a["prompts_per_step"], a["group_size"], a["rollout_batch"],
                        a["micro_batch"], a["max_new_tokens"], a["grad_checkpointing"], a["kl_beta"],
                        a["rollout_impl"], a["plan_device"], max_side=a["max_side"], n_max=a["n_max"],
-                       counts=a.get("counts"))
+                       counts=a.get("counts"), engine=a.get("rollout_engine", "hf"),
+                       gpu_mem=a["gpu_mem_gib"] * GIB, vllm_util=a.get("vllm_gpu_memory_utilization", 0.5),
+                       vllm_sleep=a.get("vllm_sleep", True))
+
+
+def fits(plan, args, headroom=0.9):
+    """Whether a plan's peak leaves `headroom` of --gpu-mem-gib free for the allocator, CUDA context, NCCL (and,
+    with the vLLM engine, whether its KV pool can hold one whole sequence)."""
+    return plan["peak"] <= headroom * args.gpu_mem_gib * GIB and (plan["engine"] or {}).get("ok", True)
+
+
+def fit_rollout_batch(args, counts=None, headroom=0.9):
+    """--rollout-batch auto: the largest number of prompts per generate call (at most the prompts of a rank) whose
+    plan fits -> (rollout batch, its plan, fits); none fits: (1, the plan at 1, False). An integer --rollout-batch
+    is kept as given."""
+    if args.rollout_batch != "auto":
+        plan = plan_from_args(args, counts=counts)
+        return args.rollout_batch, plan, fits(plan, args, headroom)
+    counts = counts or parameter_counts(read_model_config(args.model, args.model_config)[0])
+    for k in range(max(1, args.prompts_per_step // args.gpus), 0, -1):
+        plan = plan_from_args(args, counts=counts, rollout_batch=k)
+        if fits(plan, args, headroom) or k == 1:
+            return k, plan, fits(plan, args, headroom)
+
+
+def plan_fix(args, counts, headroom=0.9):
+    """The first single flag change that makes a plan that does not fit fit -> ("--flag value", its plan) or None.
+    Tried in this order: a smaller --rollout-batch, a smaller --micro-batch, --grad-checkpointing, twice --gpus."""
+    rb = 1 if args.rollout_batch == "auto" else args.rollout_batch  # auto already tried every smaller batch
+    tries = [("rollout_batch", k) for k in range(rb - 1, 0, -1)] + \
+            [("micro_batch", k) for k in range(args.micro_batch - 1, 0, -1)] + \
+            ([("grad_checkpointing", True)] if not args.grad_checkpointing else []) + \
+            [("gpus", args.gpus * 2)]
+    if getattr(args, "rollout_engine", "hf") == "vllm":  # the engine's share: the nearest that fits first
+        u = args.vllm_gpu_memory_utilization
+        shares = sorted((k / 20 for k in range(1, 19) if abs(k / 20 - u) > 1e-9), key=lambda x: abs(x - u))
+        tries = [("vllm_gpu_memory_utilization", x) for x in shares] + tries[-1:]
+    for name, value in tries:
+        p = plan_from_args(args, **dict(dict(rollout_batch=rb, counts=counts), **{name: value}))
+        if fits(p, args, headroom):
+            return "--" + name.replace("_", "-") + ("" if value is True else f" {value}"), p
+    return None
 
 
 def format_plan(args, headroom=0.9):
     """The plan of grpo.py's arguments as printed text: the budget table, fits or not (peak <= headroom x
-    --gpu-mem-gib), and if not, the first single flag change that makes it fit."""
+    --gpu-mem-gib), and if not, the first single flag change that makes it fit. -> (text, plan); the plan also
+    holds rollout_batch (--rollout-batch, or what auto chose), fits, and fix (plan_fix's flag, or None)."""
     cfg, source = read_model_config(args.model, args.model_config)
-    plan = plan_from_args(args)
-    budget = args.gpu_mem_gib * GIB
-    n = plan["counts"]
+    n = parameter_counts(cfg)
+    rb, plan, ok = fit_rollout_batch(args, n, headroom)
+    auto = f" (auto: the largest that fits)" if args.rollout_batch == "auto" else ""
     lines = [f"memory plan per GPU: {source} ({n['total'] / 1e9:.2f} B parameters, {n['root'] / 1e9:.2f} B in the FSDP "
-             f"root), {args.gpus} x {args.gpu_mem_gib:g} GiB, {args.plan_device}, rollout {args.rollout_impl}",
-             f"  rollout: {plan['rows']} rows (prompts per generate call x G) x ({plan['prompt_tokens']} prompt "
-             f"+ {args.max_new_tokens} new tokens); update: micro-batch {args.micro_batch}, "
-             f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}"]
+             f"root), {args.gpus} x {args.gpu_mem_gib:g} GiB, {args.plan_device}, rollout "
+             f"{'vllm' if getattr(args, 'rollout_engine', 'hf') == 'vllm' else args.rollout_impl}",
+             f"  rollout: {plan['rows']} rows ("
+             + (f"all {plan['rows'] // args.group_size} prompts of a rank submitted at once" if plan["engine"] else
+                f"rollout batch {rb}{auto} prompts per generate call")
+             + f" x G) x ({plan['prompt_tokens']} prompt + {args.max_new_tokens} new tokens); update: micro-batch "
+             f"{args.micro_batch}, grad checkpointing {'on' if args.grad_checkpointing else 'off'}"]
+    e = plan["engine"]
+    if e:
+        lines.append(f"  rollout engine vllm: {e['share'] / GIB:.1f} GiB share (--vllm-gpu-memory-utilization "
+                     f"{args.vllm_gpu_memory_utilization:g}), KV pool {max(0, e['kv']) / GIB:.1f} GiB: "
+                     f"{e['full_rows']} of {plan['rows']} full-length rows at once"
+                     + ("" if e["ok"] else f" (TOO SMALL: not one {plan['prompt_tokens'] + args.max_new_tokens}-token"
+                                           " sequence)")
+                     + (f"; sleep mode: its weights ({e['weights'] / GIB:.1f} GiB) wait in host RAM during the update"
+                        if getattr(args, "vllm_sleep", True) else "; no sleep mode: the share stays during the update"))
     for phase in ("fixed", "rollout", "update", "optimizer"):
         lines.append(f"  {phase:9s} {plan[phase] / GIB:8.2f} GiB")
         lines += [f"      {b / GIB:8.2f}  {name}" for p, name, b in plan["items"] if p == phase]
-    fits = plan["peak"] <= headroom * budget
     lines.append(f"  peak = fixed + {plan['peak_phase']} = {plan['peak'] / GIB:.2f} GiB of {args.gpu_mem_gib:g} GiB "
-                 f"-> {'FITS' if fits else 'DOES NOT FIT'} (wants {1 - headroom:.0%} headroom for the allocator, "
+                 f"-> {'FITS' if ok else 'DOES NOT FIT'} (wants {1 - headroom:.0%} headroom for the allocator, "
                  f"CUDA context and NCCL buffers)")
-    if not fits:
-        tries = [("rollout_batch", k) for k in range(args.rollout_batch - 1, 0, -1)] + \
-                [("micro_batch", k) for k in range(args.micro_batch - 1, 0, -1)] + \
-                ([("grad_checkpointing", True)] if not args.grad_checkpointing else []) + \
-                [("gpus", args.gpus * 2)]
-        for name, value in tries:
-            p = plan_from_args(args, counts=n, **{name: value})
-            if p["peak"] <= headroom * budget:
-                flag = "--" + name.replace("_", "-") + ("" if value is True else f" {value}")
-                lines.append(f"  change: {flag} -> peak {p['peak'] / GIB:.2f} GiB")
-                break
+    fix = None
+    if not ok:
+        found = plan_fix(args, n, headroom)
+        if found:
+            fix = found[0]
+            lines.append(f"  change: {fix} -> peak {found[1]['peak'] / GIB:.2f} GiB")
         else:
             lines.append("  change: no single flag makes it fit; lower --max-new-tokens or --group-size")
+    plan.update(rollout_batch=rb, fits=ok, fix=fix)
     return "\n".join(lines), plan

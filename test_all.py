@@ -2439,14 +2439,19 @@ PAPER_FLAGS = ["--model", "Qwen/Qwen3-VL-8B-Instruct", "--group-size", "32", "--
 
 def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
     """grpo.py --plan reads the shipped 8B config for the hub id, needs no pool: on 8 x 80 GB the KV of 2 prompts
-    x 32 completions at full length does not fit and --rollout-batch 1 is proposed; 8 x 141 GB fits."""
-    grpo.main(["--plan", "--pool", str(tmp_path / "no_pool"), "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS])
+    x 32 completions at full length does not fit and --rollout-batch 1 is proposed (auto takes 1); 8 x 141 GB fits
+    (auto takes 2)."""
+    grpo.main(["--plan", "--pool", str(tmp_path / "no_pool"), "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS,
+               "--rollout-batch", "2"])
     text = capsys.readouterr().out
     assert "qwen3-vl-8b-instruct.json" in text and "8.77 B parameters" in text  # Qwen's published 8.77 B
     assert "DOES NOT FIT" in text and "change: --rollout-batch 1" in text
+    text, plan = rollout.format_plan(grpo.parse_args(["--plan", "--gpus", "8", "--gpu-mem-gib", "80", *PAPER_FLAGS]))
+    assert "DOES NOT FIT" not in text and plan["rollout_batch"] == 1 and plan["rows"] == 32 and "(auto" in text
     args = grpo.parse_args(["--plan", "--gpus", "8", "--gpu-mem-gib", "141", *PAPER_FLAGS])
     text, plan = rollout.format_plan(args)
     assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout"
+    assert plan["rollout_batch"] == 2 and plan["fits"] and plan["fix"] is None
     kv = next(b for p, name, b in plan["items"] if name.startswith("KV cache"))
     # K and V x 36 layers x 8 kv heads x head_dim 128 x bf16, for 2 prompts per rank x G=32 rows at full length
     assert plan["rows"] == 64 and kv == 2 * 36 * 8 * 128 * 2 * 64 * (plan["prompt_tokens"] + 5120)
@@ -2457,6 +2462,82 @@ def test_rollout_plan_of_the_paper_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         rollout.read_model_config("x", str(bad))
     assert str(bad) in str(e.value)
+
+
+def test_rollout_plan_of_the_paper_run_with_the_vllm_engine(tmp_path):
+    """--rollout-engine vllm: the rollout phase is the engine's --vllm-gpu-memory-utilization share (its bf16 weights,
+    its reserve, the KV pool: the rest) + the weight sync's largest parameter, none of the HF rollout's items; with
+    sleep mode the update and optimizer phases hold only its residue, without it its whole share. The paper's run
+    fits on 8 x 80 GiB and 8 x 141 GiB at 0.5; 0.7 on 80 GiB does not fit (0.6 is proposed); 0.2 leaves no KV pool
+    for one sequence (0.25 is proposed)."""
+    flags = ["--plan", "--gpus", "8", *PAPER_FLAGS, "--rollout-engine", "vllm"]
+    for gib in (80, 141):
+        args = grpo.parse_args([*flags, "--gpu-mem-gib", str(gib)])
+        text, plan = rollout.format_plan(args)
+        assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout", text
+        e, items = plan["engine"], {name: b for p, name, b in plan["items"] if p == "rollout"}
+        assert e["weights"] == 2 * plan["counts"]["total"] and e["share"] == 0.5 * gib * 2 ** 30
+        assert e["kv"] == pytest.approx(e["share"] - e["weights"] - e["reserve"])
+        assert sum(items.values()) == pytest.approx(e["share"] + 6 * plan["counts"]["largest"], abs=4)
+        assert not any(name.startswith(("KV cache", "policy unsharded", "prefill")) for name in items)
+        assert plan["counts"]["largest"] == 151936 * 4096  # the embedding (lm_head is as large)
+        kv_row = 2 * 36 * 8 * 128 * 2
+        assert e["full_rows"] == min(64, int(e["kv"] // (kv_row * (5120 + plan["prompt_tokens"] / 32))))
+        asleep = [b for p, name, b in plan["items"] if p == "update" and "asleep" in name]
+        awake = rollout.plan_from_args(args, vllm_sleep=False, counts=plan["counts"])
+        assert len(asleep) == 1 and awake["update"] - plan["update"] == pytest.approx(e["share"] - asleep[0], abs=2)
+    assert plan["engine"]["full_rows"] == 64  # 141 GiB: every row of a rank at once (80 GiB: some queue)
+    hf = rollout.plan_from_args(grpo.parse_args([*PAPER_FLAGS, "--gpus", "8", "--gpu-mem-gib", "80"]))
+    vl = rollout.plan_from_args(grpo.parse_args([*flags, "--gpu-mem-gib", "80"]))
+    assert vl["fixed"] == hf["fixed"] and vl["rollout"] != hf["rollout"]
+    text, plan = rollout.format_plan(grpo.parse_args([*flags, "--gpu-mem-gib", "80", "--vllm-gpu-memory-utilization", "0.7"]))
+    assert not plan["fits"] and plan["fix"] == "--vllm-gpu-memory-utilization 0.6", text
+    text, plan = rollout.format_plan(grpo.parse_args([*flags, "--gpu-mem-gib", "80", "--vllm-gpu-memory-utilization", "0.2"]))
+    assert not plan["engine"]["ok"] and "TOO SMALL" in text and plan["fix"] == "--vllm-gpu-memory-utilization 0.25"
+
+
+def fake_cuda_launch(monkeypatch, world, gib):
+    """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
+    group are faked; loading a model fails the test; train() records the args it got instead of training."""
+    monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60: (0, world, torch.device("cuda", 0)))
+    monkeypatch.setattr(grpo, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)
+    monkeypatch.setattr(grpo, "lock_run_dir", lambda out, rank, world: None)  # no process group to broadcast on
+    loaded, trained = [], []
+
+    def no_load(*a, **k):
+        loaded.append(a)
+        raise AssertionError("weights loaded")
+    for cls in (grpo.AutoModelForImageTextToText, grpo.AutoTokenizer, grpo.AutoImageProcessor):
+        monkeypatch.setattr(cls, "from_pretrained", no_load)
+    monkeypatch.setattr(grpo, "train", lambda args, rank, world, device: trained.append(args))
+    return loaded, trained
+
+
+def test_launch_check_stops_before_loading_when_the_plan_does_not_fit(tmp_path, monkeypatch, capsys):
+    """issue 21: on CUDA the run computes --plan for the GPUs it has before reading weights; the paper's run with
+    --rollout-batch 2 on 8 x 80 GiB stops with one line naming --rollout-batch 1; auto picks the largest batch that
+    fits (1 on 80 GiB, 2 on 141 GiB); too few GPUs names the GPU count; CPU keeps its batch of 4."""
+    flags = [*PAPER_FLAGS, "--pool", str(tmp_path / "no_pool"), "--out", str(tmp_path / "run")]
+    loaded, trained = fake_cuda_launch(monkeypatch, 8, 80)
+    with pytest.raises(SystemExit) as e:
+        grpo.main([*flags, "--rollout-batch", "2"])
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit" in msg and "change --rollout-batch 1" in msg, msg
+    assert not loaded and not trained
+    grpo.main(flags)  # auto
+    assert trained[-1].rollout_batch == 1 and not loaded
+    _, trained = fake_cuda_launch(monkeypatch, 8, 141)
+    grpo.main(flags)
+    assert trained[-1].rollout_batch == 2  # prompts per rank: 16 / 8
+    loaded, trained = fake_cuda_launch(monkeypatch, 8, 70)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(flags)
+    assert "run on 16 GPUs" in str(e.value) and not loaded and not trained
+    grpo.main([*flags, "--no-memory-check"])  # the escape hatch: the plan is an estimate
+    assert trained[-1].rollout_batch == 1
+    args = grpo.parse_args(flags)
+    grpo.check_memory(args, torch.device("cpu"), 0, 1)
+    assert args.rollout_batch == rollout.CPU_ROLLOUT_BATCH == 4
 
 
 # grpo.py's curriculum flags and one curriculum draw per step (issue 13)
@@ -3902,6 +3983,23 @@ def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
     row, = bench.compare_rollout(model, tok, enc, G=3, lengths=[4])
     assert row["generated"] == 3 * 4  # never_stop: every completion runs to its length
     assert {"shared_prefill", "repeated_prefill", "prefill_ratio", "shared_tok_s", "saved"} <= set(row)
+
+
+def test_bench_gpu_dry_run(tmp_path):
+    """bench.py gpu --dry-run: the GPU command's code on CPU with the tiny model, so it cannot rot before a GPU is
+    lent: one JSON with versions, HF (and vLLM where it imports) tokens/s and |dlogp|, a step by phase, peak vs plan."""
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--dry-run", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {"torch", "transformers", "vllm", "torchvision"} <= set(res["versions"])
+    G, N = res["shape"]["G"], res["shape"]["new_tokens"]
+    assert res["hf"]["generated"] == G * N and res["hf"]["dlogp_max"] < 1e-4  # fp32: sampler == trainer
+    if "skipped" not in res["vllm"]:
+        assert res["vllm"]["generated"] == G * N and res["vllm"]["prompt_ids_equal"]
+        assert res["vllm"]["dlogp_mean"] < 1e-1
+    st = res["step_hf"]
+    assert st["phases"]["total"] > 0 and len(st["dlogp"]) == res["shape"]["steps"]
+    assert st["peak_gib"] > 0 and st["plan_peak_gib"] > 0
 
 
 # ==============================================================================
