@@ -39,9 +39,12 @@ Outputs in --out:
     step_%06d/       dcp/ (torch.distributed.checkpoint: each rank writes its own shard of the fp32 weights and
                      the AdamW state; a checkpoint resumes on another number of processes, resharded on load, but
                      then not byte-identically: rank 0's RNG is used), scheduler.pt, curriculum.json, rng_<rank>.pt
-                     (python, numpy, torch RNG + the task sampler), tokenizer + image processor, and (--export-every,
-                     default every checkpoint) a bf16 save_pretrained export (config.json + model.safetensors) that
-                     evaluate.py and from_pretrained load; meta.json (args, step, world size) written last. Written
+                     (python, numpy, torch RNG + the task sampler), the base model's processor files verbatim
+                     (PROCESSOR_FILES: tokenizer files, preprocessor_config.json, video_preprocessor_config.json,
+                     chat_template.json / .jinja, generation_config.json; so AutoProcessor, lmms-eval and
+                     `vllm serve STEP_DIR` load a step dir), and (--export-every, default every checkpoint) a bf16
+                     save_pretrained export (config.json + model.safetensors) that evaluate.py and from_pretrained
+                     load; meta.json (args, step, world size) written last. Written
                      to step_%06d.tmp/ then renamed (after the background write with --async-save, one step later),
                      so a crash never leaves a half-written step_%06d/; --keep-last K prunes older ones. --resume
                      rebuilds the models from --model and loads dcp/ into them.
@@ -176,11 +179,14 @@ def load_policy(path, device="cpu", dtype=torch.float32, device_map=None):
 
 
 def load_processors(path):
-    """-> (tokenizer with left padding, for generation; image processor) of a model dir or hub id."""
+    """-> (tokenizer with left padding, for generation; image processor) of a model dir or hub id. The chat
+    template is the vision one (chat_template_for): hub VL repos keep it in the processor's chat_template.json,
+    which AutoTokenizer does not read."""
     with hub_errors(str(path)):
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
     tokenizer.padding_side = "left"
+    tokenizer.chat_template = chat_template_for(path, tokenizer)
     return tokenizer, image_processor
 
 
@@ -195,6 +201,80 @@ def hub_errors(path):
             raise
         sys.exit(f"grpo.py: error: cannot load --model {path}: not a local dir, not in the Hugging Face cache and "
                  f"the hub is unreachable ({str(e).splitlines()[0]}); download it first or pass a local dir")
+
+
+def read_model_file(path, name):
+    """Text of the file `name` of a model dir or hub id (from the hub cache), or None when it has none."""
+    from transformers.utils import cached_file
+    f = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False)
+    if f is None:
+        return None
+    with open(f, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def renders_images(tokenizer, template):
+    """True when the template turns an image content part into one <|image_pad|> (what encode expands); a
+    text-only template prints the part list, drops it or fails on it."""
+    import jinja2
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError):
+        return False
+    return isinstance(text, str) and text.count("<|image_pad|>") == 1
+
+
+def chat_template_for(path, tokenizer):
+    """The chat template encode uses: the processor's (chat_template.json, else chat_template.jinja: the files
+    AutoProcessor and vLLM read first) or the tokenizer's (tokenizer_config.json / chat_template.jinja), the
+    first of them that handles image parts, else the first that exists. Says which when the two differ, so a
+    text-only template on the tokenizer never silently wins over the vision one."""
+    raw = read_model_file(path, "chat_template.json")
+    if raw is not None:
+        try:
+            proc, where = json.loads(raw)["chat_template"], "the processor's chat_template.json"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            sys.exit(f"grpo.py: error: {path}: chat_template.json is not an object with a chat_template string")
+    else:
+        proc, where = read_model_file(path, "chat_template.jinja"), "the processor's chat_template.jinja"
+    tok = tokenizer.chat_template
+    tok = tok.get("default") if isinstance(tok, dict) else tok  # named templates: the default one
+    found = [(t, w) for t, w in ((proc, where), (tok, "the tokenizer's")) if isinstance(t, str)]
+    if not found:
+        sys.exit(f"grpo.py: error: {path} has no chat template (no chat_template.json, chat_template.jinja or "
+                 "tokenizer_config.json chat_template)")
+    vision = [(t, w) for t, w in found if renders_images(tokenizer, t)]
+    template, used = (vision or found)[0]
+    if len({t for t, _ in found}) > 1:
+        other = [w for t, w in found if t != template][0]
+        print(f"grpo.py: {path}: chat template from {used} ({'handles images' if vision else 'text-only'}); "
+              f"{other} differs ({'handles images' if len(vision) > 1 else 'text-only'}) and is not used")
+    return template
+
+
+# The base model's processor files, copied verbatim into every checkpoint, so AutoProcessor.from_pretrained,
+# lmms-eval and `vllm serve` load a step dir as they load the base model (tokenizer files, image and video
+# preprocessor, the processor's chat template, generation defaults).
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.json", "chat_template.jinja", "generation_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model")
+
+
+def copy_processor_files(src, dst):
+    """Copy PROCESSOR_FILES that the model dir or hub id src has into dst, byte for byte -> names copied."""
+    from transformers.utils import cached_file
+    done = []
+    for name in PROCESSOR_FILES:
+        f = cached_file(str(src), name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+        if f is not None:
+            shutil.copyfile(f, os.path.join(dst, name))
+            done.append(name)
+    return done
 
 
 def encode(tokenizer, image_processor, prompt, images):
@@ -486,8 +566,9 @@ def set_rng_state(s, task_rng):
 
 def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world, pending):
     """step_%06d.tmp/ -> step_%06d/. Each rank writes its own shard of the weights and the optimizer state
-    (torch.distributed.checkpoint, dcp/) and its RNG state; rank 0 the scheduler, curriculum, tokenizer, image
-    processor and (--export-every) a bf16 save_pretrained export; meta.json last, then the rename. With
+    (torch.distributed.checkpoint, dcp/) and its RNG state; rank 0 the scheduler, curriculum, the base model's
+    processor files (copy_processor_files; our tokenizer / image processor saved only where the base lacks them)
+    and (--export-every) a bf16 save_pretrained export; meta.json last, then the rename. With
     --async-save the shards are written in the background and pending (a dict) holds the unfinished save, which
     finish_save completes (the main loop calls it one step later). A full disk on any rank: the .tmp dir is
     removed and every rank stops with one line (disk_full_check); the previous step_*/ is untouched."""
@@ -508,9 +589,12 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
         if export:
             export_weights(model, tmp, rank)  # its gathers run before rank 0 writes: no rank waits on a failure
         torch.save(rng_state(task_rng), os.path.join(tmp, f"rng_{rank}.pt"))
-        if rank == 0:
-            tokenizer.save_pretrained(tmp)
-            image_processor.save_pretrained(tmp)
+        if rank == 0:  # after export_weights: the base's generation_config.json replaces the one it wrote
+            copied = copy_processor_files(args.model, tmp)
+            if not {"tokenizer.json", "tokenizer_config.json"} & set(copied):  # a base without them: save ours
+                tokenizer.save_pretrained(tmp)
+            if "preprocessor_config.json" not in copied:
+                image_processor.save_pretrained(tmp)
             torch.save(sched.state_dict(), os.path.join(tmp, "scheduler.pt"))
             with open(os.path.join(tmp, "curriculum.json"), "w") as f:
                 json.dump(cur.state_dict(), f)

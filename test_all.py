@@ -2840,6 +2840,71 @@ def test_evaluate_tiny_model_run_dir_deterministic_resumes(evaluate_tasks, evalu
     assert _evaluate_metrics(tmp_path / "a", "tiny") == _evaluate_metrics(tmp_path / "b", "tiny")
 
 
+def hub_like_dir(src, dst):
+    """A copy of the tiny model laid out as Qwen's hub VL repos ship: the chat template only in the processor's
+    chat_template.json (none in tokenizer_config.json, no chat_template.jinja) and Qwen's sampling defaults in
+    generation_config.json."""
+    shutil.copytree(src, dst)
+    os.remove(dst / "chat_template.jinja")
+    assert "chat_template" not in json.loads((dst / "tokenizer_config.json").read_text())
+    gen = json.loads((dst / "generation_config.json").read_text())
+    gen.update(do_sample=True, top_k=20, top_p=0.8, temperature=0.7)  # Qwen3-VL-*-Instruct's
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return dst
+
+
+def test_hub_like_dir_template_from_processor_grpo_step_evaluate_and_complete_checkpoint(
+        evaluate_tasks, evaluate_tiny, tmp_path, monkeypatch):
+    """A hub-like dir (template only in chat_template.json, top_k 20 / top_p 0.8 / temperature 0.7 in its
+    generation_config): load_processors takes the vision template (also over a text-only one on the tokenizer),
+    grpo runs a step on it sampling from the plain softmax (no top-k / top-p / temperature warper from the
+    generation_config), the step dir carries the base's processor files verbatim and AutoProcessor loads it, and
+    evaluate runs on both."""
+    from transformers import AutoProcessor
+    from transformers.generation.utils import GenerationMixin
+    from transformers.generation import logits_process as lp
+    hub = hub_like_dir(evaluate_tiny, tmp_path / "hub" / "tiny")
+    tok, _ = grpo.load_processors(str(hub))
+    assert tok.chat_template == tiny_model.CHAT_TEMPLATE
+    # a text-only template on the tokenizer must not win over the processor's vision one
+    text_only = hub_like_dir(evaluate_tiny, tmp_path / "text_only")
+    cfg = json.loads((text_only / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (text_only / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert grpo.load_processors(str(text_only))[0].chat_template == tiny_model.CHAT_TEMPLATE
+    assert grpo.renders_images(tok, tiny_model.CHAT_TEMPLATE) and not grpo.renders_images(tok, cfg["chat_template"])
+
+    seen = []  # every logits processor list generate builds, with do_sample
+    real = GenerationMixin._get_logits_processor
+
+    def spy(self, generation_config, *a, **k):
+        out = real(self, generation_config, *a, **k)
+        seen.append((generation_config.do_sample, [type(p) for p in out]))
+        return out
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", spy)
+    grpo_fake_pool(str(hub.parent / "pool"))
+    run = tmp_path / "run"
+    grpo.main(grpo_common(hub.parent, run, "--steps", "1", "--save-every", "1"))
+    warpers = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
+               lp.TypicalLogitsWarper)
+    assert any(do for do, _ in seen)  # the rollouts sampled ...
+    assert not [t for do, types in seen if do for t in types if issubclass(t, warpers)]  # ... from the plain softmax
+    step = run / "step_000001"
+    for name in grpo.PROCESSOR_FILES:  # the base's files verbatim, nothing else of that kind
+        assert (step / name).exists() == (hub / name).exists(), name
+        if (hub / name).exists():
+            assert (step / name).read_bytes() == (hub / name).read_bytes(), name
+    assert (step / "video_preprocessor_config.json").exists() and (step / "chat_template.json").exists()
+    proc = AutoProcessor.from_pretrained(str(step))
+    assert type(proc).__name__ == "Qwen3VLProcessor" and proc.chat_template == tiny_model.CHAT_TEMPLATE
+    out = tmp_path / "eval"
+    evaluate.main([str(hub), str(step), "--tasks", str(evaluate_tasks), "--out", str(out), "--limit", "2",
+                   "--max-new-tokens", "8", "--batch-size", "2", "--baseline", "none", "--show", "0"])
+    for name in ("tiny", "run_step_000001"):
+        assert len(_evaluate_rows(out, name)) == 2
+
+
 # -----------------------------------------------------------------------------
 # the widest subset, truncation rate, scene type x level (issue 13): per-source Δv rank, whole pairs
 

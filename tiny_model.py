@@ -22,6 +22,9 @@ What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` 
                                       and a Qwen-style chat template (one <|image_pad|> per image, expanded later)
     preprocessor_config.json          Qwen2VLImageProcessorPil (works without torchvision), patch 16, merge 2,
                                       max_pixels 49152 so a 640x480 image gives 48 visual tokens
+    chat_template.json                the processor's chat template (the same), where hub VL repos keep it
+    video_preprocessor_config.json    Qwen3VLVideoProcessor (unused; makes the processor set complete, so
+                                      AutoProcessor.from_pretrained and `vllm serve` load the dir as a hub repo)
     generation_config.json            stop on <|im_end|> / <|endoftext|>
     args.json                         the arguments of this run
 
@@ -142,6 +145,23 @@ def build_image_processor():
     # (48 tokens) so CPU rollouts stay fast. Qwen3-VL uses mean = std = 0.5.
     return Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32 * 4,
                                     max_pixels=32 * 32 * 48, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def write_processor_files(out, image_processor):
+    """The rest of a hub VL repo's processor set: the processor's chat template in the legacy chat_template.json
+    (where Qwen's hub repos keep it; the same template as the tokenizer's) and a video_preprocessor_config.json
+    (Qwen3VLVideoProcessor; written as JSON because building that class needs torchvision), so
+    AutoProcessor.from_pretrained and `vllm serve` load this dir as they load Qwen/Qwen3-VL-*."""
+    with open(os.path.join(out, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE}, f, indent=2)
+    ip = image_processor
+    video = dict(video_processor_type="Qwen3VLVideoProcessor", patch_size=ip.patch_size,
+                 temporal_patch_size=ip.temporal_patch_size, merge_size=ip.merge_size, image_mean=list(ip.image_mean),
+                 image_std=list(ip.image_std), do_convert_rgb=True, do_resize=True, resample=3, do_rescale=True,
+                 rescale_factor=1 / 255, do_normalize=True, do_sample_frames=True, fps=2, min_frames=4,
+                 max_frames=64, size=dict(ip.size), return_metadata=False)
+    with open(os.path.join(out, "video_preprocessor_config.json"), "w") as f:
+        json.dump(video, f, indent=2)
 
 
 def build_model(tokenizer, seed=0):
@@ -362,6 +382,7 @@ def main(argv=None):
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     image_processor.save_pretrained(args.out)
+    write_processor_files(args.out, image_processor)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
     n_params = sum(p.numel() for p in model.parameters())
