@@ -21,6 +21,10 @@ A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI
     connections, --api-retries times from --api-backoff s doubling (max 60 s, Retry-After honoured); 401/403 and
     other 4xx, a malformed response, a missing key variable, or a server still failing after the retries end
     the run with one line naming the cause; the rerun resumes. Row and report name: --api-model (or --name).
+The same local model through vLLM (--engine vllm: rollout.VllmEngine, one engine, --batch-size 256 tasks submitted at
+once and batched continuously; the same prompts, checked token for token against grpo.encode's, the same banned
+tokens and greedy decoding, so the same predictions as the transformers path: tested on CPU, fp32):
+    python evaluate.py runs/grpo/step_000200 --engine vllm --tasks tasks/test.jsonl --out eval --device cuda
 A model larger than one GPU, loaded here: --device-map auto (accelerate spreads it over the visible GPUs) and
 --dtype (auto = bfloat16 on GPUs, float32 on CPU).
 Answers made by any other tool (no model, no torch):

@@ -1,14 +1,25 @@
 """
-rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): sampling G completions
-per prompt from ONE prefill, with the policy's weights resident and a KV cache written in place; and the per-GPU
-memory plan of a run, printed by `python grpo.py --plan ...` before anything is loaded.
+rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): the two rollout engines
+behind one interface (transformers generate on the trainer's weights, or a colocated vLLM engine whose weights are
+synced after every optimizer step); for the first, sampling G completions per prompt from ONE prefill with the
+policy's weights resident and a KV cache written in place; and the per-GPU memory plan of a run, printed by
+`python grpo.py --plan ...` before anything is loaded.
 
-Used as:
-    with rollout.resident(model, "resident"):       # once around all generate calls of a step's rollout / an eval
-        outs = rollout.generate(model, tokenizer, encodings, max_new_tokens, group_size=G)
+Used as (grpo.py --rollout-engine hf|vllm; evaluate.py --engine hf|vllm):
+    engine = HFEngine(model, tokenizer)  or  VllmEngine(model_dir, tokenizer, device, max_model_len)
+    with engine.session():                          # once around a step's rollout / an eval
+        outs = engine.generate(encodings, images, max_new_tokens, temperature, group_size=G)
+    engine.sync_weights(model)                      # after every optimizer step (HF: nothing to do)
     python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model configs/qwen3-vl-8b-instruct [the run's flags]
+outs: len(encodings) * G dicts, prompt-major: text, token_ids (up to and including the stop token), logprobs (the
+sampler's log p of each token under logits / temperature over the whole vocabulary: what the trainer computes),
+truncated. Both engines ban the same special tokens and stop on the same tokens; VllmEngine's usage notes (prompt
+ids checked against grpo.encode's, the log-prob trick, seeds, sleep mode, the lm_head repack on CPU) are in its
+docstring. Measured on CPU (fp32, tiny model, tests): vLLM's tokens and log-probs equal transformers' (|dlogp|
+~1e-7 at every training step, 1 and 2 processes; greedy tokens equal after training). On GPU (bf16) nothing was
+measured yet: `bench.py gpu` is the prepared command.
 
-Two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
+HFEngine's two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
 - resident (default): `resident()` calls unshard() on every FSDP module of the policy (it acts on the module it is
   called on, not its children) and set_reshard_after_forward(False), so generate issues NO collective per token:
   the all-gathers happen once per rollout, and ranks may stop decoding at different steps (synced_gpus is not
