@@ -1826,7 +1826,7 @@ def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
                 p.add_(0.01 * torch.randn_like(p))
         args = argparse.Namespace(
             group_size=3, micro_batch=mb, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
-            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0)
+            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, tis_cap=0)
         model.train()
         grpo.train_on(samples, model, ref_model, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -1957,7 +1957,7 @@ def test_grpo_entropy_equals_full_softmax(grpo_env):
 def grpo_filter_args(tok, **k):
     return argparse.Namespace(**dict(dict(
         group_size=3, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
-        ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, filter_max_retries=0), **k))
+        ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, filter_max_retries=0, tis_cap=0), **k))
 
 
 def test_grpo_zero_std_frac_and_filter_groups_loss_of_kept_groups(grpo_env, monkeypatch):
@@ -3931,7 +3931,7 @@ def hatch_grad_of_pasta(d, weight):
         samples += [dict(enc=enc, task=task, token_ids=[20, 21, 22], logprobs=[0.0] * 3, reward=1.0)] * 2
     args = argparse.Namespace(group_size=2, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.0,
                               clip_eps=0.2, ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=weight,
-                              pasta_grid=4, pasta_layer=0, pasta_tau=0.1, pool=str(d / "pool"))
+                              pasta_grid=4, pasta_layer=0, pasta_tau=0.1, pool=str(d / "pool"), tis_cap=0)
     model.train()
     stats, _ = grpo.train_on(samples, model, None, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False),
                              {p["pair_id"]: p for p in pairs})
