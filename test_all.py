@@ -4095,3 +4095,54 @@ def test_pipeline_smoke(evaluate_tasks, tmp_path):
         assert f"| {name} |" in report
         assert len(_evaluate_rows(tmp_path / "eval", name)) == 3
     assert (tmp_path / "eval" / "f1_vs_bin.png").stat().st_size > 0
+
+
+# ==============================================================================
+# Issue 20 items 2 and 5: images_N resized by floor or round, --answers without torch / cv2, vllm serve
+# ==============================================================================
+
+def test_pool_images_n_floor_or_round_sizes_scale_by_the_actual_ratio(tmp_path):
+    """images_N made by a floor-resizer (ffmpeg: 944 / 3 -> 314) or a round-resizer (ImageMagick: -> 315) is read,
+    each axis scaled by its own exact ratio: the pool's keypoints land on the renderer's exact geometry."""
+    data = str(tmp_path / "data")
+    # 236 x 176 images, model at 4x: 944 x 704, which 3 does not divide (314.67 x 234.67: floor != round)
+    synthetic.main(["--out", data, "--layouts", "dl3dv", "--scenes", "2", "--frames", "5", "--image-scale", "0.4915"])
+    meta = synthetic.load_meta(data)
+    resized = {}  # scene name -> (w, h) of its images_3
+    for sc, rnd in zip(meta["scenes"], (math.floor, lambda v: math.floor(v + 0.5))):
+        w, h = sc["frames"][0]["width"], sc["frames"][0]["height"]
+        assert (4 * w) % 3 and (4 * h) % 3 and (4 * w) // 3 != round(4 * w / 3)
+        size = resized[sc["name"]] = (rnd(4 * w / 3), rnd(4 * h / 3))
+        src, dst = os.path.join(data, sc["path"], "images_4"), os.path.join(data, sc["path"], "images_3")
+        os.makedirs(dst)
+        for name in sorted(os.listdir(src)):  # the rendered images resampled onto the smaller grid, real pixels
+            cv2.imwrite(os.path.join(dst, name), cv2.resize(cv2.imread(os.path.join(src, name)), size,
+                                                           interpolation=cv2.INTER_AREA))
+    assert sorted(resized.values())[0] == (314, 234) and sorted(resized.values())[1] == (315, 235)
+    pool = str(tmp_path / "pool")
+    build_pool.main(["--colmap", os.path.join(data, "dl3dv"), "--colmap-images", "images_3", "--colmap-source", "dl3dv",
+                     "--out", pool, "--workers", "1", "--max-pairs-per-scene", "0"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    assert {p["scene"] for p in pairs} == set(resized)
+
+    def at_size(frame, size):  # the frame's camera on the resized grid: x' = (x + 0.5) * w' / w - 0.5 per axis
+        K = np.array(frame["K"], np.float64)
+        for ax, (new, old) in enumerate(zip(size, (frame["width"], frame["height"]))):
+            K[ax, ax] *= new / old
+            K[ax, 2] = (K[ax, 2] + 0.5) * new / old - 0.5
+        return dict(frame, K=K.tolist(), width=size[0], height=size[1])
+
+    errs = []
+    for pair in pairs:
+        size = resized[pair["scene"]]
+        rendered = lambda k: synthetic.find_frame(meta, pair[f"image{k}"].replace("/images_3/", "/images_4/"))
+        sc, f1 = rendered(1)
+        f1, f2 = at_size(f1, size), at_size(rendered(2)[1], size)
+        assert (pair["width1"], pair["height1"]) == size and np.allclose(pair["K1"], f1["K"], atol=1e-6)
+        a = pool_load(pool, pair)
+        m = a["match"]
+        X1, hit = pool_surface_points(synthetic.make_scene(sc["seed"], sc["kind"]), f1, a["kp1"][m >= 0])
+        assert hit.all()
+        errs += np.linalg.norm(pool_project(f2, X1)[0] - a["kp2"][m[m >= 0]], axis=1).tolist()
+    assert len(errs) > 20 and max(errs) < 0.05, max(errs)  # a scale of 3 instead of 944/314 would slip ~1 px
