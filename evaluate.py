@@ -8,7 +8,9 @@ Usage (CPU demo, after make_tasks.py and tiny_model.py / grpo.py; the tiny model
 paper's training budget, 5120 new tokens, so a model that reasons at length is not cut off):
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --device cuda
-Baselines only (no torch needed):  python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
+Baselines only (no torch needed; sift and --show need OpenCV, random / none / --answers / --api-base neither torch
+nor OpenCV, both imported only where used):
+    python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
 A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, hosted APIs; README
 "Evaluating other models"), the key read from the environment variable named by --api-key-env, never a flag:
     OPENAI_API_KEY=... python evaluate.py --api-base http://gpu-host:8000/v1 --api-model Qwen/Qwen3-VL-235B-A22B-Instruct \
@@ -120,7 +122,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import cv2
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -490,6 +491,7 @@ def answer_none(task):
 
 def sift_at(sift, gray, points, size):
     """Unit-normalised upright SIFT descriptors at the given (x, y) points."""
+    import cv2
     kps = [cv2.KeyPoint(float(x), float(y), size, 0.0) for x, y in points]
     kps_out, desc = sift.compute(gray, kps)
     assert len(kps_out) == len(kps), "SIFT dropped a labelled point"
@@ -513,12 +515,14 @@ class SiftMatcher:
     many pairs and dense detection is most of the cost) and F per image pair (several tasks share a pair)."""
 
     def __init__(self, args, min_inliers=15, cache_images=64):
+        import cv2  # OpenCV only for the SIFT baseline and --show: --answers and the API path run without it
         self.args, self.min_inliers, self.cache_images = args, min_inliers, cache_images
         self.sift = cv2.SIFT_create(nfeatures=4000)
         self.images, self.fmats = OrderedDict(), {}
 
     def features(self, path, task):
         """(gray image, dense keypoints, dense descriptors) of one image."""
+        import cv2
         if path in self.images:
             self.images.move_to_end(path)
             return self.images[path]
@@ -532,6 +536,7 @@ class SiftMatcher:
 
     def fundamental_matrix(self, f1, f2):
         """F from dense SIFT + ratio test + RANSAC, or None when too few inliers to trust it."""
+        import cv2
         (_, k1, d1), (_, k2, d2) = f1, f2
         if d1 is None or d2 is None or len(k1) < 2 or len(k2) < 2:
             return None
@@ -841,6 +846,7 @@ def show_indices(tasks, k):
 
 def show_task(path, task, row, name):
     """Side-by-side picture of one task: points, ground truth, the model's answer."""
+    import cv2
     imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in task["originals"]]
     h, w = max(i.shape[0] for i in imgs), max(i.shape[1] for i in imgs)
     inch = 6 / max(h, w)  # the longer image side gets 6 inches, portrait or landscape

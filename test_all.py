@@ -4146,3 +4146,35 @@ def test_pool_images_n_floor_or_round_sizes_scale_by_the_actual_ratio(tmp_path):
         assert hit.all()
         errs += np.linalg.norm(pool_project(f2, X1)[0] - a["kp2"][m[m >= 0]], axis=1).tolist()
     assert len(errs) > 20 and max(errs) < 0.05, max(errs)  # a scale of 3 instead of 944/314 would slip ~1 px
+
+
+def test_evaluate_answers_and_floor_baselines_run_where_torch_and_cv2_cannot_be_imported(evaluate_tasks, tmp_path):
+    """evaluate.py --answers (and the random / none floors) in a Python where `import torch` and `import cv2` fail:
+    the same predictions and metrics as in this process, which has both."""
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    answers = _evaluate_write_answers(tmp_path / "theirs.jsonl", [
+        (t["task_id"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}) if k % 2 else "no idea")
+        for k, t in enumerate(tasks)])
+    argv = ["--answers", str(answers), "--tasks", str(evaluate_tasks), "--baseline", "random", "none"]
+    # None in sys.modules makes `import X` raise ImportError, as if the package were not installed
+    poison = ("import runpy, sys\n"
+              "for m in ('torch', 'cv2', 'transformers', 'torchvision'):\n"
+              "    sys.modules[m] = None\n"
+              "sys.argv = ['evaluate.py'] + sys.argv[1:]\n"
+              "runpy.run_path('evaluate.py', run_name='__main__')\n"
+              "assert sys.modules['torch'] is None and sys.modules['cv2'] is None\n")
+    r = subprocess.run([sys.executable, "-c", poison, *argv, "--out", str(tmp_path / "bare")], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the poison works: the same wrapper cannot run the SIFT baseline, which needs OpenCV
+    r2 = subprocess.run([sys.executable, "-c", poison, "--tasks", str(evaluate_tasks), "--baseline", "sift",
+                         "--limit", "1", "--out", str(tmp_path / "sift")], cwd=HERE, capture_output=True, text=True,
+                        timeout=300)
+    assert r2.returncode != 0 and "ModuleNotFoundError: import of cv2 halted" in r2.stderr
+    evaluate.main([*argv, "--out", str(tmp_path / "full")])
+    for name in ("theirs", "baseline_random", "baseline_none"):
+        assert _evaluate_rows(tmp_path / "bare", name) == _evaluate_rows(tmp_path / "full", name)
+        assert _evaluate_metrics(tmp_path / "bare", name) == _evaluate_metrics(tmp_path / "full", name)
+    m = _evaluate_metrics(tmp_path / "bare", "theirs")
+    assert m["overall"]["n_tasks"] == len(tasks) and 0 < m["overall"]["f1"] < 1
+    assert (tmp_path / "bare" / "report.md").read_text() == (tmp_path / "full" / "report.md").read_text()
