@@ -365,16 +365,42 @@ def data_url(path, prog="evaluate.py"):
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def api_request(task, tasks_dir, args):
+def api_request(task, tasks_dir, args, extra=None):
     """One task's chat-completions body: one user message, the prompted images then the prompt's text (the
-    order grpo.encode gives our own model), decoding settings from the flags."""
+    order grpo.encode gives our own model), decoding settings from the flags; extra: fields outside OpenAI's
+    protocol (vllm_decoding), sent as the client's extra_body."""
     content = [{"type": "image_url", "image_url": {"url": data_url(tasks_dir / p)}} for p in task["images"]]
     body = dict(model=args.api_model, messages=[{"role": "user", "content": content +
                                                  [{"type": "text", "text": task["prompt"]}]}])
     body[args.api_max_tokens_param] = args.max_new_tokens
     if not args.api_no_temperature:
         body["temperature"] = args.temperature
+    if extra:
+        body["extra_body"] = extra
     return body
+
+
+def vllm_decoding(model_dir):
+    """--api-tokenizer: (tokenizer, extra request fields) that make a vLLM server decode the checkpoint it serves
+    as our own generate does (rollout.generate, the local evaluate.py path): stop at <|im_end|> / <|endoftext|>
+    (stop_token_ids: vLLM alone stops only at the tokenizer's eos); never sample the special tokens we ban
+    (rollout.banned_ids: image pads, vision markers, im_start, padded rows; sent as their complement,
+    allowed_token_ids, which masks to -inf: logit_bias is clamped at -100, bad_words cannot name padded rows);
+    no top-k / top-p / min-p / repetition penalty whatever the checkpoint's generation_config.json says (a server
+    started without --generation-config vllm takes those as request defaults: Qwen ships top_k 20, top_p 0.8);
+    and the token ids back (return_token_ids), decoded here with the same tokenizer: vLLM's incremental
+    detokenizer drops a trailing incomplete UTF-8 character that tokenizer.decode renders as U+FFFD, which can
+    change the parse ("</answer>" followed by half a character is malformed)."""
+    import grpo  # torch and transformers only on this path
+    import rollout
+    from transformers import AutoConfig
+    tokenizer, _ = grpo.load_processors(model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+    banned = set(rollout.banned_ids(tokenizer, vocab))
+    extra = dict(stop_token_ids=rollout.stop_ids(tokenizer),
+                 allowed_token_ids=[i for i in range(vocab) if i not in banned], top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, return_token_ids=True)
+    return tokenizer, extra
 
 
 class ApiStopped(Exception):
@@ -385,7 +411,7 @@ def one_line(e, limit=300):
     return " ".join(str(e).split())[:limit]
 
 
-def api_answer(client, task, body, args, stop):
+def api_answer(client, task, body, args, stop, tokenizer=None):
     """Our retry loop around one request (the client itself never retries): 429, 5xx, 408/409, timeouts and
     dropped connections back off (--api-backoff doubling, capped at 60 s, Retry-After honoured up to that cap)
     and retry up to --api-retries times; anything else, or no luck after the retries, exits with one line."""
@@ -416,15 +442,16 @@ def api_answer(client, task, body, args, stop):
         except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
             sys.exit(f"evaluate.py: error: {base} sent a malformed response for task {tid} ({one_line(e, 120)})")
         else:
-            return api_completion(resp, base, tid)
+            return api_completion(resp, base, tid, tokenizer)
         if attempt < args.api_retries:
             stop.wait(wait)
     sys.exit(f"evaluate.py: error: {base} still failing after {args.api_retries + 1} attempts: {cause}; "
              "rerun the same command to resume")
 
 
-def api_completion(resp, base, tid):
-    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage."""
+def api_completion(resp, base, tid, tokenizer=None):
+    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage. With a
+    tokenizer (--api-tokenizer) the text is its decoding of the completion's token ids, as the local path's."""
     choices = getattr(resp, "choices", None)
     message = choices[0].message if isinstance(choices, list) and choices else None
     if message is None or not isinstance(message.content, (str, type(None))):
@@ -435,7 +462,14 @@ def api_completion(resp, base, tid):
     if u is not None and isinstance(u.prompt_tokens, int) and isinstance(u.completion_tokens, int):
         usage = dict(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
     reason = choices[0].finish_reason
-    return dict(text=message.content or "", truncated=reason == "length", finish_reason=reason,
+    text = message.content or ""
+    if tokenizer is not None:
+        ids = getattr(choices[0], "token_ids", None)
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            sys.exit(f"evaluate.py: error: {base} sent no token_ids for task {tid}: --api-tokenizer needs a vLLM "
+                     "server (return_token_ids is vLLM's field)")
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return dict(text=text, truncated=reason == "length", finish_reason=reason,
                 n_tokens=usage and usage["completion_tokens"], usage=usage)
 
 
@@ -445,11 +479,12 @@ def api_answerer(tasks_dir, args, key):
     one-line error is raised: a rerun resumes from what was written."""
     import openai
     client = openai.OpenAI(base_url=args.api_base, api_key=key, max_retries=0, timeout=args.api_timeout)
+    tokenizer, extra = vllm_decoding(args.api_tokenizer) if args.api_tokenizer else (None, None)
 
     def ask(task, stop):
         if stop.is_set():
             raise ApiStopped
-        return api_answer(client, task, api_request(task, tasks_dir, args), args, stop)
+        return api_answer(client, task, api_request(task, tasks_dir, args, extra), args, stop, tokenizer)
 
     def stream(todo):
         stop = threading.Event()
@@ -918,6 +953,9 @@ def main(argv=None):
                         help="request field carrying --max-new-tokens (OpenAI reasoning models want the second)")
     parser.add_argument("--api-no-temperature", action="store_true", help="send no temperature (for endpoints "
                         "that reject one; they then decode with their own default)")
+    parser.add_argument("--api-tokenizer", metavar="DIR", help="a vLLM server serving our checkpoint DIR (a local "
+                        "dir or hub id): decode as `evaluate.py DIR` does (stops, banned special tokens, no "
+                        "sampling defaults, text decoded here from the token ids); vLLM-only request fields")
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
@@ -955,6 +993,10 @@ def main(argv=None):
         sys.exit("evaluate.py: error: --api-base and --api-model go together")
     if args.api_base and not re.match(r"https?://[^/]", args.api_base):
         sys.exit(f"evaluate.py: error: --api-base {args.api_base} is not an http(s):// URL")
+    if args.api_tokenizer and not args.api_base:
+        sys.exit("evaluate.py: error: --api-tokenizer goes with --api-base (a vLLM server of that checkpoint)")
+    if args.api_tokenizer:  # a run dir: its latest exported step, as a CKPT
+        args.api_tokenizer = resolve_ckpt(args.api_tokenizer)
     if args.name and bool(args.answers) == bool(args.api_base):
         sys.exit("evaluate.py: error: --name names the one --answers or --api-base model of a run")
     api_key = os.environ.get(args.api_key_env) if args.api_base else None
@@ -1001,7 +1043,8 @@ def main(argv=None):
                 make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
             elif kind == "api":
                 info.update(temperature=None if args.api_no_temperature else args.temperature,
-                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param)
+                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param,
+                            api_tokenizer=args.api_tokenizer)
                 make_answerer = lambda: api_answerer(tasks_path.parent, args, api_key)
             else:
                 if what == "sift":
