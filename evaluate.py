@@ -8,8 +8,8 @@ Usage (CPU demo, after make_tasks.py and tiny_model.py / grpo.py; the tiny model
 paper's training budget, 5120 new tokens, so a model that reasons at length is not cut off):
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --device cuda
-Baselines only (no torch needed; sift and --show need OpenCV, random / none / --answers / --api-base neither torch
-nor OpenCV, both imported only where used):
+Baselines only (no torch needed; sift and --show need OpenCV; random, none, --answers and --api-base without
+--api-tokenizer need neither torch nor OpenCV: both are imported only where used):
     python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
 A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, hosted APIs; README
 "Evaluating other models"), the key read from the environment variable named by --api-key-env, never a flag:
@@ -23,9 +23,18 @@ A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI
     connections, --api-retries times from --api-backoff s doubling (max 60 s, Retry-After honoured); 401/403 and
     other 4xx, a malformed response, a missing key variable, or a server still failing after the retries end
     the run with one line naming the cause; the rerun resumes. Row and report name: --api-model (or --name).
+Our own checkpoint served by vLLM, answers equal to local greedy `evaluate.py STEP` (tested on CPU, fp32 server):
+    vllm serve runs/grpo/step_000200 --limit-mm-per-prompt '{"image": 2}' --port 8000   # CPU: see README
+    OPENAI_API_KEY=EMPTY python evaluate.py --api-base http://gpu-host:8000/v1 --api-model runs/grpo/step_000200 \
+        --api-tokenizer runs/grpo/step_000200 --tasks tasks/test.jsonl --out eval
+    --api-tokenizer DIR (the served checkpoint, local) adds vLLM-only request fields (vllm_decoding): our stop
+    tokens, the complement of the special tokens our generate bans as allowed_token_ids, no top-k / top-p /
+    min-p / repetition penalty whatever the checkpoint's generation_config.json says, and return_token_ids: the
+    row's text is DIR's tokenizer's decoding of the returned ids (vLLM's own text drops a trailing incomplete
+    UTF-8 character). A server that returns no token ids stops the run with one line.
 A model larger than one GPU, loaded here: --device-map auto (accelerate spreads it over the visible GPUs) and
 --dtype (auto = bfloat16 on GPUs, float32 on CPU).
-Answers made by any other tool (no model, no torch):
+Answers made by any other tool (no model, no torch, no OpenCV):
     python evaluate.py --answers their_answers.jsonl --name their-model --tasks tasks/test.jsonl --out eval
     their_answers.jsonl: one JSON object a line, {"task_id": "<a task_id of the tasks file>", "text": "<the
     model's raw answer to that task's prompt>"}. Scored with reward.score like our models' completions, from
