@@ -4242,11 +4242,12 @@ def _vllm_serve(model_dir, log_path, ready_s=420):
     tail = lambda: "\n".join(open(log_path, errors="replace").read().splitlines()[-40:])
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + ready_s
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"vllm serve exited with {proc.returncode} before it was ready:\n{tail()}")
             try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+                with direct.open(url + "/v1/models", timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:
