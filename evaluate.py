@@ -8,7 +8,9 @@ Usage (CPU demo, after make_tasks.py and tiny_model.py / grpo.py; the tiny model
 paper's training budget, 5120 new tokens, so a model that reasons at length is not cut off):
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --device cuda
-Baselines only (no torch needed):  python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
+Baselines only (no torch needed; sift and --show need OpenCV; random, none, --answers and --api-base without
+--api-tokenizer need neither torch nor OpenCV: both are imported only where used):
+    python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
 A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, hosted APIs; README
 "Evaluating other models"), the key read from the environment variable named by --api-key-env, never a flag:
     OPENAI_API_KEY=... python evaluate.py --api-base http://gpu-host:8000/v1 --api-model Qwen/Qwen3-VL-235B-A22B-Instruct \
@@ -25,9 +27,18 @@ The same local model through vLLM (--engine vllm: rollout.VllmEngine, one engine
 once and batched continuously; the same prompts, checked token for token against grpo.encode's, the same banned
 tokens and greedy decoding, so the same predictions as the transformers path: tested on CPU, fp32):
     python evaluate.py runs/grpo/step_000200 --engine vllm --tasks tasks/test.jsonl --out eval --device cuda
+Our own checkpoint served by vLLM, answers equal to local greedy `evaluate.py STEP` (tested on CPU, fp32 server):
+    vllm serve runs/grpo/step_000200 --limit-mm-per-prompt '{"image": 2}' --port 8000   # CPU: see README
+    OPENAI_API_KEY=EMPTY python evaluate.py --api-base http://gpu-host:8000/v1 --api-model runs/grpo/step_000200 \
+        --api-tokenizer runs/grpo/step_000200 --tasks tasks/test.jsonl --out eval
+    --api-tokenizer DIR (the served checkpoint, local) adds vLLM-only request fields (vllm_decoding): our stop
+    tokens, the complement of the special tokens our generate bans as allowed_token_ids, no top-k / top-p /
+    min-p / repetition penalty whatever the checkpoint's generation_config.json says, and return_token_ids: the
+    row's text is DIR's tokenizer's decoding of the returned ids (vLLM's own text drops a trailing incomplete
+    UTF-8 character). A server that returns no token ids stops the run with one line.
 A model larger than one GPU, loaded here: --device-map auto (accelerate spreads it over the visible GPUs) and
 --dtype (auto = bfloat16 on GPUs, float32 on CPU).
-Answers made by any other tool (no model, no torch):
+Answers made by any other tool (no model, no torch, no OpenCV):
     python evaluate.py --answers their_answers.jsonl --name their-model --tasks tasks/test.jsonl --out eval
     their_answers.jsonl: one JSON object a line, {"task_id": "<a task_id of the tasks file>", "text": "<the
     model's raw answer to that task's prompt>"}. Scored with reward.score like our models' completions, from
@@ -124,7 +135,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import cv2
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -396,16 +406,42 @@ def data_url(path, prog="evaluate.py"):
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def api_request(task, tasks_dir, args):
+def api_request(task, tasks_dir, args, extra=None):
     """One task's chat-completions body: one user message, the prompted images then the prompt's text (the
-    order grpo.encode gives our own model), decoding settings from the flags."""
+    order grpo.encode gives our own model), decoding settings from the flags; extra: fields outside OpenAI's
+    protocol (vllm_decoding), sent as the client's extra_body."""
     content = [{"type": "image_url", "image_url": {"url": data_url(tasks_dir / p)}} for p in task["images"]]
     body = dict(model=args.api_model, messages=[{"role": "user", "content": content +
                                                  [{"type": "text", "text": task["prompt"]}]}])
     body[args.api_max_tokens_param] = args.max_new_tokens
     if not args.api_no_temperature:
         body["temperature"] = args.temperature
+    if extra:
+        body["extra_body"] = extra
     return body
+
+
+def vllm_decoding(model_dir):
+    """--api-tokenizer: (tokenizer, extra request fields) that make a vLLM server decode the checkpoint it serves
+    as our own generate does (rollout.generate, the local evaluate.py path): stop at <|im_end|> / <|endoftext|>
+    (stop_token_ids: vLLM alone stops only at the tokenizer's eos); never sample the special tokens we ban
+    (rollout.banned_ids: image pads, vision markers, im_start, padded rows; sent as their complement,
+    allowed_token_ids, which masks to -inf: logit_bias is clamped at -100, bad_words cannot name padded rows);
+    no top-k / top-p / min-p / repetition penalty whatever the checkpoint's generation_config.json says (a server
+    started without --generation-config vllm takes those as request defaults: Qwen ships top_k 20, top_p 0.8);
+    and the token ids back (return_token_ids), decoded here with the same tokenizer: vLLM's incremental
+    detokenizer drops a trailing incomplete UTF-8 character that tokenizer.decode renders as U+FFFD, which can
+    change the parse ("</answer>" followed by half a character is malformed)."""
+    import grpo  # torch and transformers only on this path
+    import rollout
+    from transformers import AutoConfig
+    tokenizer, _ = grpo.load_processors(model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+    banned = set(rollout.banned_ids(tokenizer, vocab))
+    extra = dict(stop_token_ids=rollout.stop_ids(tokenizer),
+                 allowed_token_ids=[i for i in range(vocab) if i not in banned], top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, return_token_ids=True)
+    return tokenizer, extra
 
 
 class ApiStopped(Exception):
@@ -416,7 +452,7 @@ def one_line(e, limit=300):
     return " ".join(str(e).split())[:limit]
 
 
-def api_answer(client, task, body, args, stop):
+def api_answer(client, task, body, args, stop, tokenizer=None):
     """Our retry loop around one request (the client itself never retries): 429, 5xx, 408/409, timeouts and
     dropped connections back off (--api-backoff doubling, capped at 60 s, Retry-After honoured up to that cap)
     and retry up to --api-retries times; anything else, or no luck after the retries, exits with one line."""
@@ -447,15 +483,16 @@ def api_answer(client, task, body, args, stop):
         except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
             sys.exit(f"evaluate.py: error: {base} sent a malformed response for task {tid} ({one_line(e, 120)})")
         else:
-            return api_completion(resp, base, tid)
+            return api_completion(resp, base, tid, tokenizer)
         if attempt < args.api_retries:
             stop.wait(wait)
     sys.exit(f"evaluate.py: error: {base} still failing after {args.api_retries + 1} attempts: {cause}; "
              "rerun the same command to resume")
 
 
-def api_completion(resp, base, tid):
-    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage."""
+def api_completion(resp, base, tid, tokenizer=None):
+    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage. With a
+    tokenizer (--api-tokenizer) the text is its decoding of the completion's token ids, as the local path's."""
     choices = getattr(resp, "choices", None)
     message = choices[0].message if isinstance(choices, list) and choices else None
     if message is None or not isinstance(message.content, (str, type(None))):
@@ -466,7 +503,14 @@ def api_completion(resp, base, tid):
     if u is not None and isinstance(u.prompt_tokens, int) and isinstance(u.completion_tokens, int):
         usage = dict(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
     reason = choices[0].finish_reason
-    return dict(text=message.content or "", truncated=reason == "length", finish_reason=reason,
+    text = message.content or ""
+    if tokenizer is not None:
+        ids = getattr(choices[0], "token_ids", None)
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            sys.exit(f"evaluate.py: error: {base} sent no token_ids for task {tid}: --api-tokenizer needs a vLLM "
+                     "server (return_token_ids is vLLM's field)")
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return dict(text=text, truncated=reason == "length", finish_reason=reason,
                 n_tokens=usage and usage["completion_tokens"], usage=usage)
 
 
@@ -476,11 +520,12 @@ def api_answerer(tasks_dir, args, key):
     one-line error is raised: a rerun resumes from what was written."""
     import openai
     client = openai.OpenAI(base_url=args.api_base, api_key=key, max_retries=0, timeout=args.api_timeout)
+    tokenizer, extra = vllm_decoding(args.api_tokenizer) if args.api_tokenizer else (None, None)
 
     def ask(task, stop):
         if stop.is_set():
             raise ApiStopped
-        return api_answer(client, task, api_request(task, tasks_dir, args), args, stop)
+        return api_answer(client, task, api_request(task, tasks_dir, args, extra), args, stop, tokenizer)
 
     def stream(todo):
         stop = threading.Event()
@@ -522,6 +567,7 @@ def answer_none(task):
 
 def sift_at(sift, gray, points, size):
     """Unit-normalised upright SIFT descriptors at the given (x, y) points."""
+    import cv2
     kps = [cv2.KeyPoint(float(x), float(y), size, 0.0) for x, y in points]
     kps_out, desc = sift.compute(gray, kps)
     assert len(kps_out) == len(kps), "SIFT dropped a labelled point"
@@ -545,12 +591,14 @@ class SiftMatcher:
     many pairs and dense detection is most of the cost) and F per image pair (several tasks share a pair)."""
 
     def __init__(self, args, min_inliers=15, cache_images=64):
+        import cv2  # OpenCV only for the SIFT baseline and --show: --answers and the API path run without it
         self.args, self.min_inliers, self.cache_images = args, min_inliers, cache_images
         self.sift = cv2.SIFT_create(nfeatures=4000)
         self.images, self.fmats = OrderedDict(), {}
 
     def features(self, path, task):
         """(gray image, dense keypoints, dense descriptors) of one image."""
+        import cv2
         if path in self.images:
             self.images.move_to_end(path)
             return self.images[path]
@@ -564,6 +612,7 @@ class SiftMatcher:
 
     def fundamental_matrix(self, f1, f2):
         """F from dense SIFT + ratio test + RANSAC, or None when too few inliers to trust it."""
+        import cv2
         (_, k1, d1), (_, k2, d2) = f1, f2
         if d1 is None or d2 is None or len(k1) < 2 or len(k2) < 2:
             return None
@@ -873,6 +922,7 @@ def show_indices(tasks, k):
 
 def show_task(path, task, row, name):
     """Side-by-side picture of one task: points, ground truth, the model's answer."""
+    import cv2
     imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in task["originals"]]
     h, w = max(i.shape[0] for i in imgs), max(i.shape[1] for i in imgs)
     inch = 6 / max(h, w)  # the longer image side gets 6 inches, portrait or landscape
@@ -944,6 +994,9 @@ def main(argv=None):
                         help="request field carrying --max-new-tokens (OpenAI reasoning models want the second)")
     parser.add_argument("--api-no-temperature", action="store_true", help="send no temperature (for endpoints "
                         "that reject one; they then decode with their own default)")
+    parser.add_argument("--api-tokenizer", metavar="DIR", help="a vLLM server serving our checkpoint DIR (a local "
+                        "dir or hub id): decode as `evaluate.py DIR` does (stops, banned special tokens, no "
+                        "sampling defaults, text decoded here from the token ids); vLLM-only request fields")
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
@@ -987,6 +1040,10 @@ def main(argv=None):
         sys.exit("evaluate.py: error: --api-base and --api-model go together")
     if args.api_base and not re.match(r"https?://[^/]", args.api_base):
         sys.exit(f"evaluate.py: error: --api-base {args.api_base} is not an http(s):// URL")
+    if args.api_tokenizer and not args.api_base:
+        sys.exit("evaluate.py: error: --api-tokenizer goes with --api-base (a vLLM server of that checkpoint)")
+    if args.api_tokenizer:  # a run dir: its latest exported step, as a CKPT
+        args.api_tokenizer = resolve_ckpt(args.api_tokenizer)
     if args.name and bool(args.answers) == bool(args.api_base):
         sys.exit("evaluate.py: error: --name names the one --answers or --api-base model of a run")
     api_key = os.environ.get(args.api_key_env) if args.api_base else None
@@ -1037,7 +1094,8 @@ def main(argv=None):
                     make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
             elif kind == "api":
                 info.update(temperature=None if args.api_no_temperature else args.temperature,
-                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param)
+                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param,
+                            api_tokenizer=args.api_tokenizer)
                 make_answerer = lambda: api_answerer(tasks_path.parent, args, api_key)
             else:
                 if what == "sift":

