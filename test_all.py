@@ -4118,7 +4118,8 @@ def _harness_exit_line(argv):
     return msg
 
 
-def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_bytes(evaluate_tasks, harness_export, tmp_path):
+def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_bytes(evaluate_tasks, harness_export,
+                                                                                   tmp_path):
     import datasets
     import yaml
     tasks = evaluate.load_tasks(evaluate_tasks)
@@ -4235,16 +4236,16 @@ def test_harness_export_bad_input_one_line(evaluate_tasks, tmp_path):
     msg = _harness_exit_line(["--tasks", write("gone.jsonl", [tasks[0], gone]), *out])
     assert "missing_2.jpg does not exist" in msg and repr(gone["task_id"]) in msg
     (tmp_path / "fake_2.png").write_bytes(open(tasks[1]["images"][1], "rb").read())  # a JPEG named .png
-    msg = _harness_exit_line(["--tasks", write("fake.jsonl", [dict(gone, images=[gone["images"][0],
-                                                                                 str(tmp_path / "fake_2.png")])]), *out])
+    fake = dict(gone, images=[gone["images"][0], str(tmp_path / "fake_2.png")])
+    msg = _harness_exit_line(["--tasks", write("fake.jsonl", [fake]), *out])
     assert "fake_2.png does not start like a .png file" in msg
     wrong = dict(tasks[0], target=["ZZ"] + tasks[0]["target"][1:])
     msg = _harness_exit_line(["--tasks", write("wrong.jsonl", [wrong]), *out])
     assert "wrong.jsonl line 1" in msg and "target must hold" in msg
     lacking = {k: v for k, v in tasks[0].items() if k != "scene"}
     assert "lacks scene" in _harness_exit_line(["--tasks", write("lacking.jsonl", [lacking]), *out])
-    assert "mixes splits" in _harness_exit_line(["--tasks", write("mixed.jsonl", [tasks[0], dict(tasks[1], split="train")]),
-                                                 *out])
+    mixed = write("mixed.jsonl", [tasks[0], dict(tasks[1], split="train")])
+    assert "mixes splits" in _harness_exit_line(["--tasks", mixed, *out])
     msg = _harness_exit_line(["--tasks", write("dup.jsonl", [tasks[0], tasks[0]]), *out])
     assert f"duplicate task_id {tasks[0]['task_id']!r}" in msg
     assert "directory of its own" in _harness_exit_line(["--tasks", str(evaluate_tasks), "--out",
@@ -4279,7 +4280,8 @@ def test_harness_vlmevalkit_prediction_files_back_into_evaluate(evaluate_tasks, 
     assert "row 2: index 1 is not task" in msg and "another tasks file" in msg
 
 
-def _lmms_python():
+@pytest.fixture(scope="module")
+def harness_lmms_python():
     """lmms-eval's interpreter: its own venv (requirements-lmms-eval.txt; .ci/run makes it and sets
     WIDEMATCH_LMMS_PYTHON). Skipped when missing, except in CI (CI set): there it fails."""
     py = os.environ.get("WIDEMATCH_LMMS_PYTHON", "")
@@ -4350,10 +4352,10 @@ class _HarnessChatServer:
 
 
 @pytest.fixture(scope="module")
-def harness_lmms_runs(evaluate_tasks, harness_export, tmp_path_factory):
+def harness_lmms_runs(harness_lmms_python, evaluate_tasks, harness_export, tmp_path_factory):
     """Two real lmms-eval runs of the exported task against the server: "base" answers on every task, then
     "dcrl" (other answers) with --limit 12; offline, in a fresh HF cache."""
-    py = _lmms_python()
+    py = harness_lmms_python  # first argument: without lmms-eval the skip comes before the data is built
     tasks = evaluate.load_tasks(evaluate_tasks)
     d = tmp_path_factory.mktemp("harness_lmms")
     server = _HarnessChatServer(tasks, evaluate_tasks.parent, "sk-bench")
@@ -4380,8 +4382,8 @@ def harness_lmms_runs(evaluate_tasks, harness_export, tmp_path_factory):
     return dict(runs=runs, requests=server.log, tasks=tasks, dir=d, python=py)
 
 
-def test_harness_lmms_eval_run_scores_like_evaluate_and_its_samples_rescore_the_same(evaluate_tasks, harness_lmms_runs,
-                                                                                tmp_path):
+def test_harness_lmms_eval_run_scores_like_evaluate_and_its_samples_rescore_the_same(harness_lmms_runs, evaluate_tasks,
+                                                                                  tmp_path):
     tasks, base = harness_lmms_runs["tasks"], harness_lmms_runs["runs"]["base"]
     asked = [r for r in harness_lmms_runs["requests"] if r["mode"] == "base"]
     # one request per task: both prompted images (the same pixels) then the prompt; the task's generation settings
@@ -4422,7 +4424,7 @@ def test_harness_lmms_eval_run_scores_like_evaluate_and_its_samples_rescore_the_
     assert "line 1: doc_id" in msg and "another tasks file" in msg
 
 
-def test_harness_vlmevalkit_xlsx_prediction_file(evaluate_tasks, harness_export, harness_lmms_runs, tmp_path):
+def test_harness_vlmevalkit_xlsx_prediction_file(harness_lmms_runs, evaluate_tasks, harness_export, tmp_path):
     """VLMEvalKit's default .xlsx prediction file, written by pandas + xlsxwriter exactly as its dump() does (in
     the lmms-eval venv, which has both), read back by evaluate.py with the standard library."""
     tasks = evaluate.load_tasks(evaluate_tasks)
@@ -4462,7 +4464,7 @@ def _harness_with_benchmarks(results, values, gen=None):
     return d
 
 
-def test_harness_transfer_table_from_real_lmms_results(evaluate_tasks, harness_lmms_runs, tmp_path):
+def test_harness_transfer_table_from_real_lmms_results(harness_lmms_runs, evaluate_tasks, tmp_path):
     runs = harness_lmms_runs["runs"]
     real = [json.loads(runs[m]["results"].read_text()) for m in ("base", "dcrl")]
     f1 = [100 * r["results"]["widematch"]["f1,none"] for r in real]
@@ -4491,8 +4493,8 @@ def test_harness_transfer_table_from_real_lmms_results(evaluate_tasks, harness_l
         assert [c["value"] for c in r["cells"]] == [scale * b, scale * a]
     report = (out / "report.md").read_text()
     assert report.count(evaluate.TRANSFER_HEADING) == 1  # replaced, not appended twice
-    assert "| OmniSpatial | `omni_spatial` (omni_spatial_score,none) | 43.60 | 48.87 | +5.27 | 100 | 43.60 → 48.87 (+5.27) |" \
-        in report
+    assert "| OmniSpatial | `omni_spatial` (omni_spatial_score,none) | 43.60 | 48.87 | +5.27 | 100 | " \
+        "43.60 → 48.87 (+5.27) |" in report
     assert "| SAT Real | `sat` (exact_match,flexible-extract) | 70.00 | 75.30 | +5.30 |" in report
     assert "| V*Bench | `vstar_bench` (vstar_overall_acc,none) | 84.80 | 85.90 | +1.10 |" in report
     assert "MMStar: the models ran with different generation settings" in report
