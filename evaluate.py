@@ -1069,15 +1069,16 @@ def transfer_markdown(t):
     header = ["benchmark", "lmms-eval task (metric)", f"base: {base}"]
     for o in others:
         header += [o, "Δ"]
-    header += ["docs", "paper: base → DCRL (Δ)"]
+    header += ["docs (per model)", "paper: base → DCRL (Δ)"]
     rows = []
     for r in t["rows"]:
-        cells, ns = r["cells"], sorted({c["n"] for c in r["cells"] if c and c["n"] is not None})
+        cells = r["cells"]
+        ns = ["-" if c is None or c["n"] is None else str(c["n"]) for c in cells]
         row = [r["benchmark"], f"`{r['task']}` ({r['metric']})", f2(cells[0])]
         for c in cells[1:]:
             row += [f2(c), delta(cells[0], c)]
         pb, pt = r["paper"]
-        rows.append(row + ["/".join(map(str, ns)) or "-", f"{pb} → {pt} ({pt - pb:+.2f})"])
+        rows.append(row + [ns[0] if len(set(ns)) == 1 else " / ".join(ns), f"{pb:.2f} → {pt:.2f} ({pt - pb:+.2f})"])
     lines = [f"\n{TRANSFER_HEADING}\n",
              "Numbers in percent: each benchmark's headline metric as lmms-eval 0.7.3 computes it (its task and "
              "metric key in the second column), from " + ", ".join(f"`{p}`" for p in t["files"]) + " (made with "
