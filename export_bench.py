@@ -53,7 +53,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 from collections import Counter
