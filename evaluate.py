@@ -314,8 +314,15 @@ def read_any_answers(path, all_tasks):
     and the first record: VLMEvalKit's prediction file (.tsv, .xlsx, .json), lmms-eval's samples log (.jsonl
     lines with a doc_id), or our own {task_id, text} lines."""
     path = Path(path)
-    if path.suffix.lower() in (".tsv", ".xlsx", ".json"):
+    if path.suffix.lower() in (".tsv", ".xlsx"):
         return read_vlmevalkit_predictions(path, all_tasks)
+    if path.suffix.lower() == ".json":  # VLMEvalKit's is one JSON list of records; else our lines, named .json
+        try:
+            whole = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if isinstance(whole, list):
+            return read_vlmevalkit_predictions(path, all_tasks)
     with open(path) as f:
         first = next((line for line in f if line.strip()), "")
     try:

@@ -4274,6 +4274,10 @@ def test_harness_vlmevalkit_prediction_files_back_into_evaluate(evaluate_tasks, 
         got = _evaluate_metrics(tmp_path / "eval", f"vlmeval-{suffix}")
         assert got["overall"] == want["overall"] and got["n_missing"] == 0
         assert [r["text"] for r in _evaluate_rows(tmp_path / "eval", f"vlmeval-{suffix}")] == texts
+    # our own {task_id, text} lines still read as such when the file is named .json
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "lines.json", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    assert _evaluate_metrics(tmp_path / "eval", "lines")["overall"] == want["overall"]
     data["index"] = list(range(1, len(tasks))) + [0]  # rows of a TSV made from another tasks file
     data.to_csv(tmp_path / "other.tsv", sep="\t", index=False, quoting=csv_module.QUOTE_ALL)
     msg = _evaluate_exit_line(["--answers", str(tmp_path / "other.tsv"), *common])
