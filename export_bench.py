@@ -366,10 +366,10 @@ def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, titl
     if args_info:
         keep = {k: v for k, v in args_info.items() if k not in ("pool", "out") and v not in (None, "", False)}
         lines += ["", "make_tasks.py arguments: " + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in keep.items())]
-    if comp_info:
-        lines += ["", f"Composition asked and achieved (make_tasks.py): sources {comp_info['source'].get('asked')} -> "
-                  f"{comp_info['source'].get('achieved')}; levels {comp_info['level'].get('asked')} -> "
-                  f"{comp_info['level'].get('achieved')} (percent)."]
+    shares = lambda key, kind: (comp_info or {}).get(key, {}).get(kind)
+    if shares("source", "achieved") and shares("level", "achieved"):
+        lines += ["", f"Composition asked and achieved (make_tasks.py, percent): sources {shares('source', 'asked')} -> "
+                  f"{shares('source', 'achieved')}; levels {shares('level', 'asked')} -> {shares('level', 'achieved')}."]
     lines += ["", "## Composition", ""]
     for key, title_ in (("source", "source"), ("level", "level"), ("scene_type", "scene type"),
                         ("spatial", "point layout"), ("bin", "overlap bin (within source)")):
