@@ -10,7 +10,8 @@ Then (README "The benchmark in lmms-eval and VLMEvalKit" has the full commands):
     python -c "import datasets; print(datasets.load_dataset('bench_hf'))"   # or upload bench_hf as a dataset repo
     python -m lmms_eval --model openai --model_args model=M,base_url=http://HOST:8000/v1 \
         --include_path bench_hf/lmms_eval --tasks widematch --log_samples --output_path lmms_out   # lmms-eval's venv
-    LMUData=bench_hf PRED_FORMAT=tsv python run.py --data WideMatch --model Qwen3-VL-8B-Instruct --mode infer  # VLMEvalKit
+    LMUData=bench_hf PRED_FORMAT=tsv python run.py --data WideMatch --model Qwen3-VL-8B-Instruct --mode infer
+        (VLMEvalKit: inference only)
     python evaluate.py --answers lmms_out/M/<date>_samples_widematch.jsonl --name M --tasks tasks/test.jsonl --out eval
     (evaluate.py --answers also reads VLMEvalKit's prediction file; both land in eval/report.md beside our rows)
 
@@ -365,11 +366,13 @@ def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, titl
              "source. Images: the prompted images exactly as the model sees them (the files' bytes, unchanged)."]
     if args_info:
         keep = {k: v for k, v in args_info.items() if k not in ("pool", "out") and v not in (None, "", False)}
-        lines += ["", "make_tasks.py arguments: " + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in keep.items())]
+        lines += ["", "make_tasks.py arguments: "
+                  + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in keep.items())]
     shares = lambda key, kind: (comp_info or {}).get(key, {}).get(kind)
     if shares("source", "achieved") and shares("level", "achieved"):
-        lines += ["", f"Composition asked and achieved (make_tasks.py, percent): sources {shares('source', 'asked')} -> "
-                  f"{shares('source', 'achieved')}; levels {shares('level', 'asked')} -> {shares('level', 'achieved')}."]
+        lines += ["", "Composition asked and achieved (make_tasks.py, percent): sources "
+                  f"{shares('source', 'asked')} -> {shares('source', 'achieved')}; levels {shares('level', 'asked')} -> "
+                  f"{shares('level', 'achieved')}."]
     lines += ["", "## Composition", ""]
     for key, title_ in (("source", "source"), ("level", "level"), ("scene_type", "scene type"),
                         ("spatial", "point layout"), ("bin", "overlap bin (within source)")):
