@@ -371,8 +371,8 @@ def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, titl
     shares = lambda key, kind: (comp_info or {}).get(key, {}).get(kind)
     if shares("source", "achieved") and shares("level", "achieved"):
         lines += ["", "Composition asked and achieved (make_tasks.py, percent): sources "
-                  f"{shares('source', 'asked')} -> {shares('source', 'achieved')}; levels {shares('level', 'asked')} -> "
-                  f"{shares('level', 'achieved')}."]
+                  f"{shares('source', 'asked')} -> {shares('source', 'achieved')}; levels "
+                  f"{shares('level', 'asked')} -> {shares('level', 'achieved')}."]
     lines += ["", "## Composition", ""]
     for key, title_ in (("source", "source"), ("level", "level"), ("scene_type", "scene type"),
                         ("spatial", "point layout"), ("bin", "overlap bin (within source)")):
