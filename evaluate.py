@@ -21,6 +21,10 @@ A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI
     connections, --api-retries times from --api-backoff s doubling (max 60 s, Retry-After honoured); 401/403 and
     other 4xx, a malformed response, a missing key variable, or a server still failing after the retries end
     the run with one line naming the cause; the rerun resumes. Row and report name: --api-model (or --name).
+The same local model through vLLM (--engine vllm: rollout.VllmEngine, one engine, --batch-size 256 tasks submitted at
+once and batched continuously; the same prompts, checked token for token against grpo.encode's, the same banned
+tokens and greedy decoding, so the same predictions as the transformers path: tested on CPU, fp32):
+    python evaluate.py runs/grpo/step_000200 --engine vllm --tasks tasks/test.jsonl --out eval --device cuda
 A model larger than one GPU, loaded here: --device-map auto (accelerate spreads it over the visible GPUs) and
 --dtype (auto = bfloat16 on GPUs, float32 on CPU).
 Answers made by any other tool (no model, no torch):
@@ -537,6 +541,34 @@ def model_answerer(ckpt, tasks_dir, args):
         # seeded per batch by its first task, so a rerun of the same batches samples the same tokens
         torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))
         outs = grpo.generate(model, tokenizer, encs, args.max_new_tokens, args.temperature, greedy)
+        return [dict(text=o["text"], truncated=o["truncated"], n_tokens=len(o["token_ids"]),
+                     usage=dict(prompt_tokens=e["input_ids"].shape[1], completion_tokens=len(o["token_ids"])))
+                for e, o in zip(encs, outs)]
+    return in_batches(answer, args.batch_size)
+
+def vllm_answerer(ckpt, tasks_dir, tasks, args):
+    """--engine vllm: the same prompts (grpo.encode) and decoding as model_answerer through one vLLM engine
+    (rollout.VllmEngine: prompt ids checked against encode's, the same banned tokens and stops); each batch of
+    --batch-size tasks is submitted at once (continuous batching) and written when it is done."""
+    import grpo  # torch, transformers and vllm only when a model is evaluated
+    import rollout
+    import torch
+    from PIL import Image
+    tokenizer, image_processor = grpo.load_processors(ckpt)
+    cfg, _ = rollout.read_model_config(ckpt)
+    side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
+    room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
+    engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
+                                gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False,
+                                dtype=getattr(torch, model_dtype(args)))
+
+    def answer(batch):
+        images = [[Image.open(tasks_dir / p).convert("RGB") for p in task["images"]] for task in batch]
+        encs = [grpo.encode(tokenizer, image_processor, t["prompt"], ims) for t, ims in zip(batch, images)]
+        torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))  # the per-request seeds
+        with engine.session():
+            outs = engine.generate(encs, images, args.max_new_tokens, args.temperature, args.temperature <= 0,
+                                   names=[t["task_id"] for t in batch])
         return [dict(text=o["text"], truncated=o["truncated"], n_tokens=len(o["token_ids"]),
                      usage=dict(prompt_tokens=e["input_ids"].shape[1], completion_tokens=len(o["token_ids"])))
                 for e, o in zip(encs, outs)]
@@ -1237,7 +1269,12 @@ def main(argv=None):
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
-    parser.add_argument("--batch-size", type=int, default=8, help="tasks per generate call")
+    parser.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                        help="CKPTs: transformers generate (hf), or one vLLM engine (vllm; same greedy decoding)")
+    parser.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
+                        help="--engine vllm on a GPU: its share of the GPU's memory")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="tasks per generate call (default 8; --engine vllm: 256, batched continuously)")
     parser.add_argument("--max-new-tokens", type=int, default=5120,
                         help="completion budget per task (the paper trains at 5120; the CPU demo passes 48)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -1259,6 +1296,7 @@ def main(argv=None):
     parser.add_argument("--sift-ratio", type=float, default=0.8, help="nearest / second-nearest distance ratio")
     parser.add_argument("--sift-max-dist", type=float, default=0.7, help="max unit-SIFT distance for a link")
     args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (256 if args.engine == "vllm" else 8)
 
     if args.transfer:  # needs no tasks file; with models to evaluate too, their report keeps the section
         missing = [p for p in args.transfer if not Path(p).is_file()]
@@ -1323,7 +1361,11 @@ def main(argv=None):
         else:
             if kind == "model":
                 info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=model_dtype(args))
-                make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+                if args.engine == "vllm":  # (hf runs keep the run.json they always had)
+                    info["engine"] = "vllm"
+                    make_answerer = lambda: vllm_answerer(what, tasks_path.parent, tasks, args)
+                else:
+                    make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
             elif kind == "api":
                 info.update(temperature=None if args.api_no_temperature else args.temperature,
                             max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param)

