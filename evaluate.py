@@ -44,6 +44,23 @@ Answers made by any other tool (no model, no torch, no OpenCV):
     model's raw answer to that task's prompt>"}. Scored with reward.score like our models' completions, from
     scratch on every run (edit the file, rerun); a task without a line is scored as an unanswered (empty) answer
     and counted in n_missing; a task_id the tasks file lacks, or one given twice, is an error naming it.
+    The harnesses' own outputs of export_bench.py's exports work the same way (README "The benchmark in lmms-eval
+    and VLMEvalKit"), with the tasks file the export was made from:
+    python evaluate.py --answers lmms_out/MODEL/<date>_samples_widematch.jsonl --name MODEL --tasks tasks/test.jsonl
+        lmms-eval's --log_samples file: doc_id = the task's row in the tasks file (the export keeps its order),
+        text = filtered_resps; each line is checked against the task (the task_id in its micro_f1 item, or its
+        target against the reference answer), so a samples file of another export stops with the line named.
+    python evaluate.py --answers outputs/MODEL/<eval id>/MODEL_WideMatch.tsv --name MODEL --tasks tasks/test.jsonl
+        VLMEvalKit's prediction file (.tsv with PRED_FORMAT=tsv, .json with PRED_FORMAT=json, or its default .xlsx,
+        read with the standard library; .xlsx cells stop at 32,767 characters, a full cell is warned about):
+        rows by their task_id column, checked against index.
+The paper's transfer table (lmms-eval results of the base model and the trained one; README "Transfer benchmarks"):
+    python evaluate.py --transfer lmms_base/*/*_results.json lmms_dcrl/*/*_results.json --out eval
+    Models are told apart by the files' model_name and ordered by first appearance: the first is the base, each
+    other gets a Δ column. Rows: OmniSpatial, MindCube, SAT Real, MME-RealWorld, MMStar, RealWorldQA, V*Bench and
+    our own lmms-eval task, each the headline metric lmms-eval 0.7.3 reports (TRANSFER_BENCHMARKS), in percent,
+    beside the paper's numbers; notes flag different generation settings and --limit'ed runs. Written to
+    <out>/transfer.json and as report.md's last section (kept when the report is rebuilt); needs no --tasks.
 
 CKPT may be a checkpoint dir (runs/x/step_000010/), a run dir (its latest step_*/ via grpo.latest_checkpoint),
 any local Hugging Face model dir, or a hub id; put CKPTs before --baseline. Decoding is greedy unless
@@ -77,7 +94,8 @@ baseline_sift, baseline_random, baseline_none):
         green (correct) or red (wrong), ground-truth links dashed grey, rings on points answered "none"
         (green: correct none, orange: missed match) or not answered (magenta).
     <out>/report.md (overall with each model's truncation rate, F1 by source / level / scene type / layout /
-        bin, scene type x level, the widest subset with per-source columns and how it was chosen),
+        bin, scene type x level, the widest subset with per-source columns and how it was chosen, and last the
+        transfer table when <out>/transfer.json exists),
         <out>/f1_vs_bin.png (F1 vs overlap bin, one panel per level), <out>/f1_by_source.png:
         every model with a <out>/*/metrics.json made on the same tasks file (same tasks_sha and limit), this run's
         and earlier runs', one row each under its directory name; so models evaluated in separate runs (a local
@@ -299,6 +317,178 @@ def score_answers(tasks, answers, model_dir):
     rows = [score_row(t, answers[t["task_id"]]) if t["task_id"] in answers else score_row(t, "", missing=True)
             for t in tasks]
     (model_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+# answers written by the harnesses (export_bench.py's exports): lmms-eval's --log_samples file and VLMEvalKit's
+# prediction file, mapped back to the tasks file's rows (the export keeps its order)
+
+
+def read_any_answers(path, all_tasks):
+    """{task_id: text} of an --answers file in any of the formats the usage card lists, told apart by the name
+    and the first record: VLMEvalKit's prediction file (.tsv, .xlsx, .json), lmms-eval's samples log (.jsonl
+    lines with a doc_id), or our own {task_id, text} lines."""
+    path = Path(path)
+    if path.suffix.lower() in (".tsv", ".xlsx"):
+        return read_vlmevalkit_predictions(path, all_tasks)
+    if path.suffix.lower() == ".json":  # VLMEvalKit's is one JSON list of records; else our lines, named .json
+        try:
+            whole = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if isinstance(whole, list):
+            return read_vlmevalkit_predictions(path, all_tasks)
+    with open(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        head = json.loads(first) if first else {}
+    except json.JSONDecodeError:
+        head = {}  # read_answers names the bad line
+    if isinstance(head, dict) and "doc_id" in head:
+        return read_lmms_samples(path, all_tasks)
+    return read_answers(path, {t["task_id"] for t in all_tasks})
+
+
+def read_lmms_samples(path, all_tasks):
+    """{task_id: text} of lmms-eval's --log_samples file (<output_path>/<model>/<date>_samples_widematch.jsonl).
+    It drops the doc, so doc_id (the row of the exported parquet = the line of the tasks file, counting tasks)
+    names the task; the answer is filtered_resps (what lmms-eval scored; the widematch task keeps it raw). Each
+    line is checked against the tasks file: the task_id its micro_f1 item carries (export_bench.py's task), or
+    else its target against the task's reference answer; a mismatch means the export came from another tasks
+    file and stops the run, as do a doc_id outside the file, a doc given twice or a line without a text answer."""
+    answers = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--answers {path} line {lineno}"
+            try:
+                s = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
+            doc_id = s.get("doc_id") if isinstance(s, dict) else None
+            if not isinstance(doc_id, int) or isinstance(doc_id, bool) or not 0 <= doc_id < len(all_tasks):
+                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id!r} is not a row of the tasks file "
+                         f"(0..{len(all_tasks) - 1}); lmms-eval samples map back by row")
+            task = all_tasks[doc_id]
+            claimed = s["micro_f1"].get("task_id") if isinstance(s.get("micro_f1"), dict) else None
+            target = s.get("target")
+            if claimed is not None and claimed != task["task_id"]:
+                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
+                         f"but {claimed!r} in the samples: the export was made from another tasks file")
+            if claimed is None and target is not None and target != reward.format_answer(
+                    {i + 1: v for i, v in enumerate(task["target"])}):
+                sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
+                         f"task {task['task_id']!r}: the export was made from another tasks file")
+            text = s.get("filtered_resps", s.get("resps"))
+            while isinstance(text, list) and len(text) == 1:  # [[text]] before lmms-eval flattens it, [text] after
+                text = text[0]
+            if not isinstance(text, str):
+                sys.exit(f"evaluate.py: error: {where}: filtered_resps holds no single text answer ({str(text)[:80]})")
+            if task["task_id"] in answers:
+                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} (task {task['task_id']!r}) answered twice")
+            answers[task["task_id"]] = text
+    return answers
+
+
+XLSX_CELL_LIMIT = 32767  # characters per cell: VLMEvalKit's default .xlsx output cuts longer answers there
+
+
+def read_vlmevalkit_predictions(path, all_tasks):
+    """{task_id: text} of VLMEvalKit's prediction file (<work-dir>/<model>/<eval id>/<model>_WideMatch.xlsx, or
+    .tsv with PRED_FORMAT=tsv, .json with PRED_FORMAT=json): the TSV's columns without the image, plus prediction.
+    Rows map by the task_id column export_bench.py puts in the TSV, checked against index (= the row of the tasks
+    file); without task_id, by index alone. An empty prediction is an empty answer; a row of another tasks file,
+    a row given twice or a file without prediction / index stops the run."""
+    records = vlmevalkit_records(path)
+    where = f"--answers {path}"
+    if not records or "prediction" not in records[0] or ("index" not in records[0] and "task_id" not in records[0]):
+        sys.exit(f"evaluate.py: error: {where} has no prediction rows with an index or task_id column "
+                 "(not a VLMEvalKit prediction file)")
+    ids = {t["task_id"] for t in all_tasks}
+    answers, long = {}, 0
+    for k, r in enumerate(records, 2):  # row 1 is the header
+        try:
+            index = int(float(r["index"])) if r.get("index") not in (None, "") else None
+        except (TypeError, ValueError):
+            sys.exit(f"evaluate.py: error: {where} row {k}: index {r['index']!r} is not a number")
+        tid = r.get("task_id")
+        if tid in (None, ""):
+            if index is None or not 0 <= index < len(all_tasks):
+                sys.exit(f"evaluate.py: error: {where} row {k}: index {index} is not a row of the tasks file")
+            tid = all_tasks[index]["task_id"]
+        elif tid not in ids:
+            sys.exit(f"evaluate.py: error: {where} row {k}: unknown task_id {tid!r} (not in the tasks file)")
+        elif index is not None and (not 0 <= index < len(all_tasks) or all_tasks[index]["task_id"] != tid):
+            sys.exit(f"evaluate.py: error: {where} row {k}: index {index} is not task {tid!r} in the tasks file: the "
+                     "TSV was made from another tasks file")
+        if tid in answers:
+            sys.exit(f"evaluate.py: error: {where} row {k}: duplicate task_id {tid!r} (answered twice)")
+        p = r["prediction"]
+        text = "" if p is None or (isinstance(p, float) and math.isnan(p)) else str(p)
+        long += len(text) >= XLSX_CELL_LIMIT
+        answers[tid] = text
+    if long and path.suffix.lower() == ".xlsx":
+        print(f"evaluate.py: warning: {long} predictions in {path} fill a whole .xlsx cell ({XLSX_CELL_LIMIT} characters)"
+              ": probably cut by VLMEvalKit; rerun its inference with PRED_FORMAT=tsv")
+    return answers
+
+
+def vlmevalkit_records(path):
+    """Rows of a VLMEvalKit prediction file as dicts of the header's columns (TSV and XLSX cells as text)."""
+    import xml.etree.ElementTree as ET
+    import zipfile
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                sys.exit(f"evaluate.py: error: --answers {path} is not a JSON list of records")
+            return data
+        rows = xlsx_rows(path) if suffix == ".xlsx" else tsv_rows(path)
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ET.ParseError) as e:
+        sys.exit(f"evaluate.py: error: --answers {path} cannot be read as a {suffix} file ({one_line(e)})")
+    if not rows:
+        return []
+    header = rows[0]
+    return [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in rows[1:] if any(r)]
+
+
+def tsv_rows(path):
+    import csv
+    csv.field_size_limit(sys.maxsize)  # long answers (and images in a dataset TSV) exceed the default
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row for row in csv.reader(f, delimiter="\t")]
+
+
+def xlsx_rows(path):
+    """The first worksheet of an .xlsx file as lists of cell texts, with the standard library: an .xlsx is a zip of
+    XML (shared strings, inline strings, numbers; OOXML's _xHHHH_ escapes of control characters undone)."""
+    import xml.etree.ElementTree as ET
+    import zipfile
+    m = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+    unescape = lambda s: re.sub(r"_x([0-9A-Fa-f]{4})_", lambda mo: chr(int(mo.group(1), 16)), s)
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        shared = [] if "xl/sharedStrings.xml" not in names else \
+            ["".join(t.text or "" for t in si.iter(f"{m}t")) for si in ET.fromstring(z.read("xl/sharedStrings.xml"))]
+        sheets = sorted((n for n in names if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)),
+                        key=lambda n: int(re.findall(r"\d+", n)[-1]))
+        if not sheets:
+            raise ValueError("no worksheet")
+        rows = []
+        for row in ET.fromstring(z.read(sheets[0])).iter(f"{m}row"):
+            cells, col = {}, -1
+            for c in row.findall(f"{m}c"):
+                ref = re.match(r"[A-Z]+", c.get("r", ""))  # "C5" -> column C; cells without r follow on
+                col = sum((ord(ch) - 64) * 26 ** i for i, ch in enumerate(reversed(ref.group(0)))) - 1 if ref else col + 1
+                v, kind = c.find(f"{m}v"), c.get("t")
+                if kind == "s":
+                    cells[col] = shared[int(v.text)]
+                elif kind == "inlineStr":
+                    cells[col] = "".join(t.text or "" for t in c.iter(f"{m}t"))
+                else:
+                    cells[col] = "" if v is None or v.text is None else v.text
+            rows.append([unescape(cells.get(i, "")) for i in range(max(cells, default=-1) + 1)])
     return rows
 
 
@@ -878,7 +1068,136 @@ def write_report(out, all_metrics, tasks_path, shows):
                   "answered none (green correct, orange missed) or not answered (magenta).\n"]
         parts += [f"- {name}: " + ", ".join(f"[{p.stem}]({p.relative_to(out).as_posix()})" for p in ps)
                   for name, ps in shows.items()]
+    parts += transfer_section(out)  # an earlier --transfer's table stays in the rebuilt report
     (out / "report.md").write_text("\n".join(parts) + "\n")
+
+# -----------------------------------------------------------------------------
+# the paper's transfer table (evaluate.py --transfer RESULTS...): lmms-eval results of the base and the trained model
+
+# (row, lmms-eval 0.7.3 task names (the first one present is used), the headline metric's key in its results JSON,
+# factor to percent (V*Bench already reports percent), the paper's Qwen3-VL-8B base -> DCRL numbers)
+TRANSFER_BENCHMARKS = (
+    ("OmniSpatial", ("omni_spatial",), "omni_spatial_score,none", 100, (43.60, 48.87)),
+    ("MindCube", ("mindcube_full", "mindcube_tiny"), "overall_accuracy,none", 100, (40.01, 43.52)),
+    ("SAT Real", ("sat",), "exact_match,flexible-extract", 100, (70.0, 75.3)),
+    ("MME-RealWorld", ("mmerealworld",), "mme_realworld_score,none", 100, (62.8, 63.8)),
+    ("MMStar", ("mmstar",), "average,none", 100, (59.8, 62.5)),
+    ("RealWorldQA", ("realworldqa",), "exact_match,none", 100, (69.5, 70.5)),
+    ("V*Bench", ("vstar_bench",), "vstar_overall_acc,none", 1, (84.8, 85.9)),
+    ("ReasonMatch-style F1 (export_bench.py's widematch)", ("widematch",), "f1,none", 100, (27.5, 70.5)),
+)
+TRANSFER_HEADING = "## Transfer: lmms-eval benchmarks, base vs trained"
+
+
+def read_lmms_results(path):
+    """(model name, dict) of one lmms-eval results file (<output_path>/<model>/<date>_results.json); the name is
+    its model_name (the model / pretrained argument), else its model_args, else its directory's name."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"evaluate.py: error: --transfer {path} cannot be read as JSON ({one_line(e)})")
+    if not isinstance(d, dict) or not isinstance(d.get("results"), dict):
+        sys.exit(f"evaluate.py: error: --transfer {path} is not an lmms-eval results file (no \"results\" object)")
+    name = d.get("model_name") or (d.get("config") or {}).get("model_args") or Path(path).parent.name
+    return str(name), d
+
+
+def transfer_table(paths):
+    """The transfer table from lmms-eval results files: one column per model in order of first appearance (the
+    first is the base; each other model gets a delta against it), one row per TRANSFER_BENCHMARKS entry
+    (value None where a model has no run of it). A benchmark given twice for one model, or a results entry
+    without the expected metric, stops the run. Notes flag runs made with different generation settings or on
+    a --limit'ed part of a benchmark."""
+    models = {}
+    for p in paths:
+        name, d = read_lmms_results(p)
+        runs = models.setdefault(name, {})
+        for task, res in d["results"].items():
+            if task in runs:
+                sys.exit(f"evaluate.py: error: --transfer: {task} of model {name} is in both {runs[task]['file']} "
+                         f"and {p}: give one run per benchmark and model")
+            runs[task] = dict(file=str(p), results=res, n=(d.get("n-samples") or {}).get(task) or {},
+                              gen=(d.get("configs") or {}).get(task, {}).get("generation_kwargs"),
+                              gen_cli=(d.get("config") or {}).get("gen_kwargs") or "")
+    names = list(models)
+    if len(names) < 2:
+        sys.exit(f"evaluate.py: error: --transfer needs the results of two models (the base's files first, then the "
+                 f"trained model's); these files are all of {names[0]!r}")
+    rows, notes = [], []
+    for label, task_names, key, scale, paper in TRANSFER_BENCHMARKS:
+        task = next((t for t in task_names if any(t in runs for runs in models.values())), task_names[0])
+        cells = []
+        for name in names:
+            run = models[name].get(task)
+            if run is None:
+                cells.append(None)
+                continue
+            v = run["results"].get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                sys.exit(f"evaluate.py: error: --transfer {run['file']}: {task} has no number under {key!r} "
+                         f"(lmms-eval 0.7.3's headline metric of {label})")
+            cells.append(dict(value=scale * v, n=run["n"].get("effective"), of=run["n"].get("original"),
+                              gen=run["gen"], gen_cli=run["gen_cli"]))
+        present = [(n, c) for n, c in zip(names, cells) if c]
+        if len({json.dumps([c["gen"], c["gen_cli"]], sort_keys=True) for _, c in present}) > 1:
+            notes.append(f"{label}: the models ran with different generation settings ("
+                         + "; ".join(f"{n}: {c['gen']} {c['gen_cli']}".strip() for n, c in present) + ")")
+        for n, c in present:
+            if c["n"] is not None and c["of"] is not None and c["n"] < c["of"]:
+                notes.append(f"{label}: {n} ran on {c['n']} of {c['of']} documents (--limit)")
+        rows.append(dict(benchmark=label, task=task, metric=key, paper=list(paper), cells=cells))
+    return dict(models=names, rows=rows, notes=notes, files=[str(p) for p in paths])
+
+
+def transfer_markdown(t):
+    """report.md's transfer section from transfer_table's dict."""
+    base, others = t["models"][0], t["models"][1:]
+    f2 = lambda c: "-" if c is None else f"{c['value']:.2f}"
+    delta = lambda a, b: "-" if a is None or b is None else f"{b['value'] - a['value']:+.2f}"
+    header = ["benchmark", "lmms-eval task (metric)", f"base: {base}"]
+    for o in others:
+        header += [o, "Δ"]
+    header += ["docs (per model)", "paper: base → DCRL (Δ)"]
+    rows = []
+    for r in t["rows"]:
+        cells = r["cells"]
+        ns = ["-" if c is None or c["n"] is None else str(c["n"]) for c in cells]
+        row = [r["benchmark"], f"`{r['task']}` ({r['metric']})", f2(cells[0])]
+        for c in cells[1:]:
+            row += [f2(c), delta(cells[0], c)]
+        pb, pt = r["paper"]
+        rows.append(row + [ns[0] if len(set(ns)) == 1 else " / ".join(ns), f"{pb:.2f} → {pt:.2f} ({pt - pb:+.2f})"])
+    lines = [f"\n{TRANSFER_HEADING}\n",
+             "Numbers in percent: each benchmark's headline metric as lmms-eval 0.7.3 computes it (its task and "
+             "metric key in the second column), from " + ", ".join(f"`{p}`" for p in t["files"]) + " (made with "
+             "`evaluate.py --transfer`; README \"Transfer benchmarks\" has the commands). Δ = model - base. The "
+             "paper's column is Qwen3-VL-8B before and after DCRL, for orientation only (other checkpoints, other "
+             "runs). SAT Real is lmms-eval's `sat` (each question asked once, not circularly); MindCube is the "
+             "paper's `mindcube_full` unless only `mindcube_tiny` was run. Our ReasonMatch-style row is "
+             "export_bench.py's task on our own test split, not the paper's ReasonMatch-Bench.\n",
+             table(header, rows)]
+    if t["notes"]:
+        lines += ["\nCaveats found in the files:\n"] + [f"- {n}" for n in t["notes"]]
+    return lines
+
+
+def transfer_section(out):
+    """The transfer section of <out>/transfer.json (written by --transfer), or nothing."""
+    p = out / "transfer.json"
+    return transfer_markdown(json.loads(p.read_text())) if p.is_file() else []
+
+
+def write_transfer(out, paths):
+    """--transfer: <out>/transfer.json, and the section put into <out>/report.md in place of an earlier one (the
+    rest of the report is kept; without a report, one is started). Returns the table."""
+    t = transfer_table(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(t, indent=2) + "\n")
+    report = out / "report.md"
+    text = report.read_text() if report.is_file() else "# widematch evaluation\n"
+    kept = text.split(f"\n{TRANSFER_HEADING}\n")[0].rstrip("\n") + "\n"  # the section is always the report's last
+    report.write_text(kept + "\n".join(transfer_section(out)) + "\n")
+    return t
 
 
 def plot_f1_vs_bin(out, all_metrics):
@@ -980,7 +1299,10 @@ def write_shows(show_dir, tasks, rows, k, name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpts", nargs="*", metavar="CKPT", help="step dir, run dir, HF model dir or hub id")
-    parser.add_argument("--answers", help="score this jsonl of {task_id, text} made by any other tool")
+    parser.add_argument("--answers", help="score answers made by another tool: a jsonl of {task_id, text}, "
+                        "lmms-eval's --log_samples file or VLMEvalKit's prediction file (.tsv/.xlsx/.json)")
+    parser.add_argument("--transfer", nargs="+", metavar="RESULTS",
+                        help="lmms-eval results JSON files, the base model's first: the transfer table into report.md")
     parser.add_argument("--api-base", help="evaluate --api-model behind this OpenAI-compatible URL (.../v1)")
     parser.add_argument("--api-model", help="the model name the --api-base server knows")
     parser.add_argument("--name", help="report name of the --answers or --api-base model "
@@ -1029,6 +1351,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (256 if args.engine == "vllm" else 8)
 
+    if args.transfer:  # needs no tasks file; with models to evaluate too, their report keeps the section
+        missing = [p for p in args.transfer if not Path(p).is_file()]
+        if missing:
+            sys.exit(f"evaluate.py: error: --transfer {missing[0]} does not exist")
+        t = write_transfer(Path(args.out), args.transfer)
+        if not (args.ckpts or args.baseline or args.answers or args.api_base):
+            print(f"evaluate.py: transfer table of {len(t['models'])} models over {len(t['rows'])} benchmarks -> "
+                  f"{args.out}/report.md")
+            return
     tasks_path = Path(args.tasks)
     if not tasks_path.is_file():
         sys.exit(f"evaluate.py: error: --tasks {tasks_path} does not exist")
@@ -1083,7 +1414,7 @@ def main(argv=None):
         info = dict(kind=kind, what=what, tasks_sha=tasks_sha, seed=args.seed)
         if kind == "answers":  # re-scored from scratch every run: nothing to resume, only a model's dir to protect
             check_run_info(model_dir, dict(kind=kind, what=what, tasks_sha=tasks_sha), keys=("kind",))
-            rows = score_answers(tasks, read_answers(args.answers, {t["task_id"] for t in all_tasks}), model_dir)
+            rows = score_answers(tasks, read_any_answers(args.answers, all_tasks), model_dir)
         else:
             if kind == "model":
                 info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=model_dtype(args))

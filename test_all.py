@@ -39,6 +39,7 @@ import bench
 import build_pool
 import curriculum
 import evaluate
+import export_bench
 import grpo
 import human
 import make_tasks
@@ -4491,3 +4492,420 @@ def test_vllm_serve_step_dir_predictions_equal_local_greedy(evaluate_tasks, eval
     assert drop(_evaluate_metrics(tmp_path / "served", name)) == drop(_evaluate_metrics(tmp_path / "local", name))
     plain = {r["task_id"]: r["text"] for r in _evaluate_rows(tmp_path / "plain", name)}
     assert [plain[r["task_id"]] for r in local] != [r["text"] for r in local]
+
+
+# ==============================================================================
+# The benchmark in the harnesses (issue 20): export_bench.py's HF dataset, VLMEvalKit TSV and lmms-eval task; a
+# real lmms-eval run (its own venv) against a 127.0.0.1 server; its files back into evaluate.py; --transfer
+# ==============================================================================
+
+@pytest.fixture(scope="module")
+def harness_export(evaluate_tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("harness_export") / "bench_hf"
+    export_bench.main(["--tasks", str(evaluate_tasks), "--out", str(out)])
+    return out
+
+
+def _harness_exit_line(argv):
+    with pytest.raises(SystemExit) as e:
+        export_bench.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("export_bench.py: error:") and "\n" not in msg
+    return msg
+
+
+def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_bytes(evaluate_tasks, harness_export,
+                                                                                   tmp_path):
+    import datasets
+    import yaml
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    ds = datasets.load_dataset(str(harness_export), cache_dir=str(tmp_path / "hf"))  # the folder as a hub repo would be
+    assert list(ds) == ["test"] and ds["test"].num_rows == len(tasks)
+    raw = ds["test"].cast_column("images", datasets.List(datasets.Image(decode=False)))
+    for t, row, decoded in zip(tasks, raw, ds["test"]):  # row i = task i of the file (lmms-eval's doc_id)
+        for k in ("task_id", "prompt", "target", "n", "m", "x_labels", "y_labels", "x_points", "y_points", "pair_id",
+                  "source", "scene", "scene_type", "split", "level", "spatial", "bin", "delta_v"):
+            assert row[k] == t[k], (t["task_id"], k)
+        assert row["actor"] is False and reward.score(row["answer"], t)["f1"] == 1.0
+        assert row["answer"] == reward.format_answer({i + 1: v for i, v in enumerate(t["target"])})
+        files = [evaluate_tasks.parent / p for p in t["images"]]
+        assert [im["bytes"] for im in row["images"]] == [f.read_bytes() for f in files]  # unchanged bytes
+        assert [im["path"] for im in row["images"]] == [f.name for f in files]
+        assert [im.size for im in decoded["images"]] == [Image.open(f).size for f in files]
+    # the card: the hub's YAML header names the parquet and the features the loader found, then the composition
+    card = (harness_export / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["configs"][0]["data_files"] == [{"split": "test", "path": "data/test-00000-of-00001.parquet"}]
+    assert (harness_export / header["configs"][0]["data_files"][0]["path"]).is_file()
+    assert datasets.Features._from_yaml_list(header["dataset_info"]["features"]) == ds["test"].features
+    assert header["dataset_info"]["splits"][0]["num_examples"] == len(tasks)
+    for key in ("source", "level", "scene_type", "spatial", "bin"):
+        for value, count in Counter(t[key] for t in tasks).items():
+            assert f"| {value} | {count} | {100 * count / len(tasks):.1f} |" in card
+    assert hashlib.sha256(evaluate_tasks.read_bytes()).hexdigest() in card
+    assert json.loads((harness_export / "export_args.json").read_text())["tasks"] == str(evaluate_tasks)
+
+
+def test_harness_export_vlmevalkit_tsv_images_decode(evaluate_tasks, harness_export):
+    """Read the way VLMEvalKit reads a custom TSV (pandas, sep tab; image = a list literal it evaluates)."""
+    import ast
+    import pandas as pd
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    data = pd.read_csv(harness_export / "WideMatch.tsv", sep="\t")
+    assert list(data["index"]) == list(range(len(tasks))) and "A" not in data and "B" not in data  # not an MCQ set
+    for t, (_, line) in zip(tasks, data.iterrows()):
+        images = ast.literal_eval(line["image"])
+        assert len(images) == 2
+        for b64, rel in zip(images, t["images"]):
+            raw = base64.b64decode(b64)
+            assert raw == (evaluate_tasks.parent / rel).read_bytes()
+            assert Image.open(io.BytesIO(raw)).convert("RGB").size == Image.open(evaluate_tasks.parent / rel).size
+        assert (line["question"], line["answer"], line["task_id"]) == \
+            (t["prompt"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}), t["task_id"])
+        assert json.loads(line["target"]) == t["target"] and line["level"] == t["level"]
+
+
+def _harness_answer(task, kind):
+    """A model answer of a given kind to a task: gold (after some reasoning), wrong (every link moved to another
+    letter), partial (half the points), none (every point), malformed (no answer block)."""
+    gold = {i + 1: v for i, v in enumerate(task["target"])}
+    ys = task["y_labels"]
+    if kind == "gold":
+        return "The numbered points lie on the same surfaces seen from the left.\n" + reward.format_answer(gold)
+    if kind == "wrong":
+        return reward.format_answer({i: ys[(ys.index(v) + 1) % len(ys)] if v else ys[0] for i, v in gold.items()})
+    if kind == "partial":
+        return reward.format_answer({i: v for i, v in gold.items() if i <= max(1, task["n"] // 2)})
+    if kind == "none":
+        return reward.format_answer({i: None for i in gold})
+    return "1: " + ys[0] + "\nI am not sure about the others."
+
+
+HARNESS_KINDS = {"base": ("gold", "wrong", "malformed", "partial", "none"),
+               "dcrl": ("gold", "gold", "wrong", "gold", "malformed")}
+
+
+def test_harness_lmms_task_functions_score_and_aggregate_like_evaluate(evaluate_tasks, harness_export):
+    """The exported task's utils.py (loaded as lmms-eval loads it, from its file) on every answer kind: per task
+    the reward's numbers, aggregated exactly as evaluate.group_metrics; reward.py travels verbatim."""
+    import importlib.util
+    d = harness_export / "lmms_eval" / "widematch"
+    assert (d / "reward.py").read_bytes() == open(reward.__file__, "rb").read()
+    spec = importlib.util.spec_from_file_location("utils", d / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    items, rows = {k: [] for k in export_bench.LMMS_METRICS}, []
+    for i, t in enumerate(tasks):
+        text = _harness_answer(t, HARNESS_KINDS["base"][i % 5])
+        doc = {k: t[k] for k in ("task_id", "n", "m", "target")}
+        res = utils.widematch_process_results(doc, [text])
+        row = evaluate.score_row(t, text)
+        assert (res["f1"], res["precision"], res["recall"], res["match_acc"], res["format_rate"]) == \
+            (row["f1"], row["precision"], row["recall"], row["match"], row["format"])
+        assert res["micro_f1"] == {"task_id": t["task_id"], **{k: row[k] for k in ("n_correct", "n_pred", "n_pos")}}
+        for k in items:
+            items[k].append(res[k])
+        rows.append(row)
+    want = evaluate.group_metrics(rows)
+    assert 0 < want["f1"] < 1 and 0 < want["format_rate"] < 1
+    for k in ("f1", "precision", "recall", "match_acc", "format_rate"):
+        assert utils.widematch_mean(items[k]) == want[k]
+    assert utils.widematch_micro_f1(items["micro_f1"]) == want["micro_f1"]
+    assert utils.widematch_doc_to_text({"prompt": tasks[0]["prompt"]}) == tasks[0]["prompt"]
+    assert utils.widematch_process_results({k: tasks[0][k] for k in ("task_id", "n", "m", "target")}, [None])["f1"] == 0
+
+
+def test_harness_export_bad_input_one_line(evaluate_tasks, tmp_path):
+    tasks = [dict(t, images=[str(evaluate_tasks.parent / p) for p in t["images"]])  # absolute: found from tmp_path
+             for t in evaluate.load_tasks(evaluate_tasks)[:3]]
+
+    def write(name, ts):
+        (tmp_path / name).write_text("".join(json.dumps(t) + "\n" for t in ts))
+        return str(tmp_path / name)
+    out = ["--out", str(tmp_path / "x")]
+    assert "does not exist" in _harness_exit_line(["--tasks", str(tmp_path / "nope.jsonl"), *out])
+    bad = write("bad_json.jsonl", tasks)
+    open(bad, "a").write("{not json\n")
+    assert "bad_json.jsonl line 4 is not JSON" in _harness_exit_line(["--tasks", bad, *out])
+    gone = dict(tasks[1], images=[tasks[1]["images"][0], str(tmp_path / "missing_2.jpg")])
+    msg = _harness_exit_line(["--tasks", write("gone.jsonl", [tasks[0], gone]), *out])
+    assert "missing_2.jpg does not exist" in msg and repr(gone["task_id"]) in msg
+    (tmp_path / "fake_2.png").write_bytes(open(tasks[1]["images"][1], "rb").read())  # a JPEG named .png
+    fake = dict(gone, images=[gone["images"][0], str(tmp_path / "fake_2.png")])
+    msg = _harness_exit_line(["--tasks", write("fake.jsonl", [fake]), *out])
+    assert "fake_2.png does not start like a .png file" in msg
+    wrong = dict(tasks[0], target=["ZZ"] + tasks[0]["target"][1:])
+    msg = _harness_exit_line(["--tasks", write("wrong.jsonl", [wrong]), *out])
+    assert "wrong.jsonl line 1" in msg and "target must hold" in msg
+    lacking = {k: v for k, v in tasks[0].items() if k != "scene"}
+    assert "lacks scene" in _harness_exit_line(["--tasks", write("lacking.jsonl", [lacking]), *out])
+    mixed = write("mixed.jsonl", [tasks[0], dict(tasks[1], split="train")])
+    assert "mixes splits" in _harness_exit_line(["--tasks", mixed, *out])
+    msg = _harness_exit_line(["--tasks", write("dup.jsonl", [tasks[0], tasks[0]]), *out])
+    assert f"duplicate task_id {tasks[0]['task_id']!r}" in msg
+    assert "directory of its own" in _harness_exit_line(["--tasks", str(evaluate_tasks), "--out",
+                                                         str(evaluate_tasks.parent)])
+
+
+def test_harness_vlmevalkit_prediction_files_back_into_evaluate(evaluate_tasks, harness_export, tmp_path):
+    """VLMEvalKit's prediction file as its inference writes it (the TSV read with pandas, the image column
+    dropped, a prediction column added, dumped as .tsv with QUOTE_ALL or as .json records): evaluate.py
+    --answers scores it like the same answers in our jsonl; rows of another export are refused."""
+    import csv as csv_module
+    import pandas as pd
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    texts = [_harness_answer(t, HARNESS_KINDS["base"][i % 5]) for i, t in enumerate(tasks)]
+    common = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "eval")]
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "ours.jsonl", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    data = pd.read_csv(harness_export / "WideMatch.tsv", sep="\t")
+    data.pop("image")
+    data["prediction"] = texts
+    data.to_csv(tmp_path / "M_WideMatch.tsv", sep="\t", index=False, encoding="utf-8", quoting=csv_module.QUOTE_ALL)
+    json.dump(data.to_dict("records"), open(tmp_path / "M_WideMatch.json", "w"), indent=4, ensure_ascii=False)
+    want = _evaluate_metrics(tmp_path / "eval", "ours")
+    for suffix in ("tsv", "json"):
+        evaluate.main(["--answers", str(tmp_path / f"M_WideMatch.{suffix}"), "--name", f"vlmeval-{suffix}", *common])
+        got = _evaluate_metrics(tmp_path / "eval", f"vlmeval-{suffix}")
+        assert got["overall"] == want["overall"] and got["n_missing"] == 0
+        assert [r["text"] for r in _evaluate_rows(tmp_path / "eval", f"vlmeval-{suffix}")] == texts
+    # our own {task_id, text} lines still read as such when the file is named .json
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "lines.json", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    assert _evaluate_metrics(tmp_path / "eval", "lines")["overall"] == want["overall"]
+    data["index"] = list(range(1, len(tasks))) + [0]  # rows of a TSV made from another tasks file
+    data.to_csv(tmp_path / "other.tsv", sep="\t", index=False, quoting=csv_module.QUOTE_ALL)
+    msg = _evaluate_exit_line(["--answers", str(tmp_path / "other.tsv"), *common])
+    assert "row 2: index 1 is not task" in msg and "another tasks file" in msg
+
+
+@pytest.fixture(scope="module")
+def harness_lmms_python():
+    """lmms-eval's interpreter: its own venv (requirements-lmms-eval.txt; .ci/run makes it and sets
+    WIDEMATCH_LMMS_PYTHON). Skipped when missing, except in CI (CI set): there it fails."""
+    py = os.environ.get("WIDEMATCH_LMMS_PYTHON", "")
+    if not (py and os.access(py, os.X_OK)):
+        why = ("needs lmms-eval 0.7.3 in a venv of its own, its python in WIDEMATCH_LMMS_PYTHON "
+               f"(got {py!r}; .ci/run: pip install --no-deps -r requirements-lmms-eval.txt)")
+        if os.environ.get("CI"):
+            pytest.fail("lmms-eval test " + why + ": missing in CI")
+        pytest.skip(why)
+    return py
+
+
+class _HarnessChatServer:
+    """An OpenAI-like chat-completions server (http.server, 127.0.0.1) for the harnesses: it knows each task by
+    the decoded pixels of its two prompted images (lmms-eval re-encodes them as PNG) and answers with
+    _harness_answer of the kind HARNESS_KINDS[self.mode] gives the task's row; every request is kept."""
+
+    def __init__(self, tasks, tasks_dir, key):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        pixels = lambda im: hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
+        self.by_pixels = {tuple(pixels(Image.open(tasks_dir / p)) for p in t["images"]): (i, t)
+                          for i, t in enumerate(tasks)}
+        self.key, self.mode, self.log, self.lock = key, "base", [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                code, payload = server.respond(self.path, self.headers.get("Authorization"), body, pixels)
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def respond(self, path, auth, body, pixels):
+        if path != "/v1/chat/completions" or auth != f"Bearer {self.key}":
+            return 401, {"error": {"message": f"bad route or key: {path}"}}
+        content = body["messages"][0]["content"]
+        images = [Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",", 1)[1])))
+                  for c in content if c["type"] == "image_url"]
+        found = self.by_pixels.get(tuple(pixels(im) for im in images))
+        if found is None:
+            return 400, {"error": {"message": "these images are no task's prompted images"}}
+        i, task = found
+        text = _harness_answer(task, HARNESS_KINDS[self.mode][i % 5])
+        with self.lock:
+            self.log.append(dict(mode=self.mode, task_id=task["task_id"], text=text, body_text=content[-1]["text"],
+                                 kinds=[c["type"] for c in content], max_tokens=body.get("max_tokens"),
+                                 temperature=body.get("temperature"), model=body["model"]))
+        return 200, {"id": f"chatcmpl-{i}", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+
+
+@pytest.fixture(scope="module")
+def harness_lmms_runs(harness_lmms_python, evaluate_tasks, harness_export, tmp_path_factory):
+    """Two real lmms-eval runs of the exported task against the server: "base" answers on every task, then
+    "dcrl" (other answers) with --limit 12; offline, in a fresh HF cache."""
+    py = harness_lmms_python  # first argument: without lmms-eval the skip comes before the data is built
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    d = tmp_path_factory.mktemp("harness_lmms")
+    server = _HarnessChatServer(tasks, evaluate_tasks.parent, "sk-bench")
+    env = dict(os.environ, OPENAI_API_KEY="sk-bench", HF_HOME=str(d / "hf"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    runs = {}
+    try:
+        for mode, extra in (("base", []), ("dcrl", ["--limit", "12"])):
+            server.mode = mode
+            out = d / mode
+            cmd = [py, "-m", "lmms_eval", "--model", "openai", "--model_args",
+                   f"model=widematch-{mode},base_url={server.url},num_concurrent=4,max_retries=2",
+                   "--include_path", str(harness_export / "lmms_eval"), "--tasks", "widematch", "--batch_size", "1",
+                   "--log_samples", "--output_path", str(out), *extra]
+            p = subprocess.run(cmd, env=env, cwd=d, capture_output=True, text=True, timeout=600)
+            log = p.stdout + p.stderr
+            # lmms-eval exits 0 even when the evaluation fails: the files and the log say whether it ran
+            results, samples = sorted(out.glob("*/*_results.json")), sorted(out.glob("*/*_samples_widematch.jsonl"))
+            assert p.returncode == 0 and len(results) == len(samples) == 1 and "Error during evaluation" not in log, \
+                log[-3000:]
+            runs[mode] = dict(results=results[0], samples=samples[0], log=log)
+    finally:
+        server.close()
+    return dict(runs=runs, requests=server.log, tasks=tasks, dir=d, python=py)
+
+
+def test_harness_lmms_eval_run_scores_like_evaluate_and_its_samples_rescore_the_same(harness_lmms_runs, evaluate_tasks,
+                                                                                  tmp_path):
+    tasks, base = harness_lmms_runs["tasks"], harness_lmms_runs["runs"]["base"]
+    asked = [r for r in harness_lmms_runs["requests"] if r["mode"] == "base"]
+    # one request per task: both prompted images (the same pixels) then the prompt; the task's generation settings
+    assert sorted(r["task_id"] for r in asked) == sorted(t["task_id"] for t in tasks)
+    by_id = {t["task_id"]: t for t in tasks}
+    for r in asked:
+        assert (r["kinds"], r["body_text"], r["max_tokens"], r["temperature"], r["model"]) == \
+            (["image_url", "image_url", "text"], by_id[r["task_id"]]["prompt"], 5120, 0, "widematch-base")
+    kinds = Counter(HARNESS_KINDS["base"][i % 5] for i in range(len(tasks)))
+    assert min(kinds.values()) >= 2  # right, wrong, partial, none and malformed answers all occur
+    # evaluate.py on the same answers (our jsonl) = lmms-eval's aggregate, number for number
+    common = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "eval")]
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "served.jsonl",
+                                                            [(r["task_id"], r["text"]) for r in asked])), *common])
+    ours = _evaluate_metrics(tmp_path / "eval", "served")["overall"]
+    lmms = json.loads(base["results"].read_text())["results"]["widematch"]
+    for k in export_bench.LMMS_METRICS:
+        assert lmms[f"{k},none"] == ours[k], k
+    assert 0 < ours["f1"] < 1 and 0 < ours["format_rate"] < 1
+    # its samples log (no doc in it: doc_id = row) re-scored by evaluate.py --answers: the same rows and metrics
+    samples = [json.loads(line) for line in base["samples"].read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(len(tasks))) and "doc" not in samples[0]
+    evaluate.main(["--answers", str(base["samples"]), "--name", "lmms-base", *common])
+    assert _evaluate_metrics(tmp_path / "eval", "lmms-base")["overall"] == ours
+    assert _evaluate_rows(tmp_path / "eval", "lmms-base") == _evaluate_rows(tmp_path / "eval", "served")
+    assert "| lmms-base |" in (tmp_path / "eval" / "report.md").read_text()
+    # the --limit'ed run: doc_ids 0..11, the rest counted missing; --limit 12 gives lmms-eval's numbers
+    dcrl = harness_lmms_runs["runs"]["dcrl"]
+    evaluate.main(["--answers", str(dcrl["samples"]), "--name", "lmms-dcrl", "--limit", "12", *common[:2],
+                   "--out", str(tmp_path / "eval12")])
+    got = _evaluate_metrics(tmp_path / "eval12", "lmms-dcrl")["overall"]
+    lmms = json.loads(dcrl["results"].read_text())["results"]["widematch"]
+    assert all(lmms[f"{k},none"] == got[k] for k in export_bench.LMMS_METRICS) and got["n_tasks"] == 12
+    # a samples line whose doc_id points at another task (another export's order) is refused, naming the line
+    moved = [dict(s, doc_id=(s["doc_id"] + 1) % len(tasks)) for s in samples]
+    (tmp_path / "moved.jsonl").write_text("".join(json.dumps(s) + "\n" for s in moved))
+    msg = _evaluate_exit_line(["--answers", str(tmp_path / "moved.jsonl"), *common])
+    assert "line 1: doc_id" in msg and "another tasks file" in msg
+
+
+def test_harness_vlmevalkit_xlsx_prediction_file(harness_lmms_runs, evaluate_tasks, harness_export, tmp_path):
+    """VLMEvalKit's default .xlsx prediction file, written by pandas + xlsxwriter exactly as its dump() does (in
+    the lmms-eval venv, which has both), read back by evaluate.py with the standard library."""
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    texts = [_harness_answer(t, HARNESS_KINDS["dcrl"][i % 5]) + ("\r" if i == 3 else "") for i, t in enumerate(tasks)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    script = ("import json, sys, pandas as pd\n"
+              "data = pd.read_csv(sys.argv[1], sep='\\t')\n"
+              "data.pop('image')\n"
+              "data['prediction'] = json.load(open(sys.argv[2]))\n"
+              "with pd.ExcelWriter(sys.argv[3], engine='xlsxwriter',"
+              " engine_kwargs={'options': {'strings_to_formulas': False}}) as w:\n"
+              "    data.to_excel(w, index=False)\n")
+    subprocess.run([harness_lmms_runs["python"], "-c", script, str(harness_export / "WideMatch.tsv"),
+                    str(tmp_path / "texts.json"), str(tmp_path / "M_WideMatch.xlsx")], check=True, timeout=300)
+    common = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "eval")]
+    evaluate.main(["--answers", str(tmp_path / "M_WideMatch.xlsx"), "--name", "vlmeval-xlsx", *common])
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "ours.jsonl", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    assert [r["text"] for r in _evaluate_rows(tmp_path / "eval", "vlmeval-xlsx")] == texts  # \r survives (_x000D_)
+    assert _evaluate_metrics(tmp_path / "eval", "vlmeval-xlsx")["overall"] == \
+        _evaluate_metrics(tmp_path / "eval", "ours")["overall"]
+
+
+def _harness_with_benchmarks(results, values, gen=None):
+    """A copy of a real lmms-eval results file with entries for the paper's seven benchmarks, laid out as lmms-eval
+    0.7.3's writer lays them out (results[task]: alias, "metric,filter" and its stderr; configs[task] with the
+    generation_kwargs; n-samples[task])."""
+    d = json.loads(results.read_text())
+    for (label, task_names, key, _, _), v in zip(evaluate.TRANSFER_BENCHMARKS, values):
+        if v is None or task_names[0] == "widematch":
+            continue
+        metric, flt = key.split(",")
+        d["results"][task_names[0]] = {"alias": task_names[0], key: v, f"{metric}_stderr,{flt}": "N/A"}
+        d["configs"][task_names[0]] = {"task": task_names[0], "generation_kwargs": gen or {
+            "max_new_tokens": 16, "temperature": 0, "do_sample": False, "until": ["\n\n"]}}
+        d["n-samples"][task_names[0]] = {"original": 100, "effective": 100}
+    return d
+
+
+def test_harness_transfer_table_from_real_lmms_results(harness_lmms_runs, evaluate_tasks, tmp_path):
+    runs = harness_lmms_runs["runs"]
+    real = [json.loads(runs[m]["results"].read_text()) for m in ("base", "dcrl")]
+    f1 = [100 * r["results"]["widematch"]["f1,none"] for r in real]
+    # straight from the two real files: our row filled, the benchmarks not run shown as "-"; the --limit noted
+    out = tmp_path / "eval"
+    evaluate.main(["--transfer", str(runs["base"]["results"]), str(runs["dcrl"]["results"]), "--out", str(out)])
+    t = json.loads((out / "transfer.json").read_text())
+    assert t["models"] == ["widematch-base", "widematch-dcrl"]
+    ours = t["rows"][-1]
+    assert ours["task"] == "widematch" and [c["value"] for c in ours["cells"]] == f1
+    assert all(c is None for r in t["rows"][:-1] for c in r["cells"])
+    report = (out / "report.md").read_text()
+    assert f"| {f1[0]:.2f} | {f1[1]:.2f} | {f1[1] - f1[0]:+.2f} | 30 / 12 |" in report
+    assert "widematch-dcrl ran on 12 of 30 documents (--limit)" in report
+    # the seven benchmarks added in the writer's layout: values in percent (V*Bench already is), deltas, the paper
+    base_v = [0.4360, 0.4001, 0.700, 0.628, 0.598, 0.695, 84.8, None]
+    dcrl_v = [0.4887, 0.4352, 0.753, 0.638, 0.625, 0.705, 85.9, None]
+    files = []
+    for name, vals, gen in (("base", base_v, None), ("dcrl", dcrl_v, {"max_new_tokens": 64, "temperature": 0})):
+        files.append(tmp_path / f"{name}_results.json")
+        files[-1].write_text(json.dumps(_harness_with_benchmarks(runs[name]["results"], vals, gen)))
+    evaluate.main(["--transfer", *map(str, files), "--out", str(out)])
+    t = json.loads((out / "transfer.json").read_text())
+    for r, b, a in zip(t["rows"][:7], base_v, dcrl_v):
+        scale = 1 if r["task"] == "vstar_bench" else 100
+        assert [c["value"] for c in r["cells"]] == [scale * b, scale * a]
+    report = (out / "report.md").read_text()
+    assert report.count(evaluate.TRANSFER_HEADING) == 1  # replaced, not appended twice
+    assert "| OmniSpatial | `omni_spatial` (omni_spatial_score,none) | 43.60 | 48.87 | +5.27 | 100 | " \
+        "43.60 → 48.87 (+5.27) |" in report
+    assert "| SAT Real | `sat` (exact_match,flexible-extract) | 70.00 | 75.30 | +5.30 |" in report
+    assert "| V*Bench | `vstar_bench` (vstar_overall_acc,none) | 84.80 | 85.90 | +1.10 |" in report
+    assert "MMStar: the models ran with different generation settings" in report
+    # a later evaluation into the same --out keeps the section at the end of the rebuilt report
+    evaluate.main(["--tasks", str(evaluate_tasks), "--out", str(out), "--baseline", "none", "--limit", "2"])
+    report = (out / "report.md").read_text()
+    assert "| baseline_none |" in report and report.index(evaluate.TRANSFER_HEADING) > report.index("baseline_none")
+    # errors in one line: one model only, a file that is not lmms-eval's, a benchmark given twice for one model
+    assert "needs the results of two models" in _evaluate_exit_line(["--transfer", str(files[0]), "--out", str(out)])
+    (tmp_path / "other.json").write_text('{"task_id": 1}')
+    assert "is not an lmms-eval results file" in _evaluate_exit_line(
+        ["--transfer", str(files[0]), str(tmp_path / "other.json"), "--out", str(out)])
+    assert "give one run per benchmark and model" in _evaluate_exit_line(
+        ["--transfer", str(files[0]), str(runs["base"]["results"]), str(files[1]), "--out", str(out)])
