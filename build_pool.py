@@ -46,9 +46,11 @@ Inputs, per source
   <scene>/sparse/0/ (or sparse/, colmap/sparse/0) with cameras/images/points3D .bin or .txt, read with pycolmap.
   --colmap-images images_N reads the images from <scene>/images_N/, downscaled N times from the model's
   resolution, as DL3DV-10K ships them (images_4 beside a full-resolution colmap/sparse/0): intrinsics and 2D
-  observations are scaled pixel-centre-correct, x = (x_full + 0.5) / N - 0.5 in OpenCV pixels (sizes that do not
-  divide evenly use the exact ratio of the sizes); an image whose size is not the camera's / N stops the scene
-  with one warning naming the image, both sizes and N.
+  observations are scaled pixel-centre-correct, x = (x_full + 0.5) / N - 0.5 in OpenCV pixels. Each axis of an
+  image may be floor(full / N) (ffmpeg, PIL) or round(full / N) (ImageMagick): 587 px / 4 -> 146 or 147; the
+  first image of each camera says which (a header read), and each axis is then scaled by the exact ratio of the
+  sizes, N_x = full_w / w, N_y = full_h / h. An image whose size is neither stops the scene with one warning
+  naming the image, both sizes and N.
 - RealEstate10K (--re10k ROOT): camera files ROOT/<split>/<clip>.txt or ROOT/<clip>.txt (or one .txt): a URL
   line, then per frame `timestamp_us fx fy cx cy k1 k2` + a 3x4 row-major world-to-camera [R|t] (OpenCV axes),
   intrinsics divided by the image width (fx, cx) and height (fy, cy); we take cx * W as an OpenCV principal point.
@@ -128,6 +130,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -541,18 +544,23 @@ class ColmapScene:
         except (RuntimeError, ValueError) as e:
             raise BadInput("corrupt model", f"{self.sparse}: cannot read COLMAP model ({e})")
         self.xyz = {pid: p.xyz for pid, p in rec.points3D.items()}
+        posed = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: im.name)
+        sizes = {}  # camera id -> (w, h) of its images in this folder
+        for im in posed:
+            if im.camera_id not in sizes:
+                sizes[im.camera_id] = self.image_size(rec.cameras[im.camera_id], [i for i in posed
+                                                                                   if i.camera_id == im.camera_id])
         self.frames = {}
-        for im in rec.images.values():
-            if not im.has_pose:
-                continue
+        for im in posed:
             cam = rec.cameras[im.camera_id]
             pose = im.cam_from_world()
             pts = im.points2D
             # COLMAP puts the first pixel's centre at 0.5 (2D points and principal point alike); OpenCV at 0. Images
             # downscaled by f (DL3DV's images_4: f = 4) map COLMAP x to OpenCV (x_colmap / f) - 0.5, which is the
-            # pixel-centre-correct (x_opencv_full + 0.5) / f - 0.5.
-            w, h = round(cam.width / self.downscale), round(cam.height / self.downscale)
-            sx, sy = cam.width / w, cam.height / h  # the exact ratio, also when the size does not divide evenly
+            # pixel-centre-correct (x_opencv_full + 0.5) / f - 0.5; f per axis is the exact ratio of the sizes
+            # (a resizer resamples the whole image onto the smaller grid, also when the size does not divide evenly).
+            w, h = sizes[im.camera_id]
+            sx, sy = cam.width / w, cam.height / h
             xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2) / [sx, sy] - 0.5
             pid = np.array([p.point3D_id if p.has_point3D() else -1 for p in pts], np.int64)
             K = np.array(cam.calibration_matrix(), np.float64)
@@ -563,24 +571,40 @@ class ColmapScene:
                                         R=pose.rotation.matrix(), t=np.asarray(pose.translation), xy=xy, pid=pid,
                                         image=os.path.abspath(os.path.join(self.images, im.name)))
         self.frame_ids = sorted(self.frames)
-        if self.downscale != 1:  # a wrong factor would scale every point wrongly: check one image, fail the scene
-            f = next((self.frames[i] for i in self.frame_ids if os.path.isfile(self.frames[i]["image"])), None)
-            if f is not None:
-                with Image.open(f["image"]) as im:
-                    if im.size != (f["width"], f["height"]):
-                        raise BadInput("image size mismatch", self.size_error(f, im.size))
 
-    def size_error(self, f, size):
-        return (f"{f['image']}: image is {size[0]}x{size[1]}, but the model's camera is "
-                f"{f['model_wh'][0]}x{f['model_wh'][1]} / {self.downscale} = {f['width']}x{f['height']} "
-                f"(from the folder name {os.path.basename(self.images)})")
+    def image_size(self, cam, images):
+        """(w, h) of one camera's images in this folder. At the model's resolution (no _N suffix) the camera's
+        size. In images_N each axis is floor(full / N) (ffmpeg, PIL's thumbnail) or round(full / N) (ImageMagick):
+        the first of the camera's images that exists says which (a header read); a size that is neither stops the
+        scene (a wrong N would scale every point wrongly)."""
+        if self.downscale == 1:
+            return cam.width, cam.height
+        cands = [sorted({full // self.downscale, math.floor(full / self.downscale + 0.5)})
+                 for full in (cam.width, cam.height)]
+        path = next((p for p in (os.path.join(self.images, im.name) for im in images) if os.path.isfile(p)), None)
+        if path is None:  # no image at all: each load() names its missing file
+            return cands[0][-1], cands[1][-1]
+        with Image.open(path) as img:
+            size = img.size
+        if size[0] not in cands[0] or size[1] not in cands[1]:
+            raise BadInput("image size mismatch", self.size_error(os.path.abspath(path), size, cam, cands))
+        return size
+
+    def size_error(self, path, size, cam, cands):
+        expect = " or ".join(f"{w}x{h}" for w, h in dict.fromkeys(zip(*[(c[0], c[-1]) for c in cands])))
+        return (f"{path}: image is {size[0]}x{size[1]}, but the model's camera is "
+                f"{cam.width}x{cam.height} / {self.downscale} = {expect} (floor or round; "
+                f"from the folder name {os.path.basename(self.images)})")
 
     def load(self, fid):
         f = dict(self.frames[fid])
         rgb = read_image_file(f["image"])  # checks the image decodes; geometry comes from the model
         if rgb.shape[:2] != (f["height"], f["width"]):
-            if self.downscale != 1:
-                raise BadInput("image size mismatch", self.size_error(f, (rgb.shape[1], rgb.shape[0])))
+            if self.downscale != 1:  # the camera's size was read from another of its images
+                raise BadInput("image size mismatch", f"{f['image']}: image is {rgb.shape[1]}x{rgb.shape[0]}, but "
+                               f"the other images of its camera in {os.path.basename(self.images)} are "
+                               f"{f['width']}x{f['height']} (the model's {f['model_wh'][0]}x{f['model_wh'][1]} / "
+                               f"{self.downscale})")
             raise BadInput("corrupt image", f"{f['image']}: size {rgb.shape[1]}x{rgb.shape[0]} != camera "
                            f"{f['width']}x{f['height']}")
         valid = f["pid"] >= 0

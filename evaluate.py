@@ -8,7 +8,9 @@ Usage (CPU demo, after make_tasks.py and tiny_model.py / grpo.py; the tiny model
 paper's training budget, 5120 new tokens, so a model that reasons at length is not cut off):
     python evaluate.py runs/grpo/step_000200 Qwen/Qwen3-VL-8B-Instruct --tasks tasks/test.jsonl --out eval \
         --batch-size 16 --device cuda
-Baselines only (no torch needed):  python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
+Baselines only (no torch needed; sift and --show need OpenCV; random, none, --answers and --api-base without
+--api-tokenizer need neither torch nor OpenCV: both are imported only where used):
+    python evaluate.py --tasks tasks/test.jsonl --out eval --baseline sift random none
 A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, hosted APIs; README
 "Evaluating other models"), the key read from the environment variable named by --api-key-env, never a flag:
     OPENAI_API_KEY=... python evaluate.py --api-base http://gpu-host:8000/v1 --api-model Qwen/Qwen3-VL-235B-A22B-Instruct \
@@ -21,14 +23,44 @@ A model behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI
     connections, --api-retries times from --api-backoff s doubling (max 60 s, Retry-After honoured); 401/403 and
     other 4xx, a malformed response, a missing key variable, or a server still failing after the retries end
     the run with one line naming the cause; the rerun resumes. Row and report name: --api-model (or --name).
+The same local model through vLLM (--engine vllm: rollout.VllmEngine, one engine, --batch-size 256 tasks submitted at
+once and batched continuously; the same prompts, checked token for token against grpo.encode's, the same banned
+tokens and greedy decoding, so the same predictions as the transformers path: tested on CPU, fp32):
+    python evaluate.py runs/grpo/step_000200 --engine vllm --tasks tasks/test.jsonl --out eval --device cuda
+Our own checkpoint served by vLLM, answers equal to local greedy `evaluate.py STEP` (tested on CPU, fp32 server):
+    vllm serve runs/grpo/step_000200 --limit-mm-per-prompt '{"image": 2}' --port 8000   # CPU: see README
+    OPENAI_API_KEY=EMPTY python evaluate.py --api-base http://gpu-host:8000/v1 --api-model runs/grpo/step_000200 \
+        --api-tokenizer runs/grpo/step_000200 --tasks tasks/test.jsonl --out eval
+    --api-tokenizer DIR (the served checkpoint, local) adds vLLM-only request fields (vllm_decoding): our stop
+    tokens, the complement of the special tokens our generate bans as allowed_token_ids, no top-k / top-p /
+    min-p / repetition penalty whatever the checkpoint's generation_config.json says, and return_token_ids: the
+    row's text is DIR's tokenizer's decoding of the returned ids (vLLM's own text drops a trailing incomplete
+    UTF-8 character). A server that returns no token ids stops the run with one line.
 A model larger than one GPU, loaded here: --device-map auto (accelerate spreads it over the visible GPUs) and
 --dtype (auto = bfloat16 on GPUs, float32 on CPU).
-Answers made by any other tool (no model, no torch):
+Answers made by any other tool (no model, no torch, no OpenCV):
     python evaluate.py --answers their_answers.jsonl --name their-model --tasks tasks/test.jsonl --out eval
     their_answers.jsonl: one JSON object a line, {"task_id": "<a task_id of the tasks file>", "text": "<the
     model's raw answer to that task's prompt>"}. Scored with reward.score like our models' completions, from
     scratch on every run (edit the file, rerun); a task without a line is scored as an unanswered (empty) answer
     and counted in n_missing; a task_id the tasks file lacks, or one given twice, is an error naming it.
+    The harnesses' own outputs of export_bench.py's exports work the same way (README "The benchmark in lmms-eval
+    and VLMEvalKit"), with the tasks file the export was made from:
+    python evaluate.py --answers lmms_out/MODEL/<date>_samples_widematch.jsonl --name MODEL --tasks tasks/test.jsonl
+        lmms-eval's --log_samples file: doc_id = the task's row in the tasks file (the export keeps its order),
+        text = filtered_resps; each line is checked against the task (the task_id in its micro_f1 item, or its
+        target against the reference answer), so a samples file of another export stops with the line named.
+    python evaluate.py --answers outputs/MODEL/<eval id>/MODEL_WideMatch.tsv --name MODEL --tasks tasks/test.jsonl
+        VLMEvalKit's prediction file (.tsv with PRED_FORMAT=tsv, .json with PRED_FORMAT=json, or its default .xlsx,
+        read with the standard library; .xlsx cells stop at 32,767 characters, a full cell is warned about):
+        rows by their task_id column, checked against index.
+The paper's transfer table (lmms-eval results of the base model and the trained one; README "Transfer benchmarks"):
+    python evaluate.py --transfer lmms_base/*/*_results.json lmms_dcrl/*/*_results.json --out eval
+    Models are told apart by the files' model_name and ordered by first appearance: the first is the base, each
+    other gets a Δ column. Rows: OmniSpatial, MindCube, SAT Real, MME-RealWorld, MMStar, RealWorldQA, V*Bench and
+    our own lmms-eval task, each the headline metric lmms-eval 0.7.3 reports (TRANSFER_BENCHMARKS), in percent,
+    beside the paper's numbers; notes flag different generation settings and --limit'ed runs. Written to
+    <out>/transfer.json and as report.md's last section (kept when the report is rebuilt); needs no --tasks.
 
 CKPT may be a checkpoint dir (runs/x/step_000010/), a run dir (its latest step_*/ via grpo.latest_checkpoint),
 any local Hugging Face model dir, or a hub id; put CKPTs before --baseline. Decoding is greedy unless
@@ -62,7 +94,8 @@ baseline_sift, baseline_random, baseline_none):
         green (correct) or red (wrong), ground-truth links dashed grey, rings on points answered "none"
         (green: correct none, orange: missed match) or not answered (magenta).
     <out>/report.md (overall with each model's truncation rate, F1 by source / level / scene type / layout /
-        bin, scene type x level, the widest subset with per-source columns and how it was chosen),
+        bin, scene type x level, the widest subset with per-source columns and how it was chosen, and last the
+        transfer table when <out>/transfer.json exists),
         <out>/f1_vs_bin.png (F1 vs overlap bin, one panel per level), <out>/f1_by_source.png:
         every model with a <out>/*/metrics.json made on the same tasks file (same tasks_sha and limit), this run's
         and earlier runs', one row each under its directory name; so models evaluated in separate runs (a local
@@ -120,7 +153,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import cv2
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -287,6 +319,178 @@ def score_answers(tasks, answers, model_dir):
     (model_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
+# answers written by the harnesses (export_bench.py's exports): lmms-eval's --log_samples file and VLMEvalKit's
+# prediction file, mapped back to the tasks file's rows (the export keeps its order)
+
+
+def read_any_answers(path, all_tasks):
+    """{task_id: text} of an --answers file in any of the formats the usage card lists, told apart by the name
+    and the first record: VLMEvalKit's prediction file (.tsv, .xlsx, .json), lmms-eval's samples log (.jsonl
+    lines with a doc_id), or our own {task_id, text} lines."""
+    path = Path(path)
+    if path.suffix.lower() in (".tsv", ".xlsx"):
+        return read_vlmevalkit_predictions(path, all_tasks)
+    if path.suffix.lower() == ".json":  # VLMEvalKit's is one JSON list of records; else our lines, named .json
+        try:
+            whole = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if isinstance(whole, list):
+            return read_vlmevalkit_predictions(path, all_tasks)
+    with open(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        head = json.loads(first) if first else {}
+    except json.JSONDecodeError:
+        head = {}  # read_answers names the bad line
+    if isinstance(head, dict) and "doc_id" in head:
+        return read_lmms_samples(path, all_tasks)
+    return read_answers(path, {t["task_id"] for t in all_tasks})
+
+
+def read_lmms_samples(path, all_tasks):
+    """{task_id: text} of lmms-eval's --log_samples file (<output_path>/<model>/<date>_samples_widematch.jsonl).
+    It drops the doc, so doc_id (the row of the exported parquet = the line of the tasks file, counting tasks)
+    names the task; the answer is filtered_resps (what lmms-eval scored; the widematch task keeps it raw). Each
+    line is checked against the tasks file: the task_id its micro_f1 item carries (export_bench.py's task), or
+    else its target against the task's reference answer; a mismatch means the export came from another tasks
+    file and stops the run, as do a doc_id outside the file, a doc given twice or a line without a text answer."""
+    answers = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--answers {path} line {lineno}"
+            try:
+                s = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
+            doc_id = s.get("doc_id") if isinstance(s, dict) else None
+            if not isinstance(doc_id, int) or isinstance(doc_id, bool) or not 0 <= doc_id < len(all_tasks):
+                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id!r} is not a row of the tasks file "
+                         f"(0..{len(all_tasks) - 1}); lmms-eval samples map back by row")
+            task = all_tasks[doc_id]
+            claimed = s["micro_f1"].get("task_id") if isinstance(s.get("micro_f1"), dict) else None
+            target = s.get("target")
+            if claimed is not None and claimed != task["task_id"]:
+                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
+                         f"but {claimed!r} in the samples: the export was made from another tasks file")
+            if claimed is None and target is not None and target != reward.format_answer(
+                    {i + 1: v for i, v in enumerate(task["target"])}):
+                sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
+                         f"task {task['task_id']!r}: the export was made from another tasks file")
+            text = s.get("filtered_resps", s.get("resps"))
+            while isinstance(text, list) and len(text) == 1:  # [[text]] before lmms-eval flattens it, [text] after
+                text = text[0]
+            if not isinstance(text, str):
+                sys.exit(f"evaluate.py: error: {where}: filtered_resps holds no single text answer ({str(text)[:80]})")
+            if task["task_id"] in answers:
+                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} (task {task['task_id']!r}) answered twice")
+            answers[task["task_id"]] = text
+    return answers
+
+
+XLSX_CELL_LIMIT = 32767  # characters per cell: VLMEvalKit's default .xlsx output cuts longer answers there
+
+
+def read_vlmevalkit_predictions(path, all_tasks):
+    """{task_id: text} of VLMEvalKit's prediction file (<work-dir>/<model>/<eval id>/<model>_WideMatch.xlsx, or
+    .tsv with PRED_FORMAT=tsv, .json with PRED_FORMAT=json): the TSV's columns without the image, plus prediction.
+    Rows map by the task_id column export_bench.py puts in the TSV, checked against index (= the row of the tasks
+    file); without task_id, by index alone. An empty prediction is an empty answer; a row of another tasks file,
+    a row given twice or a file without prediction / index stops the run."""
+    records = vlmevalkit_records(path)
+    where = f"--answers {path}"
+    if not records or "prediction" not in records[0] or ("index" not in records[0] and "task_id" not in records[0]):
+        sys.exit(f"evaluate.py: error: {where} has no prediction rows with an index or task_id column "
+                 "(not a VLMEvalKit prediction file)")
+    ids = {t["task_id"] for t in all_tasks}
+    answers, long = {}, 0
+    for k, r in enumerate(records, 2):  # row 1 is the header
+        try:
+            index = int(float(r["index"])) if r.get("index") not in (None, "") else None
+        except (TypeError, ValueError):
+            sys.exit(f"evaluate.py: error: {where} row {k}: index {r['index']!r} is not a number")
+        tid = r.get("task_id")
+        if tid in (None, ""):
+            if index is None or not 0 <= index < len(all_tasks):
+                sys.exit(f"evaluate.py: error: {where} row {k}: index {index} is not a row of the tasks file")
+            tid = all_tasks[index]["task_id"]
+        elif tid not in ids:
+            sys.exit(f"evaluate.py: error: {where} row {k}: unknown task_id {tid!r} (not in the tasks file)")
+        elif index is not None and (not 0 <= index < len(all_tasks) or all_tasks[index]["task_id"] != tid):
+            sys.exit(f"evaluate.py: error: {where} row {k}: index {index} is not task {tid!r} in the tasks file: the "
+                     "TSV was made from another tasks file")
+        if tid in answers:
+            sys.exit(f"evaluate.py: error: {where} row {k}: duplicate task_id {tid!r} (answered twice)")
+        p = r["prediction"]
+        text = "" if p is None or (isinstance(p, float) and math.isnan(p)) else str(p)
+        long += len(text) >= XLSX_CELL_LIMIT
+        answers[tid] = text
+    if long and path.suffix.lower() == ".xlsx":
+        print(f"evaluate.py: warning: {long} predictions in {path} fill a whole .xlsx cell ({XLSX_CELL_LIMIT} characters)"
+              ": probably cut by VLMEvalKit; rerun its inference with PRED_FORMAT=tsv")
+    return answers
+
+
+def vlmevalkit_records(path):
+    """Rows of a VLMEvalKit prediction file as dicts of the header's columns (TSV and XLSX cells as text)."""
+    import xml.etree.ElementTree as ET
+    import zipfile
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                sys.exit(f"evaluate.py: error: --answers {path} is not a JSON list of records")
+            return data
+        rows = xlsx_rows(path) if suffix == ".xlsx" else tsv_rows(path)
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ET.ParseError) as e:
+        sys.exit(f"evaluate.py: error: --answers {path} cannot be read as a {suffix} file ({one_line(e)})")
+    if not rows:
+        return []
+    header = rows[0]
+    return [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in rows[1:] if any(r)]
+
+
+def tsv_rows(path):
+    import csv
+    csv.field_size_limit(sys.maxsize)  # long answers (and images in a dataset TSV) exceed the default
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row for row in csv.reader(f, delimiter="\t")]
+
+
+def xlsx_rows(path):
+    """The first worksheet of an .xlsx file as lists of cell texts, with the standard library: an .xlsx is a zip of
+    XML (shared strings, inline strings, numbers; OOXML's _xHHHH_ escapes of control characters undone)."""
+    import xml.etree.ElementTree as ET
+    import zipfile
+    m = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+    unescape = lambda s: re.sub(r"_x([0-9A-Fa-f]{4})_", lambda mo: chr(int(mo.group(1), 16)), s)
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        shared = [] if "xl/sharedStrings.xml" not in names else \
+            ["".join(t.text or "" for t in si.iter(f"{m}t")) for si in ET.fromstring(z.read("xl/sharedStrings.xml"))]
+        sheets = sorted((n for n in names if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)),
+                        key=lambda n: int(re.findall(r"\d+", n)[-1]))
+        if not sheets:
+            raise ValueError("no worksheet")
+        rows = []
+        for row in ET.fromstring(z.read(sheets[0])).iter(f"{m}row"):
+            cells, col = {}, -1
+            for c in row.findall(f"{m}c"):
+                ref = re.match(r"[A-Z]+", c.get("r", ""))  # "C5" -> column C; cells without r follow on
+                col = sum((ord(ch) - 64) * 26 ** i for i, ch in enumerate(reversed(ref.group(0)))) - 1 if ref else col + 1
+                v, kind = c.find(f"{m}v"), c.get("t")
+                if kind == "s":
+                    cells[col] = shared[int(v.text)]
+                elif kind == "inlineStr":
+                    cells[col] = "".join(t.text or "" for t in c.iter(f"{m}t"))
+                else:
+                    cells[col] = "" if v is None or v.text is None else v.text
+            rows.append([unescape(cells.get(i, "")) for i in range(max(cells, default=-1) + 1)])
+    return rows
+
 
 def in_batches(answer_batch, batch_size):
     """A batch answerer (list of tasks -> list of answers) as a stream of (task, answer), batch after batch."""
@@ -352,6 +556,34 @@ def model_answerer(ckpt, tasks_dir, args):
                 for e, o in zip(encs, outs)]
     return in_batches(answer, args.batch_size)
 
+def vllm_answerer(ckpt, tasks_dir, tasks, args):
+    """--engine vllm: the same prompts (grpo.encode) and decoding as model_answerer through one vLLM engine
+    (rollout.VllmEngine: prompt ids checked against encode's, the same banned tokens and stops); each batch of
+    --batch-size tasks is submitted at once (continuous batching) and written when it is done."""
+    import grpo  # torch, transformers and vllm only when a model is evaluated
+    import rollout
+    import torch
+    from PIL import Image
+    tokenizer, image_processor = grpo.load_processors(ckpt)
+    cfg, _ = rollout.read_model_config(ckpt)
+    side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
+    room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
+    engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
+                                gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False,
+                                dtype=getattr(torch, model_dtype(args)))
+
+    def answer(batch):
+        images = [[Image.open(tasks_dir / p).convert("RGB") for p in task["images"]] for task in batch]
+        encs = [grpo.encode(tokenizer, image_processor, t["prompt"], ims) for t, ims in zip(batch, images)]
+        torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))  # the per-request seeds
+        with engine.session():
+            outs = engine.generate(encs, images, args.max_new_tokens, args.temperature, args.temperature <= 0,
+                                   names=[t["task_id"] for t in batch])
+        return [dict(text=o["text"], truncated=o["truncated"], n_tokens=len(o["token_ids"]),
+                     usage=dict(prompt_tokens=e["input_ids"].shape[1], completion_tokens=len(o["token_ids"])))
+                for e, o in zip(encs, outs)]
+    return in_batches(answer, args.batch_size)
+
 # the API answerer: one chat-completions request per task to an OpenAI-compatible server, --api-workers at a time
 
 
@@ -364,16 +596,42 @@ def data_url(path, prog="evaluate.py"):
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def api_request(task, tasks_dir, args):
+def api_request(task, tasks_dir, args, extra=None):
     """One task's chat-completions body: one user message, the prompted images then the prompt's text (the
-    order grpo.encode gives our own model), decoding settings from the flags."""
+    order grpo.encode gives our own model), decoding settings from the flags; extra: fields outside OpenAI's
+    protocol (vllm_decoding), sent as the client's extra_body."""
     content = [{"type": "image_url", "image_url": {"url": data_url(tasks_dir / p)}} for p in task["images"]]
     body = dict(model=args.api_model, messages=[{"role": "user", "content": content +
                                                  [{"type": "text", "text": task["prompt"]}]}])
     body[args.api_max_tokens_param] = args.max_new_tokens
     if not args.api_no_temperature:
         body["temperature"] = args.temperature
+    if extra:
+        body["extra_body"] = extra
     return body
+
+
+def vllm_decoding(model_dir):
+    """--api-tokenizer: (tokenizer, extra request fields) that make a vLLM server decode the checkpoint it serves
+    as our own generate does (rollout.generate, the local evaluate.py path): stop at <|im_end|> / <|endoftext|>
+    (stop_token_ids: vLLM alone stops only at the tokenizer's eos); never sample the special tokens we ban
+    (rollout.banned_ids: image pads, vision markers, im_start, padded rows; sent as their complement,
+    allowed_token_ids, which masks to -inf: logit_bias is clamped at -100, bad_words cannot name padded rows);
+    no top-k / top-p / min-p / repetition penalty whatever the checkpoint's generation_config.json says (a server
+    started without --generation-config vllm takes those as request defaults: Qwen ships top_k 20, top_p 0.8);
+    and the token ids back (return_token_ids), decoded here with the same tokenizer: vLLM's incremental
+    detokenizer drops a trailing incomplete UTF-8 character that tokenizer.decode renders as U+FFFD, which can
+    change the parse ("</answer>" followed by half a character is malformed)."""
+    import grpo  # torch and transformers only on this path
+    import rollout
+    from transformers import AutoConfig
+    tokenizer, _ = grpo.load_processors(model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+    banned = set(rollout.banned_ids(tokenizer, vocab))
+    extra = dict(stop_token_ids=rollout.stop_ids(tokenizer),
+                 allowed_token_ids=[i for i in range(vocab) if i not in banned], top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, return_token_ids=True)
+    return tokenizer, extra
 
 
 class ApiStopped(Exception):
@@ -384,7 +642,7 @@ def one_line(e, limit=300):
     return " ".join(str(e).split())[:limit]
 
 
-def api_answer(client, task, body, args, stop):
+def api_answer(client, task, body, args, stop, tokenizer=None):
     """Our retry loop around one request (the client itself never retries): 429, 5xx, 408/409, timeouts and
     dropped connections back off (--api-backoff doubling, capped at 60 s, Retry-After honoured up to that cap)
     and retry up to --api-retries times; anything else, or no luck after the retries, exits with one line."""
@@ -415,15 +673,16 @@ def api_answer(client, task, body, args, stop):
         except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
             sys.exit(f"evaluate.py: error: {base} sent a malformed response for task {tid} ({one_line(e, 120)})")
         else:
-            return api_completion(resp, base, tid)
+            return api_completion(resp, base, tid, tokenizer)
         if attempt < args.api_retries:
             stop.wait(wait)
     sys.exit(f"evaluate.py: error: {base} still failing after {args.api_retries + 1} attempts: {cause}; "
              "rerun the same command to resume")
 
 
-def api_completion(resp, base, tid):
-    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage."""
+def api_completion(resp, base, tid, tokenizer=None):
+    """Row fields of a chat completion: text, truncated (finish_reason "length"), finish_reason, usage. With a
+    tokenizer (--api-tokenizer) the text is its decoding of the completion's token ids, as the local path's."""
     choices = getattr(resp, "choices", None)
     message = choices[0].message if isinstance(choices, list) and choices else None
     if message is None or not isinstance(message.content, (str, type(None))):
@@ -434,7 +693,14 @@ def api_completion(resp, base, tid):
     if u is not None and isinstance(u.prompt_tokens, int) and isinstance(u.completion_tokens, int):
         usage = dict(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
     reason = choices[0].finish_reason
-    return dict(text=message.content or "", truncated=reason == "length", finish_reason=reason,
+    text = message.content or ""
+    if tokenizer is not None:
+        ids = getattr(choices[0], "token_ids", None)
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            sys.exit(f"evaluate.py: error: {base} sent no token_ids for task {tid}: --api-tokenizer needs a vLLM "
+                     "server (return_token_ids is vLLM's field)")
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return dict(text=text, truncated=reason == "length", finish_reason=reason,
                 n_tokens=usage and usage["completion_tokens"], usage=usage)
 
 
@@ -444,11 +710,12 @@ def api_answerer(tasks_dir, args, key):
     one-line error is raised: a rerun resumes from what was written."""
     import openai
     client = openai.OpenAI(base_url=args.api_base, api_key=key, max_retries=0, timeout=args.api_timeout)
+    tokenizer, extra = vllm_decoding(args.api_tokenizer) if args.api_tokenizer else (None, None)
 
     def ask(task, stop):
         if stop.is_set():
             raise ApiStopped
-        return api_answer(client, task, api_request(task, tasks_dir, args), args, stop)
+        return api_answer(client, task, api_request(task, tasks_dir, args, extra), args, stop, tokenizer)
 
     def stream(todo):
         stop = threading.Event()
@@ -490,6 +757,7 @@ def answer_none(task):
 
 def sift_at(sift, gray, points, size):
     """Unit-normalised upright SIFT descriptors at the given (x, y) points."""
+    import cv2
     kps = [cv2.KeyPoint(float(x), float(y), size, 0.0) for x, y in points]
     kps_out, desc = sift.compute(gray, kps)
     assert len(kps_out) == len(kps), "SIFT dropped a labelled point"
@@ -513,12 +781,14 @@ class SiftMatcher:
     many pairs and dense detection is most of the cost) and F per image pair (several tasks share a pair)."""
 
     def __init__(self, args, min_inliers=15, cache_images=64):
+        import cv2  # OpenCV only for the SIFT baseline and --show: --answers and the API path run without it
         self.args, self.min_inliers, self.cache_images = args, min_inliers, cache_images
         self.sift = cv2.SIFT_create(nfeatures=4000)
         self.images, self.fmats = OrderedDict(), {}
 
     def features(self, path, task):
         """(gray image, dense keypoints, dense descriptors) of one image."""
+        import cv2
         if path in self.images:
             self.images.move_to_end(path)
             return self.images[path]
@@ -532,6 +802,7 @@ class SiftMatcher:
 
     def fundamental_matrix(self, f1, f2):
         """F from dense SIFT + ratio test + RANSAC, or None when too few inliers to trust it."""
+        import cv2
         (_, k1, d1), (_, k2, d2) = f1, f2
         if d1 is None or d2 is None or len(k1) < 2 or len(k2) < 2:
             return None
@@ -797,7 +1068,136 @@ def write_report(out, all_metrics, tasks_path, shows):
                   "answered none (green correct, orange missed) or not answered (magenta).\n"]
         parts += [f"- {name}: " + ", ".join(f"[{p.stem}]({p.relative_to(out).as_posix()})" for p in ps)
                   for name, ps in shows.items()]
+    parts += transfer_section(out)  # an earlier --transfer's table stays in the rebuilt report
     (out / "report.md").write_text("\n".join(parts) + "\n")
+
+# -----------------------------------------------------------------------------
+# the paper's transfer table (evaluate.py --transfer RESULTS...): lmms-eval results of the base and the trained model
+
+# (row, lmms-eval 0.7.3 task names (the first one present is used), the headline metric's key in its results JSON,
+# factor to percent (V*Bench already reports percent), the paper's Qwen3-VL-8B base -> DCRL numbers)
+TRANSFER_BENCHMARKS = (
+    ("OmniSpatial", ("omni_spatial",), "omni_spatial_score,none", 100, (43.60, 48.87)),
+    ("MindCube", ("mindcube_full", "mindcube_tiny"), "overall_accuracy,none", 100, (40.01, 43.52)),
+    ("SAT Real", ("sat",), "exact_match,flexible-extract", 100, (70.0, 75.3)),
+    ("MME-RealWorld", ("mmerealworld",), "mme_realworld_score,none", 100, (62.8, 63.8)),
+    ("MMStar", ("mmstar",), "average,none", 100, (59.8, 62.5)),
+    ("RealWorldQA", ("realworldqa",), "exact_match,none", 100, (69.5, 70.5)),
+    ("V*Bench", ("vstar_bench",), "vstar_overall_acc,none", 1, (84.8, 85.9)),
+    ("ReasonMatch-style F1 (export_bench.py's widematch)", ("widematch",), "f1,none", 100, (27.5, 70.5)),
+)
+TRANSFER_HEADING = "## Transfer: lmms-eval benchmarks, base vs trained"
+
+
+def read_lmms_results(path):
+    """(model name, dict) of one lmms-eval results file (<output_path>/<model>/<date>_results.json); the name is
+    its model_name (the model / pretrained argument), else its model_args, else its directory's name."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"evaluate.py: error: --transfer {path} cannot be read as JSON ({one_line(e)})")
+    if not isinstance(d, dict) or not isinstance(d.get("results"), dict):
+        sys.exit(f"evaluate.py: error: --transfer {path} is not an lmms-eval results file (no \"results\" object)")
+    name = d.get("model_name") or (d.get("config") or {}).get("model_args") or Path(path).parent.name
+    return str(name), d
+
+
+def transfer_table(paths):
+    """The transfer table from lmms-eval results files: one column per model in order of first appearance (the
+    first is the base; each other model gets a delta against it), one row per TRANSFER_BENCHMARKS entry
+    (value None where a model has no run of it). A benchmark given twice for one model, or a results entry
+    without the expected metric, stops the run. Notes flag runs made with different generation settings or on
+    a --limit'ed part of a benchmark."""
+    models = {}
+    for p in paths:
+        name, d = read_lmms_results(p)
+        runs = models.setdefault(name, {})
+        for task, res in d["results"].items():
+            if task in runs:
+                sys.exit(f"evaluate.py: error: --transfer: {task} of model {name} is in both {runs[task]['file']} "
+                         f"and {p}: give one run per benchmark and model")
+            runs[task] = dict(file=str(p), results=res, n=(d.get("n-samples") or {}).get(task) or {},
+                              gen=(d.get("configs") or {}).get(task, {}).get("generation_kwargs"),
+                              gen_cli=(d.get("config") or {}).get("gen_kwargs") or "")
+    names = list(models)
+    if len(names) < 2:
+        sys.exit(f"evaluate.py: error: --transfer needs the results of two models (the base's files first, then the "
+                 f"trained model's); these files are all of {names[0]!r}")
+    rows, notes = [], []
+    for label, task_names, key, scale, paper in TRANSFER_BENCHMARKS:
+        task = next((t for t in task_names if any(t in runs for runs in models.values())), task_names[0])
+        cells = []
+        for name in names:
+            run = models[name].get(task)
+            if run is None:
+                cells.append(None)
+                continue
+            v = run["results"].get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                sys.exit(f"evaluate.py: error: --transfer {run['file']}: {task} has no number under {key!r} "
+                         f"(lmms-eval 0.7.3's headline metric of {label})")
+            cells.append(dict(value=scale * v, n=run["n"].get("effective"), of=run["n"].get("original"),
+                              gen=run["gen"], gen_cli=run["gen_cli"]))
+        present = [(n, c) for n, c in zip(names, cells) if c]
+        if len({json.dumps([c["gen"], c["gen_cli"]], sort_keys=True) for _, c in present}) > 1:
+            notes.append(f"{label}: the models ran with different generation settings ("
+                         + "; ".join(f"{n}: {c['gen']} {c['gen_cli']}".strip() for n, c in present) + ")")
+        for n, c in present:
+            if c["n"] is not None and c["of"] is not None and c["n"] < c["of"]:
+                notes.append(f"{label}: {n} ran on {c['n']} of {c['of']} documents (--limit)")
+        rows.append(dict(benchmark=label, task=task, metric=key, paper=list(paper), cells=cells))
+    return dict(models=names, rows=rows, notes=notes, files=[str(p) for p in paths])
+
+
+def transfer_markdown(t):
+    """report.md's transfer section from transfer_table's dict."""
+    base, others = t["models"][0], t["models"][1:]
+    f2 = lambda c: "-" if c is None else f"{c['value']:.2f}"
+    delta = lambda a, b: "-" if a is None or b is None else f"{b['value'] - a['value']:+.2f}"
+    header = ["benchmark", "lmms-eval task (metric)", f"base: {base}"]
+    for o in others:
+        header += [o, "Δ"]
+    header += ["docs (per model)", "paper: base → DCRL (Δ)"]
+    rows = []
+    for r in t["rows"]:
+        cells = r["cells"]
+        ns = ["-" if c is None or c["n"] is None else str(c["n"]) for c in cells]
+        row = [r["benchmark"], f"`{r['task']}` ({r['metric']})", f2(cells[0])]
+        for c in cells[1:]:
+            row += [f2(c), delta(cells[0], c)]
+        pb, pt = r["paper"]
+        rows.append(row + [ns[0] if len(set(ns)) == 1 else " / ".join(ns), f"{pb:.2f} → {pt:.2f} ({pt - pb:+.2f})"])
+    lines = [f"\n{TRANSFER_HEADING}\n",
+             "Numbers in percent: each benchmark's headline metric as lmms-eval 0.7.3 computes it (its task and "
+             "metric key in the second column), from " + ", ".join(f"`{p}`" for p in t["files"]) + " (made with "
+             "`evaluate.py --transfer`; README \"Transfer benchmarks\" has the commands). Δ = model - base. The "
+             "paper's column is Qwen3-VL-8B before and after DCRL, for orientation only (other checkpoints, other "
+             "runs). SAT Real is lmms-eval's `sat` (each question asked once, not circularly); MindCube is the "
+             "paper's `mindcube_full` unless only `mindcube_tiny` was run. Our ReasonMatch-style row is "
+             "export_bench.py's task on our own test split, not the paper's ReasonMatch-Bench.\n",
+             table(header, rows)]
+    if t["notes"]:
+        lines += ["\nCaveats found in the files:\n"] + [f"- {n}" for n in t["notes"]]
+    return lines
+
+
+def transfer_section(out):
+    """The transfer section of <out>/transfer.json (written by --transfer), or nothing."""
+    p = out / "transfer.json"
+    return transfer_markdown(json.loads(p.read_text())) if p.is_file() else []
+
+
+def write_transfer(out, paths):
+    """--transfer: <out>/transfer.json, and the section put into <out>/report.md in place of an earlier one (the
+    rest of the report is kept; without a report, one is started). Returns the table."""
+    t = transfer_table(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(t, indent=2) + "\n")
+    report = out / "report.md"
+    text = report.read_text() if report.is_file() else "# widematch evaluation\n"
+    kept = text.split(f"\n{TRANSFER_HEADING}\n")[0].rstrip("\n") + "\n"  # the section is always the report's last
+    report.write_text(kept + "\n".join(transfer_section(out)) + "\n")
+    return t
 
 
 def plot_f1_vs_bin(out, all_metrics):
@@ -841,6 +1241,7 @@ def show_indices(tasks, k):
 
 def show_task(path, task, row, name):
     """Side-by-side picture of one task: points, ground truth, the model's answer."""
+    import cv2
     imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in task["originals"]]
     h, w = max(i.shape[0] for i in imgs), max(i.shape[1] for i in imgs)
     inch = 6 / max(h, w)  # the longer image side gets 6 inches, portrait or landscape
@@ -898,7 +1299,10 @@ def write_shows(show_dir, tasks, rows, k, name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpts", nargs="*", metavar="CKPT", help="step dir, run dir, HF model dir or hub id")
-    parser.add_argument("--answers", help="score this jsonl of {task_id, text} made by any other tool")
+    parser.add_argument("--answers", help="score answers made by another tool: a jsonl of {task_id, text}, "
+                        "lmms-eval's --log_samples file or VLMEvalKit's prediction file (.tsv/.xlsx/.json)")
+    parser.add_argument("--transfer", nargs="+", metavar="RESULTS",
+                        help="lmms-eval results JSON files, the base model's first: the transfer table into report.md")
     parser.add_argument("--api-base", help="evaluate --api-model behind this OpenAI-compatible URL (.../v1)")
     parser.add_argument("--api-model", help="the model name the --api-base server knows")
     parser.add_argument("--name", help="report name of the --answers or --api-base model "
@@ -912,10 +1316,18 @@ def main(argv=None):
                         help="request field carrying --max-new-tokens (OpenAI reasoning models want the second)")
     parser.add_argument("--api-no-temperature", action="store_true", help="send no temperature (for endpoints "
                         "that reject one; they then decode with their own default)")
+    parser.add_argument("--api-tokenizer", metavar="DIR", help="a vLLM server serving our checkpoint DIR (a local "
+                        "dir or hub id): decode as `evaluate.py DIR` does (stops, banned special tokens, no "
+                        "sampling defaults, text decoded here from the token ids); vLLM-only request fields")
     parser.add_argument("--tasks", default="tasks/test.jsonl", help="make_tasks.py jsonl")
     parser.add_argument("--out", default="eval", help="output dir")
     parser.add_argument("--baseline", nargs="*", default=[], choices=BASELINES, help="classical / floor baselines")
-    parser.add_argument("--batch-size", type=int, default=8, help="tasks per generate call")
+    parser.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                        help="CKPTs: transformers generate (hf), or one vLLM engine (vllm; same greedy decoding)")
+    parser.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
+                        help="--engine vllm on a GPU: its share of the GPU's memory")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="tasks per generate call (default 8; --engine vllm: 256, batched continuously)")
     parser.add_argument("--max-new-tokens", type=int, default=5120,
                         help="completion budget per task (the paper trains at 5120; the CPU demo passes 48)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -937,7 +1349,17 @@ def main(argv=None):
     parser.add_argument("--sift-ratio", type=float, default=0.8, help="nearest / second-nearest distance ratio")
     parser.add_argument("--sift-max-dist", type=float, default=0.7, help="max unit-SIFT distance for a link")
     args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (256 if args.engine == "vllm" else 8)
 
+    if args.transfer:  # needs no tasks file; with models to evaluate too, their report keeps the section
+        missing = [p for p in args.transfer if not Path(p).is_file()]
+        if missing:
+            sys.exit(f"evaluate.py: error: --transfer {missing[0]} does not exist")
+        t = write_transfer(Path(args.out), args.transfer)
+        if not (args.ckpts or args.baseline or args.answers or args.api_base):
+            print(f"evaluate.py: transfer table of {len(t['models'])} models over {len(t['rows'])} benchmarks -> "
+                  f"{args.out}/report.md")
+            return
     tasks_path = Path(args.tasks)
     if not tasks_path.is_file():
         sys.exit(f"evaluate.py: error: --tasks {tasks_path} does not exist")
@@ -949,6 +1371,10 @@ def main(argv=None):
         sys.exit("evaluate.py: error: --api-base and --api-model go together")
     if args.api_base and not re.match(r"https?://[^/]", args.api_base):
         sys.exit(f"evaluate.py: error: --api-base {args.api_base} is not an http(s):// URL")
+    if args.api_tokenizer and not args.api_base:
+        sys.exit("evaluate.py: error: --api-tokenizer goes with --api-base (a vLLM server of that checkpoint)")
+    if args.api_tokenizer:  # a run dir: its latest exported step, as a CKPT
+        args.api_tokenizer = resolve_ckpt(args.api_tokenizer)
     if args.name and bool(args.answers) == bool(args.api_base):
         sys.exit("evaluate.py: error: --name names the one --answers or --api-base model of a run")
     api_key = os.environ.get(args.api_key_env) if args.api_base else None
@@ -988,14 +1414,19 @@ def main(argv=None):
         info = dict(kind=kind, what=what, tasks_sha=tasks_sha, seed=args.seed)
         if kind == "answers":  # re-scored from scratch every run: nothing to resume, only a model's dir to protect
             check_run_info(model_dir, dict(kind=kind, what=what, tasks_sha=tasks_sha), keys=("kind",))
-            rows = score_answers(tasks, read_answers(args.answers, {t["task_id"] for t in all_tasks}), model_dir)
+            rows = score_answers(tasks, read_any_answers(args.answers, all_tasks), model_dir)
         else:
             if kind == "model":
                 info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=model_dtype(args))
-                make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+                if args.engine == "vllm":  # (hf runs keep the run.json they always had)
+                    info["engine"] = "vllm"
+                    make_answerer = lambda: vllm_answerer(what, tasks_path.parent, tasks, args)
+                else:
+                    make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
             elif kind == "api":
                 info.update(temperature=None if args.api_no_temperature else args.temperature,
-                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param)
+                            max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param,
+                            api_tokenizer=args.api_tokenizer)
                 make_answerer = lambda: api_answerer(tasks_path.parent, args, api_key)
             else:
                 if what == "sift":

