@@ -13,14 +13,16 @@ Usage:
     python bench.py step [--step-steps 4 --step-group-size 8]
     python bench.py rollout-fsdp [--quick] [--fsdp-lengths 16,128 --fsdp-group-size 4]   # CPU, 2 processes
     python bench.py plan-check                  # grpo.py --plan vs the measured peak of one CPU step (~3 min)
-    python bench.py rollout-engine --quick      # HF generate vs colocated vLLM, same model/prompts/G (~1 min; a test)
-    python bench.py rollout-engine [--engine-models tiny,small --engine-new-tokens 256 --engine-steps 4]
+    python bench.py rollout-engine --quick --threads 1   # HF generate vs colocated vLLM, same model/prompts/G (~1 min)
+    python bench.py rollout-engine --threads 1 [--engine-models tiny,small --engine-new-tokens 256 --engine-steps 4]
     python bench.py gpu --out bench/gpu.json    # 1 GPU, <= 8 min, no network: the first GPU any task is lent
     python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~25 s; a test)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
-section per command with the raw numbers.
+section per command with the raw numbers. --threads N sets this process's torch threads (default: one per core);
+on the shared 2-core machine --threads 1 keeps other jobs' load from inflating times 10-30x (with 2 threads an
+OpenMP thread waits for a descheduled sibling; measured on a log-prob forward: 0.04-1.3 s with 2, 0.06 s with 1).
 
 What each command measures (targets in brackets; a table row ends in "ok" or "MISSED"):
   logprobs  grpo.completion_logprobs (lm_head + log_softmax in chunks of T, each chunk recomputed in backward)
@@ -69,8 +71,9 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
             included; minimum over repeats, the engines alternating); decode tok/s = the same minus a 1-token
             run's time. Then grpo.main for --engine-steps steps with each engine (tiny model, --step-group-size,
             --step-prompts, --step-new-tokens, no stops): metrics.jsonl's seconds_rollout and tokens_per_s, step 1
-            (warm-up) left out; the ratio compares the best step of each. Quick: the tiny model; else tiny and
-            small (SIZES). vLLM CPU needs text head_dim >= 32 (tiny_model.py has 32).
+            (warm-up) left out; runs hf, vllm (quick) or hf, vllm, vllm, hf; the ratio compares the best step of
+            each. Quick: the tiny model; else tiny and small (SIZES). vLLM's CPU attention needs text head_dim >= 32
+            (tiny_model.py has 32).
   gpu       one JSON (--out): versions (torch, transformers, torchvision, vllm or why not); on one prompt with
             two 896 x 672 images (~1,400 tokens) x G 8 x 1,024 new tokens of a random Qwen3-VL-2B-shaped model
             (SIZES["2b"]), stop tokens banned in both engines (no_stops): decode tokens/s of rollout.HFEngine (fp32
@@ -1192,23 +1195,18 @@ def compare_engines(model_dir, kind, device, P, G, N, repeats=1, check_tokens=16
     return row
 
 
-def engine_steps(model_dir, pool, out_dir, engine, steps, G, P, N, extra=()):
+def engine_steps(model_dir, pool, out_dir, engine, steps, G, P, N):
     """grpo.main for `steps` steps with --rollout-engine `engine` (tiny recipe, no eval, one checkpoint at the end),
-    no_stops -> means over steps 2.. of metrics.jsonl's seconds_rollout (the whole rollout phase: session, prompts,
-    generate, rewards), tokens_per_s, length, dlogp and the step's seconds; best_seconds_rollout: their minimum
-    (what the ratio uses, as the decode table uses minima: the load of a shared machine only ever adds time)."""
+    no_stops -> metrics.jsonl's rows of steps 2.. (step 1: warm-up). Their seconds_rollout is the whole rollout phase
+    (session, prompts, generate, rewards)."""
     argv = ["--model", model_dir, "--pool", pool, "--out", out_dir, "--steps", str(steps), "--save-every",
             str(steps), "--eval-every", "0", "--group-size", str(G), "--prompts-per-step", str(P),
-            "--max-new-tokens", str(N), "--rollout-engine", engine, *TINY_RECIPE, *extra]
+            "--max-new-tokens", str(N), "--rollout-engine", engine, *TINY_RECIPE]
     with vllm_in_process(), no_stops(), contextlib.redirect_stdout(sys.stderr):
         grpo.main(argv)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
-    use = metrics[1:] if len(metrics) > 1 else metrics  # step 1: warm-up
-    keys = ("seconds_rollout", "tokens_per_s", "length", "dlogp", "seconds")
-    return dict(engine=engine, steps=len(metrics), **{k: float(np.mean([m[k] for m in use])) for k in keys},
-                best_seconds_rollout=min(m["seconds_rollout"] for m in use), per_step=[{k: m[k] for k in keys}
-                                                                                    for m in metrics])
+    return metrics[1:] if len(metrics) > 1 else metrics
 
 
 def bench_rollout_engine(args, device, tmp):
@@ -1229,7 +1227,8 @@ def bench_rollout_engine(args, device, tmp):
         rows.append(compare_engines(path, kind, device, P, G, N, repeats=reps))
         print(f"  rollout-engine {kind}: vLLM / HF tok/s x{rows[-1]['ratio']:.2f}", file=sys.stderr)
     print_table(f"rollout-engine: rollout.HFEngine (transformers generate, resident, one prefill per prompt) vs "
-                f"rollout.VllmEngine (colocated vLLM, in-process) on {device.type}, the same weights, prompts and G, "
+                f"rollout.VllmEngine (colocated vLLM, in-process) on {device.type} ({torch.get_num_threads()} "
+                f"threads), the same weights, prompts and G, "
                 f"temperature 1, no stop tokens (every row runs to its length); greedy tokens checked equal", rows,
                 [("model", "model", "{}"), ("prompt_tokens", "prompt", "{}"), ("P", "prompts", "{}"), ("G", "G", "{}"),
                  ("new_tokens", "new", "{}"), ("hf_generated", "HF tokens", "{}"),
@@ -1244,13 +1243,24 @@ def bench_rollout_engine(args, device, tmp):
         build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
     model_dir = args.model or build_model_dir("tiny", os.path.join(tmp, "eng_step_tiny"))
     sp, sg, sn = args.step_prompts, args.step_group_size, args.step_new_tokens
-    steps = [engine_steps(model_dir, pool, os.path.join(tmp, "eng_run_" + e), e, args.engine_steps, sg, sp, sn)
-             for e in ("hf", "vllm")]
-    step = dict(G=sg, prompts=sp, new_tokens=sn, hf=steps[0], vllm=steps[1],
+    order = ("hf", "vllm") if args.quick else ("hf", "vllm", "vllm", "hf")  # ABBA: a drifting load hits both alike
+    counted = {"hf": [], "vllm": []}
+    for k, e in enumerate(order):
+        counted[e] += engine_steps(model_dir, pool, os.path.join(tmp, f"eng_run{k}_{e}"), e, args.engine_steps, sg,
+                                   sp, sn)
+    keys = ("seconds_rollout", "tokens_per_s", "length", "dlogp", "seconds")
+    # means as grpo.py logs them; the ratio from the best step of each (as the table above uses minima: the load of
+    # a shared machine only ever adds time)
+    steps = [dict(engine=e, runs=order.count(e), steps=len(ms), **{k: float(np.mean([m[k] for m in ms])) for k in keys},
+                  best_seconds_rollout=min(m["seconds_rollout"] for m in ms), per_step=[{k: m[k] for k in keys}
+                                                                                       for m in ms])
+             for e, ms in counted.items()]
+    step = dict(G=sg, prompts=sp, new_tokens=sn, order=order, hf=steps[0], vllm=steps[1],
                 rollout_ratio=steps[0]["best_seconds_rollout"] / steps[1]["best_seconds_rollout"],
                 tokens_per_s_ratio=steps[1]["tokens_per_s"] / steps[0]["tokens_per_s"])
     print_table(f"rollout-engine: one GRPO step of grpo.main per --rollout-engine, tiny model, G={sg}, {sp} prompts, "
-                f"{sn} new tokens, no stop tokens, mean of steps 2..{args.engine_steps} (metrics.jsonl)", steps,
+                f"{sn} new tokens, no stop tokens; runs {' '.join(order)}, steps 2..{args.engine_steps} of each "
+                f"(metrics.jsonl)", steps,
                 [("engine", "engine", "{}"), ("seconds_rollout", "rollout s", "{:.2f}"),
                  ("best_seconds_rollout", "best rollout s", "{:.2f}"),
                  ("tokens_per_s", "rollout tok/s", "{:.0f}"), ("length", "mean length", "{:.0f}"),
@@ -1258,7 +1268,7 @@ def bench_rollout_engine(args, device, tmp):
     for r in rows:
         print(f"  {r['model']}: HF {r['hf_tok_s']:.0f} tok/s, vLLM {r['vllm_tok_s']:.0f} tok/s, "
               f"vLLM/HF x{r['ratio']:.2f}" + (f" (decode x{r['decode_ratio']:.2f})" if r["decode_ratio"] else ""))
-    print(f"  GRPO step rollout (best of steps 2..{args.engine_steps}): HF {steps[0]['best_seconds_rollout']:.2f} s, "
+    print(f"  GRPO step rollout (best of {steps[0]['steps']} steps each): HF {steps[0]['best_seconds_rollout']:.2f} s, "
           f"vLLM {steps[1]['best_seconds_rollout']:.2f} s (HF/vLLM x{step['rollout_ratio']:.2f}; mean rollout tok/s "
           f"vLLM/HF x{step['tokens_per_s_ratio']:.2f})")
     return dict(rows=rows, step=step)
@@ -1491,6 +1501,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes: `all --quick` takes ~2-3 min on 2 CPU cores")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--model", default=None, help="model dir for rollout/step (default: build the tiny model)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch (OpenMP) threads of this process (default: torch's, one per core). On a shared CPU "
+                         "machine use 1: with 2 threads on 2 cores other jobs' load inflated times 10-30x (OpenMP "
+                         "threads waiting for a descheduled sibling), with 1 the minimum over repeats is stable")
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats, the minimum is kept (quick 1, else 2)")
     ap.add_argument("--lp-lengths", type=int_list, default=None, help="completion lengths T (quick 3072, else 1024,2048,5120)")
     ap.add_argument("--lp-hidden", type=int, default=None, help="hidden size (quick 256, else 512)")
@@ -1544,6 +1558,8 @@ def main(argv=None):
     if args.worker:
         return rollout_fsdp_worker(args) if args.command == "rollout-fsdp" else plan_check_worker(args)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = dict(machine=machine_info(device), args=vars(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

