@@ -1227,8 +1227,8 @@ def bench_rollout_engine(args, device, tmp):
         rows.append(compare_engines(path, kind, device, P, G, N, repeats=reps))
         print(f"  rollout-engine {kind}: vLLM / HF tok/s x{rows[-1]['ratio']:.2f}", file=sys.stderr)
     print_table(f"rollout-engine: rollout.HFEngine (transformers generate, resident, one prefill per prompt) vs "
-                f"rollout.VllmEngine (colocated vLLM, in-process) on {device.type} ({torch.get_num_threads()} "
-                f"threads), the same weights, prompts and G, "
+                f"rollout.VllmEngine (colocated vLLM, in-process) on {device.type} (torch threads: "
+                f"{torch.get_num_threads()}), the same weights, prompts and G, "
                 f"temperature 1, no stop tokens (every row runs to its length); greedy tokens checked equal", rows,
                 [("model", "model", "{}"), ("prompt_tokens", "prompt", "{}"), ("P", "prompts", "{}"), ("G", "G", "{}"),
                  ("new_tokens", "new", "{}"), ("hf_generated", "HF tokens", "{}"),
