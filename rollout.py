@@ -404,12 +404,16 @@ class VllmEngine:
             self.sleep()
 
     def set_logit_scale(self, scale):
+        if scale == getattr(self, "logit_scale", 1.0):  # 1.0 as loaded; a call into the worker only on a change
+            return
+
         def apply(worker, s):
             from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogits
             for m in worker.model_runner.model.modules():
                 if isinstance(m, VllmLogits):
                     m.scale = s
         self.llm.collective_rpc(apply, args=(scale,))
+        self.logit_scale = scale
 
     def generate(self, encs, images, max_new_tokens, temperature=1.0, greedy=False, group_size=1, names=None):
         from vllm import SamplingParams

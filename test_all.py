@@ -4285,13 +4285,14 @@ def test_grpo_vllm_engine_without_weight_sync_is_caught(grpo_env, tmp_path):
 
 
 def test_grpo_vllm_engine_torchrun_2_processes(grpo_dist_env, tmp_path):
-    """torchrun, 2 ranks (FSDP2 over gloo; the tiny model with TIED embeddings), one engine per rank: |dlogp| <= 1e-4
-    at every step, and after 3 steps each rank's engine decodes its eval share as HF does on the sharded policy."""
+    """torchrun, 2 ranks (FSDP2 over gloo; the tiny model with TIED embeddings), one engine per rank, sampling at
+    temperature 0.8 (the engine's logits scaled by 1 / T): |dlogp| <= 1e-4 at every step, and after 3 steps each
+    rank's engine decodes its eval share greedily (scale back to 1) as HF does on the sharded policy."""
     vllm_or_skip()
     out = tmp_path / "run"
     r = vllm_run([os.path.join(HERE, "grpo.py"), *grpo_dist_flags(grpo_dist_env, out, "--rollout-engine", "vllm",
                   "--toy-reward", "--steps", "3", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "3",
-                  "--eval-every", "1000", "--debug-engine-check", str(tmp_path / "check.json"))], nproc=2)
+                  "--temperature", "0.8", "--eval-every", "1000", "--debug-engine-check", str(tmp_path / "check.json"))], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     ms = grpo_read(out / "metrics.jsonl")
     assert [m["step"] for m in ms] == [1, 2, 3] and all(m["dlogp"] <= 1e-4 for m in ms), ms
