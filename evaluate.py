@@ -171,17 +171,24 @@ TASK_FIELDS = ("pair_id", "source", "scene_type", "level", "spatial", "bin", "de
 # -----------------------------------------------------------------------------
 # tasks and model names
 
-def load_tasks(path):
-    """Tasks of a make_tasks.py jsonl file, in file order."""
-    tasks = []
+def json_lines(path, name):
+    """(where, object) of each non-blank line of a JSON-lines file, where = "<name> line <k>"; a line that is not
+    JSON stops the run naming it."""
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{name} line {lineno}"
             try:
-                tasks.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                sys.exit(f"evaluate.py: error: {path} line {lineno} is not JSON ({e})")
+                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
+            yield where, obj
+
+
+def load_tasks(path):
+    """Tasks of a make_tasks.py jsonl file, in file order."""
+    tasks = [t for _, t in json_lines(path, str(path))]
     ids = [t["task_id"] for t in tasks]
     if len(set(ids)) != len(ids):
         sys.exit(f"evaluate.py: error: {path} has duplicate task_ids")
@@ -291,23 +298,15 @@ def read_answers(path, all_ids):
     tool). A line that is not such an object, a task_id the tasks file does not have, or one given twice is an
     error naming the file, the line and the task_id."""
     answers = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"--answers {path} line {lineno}"
-            try:
-                a = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
-            if not isinstance(a, dict) or not isinstance(a.get("task_id"), str) or not isinstance(a.get("text"), str):
-                sys.exit(f"evaluate.py: error: {where} is not an object with a string task_id and a string text")
-            tid = a["task_id"]
-            if tid not in all_ids:
-                sys.exit(f"evaluate.py: error: {where}: unknown task_id {tid!r} (not in the tasks file)")
-            if tid in answers:
-                sys.exit(f"evaluate.py: error: {where}: duplicate task_id {tid!r} (answered twice)")
-            answers[tid] = a["text"]
+    for where, a in json_lines(path, f"--answers {path}"):
+        if not isinstance(a, dict) or not isinstance(a.get("task_id"), str) or not isinstance(a.get("text"), str):
+            sys.exit(f"evaluate.py: error: {where} is not an object with a string task_id and a string text")
+        tid = a["task_id"]
+        if tid not in all_ids:
+            sys.exit(f"evaluate.py: error: {where}: unknown task_id {tid!r} (not in the tasks file)")
+        if tid in answers:
+            sys.exit(f"evaluate.py: error: {where}: duplicate task_id {tid!r} (answered twice)")
+        answers[tid] = a["text"]
     return answers
 
 
@@ -356,37 +355,29 @@ def read_lmms_samples(path, all_tasks):
     else its target against the task's reference answer; a mismatch means the export came from another tasks
     file and stops the run, as do a doc_id outside the file, a doc given twice or a line without a text answer."""
     answers = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"--answers {path} line {lineno}"
-            try:
-                s = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
-            doc_id = s.get("doc_id") if isinstance(s, dict) else None
-            if not isinstance(doc_id, int) or isinstance(doc_id, bool) or not 0 <= doc_id < len(all_tasks):
-                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id!r} is not a row of the tasks file "
-                         f"(0..{len(all_tasks) - 1}); lmms-eval samples map back by row")
-            task = all_tasks[doc_id]
-            claimed = s["micro_f1"].get("task_id") if isinstance(s.get("micro_f1"), dict) else None
-            target = s.get("target")
-            if claimed is not None and claimed != task["task_id"]:
-                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
-                         f"but {claimed!r} in the samples: the export was made from another tasks file")
-            if claimed is None and target is not None and target != reward.format_answer(
-                    {i + 1: v for i, v in enumerate(task["target"])}):
-                sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
-                         f"task {task['task_id']!r}: the export was made from another tasks file")
-            text = s.get("filtered_resps", s.get("resps"))
-            while isinstance(text, list) and len(text) == 1:  # [[text]] before lmms-eval flattens it, [text] after
-                text = text[0]
-            if not isinstance(text, str):
-                sys.exit(f"evaluate.py: error: {where}: filtered_resps holds no single text answer ({str(text)[:80]})")
-            if task["task_id"] in answers:
-                sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} (task {task['task_id']!r}) answered twice")
-            answers[task["task_id"]] = text
+    for where, s in json_lines(path, f"--answers {path}"):
+        doc_id = s.get("doc_id") if isinstance(s, dict) else None
+        if not isinstance(doc_id, int) or isinstance(doc_id, bool) or not 0 <= doc_id < len(all_tasks):
+            sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id!r} is not a row of the tasks file "
+                     f"(0..{len(all_tasks) - 1}); lmms-eval samples map back by row")
+        task = all_tasks[doc_id]
+        claimed = s["micro_f1"].get("task_id") if isinstance(s.get("micro_f1"), dict) else None
+        target = s.get("target")
+        if claimed is not None and claimed != task["task_id"]:
+            sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
+                     f"but {claimed!r} in the samples: the export was made from another tasks file")
+        if claimed is None and target is not None and target != reward.format_answer(
+                {i + 1: v for i, v in enumerate(task["target"])}):
+            sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
+                     f"task {task['task_id']!r}: the export was made from another tasks file")
+        text = s.get("filtered_resps", s.get("resps"))
+        while isinstance(text, list) and len(text) == 1:  # [[text]] before lmms-eval flattens it, [text] after
+            text = text[0]
+        if not isinstance(text, str):
+            sys.exit(f"evaluate.py: error: {where}: filtered_resps holds no single text answer ({str(text)[:80]})")
+        if task["task_id"] in answers:
+            sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} (task {task['task_id']!r}) answered twice")
+        answers[task["task_id"]] = text
     return answers
 
 
