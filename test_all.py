@@ -2990,13 +2990,17 @@ def _evaluate_write_answers(path, pairs):
     return path
 
 
-def _evaluate_exit_line(argv):
-    """The one-line message evaluate.main exits with."""
+def _exit_line(main, argv, prog):
+    """The one-line message a script's main exits with."""
     with pytest.raises(SystemExit) as e:
-        evaluate.main(argv)
+        main(argv)
     msg = str(e.value.code)
-    assert msg.startswith("evaluate.py: error:") and "\n" not in msg
+    assert msg.startswith(f"{prog}: error:") and "\n" not in msg
     return msg
+
+
+def _evaluate_exit_line(argv):
+    return _exit_line(evaluate.main, argv, "evaluate.py")
 
 
 def test_evaluate_answers_scored_counted_refused_and_reported(evaluate_tasks, evaluate_baselines, tmp_path):
@@ -4544,11 +4548,7 @@ def harness_export(evaluate_tasks, tmp_path_factory):
 
 
 def _harness_exit_line(argv):
-    with pytest.raises(SystemExit) as e:
-        export_bench.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("export_bench.py: error:") and "\n" not in msg
-    return msg
+    return _exit_line(export_bench.main, argv, "export_bench.py")
 
 
 def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_bytes(evaluate_tasks, harness_export,
