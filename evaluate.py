@@ -556,7 +556,9 @@ def vllm_answerer(ckpt, tasks_dir, tasks, args):
     import torch
     from PIL import Image
     tokenizer, image_processor = grpo.load_processors(ckpt)
-    cfg, _ = rollout.read_model_config(ckpt)
+    cfg = json.loads(grpo.read_model_file(ckpt, "config.json") or "null")  # a local dir, or a hub id in the cache
+    if not isinstance(cfg, dict):
+        sys.exit(f"evaluate.py: error: {ckpt}: no config.json (a local model dir, or a hub id in the HF cache)")
     side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
     room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
     engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
