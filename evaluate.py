@@ -526,49 +526,35 @@ def model_dtype(args):
     return "bfloat16" if on_gpu else "float32"
 
 
-def model_answerer(ckpt, tasks_dir, args):
-    import grpo  # torch and transformers only when a model is evaluated
-    import torch
-    from PIL import Image
-    model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, getattr(torch, model_dtype(args)),
-                                                         device_map=args.device_map)
-    greedy = args.temperature <= 0
-
-    def answer(batch):
-        encs = []
-        for task in batch:
-            images = [Image.open(tasks_dir / p).convert("RGB") for p in task["images"]]
-            encs.append(grpo.encode(tokenizer, image_processor, task["prompt"], images))
-        # seeded per batch by its first task, so a rerun of the same batches samples the same tokens
-        torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))
-        outs = grpo.generate(model, tokenizer, encs, args.max_new_tokens, args.temperature, greedy)
-        return [dict(text=o["text"], truncated=o["truncated"], n_tokens=len(o["token_ids"]),
-                     usage=dict(prompt_tokens=e["input_ids"].shape[1], completion_tokens=len(o["token_ids"])))
-                for e, o in zip(encs, outs)]
-    return in_batches(answer, args.batch_size)
-
-def vllm_answerer(ckpt, tasks_dir, tasks, args):
-    """--engine vllm: the same prompts (grpo.encode) and decoding as model_answerer through one vLLM engine
-    (rollout.VllmEngine: prompt ids checked against encode's, the same banned tokens and stops); each batch of
-    --batch-size tasks is submitted at once (continuous batching) and written when it is done."""
-    import grpo  # torch, transformers and vllm only when a model is evaluated
+def model_answerer(ckpt, tasks_dir, tasks, args):
+    """A local model through a rollout engine (rollout.py): --engine hf, transformers generate on the model loaded
+    here; --engine vllm, one vLLM engine (prompt ids checked against encode's, the same banned tokens and stops),
+    each batch of --batch-size tasks submitted at once (continuous batching). Either way the prompts are
+    grpo.encode's, and each batch is written when it is done."""
+    import grpo  # torch, transformers (and vllm) only when a model is evaluated
     import rollout
     import torch
     from PIL import Image
-    tokenizer, image_processor = grpo.load_processors(ckpt)
-    cfg = json.loads(grpo.read_model_file(ckpt, "config.json") or "null")  # a local dir, or a hub id in the cache
-    if not isinstance(cfg, dict):
-        sys.exit(f"evaluate.py: error: {ckpt}: no config.json (a local model dir, or a hub id in the HF cache)")
-    side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
-    room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
-    engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
-                                gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False,
-                                dtype=getattr(torch, model_dtype(args)))
+    dtype = getattr(torch, model_dtype(args))
+    if args.engine == "vllm":
+        tokenizer, image_processor = grpo.load_processors(ckpt)
+        cfg = json.loads(grpo.read_model_file(ckpt, "config.json") or "null")  # a local dir, or a hub id in the cache
+        if not isinstance(cfg, dict):
+            sys.exit(f"evaluate.py: error: {ckpt}: no config.json (a local model dir, or a hub id in the HF cache)")
+        side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
+        room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
+        engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
+                                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype)
+    else:
+        model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, dtype, device_map=args.device_map)
+        engine = rollout.HFEngine(model, tokenizer, batch=args.batch_size)
 
     def answer(batch):
         images = [[Image.open(tasks_dir / p).convert("RGB") for p in task["images"]] for task in batch]
         encs = [grpo.encode(tokenizer, image_processor, t["prompt"], ims) for t, ims in zip(batch, images)]
-        torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))  # the per-request seeds
+        # seeded per batch by its first task, so a rerun of the same batches samples the same tokens (vllm: the
+        # per-request seeds are drawn from this)
+        torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))
         with engine.session():
             outs = engine.generate(encs, images, args.max_new_tokens, args.temperature, args.temperature <= 0,
                                    names=[t["task_id"] for t in batch])
@@ -1413,9 +1399,7 @@ def main(argv=None):
                 info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=model_dtype(args))
                 if args.engine == "vllm":  # (hf runs keep the run.json they always had)
                     info["engine"] = "vllm"
-                    make_answerer = lambda: vllm_answerer(what, tasks_path.parent, tasks, args)
-                else:
-                    make_answerer = lambda: model_answerer(what, tasks_path.parent, args)
+                make_answerer = lambda: model_answerer(what, tasks_path.parent, tasks, args)
             elif kind == "api":
                 info.update(temperature=None if args.api_no_temperature else args.temperature,
                             max_new_tokens=args.max_new_tokens, max_tokens_param=args.api_max_tokens_param,
