@@ -813,8 +813,7 @@ def make_engine(args, model, tokenizer, device, rank, world, resumed):
     colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max / --max-new-tokens)
     and, on a resumed run, pushes the checkpoint's weights into it at once."""
     if args.rollout_engine == "hf":
-        return HFEngine(model, tokenizer, args.rollout_impl, args.rollout_batch, autocast_for(device, world),
-                        synced=world > 1)
+        return hf_engine(model, tokenizer, args, world, autocast_for(device, world))
     cfg, _ = read_model_config(args.model)
     engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max) +
                         args.max_new_tokens, seed=args.seed + rank,
@@ -822,6 +821,12 @@ def make_engine(args, model, tokenizer, device, rank, world, resumed):
     if resumed:
         engine.sync_weights(model)
     return engine
+
+
+def hf_engine(model, tokenizer, args, world, autocast=contextlib.nullcontext):
+    """transformers generate on model (--rollout-impl, --rollout-batch prompts a call; ranks in lock-step when
+    sharded): the hf rollout engine, and the reference the debug dumps compare against."""
+    return HFEngine(model, tokenizer, args.rollout_impl, args.rollout_batch, autocast, synced=world > 1)
 
 
 def rollout(engine, tokenizer, image_processor, tasks, args):
@@ -930,8 +935,8 @@ def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor
     def rows(m):  # greedy through transformers (the reference path), whatever --rollout-engine is
         if m is None:
             return None
-        engine = HFEngine(m, tokenizer, args.rollout_impl, args.rollout_batch, synced=world > 1)
-        return evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
+        return evaluate_match(hf_engine(m, tokenizer, args, world), tokenizer, image_processor, eval_tasks, args,
+                              rank, world)[1]
     out = dict(rng=rng, policy=rows(model), ref=rows(ref_model), model=get_model_state_dict(model, options=opts),
                optim=get_optimizer_state_dict(model, opt, options=opts))
     if rank == 0:
@@ -1520,9 +1525,8 @@ def train(args, rank, world, device):
             os._exit(17)  # a hard crash: no clean-up, no destructors
     finish_save(pending, args, rank, world)
     if args.debug_engine_check:  # (tests) greedy rows of the engine next to transformers' on the trained policy
-        hf = HFEngine(model, tokenizer, args.rollout_impl, args.rollout_batch, synced=world > 1)
         check = {name: evaluate_match(e, tokenizer, image_processor, eval_tasks, args, rank, world)[1]
-                 for name, e in (("engine", engine), ("hf", hf))}
+                 for name, e in (("engine", engine), ("hf", hf_engine(model, tokenizer, args, world)))}
         if rank == 0:
             with open(args.debug_engine_check, "w") as f:
                 json.dump(check, f)
