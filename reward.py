@@ -40,6 +40,7 @@ Scoring decisions (score):
 Departure from the paper: it labels both images with numbers; we use numbers vs letters so that the labels of
 the two images can never be confused in text.
 """
+import json
 import math
 import re
 
@@ -347,3 +348,116 @@ def action_reward(text, R, t, tol_deg=ACTION_STEP_DEG, move_tol=0.9, max_chars=M
         move_ok = float(sum(a * b for a, b in zip(_MOVE_DIRS[parsed["move"]], c)) >= move_tol * top)
     return dict(action=(sum(ok.values()) + move_ok) / 4, yaw_ok=ok["yaw"], pitch_ok=ok["pitch"],
                 roll_ok=ok["roll"], move_ok=move_ok, parsed=parsed)
+
+# -----------------------------------------------------------------------------
+# The released rules (github aim-uofa/ReasonMatch): the benchmark's scorer and the training reward, written
+# from their rules. Both are kept exactly as the release scores, quirks included, so numbers are comparable:
+#
+# Benchmark (released_json + released_prf, per sample, macro over samples in evaluate.py):
+# - The JSON is the first ```json fenced block (the fence found case-insensitively), else the text from the
+#   first "{" to the last "}". A fenced block that does not parse is a parse failure: no fall-back to braces.
+# - A prediction of JSON null or "none" (any case) is skipped: a correct "none" earns nothing.
+# - precision = correct / max(non-"none" predictions, 1): an all-"none" reply has precision 0.
+#   recall = correct / ground-truth keys, and the ground truth also holds the image-1 distractors as "none"
+#   keys, so a task with k "none" targets can reach recall (n - k) / n at most.
+#   correct = a predicted key that is a ground-truth key with a value equal to the truth as a string (1 == "1").
+# - An absent JSON, or one that is not a non-empty object, scores 0.
+# Departure: where the release's parser would raise (nesting deeper than Python's recursion limit, integers
+# over Python's 4,300-digit limit) we count a parse failure, so a malformed reply never stops a run.
+#
+# Training reward (released_reward; score = the sum of the four parts, the names the release logs):
+# - thinking_format_reward 1 when the WHOLE reply is <thinking>...</thinking>, whitespace, <answer>...</answer>.
+# - content_format_reward 1 when the first <answer> block, its ```json fence markers removed (case-sensitive),
+#   parses as any JSON value.
+# - repetition_penalty = -3 x (1 - distinct / total) over the 9-grams of the lower-cased, whitespace-split
+#   words of the first thinking block; 0 without one or with fewer than 9 words.
+#   Departure: the release segments text that is mostly Chinese with jieba first; we always split on whitespace.
+# - accuracy_reward = (ground-truth keys predicted right as strings - 0.5 x predicted keys not in the ground
+#   truth) / ground-truth keys; 0 when the answer does not parse as an object. The truth holds the string
+#   "none" for distractors: a JSON null or an unquoted none is NOT a correct "none" here.
+
+RELEASED_PARTS = ("thinking_format_reward", "content_format_reward", "repetition_penalty", "accuracy_reward")
+_R_FENCE = re.compile(r"```json(.*?)```", re.IGNORECASE | re.DOTALL)
+_R_BRACES = re.compile(r"\{.*\}", re.DOTALL)
+_R_WHOLE = re.compile(r"<thinking>.*?</thinking>\s*<answer>.*?</answer>", re.DOTALL)
+_R_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+_R_THINKING = re.compile(r"<thinking>\s*(.*?)\s*</thinking>", re.DOTALL)
+_R_FENCE_MARKS = re.compile(r"```json\s*|\s*```")
+_JSON_FAILS = (ValueError, RecursionError)  # json.JSONDecodeError is a ValueError, so is the int-digits limit
+
+
+def _json_or_fail(s):
+    """(ok, value): json.loads without raising."""
+    try:
+        return True, json.loads(s)
+    except _JSON_FAILS:
+        return False, None
+
+
+def released_json(text):
+    """Reply text -> (raw, parsed) as the released benchmark extracts it: raw is the candidate JSON text (None
+    when absent), parsed its value (None when raw is empty or does not parse). Never raises."""
+    if not isinstance(text, str) or not text:
+        return None, None
+    fenced = _R_FENCE.search(text)
+    if fenced:
+        raw = fenced.group(1).strip()
+    else:
+        braces = _R_BRACES.search(text)
+        if not braces:
+            return None, None
+        raw = braces.group(0)
+    return raw, (_json_or_fail(raw)[1] if raw else None)
+
+
+def _is_none_value(v):
+    return v is None or (isinstance(v, str) and v.lower() == "none")
+
+
+def released_prf(truth, pred):
+    """(precision, recall, f1) of one sample by the released benchmark's rule; truth: {image-1 id: image-2 id or
+    "none"} (string keys), pred: the parsed reply (anything)."""
+    if not isinstance(truth, dict) or not isinstance(pred, dict) or not pred:
+        return 0.0, 0.0, 0.0
+    claimed = {k: v for k, v in pred.items() if not _is_none_value(v)}
+    correct = sum(k in truth and str(v) == str(truth[k]) for k, v in claimed.items())
+    precision = correct / max(len(claimed), 1)
+    recall = correct / max(len(truth), 1)
+    return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+
+
+def released_truth(task):
+    """The released ground truth of a task: its "answer" dict when it has one (a released-layout sample), else
+    {"1": image-2 id or "none", ...} built from our target list (None -> "none")."""
+    if "answer" in task:
+        return task["answer"]
+    return {str(i + 1): "none" if t is None else str(t) for i, t in enumerate(task["target"])}
+
+
+def _repetition_penalty(thinking, n=9, max_penalty=-3.0):
+    words = thinking.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return max_penalty * (1 - len(set(grams)) / len(grams)) + 0.0  # + 0.0: no -0.0 in logs
+
+
+def released_reward(text, task):
+    """The released training reward of one completion -> dict(score, thinking_format_reward,
+    content_format_reward, repetition_penalty, accuracy_reward). Never raises on any text."""
+    text = text if isinstance(text, str) else ""
+    truth = released_truth(task)
+    answer = _R_ANSWER.search(text)
+    ok, pred = _json_or_fail(_R_FENCE_MARKS.sub("", answer.group(1))) if answer else (False, None)
+    thinking = _R_THINKING.search(text)
+    parts = dict(
+        thinking_format_reward=1.0 if _R_WHOLE.fullmatch(text) else 0.0,
+        content_format_reward=1.0 if ok else 0.0,
+        repetition_penalty=_repetition_penalty(thinking.group(1)) if thinking else 0.0,
+        accuracy_reward=0.0,
+    )
+    if isinstance(pred, dict) and truth:
+        right = sum(k in pred and str(pred[k]) == str(v) for k, v in truth.items())
+        unknown = sum(k not in truth for k in pred)
+        parts["accuracy_reward"] = (right - 0.5 * unknown) / len(truth)
+    return dict(score=sum(parts.values()), **parts)

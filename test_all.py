@@ -48,6 +48,7 @@ import reward
 import rollout
 import synthetic
 import tiny_model
+from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
 
 
 # ==============================================================================
