@@ -543,6 +543,8 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
             sys.exit(f"evaluate.py: error: {ckpt}: no config.json (a local model dir, or a hub id in the HF cache)")
         side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
         room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
+        # a prompt of another wording (the released benchmark's, with its system message): its length on top
+        room += max((len(t["system"]) + len(t["prompt"]) for t in tasks if t.get("system") is not None), default=0)
         engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype)
     else:
@@ -551,7 +553,8 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
 
     def answer(batch):
         images = [[Image.open(tasks_dir / p).convert("RGB") for p in task["images"]] for task in batch]
-        encs = [grpo.encode(tokenizer, image_processor, t["prompt"], ims) for t, ims in zip(batch, images)]
+        encs = [grpo.encode(tokenizer, image_processor, t["prompt"], ims, system=t.get("system"))
+                for t, ims in zip(batch, images)]
         # seeded per batch by its first task, so a rerun of the same batches samples the same tokens (vllm: the
         # per-request seeds are drawn from this)
         torch.manual_seed(args.seed + zlib.crc32(batch[0]["task_id"].encode()))
@@ -683,10 +686,12 @@ def api_completion(resp, base, tid, tokenizer=None):
                 n_tokens=usage and usage["completion_tokens"], usage=usage)
 
 
-def api_answerer(tasks_dir, args, key):
+def api_answerer(tasks_dir, args, key, request=None):
     """Stream of (task, answer) in the order the answers arrive, --api-workers requests in flight. When one
     request fails for good the others stop, the answers already back are still handed out (written), then its
-    one-line error is raised: a rerun resumes from what was written."""
+    one-line error is raised: a rerun resumes from what was written. request: the body builder (default
+    api_request; the --reasonmatch route passes the released protocol's)."""
+    request = request or api_request
     import openai
     client = openai.OpenAI(base_url=args.api_base, api_key=key, max_retries=0, timeout=args.api_timeout)
     tokenizer, extra = vllm_decoding(args.api_tokenizer) if args.api_tokenizer else (None, None)
@@ -694,7 +699,7 @@ def api_answerer(tasks_dir, args, key):
     def ask(task, stop):
         if stop.is_set():
             raise ApiStopped
-        return api_answer(client, task, api_request(task, tasks_dir, args, extra), args, stop, tokenizer)
+        return api_answer(client, task, request(task, tasks_dir, args, extra), args, stop, tokenizer)
 
     def stream(todo):
         stop = threading.Event()
@@ -1307,8 +1312,9 @@ def main(argv=None):
                         help="--engine vllm on a GPU: its share of the GPU's memory")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="tasks per generate call (default 8; --engine vllm: 256, batched continuously)")
-    parser.add_argument("--max-new-tokens", type=int, default=5120,
-                        help="completion budget per task (the paper trains at 5120; the CPU demo passes 48)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="completion budget per task (default 5120, the paper's training budget; 8192 on "
+                        "--reasonmatch, the released evaluator's; the CPU demo passes 48)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--seed", type=int, default=0, help="sampling and random-baseline seed")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -1327,8 +1333,23 @@ def main(argv=None):
     parser.add_argument("--sift-epi", type=float, default=0.02, help="epipolar gate / longer side of image 2")
     parser.add_argument("--sift-ratio", type=float, default=0.8, help="nearest / second-nearest distance ratio")
     parser.add_argument("--sift-max-dist", type=float, default=0.7, help="max unit-SIFT distance for a link")
+    rm = parser.add_argument_group("the released ReasonMatch-Bench (docs/reasonmatch.md)")
+    rm.add_argument("--reasonmatch", metavar="PATH", help="evaluate on the released benchmark instead of --tasks: "
+                    "the extracted reasonmatch_bench/ folder or its annotation_index.json")
+    rm.add_argument("--dataset-filter", nargs="+", metavar="KEY", help="only these dataset_keys (e.g. uco3d dl3dv)")
+    rm.add_argument("--stage-filter", nargs="+", metavar="STAGE",
+                    help="only these stages (one_to_one, one_to_multi, multi_to_multi)")
+    rm.add_argument("--prompt-template", metavar="FILE", help="the question: the released evaluate/matchbench/"
+                    "utils.py (its constants read, not imported) or a text file; default: our own wording")
+    rm.add_argument("--no-think", action="store_true", help="the template's variant without thinking")
+    rm.add_argument("--scene-map", metavar="JSON", help="sample_id -> indoor/outdoor/object (the release's "
+                    "scene_labels.json) for the by-scene table; unmapped: uco3d object, scannet indoor")
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (256 if args.engine == "vllm" else 8)
+    args.max_new_tokens = args.max_new_tokens or (8192 if args.reasonmatch else 5120)
+    if args.reasonmatch:
+        from widematch import reasonmatch
+        return reasonmatch.evaluate_main(args)
 
     if args.transfer:  # needs no tasks file; with models to evaluate too, their report keeps the section
         missing = [p for p in args.transfer if not Path(p).is_file()]

@@ -421,20 +421,49 @@ def read_json_beside(tasks_path, name):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", required=True, help="make_tasks.py jsonl (images relative to its directory)")
+    ap.add_argument("--tasks", help="make_tasks.py jsonl (images relative to its directory)")
     ap.add_argument("--out", required=True, help="output dir: data/*.parquet, README.md, WideMatch.tsv, lmms_eval/")
     ap.add_argument("--name", default="ReasonMatch-style wide-baseline matching (widematch)",
                     help="the dataset's title in the card")
+    ap.add_argument("--format", default="harness", choices=("harness", "reasonmatch"),
+                    help="harness: the HF dataset, TSV and lmms-eval task (default); reasonmatch: the released "
+                    "ReasonMatch-Bench layout (annotation_index.json, metadata, images), for its own evaluator")
     return ap.parse_args(argv)
+
+
+def export_reasonmatch(args, tasks_path, out):
+    """--format reasonmatch: the tasks (numeric ids on both images) in the released layout (widematch/reasonmatch.py)."""
+    from widematch import reasonmatch
+    tasks = []
+    with open(tasks_path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    tasks.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    fail(f"{tasks_path} line {lineno} is not JSON ({e})")
+    if not tasks:
+        fail(f"--tasks {tasks_path} has no tasks")
+    try:
+        entries = reasonmatch.write_layout(tasks, tasks_path.parent, out, str(tasks_path))
+    except reasonmatch.BenchError as e:
+        fail(str(e))
+    (out / "export_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    print(f"export_bench.py: {len(entries)} tasks -> {out}/{reasonmatch.INDEX_NAME} (the released ReasonMatch-Bench "
+          "layout; evaluate.py --reasonmatch and the release's run_evaluation.py read it)")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.tasks:
+        fail("--tasks is required")
     tasks_path, out = Path(args.tasks), Path(args.out)
     if not tasks_path.is_file():
         fail(f"--tasks {tasks_path} does not exist")
     if out.resolve() == tasks_path.parent.resolve():
         fail(f"--out {out} is the tasks file's directory: export into a directory of its own")
+    if args.format == "reasonmatch":
+        return export_reasonmatch(args, tasks_path, out)
     tasks = load_tasks(tasks_path)
     split = tasks[0]["split"]
     sha = hashlib.sha256(tasks_path.read_bytes()).hexdigest()

@@ -290,12 +290,15 @@ def copy_processor_files(src, dst):
     return done
 
 
-def encode(tokenizer, image_processor, prompt, images):
+def encode(tokenizer, image_processor, prompt, images, system=None):
     """One chat-templated prompt (the images first, then the text) -> dict of CPU tensors with a batch dim of 1:
     input_ids (1,L), attention_mask (1,L), mm_token_type_ids (1,L) (1 at image pads), pixel_values (patches, D),
     image_grid_thw (n_images, 3). Each image's single <|image_pad|> is expanded to its number of visual tokens,
-    exactly what Qwen's processor does."""
+    exactly what Qwen's processor does. system: a system message before the user turn (the released benchmark's
+    protocol has one; our tasks have none)."""
     messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     vis = image_processor(images=images, return_tensors="pt")
     merge = image_processor.merge_size
