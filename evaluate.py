@@ -54,6 +54,13 @@ Answers made by any other tool (no model, no torch, no OpenCV):
         VLMEvalKit's prediction file (.tsv with PRED_FORMAT=tsv, .json with PRED_FORMAT=json, or its default .xlsx,
         read with the standard library; .xlsx cells stop at 32,767 characters, a full cell is warned about):
         rows by their task_id column, checked against index.
+The released ReasonMatch-Bench (the extracted reasonmatch_bench/ or its annotation_index.json; docs/reasonmatch.md):
+    python evaluate.py CKPT --reasonmatch reasonmatch_bench --prompt-template ReasonMatch/evaluate/matchbench/utils.py \
+        --scene-map ReasonMatch/evaluate/matchbench/scene_labels.json --out eval_rm
+    (also --api-base / --api-model, --answers: {sample_id, text} lines or the released evaluator's samples.jsonl;
+    --dataset-filter, --stage-filter, --limit, --no-think). The released protocol: system message, image 1, image
+    2 (JPEG data URLs on the API route), the prompt; 8192 new tokens by default; scored with reward.py's released
+    rule; <out>/<name>/samples.jsonl + summary.json in the release's schema, <out>/report.md beside our match / F1.
 The paper's transfer table (lmms-eval results of the base model and the trained one; README "Transfer benchmarks"):
     python evaluate.py --transfer lmms_base/*/*_results.json lmms_dcrl/*/*_results.json --out eval
     Models are told apart by the files' model_name and ordered by first appearance: the first is the base, each

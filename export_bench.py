@@ -6,6 +6,8 @@ Usage:
     python export_bench.py --tasks tasks/test.jsonl --out bench_hf                # the demo's test split, seconds
     python export_bench.py --tasks bench/test.jsonl --out ReasonMatch-Bench \
         --name ReasonMatch-Bench                 # the paper's 2,810 tasks (make_tasks.py --mix paper), minutes
+    python export_bench.py --tasks tasks/test.jsonl --format reasonmatch --out rm_bench   # the released layout
+        (numeric-id tasks; annotation_index.json + metadata + images: docs/reasonmatch.md)
 Then (README "The benchmark in lmms-eval and VLMEvalKit" has the full commands):
     python -c "import datasets; print(datasets.load_dataset('bench_hf'))"   # or upload bench_hf as a dataset repo
     python -m lmms_eval --model openai --model_args model=M,base_url=http://HOST:8000/v1 \

