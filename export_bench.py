@@ -8,6 +8,8 @@ Usage:
         --name ReasonMatch-Bench                 # the paper's 2,810 tasks (make_tasks.py --mix paper), minutes
     python export_bench.py --tasks tasks/test.jsonl --format reasonmatch --out rm_bench   # the released layout
         (numeric-id tasks; annotation_index.json + metadata + images: docs/reasonmatch.md)
+    python export_bench.py --reasonmatch reasonmatch_bench --prompt-template ReasonMatch/evaluate/matchbench/utils.py \
+        --out rm_hf      # the released benchmark as the same HF dataset / TSV / lmms-eval task, released scoring
 Then (README "The benchmark in lmms-eval and VLMEvalKit" has the full commands):
     python -c "import datasets; print(datasets.load_dataset('bench_hf'))"   # or upload bench_hf as a dataset repo
     python -m lmms_eval --model openai --model_args model=M,base_url=http://HOST:8000/v1 \
@@ -430,7 +432,28 @@ def parse_args(argv=None):
     ap.add_argument("--format", default="harness", choices=("harness", "reasonmatch"),
                     help="harness: the HF dataset, TSV and lmms-eval task (default); reasonmatch: the released "
                     "ReasonMatch-Bench layout (annotation_index.json, metadata, images), for its own evaluator")
+    ap.add_argument("--reasonmatch", metavar="PATH", help="instead of --tasks: the released ReasonMatch-Bench (its "
+                    "folder or annotation_index.json) as the HF dataset, VLMEvalKit TSV and lmms-eval task, scored "
+                    "with the released rule")
+    ap.add_argument("--prompt-template", metavar="FILE", help="--reasonmatch: the question, the released "
+                    "evaluate/matchbench/utils.py or a text file (default: our own wording)")
+    ap.add_argument("--no-think", action="store_true", help="--reasonmatch: the template's variant without thinking")
     return ap.parse_args(argv)
+
+
+def export_released(args):
+    """--reasonmatch PATH: the released benchmark for the harnesses (widematch/reasonmatch.py write_harness)."""
+    from widematch import prompts, reasonmatch
+    try:
+        prompt = prompts.read_template(args.prompt_template, not args.no_think) if args.prompt_template else \
+            prompts.default_prompt(not args.no_think)
+        n = reasonmatch.write_harness(args.reasonmatch, Path(args.out), prompt,
+                                      prompts.describe(args.prompt_template, not args.no_think))
+    except (reasonmatch.BenchError, prompts.TemplateError) as e:
+        fail(str(e))
+    (Path(args.out) / "export_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    print(f"export_bench.py: ReasonMatch-Bench, {n} samples -> {args.out}/data/, {args.out}/README.md, "
+          f"{args.out}/{reasonmatch.HARNESS_TSV}.tsv, {args.out}/lmms_eval/{reasonmatch.HARNESS_TASK}/")
 
 
 def export_reasonmatch(args, tasks_path, out):
@@ -457,8 +480,10 @@ def export_reasonmatch(args, tasks_path, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.reasonmatch:
+        return export_released(args)
     if not args.tasks:
-        fail("--tasks is required")
+        fail("--tasks is required (or --reasonmatch PATH)")
     tasks_path, out = Path(args.tasks), Path(args.out)
     if not tasks_path.is_file():
         fail(f"--tasks {tasks_path} does not exist")

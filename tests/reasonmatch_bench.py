@@ -185,7 +185,7 @@ def test_reasonmatch_bad_input_is_one_line(rm_bench, tmp_path):
         evaluate.main(["--reasonmatch", str(tmp_path), "--answers", "x", "--out", str(tmp_path)])
     answers = tmp_path / "a.jsonl"
     answers.write_text(json.dumps(dict(sample_id="nope", text="{}")) + "\n")
-    with pytest.raises(SystemExit, match=r"line 1: a sample the benchmark \(after the filters\) does not have"):
+    with pytest.raises(SystemExit, match=r"line 1: sample 'nope' is not in the benchmark's index"):
         evaluate.main(["--reasonmatch", str(rm_bench), "--answers", str(answers), "--out", str(tmp_path / "e")])
     # the filters, in the release's order (dataset, stage, then the limit)
     _, _, entries = reasonmatch.load_index(rm_bench)
@@ -367,3 +367,57 @@ def test_export_reasonmatch_layout_read_back(tmp_path):
     with pytest.raises(SystemExit, match=r"task 1 \('t0'\): the tasks predate numeric ids .* remake them with "
                                          r"make_tasks.py"):
         export_bench.main(["--tasks", str(tasks_path), "--format", "reasonmatch", "--out", str(tmp_path / "b2")])
+
+# -----------------------------------------------------------------------------
+# the released benchmark in the harnesses
+
+
+def test_export_released_benchmark_for_harnesses_and_read_back(rm_bench, tmp_path):
+    import csv
+    import importlib.util
+    import datasets
+    with pytest.raises(SystemExit, match=r"sample 's5': metadata_error"):  # a broken sample stops the export
+        export_bench.main(["--reasonmatch", str(rm_bench), "--out", str(tmp_path / "x")])
+    index = json.loads((rm_bench / reasonmatch.INDEX_NAME).read_text())
+    clean = rm_bench / "clean_index.json"  # the five usable samples; the root is the index's folder
+    clean.write_text(json.dumps([e for e in index if e.get("sample_id") != "s5"]))
+    out = tmp_path / "hf"
+    export_bench.main(["--reasonmatch", str(clean), "--out", str(out), "--no-think"])
+    ds = datasets.load_dataset(str(out))["test"]
+    assert ds["sample_id"] == ["s1", "s2", "s3", "s4", "s6"] and ds[0]["system"] == reasonmatch.SYSTEM_PROMPT
+    assert json.loads(ds[1]["answer"]) == {"1": "2", "2": "none", "3": "1", "4": "none"}
+    assert ds[0]["images"][0].size == (width("s1"), 64) and ds[2]["overlap_rank"] == 0.90
+    csv.field_size_limit(1 << 30)
+    with open(out / f"{reasonmatch.HARNESS_TSV}.tsv", newline="") as f:
+        tsv = list(csv.reader(f, delimiter="\t"))
+    assert tsv[0][:4] == ["index", "image", "question", "answer"] and [r[4] for r in tsv[1:]] == ds["sample_id"]
+    # the lmms-eval task's scorer (its reward.py copy) gives the released numbers by hand
+    folder = out / "lmms_eval" / reasonmatch.HARNESS_TASK
+    spec = importlib.util.spec_from_file_location("rm_lmms_utils", folder / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    replies = {k: reply for k, *_, reply in SAMPLES}
+    items = [utils.rm_process_results(doc, [replies[doc["sample_id"]]]) for doc in ds]
+    assert items[1]["f1"] == {"sample_id": "s2", "value": pytest.approx(2 / 7)}
+    assert utils.rm_mean([i["f1"] for i in items]) == pytest.approx((1 + 2 / 7) / 5)
+    assert "max_new_tokens: 8192" in (folder / f"{reasonmatch.HARNESS_TASK}.yaml").read_text()
+    # lmms-eval's --log_samples lines and VLMEvalKit's prediction TSV go back into evaluate.py
+    log = tmp_path / "samples_reasonmatch_bench.jsonl"
+    log.write_text("".join(json.dumps(dict(doc_id=k, filtered_resps=[replies[doc["sample_id"]]], f1=items[k]["f1"]))
+                           + "\n" for k, doc in enumerate(ds)))
+    evaluate.main(["--reasonmatch", str(clean), "--answers", str(log), "--name", "lmms", "--out", str(tmp_path / "e")])
+    pred = tmp_path / "M_ReasonMatchBench.tsv"
+    with open(pred, "w", newline="") as f:  # as VLMEvalKit dumps a TSV: every cell quoted (replies hold newlines)
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL)
+        w.writerows([["index", "sample_id", "prediction"]] + [[k, d["sample_id"], replies[d["sample_id"]]]
+                                                              for k, d in enumerate(ds)])
+    evaluate.main(["--reasonmatch", str(clean), "--answers", str(pred), "--name", "vlmeval", "--out",
+                   str(tmp_path / "e")])
+    for name in ("lmms", "vlmeval"):
+        s = json.loads((tmp_path / "e" / name / "summary.json").read_text())
+        assert s["total_samples"] == 5 and s["avg_f1"] == pytest.approx((1 + 2 / 7) / 5), name
+    bad = [dict(doc_id=0, filtered_resps=["{}"], f1={"sample_id": "s2", "value": 0})]
+    log.write_text(json.dumps(bad[0]) + "\n")
+    with pytest.raises(SystemExit, match=r"doc_id 0 is sample 's1' in the index but 's2' in the samples"):
+        evaluate.main(["--reasonmatch", str(clean), "--answers", str(log), "--name", "lmms", "--out",
+                       str(tmp_path / "e")])

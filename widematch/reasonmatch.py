@@ -362,40 +362,84 @@ def report_markdown(summaries):
 # the released evaluator's own samples.jsonl, and {sample_id, text} answers
 
 
-def read_answers(path, samples, prog="evaluate.py"):
-    """{key: dict(text, error, latency)} of an --answers file for the benchmark: the released evaluator's
-    samples.jsonl (rows with meta and prediction; their error kept, their gt checked against ours) or lines
-    {"sample_id" (or "task_id"): ..., "text": ...}. An unknown or repeated sample, or a gt that differs from
-    the benchmark's answer, stops with one line naming the file and the line."""
-    by_key = {s["key"]: s for s in samples}
-    by_meta = {s["entry"]["metadata"]: s for s in samples}
+def _harness_text(line):
+    """lmms-eval's answer of one --log_samples line: filtered_resps ([[text]] or [text]), else resps."""
+    text = line.get("filtered_resps", line.get("resps"))
+    while isinstance(text, list) and len(text) == 1:
+        text = text[0]
+    return text
+
+
+def read_answers(path, samples, entries):
+    """{key: dict(text, error, latency)} of an --answers file for the benchmark, one of: the released evaluator's
+    samples.jsonl (rows with meta and prediction; their error kept, their gt checked against ours); lines
+    {"sample_id" (or "task_id"): ..., "text": ...}; lmms-eval's --log_samples file of export_bench.py
+    --reasonmatch (doc_id = the entry's row in the index, checked against the sample_id its metric items carry);
+    VLMEvalKit's prediction file of that export (.tsv / .xlsx / .json, rows by their sample_id column).
+    entries: the whole index (answers to samples the filters left out are skipped). A sample the index lacks, one
+    answered twice, or a gt that differs from the benchmark's answer stops with one line naming the file and line."""
+    import evaluate as ev
+    keys = [sample_key(e) for e in entries]
+    known, by_meta = set(keys), {e["metadata"]: sample_key(e) for e in entries}
+    chosen = {s["key"]: s for s in samples}
     out = {}
-    with open(path, encoding="utf-8") as f:
+
+    def add(where, key, text, error=None, latency=None):
+        if key not in known:
+            raise BenchError(f"{where}: sample {key!r} is not in the benchmark's index")
+        if key in out:
+            raise BenchError(f"{where}: sample {key!r} answered twice")
+        if key in chosen:
+            out[key] = dict(text=text if isinstance(text, str) else "", error=error, latency=latency)
+
+    p = Path(path)
+    if p.suffix.lower() in (".tsv", ".xlsx") or (p.suffix.lower() == ".json" and p.read_text().lstrip()[:1] == "["):
+        for k, r in enumerate(ev.vlmevalkit_records(p), 2):
+            if "prediction" not in r or not r.get("sample_id"):
+                raise BenchError(f"--answers {p} row {k} has no prediction and sample_id (not a VLMEvalKit "
+                                 "prediction file of export_bench.py --reasonmatch)")
+            pred = r["prediction"]
+            add(f"--answers {p} row {k}", str(r["sample_id"]),
+                "" if pred is None or (isinstance(pred, float) and math.isnan(pred)) else str(pred))
+        return out
+    with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"--answers {path} line {lineno}"
+            where = f"--answers {p} line {lineno}"
             try:
                 a = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BenchError(f"{where} is not JSON ({e})") from None
-            if isinstance(a, dict) and isinstance(a.get("meta"), dict) and "prediction" in a:
+            if not isinstance(a, dict):
+                raise BenchError(f"{where} is not a JSON object")
+            if isinstance(a.get("meta"), dict) and "prediction" in a:
                 m = a["meta"]
-                s = by_key.get(str(m.get("sample_id"))) or by_meta.get(m.get("metadata_path"))
-                text, error, latency = a.get("prediction") or "", a.get("error"), a.get("latency")
-                if s is not None and not error and s["metadata"] is not None and a.get("gt") != s["metadata"].get("answer"):
-                    raise BenchError(f"{where}: sample {s['key']!r}: its gt differs from the benchmark's answer "
-                                     "(a run on another version of the benchmark?)")
-            elif isinstance(a, dict) and isinstance(a.get("text"), str) and (a.get("sample_id") or a.get("task_id")):
-                s = by_key.get(str(a.get("sample_id") or a.get("task_id")))
-                text, error, latency = a["text"], None, None
+                key = str(m.get("sample_id")) if str(m.get("sample_id")) in known else \
+                    by_meta.get(m.get("metadata_path"), str(m.get("sample_id")))
+                s = chosen.get(key)
+                if s is not None and not a.get("error") and s["metadata"] is not None and \
+                        a.get("gt") != s["metadata"].get("answer"):
+                    raise BenchError(f"{where}: sample {key!r}: its gt differs from the benchmark's answer (a run "
+                                     "on another version of the benchmark?)")
+                add(where, key, a.get("prediction") or "", a.get("error"), a.get("latency"))
+            elif "doc_id" in a:
+                doc = a["doc_id"]
+                if not isinstance(doc, int) or isinstance(doc, bool) or not 0 <= doc < len(keys):
+                    raise BenchError(f"{where}: doc_id {doc!r} is not a row of the index (0..{len(keys) - 1})")
+                item = a.get("f1")
+                if isinstance(item, dict) and item.get("sample_id") not in (None, keys[doc]):
+                    raise BenchError(f"{where}: doc_id {doc} is sample {keys[doc]!r} in the index but "
+                                     f"{item.get('sample_id')!r} in the samples: an export of another index")
+                text = _harness_text(a)
+                if not isinstance(text, str):
+                    raise BenchError(f"{where}: filtered_resps holds no single text answer")
+                add(where, keys[doc], text)
+            elif isinstance(a.get("text"), str) and (a.get("sample_id") or a.get("task_id")):
+                add(where, str(a.get("sample_id") or a.get("task_id")), a["text"])
             else:
-                raise BenchError(f"{where} is neither a released samples.jsonl row nor {{sample_id, text}}")
-            if s is None:
-                raise BenchError(f"{where}: a sample the benchmark (after the filters) does not have")
-            if s["key"] in out:
-                raise BenchError(f"{where}: sample {s['key']!r} answered twice")
-            out[s["key"]] = dict(text=text if isinstance(text, str) else "", error=error, latency=latency)
+                raise BenchError(f"{where} is neither a released samples.jsonl row, an lmms-eval sample nor "
+                                 "{sample_id, text}")
     return out
 
 # -----------------------------------------------------------------------------
@@ -536,7 +580,7 @@ def evaluate_main(args):
         if kind == "answers":  # re-scored from scratch every run
             ev.check_run_info(model_dir, dict(kind=kind, what=what, bench_sha=sha), keys=("kind",))
             try:
-                answers = read_answers(args.answers, samples)
+                answers = read_answers(args.answers, samples, entries)
             except BenchError as e:
                 fail(str(e))
             config.update(runner="answers", template="as in the answers file", think=None)
@@ -658,3 +702,178 @@ def write_layout(tasks, tasks_dir, out, tasks_name="tasks"):
                             viewB=views[1]))
     (out / INDEX_NAME).write_text(json.dumps(entries, indent=2) + "\n")
     return entries
+
+# -----------------------------------------------------------------------------
+# the released benchmark in the harnesses (export_bench.py --reasonmatch PATH)
+
+HARNESS_TSV = "ReasonMatchBench"      # VLMEvalKit's --data name
+HARNESS_TASK = "reasonmatch_bench"    # lmms-eval's --tasks name
+HARNESS_TSV_COLUMNS = ("index", "image", "question", "answer", "sample_id", "dataset_key", "stage", "difficulty",
+                       "overlap", "overlap_rank")
+
+HARNESS_YAML = """\
+# lmms-eval 0.7.3 task: ReasonMatch-Bench as released (written by widematch's export_bench.py --reasonmatch; index
+# sha256 {sha}). The released protocol has a system message: pass it with --system_instruction.
+#   python -m lmms_eval --model openai --model_args model=MODEL,base_url=http://HOST:PORT/v1 \\
+#       --system_instruction "{system}" --include_path <export dir>/lmms_eval --tasks {task} \\
+#       --batch_size 1 --log_samples --output_path lmms_out
+task: {task}
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: ../../data/test-00000-of-00001.parquet
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.rm_doc_to_visual
+doc_to_text: !function utils.rm_doc_to_text
+doc_to_target: answer
+process_results: !function utils.rm_process_results
+# The released scorer reads the raw reply (its JSON), so nothing is stripped first.
+reasoning_tags: none
+# The released evaluator's decoding: temperature 0, 8192 new tokens.
+generation_kwargs:
+  max_new_tokens: {max_tokens}
+  temperature: 0
+  do_sample: false
+  until: []
+# Fractions: means over samples of the released per-sample precision / recall / F1; json_success the share of
+# replies whose JSON is an object.
+metric_list:
+{metrics}
+metadata:
+  version: 1.0
+  index_sha256: {sha}
+  n_samples: {n}
+"""
+
+HARNESS_UTILS = '''\
+"""lmms-eval task functions of reasonmatch_bench.yaml (written by widematch's export_bench.py --reasonmatch).
+
+Each reply is scored by the released ReasonMatch-Bench rule as widematch implements it (reward.released_json and
+reward.released_prf in reward.py beside this file, a verbatim copy): per sample precision = correct / non-"none"
+predictions (at least 1), recall = correct / ground-truth keys ("none" keys included), F1; means over samples.
+Every metric item carries the sample_id, so a --log_samples line maps back to its sample.
+"""
+import importlib.util
+import json
+import math
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "widematch_reward", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward.py"))
+reward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reward)
+
+
+def rm_doc_to_visual(doc):
+    """Image 1 and image 2 (PIL, decoded from the exported bytes; their labels are drawn already)."""
+    return list(doc["images"])
+
+
+def rm_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The prompt the export was made with."""
+    return doc["prompt"]
+
+
+def rm_process_results(doc, results):
+    """The released scores of the reply; a missing or non-text reply scores as one without JSON."""
+    text = results[0] if results and isinstance(results[0], str) else ""
+    raw, parsed = reward.released_json(text)
+    p, r, f = reward.released_prf(json.loads(doc["answer"]), parsed)
+    sid = doc["sample_id"]
+    return {"f1": {"sample_id": sid, "value": f}, "precision": {"sample_id": sid, "value": p},
+            "recall": {"sample_id": sid, "value": r},
+            "json_success": {"sample_id": sid, "value": float(isinstance(parsed, dict))}}
+
+
+def rm_mean(items):
+    """Mean over samples."""
+    return math.fsum(i["value"] for i in items) / len(items)
+'''
+
+
+def harness_samples(path):
+    """The whole released benchmark, every sample usable (an export of a broken sample stops naming it)."""
+    root, index, entries = load_index(path)
+    samples = [load_sample(root, e) for e in entries]
+    bad = next((s for s in samples if s["error"]), None)
+    if bad is not None:
+        raise BenchError(f"{index}: sample {bad['key']!r}: {bad['error']}")
+    if not samples:
+        raise BenchError(f"{index}: no samples")
+    return root, index, samples
+
+
+def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as released)"):
+    """The released benchmark as export_bench.py writes our tasks: data/test-00000-of-00001.parquet (HF dataset,
+    one row per index entry in index order = lmms-eval's doc_id), README.md, ReasonMatchBench.tsv (VLMEvalKit) and
+    lmms_eval/reasonmatch_bench/ (scored with the released rule). -> the number of samples."""
+    import base64
+    import csv
+    import sys
+    from datasets import Features, Image, List, Value
+    from tqdm import tqdm
+    import export_bench as xb
+    root, index, samples = harness_samples(path)
+    out = Path(out)
+    s_, f64 = Value("string"), Value("float64")
+    features = Features({"sample_id": s_, "images": List(Image()), "system": s_, "prompt": s_, "answer": s_,
+                         "dataset": s_, "dataset_key": s_, "stage": s_, "difficulty": s_, "overlap": f64,
+                         "overlap_rank": f64})
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for old in (out / "data").glob("*.parquet"):
+        old.unlink()
+    parquet = out / "data" / "test-00000-of-00001.parquet"
+    rows = xb.ParquetRows(parquet, features)
+    csv.field_size_limit(sys.maxsize)
+    with open(out / f"{HARNESS_TSV}.tsv", "w", newline="", encoding="utf-8") as f:
+        tsv = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
+        tsv.writerow(HARNESS_TSV_COLUMNS)
+        for k, s in enumerate(tqdm(samples, desc="export_bench")):
+            meta = sample_meta(s)
+            images = [(p.name, p.read_bytes()) for p in s["images"]]
+            answer = json.dumps(s["metadata"]["answer"], ensure_ascii=False)
+            num = lambda v: float(v) if isinstance(v, (int, float)) else None
+            rows.add(dict(sample_id=s["key"], images=[{"bytes": b, "path": n} for n, b in images],
+                          system=SYSTEM_PROMPT, prompt=prompt, answer=answer, dataset=meta.get("dataset"),
+                          dataset_key=meta.get("dataset_key"), stage=meta.get("stage"),
+                          difficulty=meta.get("difficulty"), overlap=num(meta.get("overlap")),
+                          overlap_rank=num(meta.get("overlap_rank"))))
+            tsv.writerow([k, repr([base64.b64encode(b).decode("ascii") for _, b in images]), prompt, answer, s["key"],
+                          meta.get("dataset_key"), meta.get("stage"), meta.get("difficulty"), meta.get("overlap"),
+                          meta.get("overlap_rank")])
+    rows.close()
+    sha = hashlib.sha256(Path(index).read_bytes()).hexdigest()
+    d = out / "lmms_eval" / HARNESS_TASK
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    metrics = "\n".join(f"  - metric: {m}\n    aggregation: !function utils.rm_mean\n    higher_is_better: true"
+                        for m in ("f1", "precision", "recall", "json_success"))
+    (d / f"{HARNESS_TASK}.yaml").write_text(HARNESS_YAML.format(sha=sha, system=SYSTEM_PROMPT, task=HARNESS_TASK,
+                                                                max_tokens=MAX_TOKENS, metrics=metrics,
+                                                                n=len(samples)))
+    (d / "utils.py").write_text(HARNESS_UTILS)
+    shutil.copyfile(Path(reward.__file__), d / "reward.py")
+    counts = OrderedDict()
+    for s in samples:
+        key = (sample_meta(s).get("dataset_key"), sample_meta(s).get("stage"))
+        counts[key] = counts.get(key, 0) + 1
+    card = [f"# {title}", "",
+            f"The released ReasonMatch-Bench (`{Path(index).name}`, sha256 `{sha}`), {len(samples)} samples, in the "
+            "layout widematch's export_bench.py writes for harnesses. Images: the benchmark's files, bytes unchanged "
+            "(their labels are drawn already). Prompt: " + template + "; system message \"" + SYSTEM_PROMPT + "\".",
+            "", "| dataset | stage | samples |", "|---|---|---|"]
+    card += [f"| {ds} | {st} | {c} |" for (ds, st), c in counts.items()]
+    card += ["", "Scored with the released rule: per sample precision = correct / non-\"none\" predictions (at "
+             "least 1), recall = correct / ground-truth keys (\"none\" keys included), F1; means over samples.", "",
+             f"- lmms-eval 0.7.3: `python -m lmms_eval --model openai --model_args model=MODEL,base_url=URL "
+             f"--system_instruction \"{SYSTEM_PROMPT}\" --include_path lmms_eval --tasks {HARNESS_TASK} "
+             "--log_samples --output_path lmms_out`",
+             f"- VLMEvalKit: `LMUData=<this folder> PRED_FORMAT=tsv python run.py --data {HARNESS_TSV} --model MODEL "
+             "--mode infer` (inference only)",
+             "- Either output back into widematch's report: `python evaluate.py --reasonmatch BENCH --answers FILE "
+             "--name MODEL --out eval_rm`.", ""]
+    header = xb.card_header(features, "test", len(samples), parquet.name, parquet.stat().st_size, title)
+    (out / "README.md").write_text(header + "\n".join(card))
+    return len(samples)
