@@ -457,7 +457,7 @@ def export_released(args):
 
 
 def export_reasonmatch(args, tasks_path, out):
-    """--format reasonmatch: the tasks (numeric ids on both images) in the released layout (widematch/reasonmatch.py)."""
+    """--format reasonmatch: the tasks (numeric ids on both images) in the released layout (widematch/reasonmatch)."""
     from widematch import reasonmatch
     tasks = []
     with open(tasks_path) as f:

@@ -4,7 +4,6 @@ out by hand in the comments."""
 import base64
 import io
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -187,6 +186,16 @@ def test_reasonmatch_bad_input_is_one_line(rm_bench, tmp_path):
     answers.write_text(json.dumps(dict(sample_id="nope", text="{}")) + "\n")
     with pytest.raises(SystemExit, match=r"line 1: sample 'nope' is not in the benchmark's index"):
         evaluate.main(["--reasonmatch", str(rm_bench), "--answers", str(answers), "--out", str(tmp_path / "e")])
+    # an answer that is not an object, a missing image: that sample's error, not the run's
+    root = tmp_path / "b"
+    draw_labels(root / "a.jpg", (64, 48), 1, 0)
+    (root / "m1.json").write_text(json.dumps(dict(image1="x/testset/a.jpg", image2="a.jpg", answer=["2"])))
+    (root / "m2.json").write_text(json.dumps(dict(image1="testset/a.jpg", image2="testset/gone.jpg", answer={})))
+    s1, s2 = (reasonmatch.load_sample(root, dict(sample_id=k, metadata=f"{k}.json")) for k in ("m1", "m2"))
+    assert s1["error"].startswith("answer_error") and s2["error"].startswith("image_error")
+    assert str(root / "gone.jpg") in s2["error"]
+    row = reasonmatch.score_sample(s1, '{"1": "2"}')
+    assert (row["f1"], row["prediction_json_raw"], row["gt"]) == (0, None, ["2"])
     # the filters, in the release's order (dataset, stage, then the limit)
     _, _, entries = reasonmatch.load_index(rm_bench)
     assert [reasonmatch.sample_key(e) for e in reasonmatch.select(entries, ["uco3d", "scannet"], ["one_to_one"])] \

@@ -11,11 +11,15 @@ metadata, viewA, viewB}, metadata a path relative to the root; each metadata JSO
 part after "testset/" is relative to the root), answer ({image-1 id: image-2 id or "none"}) and meta {stage,
 difficulty, overlap, overlap_rank}.
 """
+import base64
 import hashlib
 import io
 import json
 import math
+import os
+import re
 import shutil
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -453,7 +457,6 @@ def jpeg_data_url(path):
     buf = io.BytesIO()
     with Image.open(path) as im:
         (im if im.mode in ("RGB", "L", "CMYK") else im.convert("RGB")).save(buf, format="JPEG")
-    import base64
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -520,7 +523,6 @@ def evaluate_main(args):
     """The --reasonmatch route of evaluate.py: every CKPT (--engine hf / vllm), --api-base and --answers on the
     released benchmark; per model <out>/<name>/samples.jsonl + summary.json, then <out>/report.md from every
     summary made on the same selection of the same index."""
-    import sys
     import evaluate as ev  # the answerers, the resumable reader, the run.json guard
     from widematch import prompts
     fail = lambda msg: sys.exit(f"evaluate.py: error: {msg}")
@@ -543,7 +545,6 @@ def evaluate_main(args):
         fail("--api-base and --api-model go together")
     api_key = None
     if args.api_base:
-        import os
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             fail(f"--api-key-env {args.api_key_env}: environment variable {args.api_key_env} is not set (export it; "
@@ -557,7 +558,6 @@ def evaluate_main(args):
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
-    import re
     entries_ = [("model", c, ev.model_name(c)) for c in (ev.resolve_ckpt(c) for c in args.ckpts)]
     if args.answers:
         entries_.append(("answers", str(Path(args.answers).resolve()),
@@ -665,7 +665,6 @@ def write_layout(tasks, tasks_dir, out, tasks_name="tasks"):
     image paths start with "testset/" so the release's rule finds them. stage from level, difficulty = our
     point layout (sparse / moderate / dense), overlap = ω = 1 - Δv, overlap_rank its percentile rank among the
     tasks of its source. -> the index entries."""
-    import re
     from tqdm import tqdm
     out = Path(out)
     for k, t in enumerate(tasks):
@@ -808,9 +807,7 @@ def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as rele
     """The released benchmark as export_bench.py writes our tasks: data/test-00000-of-00001.parquet (HF dataset,
     one row per index entry in index order = lmms-eval's doc_id), README.md, ReasonMatchBench.tsv (VLMEvalKit) and
     lmms_eval/reasonmatch_bench/ (scored with the released rule). -> the number of samples."""
-    import base64
     import csv
-    import sys
     from datasets import Features, Image, List, Value
     from tqdm import tqdm
     import export_bench as xb
