@@ -317,10 +317,14 @@ def test_reasonmatch_local_model_system_message_and_rows(rm_bench, rm_tiny, tmp_
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert grpo.encode(tok, ip, "q", ims)["input_ids"].shape[1] < enc["input_ids"].shape[1]
     out = tmp_path / "eval"
-    evaluate.main([str(rm_tiny), "--reasonmatch", str(rm_bench), "--limit", "5", "--max-new-tokens", "4",
-                   "--batch-size", "2", "--no-think", "--out", str(out)])
+    argv = [str(rm_tiny), "--reasonmatch", str(rm_bench), "--max-new-tokens", "4", "--batch-size", "2",
+            "--no-think", "--out", str(out)]
+    evaluate.main([*argv, "--limit", "2"])
+    first = _rows(out / "tiny" / "samples.jsonl")
+    evaluate.main([*argv, "--limit", "5"])  # a longer run into the same --out resumes: the first two kept as they are
     rows = _rows(out / "tiny" / "samples.jsonl")
-    assert sorted(rows) == ["s1", "s2", "s3", "s4", "s5"]
+    assert sorted(rows) == ["s1", "s2", "s3", "s4", "s5"] and all(rows[k] == first[k] for k in ("s1", "s2"))
+    assert len((out / "tiny" / "samples.jsonl").read_text().splitlines()) == 5  # nothing asked twice
     assert all(isinstance(r["prediction"], str) for r in rows.values())
     assert rows["s5"]["error"].startswith("metadata_error") and rows["s1"]["widematch"]["n_tokens"] <= 4
     s = json.loads((out / "tiny" / "summary.json").read_text())

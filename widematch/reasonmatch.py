@@ -554,6 +554,7 @@ def evaluate_main(args):
         fail(f"--reasonmatch {index}: no sample left after the filters")
     samples = [load_sample(root, e) for e in chosen]
     sha = bench_sha(index, args.dataset_filter, args.stage_filter, args.limit)
+    index_sha = bench_sha(index, None, None, 0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
@@ -571,14 +572,15 @@ def evaluate_main(args):
     summaries = {}
     for name, (kind, what, _) in zip(names, entries_):
         model_dir = out / name
-        info = dict(kind=kind, what=what, bench_sha=sha, template=template, seed=args.seed)
+        # the index, not the selection: a --limit run, then a full one into the same --out, resumes (as --tasks)
+        info = dict(kind=kind, what=what, index_sha=index_sha, template=template, seed=args.seed)
         config = dict(model_name=name, runner=kind, model_id=what, temperature=args.temperature,
                       max_tokens=args.max_new_tokens, system_prompt=SYSTEM_PROMPT,
                       dataset_filter=args.dataset_filter, stage_filter=args.stage_filter,
                       annotation_index=str(index), testset_root=str(root), think=think, template=template)
         path = model_dir / "samples.jsonl"
         if kind == "answers":  # re-scored from scratch every run
-            ev.check_run_info(model_dir, dict(kind=kind, what=what, bench_sha=sha), keys=("kind",))
+            ev.check_run_info(model_dir, dict(kind=kind, what=what, index_sha=index_sha), keys=("kind",))
             try:
                 answers = read_answers(args.answers, samples, entries)
             except BenchError as e:
