@@ -1357,6 +1357,11 @@ def main(argv=None):
     if args.reasonmatch:
         from widematch import reasonmatch
         return reasonmatch.evaluate_main(args)
+    only_rm = [f for f, v in (("--dataset-filter", args.dataset_filter), ("--stage-filter", args.stage_filter),
+                              ("--prompt-template", args.prompt_template), ("--no-think", args.no_think),
+                              ("--scene-map", args.scene_map)) if v]
+    if only_rm:  # our tasks carry their own prompt and fields
+        sys.exit(f"evaluate.py: error: {only_rm[0]} goes with --reasonmatch PATH")
 
     if args.transfer:  # needs no tasks file; with models to evaluate too, their report keeps the section
         missing = [p for p in args.transfer if not Path(p).is_file()]

@@ -178,6 +178,8 @@ def test_reasonmatch_rescores_the_released_samples_jsonl(rm_bench, tmp_path):
 def test_reasonmatch_bad_input_is_one_line(rm_bench, tmp_path):
     with pytest.raises(SystemExit, match=r"no_such_dir: no such file or folder \(--reasonmatch wants"):
         evaluate.main(["--reasonmatch", str(tmp_path / "no_such_dir"), "--answers", "x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--stage-filter goes with --reasonmatch PATH"):
+        evaluate.main(["--answers", "x", "--stage-filter", "one_to_one", "--out", str(tmp_path)])
     bad = tmp_path / "annotation_index.json"
     bad.write_text('{"not": "a list"}')
     with pytest.raises(SystemExit, match=r"annotation_index.json: not a JSON list of samples"):
