@@ -49,6 +49,7 @@ import rollout
 import synthetic
 import tiny_model
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
+from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
 
 
 # ==============================================================================

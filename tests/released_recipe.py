@@ -1,0 +1,265 @@
+"""Tests: the released training recipe (grpo.py --recipe released: GSPO, clip-higher, dual clip, low_var_kl, entropy
+bonus, seq-mean-token-mean, overlong penalty, unbiased std; widematch/recipes.py), the pool in the release's LMDB
+training format (widematch/release_lmdb.py, read back by a reader written here from the format), and two reader
+conventions of build_pool.py. Every expected value is worked out by hand in the comment.
+The fixtures grpo_env (tiny model + fake pool) come from test_all.py, which imports this module."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import grpo
+from widematch import recipes
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def loss_of(logp, old, adv, mask, **kw):
+    """grpo_loss with no reference, beta 0, the global counts of this one micro-batch unless given."""
+    kw.setdefault("num_seqs", float((mask.sum(1) > 0).sum()))
+    n_tok = kw.pop("num_tokens", float(mask.sum()))
+    return grpo.grpo_loss(logp, old, None, adv, mask, 0.0, 0.2, n_tok, **kw)
+
+# -----------------------------------------------------------------------------
+# grpo_loss on hand-made tensors
+
+
+def test_recipe_gspo_ratio_one_is_the_seq_mean_token_mean_of_the_advantage():
+    # two completions of 2 and 4 tokens (padded to 4), A = (1, -2), old = logp: every ratio is 1.
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
+    logp = torch.tensor([[-1.0, -2, 0, 0], [-0.5, -1, -1.5, -2]], requires_grad=True)
+    loss, st = loss_of(logp, logp.detach(), torch.tensor([1.0, -2.0]), mask, loss_mode="gspo")
+    # each completion's token mean of -A is -A: (-1 + 2) / 2 completions = 0.5
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    # d/dlogp = -A / (len x num_seqs): -1 / (2 x 2) on the first, 2 / (4 x 2) on the second; 0 on padding
+    assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25, 0, 0], [0.25, 0.25, 0.25, 0.25]]))
+    assert st["seq_clip_sum"] == 0
+
+
+def test_recipe_gspo_sequence_ratio_is_exp_of_the_mean_token_log_ratio():
+    # token log-ratios 0.1 and 0.3 -> mean 0.2 -> s = e^0.2 = 1.2214 (inside [0.8, 1.28]); A = 1
+    mask = torch.ones(1, 2)
+    old = torch.tensor([[-1.0, -2.0]])
+    logp = (old + torch.tensor([[0.1, 0.3]])).requires_grad_()
+    loss, _ = loss_of(logp, old, torch.tensor([1.0]), mask, loss_mode="gspo", clip_ratio_high=0.28)
+    assert loss.item() == pytest.approx(-math.exp(0.2), rel=1e-6)
+    loss.backward()  # the stop-gradient form: every token gets -s / len, not its own ratio
+    assert torch.allclose(logp.grad, torch.full((1, 2), -math.exp(0.2) / 2))
+    # vanilla on the same tensors: each token its own ratio, e^0.3 = 1.35 clipped to 1.28: -(e^0.1 + 1.28) / 2
+    loss_v, _ = loss_of(logp, old, torch.tensor([1.0]), mask, clip_ratio_high=0.28)
+    assert loss_v.item() == pytest.approx(-(math.exp(0.1) + 1.28) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "gspo"])
+def test_recipe_clip_higher_clips_at_1_28_not_1_2_for_a_positive_advantage(mode):
+    mask = torch.ones(1, 1)
+    old = torch.zeros(1, 1)
+    for r, high, expected, has_grad in [(1.25, 0.28, -1.25, True),   # inside 1.28: not clipped
+                                        (1.25, 0.2, -1.2, False),    # the paper's 1.2 would clip it
+                                        (1.35, 0.28, -1.28, False)]:  # past 1.28: clipped, no gradient
+        logp = torch.full((1, 1), math.log(r), requires_grad=True)
+        loss, st = loss_of(logp, old, torch.tensor([1.0]), mask, loss_mode=mode, clip_ratio_low=0.2,
+                           clip_ratio_high=high)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        assert (logp.grad.abs().item() > 0) == has_grad
+        assert st["clip_sum"] == (0 if has_grad else 1)
+    # the low side stays at 0.8 for a negative advantage: ratio 0.7, A = -1 -> -min(-0.7, -0.8) = 0.8
+    logp = torch.full((1, 1), math.log(0.7))
+    assert loss_of(logp, old, torch.tensor([-1.0]), mask, loss_mode=mode, clip_ratio_low=0.2,
+                   clip_ratio_high=0.28)[0].item() == pytest.approx(0.8, rel=1e-6)
+
+
+def test_recipe_dual_clip_bounds_a_negative_advantage_at_c():
+    # ratio 20, A = -1: the clipped PPO term is -min(-20, -1.2) = 20; the dual clip caps it at c x |A| = 10
+    mask, old = torch.ones(1, 1), torch.zeros(1, 1)
+    logp = torch.full((1, 1), math.log(20.0), requires_grad=True)
+    loss, _ = loss_of(logp, old, torch.tensor([-1.0]), mask, clip_ratio_c=10.0)
+    assert loss.item() == pytest.approx(10.0)
+    loss.backward()
+    assert logp.grad.item() == 0  # the bound is a constant
+    assert loss_of(logp, old, torch.tensor([-1.0]), mask)[0].item() == pytest.approx(20.0, rel=1e-6)  # c off
+    # a positive advantage is untouched by c: ratio 20, A = 1 -> -min(20, 1.2) = -1.2
+    assert loss_of(logp, old, torch.tensor([1.0]), mask, clip_ratio_c=10.0)[0].item() == pytest.approx(-1.2)
+    # below c nothing changes: ratio 5, A = -1 -> 5
+    logp5 = torch.full((1, 1), math.log(5.0))
+    assert loss_of(logp5, old, torch.tensor([-1.0]), mask, clip_ratio_c=10.0)[0].item() == pytest.approx(5.0)
+
+
+def test_recipe_low_var_kl_is_clamped_k3_is_not():
+    mask = torch.ones(1, 3)
+    logp = torch.zeros(1, 3)
+    ref = torch.tensor([[0.5, 25.0, -30.0]])  # ref - logp = 0.5, 25, -30
+
+    def kl(kind):  # beta 1, A 0: the loss is the token mean of the KL estimate
+        return grpo.grpo_loss(logp, logp, ref, torch.zeros(1), mask, 1.0, 0.2, 3.0, kl_loss_type=kind)[0].item()
+    small = math.exp(0.5) - 1.5                                    # 0.1487, equal in both
+    # low_var_kl: 25 -> clamp 20 -> e^20 - 21 -> clamp 10; -30 -> clamp -20 -> e^-20 + 19 -> clamp 10
+    assert kl("low_var_kl") == pytest.approx((small + 10 + 10) / 3, rel=1e-6)
+    # k3: e^25 - 26 and e^-30 + 29, unclamped
+    assert kl("k3") == pytest.approx((small + math.exp(25) - 26 + math.exp(-30) + 29) / 3, rel=1e-5)
+
+
+def test_recipe_kl_and_entropy_aggregated_seq_mean_token_mean():
+    # KL k = e^d - d - 1 = 1 - ln 2 (d = ln 2) on a 1-token completion, 0 on a 3-token one:
+    # token-mean k / 4 tokens, seq-mean-token-mean (k + 0) / 2 completions
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    logp = torch.zeros(2, 3)
+    d = math.log(2.0)
+    ref = torch.tensor([[d, 0, 0], [0, 0, 0.0]])
+    k = 2 - d - 1
+    args = (logp, logp, ref, torch.zeros(2), mask, 1.0, 0.2, 4.0)
+    assert grpo.grpo_loss(*args)[0].item() == pytest.approx(k / 4, rel=1e-6)
+    assert grpo.grpo_loss(*args, loss_agg_mode="seq-mean-token-mean", num_seqs=2.0)[0].item() == \
+        pytest.approx(k / 2, rel=1e-6)
+    # the entropy bonus: entropy (2, 3) -> each completion's token mean (0.6, (0.3 + 0.6 + 0.9) / 3 = 0.6) ->
+    # mean 0.6 -> loss - 0.01 x 0.6
+    ent = torch.tensor([[0.6, 5.0, 5.0], [0.3, 0.6, 0.9]])
+    base = grpo.grpo_loss(*args, loss_agg_mode="seq-mean-token-mean", num_seqs=2.0)[0].item()
+    loss, st = grpo.grpo_loss(*args, loss_agg_mode="seq-mean-token-mean", num_seqs=2.0, entropy=ent,
+                              entropy_coeff=0.01)
+    assert st["entropy_agg"] == pytest.approx(0.6) and loss.item() == pytest.approx(base - 0.006, rel=1e-6)
+
+
+def test_recipe_overlong_penalty_on_hand_made_lengths():
+    # max 6144, buffer 4096: no penalty up to 2048 tokens, then linear to -1 at 6144
+    pen = [recipes.overlong_penalty(n, 6144, 4096, 1.0) for n in (1000, 2048, 4096, 6144, 7168)]
+    assert pen == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.25])  # 2048 past: -0.5; 5120 past 2048: -1.25
+    assert recipes.overlong_penalty(4096, 6144, 4096, 0.5) == pytest.approx(-0.25)  # the factor scales it
+    assert recipes.overlong_penalty(6144, 6144, 0, 1.0) == 0.0  # buffer 0: off
+
+
+def test_recipe_unbiased_advantage_std():
+    # [1, 0, 1, 0]: mean 0.5, sample std sqrt(4 x 0.25 / 3) = 0.57735 -> +-0.5 / (0.57735 + 1e-6) = +-0.86603
+    adv = grpo.group_advantages([1.0, 0.0, 1.0, 0.0], 4, std="unbiased")
+    assert torch.allclose(adv, torch.tensor([0.866025, -0.866025, 0.866025, -0.866025]), atol=1e-5)
+    assert torch.equal(grpo.group_advantages([0.3] * 4, 4, std="unbiased"), torch.zeros(4))
+
+# -----------------------------------------------------------------------------
+# presets
+
+
+def test_recipe_presets_resolve_and_explicit_flags_win():
+    paper = vars(grpo.parse_args([]))
+    assert paper["recipe"] == "paper" and paper["loss_mode"] == "vanilla" and paper["reward"] == "paper"
+    assert paper["clip_ratio_low"] == paper["clip_ratio_high"] == 0.2 and paper["max_new_tokens"] == 5120
+    assert grpo.parse_args(["--clip-eps", "0.3"]).clip_ratio_high == 0.3  # the paper's clip follows --clip-eps
+    rel = vars(grpo.parse_args(["--recipe", "released"]))
+    expected = dict(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=0.2, clip_ratio_high=0.28,
+                    clip_ratio_c=10.0, entropy_coeff=1e-3, kl_beta=0.005, kl_loss_type="low_var_kl",
+                    advantage_std="unbiased", lr=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0,
+                    max_new_tokens=6144, overlong_buffer=4096, overlong_penalty_factor=1.0, max_visual_tokens=1500,
+                    ppo_mini_batches=1, reward="released", group_size=32, prompts_per_step=16)
+    assert {k: rel[k] for k in expected} == expected
+    over = grpo.parse_args(["--recipe", "released", "--entropy-coeff", "0", "--max-new-tokens", "64",
+                            "--overlong-buffer", "16", "--reward", "paper"])
+    assert (over.entropy_coeff, over.max_new_tokens, over.overlong_buffer, over.reward) == (0, 64, 16, "paper")
+    assert over.loss_mode == "gspo"  # the rest of the preset stays
+    # the usage card and --help show the one table
+    assert recipes.table() in grpo.__doc__
+    assert recipes.table() in grpo.build_parser().format_help()
+
+# -----------------------------------------------------------------------------
+# on the tiny model (grpo_env: test_all.py's tiny Qwen3-VL + fake pool)
+
+
+def recipe_batch(env, n_prompts=2, G=3, seed=0):
+    """Real prompts from the pool + random completions of 3..8 tokens (no special tokens), as train_on sees them."""
+    model, tok, ip = grpo.load_policy(str(env / "tiny"))
+    rng = np.random.default_rng(seed)
+    pairs = [p for p in grpo.read_pairs(str(env / "pool")) if p["split"] == "train"]
+    samples = []
+    for k in range(n_prompts):
+        task, images = grpo.task_for_pair(pairs[k % len(pairs)], str(env / "pool"), "L1", "sparse", rng, 640)
+        enc = grpo.encode(tok, ip, task["prompt"], images)
+        for _ in range(G):
+            ids = rng.integers(20, len(tok), size=int(rng.integers(3, 9))).tolist()
+            samples.append(dict(enc=enc, token_ids=ids, logprobs=[0.0] * len(ids), reward=float(rng.random())))
+    return model, tok, samples
+
+
+def test_recipe_entropy_bonus_equals_full_softmax_entropy_with_its_gradient(grpo_env):
+    model, tok, samples = recipe_batch(grpo_env)
+    b = grpo.collate_samples(samples, tok.pad_token_id, "cpu")
+    mask = b["mask"]
+    # chunked (chunk 3 < T: several chunks, each recomputed in backward)
+    _, ent = grpo.completion_logprobs(model, b, 0.7, chunk=3, entropy=True, entropy_grad=True)      # (B, T)
+    seq = ((ent * mask).sum(1) / mask.sum(1)).mean()
+    seq.backward()
+    g_chunked = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                   image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"]).logits   # (B, L, V)
+    full = torch.log_softmax(logits.double() / 0.7, -1)
+    rows = []
+    for r, s in enumerate(samples):  # -sum p log p at the positions that predict the completion tokens
+        P = s["enc"]["input_ids"].shape[1]
+        lp = full[r, P - 1:P - 1 + len(s["token_ids"])]                                             # (n, V)
+        rows.append(-(lp.exp() * lp).sum(-1).mean())
+    direct = torch.stack(rows).mean()
+    assert seq.item() == pytest.approx(direct.item(), rel=1e-5) and direct.item() > 0.1
+    direct.backward()
+    assert g_chunked.keys() and len(g_chunked) > 10
+    for n, g in g_chunked.items():
+        ref = dict(model.named_parameters())[n].grad.float()
+        assert torch.allclose(g, ref, atol=1e-6 + 1e-4 * float(ref.abs().max())), n
+    # and detached when the bonus is off
+    assert not grpo.completion_logprobs(model, b, 0.7, chunk=3, entropy=True)[1].requires_grad
+
+
+RELEASED_LOSS = dict(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=0.2, clip_ratio_high=0.28,
+                     clip_ratio_c=10.0, entropy_coeff=0.01, kl_loss_type="low_var_kl", advantage_std="unbiased")
+
+
+def recipe_train_args(tok, mb, **kw):
+    base = dict(group_size=3, micro_batch=mb, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.1, clip_eps=0.2,
+                ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=0, tis_cap=0, **RELEASED_LOSS)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_recipe_seq_mean_token_mean_gradient_same_for_micro_batch_1_and_2(grpo_env):
+    """The released loss (GSPO, seq-mean-token-mean, entropy bonus, low_var_kl) on 6 completions of 3..8 tokens: one
+    micro-batch per completion or 2 micro-batches of 3, the same gradient (each micro-batch is normalised by the
+    global completion count, not its own)."""
+    grads = []
+    for mb in (1, 3):
+        model, tok, samples = recipe_batch(grpo_env)
+        ref_model = grpo.load_policy(str(grpo_env / "tiny"))[0]
+        torch.manual_seed(0)
+        with torch.no_grad():  # the policy differs from the reference: the KL term has a gradient
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        model.train()
+        grpo.train_on(samples, model, ref_model, None, recipe_train_args(tok, mb), "cpu", 1,
+                      lambda: torch.autocast("cpu", enabled=False))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    scale = max(float(g.abs().max()) for g in grads[1].values())
+    assert scale > 1e-4
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6 * max(1.0, scale)), n
+
+
+def test_recipe_ppo_mini_batches_two_optimizer_steps_second_off_policy(grpo_env):
+    """--ppo-mini-batches 2 on 2 groups: one AdamW step per group; the second group's old log-probs are the
+    sampling policy's (taken before the first step), so its ratios move away from 1 and the clip can act."""
+    model, tok, samples = recipe_batch(grpo_env)
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)  # a large step: the second group's ratio visibly != 1
+    steps = []
+    opt_step = opt.step
+    opt.step = lambda: (steps.append(1), opt_step())[1]
+    args = recipe_train_args(tok, 3, ppo_mini_batches=2, debug_grad_dump=None, kl_beta=0.0)
+    model.train()
+    stats, n_tok = grpo.train_on(samples, model, None, opt, args, "cpu", 1,
+                                 lambda: torch.autocast("cpu", enabled=False))
+    assert len(steps) == 2
+    assert n_tok == sum(len(s["token_ids"]) for s in samples)
+    # group 1 is on-policy (ratio 1: no clip); group 2 after a step: some of its 3 sequence ratios left [0.8, 1.28]
+    assert 1 <= stats["seq_clip_sum"] <= 3 and stats["n_seqs"] == 6
