@@ -263,3 +263,60 @@ def test_recipe_ppo_mini_batches_two_optimizer_steps_second_off_policy(grpo_env)
     assert n_tok == sum(len(s["token_ids"]) for s in samples)
     # group 1 is on-policy (ratio 1: no clip); group 2 after a step: some of its 3 sequence ratios left [0.8, 1.28]
     assert 1 <= stats["seq_clip_sum"] <= 3 and stats["n_seqs"] == 6
+
+
+def recipe_flags(env, out, *extra):
+    """The tiny model's CPU recipe under --recipe released: 12 new tokens (so an 8-token overlong buffer, else past
+    the 4,096 of the preset), the tiny model's own 48 visual tokens (the preset's 1,500 would only slow it down)."""
+    return ["--model", str(env / "tiny"), "--pool", str(env / "pool"), "--out", str(out), "--recipe", "released",
+            "--group-size", "4", "--prompts-per-step", "2", "--micro-batch", "8", "--max-new-tokens", "12",
+            "--overlong-buffer", "8", "--max-visual-tokens", "48", "--lr", "1e-3", "--max-side", "640", "--n-min", "3",
+            "--n-max", "5", "--eval-every", "0", "--no-grad-checkpointing", *extra]
+
+
+def test_recipe_released_gradient_same_for_1_process_and_torchrun_2(grpo_env, tmp_path):
+    """seq-mean-token-mean (and the rest of the released loss): 1 process with micro-batch 1 vs torchrun 2 ranks
+    (FSDP2 over gloo) with micro-batch 8, the same global batch (--debug-grad-dump) -> the same gradient."""
+    one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
+    extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"),
+                    *recipe_flags(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one))],
+                   check=True, cwd=HERE, env=env, capture_output=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+                    os.path.join(HERE, "grpo.py"),
+                    *recipe_flags(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two))],
+                   check=True, cwd=HERE, env=env, capture_output=True)
+    g1, g2 = torch.load(one), torch.load(two)
+    assert g1.keys() == g2.keys()
+    scale = max(g.abs().max().item() for g in g1.values() if g is not None)
+    assert scale > 1e-4
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+def test_recipe_released_tiny_run_records_every_resolved_value(grpo_env, tmp_path):
+    """A 2-step run with --recipe released (the released reward, GSPO, 2 PPO mini-batches: the second off-policy):
+    args.json holds every preset value, resolved; the metrics carry the sequence clip fraction, the entropy bonus and
+    the overlong penalty's share and mean; each completion's penalty follows the rule."""
+    out = tmp_path / "rel"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"),
+                        *recipe_flags(grpo_env, out, "--steps", "2", "--save-every", "2", "--ppo-mini-batches", "2")],
+                       cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((out / "args.json").read_text())
+    expected = {**recipes.preset("released"), "max_new_tokens": 12, "overlong_buffer": 8, "max_visual_tokens": 48,
+                "lr": 1e-3, "ppo_mini_batches": 2}
+    assert {k: saved[k] for k in recipes.RECIPES} == expected and saved["recipe"] == "released"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    for row in rows:  # 12 new tokens, buffer 8: a completion of n > 4 tokens loses (n - 4) / 8
+        assert row["overlong"] == pytest.approx(min(0.0, -(row["length"] - 4) / 8))
+    for m in metrics:
+        mine = [row for row in rows if row["step"] == m["step"]]
+        assert m["overlong_frac"] == pytest.approx(np.mean([row["overlong"] < 0 for row in mine]))
+        assert m["overlong_penalty"] == pytest.approx(np.mean([row["overlong"] for row in mine]))
+        assert 0 <= m["seq_clip_frac"] <= 1 and m["entropy_bonus"] == pytest.approx(1e-3 * m["entropy"], rel=0.5)
+    assert (out / "step_000002" / "meta.json").is_file()
