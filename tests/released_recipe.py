@@ -320,3 +320,87 @@ def test_recipe_released_tiny_run_records_every_resolved_value(grpo_env, tmp_pat
         assert m["overlong_penalty"] == pytest.approx(np.mean([row["overlong"] for row in mine]))
         assert 0 <= m["seq_clip_frac"] <= 1 and m["entropy_bonus"] == pytest.approx(1e-3 * m["entropy"], rel=0.5)
     assert (out / "step_000002" / "meta.json").is_file()
+
+# -----------------------------------------------------------------------------
+# the pool in the release's training format (export_bench.py --format reasonmatch-lmdb)
+
+
+def lmdb_pool(d):
+    """A 4-pair pool: p0 and p1 same-size pairs (p1 also with dense matches, one repeating a well-spread match),
+    p2 of two image sizes (64x48 and 32x32: resized), p3 without any verified match (skipped), and a test pair."""
+    import cv2
+    rng = np.random.default_rng(3)
+    rows = []
+    sizes = [((64, 48), (64, 48)), ((64, 48), (64, 48)), ((64, 48), (32, 32)), ((64, 48), (64, 48)),
+             ((64, 48), (64, 48))]
+    for i, (s1, s2) in enumerate(sizes):
+        for k, (w, h) in ((1, s1), (2, s2)):
+            y, x = np.mgrid[0:h, 0:w]  # smooth (resampling changes little) and different per image
+            img = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, rng.integers(0, 255))], -1)
+            cv2.imwrite(str(d / f"p{i}_{k}.jpg"), img.astype(np.uint8))
+        kp1 = np.array([[3.25, 4.5], [10.0, 20.0], [50.5, 40.0], [7.0, 7.0]], np.float32)
+        kp2 = np.array([[1.0, 2.0], [5.5, 6.25], [20.0, 30.0], [2.0, 3.0]], np.float32)
+        match = np.array([2, 0, -1, -1] if i != 3 else [-1, -1, -1, -1], np.int32)  # kp1[0]<->kp2[2], kp1[1]<->kp2[0]
+        dense1 = np.array([[3.25, 4.5], [30.0, 31.0]], np.float32) if i == 1 else np.zeros((0, 2), np.float32)
+        dense2 = np.array([[20.0, 30.0], [8.0, 9.0]], np.float32) if i == 1 else np.zeros((0, 2), np.float32)
+        np.savez(d / f"p{i}.npz", kp1=kp1, kp2=kp2, match=match, dense1=dense1, dense2=dense2)
+        rows.append(dict(pair_id=f"src/s{i}/a-b", source="src", scene=f"s{i}", split="test" if i == 4 else "train",
+                         image1=f"p{i}_1.jpg", image2=f"p{i}_2.jpg", width1=s1[0], height1=s1[1], width2=s2[0],
+                         height2=s2[1], overlap=0.1 * (i + 1), delta_v=1 - 0.1 * (i + 1), bin=i + 1, npz=f"p{i}.npz"))
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_recipe_lmdb_export_read_back_by_the_format(tmp_path, capsys):
+    import pickle
+
+    import cv2
+    import lmdb  # requirements.txt
+    import export_bench
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rows = lmdb_pool(pool)
+    out = tmp_path / "train_lmdb"
+    export_bench.main(["--pool", str(pool), "--split", "train", "--format", "reasonmatch-lmdb", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "3 train pairs" in said and "1 pair(s) of two image sizes: image 2 resized" in said
+    assert "1 pair(s) without a verified match skipped" in said
+    # the manifest MultiRawDataset takes: a JSON list of LMDB folders
+    assert json.loads((tmp_path / "train_lmdb.json").read_text()) == [str(out.resolve())]
+    # the reader, from the format: keys %08d -> pickled dict, __meta__ -> {"num_samples": N}; images via imdecode
+    env = lmdb.open(str(out), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert pickle.loads(txn.get(b"__meta__")) == {"num_samples": 3}
+        got = [pickle.loads(txn.get(f"{i:08d}".encode())) for i in range(3)]
+        assert txn.get(b"00000003") is None
+    env.close()
+
+    def decode(b):
+        return cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+    # p0: the two well-spread matches in match order; p1: + the dense match that is not a repeat
+    want = {0: [(3.25, 4.5, 20.0, 30.0), (10.0, 20.0, 1.0, 2.0)],
+            1: [(3.25, 4.5, 20.0, 30.0), (10.0, 20.0, 1.0, 2.0), (30.0, 31.0, 8.0, 9.0)],
+            # p2: image 2 32x32 -> 64x48, x' = (x + 0.5) x 2 - 0.5, y' = (y + 0.5) x 1.5 - 0.5
+            2: [(3.25, 4.5, 40.5, 45.25), (10.0, 20.0, 2.5, 3.25)]}
+    for i, s in enumerate(got):
+        row = rows[i]
+        assert s["meta"]["pair_id"] == row["pair_id"] and s["meta"]["bin"] == row["bin"]
+        assert s["meta"]["source"] == "src" and s["meta"]["scene"] == row["scene"]
+        assert s["meta"]["delta_v"] == pytest.approx(row["delta_v"]) and s["overlap"] == pytest.approx(row["overlap"])
+        m = [(d["x1"], d["y1"], d["x2"], d["y2"]) for d in s["matches"]]
+        assert np.abs(np.array(m) - np.array(want[i])).max() <= 0.5
+        a, b = decode(s["image1"]), decode(s["image2"])
+        assert a.shape == b.shape == (48, 64, 3)  # the release asserts equal sizes
+        assert s["image1"] == (pool / row["image1"]).read_bytes()  # the pool's files, unchanged
+        if i < 2:
+            assert s["image2"] == (pool / row["image2"]).read_bytes()
+        else:  # resized: close to the original stretched to image 1's size
+            ref = cv2.resize(cv2.imread(str(pool / row["image2"])), (64, 48), interpolation=cv2.INTER_LINEAR)
+            assert s["meta"]["size2"] == [32, 32]
+            assert np.abs(b.astype(float) - ref).mean() < 4  # JPEG and resampler differences only
+    # a second export replaces the first; a folder that is not an export is refused
+    export_bench.main(["--pool", str(pool), "--format", "reasonmatch-lmdb", "--out", str(out)])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit, match="not an LMDB export"):
+        export_bench.main(["--pool", str(pool), "--format", "reasonmatch-lmdb", "--out", str(tmp_path / "other")])
