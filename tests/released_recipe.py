@@ -404,3 +404,34 @@ def test_recipe_lmdb_export_read_back_by_the_format(tmp_path, capsys):
     (tmp_path / "other" / "keep.txt").write_text("x")
     with pytest.raises(SystemExit, match="not an LMDB export"):
         export_bench.main(["--pool", str(pool), "--format", "reasonmatch-lmdb", "--out", str(tmp_path / "other")])
+
+# -----------------------------------------------------------------------------
+# two reader conventions of build_pool.py, checked against the datasets' own loaders
+
+
+def test_recipe_re10k_principal_point_from_the_image_corner():
+    import build_pool
+    # RE10K's normalised cx = cy = 0.5 is the image centre; with pixel centres at integers (OpenCV) a 640 x 360
+    # image spans [-0.5, 639.5] x [-0.5, 359.5], so its centre is (319.5, 179.5), not (320, 180)
+    K = build_pool.re10k_intrinsics((0.8, 1.2, 0.5, 0.5), 640, 360)
+    assert np.allclose(K, [[512, 0, 319.5], [0, 432, 179.5], [0, 0, 1]])
+    # cx = 0 is the left edge of the first pixel: half a pixel left of its centre
+    assert build_pool.re10k_intrinsics((1, 1, 0.0, 0.0), 640, 360)[:2, 2].tolist() == [-0.5, -0.5]
+
+
+def test_recipe_uco3d_frame_of_another_size_is_an_error_not_a_resize(tmp_path):
+    import cv2
+
+    import build_pool
+    video = str(tmp_path / "rgb_video.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    assert writer.isOpened()
+    for k in range(5):
+        writer.write(np.full((48, 64, 3), 40 * k, np.uint8))
+    writer.release()
+    frame = build_pool.read_video_frame(video, 0.2, (64, 48))  # the annotation's size: read as it is
+    assert frame.shape == (48, 64, 3)
+    with pytest.raises(build_pool.BadInput, match=r"rgb_video.avi: frame at 0.2 s decodes to 64x48, the "
+                                                  r"annotation's _image_size is 80x60") as e:
+        build_pool.read_video_frame(video, 0.2, (80, 60))
+    assert e.value.reason == "frame size mismatch"  # counted per reason, the frame skipped
