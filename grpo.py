@@ -75,7 +75,8 @@ Outputs in --out:
                      so a crash never leaves a half-written step_%06d/; --keep-last K prunes older ones. --resume
                      rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
-                     reward parts (format, match, action: ActoR accuracy or null), length, truncated.
+                     reward parts (format, match, action: ActoR accuracy or null), length, truncated, overlong
+                     (--overlong-buffer: the penalty added to its reward).
     metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, entropy
                      (mean over completion tokens of the sampled logits / T distribution's entropy), clip_frac
                      (share of tokens whose ratio was clipped), zero_std_frac (share of groups whose rewards are all
@@ -83,7 +84,10 @@ Outputs in --out:
                      newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
                      "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
                      action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
-                     filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), tokens_per_s (generated
+                     filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), seq_clip_frac (--loss-mode
+                     gspo: share of completions whose sequence ratio was clipped), entropy_bonus (--entropy-coeff:
+                     the term subtracted), overlong_frac / overlong_penalty (--overlong-buffer: share penalised, mean
+                     penalty), tokens_per_s (generated
                      tokens of all ranks per second of rollout), seconds_rollout / seconds_logprobs / seconds_update
                      (rank 0's phases), seconds.
     curves.png       reward / match, eval match (per bin), entropy, KL, lengths, truncated / zero-std / clipped,
@@ -97,7 +101,7 @@ One step: the curriculum picks (bin, level, spatial) per prompt -> a random trai
 make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
 whose KV cache is copied into the G rows of a StaticCache, the policy's FSDP weights gathered ONCE for the whole
 rollout (rollout.py; --rollout-impl legacy: FSDP gathers every layer per token, DynamicCache) -> reward.score -> group-normalised advantages -> clipped policy
-loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
+loss + beta * KL(k3) to the reference (+ the PaStA term; --recipe released: docs/recipes.md) -> one AdamW step -> ONE curriculum.update per step with
 the mean match accuracy of the step's prompts, all drawn from the one (bin, level, spatial) the curriculum sampled
 for the step (a uniformly drawn unlocked stage of the current bin, or a replay draw that update ignores), so its
 20-update windows are the paper's 20-step moving average (curriculum.py's usage card has the state machine;
