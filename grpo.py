@@ -101,7 +101,7 @@ One step: the curriculum picks (bin, level, spatial) per prompt -> a random trai
 make_tasks.make_task (drawn images + prompt; other pairs are tried on TaskUnavailable) -> one prefill per prompt
 whose KV cache is copied into the G rows of a StaticCache, the policy's FSDP weights gathered ONCE for the whole
 rollout (rollout.py; --rollout-impl legacy: FSDP gathers every layer per token, DynamicCache) -> reward.score -> group-normalised advantages -> clipped policy
-loss + beta * KL(k3) to the reference (+ the PaStA term; --recipe released: docs/recipes.md) -> one AdamW step -> ONE curriculum.update per step with
+loss + beta * KL(k3) to the reference (+ the PaStA term) -> one AdamW step -> ONE curriculum.update per step with
 the mean match accuracy of the step's prompts, all drawn from the one (bin, level, spatial) the curriculum sampled
 for the step (a uniformly drawn unlocked stage of the current bin, or a replay draw that update ignores), so its
 20-update windows are the paper's 20-step moving average (curriculum.py's usage card has the state machine;
@@ -1171,7 +1171,8 @@ def build_parser():
     ap.add_argument("--loss-agg-mode", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
                     help="token-mean: sum over the global batch's tokens / its token count; seq-mean-token-mean: the "
                          "mean over the global batch's completions of each one's token mean (KL and entropy too)")
-    ap.add_argument("--clip-ratio-low", type=float, default=None, help="ratio clipped below at 1 - this (None: --clip-eps)")
+    ap.add_argument("--clip-ratio-low", type=float, default=None,
+                    help="ratio clipped below at 1 - this (None: --clip-eps)")
     ap.add_argument("--clip-ratio-high", type=float, default=None,
                     help="ratio clipped above at 1 + this (clip-higher; None: --clip-eps)")
     ap.add_argument("--clip-ratio-c", type=float, default=0.0,

@@ -280,13 +280,11 @@ def test_recipe_released_gradient_same_for_1_process_and_torchrun_2(grpo_env, tm
     one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
     extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"),
-                    *recipe_flags(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one))],
-                   check=True, cwd=HERE, env=env, capture_output=True)
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
-                    os.path.join(HERE, "grpo.py"),
-                    *recipe_flags(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two))],
-                   check=True, cwd=HERE, env=env, capture_output=True)
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2"]
+    for launch, out, mb, dump in (([sys.executable], "a", "1", one), (torchrun, "b", "8", two)):
+        subprocess.run([*launch, os.path.join(HERE, "grpo.py"),
+                        *recipe_flags(grpo_env, tmp_path / out, *extra, "--micro-batch", mb, "--debug-grad-dump",
+                                      str(dump))], check=True, cwd=HERE, env=env, capture_output=True)
     g1, g2 = torch.load(one), torch.load(two)
     assert g1.keys() == g2.keys()
     scale = max(g.abs().max().item() for g in g1.values() if g is not None)
