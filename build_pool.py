@@ -53,7 +53,8 @@ Inputs, per source
   naming the image, both sizes and N.
 - RealEstate10K (--re10k ROOT): camera files ROOT/<split>/<clip>.txt or ROOT/<clip>.txt (or one .txt): a URL
   line, then per frame `timestamp_us fx fy cx cy k1 k2` + a 3x4 row-major world-to-camera [R|t] (OpenCV axes),
-  intrinsics divided by the image width (fx, cx) and height (fy, cy); we take cx * W as an OpenCV principal point.
+  intrinsics divided by the image width (fx, cx) and height (fy, cy), the image's top-left CORNER at (0, 0) (as
+  pixelSplat's and real_estate_10k_tools' loaders read them): the OpenCV principal point is cx * W - 0.5.
   Frames as users extract them from the videos, named by timestamp: FRAMES/<split>/<clip>/<timestamp_us>.png|jpg
   or FRAMES/<clip>/<timestamp_us>.png|jpg, FRAMES = --re10k-frames or ROOT. RE10K ships poses but no 3D points,
   so each clip is first triangulated with pycolmap from its known cameras (every --frame-stride-th frame):
@@ -471,15 +472,7 @@ class UCO3DSequence:
         R_cw, t_cw, K = ndc_to_opencv(unpack_floats(r["_viewpoint_R"], (3, 3)), unpack_floats(r["_viewpoint_T"]),
                                       unpack_floats(r["_viewpoint_focal_length"]),
                                       unpack_floats(r["_viewpoint_principal_point"]), (w, h))
-        video = os.path.join(self.root, self.video)
-        cap = cv2.VideoCapture(video)
-        cap.set(cv2.CAP_PROP_POS_MSEC, float(r["frame_timestamp"]) * 1000)
-        ok, bgr = cap.read()
-        cap.release()
-        if not ok:
-            raise BadInput("corrupt image", f"{video}: cannot read frame at {r['frame_timestamp']} s")
-        if bgr.shape[:2] != (h, w):
-            bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
+        bgr = read_video_frame(os.path.join(self.root, self.video), float(r["frame_timestamp"]), (w, h))
         dist = unpack_floats(r["_viewpoint_colmap_distortion_coeffs"])
         if dist is not None and np.any(dist != 0):  # undistort as uCO3D's loader does
             newK, _ = cv2.getOptimalNewCameraMatrix(K, dist, (w, h), 0.0, (w, h))
@@ -497,6 +490,22 @@ class UCO3DSequence:
         ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
         return rgbd_frame(fid, np.ascontiguousarray(bgr[..., ::-1]), depth, K, Kd,
                           world_to_cam_to_world(R_cw, t_cw), None, jpeg=jpeg.tobytes())
+
+
+def read_video_frame(video, timestamp, size):
+    """The BGR frame of video at timestamp (seconds). Its decoded size must be the annotation's `_image_size`
+    (w, h): uCO3D's own loader raises on a mismatch, so the frame is an error (skipped), never silently resized
+    (the cameras are for the annotated size)."""
+    cap = cv2.VideoCapture(video)
+    cap.set(cv2.CAP_PROP_POS_MSEC, timestamp * 1000)
+    ok, bgr = cap.read()
+    cap.release()
+    if not ok:
+        raise BadInput("corrupt image", f"{video}: cannot read frame at {timestamp} s")
+    if bgr.shape[:2] != (size[1], size[0]):
+        raise BadInput("frame size mismatch", f"{video}: frame at {timestamp} s decodes to {bgr.shape[1]}x"
+                       f"{bgr.shape[0]}, the annotation's _image_size is {size[0]}x{size[1]}")
+    return bgr
 
 
 def find_uco3d(path, scenes_skipped=None):
@@ -674,10 +683,11 @@ def read_re10k(path):
 
 
 def re10k_intrinsics(norm, width, height):
-    """OpenCV K in pixels from RE10K's normalised (fx, fy, cx, cy); we read cx * W as an OpenCV principal point
-    (pixel centres at integer coordinates), so COLMAP's is cx * W + 0.5."""
+    """OpenCV K in pixels from RE10K's normalised (fx, fy, cx, cy). RE10K normalises with the image's top-left
+    CORNER at (0, 0) (pixelSplat's and real_estate_10k_tools' loaders agree), so cx * W is COLMAP's principal point
+    (first pixel centre at 0.5) and OpenCV's (pixel centres at integers) is cx * W - 0.5: cx = 0.5 is the centre."""
     fx, fy, cx, cy = norm
-    return np.array([[fx * width, 0, cx * width], [0, fy * height, cy * height], [0, 0, 1.0]])
+    return np.array([[fx * width, 0, cx * width - 0.5], [0, fy * height, cy * height - 0.5], [0, 0, 1.0]])
 
 
 def find_re10k(path, frames_root=None):

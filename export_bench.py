@@ -10,6 +10,9 @@ Usage:
         (numeric-id tasks; annotation_index.json + metadata + images: docs/reasonmatch.md)
     python export_bench.py --reasonmatch reasonmatch_bench --prompt-template ReasonMatch/evaluate/matchbench/utils.py \
         --out rm_hf      # the released benchmark as the same HF dataset / TSV / lmms-eval task, released scoring
+    python export_bench.py --pool pool --split train --format reasonmatch-lmdb --out train_lmdb
+        (the pool's verified matches as the authors' training LMDB + train_lmdb.json for their MultiRawDataset;
+        widematch/release_lmdb.py has the layout)
 Then (README "The benchmark in lmms-eval and VLMEvalKit" has the full commands):
     python -c "import datasets; print(datasets.load_dataset('bench_hf'))"   # or upload bench_hf as a dataset repo
     python -m lmms_eval --model openai --model_args model=M,base_url=http://HOST:8000/v1 \
@@ -58,6 +61,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 from collections import Counter
@@ -429,9 +433,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="output dir: data/*.parquet, README.md, WideMatch.tsv, lmms_eval/")
     ap.add_argument("--name", default="ReasonMatch-style wide-baseline matching (widematch)",
                     help="the dataset's title in the card")
-    ap.add_argument("--format", default="harness", choices=("harness", "reasonmatch"),
-                    help="harness: the HF dataset, TSV and lmms-eval task (default); reasonmatch: the released "
-                    "ReasonMatch-Bench layout (annotation_index.json, metadata, images), for its own evaluator")
+    ap.add_argument("--format", default="harness", choices=("harness", "reasonmatch", "reasonmatch-lmdb"),
+                    help="harness: the HF dataset, TSV and lmms-eval task from --tasks (default); reasonmatch: the "
+                    "released ReasonMatch-Bench layout (annotation_index.json, metadata, images), for its own "
+                    "evaluator; reasonmatch-lmdb: the --pool's --split pairs as the LMDB the release's trainer reads "
+                    "(<out>/) + its manifest <out>.json")
+    ap.add_argument("--pool", help="--format reasonmatch-lmdb: build_pool.py's output")
+    ap.add_argument("--split", default="train", help="--format reasonmatch-lmdb: the pool split to export")
     ap.add_argument("--reasonmatch", metavar="PATH", help="instead of --tasks: the released ReasonMatch-Bench (its "
                     "folder or annotation_index.json) as the HF dataset, VLMEvalKit TSV and lmms-eval task, scored "
                     "with the released rule")
@@ -478,12 +486,33 @@ def export_reasonmatch(args, tasks_path, out):
           "layout; evaluate.py --reasonmatch and the release's run_evaluation.py read it)")
 
 
+def export_lmdb(args):
+    """--format reasonmatch-lmdb: the pool's verified matches of one split in the release's training format."""
+    import make_tasks
+    from widematch import release_lmdb
+    if not args.pool or not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
+        fail(f"--format reasonmatch-lmdb needs --pool DIR with a pairs.jsonl (got {args.pool})")
+    pairs = make_tasks.load_pairs(args.pool, args.split)
+    if not pairs:
+        fail(f"--pool {args.pool} has no {args.split}-split pairs")
+    try:
+        s = release_lmdb.write_lmdb(pairs, args.pool, args.out, lambda p: make_tasks.load_arrays(args.pool, p))
+    except ValueError as e:
+        fail(str(e))
+    print(f"export_bench.py: {s['num_samples']} {args.split} pairs -> {s['lmdb']}/ (LMDB) + {s['manifest']}"
+          + (f"; {s['resized']} pair(s) of two image sizes: image 2 resized to image 1's size, its matches scaled"
+             if s["resized"] else "")
+          + (f"; {s['skipped_no_match']} pair(s) without a verified match skipped" if s["skipped_no_match"] else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.reasonmatch:
         return export_released(args)
+    if args.format == "reasonmatch-lmdb":
+        return export_lmdb(args)
     if not args.tasks:
-        fail("--tasks is required (or --reasonmatch PATH)")
+        fail("--tasks is required (or --reasonmatch PATH, or --format reasonmatch-lmdb with --pool)")
     tasks_path, out = Path(args.tasks), Path(args.out)
     if not tasks_path.is_file():
         fail(f"--tasks {tasks_path} does not exist")

@@ -32,6 +32,29 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
     HATCH extensions (PaStA + ActoR, see below; the tiny model on CPU):
         python grpo.py [the CPU demo's flags, --out runs/hatch] --pasta-weight 0.1 --actor
     DAPO dynamic sampling (off by default; the paper does not use it): add --filter-groups [--filter-max-retries 3]
+    Train as the authors' release trains (--recipe released: GSPO, clip-higher, entropy bonus, overlong penalty,
+    weight decay, the released reward; docs/recipes.md). A flag given on the command line wins over its preset:
+        python grpo.py --recipe released [the CPU demo's flags]
+    flag                       paper       released
+    --loss-mode                vanilla     gspo
+    --loss-agg-mode            token-mean  seq-mean-token-mean
+    --clip-ratio-low           --clip-eps  0.2
+    --clip-ratio-high          --clip-eps  0.28
+    --clip-ratio-c             0.0         10.0
+    --entropy-coeff            0.0         0.001
+    --kl-beta                  0.005       0.005
+    --kl-loss-type             k3          low_var_kl
+    --advantage-std            population  unbiased
+    --lr                       1e-06       1e-06
+    --warmup-steps             10          10
+    --weight-decay             0.0         0.1
+    --max-grad-norm            1.0         1.0
+    --max-new-tokens           5120        6144
+    --overlong-buffer          0           4096
+    --overlong-penalty-factor  1.0         1.0
+    --max-visual-tokens        0           1500
+    --ppo-mini-batches         1           1
+    --reward                   paper       released
     A full disk (ENOSPC while writing a checkpoint, export, log line or curves.png) stops every rank with one line
     naming the path and the space needed; the half-written step_%06d.tmp/ is removed, the last complete step_*/
     kept: free space, then --resume. A second run on an --out that a live run holds (<out>/.lock) refuses.
@@ -52,7 +75,8 @@ Outputs in --out:
                      so a crash never leaves a half-written step_%06d/; --keep-last K prunes older ones. --resume
                      rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
-                     reward parts (format, match, action: ActoR accuracy or null), length, truncated.
+                     reward parts (format, match, action: ActoR accuracy or null), length, truncated, overlong
+                     (--overlong-buffer: the penalty added to its reward).
     metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, entropy
                      (mean over completion tokens of the sampled logits / T distribution's entropy), clip_frac
                      (share of tokens whose ratio was clipped), zero_std_frac (share of groups whose rewards are all
@@ -60,7 +84,10 @@ Outputs in --out:
                      newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
                      "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
                      action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
-                     filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), tokens_per_s (generated
+                     filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), seq_clip_frac (--loss-mode
+                     gspo: share of completions whose sequence ratio was clipped), entropy_bonus (--entropy-coeff:
+                     the term subtracted), overlong_frac / overlong_penalty (--overlong-buffer: share penalised, mean
+                     penalty), tokens_per_s (generated
                      tokens of all ranks per second of rollout), seconds_rollout / seconds_logprobs / seconds_update
                      (rank 0's phases), seconds.
     curves.png       reward / match, eval match (per bin), entropy, KL, lengths, truncated / zero-std / clipped,
@@ -164,6 +191,7 @@ import curriculum
 import make_tasks
 import pasta
 import reward
+from widematch import recipes
 # the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
 # plan) lives in rollout.py; grpo.generate and grpo.stop_ids stay importable for evaluate.py, tiny_model.py, bench.py
 from rollout import (CPU_ROLLOUT_BATCH, GIB, HFEngine, VllmEngine, format_plan, generate, generation_mode, prompt_bound,
@@ -341,12 +369,13 @@ def completion_hidden(model, batch):
     return hc, batch["input_ids"].gather(1, pos + 1)                                               # (B, T)
 
 
-def completion_logprobs(model, batch, temperature, chunk=512, entropy=False):
+def completion_logprobs(model, batch, temperature, chunk=512, entropy=False, entropy_grad=False):
     """log p(completion token) under logits / temperature, (B, T) fp32, without materialising (B, L, V) logits:
     the model runs to hidden states, the hidden states that predict completion tokens are gathered, and lm_head +
     log_softmax run on chunks of T (each chunk recomputed in backward, so its fp32 logits are never kept).
     entropy: also -> the entropy of that (temperature-scaled, sampled) distribution per token, (B, T), computed
-    inside the chunk from the same log_softmax (no (B, T, V) tensor outlives its chunk)."""
+    inside the chunk from the same log_softmax (no (B, T, V) tensor outlives its chunk); entropy_grad: with its
+    gradient (the entropy bonus; recomputed chunk by chunk in backward like the log-probs), else detached."""
     hc, target = completion_hidden(model, batch)                                                   # (B, T, H), (B, T)
     T = target.shape[1]
 
@@ -362,40 +391,83 @@ def completion_logprobs(model, batch, temperature, chunk=512, entropy=False):
         else:
             parts.append(chunk_logp(hc[:, s:s + chunk], target[:, s:s + chunk]))
     if entropy:
-        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1).detach()  # (B, T) x 2
+        ent = torch.cat([p[1] for p in parts], 1)                                                 # (B, T)
+        return torch.cat([p[0] for p in parts], 1), ent if entropy_grad else ent.detach()         # (B, T) x 2
     return torch.cat(parts, 1)                                                                     # (B, T)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta, clip_eps, num_tokens, is_weight=None):
-    """GRPO loss of one micro-batch. logp / old_logp / ref_logp / mask: (B, T); advantages: (B,); ref_logp may be
-    None (beta = 0). Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL_k3, where
-    KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, always >= 0 estimator of KL(pi || ref)).
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta, clip_eps, num_tokens, is_weight=None, *,
+              loss_mode="vanilla", loss_agg_mode="token-mean", clip_ratio_low=None, clip_ratio_high=None,
+              clip_ratio_c=0.0, entropy=None, entropy_coeff=0.0, kl_loss_type="k3", num_seqs=None):
+    """GRPO loss of one micro-batch (the defaults: the paper's). logp / old_logp / ref_logp / mask: (B, T);
+    advantages: (B,); ref_logp may be None (beta = 0). Policy term per token (veRL's names):
+      vanilla: -min(r * A, clip(r, 1 - low, 1 + high) * A), r = exp(logp - old); clip_ratio_c > 1 (dual clip):
+               for A < 0 the term is at most -c * A.
+      gspo:    the same with r = sg[s] * exp(logp - sg[logp]) (value s, gradient of the token), s = exp(mean over the
+               completion's tokens of logp - old), log r clamped at 10 (GSPO's sequence ratio, veRL's form); no dual
+               clip, and aggregated seq-mean-token-mean whatever loss_agg_mode is (as veRL does).
+    + beta * KL: k3 = exp(ref - logp) - (ref - logp) - 1, unclamped; low_var_kl (veRL): the same with ref - logp
+    clamped to +-20 and the estimate to +-10. - entropy_coeff * entropy (B, T) (the bonus; needs its gradient).
     is_weight (B, T), optional: truncated importance-sampling weights on the policy term (--tis-cap).
-    SUMMED over the micro-batch's tokens and divided by num_tokens = completion tokens of the GLOBAL batch, so
-    micro-batch losses add up to the global token mean. Returns (loss, stats of summed per-token values)."""
+    Aggregation (KL and entropy with loss_agg_mode, as veRL's actor): token-mean: SUMMED over tokens / num_tokens
+    (completion tokens of the GLOBAL batch); seq-mean-token-mean: each completion's token mean, SUMMED over
+    completions / num_seqs (completions of the global batch). Either way micro-batch losses add up to the global
+    value, whatever the micro-batch size or world size. Returns (loss, stats of summed per-token values; kl_agg /
+    entropy_agg / seq_clip_sum: this micro-batch's share of the aggregated KL and entropy and its clipped sequences)."""
     mask = mask.float()                                                                            # (B, T)
-    ratio = torch.exp(logp - old_logp)                                                             # (B, T)
+    low = clip_eps if clip_ratio_low is None else clip_ratio_low
+    high = clip_eps if clip_ratio_high is None else clip_ratio_high
     adv = advantages[:, None]                                                                      # (B, 1)
-    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)                # (B, T)
+    n_seq_tok = mask.sum(1).clamp(min=1)  # a weight-0 row (--filter-groups filler) counts 1, adds 0   # (B,)
+
+    def agg(x, mode):  # (B, T) -> () this micro-batch's share of the global aggregate
+        if mode == "token-mean":
+            return (x * mask).sum() / num_tokens
+        return ((x * mask).sum(1) / n_seq_tok).sum() / num_seqs
+
+    if loss_mode == "gspo":
+        log_seq = ((logp - old_logp) * mask).sum(1) / n_seq_tok                                    # (B,)
+        ratio = torch.exp((logp - logp.detach() + log_seq.detach()[:, None]).clamp(max=10.0))      # (B, T)
+    else:
+        ratio = torch.exp(logp - old_logp)                                                         # (B, T)
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - low, 1 + high) * adv)                         # (B, T)
+    if loss_mode == "vanilla" and clip_ratio_c > 1:
+        pg = torch.where(adv < 0, torch.minimum(pg, -clip_ratio_c * adv), pg)                      # (B, T)
     if is_weight is not None:
         pg = pg * is_weight                                                                        # (B, T)
     if ref_logp is None:
         kl = torch.zeros_like(logp)                                                                # (B, T)
     else:
         d = ref_logp - logp                                                                        # (B, T)
-        kl = torch.exp(d) - d - 1                                                                  # (B, T)
-    per_token = pg + beta * kl                                                                     # (B, T)
-    loss = (per_token * mask).sum() / num_tokens                                                   # ()
-    clipped = ((ratio - 1).abs() > clip_eps).float()                                               # (B, T)
+        if kl_loss_type == "low_var_kl":
+            d = d.clamp(-20, 20)
+            kl = (torch.exp(d) - d - 1).clamp(-10, 10)                                             # (B, T)
+        else:
+            kl = torch.exp(d) - d - 1                                                              # (B, T)
+    pg_mode = "seq-mean-token-mean" if loss_mode == "gspo" else loss_agg_mode
+    if pg_mode == loss_agg_mode == "token-mean":  # the paper's form: one sum
+        loss = ((pg + beta * kl) * mask).sum() / num_tokens                                        # ()
+    else:
+        loss = agg(pg, pg_mode) + beta * agg(kl, loss_agg_mode)                                    # ()
+    ent_agg = torch.zeros(())
+    if entropy is not None and entropy_coeff:
+        ent_agg = agg(entropy.float(), loss_agg_mode)                                              # ()
+        loss = loss - entropy_coeff * ent_agg
+    clipped = ((ratio < 1 - low) | (ratio > 1 + high)).float()                                     # (B, T)
+    live = (mask.sum(1) > 0).float()                                                               # (B,)
     stats = dict(kl_sum=float((kl.detach() * mask).sum()), clip_sum=float((clipped * mask).sum()),
-                 pg_sum=float((pg.detach() * mask).sum()))
+                 pg_sum=float((pg.detach() * mask).sum()), kl_agg=float(agg(kl.detach(), loss_agg_mode)),
+                 entropy_agg=float(ent_agg.detach()), seq_clip_sum=float((clipped[:, 0] * live).sum()))
     return loss, stats
 
 
-def group_advantages(rewards, group_size, eps=1e-4):
-    """rewards (N*G,) prompt-major -> (r - group mean) / (group population std + eps), (N*G,)."""
+def group_advantages(rewards, group_size, eps=1e-4, std="population"):
+    """rewards (N*G,) prompt-major -> (r - group mean) / (group std + eps), (N*G,). std: population (ours, eps
+    1e-4) or unbiased (veRL's GRPO: the sample std, eps 1e-6)."""
     r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)                        # (N, G)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)           # (N, G)
+    if std == "unbiased":
+        eps = 1e-6
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=std == "unbiased", keepdim=True) + eps)  # (N, G)
     return adv.view(-1).float()                                                                    # (N*G,)
 
 
@@ -474,7 +546,10 @@ def score(text, task, args):
         return dict(format=0.0, match=0.0, reward=r, action=None)
     # ActoR: + w_action * action accuracy (None where the pair has no pose), angle tolerance = the rounding step
     s = reward.score(text, task, w_action=args.w_action if args.actor else 0.0, action_tol=args.action_step)
-    return dict(format=s["format"], match=s["match"], reward=s["reward"], action=s.get("action"))
+    r = s["reward"]
+    if getattr(args, "reward", "paper") == "released":  # the release's rule trains; format / match still logged
+        r = reward.released_reward(text, task)["score"]
+    return dict(format=s["format"], match=s["match"], reward=r, action=s.get("action"))
 
 # -----------------------------------------------------------------------------
 # Distributed setup, sharding, checkpoints
@@ -837,24 +912,49 @@ def rollout(engine, tokenizer, image_processor, tasks, args):
     encs = [encode(tokenizer, image_processor, task["prompt"], images) for task, images in tasks]
     outs = engine.generate(encs, [images for _, images in tasks], args.max_new_tokens, args.temperature,
                            greedy=False, group_size=args.group_size, names=[t.get("task_id") for t, _ in tasks])
-    return [dict(o, enc=encs[j // args.group_size], task=tasks[j // args.group_size][0],
-                 **score(o["text"], tasks[j // args.group_size][0], args)) for j, o in enumerate(outs)]
+    samples = [dict(o, enc=encs[j // args.group_size], task=tasks[j // args.group_size][0],
+                    **score(o["text"], tasks[j // args.group_size][0], args)) for j, o in enumerate(outs)]
+    if getattr(args, "overlong_buffer", 0) > 0:  # DAPO's soft overlong punishment, added to the reward
+        for s in samples:
+            s["overlong"] = recipes.overlong_penalty(len(s["token_ids"]), args.max_new_tokens, args.overlong_buffer,
+                                                     args.overlong_penalty_factor)
+            s["reward"] += s["overlong"]
+    return samples
 
 
 def train_on(samples, model, ref_model, opt, args, device, world, autocast, pairs_by_id=None):
-    """One (or --ppo-epochs) AdamW step(s) on this rank's samples; returns summed stats for logging.
+    """One (or --ppo-epochs x --ppo-mini-batches) AdamW step(s) on this rank's samples; returns summed stats for
+    logging and the global token count. --ppo-mini-batches K: this rank's groups in K consecutive slices, one AdamW
+    step each (veRL's ppo_mini_batch_size); the slices after the first are off-policy, so the old log-probs (of the
+    sampling policy) are computed before the first update and the ratio and its clip act. Each slice is normalised
+    by its own global token / completion count (token-mean / seq-mean-token-mean).
     With --pasta-weight w > 0 the loss of each step is GRPO loss + w * mean over the step's prompts (all ranks) of
     pasta.pasta_term (pairs_by_id: pool pair_id -> pairs.jsonl row, for the pair's dense matches).
     Samples of weight 0 (--filter-groups fillers) are in the forward passes (every rank runs as many) but out of
     the loss and of the token count. Stats: sums over tokens (kl, clip, entropy, dlogp), grad_norm (mean over the
-    --ppo-epochs updates, before clipping), seconds of the no-grad log-probs and of the update."""
-    adv = group_advantages([s["reward"] for s in samples], args.group_size)                       # (N,)
-    # global completion tokens of the loss (at least 1: a batch of fillers only has loss 0)
-    n_tok = max(1.0, all_sum(sum(len(s["token_ids"]) * s.get("weight", 1.0) for s in samples), world))
-    mbs = [list(range(i, min(i + args.micro_batch, len(samples)))) for i in range(0, len(samples), args.micro_batch)]
+    updates, before clipping), seconds of the no-grad log-probs and of the update."""
+    adv = group_advantages([s["reward"] for s in samples], args.group_size,
+                           std=getattr(args, "advantage_std", "population"))                       # (N,)
+    K = getattr(args, "ppo_mini_batches", 1)
+    per_mini = len(samples) // K  # whole groups (checked in main)
+    minis = [range(k * per_mini, (k + 1) * per_mini) for k in range(K)]
+    # global completion tokens / completions of each slice's loss (at least 1: a batch of fillers has loss 0)
+    n_toks = [max(1.0, all_sum(sum(len(samples[i]["token_ids"]) * samples[i].get("weight", 1.0) for i in m), world))
+              for m in minis]
+    n_seqs = [max(1.0, all_sum(sum(samples[i].get("weight", 1.0) > 0 for i in m), world)) for m in minis]
+    mbs = [list(range(i, min(i + args.micro_batch, m.stop))) for m in minis for i in range(m.start, m.stop,
+                                                                                          args.micro_batch)]
+    mini_of = [mb[0] // per_mini for mb in mbs]
     batches = [collate_samples([samples[i] for i in mb], args.pad_id, device) for mb in mbs]
+    ent_coeff = getattr(args, "entropy_coeff", 0.0)
+    loss_kw = dict(loss_mode=getattr(args, "loss_mode", "vanilla"), loss_agg_mode=getattr(args, "loss_agg_mode",
+                   "token-mean"), clip_ratio_low=getattr(args, "clip_ratio_low", None),
+                   clip_ratio_high=getattr(args, "clip_ratio_high", None), clip_ratio_c=getattr(args, "clip_ratio_c",
+                   0.0), entropy_coeff=ent_coeff, kl_loss_type=getattr(args, "kl_loss_type", "k3"))
     def logprob_fn(m, b):  # the FSDP-registered method when sharded (see shard()); entropy of the policy only
         kw = dict(entropy=m is model and torch.is_grad_enabled())
+        if kw["entropy"] and ent_coeff:
+            kw["entropy_grad"] = True  # the bonus' gradient
         return m.logprobs(b, args.temperature, **kw) if hasattr(m, "logprobs") else \
             completion_logprobs(m, b, args.temperature, **kw)
 
@@ -868,56 +968,65 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
     t0 = time.perf_counter()
     with torch.no_grad(), autocast():
         ref = [logprob_fn(ref_model, b) if ref_model is not None else None for b in batches]
-        old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 else None
+        old = [logprob_fn(model, b) for b in batches] if args.ppo_epochs > 1 or K > 1 else None
     t1 = sync_time(device)
     stats = dict(kl_sum=0.0, clip_sum=0.0, dlogp_sum=0.0, loss=0.0, pasta_sum=0.0, pasta_acc_sum=0.0,
                  pasta_acc_n=0.0, entropy_sum=0.0, grad_norm=0.0, tis_sum=0.0, tis_capped_sum=0.0,
-                 seconds_logprobs=t1 - t0)
+                 seq_clip_sum=0.0, entropy_agg=0.0, n_seqs=sum(n_seqs), seconds_logprobs=t1 - t0)
     sampler = []  # the engine's log-probs of its own samples, padded like the batch: (B, T) per micro-batch
     for mb, b in zip(mbs, batches):
         sampler.append(torch.zeros_like(b["mask"]))
         for r, i in enumerate(mb):
             sampler[-1][r, :len(samples[i]["logprobs"])] = torch.tensor(samples[i]["logprobs"])
     for epoch in range(args.ppo_epochs):
-        for k, (mb, b) in enumerate(zip(mbs, batches)):
-            with autocast():
-                logp, ent = logprob_fn(model, b)                                                   # (B, T) x 2
-            old_k = old[k] if old is not None else logp.detach()  # ratio 1 with one update per batch
-            w = None
-            if args.tis_cap > 0:  # the sampler's distribution is not quite the trainer's: reweight, capped
-                w = torch.exp(old_k.float() - sampler[k]).clamp(max=args.tis_cap)                   # (B, T)
-            loss, st = grpo_loss(logp, old_k, ref[k], adv[mb].to(device), b["mask"], args.kl_beta, args.clip_eps,
-                                 n_tok, is_weight=w)
-            # FSDP2 averages gradients over ranks; x world makes the result the global-token-normalised sum
-            (loss * world).backward()
-            stats["loss"] += loss.item()
-            stats["clip_sum"] += st["clip_sum"] / args.ppo_epochs  # ratio 1 in epoch 0: clipping starts at 1
-            if epoch == 0:
-                stats["kl_sum"] += st["kl_sum"]
-                stats["entropy_sum"] += float((ent.float() * b["mask"]).sum())
-                stats["dlogp_sum"] += float(((logp.detach().float() - sampler[k]).abs() * b["mask"]).sum())
-                if w is not None:
-                    stats["tis_sum"] += float((w * b["mask"]).sum())
-                    stats["tis_capped_sum"] += float(((w >= args.tis_cap).float() * b["mask"]).sum())
-        for s, (pair, arrays) in zip(prompts, pasta_pairs):  # PaStA: one vision forward per prompt, normalised by
-            with autocast():                                  # the global prompt count
-                pl, pst = pasta_fn(model, s["enc"], arrays, pair, n=args.pasta_grid, layer=args.pasta_layer,
-                                   tau=args.pasta_tau)
-            (pl * args.pasta_weight / n_prompts * world).backward()  # x world: FSDP2 averages over ranks
-            if epoch == 0:
-                stats["pasta_sum"] += pst["pasta_loss"]
-                if np.isfinite(pst["pasta_acc"]):  # nan: the pair has no corresponding cells
-                    stats["pasta_acc_sum"] += pst["pasta_acc"]
-                    stats["pasta_acc_n"] += 1
-        if args.debug_grad_dump:
-            return stats, n_tok
-        # the norm before clipping (inf: measured, not clipped); a DTensor under FSDP2 (full_tensor: all ranks)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        stats["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / args.ppo_epochs
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for mini in range(K):
+            for k, (mb, b) in enumerate(zip(mbs, batches)):
+                if mini_of[k] != mini:
+                    continue
+                with autocast():
+                    logp, ent = logprob_fn(model, b)                                               # (B, T) x 2
+                old_k = old[k] if old is not None else logp.detach()  # ratio 1 with one update per batch
+                w = None
+                if args.tis_cap > 0:  # the sampler's distribution is not quite the trainer's: reweight, capped
+                    w = torch.exp(old_k.float() - sampler[k]).clamp(max=args.tis_cap)               # (B, T)
+                loss, st = grpo_loss(logp, old_k, ref[k], adv[mb].to(device), b["mask"], args.kl_beta,
+                                     args.clip_eps, n_toks[mini], is_weight=w, entropy=ent, num_seqs=n_seqs[mini],
+                                     **loss_kw)
+                # FSDP2 averages gradients over ranks; x world makes the result the global-normalised sum
+                (loss * world).backward()
+                stats["loss"] += loss.item()
+                stats["clip_sum"] += st["clip_sum"] / args.ppo_epochs  # ratio 1 in epoch 0: clipping starts at 1
+                stats["seq_clip_sum"] += st["seq_clip_sum"] / args.ppo_epochs
+                if epoch == 0:
+                    stats["kl_sum"] += st["kl_sum"]
+                    stats["entropy_sum"] += float((ent.detach().float() * b["mask"]).sum())
+                    stats["entropy_agg"] += st["entropy_agg"] / K  # the mean over the slices' aggregates
+                    stats["dlogp_sum"] += float(((logp.detach().float() - sampler[k]).abs() * b["mask"]).sum())
+                    if w is not None:
+                        stats["tis_sum"] += float((w * b["mask"]).sum())
+                        stats["tis_capped_sum"] += float(((w >= args.tis_cap).float() * b["mask"]).sum())
+            for j, (s, (pair, arrays)) in enumerate(zip(prompts, pasta_pairs)):  # PaStA: one vision forward per
+                if j * args.group_size // per_mini != mini:  # prompt, normalised by the global prompt count
+                    continue
+                with autocast():
+                    pl, pst = pasta_fn(model, s["enc"], arrays, pair, n=args.pasta_grid, layer=args.pasta_layer,
+                                       tau=args.pasta_tau)
+                (pl * args.pasta_weight / n_prompts * world).backward()  # x world: FSDP2 averages over ranks
+                if epoch == 0:
+                    stats["pasta_sum"] += pst["pasta_loss"]
+                    if np.isfinite(pst["pasta_acc"]):  # nan: the pair has no corresponding cells
+                        stats["pasta_acc_sum"] += pst["pasta_acc"]
+                        stats["pasta_acc_n"] += 1
+            if args.debug_grad_dump:
+                return stats, sum(n_toks)
+            # the norm before clipping (inf: measured, not clipped); a DTensor under FSDP2 (full_tensor: all ranks)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            stats["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / \
+                (args.ppo_epochs * K)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     stats["seconds_update"] = sync_time(device) - t1
-    return stats, n_tok
+    return stats, sum(n_toks)
 
 
 def sync_time(device):
@@ -986,9 +1095,27 @@ def evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, w
 
 
 def parse_args(argv=None):
+    """The flags, then --recipe's preset values for every preset flag not given on the command line (so vars(args),
+    args.json, records the resolved values)."""
+    args = build_parser().parse_args(argv)
+    quiet = build_parser()  # the same flags without defaults: what the command line gave
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    recipes.resolve(args, set(vars(quiet.parse_args(argv))))
+    return args
+
+
+def build_parser():
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass  # the usage card's layout, and every flag's default in --help
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter,
+                                 epilog="--recipe presets (a flag given on the command line wins; the defaults "
+                                 "shown above are the paper's):\n" + recipes.table())
+    ap.add_argument("--recipe", default="paper", choices=recipes.NAMES,
+                    help="preset of the loss, reward, optimiser and length flags below (table at the end): paper = "
+                         "the paper's text, released = the authors' launch script (docs/recipes.md)")
+    ap.add_argument("--reward", default="paper", choices=["paper", "released"],
+                    help="training reward: paper (reward.score) or released (reward.released_reward's score)")
     ap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct", help="policy init: local dir or hub id")
     ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
     ap.add_argument("--out", default="runs/dcrl", help="run dir")
@@ -1040,6 +1167,38 @@ def parse_args(argv=None):
                     help="dcrl: force the next bin after this many steps on one (0 = off, the paper)")
     ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
     ap.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
+    # the loss, option by option, under veRL's config names (actor_rollout_ref.actor.*), so its users recognise them
+    ap.add_argument("--loss-mode", default="vanilla", choices=["vanilla", "gspo"],
+                    help="vanilla: per-token ratio (PPO / GRPO); gspo: one sequence-level ratio per completion (the "
+                         "geometric mean of its token ratios), its policy term always seq-mean-token-mean as in veRL")
+    ap.add_argument("--loss-agg-mode", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
+                    help="token-mean: sum over the global batch's tokens / its token count; seq-mean-token-mean: the "
+                         "mean over the global batch's completions of each one's token mean (KL and entropy too)")
+    ap.add_argument("--clip-ratio-low", type=float, default=None,
+                    help="ratio clipped below at 1 - this (None: --clip-eps)")
+    ap.add_argument("--clip-ratio-high", type=float, default=None,
+                    help="ratio clipped above at 1 + this (clip-higher; None: --clip-eps)")
+    ap.add_argument("--clip-ratio-c", type=float, default=0.0,
+                    help="dual clip (vanilla only): a negative advantage's token loss at most c x |A|; 0: off")
+    ap.add_argument("--entropy-coeff", type=float, default=0.0,
+                    help="entropy bonus: loss -= coeff x entropy (aggregated by --loss-agg-mode, gradient through "
+                         "the chunked log-probs)")
+    ap.add_argument("--kl-loss-type", default="k3", choices=["k3", "low_var_kl"],
+                    help="k3: exp(ref - logp) - (ref - logp) - 1 unclamped; low_var_kl: veRL's, ref - logp clamped "
+                         "to +-20 and the estimate to +-10")
+    ap.add_argument("--advantage-std", default="population", choices=["population", "unbiased"],
+                    help="group std of the advantage: population (+1e-4) or unbiased (veRL: sample std + 1e-6)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--overlong-buffer", type=int, default=0,
+                    help="DAPO overlong penalty: reward -= factor x (length - (max-new-tokens - N)) / N past "
+                         "max-new-tokens - N tokens; 0: off")
+    ap.add_argument("--overlong-penalty-factor", type=float, default=1.0, help="the penalty at max-new-tokens")
+    ap.add_argument("--max-visual-tokens", type=int, default=0,
+                    help="image budget in visual tokens (the image processor's max pixels = N x (patch x merge)^2, "
+                         "as the release sets max_pixels); 0: the processor's own")
+    ap.add_argument("--ppo-mini-batches", type=int, default=1,
+                    help="veRL's ppo_mini_batch_size: the step's groups in K slices, one AdamW step each (the later "
+                         "ones off-policy, so the ratio and its clip act)")
     ap.add_argument("--max-side", type=int, default=1024, help="longest side of the prompted images (paper 1024)")
     ap.add_argument("--n-min", type=int, default=4, help="points in image 1 per task, uniform in [n-min, n-max]")
     ap.add_argument("--n-max", type=int, default=12, help="(the paper: 4..12; the tiny model is trained on 3..5)")
@@ -1076,7 +1235,7 @@ def parse_args(argv=None):
     ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--debug-skip-weight-sync", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--debug-engine-check", default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    return ap
 
 
 def rollout_batch_arg(value):
@@ -1213,6 +1372,9 @@ def load_models(args, device, rank, world):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, tokenizer, image_processor = load_sharded(args.model, device, torch.float32, rank, world, prepare_policy)
     args.pad_id = tokenizer.pad_token_id
+    if args.max_visual_tokens > 0:  # the release's image budget: max pixels = tokens x (patch x merge)^2
+        image_processor.size["longest_edge"] = args.max_visual_tokens * (image_processor.patch_size *
+                                                                          image_processor.merge_size) ** 2
     ref_model = None
     if args.kl_beta > 0:
         ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -1223,7 +1385,8 @@ def load_models(args, device, rank, world):
 
 def make_optimizer(model, args):
     """AdamW and the learning-rate schedule: linear warm-up over --warmup-steps, then constant."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=getattr(args, "weight_decay", 0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     return opt, sched
 
@@ -1312,6 +1475,7 @@ def train_step(step, model, ref_model, engine, tokenizer, image_processor, opt, 
                     bin=s["task"].get("bin"), level=s["task"].get("level"), spatial=s["task"].get("spatial"),
                     n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
                     match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"],
+                    **({"overlong": s["overlong"]} if "overlong" in s else {}),
                     **({"kept": s.get("weight", 0.0) == 1.0} if args.filter_groups else {}))
                for s in rolled]
     records = [r for part in gather_objects(records, world) for r in part]
@@ -1381,6 +1545,13 @@ def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
     if args.tis_cap > 0:  # --tis-cap: mean importance weight and share of tokens at the cap
         m["tis_weight"] = all_sum(stats["tis_sum"], world) / n_tok
         m["tis_capped"] = all_sum(stats["tis_capped_sum"], world) / n_tok
+    if getattr(args, "loss_mode", "vanilla") == "gspo":  # share of completions whose sequence ratio was clipped
+        m["seq_clip_frac"] = all_sum(stats["seq_clip_sum"], world) / stats["n_seqs"]
+    if getattr(args, "entropy_coeff", 0.0):  # the bonus subtracted from the loss (coeff x aggregated entropy)
+        m["entropy_bonus"] = args.entropy_coeff * all_sum(stats["entropy_agg"], world)
+    if getattr(args, "overlong_buffer", 0) > 0:  # share of completions penalised, mean penalty over all
+        pen = [r.get("overlong", 0.0) for r in records]
+        m["overlong_frac"], m["overlong_penalty"] = float(np.mean([p < 0 for p in pen])), float(np.mean(pen))
     if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
         acts = [r["action"] for r in records if r["action"] is not None]
         m["action"] = np.mean(acts) if acts else float("nan")
@@ -1475,6 +1646,14 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.dist_timeout_min)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
+    if args.ppo_mini_batches < 1 or (args.prompts_per_step // world) % args.ppo_mini_batches:
+        sys.exit(f"grpo.py: error: --ppo-mini-batches {args.ppo_mini_batches} does not divide the "
+                 f"{args.prompts_per_step // world} prompts of each of {world} process(es)")
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+        sys.exit(f"grpo.py: error: --overlong-buffer {args.overlong_buffer} must be in 0..--max-new-tokens "
+                 f"{args.max_new_tokens}")
+    if 0 < args.clip_ratio_c <= 1:
+        sys.exit(f"grpo.py: error: --clip-ratio-c {args.clip_ratio_c}: the dual clip needs c > 1 (0: off)")
     check_memory(args, device, rank, world)  # before any weights are read; resolves --rollout-batch auto
     lock = lock_run_dir(args.out, rank, world)  # one live run per --out
     try:

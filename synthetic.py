@@ -832,9 +832,10 @@ def write_colmap(out, name, seed, n_frames, pbar, scale=1.0, kind="outdoor", lan
 
 def re10k_line(timestamp, K, cam_to_world, w, h):
     """One RealEstate10K camera line: timestamp_us fx fy cx cy k1 k2 and the 3x4 row-major world-to-camera
-    [R|t] (OpenCV axes); intrinsics divided by the image width (fx, cx) and height (fy, cy)."""
+    [R|t] (OpenCV axes); intrinsics divided by the image width (fx, cx) and height (fy, cy), the principal point
+    measured from the image's top-left corner (OpenCV's + 0.5), as RealEstate10K's files are."""
     w2c = np.linalg.inv(cam_to_world)[:3]
-    vals = [K[0, 0] / w, K[1, 1] / h, K[0, 2] / w, K[1, 2] / h, 0.0, 0.0] + w2c.ravel().tolist()
+    vals = [K[0, 0] / w, K[1, 1] / h, (K[0, 2] + 0.5) / w, (K[1, 2] + 0.5) / h, 0.0, 0.0] + w2c.ravel().tolist()
     return " ".join([str(int(timestamp))] + [repr(float(v)) for v in vals])
 
 

@@ -50,6 +50,7 @@ import synthetic
 import tiny_model
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
 from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as released)
+from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
 
 
 # ==============================================================================
@@ -550,7 +551,7 @@ def test_pool_re10k_parser_hand_written_line(tmp_path):
     ts, norm, w2c = frames[0]
     assert ts == "45045000"
     K = build_pool.re10k_intrinsics(norm, 640, 360)
-    assert np.allclose(K, [[320, 0, 313.6], [0, 324, 183.6], [0, 0, 1]])
+    assert np.allclose(K, [[320, 0, 313.1], [0, 324, 183.1], [0, 0, 1]])  # 0.49 x 640 - 0.5, 0.51 x 360 - 0.5
     # rows of the 3x4 world-to-camera: world x -> camera x, world z -> camera -y, world y -> camera z
     assert np.allclose(w2c, [[1, 0, 0, 0.5], [0, 0, -1, 2], [0, 1, 0, -3]])
     X = np.array([1.0, 5.0, 0.2])
