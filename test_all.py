@@ -49,6 +49,7 @@ import rollout
 import synthetic
 import tiny_model
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
+from tests.gpu_readiness import *  # noqa: F401,F403 - issue 28: the first GPU run
 
 
 # ==============================================================================
