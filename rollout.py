@@ -589,7 +589,7 @@ def prompt_bound(cfg, max_side, n_max, m_max=None):
 def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,
                 grad_checkpointing, kl_beta, impl="resident", device="cuda", prompt_tokens=None,
                 patches_per_image=None, max_side=1024, n_max=12, logprob_chunk=512, counts=None, engine="hf",
-                gpu_mem=None, vllm_util=0.5, vllm_sleep=True):
+                gpu_mem=None, vllm_util=0.5, vllm_sleep=True, vllm_sleep_level=2):
     """Bytes per GPU, by phase. -> dict(items: [(phase, name, bytes)], fixed, rollout, update, optimizer, peak,
     rows, prompt_tokens, counts; engine "vllm": engine = dict(share, weights, reserve, kv, full_rows, ok)).
     device "cuda": bf16 compute (FSDP mixed precision; autocast on 1 GPU) and a bf16 reference; "cpu": fp32
@@ -630,11 +630,15 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     engine_info = None
     # the rollout
     if engine == "vllm":  # the colocated engine samples: no HF weights gather, cache, prefill or decode scores
-        engine_info = vllm_share(n, t, cdt, kv_row, rows, group_size, L, max_new_tokens, gpu_mem, vllm_util)
+        engine_info = vllm_share(n, t, cdt, kv_row, rows, group_size, L, max_new_tokens, gpu_mem, vllm_util,
+                                 v, patches_per_image)
         add("rollout", f"vLLM engine: weights ({'bf16' if cdt == 2 else 'fp32'}, whole model per rank)",
             engine_info["weights"])
-        add("rollout", f"vLLM engine: profiling reserve ({VLLM_BATCHED_TOKENS}-token prefill layer, sampler "
-                       "logits; estimate)", engine_info["reserve"])
+        add("rollout", f"vLLM engine: profiling peak (max of a {VLLM_BATCHED_TOKENS}-token prefill layer and the "
+                       f"vision tower on two max-side images, + sampler logits of {VLLM_MAX_SEQS} seqs; estimate)",
+            engine_info["reserve"])
+        add("rollout", "vLLM engine: CUDA graphs (vLLM measures and subtracts its own estimate; ours a guess)",
+            engine_info["graphs"])
         add("rollout", f"vLLM engine: KV pool (the rest of its {vllm_util:g} x GPU share; holds "
                        f"{engine_info['full_rows']} of {rows} full-length rows at once)", max(0, engine_info["kv"]))
         add("rollout", "weight sync: the largest parameter gathered (fp32) + its cast",
@@ -656,7 +660,9 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     if engine == "vllm":
         for phase in ("update", "optimizer"):
             if vllm_sleep:
-                add(phase, "vLLM engine asleep (weights in host RAM, KV freed; its residue, estimate)", GIB // 2)
+                add(phase, f"vLLM engine asleep, level {vllm_sleep_level} (weights "
+                           f"{'in host RAM' if vllm_sleep_level == 1 else 'discarded'}, KV freed; CUDA graphs and "
+                           "residue, estimate)", GIB // 2 + engine_info["graphs"])
             else:
                 add(phase, f"vLLM engine awake (no sleep mode: its whole {vllm_util:g} x GPU share)",
                     engine_info["share"])
@@ -684,6 +690,8 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     # the optimizer step
     add("optimizer", "gradient shard (fp32)", 4 * P / W)
     add("optimizer", "AdamW foreach temporaries (~1 fp32 shard)", 4 * P / W)
+    if engine_info is not None:  # host RAM per rank the sleeping engine holds (pinned): level 1 its weights
+        engine_info["host"] = engine_info["weights"] if vllm_sleep and vllm_sleep_level == 1 else 0
     out = dict(items=items, rows=rows, prompt_tokens=L, counts=n, patches_per_image=patches_per_image,
                engine=engine_info)
     for phase in ("fixed", "rollout", "update", "optimizer"):
@@ -696,22 +704,31 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
 CPU_ROLLOUT_BATCH = 4  # --rollout-batch auto on CPU: prompts per generate call, as before auto existed
 
 
-def vllm_share(n, t, cdt, kv_row, rows, group_size, prompt_tokens, max_new_tokens, gpu_mem, util):
+VLLM_GRAPHS_GIB = 1.0  # CUDA graphs' memory: a guess (vLLM captures them and subtracts its measured estimate)
+
+
+def vllm_share(n, t, cdt, kv_row, rows, group_size, prompt_tokens, max_new_tokens, gpu_mem, util, v=None,
+               patches_per_image=0):
     """The colocated vLLM engine's share of one GPU (--vllm-gpu-memory-utilization x the GPU's memory, which vLLM
-    wants free on top of what the trainer holds) -> dict(share, weights: the whole model in the engine's dtype
-    (tensor parallel 1), reserve: what vLLM's profile run peaks at (one layer's activations of a
-    max_num_batched_tokens prefill + the sampler's fp32 logits and log-probs of max_num_seqs rows; an estimate),
-    kv: the pool, i.e. the rest; full_rows: full-length completions the pool holds at once (a group's prompt
-    blocks shared by its G rows: prefix caching; the engine queues the rest), ok: the pool holds one whole
-    prompt + max_new_tokens sequence, which vLLM needs to start)."""
+    wants free on top of what the trainer holds), sized as VllmEngine builds it (engine_kwargs:
+    VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS, two max-side images) -> dict(share, weights: the whole model in the
+    engine's dtype (tensor parallel 1), reserve: what vLLM's profiling run peaks at (the larger of one layer's
+    activations of a max_num_batched_tokens prefill and the vision tower's of two max-side images, + the
+    sampler's fp32 logits, log-probs and probabilities of max_num_seqs rows; an estimate), graphs: the CUDA
+    graphs vLLM subtracts from the pool (VLLM_GRAPHS_GIB, a guess), kv: the pool, i.e. the rest; full_rows:
+    full-length completions the pool holds at once (a group's prompt blocks shared by its G rows: prefix
+    caching; the engine queues the rest), ok: the pool holds one whole prompt + max_new_tokens sequence)."""
     if gpu_mem is None:
         raise ValueError("memory_plan: engine vllm needs gpu_mem (bytes of one GPU)")
     H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     share, weights = util * gpu_mem, cdt * n["total"]
-    reserve = VLLM_BATCHED_TOKENS * (4 * H + 3 * I) * cdt + 2 * min(rows, VLLM_MAX_SEQS) * V * 4
-    kv = share - weights - reserve
+    prefill = VLLM_BATCHED_TOKENS * (4 * H + 3 * I) * cdt
+    vision = 2 * patches_per_image * (8 * v["hidden_size"] + 2 * v["intermediate_size"]) * cdt if v else 0
+    reserve = max(prefill, vision) + 3 * VLLM_MAX_SEQS * V * 4
+    graphs = VLLM_GRAPHS_GIB * GIB if cdt == 2 else 0  # CUDA only (bf16); the CPU build runs eager
+    kv = share - weights - reserve - graphs
     per_row = kv_row * (max_new_tokens + prompt_tokens / group_size)
-    return dict(share=share, weights=weights, reserve=reserve, kv=kv,
+    return dict(share=share, weights=weights, reserve=reserve, graphs=graphs, kv=kv,
                 full_rows=int(min(rows, max(0, kv) // per_row)),
                 ok=kv >= kv_row * (prompt_tokens + max_new_tokens))
 
@@ -728,7 +745,7 @@ def plan_from_args(args, **overrides):
                        a["rollout_impl"], a["plan_device"], max_side=a["max_side"], n_max=a["n_max"],
                        counts=a.get("counts"), engine=a.get("rollout_engine", "hf"),
                        gpu_mem=a["gpu_mem_gib"] * GIB, vllm_util=a.get("vllm_gpu_memory_utilization", 0.5),
-                       vllm_sleep=a.get("vllm_sleep", True))
+                       vllm_sleep=a.get("vllm_sleep", True), vllm_sleep_level=a.get("vllm_sleep_level", 2))
 
 
 def fits(plan, args, headroom=0.9):
@@ -793,8 +810,11 @@ def format_plan(args, headroom=0.9):
                      f"{e['full_rows']} of {plan['rows']} full-length rows at once"
                      + ("" if e["ok"] else f" (TOO SMALL: not one {plan['prompt_tokens'] + args.max_new_tokens}-token"
                                            " sequence)")
-                     + (f"; sleep mode: its weights ({e['weights'] / GIB:.1f} GiB) wait in host RAM during the update"
-                        if getattr(args, "vllm_sleep", True) else "; no sleep mode: the share stays during the update"))
+                     + (("; no sleep mode: the share stays during the update" if not getattr(args, "vllm_sleep", True)
+                         else f"; sleep level 2: its weights ({e['weights'] / GIB:.1f} GiB) discarded during the "
+                              "update, refilled by the sync" if e["host"] == 0 else
+                         f"; sleep level 1: its weights wait in pinned host RAM during the update "
+                         f"({e['host'] / GIB:.1f} GiB per rank)")))
     for phase in ("fixed", "rollout", "update", "optimizer"):
         lines.append(f"  {phase:9s} {plan[phase] / GIB:8.2f} GiB")
         lines += [f"      {b / GIB:8.2f}  {name}" for p, name, b in plan["items"] if p == phase]

@@ -2480,7 +2480,7 @@ def test_rollout_plan_of_the_paper_run_with_the_vllm_engine(tmp_path):
         assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout", text
         e, items = plan["engine"], {name: b for p, name, b in plan["items"] if p == "rollout"}
         assert e["weights"] == 2 * plan["counts"]["total"] and e["share"] == 0.5 * gib * 2 ** 30
-        assert e["kv"] == pytest.approx(e["share"] - e["weights"] - e["reserve"])
+        assert e["kv"] == pytest.approx(e["share"] - e["weights"] - e["reserve"] - e["graphs"]) and e["graphs"] == 2 ** 30
         assert sum(items.values()) == pytest.approx(e["share"] + 6 * plan["counts"]["largest"], abs=4)
         assert not any(name.startswith(("KV cache", "policy unsharded", "prefill")) for name in items)
         assert plan["counts"]["largest"] == 151936 * 4096  # the embedding (lm_head is as large)
@@ -2502,7 +2502,7 @@ def test_rollout_plan_of_the_paper_run_with_the_vllm_engine(tmp_path):
 def fake_cuda_launch(monkeypatch, world, gib):
     """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
     group are faked; loading a model fails the test; train() records the args it got instead of training."""
-    monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60: (0, world, torch.device("cuda", 0)))
+    monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60, device="auto": (0, world, torch.device("cuda", 0)))
     monkeypatch.setattr(grpo, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)
     monkeypatch.setattr(grpo, "lock_run_dir", lambda out, rank, world: None)  # no process group to broadcast on
     loaded, trained = [], []
