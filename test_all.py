@@ -4081,6 +4081,9 @@ def test_bench_gpu_dry_run(tmp_path):
         assert st["peak_gib"] > 0
     assert res["step_hf"]["plan_peak_gib"] > 0 and res["step_vllm"]["plan_peak_gib"] is None  # no GPU share on CPU
     assert res["step_vllm"]["phases"]["weight sync"] > 0 and "--rollout-engine" in res["step_vllm"]["flags"]
+    for name in ("hf", "vllm", "step_hf", "step_vllm"):  # each part in its own process, its device peak recorded
+        assert "error" not in res[name] and res[name]["peak_device_gib"] > 0 and res[name]["part_s"] > 0, name
+    assert res["vllm"]["sync_s"] > 0 and res["versions"]["driver"] is None  # no GPU, no driver
 
 
 def test_bench_rollout_engine_quick(tmp_path):

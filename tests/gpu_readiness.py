@@ -158,3 +158,27 @@ def test_vllm_engine_requests_fit_the_gpu_sampler_at_qwen_vocabulary(qwen_vocab_
 if __name__ == "__main__":
     if sys.argv[1] == "engine":
         engine_worker(sys.argv[2], sys.argv[3])
+
+
+def test_bench_gpu_survives_a_failing_vllm_half(tmp_path, monkeypatch, capsys):
+    """bench.py gpu --dry-run --gpu-parts hf,vllm with a vLLM whose engine raises (a stand-in package first on
+    PYTHONPATH of the parts' processes): the JSON holds that error and the transformers half's figures (tokens/s,
+    |dlogp|, the device's peak), and the summary names the failure."""
+    import bench
+    fake = tmp_path / "fake" / "vllm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "0.0-fake"\n\n\nclass LLM:\n    def __init__(self, *a, **k):\n'
+                                      '        raise RuntimeError("engine start failed on purpose")\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), _HERE]))
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--dry-run", "--gpu-parts", "hf,vllm", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["vllm"]["error"] == "RuntimeError: engine start failed on purpose", res["vllm"]
+    assert "Traceback" in res["vllm"]["traceback"]
+    G, N = res["shape"]["G"], res["shape"]["new_tokens"]
+    hf = res["hf"]
+    assert "error" not in hf and hf["generated"] == G * N and hf["tok_s"] > 0 and hf["dlogp_max"] <= 1e-4
+    assert hf["peak_device_gib"] > 0 and res["prompt_tokens"] == hf["prompt_tokens"]
+    assert res["step_hf"] == res["step_vllm"] == dict(skipped="not in --gpu-parts")
+    page = capsys.readouterr().out
+    assert "vllm FAILED: RuntimeError: engine start failed on purpose" in page and "hf   decode" in page
