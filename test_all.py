@@ -4231,7 +4231,7 @@ def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
         def collective_rpc(self, *a, **k):
             return []
     engine = rollout.VllmEngine.__new__(rollout.VllmEngine)
-    engine.tokenizer, engine.stops, engine.allowed, engine.max_model_len = tok, rollout.stop_ids(tok), [1, 2], 4096
+    engine.tokenizer, engine.stops, engine.ban, engine.max_model_len = tok, rollout.stop_ids(tok), {1: -1e9}, 4096
     engine.pad = tok.convert_tokens_to_ids("<|image_pad|>")
     ids = enc["input_ids"][0].tolist()
     engine.llm = LLM(ids)

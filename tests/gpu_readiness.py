@@ -155,6 +155,143 @@ def test_vllm_engine_requests_fit_the_gpu_sampler_at_qwen_vocabulary(qwen_vocab_
     assert res["hf_overrides"] == {"head_dtype": "float32"} and res["head_dtype"] == "torch.float32"
 
 
+
+class _FakeLLM:
+    """Stands in for vllm.LLM in VllmEngine's sleep / wake / sync calls: records them, holds no model."""
+
+    def __init__(self):
+        self.calls = []
+        self.llm_engine = self
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake", tuple(tags)))
+
+    def collective_rpc(self, fn, kwargs=None, args=()):
+        if fn == "reload_weights":
+            self.calls.append(("reload", [name for name, _ in kwargs["weights_iterator"]]))
+
+    def reset_encoder_cache(self):
+        pass
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def _engine(level):
+    import rollout
+    engine = rollout.VllmEngine.__new__(rollout.VllmEngine)
+    engine.llm, engine.sleep_mode, engine.sleep_level, engine.dtype = _FakeLLM(), True, level, torch.float32
+    engine.awake, engine.stale = {"weights", "kv_cache"}, False
+    return engine
+
+
+def test_vllm_engine_sleep_level_2_is_refilled_by_the_sync():
+    """Sleep level 2 (the CUDA default) discards the weights: no session before a sync (one line), the sync wakes
+    the weights (no copy back from host RAM: there is none) and reloads every parameter, then sessions wake the KV
+    cache and sleep at level 2 again. Level 1 never needs the sync first."""
+    engine, model = _engine(2), torch.nn.Linear(2, 2)
+    engine.sleep()
+    assert engine.llm.calls == [("sleep", 2)] and engine.stale
+    with pytest.raises(RuntimeError, match="sleep level 2 discarded the engine's weights: call sync_weights"):
+        with engine.session():
+            pass
+    engine.sync_weights(model)
+    assert engine.llm.calls[1:] == [("wake", ("weights",)), ("reload", ["weight", "bias"])] and not engine.stale
+    with engine.session():
+        assert engine.awake == {"weights", "kv_cache"}
+    assert engine.llm.calls[3:] == [("wake", ("kv_cache",)), ("sleep", 2)] and engine.stale
+    one = _engine(1)
+    one.sleep()
+    with one.session():
+        pass
+    assert one.llm.calls == [("sleep", 1), ("wake", ("weights",)), ("wake", ("kv_cache",)), ("sleep", 1)]
+    assert not one.stale
+
+
+def test_grpo_syncs_a_level_2_engine_before_its_first_session(monkeypatch):
+    """grpo.make_engine builds the vLLM engine with --vllm-sleep-level (default 2) and two --max-side images per
+    prompt, and pushes the policy into it at once when level 2 discarded its weights (or when resumed)."""
+    import grpo
+    made = []
+
+    class Engine:
+        def __init__(self, *a, **k):
+            self.kw, self.synced, self.stale = k, [], k["sleep_level"] == 2
+            made.append(self)
+
+        def sync_weights(self, model):
+            self.synced.append(model)
+    monkeypatch.setattr(grpo, "VllmEngine", Engine)
+    for flags, synced in (([], 1), (["--vllm-sleep-level", "1"], 0)):
+        args = grpo.parse_args(["--rollout-engine", "vllm", "--max-side", "640", *flags])
+        e = grpo.make_engine(args, "policy", None, torch.device("cpu"), 0, 1, resumed=False)
+        assert e.kw["image_side"] == 640 and len(e.synced) == synced, (flags, e.kw)
+    assert grpo.parse_args([]).vllm_sleep_level == 2
+
+
+def test_vllm_engine_size_is_explicit_and_the_plan_uses_it():
+    """The engine's size is given (rollout.engine_kwargs): VLLM_MAX_SEQS sequences, VLLM_BATCHED_TOKENS batched
+    tokens, two image_side x image_side images and no video per prompt, no multimodal processor cache, the fp32
+    lm_head; the plan names the same numbers and vLLM's CUDA-graph reserve, and counts each sleep level's pinned
+    host RAM (level 1: the bf16 weights, level 2: none)."""
+    import grpo
+    import rollout
+    kw = rollout.engine_kwargs(7000, image_side=1024)
+    assert kw == dict(max_model_len=7000, max_num_seqs=256, max_num_batched_tokens=8192,
+                      limit_mm_per_prompt={"image": dict(count=2, width=1024, height=1024), "video": 0},
+                      mm_processor_cache_gb=0, hf_overrides={"head_dtype": "float32"})
+    assert (rollout.VLLM_MAX_SEQS, rollout.VLLM_BATCHED_TOKENS) == (256, 8192)
+    flags = ["--plan", "--gpus", "8", "--gpu-mem-gib", "80", "--rollout-engine", "vllm"]
+    text, plan = rollout.format_plan(grpo.parse_args(flags))
+    e = plan["engine"]
+    assert "8192-token prefill" in text and "256 seqs" in text and "CUDA graphs" in text and "sleep level 2" in text
+    assert e["host"] == 0 and e["graphs"] == 2 ** 30
+    assert e["reserve"] >= 3 * 256 * 151936 * 4  # the sampler's fp32 rows at max_num_seqs, whatever our rows
+    one = rollout.plan_from_args(grpo.parse_args([*flags, "--vllm-sleep-level", "1"]))
+    assert one["engine"]["host"] == e["weights"] == 2 * plan["counts"]["total"] and one["peak"] == plan["peak"]
+    assert "pinned host RAM" in rollout.format_plan(grpo.parse_args([*flags, "--vllm-sleep-level", "1"]))[0]
+
+
+def test_torchrun_without_a_visible_gpu_stops_unless_device_cpu(monkeypatch):
+    """Under torchrun a CUDA build of torch that sees no GPU (a CUDA 13 wheel on an older driver) stops with one
+    line instead of training on CPU + gloo; --device cpu runs on the CPU; a CPU build of torch runs on the CPU."""
+    import grpo
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(SystemExit, match=r"torchrun but torch .* \(built for CUDA 13.0\) sees no GPU .* pass "
+                                         r"--device cpu"):
+        grpo.setup_distributed()
+    assert grpo.setup_distributed(device="cpu") == (0, 1, torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert grpo.setup_distributed() == (0, 1, torch.device("cpu"))
+    monkeypatch.delenv("LOCAL_RANK")  # no torchrun: a CUDA build without a GPU falls back to the CPU as before
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert grpo.setup_distributed() == (0, 1, torch.device("cpu"))
+
+
+def test_tis_weights_token_and_sequence_levels():
+    """--tis-level token: min(exp(trainer - sampler), cap) per token; sequence: min(exp(mean log-ratio of the
+    completion), cap) on each of its tokens; 0 on padding. Worked by hand, cap 1.5."""
+    import math
+    from widematch.tis import tis_weights
+    ln2 = math.log(2)
+    trainer = torch.tensor([[ln2, 0.0, -ln2], [2 * ln2, 2 * ln2, 5.0]])
+    sampler = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    tok = tis_weights(trainer, sampler, mask, 1.5, "token")
+    assert torch.allclose(tok, torch.tensor([[1.5, 1.0, 0.5], [1.5, 1.5, 0.0]]))
+    seq = tis_weights(trainer, sampler, mask, 1.5, "sequence")  # row 1: mean log-ratio 0 -> 1; row 2: ln 4 -> 4
+    assert torch.allclose(seq, torch.tensor([[1.0, 1.0, 1.0], [1.5, 1.5, 0.0]]))
+    assert torch.allclose(tis_weights(trainer, sampler, mask, 10.0, "sequence")[1], torch.tensor([4.0, 4.0, 0.0]))
+    with pytest.raises(ValueError, match="tis level 'word'"):
+        tis_weights(trainer, sampler, mask, 1.5, "word")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "engine":
         engine_worker(sys.argv[2], sys.argv[3])
