@@ -16,7 +16,7 @@ Usage:
     python bench.py rollout-engine --quick --threads 1   # HF generate vs colocated vLLM, same model/prompts/G (~1 min)
     python bench.py rollout-engine --threads 1 [--engine-models tiny,small --engine-new-tokens 256 --engine-steps 4]
     python bench.py gpu --out bench/gpu.json    # 1 GPU, <= 8 min, no network: the first GPU any task is lent
-    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~25 s; a test)
+    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~75 s; a test)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
@@ -77,13 +77,16 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
   gpu       one JSON (--out): versions (torch, transformers, torchvision, vllm or why not); on one prompt with
             two 896 x 672 images (~1,400 tokens) x G 8 x 1,024 new tokens of a random Qwen3-VL-2B-shaped model
             (SIZES["2b"]), stop tokens banned in both engines (no_stops): decode tokens/s of rollout.HFEngine (fp32
-            weights, bf16 autocast, as grpo.py on 1 GPU) and of rollout.VllmEngine (bf16, gpu_memory_utilization
-            0.35, CUDA graphs, sleep mode; where vllm imports: what grpo.py --rollout-engine vllm runs, prompt ids
-            checked against grpo.encode's, full-vocabulary log-probs of logits / T), each with the
-            sampler-vs-trainer |dlogp| of its own tokens; then two grpo.py steps by phase (step_breakdown) with each
-            --rollout-engine, and each step's peak memory next to grpo.py --plan of the same flags (not vLLM's on
-            CPU: the plan counts a GPU share). Each part is written as soon as it is measured. Written against
-            transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
+            weights, bf16 autocast, as grpo.py on 1 GPU) and of rollout.VllmEngine (bf16, fp32 lm_head,
+            gpu_memory_utilization 0.35, CUDA graphs, sleep level 2 refilled by a sync; where vllm imports: what
+            grpo.py --rollout-engine vllm runs, prompt ids checked against grpo.encode's, full-vocabulary log-probs
+            of logits / T), each with the sampler-vs-trainer |dlogp| of its own tokens; then two grpo.py steps by
+            phase (step_breakdown) with each --rollout-engine, and each step's peak memory next to grpo.py --plan of
+            the same flags (not vLLM's on CPU: the plan counts a GPU share). Each of the four parts (hf, vllm,
+            step_hf, step_vllm; --gpu-parts) runs in its own process, its figures or its error + traceback written
+            to the JSON as soon as it ends; device memory from torch.cuda.mem_get_info (peak_device_gib: sees vLLM's
+            allocator and sleep unmapping); a one-page summary at the end (versions, driver, tok/s, |dlogp|, peak
+            vs plan). Written against transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
 """

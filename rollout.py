@@ -52,12 +52,16 @@ exact: the model is built on the meta device; no weights, no pool). FSDP2 shards
              logits, log-softmax, gradient), the micro-batch's pixel values
   optimizer  fp32 gradient shard + AdamW's foreach temporaries (~one fp32 shard)
 --rollout-engine vllm (vllm_share): the rollout phase is instead the colocated engine's
---vllm-gpu-memory-utilization x GPU share (vLLM wants it free on top of the trainer's memory): its weights in the
-compute dtype (whole model per rank), a profiling reserve (one layer of an 8,192-token prefill + sampler logits of
-up to 256 rows; estimate), the KV pool (the rest; it must hold one prompt + --max-new-tokens sequence, and the plan
-says how many full-length rows it holds at once, a group's prompt shared by its G rows), + the weight sync's
-largest parameter gathered in fp32 and cast. Update and optimizer phases: sleep mode (the CUDA default) leaves a
-0.5 GiB residue (estimate; weights offloaded to host RAM, KV freed); without it the whole share stays.
+--vllm-gpu-memory-utilization x GPU share (vLLM wants it free on top of the trainer's memory), sized as VllmEngine
+builds the engine (engine_kwargs: VLLM_MAX_SEQS 256 sequences, VLLM_BATCHED_TOKENS 8,192 batched tokens, two
+--max-side images): its weights in the compute dtype (whole model per rank), its profiling peak (the larger of one
+layer of an 8,192-token prefill and the vision tower on two max-side images, + fp32 sampler rows of 256 sequences;
+estimate), its CUDA graphs (vLLM measures and subtracts them; VLLM_GRAPHS_GIB, a guess), the KV pool (the rest; it
+must hold one prompt + --max-new-tokens sequence, and the plan says how many full-length rows it holds at once, a
+group's prompt shared by its G rows), + the weight sync's largest parameter gathered in fp32 and cast. Update and
+optimizer phases: sleep mode (the CUDA default) leaves the graphs + a 0.5 GiB residue (estimate; KV freed; level 2
+discards the weights, level 1 keeps them in pinned host RAM: engine["host"] bytes per rank); without it the whole
+share stays.
 --rollout-batch auto (fit_rollout_batch): the largest batch whose plan fits; grpo.py's launch check (check_memory)
 calls format_plan with the GPUs it has. Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
 images at 4:3, sides rounded to the patch x merge grid) + the prompt text at ~4 characters per token. Not counted:
