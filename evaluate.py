@@ -544,7 +544,8 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
         side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
         room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
         engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
-                                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype)
+                                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype,
+                                    image_side=side)  # vLLM profiles with two images of the tasks' largest side
     else:
         model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, dtype, device_map=args.device_map)
         engine = rollout.HFEngine(model, tokenizer, batch=args.batch_size)
