@@ -1565,7 +1565,8 @@ def gpu_summary(res):
                          + (f" (x{res['vllm_over_hf_tok_s']:.2f} HF)" if name == "vllm" and
                             "vllm_over_hf_tok_s" in res else ""))
         else:
-            lines.append(f"  {name:4s} {'skipped' if 'skipped' in p else 'FAILED'}: {p.get('skipped') or p.get('error')}")
+            lines.append(f"  {name:4s} {'skipped' if 'skipped' in p else 'FAILED'}: "
+                         f"{p.get('skipped') or p.get('error')}")
     for name in ("step_hf", "step_vllm"):
         st = res[name]
         if "phases" in st:

@@ -8,8 +8,8 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
         torchrun --nproc_per_node=8 grpo.py --out runs/dcrl --rollout-engine vllm
         (vLLM rollouts, colocated, sleep level 2 while training: --plan estimates 63 GiB peak per GPU on 8 x 80 GB at
         --vllm-gpu-memory-utilization 0.5 (--vllm-sleep-level 1: + ~16 GiB pinned host RAM per rank for the sleeping
-        engine's weights); needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
-        16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
+        engine's weights); needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per
+        checkpoint + a 16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
     CPU demo (the tiny model and its recipe, ~0.5 s a step on 2 cores; demo.sh runs this):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo --group-size 4 \
             --prompts-per-step 4 --micro-batch 8 --max-new-tokens 48 --lr 1e-3 --max-side 640 --n-min 3 --n-max 5 \
