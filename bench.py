@@ -16,7 +16,7 @@ Usage:
     python bench.py rollout-engine --quick --threads 1   # HF generate vs colocated vLLM, same model/prompts/G (~1 min)
     python bench.py rollout-engine --threads 1 [--engine-models tiny,small --engine-new-tokens 256 --engine-steps 4]
     python bench.py gpu --out bench/gpu.json    # 1 GPU, <= 8 min, no network: the first GPU any task is lent
-    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~25 s; a test)
+    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~75 s; a test)
     1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
     GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
 Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
@@ -77,13 +77,16 @@ What each command measures (targets in brackets; a table row ends in "ok" or "MI
   gpu       one JSON (--out): versions (torch, transformers, torchvision, vllm or why not); on one prompt with
             two 896 x 672 images (~1,400 tokens) x G 8 x 1,024 new tokens of a random Qwen3-VL-2B-shaped model
             (SIZES["2b"]), stop tokens banned in both engines (no_stops): decode tokens/s of rollout.HFEngine (fp32
-            weights, bf16 autocast, as grpo.py on 1 GPU) and of rollout.VllmEngine (bf16, gpu_memory_utilization
-            0.35, CUDA graphs, sleep mode; where vllm imports: what grpo.py --rollout-engine vllm runs, prompt ids
-            checked against grpo.encode's, full-vocabulary log-probs of logits / T), each with the
-            sampler-vs-trainer |dlogp| of its own tokens; then two grpo.py steps by phase (step_breakdown) with each
-            --rollout-engine, and each step's peak memory next to grpo.py --plan of the same flags (not vLLM's on
-            CPU: the plan counts a GPU share). Each part is written as soon as it is measured. Written against
-            transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
+            weights, bf16 autocast, as grpo.py on 1 GPU) and of rollout.VllmEngine (bf16, fp32 lm_head,
+            gpu_memory_utilization 0.35, CUDA graphs, sleep level 2 refilled by a sync; where vllm imports: what
+            grpo.py --rollout-engine vllm runs, prompt ids checked against grpo.encode's, full-vocabulary log-probs
+            of logits / T), each with the sampler-vs-trainer |dlogp| of its own tokens; then two grpo.py steps by
+            phase (step_breakdown) with each --rollout-engine, and each step's peak memory next to grpo.py --plan of
+            the same flags (not vLLM's on CPU: the plan counts a GPU share). Each of the four parts (hf, vllm,
+            step_hf, step_vllm; --gpu-parts) runs in its own process, its figures or its error + traceback written
+            to the JSON as soon as it ends; device memory from torch.cuda.mem_get_info (peak_device_gib: sees vLLM's
+            allocator and sleep unmapping); a one-page summary at the end (versions, driver, tok/s, |dlogp|, peak
+            vs plan). Written against transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
 How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
 versions run side by side in one process, one right after the other, and only ratios are claims.
 """
@@ -1147,7 +1150,9 @@ def compare_engines(model_dir, kind, device, P, G, N, repeats=1, check_tokens=16
     with vllm_in_process(), no_stops():
         engines = dict(hf=rollout.HFEngine(model, tok, "resident", batch=P, autocast=autocast))
         t0 = time.perf_counter()
-        engines["vllm"] = rollout.VllmEngine(model_dir, tok, device, L + N + 16, seed=0)
+        engines["vllm"] = rollout.VllmEngine(model_dir, tok, device, L + N + 16, seed=0, image_side=side)
+        if engines["vllm"].stale:  # CUDA sleep level 2 discarded its weights: the sync refills them, as in grpo.py
+            engines["vllm"].sync_weights(model)
         row["vllm_start_s"] = time.perf_counter() - t0
         try:
             check = engine_prompts(tok, ip, side, P, 1000)
@@ -1357,9 +1362,13 @@ def gpu_vllm(model_dir, model, tok, prompt, warm, G, N, device, autocast, util):
     res = dict(vllm=vllm.__version__, grpo_prompt_tokens=L)
     with vllm_in_process():
         t0 = time.perf_counter()
-        engine = rollout.VllmEngine(model_dir, tok, device, L + N + 64, seed=0, gpu_memory_utilization=util or 0.5)
+        engine = rollout.VllmEngine(model_dir, tok, device, L + N + 64, seed=0, gpu_memory_utilization=util or 0.5,
+                                    image_side=max(max(im.size) for im in prompt[1][0]))
         res["start_s"] = time.perf_counter() - t0
         try:
+            t0 = time.perf_counter()
+            engine.sync_weights(model)  # as grpo.py does at start: sleep level 2 (CUDA) discarded the weights
+            res["sync_s"] = time.perf_counter() - t0
             engine_run(engine, warm, 2, G)
             outs, sec = engine_run(engine, prompt, N, G)
         except SystemExit as e:  # its one-line stop (a prompt that differs from grpo.encode's): kept in the JSON
@@ -1405,71 +1414,172 @@ def gpu_step(model_dir, pool, out_dir, shape, device, engine="hf"):
                 measured_over_plan=peak.mb / 1024 / (plan["peak"] / 2 ** 30), plan_fits=plan["fits"])
 
 
+class DeviceMemory:
+    """Peak memory of the whole device while inside `with`, as the driver sees it: on CUDA a thread reads
+    torch.cuda.mem_get_info every 20 ms (total - free: vLLM's own allocator and its sleep-mode unmapping included,
+    which max_memory_allocated cannot see); on CPU PeakMemory's VmHWM. -> .gib (CUDA: the peak used, all processes
+    on the device; CPU: the extra peak above entry)."""
+
+    def __init__(self, device):
+        self.cuda, self.cpu = device.type == "cuda", PeakMemory(device)
+
+    def __enter__(self):
+        if not self.cuda:
+            self.cpu.__enter__()
+            return self
+        import threading
+        self.free_min, self.stop = torch.cuda.mem_get_info()[0], threading.Event()
+
+        def poll():
+            while not self.stop.wait(0.02):
+                self.free_min = min(self.free_min, torch.cuda.mem_get_info()[0])
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.cuda:
+            self.cpu.__exit__(*exc)
+            self.gib = self.cpu.mb / 1024
+            return
+        self.stop.set()
+        self.thread.join()
+        free, total = torch.cuda.mem_get_info()
+        self.gib = (total - min(self.free_min, free)) / 2 ** 30
+
+
+GPU_PARTS = ("hf", "vllm", "step_hf", "step_vllm")  # each in its own process, in this order
+
+
+def gpu_part(part, model_dir, pool, tmp, shape, device):
+    """One part of bench.py gpu, in this process -> its figures (+ peak_device_gib: mem_get_info's peak)."""
+    G, N = shape["G"], shape["new_tokens"]
+    with DeviceMemory(device) as mem:
+        if part == "step_vllm" and vllm_import_error():
+            return dict(skipped=vllm_import_error())
+        if part.startswith("step_"):
+            out = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_" + part), shape, device, part[5:])
+        else:
+            model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
+            autocast = grpo.autocast_for(device, 1)
+            side = SIZES.get(shape["kind"], {}).get("side", 640)
+            text = make_tasks.build_prompt(12, 24)
+            prompt, warm = [([grpo.encode(tok, ip, text, im)], [im])
+                            for im in (bench_images(side, 0), bench_images(side, 1))]
+            with no_stops():
+                if part == "hf":
+                    out = gpu_hf(model, tok, prompt, warm, G, N, device, autocast)
+                else:
+                    out = gpu_vllm(model_dir, model, tok, prompt, warm, G, N, device, autocast, shape["vllm_util"])
+            out["prompt_tokens"] = int(prompt[0][0]["input_ids"].shape[1])
+    return dict(out, peak_device_gib=mem.gib)
+
+
+def gpu_part_worker(args):
+    """(bench.py gpu's child process) one part; whatever it raises is written into its JSON, not lost."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = GPU_SHAPES["dry" if args.dry_run else "real"]
+    try:
+        out = gpu_part(args.gpu_part, args.gpu_dir, args.gpu_pool, os.path.dirname(args.out), shape, device)
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON with its traceback; the other parts still run
+        import traceback
+        out = dict(error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc()[-3000:])
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2, default=float)
+
+
+def run_gpu_part(part, model_dir, pool, tmp, dry):
+    """bench.py gpu's part in a fresh process (vLLM allows one sleep-mode allocator per process, and a crash or
+    an out-of-memory there must not take the other parts along) -> its figures, or dict(error=...)."""
+    out = os.path.join(tmp, f"part_{part}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "gpu", "--worker", "gpu-part", "--gpu-part", part,
+           "--gpu-dir", model_dir, "--gpu-pool", pool, "--out", out] + (["--dry-run"] if dry else [])
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(r.stdout[-20000:] + r.stderr[-20000:])  # its progress and log lines: stderr, as the rest
+    if not os.path.isfile(out):
+        return dict(error=f"its process exited {r.returncode} without a result: {r.stderr.strip()[-1500:]}",
+                    part_s=time.perf_counter() - t0)
+    with open(out) as f:
+        return dict(json.load(f), part_s=time.perf_counter() - t0)
+
+
+def nvidia_driver():
+    """The NVIDIA driver version (nvidia-smi), or why not."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({type(e).__name__})"
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
 def bench_gpu(args, device, tmp):
-    """bench.py gpu [--dry-run]: versions; HF and vLLM decode tokens/s and sampler-vs-trainer |dlogp| on one
-    prompt x G; one GRPO step by phase with each --rollout-engine; peak vs --plan. No stop tokens anywhere
-    (no_stops): every completion runs to its length in both engines. Each part's figures are written as soon as
-    they exist (--out), so a part that fails or runs out of time keeps the others."""
+    """bench.py gpu [--dry-run]: versions and driver; then four parts, each in its own process (run_gpu_part) and
+    each recorded whatever happens to the others: HF and vLLM decode tokens/s and sampler-vs-trainer |dlogp| on one
+    prompt x G; one GRPO step by phase with each --rollout-engine, peak vs --plan. No stop tokens anywhere
+    (no_stops): every completion runs to its length in both engines. The JSON (--out) is rewritten after every
+    part; the one-page summary is printed at the end."""
     shape = GPU_SHAPES["dry" if args.dry_run else "real"]
     if device.type != "cuda" and not args.dry_run:
         sys.exit("bench.py gpu: error: no CUDA device; use --dry-run for the CPU rehearsal with the tiny model")
     res = dict(versions=gpu_versions(device), shape=shape)
+    res["versions"]["driver"] = nvidia_driver() if device.type == "cuda" else None
     save = lambda: json.dump(res, open(args.out, "w"), indent=2, default=float)  # noqa: E731
     save()
     t0 = time.perf_counter()
-    model_dir = gpu_model_dir(shape["kind"], os.path.join(tmp, "gpu_" + shape["kind"]), device)
-    res["build_s"] = time.perf_counter() - t0
-    model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
-    autocast = grpo.autocast_for(device, 1)
-    side = SIZES.get(shape["kind"], {}).get("side", 640)
-    text = make_tasks.build_prompt(12, 24)
-    prompt, warm = [([grpo.encode(tok, ip, text, im)], [im]) for im in (bench_images(side, 0), bench_images(side, 1))]
-    enc = prompt[0][0]
-    res["prompt_tokens"] = int(enc["input_ids"].shape[1])
-    G, N = shape["G"], shape["new_tokens"]
-    with no_stops():
-        res["hf"] = gpu_hf(model, tok, prompt, warm, G, N, device, autocast)
-        save()
-        res["vllm"] = gpu_vllm(model_dir, model, tok, prompt, warm, G, N, device, autocast, shape["vllm_util"])
-        if "tok_s" in res["vllm"]:
-            res["vllm_over_hf_tok_s"] = res["vllm"]["tok_s"] / res["hf"]["tok_s"]
-        save()
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # built on the CPU: this process keeps no CUDA context, so each part's mem_get_info sees only itself
+    model_dir = gpu_model_dir(shape["kind"], os.path.join(tmp, "gpu_" + shape["kind"]), torch.device("cpu"))
+    pool = os.path.join(tmp, "gpu_pool")
+    if any(p.startswith("step_") for p in args.gpu_parts):  # the steps' pool
         data = make_synthetic(os.path.join(tmp, "gpu_data"), 5, 0.5, layouts="scannet")
-        pool = os.path.join(tmp, "gpu_pool")
         with contextlib.redirect_stdout(sys.stderr):
             build_pool.main(["--scannet", os.path.join(data, "scannet"), "--out", pool, "--workers", "1"])
-        res["step_hf"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_hf"), shape, device)
+    res["build_s"] = time.perf_counter() - t0
+    for part in GPU_PARTS:
+        res[part] = (run_gpu_part(part, model_dir, pool, tmp, args.dry_run) if part in args.gpu_parts
+                     else dict(skipped="not in --gpu-parts"))
+        if part == "vllm" and "tok_s" in res["vllm"] and "tok_s" in res["hf"]:
+            res["vllm_over_hf_tok_s"] = res["vllm"]["tok_s"] / res["hf"]["tok_s"]
         save()
-        if "skipped" in res["vllm"]:
-            res["step_vllm"] = dict(skipped=res["vllm"]["skipped"])
-        else:
-            res["step_vllm"] = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_vllm"), shape, device, "vllm")
+    res["prompt_tokens"] = res["hf"].get("prompt_tokens", res["vllm"].get("prompt_tokens"))
     res["total_s"] = time.perf_counter() - t0
     save()
-    h, v = res["hf"], res["vllm"]
-    print(f"gpu ({res['versions'].get('gpu', device.type)}): prompt {res['prompt_tokens']} tokens, G {G} x {N} new")
-    print(f"  HF   decode {h['tok_s']:.0f} tok/s, |dlogp| mean {h['dlogp_mean']:.2e} max {h['dlogp_max']:.2e}")
-    if "tok_s" in v:
-        print(f"  vLLM decode {v['tok_s']:.0f} tok/s (x{res['vllm_over_hf_tok_s']:.2f} HF), |dlogp| mean "
-              f"{v['dlogp_mean']:.2e} max {v['dlogp_max']:.2e}, prompt ids equal: {v['prompt_ids_equal']}")
-    else:
-        print(f"  vLLM {'skipped' if 'skipped' in v else 'stopped'}: {v.get('skipped') or v.get('error')}")
+    print("\n".join(gpu_summary(res)))
+    return res
+
+
+def gpu_summary(res):
+    """The one page a short GPU session needs: versions and driver, then each part's figures or its error."""
+    v, shape = res["versions"], res["shape"]
+    lines = [f"bench.py gpu on {v.get('gpu', v['device'])} ({v.get('gpu_mem_gib', 0):.0f} GiB), driver "
+             f"{v.get('driver')}: torch {v['torch']} (CUDA {v['cuda']}), transformers {v['transformers']}, "
+             f"vllm {v['vllm']}, torchvision {v['torchvision']}",
+             f"  prompt {res.get('prompt_tokens')} tokens x G {shape['G']} x {shape['new_tokens']} new, "
+             f"model {shape['kind']}; {res.get('total_s', 0):.0f} s in all"]
+    for name in ("hf", "vllm"):
+        p = res[name]
+        if "tok_s" in p:
+            lines.append(f"  {name:4s} decode {p['tok_s']:.0f} tok/s, |dlogp| mean {p['dlogp_mean']:.2e} max "
+                         f"{p['dlogp_max']:.2e}, device peak {p['peak_device_gib']:.2f} GiB"
+                         + (f" (x{res['vllm_over_hf_tok_s']:.2f} HF)" if name == "vllm" and
+                            "vllm_over_hf_tok_s" in res else ""))
+        else:
+            lines.append(f"  {name:4s} {'skipped' if 'skipped' in p else 'FAILED'}: "
+                         f"{p.get('skipped') or p.get('error')}")
     for name in ("step_hf", "step_vllm"):
         st = res[name]
         if "phases" in st:
             ph = st["phases"]
             plan = (f"vs plan {st['plan_peak_gib']:.2f} GiB (x{st['measured_over_plan']:.2f})"
-                    if st["plan_peak_gib"] else f"({st['plan_note']})")
-            print(f"  {name}: {ph['total']:.1f} s/step (" + ", ".join(f"{k.strip()} {ph[k]:.1f}" for k in PHASES
-                                                                      if ph.get(k)) +
-                  f"), peak {st['peak_gib']:.2f} GiB {plan}")
+                    if st.get("plan_peak_gib") else f"({st.get('plan_note')})")
+            lines.append(f"  {name}: {ph['total']:.1f} s/step (" + ", ".join(
+                f"{k.strip()} {ph[k]:.1f}" for k in PHASES if ph.get(k)) + f"), |dlogp| {max(st['dlogp']):.2e}, "
+                f"peak {st['peak_gib']:.2f} GiB (device {st['peak_device_gib']:.2f}) {plan}")
         else:
-            print(f"  {name} skipped: {st['skipped']}")
-    return res
+            lines.append(f"  {name} {'skipped' if 'skipped' in st else 'FAILED'}: "
+                         f"{st.get('skipped') or st.get('error')}")
+    return lines
 
 # -----------------------------------------------------------------------------
 
@@ -1538,6 +1648,11 @@ def main(argv=None):
     ap.add_argument("--plan-pool", default=None, help=argparse.SUPPRESS)  # plan-check worker's pool and run dir
     ap.add_argument("--plan-run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank of rollout-fsdp (torchrun)
+    ap.add_argument("--gpu-parts", type=lambda v: [k for k in v.split(",") if k], default=list(GPU_PARTS),
+                    help=f"gpu: the parts to run ({','.join(GPU_PARTS)}; each in its own process)")
+    ap.add_argument("--gpu-part", default=None, choices=GPU_PARTS, help=argparse.SUPPRESS)  # gpu's child process
+    ap.add_argument("--gpu-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-pool", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
     defaults = dict(repeats=1 if q else 2, lp_lengths=[3072] if q else [1024, 2048, 5120],
@@ -1556,6 +1671,8 @@ def main(argv=None):
     if args.model is not None and not os.path.isdir(args.model):
         sys.exit(f"bench.py: error: --model {args.model} does not exist")
     if args.worker:
+        if args.command == "gpu":
+            return gpu_part_worker(args)
         return rollout_fsdp_worker(args) if args.command == "rollout-fsdp" else plan_check_worker(args)
 
     if args.threads:

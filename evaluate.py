@@ -553,7 +553,8 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
         # a prompt of another wording (the released benchmark's, with its system message): its length on top
         room += max((len(t["system"]) + len(t["prompt"]) for t in tasks if t.get("system") is not None), default=0)
         engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
-                                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype)
+                                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype,
+                                    image_side=side)  # vLLM profiles with two images of the tasks' largest side
     else:
         model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, dtype, device_map=args.device_map)
         engine = rollout.HFEngine(model, tokenizer, batch=args.batch_size)

