@@ -35,12 +35,13 @@ import time
 import cv2
 import numpy as np
 
-from widematch.datasets import (  # noqa: F401  (the readers; tests and bench.py use them as build_pool.X)
-    PROG, RGBD, SCENE_TYPE, BadInput, ScanNetExported, ScanNetSens, depth_intrinsics_from_colour, find_co3d,
-    find_scannet, gather_tasks, ndc_to_opencv, open_scene, re10k_intrinsics, read_re10k, read_video_frame,
-    rgbd_frame, safe, unpack_floats, warn, world_to_cam_to_world)
+from widematch.datasets import PROG, RGBD, SCENE_TYPE, BadInput, gather_tasks, open_scene, safe, warn
+from widematch.datasets import (  # noqa: F401  (re-exported: tests and bench.py use these as build_pool.X)
+    ScanNetExported, ScanNetSens, depth_intrinsics_from_colour, find_co3d, find_scannet, ndc_to_opencv,
+    re10k_intrinsics, read_re10k, read_video_frame, rgbd_frame, unpack_floats, world_to_cam_to_world)
 from widematch.pool_io import (in_shard, merge_shards, parse_shard, read_scene_types, read_test_scenes, run_scenes,
                                write_pairs, write_shard, write_summary)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Geometry: verification rules
@@ -383,6 +384,8 @@ def sample_pairs(n, max_pairs, rng):
 
 
 def process_scene(task):
+    """(source, name_out, kind, spec, params) -> (records, stats) of one scene. Module-level: run_scenes' worker
+    processes receive it pickled by name."""
     source, name_out, kind, spec, args = task
     stats = dict(pairs_skipped=collections.Counter(), frames_skipped=collections.Counter(), pairs_tried=0,
                  points=collections.Counter())
@@ -486,7 +489,8 @@ def scene_hash(scene):
 
 
 def assign_split(records, test_fraction, test_scenes=None, test_sources=None):
-    """split = test / train per scene (see the usage card); sources not in test_sources (None: all) are train only."""
+    """split = test / train per scene (docs/build_pool.md, "Split and scene types"); sources not in test_sources
+    (None: all) are train only."""
     by_source = collections.defaultdict(set)
     for r in records:
         by_source[r["source"]].add(r["scene"])
