@@ -3,8 +3,9 @@ and RealEstate10K (triangulated from its known poses first), behind one small in
 
     gather_tasks(args, scenes_skipped) -> [(source, name_out, kind, spec, None)], one per scene (the find_* of
         each --SOURCE flag; unreadable index files are warned about and counted, a missing root exits)
-    open_scene(source, kind, spec, params, frames_skipped) -> a scene with
-        .name        its name (pool paths, pair ids, the split and shard hashes)
+    open_scene(source, kind, spec, params, frames_skipped) -> a scene with (params: the build's vars(args), which
+        RE10K reads; frames_skipped: a Counter that readers skipping frames while opening add to)
+        .name        its name (pool paths, pair ids, the split hash; task_scene(task): source/name, before opening)
         .frame_ids   frame ids (str) in trajectory order
         .load(fid)   one frame dict: id, K (3x3, OpenCV pixels: centres at integers), width, height, and image (a
                      path) or jpeg (bytes that build_pool.py copies into pool/images/); then
