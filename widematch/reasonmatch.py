@@ -382,7 +382,7 @@ def read_answers(path, samples, entries):
     VLMEvalKit's prediction file of that export (.tsv / .xlsx / .json, rows by their sample_id column).
     entries: the whole index (answers to samples the filters left out are skipped). A sample the index lacks, one
     answered twice, or a gt that differs from the benchmark's answer stops with one line naming the file and line."""
-    import evaluate as ev
+    from widematch.answers import vlmevalkit_records
     keys = [sample_key(e) for e in entries]
     known, by_meta = set(keys), {e["metadata"]: sample_key(e) for e in entries}
     chosen = {s["key"]: s for s in samples}
@@ -398,7 +398,7 @@ def read_answers(path, samples, entries):
 
     p = Path(path)
     if p.suffix.lower() in (".tsv", ".xlsx") or (p.suffix.lower() == ".json" and p.read_text().lstrip()[:1] == "["):
-        for k, r in enumerate(ev.vlmevalkit_records(p), 2):
+        for k, r in enumerate(vlmevalkit_records(p), 2):
             if "prediction" not in r or not r.get("sample_id"):
                 raise BenchError(f"--answers {p} row {k} has no prediction and sample_id (not a VLMEvalKit "
                                  "prediction file of export_bench.py --reasonmatch)")
@@ -464,15 +464,10 @@ def api_request(task, tasks_dir, args, extra=None):
     """One sample's chat-completions body, the released protocol: the system message, then one user message
     with image 1, image 2 (JPEG data URLs) and the prompt text; the decoding fields as evaluate.py's."""
     content = [{"type": "image_url", "image_url": {"url": jpeg_data_url(p)}} for p in task["images"]]
-    body = dict(model=args.api_model, messages=[{"role": "system", "content": task["system"]},
-                                                {"role": "user", "content": content + [{"type": "text",
-                                                                                        "text": task["prompt"]}]}])
-    body[args.api_max_tokens_param] = args.max_new_tokens
-    if not args.api_no_temperature:
-        body["temperature"] = args.temperature
-    if extra:
-        body["extra_body"] = extra
-    return body
+    from widematch.api import request_body
+    return request_body(args, [{"role": "system", "content": task["system"]},
+                               {"role": "user", "content": content + [{"type": "text", "text": task["prompt"]}]}],
+                        extra)
 
 
 def as_task(s, prompt, system=SYSTEM_PROMPT):
@@ -519,11 +514,12 @@ def bench_sha(index_path, datasets, stages, limit):
 # evaluate.py --reasonmatch
 
 
-def evaluate_main(args):
+def evaluate_main(args, resolve_ckpt, model_answerer, api_answerer):
     """The --reasonmatch route of evaluate.py: every CKPT (--engine hf / vllm), --api-base and --answers on the
     released benchmark; per model <out>/<name>/samples.jsonl + summary.json, then <out>/report.md from every
-    summary made on the same selection of the same index."""
-    import evaluate as ev  # the answerers, the resumable reader, the run.json guard
+    summary made on the same selection of the same index. resolve_ckpt, model_answerer, api_answerer: evaluate.py's
+    (they load models with the trainer's machinery; passed in, so this helper imports no stage script)."""
+    from widematch.runs import check_run_info, model_dtype, model_name, read_predictions, unique_names
     from widematch import prompts
     fail = lambda msg: sys.exit(f"evaluate.py: error: {msg}")
     try:
@@ -559,7 +555,7 @@ def evaluate_main(args):
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
-    entries_ = [("model", c, ev.model_name(c)) for c in (ev.resolve_ckpt(c) for c in args.ckpts)]
+    entries_ = [("model", c, model_name(c)) for c in (resolve_ckpt(c) for c in args.ckpts)]
     if args.answers:
         entries_.append(("answers", str(Path(args.answers).resolve()),
                          args.name or re.sub(r"[^A-Za-z0-9._-]", "_", Path(args.answers).parent.name
@@ -568,7 +564,7 @@ def evaluate_main(args):
     if args.api_base:
         entries_.append(("api", f"{args.api_model} @ {args.api_base}",
                          re.sub(r"[^A-Za-z0-9._-]", "_", args.name or args.api_model).strip("._") or "api"))
-    names = ev.unique_names([e[2] for e in entries_])
+    names = unique_names([e[2] for e in entries_])
     summaries = {}
     for name, (kind, what, _) in zip(names, entries_):
         model_dir = out / name
@@ -580,7 +576,7 @@ def evaluate_main(args):
                       annotation_index=str(index), testset_root=str(root), think=think, template=template)
         path = model_dir / "samples.jsonl"
         if kind == "answers":  # re-scored from scratch every run
-            ev.check_run_info(model_dir, dict(kind=kind, what=what, index_sha=index_sha), keys=("kind",))
+            check_run_info(model_dir, dict(kind=kind, what=what, index_sha=index_sha), keys=("kind",))
             try:
                 answers = read_answers(args.answers, samples, entries)
             except BenchError as e:
@@ -593,14 +589,14 @@ def evaluate_main(args):
         else:
             info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
             if kind == "model":
-                info.update(dtype=ev.model_dtype(args), engine=args.engine)
-                make = lambda what=what: ev.model_answerer(what, Path("."), [as_task(s, prompt) for s in samples
-                                                                            if not s["error"]], args)
+                info.update(dtype=model_dtype(args), engine=args.engine)
+                make = lambda what=what: model_answerer(what, Path("."), [as_task(s, prompt) for s in samples
+                                                                         if not s["error"]], args)
             else:
                 info.update(max_tokens_param=args.api_max_tokens_param)
-                make = lambda: ev.api_answerer(Path("."), args, api_key, request=api_request)
-            ev.check_run_info(model_dir, info)
-            rows = predict(samples, make, path, prompt, name, ev.read_predictions)
+                make = lambda: api_answerer(Path("."), args, api_key, request=api_request)
+            check_run_info(model_dir, info)
+            rows = predict(samples, make, path, prompt, name, read_predictions)
             template_used = template
         summary = summarize(rows, config, str(path))
         summary["widematch"] = dict(bench_sha=sha, template=template_used,
