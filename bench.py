@@ -1,94 +1,22 @@
 """
-bench.py: measure the three hot paths of widematch against straightforward versions of them, grpo.py's two rollout
+bench.py: measure the hot paths of widematch against straightforward versions of them, grpo.py's two rollout
 engines against each other, and where one GRPO step's time goes. Every comparison first checks that both versions
 give the SAME answer and stops with an error (non-zero exit) when they do not, so a speed-up can never hide a wrong
 result.
 
 Usage:
     python bench.py all --quick                 # CPU, everything but plan-check and gpu, ~4 min: the report's numbers
-    python bench.py all                         # bigger shapes (logprobs up to T=5120 at vocab 151,936, ~10 min CPU)
-    python bench.py logprobs [--lp-lengths 1024,5120 --lp-hidden 1024 --lp-batch 2]
-    python bench.py rollout [--group-sizes 8,32 --new-tokens 16,256] [--model DIR]
-    python bench.py pool [--frames 8 --image-scale 1.0 --max-pairs 40]
-    python bench.py step [--step-steps 4 --step-group-size 8]
-    python bench.py rollout-fsdp [--quick] [--fsdp-lengths 16,128 --fsdp-group-size 4]   # CPU, 2 processes
     python bench.py plan-check                  # grpo.py --plan vs the measured peak of one CPU step (~3 min)
     python bench.py rollout-engine --quick --threads 1   # HF generate vs colocated vLLM, same model/prompts/G (~1 min)
-    python bench.py rollout-engine --threads 1 [--engine-models tiny,small --engine-new-tokens 256 --engine-steps 4]
     python bench.py gpu --out bench/gpu.json    # 1 GPU, <= 8 min, no network: the first GPU any task is lent
-    python bench.py gpu --dry-run               # the same code on CPU, tiny model and lengths (~75 s; a test)
-    1 GPU: the same commands; rollout adds a mid-size random Qwen3-VL (mid_config below), step adds TRL's
-    GRPOTrainer on the same model and data when `trl` is installed (pip install -r bench-requirements.txt).
-Every run prints small tables and writes --out (default bench/results.json): machine, date, vars(args) and one
-section per command with the raw numbers. --threads N sets this process's torch threads (default: one per core);
-on the shared 2-core machine --threads 1 keeps other jobs' load from inflating times 10-30x (with 2 threads an
-OpenMP thread waits for a descheduled sibling; measured on a log-prob forward: 0.04-1.3 s with 2, 0.06 s with 1).
+Commands: logprobs, rollout, pool, step, rollout-fsdp, plan-check, rollout-engine, gpu, all.
 
-What each command measures (targets in brackets; a table row ends in "ok" or "MISSED"):
-  logprobs  grpo.completion_logprobs (lm_head + log_softmax in chunks of T, each chunk recomputed in backward)
-            vs the naive log_softmax(lm_head(h).float()) + gather over the whole (B, T, V) at vocab 151,936, on the
-            same gathered completion hidden states. Forward + backward (the policy update) and a no-grad forward
-            (reference / old log-probs). Peak = extra memory above the level before the call: CPU VmHWM from
-            /proc/self/status after resetting it through /proc/self/clear_refs, GPU max_memory_allocated. The
-            lm_head weight is frozen, so its gradient (V x H floats, the same in both paths) is not counted.
-            Checks equal log-probs and equal input gradients. [peak >= 4x lower at the longest T]
-  rollout   G completions of one prompt with two images: grpo.generate(group_size=G) (ONE prefill, KV cache
-            repeated) vs grpo.generate on the prompt repeated G times (G prefills in one batch). "prefill" is a
-            max_new_tokens=1 run, decode = full run - prefill, tok/s = G * new tokens / full run. The stop
-            tokens' lm_head rows are zeroed so that every greedy completion runs to the requested length.
-            Checks identical greedy tokens. ["prefill x" >= G/2 at G=32]; "saved" = prefill time saved as a share
-            of the repeated-prompt rollout, i.e. what the shared prefill buys at that completion length.
-  pool      build_pool.match_rgbd (vectorised numpy; both directions of a pair, as build_pool does) vs
-            naive_match_rgbd below: the same rules written as a plain per-point Python loop over the SAME depth
-            sampling grid (every --depth-step-th depth pixel, build_pool's default 2). Frames are decoded before
-            timing (I/O is not part of either). Checks identical accept/reject decisions by build_pool's
-            min-matches rule. [pairs/s >= 10x]
-  step      grpo.main itself for a few steps on the tiny model, with grpo's functions wrapped by timers:
-            task sampling, rollout (of it: the engine's generate), reference/old log-probs (no-grad
-            completion_logprobs), policy forward (completion_logprobs with grad), loss + backward (the rest of
-            train_on), optimizer (clip + AdamW), weight sync (the engine's sync_weights; hf: nothing), checkpoint.
-            The first step (warm-up) is left out of the means. Then what the shared prefill saves per step at the
-            step's G. On a GPU with `trl` importable: seconds per step of TRL's GRPOTrainer
-            on the same model, tasks and G (otherwise a skip line says why).
-  rollout-fsdp  one rollout (greedy, G completions of one prompt per rank) on 2 processes, FSDP2 over gloo
-            (torchrun --standalone, launched by bench.py itself), tiny and small random models, legacy vs resident
-            (rollout.py) at two completion lengths. Counted with a TorchDispatchMode (RolloutCounter): c10d
-            collectives and the bytes they gather, and KV bytes copied (aten.cat along the sequence dim of 4-D
-            tensors, copy_ into and index_copy_ of 4-D tensors). Per generated token = (long - short) / decode
-            steps; "KV MB last step" = one decode step's copy at each length. Checks identical greedy tokens and
-            log-probs (1e-5). [0 collectives per token; the last step's KV copy not growing with the length]
-  plan-check  grpo.py's memory plan (rollout.memory_plan for 1 process on CPU, fp32, with the measured prompt length)
-            vs max RSS during one grpo step minus RSS after the imports, measured in a fresh process, on a random
-            Qwen3-VL with ~107 M parameters (>= 1 GiB of fp32 weights + AdamW state) whose completions all run to
-            --max-new-tokens. [within 25%]
-  rollout-engine  the two rollout engines of grpo.py --rollout-engine on the same weights, prompts (two images
-            each, fresh ones for every timed call: vLLM caches prefixes and vision-encoder outputs) and G, temperature
-            1: rollout.HFEngine (transformers generate, resident, all prompts in one call, one prefill per prompt) vs
-            rollout.VllmEngine (colocated vLLM in this process, exactly as grpo.py runs it). The stop tokens are
-            banned in both for the duration (no_stops), so every completion runs to its length and both do the same
-            work. Checks identical greedy tokens (fp32) and, for the sampled tokens, each engine's log-probs equal to
-            the trainer's full-vocabulary ones (1e-4, fp32). tok/s = generated tokens / one generate call (prefill
-            included; minimum over repeats, the engines alternating); decode tok/s = the same minus a 1-token
-            run's time. Then grpo.main for --engine-steps steps with each engine (tiny model, --step-group-size,
-            --step-prompts, --step-new-tokens, no stops): metrics.jsonl's seconds_rollout and tokens_per_s, step 1
-            (warm-up) left out; runs hf, vllm (quick) or hf, vllm, vllm, hf; the ratio compares the best step of
-            each. Quick: the tiny model; else tiny and small (SIZES). vLLM's CPU attention needs text head_dim >= 32
-            (tiny_model.py has 32).
-  gpu       one JSON (--out): versions (torch, transformers, torchvision, vllm or why not); on one prompt with
-            two 896 x 672 images (~1,400 tokens) x G 8 x 1,024 new tokens of a random Qwen3-VL-2B-shaped model
-            (SIZES["2b"]), stop tokens banned in both engines (no_stops): decode tokens/s of rollout.HFEngine (fp32
-            weights, bf16 autocast, as grpo.py on 1 GPU) and of rollout.VllmEngine (bf16, fp32 lm_head,
-            gpu_memory_utilization 0.35, CUDA graphs, sleep level 2 refilled by a sync; where vllm imports: what
-            grpo.py --rollout-engine vllm runs, prompt ids checked against grpo.encode's, full-vocabulary log-probs
-            of logits / T), each with the sampler-vs-trainer |dlogp| of its own tokens; then two grpo.py steps by
-            phase (step_breakdown) with each --rollout-engine, and each step's peak memory next to grpo.py --plan of
-            the same flags (not vLLM's on CPU: the plan counts a GPU share). Each of the four parts (hf, vllm,
-            step_hf, step_vllm; --gpu-parts) runs in its own process, its figures or its error + traceback written
-            to the JSON as soon as it ends; device memory from torch.cuda.mem_get_info (peak_device_gib: sees vLLM's
-            allocator and sleep unmapping); a one-page summary at the end (versions, driver, tok/s, |dlogp|, peak
-            vs plan). Written against transformers 5.23 / vLLM 0.32 (CPU); not yet run under 5.17 / on a GPU.
-How to read the numbers: the machine is shared, so absolute times are noise; every ratio comes from the two
-versions run side by side in one process, one right after the other, and only ratios are claims.
+Reads nothing (builds its own random models and synthetic scenes). Writes --out (default bench/results.json):
+machine, date, vars(args) and one section per command with the raw numbers; prints small tables whose rows end
+in "ok" or "MISSED". Only ratios are claims: both versions run side by side in one process.
+
+Details (every command, what it measures, its target, --threads): docs/bench.md; the measured numbers:
+docs/performance.md.
 """
 import argparse
 import contextlib

@@ -1,65 +1,22 @@
 """
 curriculum.py: the dual-level dynamic curriculum of DCRL (pure Python, no torch, no I/O outside the CLI).
 
-Usage (library; grpo.py drives it). One update() = one "step" of the paper's 20-step moving average: grpo.py
-draws ONE (bin, level, spatial) per optimisation step with sample(), makes all of that step's prompts from it, and
-reports their mean r_match with one update() (calling it once per prompt makes the windows count prompts
-instead, a shorter horizon than the paper's):
+Outer level (the paper): overlap bins in order, advanced when the 20-step moving average of r_match on the
+current bin exceeds 0.8, mastered bins dropped. Inner level (our schedule): (L1, sparse) -> (L2, moderate) ->
+(L3, dense) unlocked one by one by the same rule, steps drawn uniformly from the unlocked stages. Modes
+"uniform", "easy", "hard" are the paper's ablations. One update() = one optimisation step.
+
+Usage (library; grpo.py drives it):
     cur = Curriculum(bins=[1, 2, 3, 5], mode="dcrl")          # bins present in the training pool
     b, level, spatial = cur.sample(rng)                          # rng: numpy Generator or random.Random
-    ... draw tasks with make_tasks.make_task(pair in bin b, level, spatial), roll out, score ...
     events = cur.update(b, level, spatial, mean_match_acc)       # e.g. ["unlock L2/moderate (bin 1, ...)"]
     ckpt["curriculum"] = cur.state_dict()                        # JSON-serialisable; load_state_dict restores
-Simulation (no torch, no model; per-stage accuracies + Gaussian noise, one sample + one update per step):
+Simulation (no torch, no model):
     python curriculum.py --simulate --acc 'L3/dense=0.75,*=0.85' --noise 0.05 --steps 1000 --seed 0
-    --acc: comma-separated KEY=acc, KEY one of LEVEL/SPATIAL, *, BIN:LEVEL/SPATIAL, BIN:* (the most specific
-    key wins); --bins 10 (1..10, the paper's S), --stages, --inner-on-new-bin, --max-steps-per-bin, --window,
-    --threshold as the constructor. Prints the step at which each bin is reached and left and each stage is
-    unlocked on it (step k = after the k-th update; bin 1 and its first stage are reached at step 0); the last
-    bin's "passed" step is when it was mastered (the run stays on it and stages still unlock there).
 
-State machine of mode "dcrl" (written out):
-    state  = (bin_pos, unlocked, stage_windows, bin_window, bin_start, finished): bin_pos indexes the sorted
-             available bins (bins not given are empty and never visited); the first `unlocked` inner stages are
-             unlocked; stage_windows[i] holds the last <= `window` accuracies reported for stage i (since the
-             run began with "carry", since the current bin began with "restart"), bin_window the last <= `window`
-             reported for the current bin (any stage); bin_start is the update count when the bin became current.
-    start    bin_pos = 0, unlocked = 1, all windows empty, bin_start = 0, finished = False.
-    update(b, level, spatial, acc):       (every call counts as a step, ignored or not)
-        if b != current bin or (level, spatial) is not an unlocked stage: ignore (replay) -> [].
-        append acc to stage_windows[stage] and to bin_window (each keeps the last `window`).
-        if stage is the newest unlocked one, its window is full and its mean > threshold and a next stage
-            exists: unlocked += 1                                             -> ["unlock <stage> ..."]
-        if finished: stop here (the run stays on the last bin; its stages still unlock).
-        if bin_window is full and its mean > threshold (the paper's rule), or max_steps_per_bin > 0 and
-            the updates since bin_start reach it ("forced"):
-            if bin_pos < last bin: bin_pos += 1, bin_window emptied, bin_start = now, and with
-                inner_on_new_bin "carry" (default) the unlocked stages and their windows stay, with
-                "restart" unlocked = 1 and the stage windows are emptied      -> ["advance bin ..."]
-                (bins before bin_pos are mastered and dropped for good)
-            else: finished = True                                             -> ["mastered all ..."]
-    current(): (bin, newest unlocked stage).
-    sample(rng): with probability `replay` (default 0, the paper) a uniformly drawn (mastered bin, any stage);
-                 otherwise (current bin, a stage drawn uniformly from the unlocked ones).
-Outer level (the paper): overlap bins in order, advance when the 20-step moving average of r_match on the
-current bin exceeds 0.8, mastered bins dropped. The bin's window takes every stage's reports, so a hard last
-stage (say L3/dense at 0.75 while the rest are at 0.85) no longer blocks the bin: the mix of stages carries it.
-A full window is needed for both rules. A bin may be left before all its stages are unlocked (the paper's
-rule looks at the bin only); with "carry" the later stages then unlock on later bins, with "restart" every bin
-starts again from the first stage (and easy bins may never show the later ones).
-Inner level (the paper names the stages, not the schedule; OUR design): an ordered list of point configurations,
-default "joint" = (L1, sparse) -> (L2, moderate) -> (L3, dense), option "grid" = all 9 in level-major order
-(L1 sparse, L1 moderate, ..., L3 dense), unlocked one by one by the same moving-average rule on the newest
-unlocked stage; sampling is uniform over the unlocked stages so the earlier ones keep being practised.
-max_steps_per_bin > 0 (default 0 = off; ours) caps the updates spent on a bin so no run can stall for good;
-a capped advance says "forced". Replay > 0 is our departure from the paper.
-Version-1 checkpoints (the earlier rule: one stage at a time, a bin advanced when its last stage passed) are
-migrated by load_state_dict: same bin, the stages up to the old current one unlocked, the old window becomes
-that stage's window, the bin window starts empty.
-Other modes (the paper's ablations; no progression, update() only tracks, returns []):
-    "uniform": uniform over all given bins x all stages;  "easy": the easiest third of the given bins (by
-    sorted order, at least one) x all stages;  "hard": the hardest third likewise.
-    For these, current() is the easiest (bin, stage) they sample from (informational only).
+In: per-step match accuracy. Out: which (bin, level, spatial) to train on, events, a JSON state.
+Details (the state machine written out, --acc syntax, carry / restart, max_steps_per_bin, replay, old
+checkpoints): docs/curriculum.md.
 """
 import argparse
 import random

@@ -3,50 +3,18 @@ pasta.py: PaStA (HATCH's patch-level spatial alignment) for widematch. A helper 
 grpo.py imports it when run with --pasta-weight W > 0 and adds W * (mean PaStA loss over the step's prompts) to
 the GRPO loss.
 
+Each image's visual tokens are averaged into an n x n grid of cells (n = 4); the pool's verified dense matches
+decide which image-2 cell each image-1 cell corresponds to; the loss is a two-way InfoNCE over cosine
+similarities of the cell features (ours: the HATCH text we have does not give the loss). Default features: the
+vision merger's output (layer 0), where the two images have not seen each other.
+
 Usage (inside grpo.py; `enc` is grpo.encode(...) of one prompt, `pair`/`arrays` its pool pair and npz):
-    import pasta
     loss, stats = pasta.pasta_term(model, enc, arrays, pair, n=4, layer=0, tau=0.1)
     (loss * W / n_prompts).backward()
-Pieces (also usable alone):
-    cell_correspondence(dense1, dense2, size1, size2, n)  -> (n*n,) image-2 cell per image-1 cell, or -1 (numpy)
-    image_token_features(model, inputs, layer)            -> [ (tokens_i, d) per image ] torch
-    grid_pool(features, grid_thw, merge_size, n)          -> (n*n, d) cell features of one image
-    pasta_loss(f1, f2, corr, tau)                         -> scalar InfoNCE loss
+Pieces: cell_correspondence, image_token_features, grid_pool, pasta_loss.
 
-What it does. Each image's visual tokens are averaged into an n x n grid of cells (n = 4, HATCH's best grid;
-finer grids hurt in its Fig. 4). The pool's verified dense matches (npz dense1/dense2, (k, 2) pixel coords in the
-ORIGINAL images, row i <-> row i) decide which cell of image 2 each cell of image 1 corresponds to: the cell of
-image 2 that most of its matches land in (plurality vote; cells with fewer than min_count matches get none).
-Coordinates are normalised by the image size ((x + 0.5) / width, pixel centres at integers) because the model
-sees resized images: make_tasks.py resizes the whole image to --max-side and Qwen's processor resizes it again
-to a multiple of patch*merge pixels, both full-frame, so a normalised position is the same in all three.
-Token layout (checked against transformers 5.23): Qwen2VLImageProcessor.patchify orders patches as
-(h/merge, w/merge, merge, merge) and Qwen3VLVisionPatchMerger fuses each consecutive merge x merge block into one
-token, so an image gives t*h*w/merge^2 tokens in ROW-MAJOR order over the merged grid (h/merge, w/merge)
-(image_grid_thw = (t, h, w) in patches); Qwen3VLModel.get_image_features splits them per image in
-image_grid_thw order, and the LLM's 3-D rope positions use the same row-major (h, w) meshgrid.
-The grid is exact area-weighted averaging: token (r, c) covers [r/H, (r+1)/H] x [c/W, (c+1)/W] of the image and
-contributes to a cell in proportion to the overlap, so grids that n does not divide (and H < n) work too.
-
-Which features (layer). layer = 0 (default): the vision merger's output, i.e. the LLM's input embeddings at the
-image-pad positions (HF's hidden_states[0] there), computed by the vision tower alone. Why: these are the patch
-representations both views get independently (the vision tower sees one image at a time), so aligning them
-must come from what the patches show; at a decoder layer image-2 tokens can attend to image-1 tokens (causal
-attention, image 1 first) and the loss could be met by copying instead of seeing. It is also cheap (no LLM
-forward) and the gradient reaches the vision tower and merger. layer = k >= 1: the output of decoder layer k (HF's
-hidden_states[k]; for the first layers that receive Qwen3-VL DeepStack features, before that addition; for the
-last layer, before the final norm), read
-with a forward hook during one extra forward of the prompt - the alternative when the LLM's own view of the
-patches should be aligned (a middle layer, e.g. num_layers // 2).
-
-Where we depart from / fill in the paper. The HATCH text we have does not give the loss; ours is a contrastive
-InfoNCE over cosine similarities with temperature tau: each image-1 cell with a correspondence must pick its
-image-2 cell among all n*n image-2 cells (the other cells are the negatives), and symmetrically image 2 -> image 1
-with the correspondence computed from the swapped matches (pasta_term averages the two directions). A prompt
-whose pair has no corresponding cells gives loss 0 that still depends on the features (so every rank runs the
-same forward/backward under FSDP). Features are compared in fp32.
-FSDP2: get_image_features / the hooked forward are not root forwards; grpo.py must call pasta_term through a
-method registered with register_fsdp_forward_method (as it does for completion log-probs).
+In: the model, one encoded prompt, its pair's dense matches. Out: a scalar loss and stats.
+Details (the pieces' signatures, the token layout, which layer and why, FSDP2): docs/pasta.md.
 """
 import numpy as np
 import torch

@@ -1,87 +1,22 @@
 """synthetic.py: procedural demo data in the REAL dataset layouts (ScanNet, COLMAP, CO3D v2, RealEstate10K).
 
-Renders small analytic scenes (textured rooms, boxes, spheres, cylinders, a ground plane) by vectorised
-ray casting in pure numpy, with exact depth and exact cameras, and writes them the way the real datasets
-ship, so build_pool.py runs on the demo data with the same readers it uses on the real data.
+Renders small analytic scenes (rooms, boxes, spheres, cylinders, a ground plane) by ray casting in pure numpy,
+with exact depth and exact cameras, and writes them the way the real datasets ship, so build_pool.py runs on the
+demo data with the same readers it uses on the real data. No GPU path. World frame: metres, z up.
 
 Commands
     python synthetic.py --out demo_data            # CPU demo: 2 scenes x 24 frames per layout, ~20 s, ~30 MB
-    python synthetic.py --out demo_data --scenes 3 --frames 30 --layouts scannet,co3d
     python synthetic.py --out /tmp/d --frames 3 --image-scale 0.5      # tiny data for fast tests
     python synthetic.py --out demo_re10k --layouts re10k --frames 10    # RealEstate10K clips only (~2 s)
     python synthetic.py --out /tmp/k --layouts scannet,co3d --sensor kinect --pose-jitter 0   # sensor-like depth
-    python synthetic.py --out /tmp/dl --layouts dl3dv      # DL3DV-10K: images_4/ beside a full-resolution model
-No GPU path: the renderer is numpy only (a GPU would not help at these sizes). World frame: metres, z up.
-Trajectories sweep 200-320 degrees (indoor walk across the room, object orbit, outdoor arc), so frame
-pairs range from overlap ~0.9 (neighbours) down to 0.
 
-Writes (under --out)
-    scannet/sceneXXXX_00/  as ScanNet's SensReader exports a .sens file:
-        color/<i>.jpg (640x480), depth/<i>.png (320x240 uint16 millimetres, 0 = invalid),
-        pose/<i>.txt (4x4 camera-to-world, OpenCV camera axes x right, y down, z forward; world z up),
-        intrinsic/intrinsic_color.txt, intrinsic_depth.txt (4x4, each for its own resolution),
-        intrinsic/extrinsic_color.txt, extrinsic_depth.txt (identity).
-    scannet_sens/sceneXXXX_00/sceneXXXX_00.sens  the same frames as a raw .sens (version 4): header
-        (version u32, sensor-name length u64 + bytes, intrinsic/extrinsic colour, intrinsic/extrinsic depth
-        as row-major float32 4x4, colour compression i32 = 2 (jpeg), depth compression i32 = 1 (zlib_ushort),
-        colour w,h, depth w,h u32, depth shift f32 = 1000, frame count u64), per frame camera_to_world f32 4x4,
-        colour/depth timestamps u64, colour/depth byte sizes u64, the bytes; then IMU frame count u64 = 0.
-        The JPEG bytes inside are byte-identical to color/<i>.jpg; depth is zlib(uint16 mm, row-major).
-    colmap/<scene>/images/%06d.jpg and colmap/<scene>/sparse/0/{cameras,images,points3D,rigs,frames}.bin
-        written by pycolmap 4.x: one SIMPLE_RADIAL camera (COLMAP's default model, k = 0), poses
-        cam_from_world, landmarks sampled on the rendered surfaces, an observation wherever the landmark is
-        inside the image and not occluded (ray cast), plus some 2D points without a 3D point (as real
-        models have). COLMAP pixel convention: the first pixel's centre is (0.5, 0.5), so COLMAP
-        xy = OpenCV xy + 0.5 and COLMAP cx, cy = OpenCV cx, cy + 0.5 (use camera.calibration_matrix() and
-        subtract 0.5 from cx, cy and from every 2D point to get OpenCV pixels).
-    co3d/<category>/frame_annotations.jgz, sequence_annotations.jgz (gzipped JSON lists as CO3D v2 ships
-        them), co3d/<category>/<seq>/images/frame%06d.jpg, depths/frame%06d.jpg.geometric.png (uint16 PNG
-        holding float16 bits; metres = float16 value * depth.scale_adjustment; 0 invalid),
-        depth_masks/frame%06d.png (uint8, 255 valid), masks/frame%06d.png (foreground object, uint8 0/255).
-        frame_number is 0-based, file names 1-based (frame000001.jpg is frame_number 0); always follow the
-        annotation paths, which are relative to the dataset root (the parent of <category>).
-        Cameras in PyTorch3D convention, row vectors X_cam = X_world @ R + T, camera +X left, +Y up, +Z
-        forward, "ndc_isotropic" intrinsics. With s = min(H, W) / 2 and an OpenCV camera (R_cv world->cam,
-        t_cv, K with focal fx, fy and principal point cx, cy) the annotation stores
-            R = R_cv^T with its first two columns negated,   T = t_cv with its first two entries negated,
-            focal_length = [fx / s, fy / s],   principal_point = [-(cx - W / 2) / s, -(cy - H / 2) / s],
-        which is exactly what pytorch3d's cameras_from_opencv_projection does; the inverse is
-        opencv_from_cameras_projection (K: f_pix = f_ndc * s, c_pix = -p_ndc * s + [W / 2, H / 2]).
-    re10k/<clip>.txt + re10k/<clip>/<timestamp_us>.jpg (opt-in: --layouts ...,re10k) as RealEstate10K ships
-        its cameras and as users extract its frames: the txt has a URL line, then per frame
-        `timestamp_us fx/W fy/H cx/W cy/H 0 0` + the 3x4 row-major world-to-camera [R|t] (OpenCV axes, cx, cy
-        OpenCV pixels / W, H). Indoor scenes, 480x270 frames; no 3D points (build_pool.py triangulates them).
-    dl3dv/<64-hex scene>/images_4/frame_%05d.png + colmap/sparse/0 (opt-in: --layouts ...,dl3dv) as DL3DV-10K
-        ships: the model at 4x the images' resolution (camera, principal point and 2D points: COLMAP
-        x_full = (x_opencv_4 + 0.5) * 4); build_pool.py reads it with --colmap-images images_4.
-    --sensor kinect (ScanNet and CO3D): the written depth is what a structured-light RGB-D sensor gives (see
-        kinect_depth: noise growing with depth, 1/8 px disparity quantisation, holes at depth edges and on dark
-        surfaces, a sub-pixel depth-to-colour shift) and --pose-jitter J (default 1 with kinect) writes poses off
-        by about J cm and J/2 degrees; the exact depth goes to exact/<layout>/.../<frame>.npy (float32 metres,
-        inf = nothing hit) and the meta keeps both (cam_to_world = exact, cam_to_world_written = in the files).
-    synthetic_meta.json  every written scene: layout, path, name, seed, kind, and per frame the image path
-        (relative to --out), width, height, K (3x3 OpenCV, colour image) and cam_to_world (4x4 OpenCV axes, the
-        exact pose); ScanNet and CO3D frames also cam_to_world_written (the pose in the files; differs only with
-        --pose-jitter), with --sensor kinect depth_exact; ScanNet frames K_depth, depth size, RE10K frames their
-        timestamp; so tests can re-render or re-raycast the scene. Scenes: sensor, pose_jitter (ScanNet, CO3D).
-    args.json
+Reads nothing. Writes under --out: scannet/ (SensReader export), scannet_sens/ (raw .sens), colmap/, co3d/,
+opt-in re10k/ and dl3dv/, each in its dataset's real layout; synthetic_meta.json (every scene and frame with
+its exact K and pose, for tests); args.json.
+Python API for tests: make_scene, raycast, render, load_meta, find_frame.
 
-Python API (used by tests of later stages)
-    make_scene(seed, kind) -> Scene           kind in indoor | object | outdoor
-    raycast(scene, origins (N,3), dirs (N,3)) -> t (N,)   hit = origins + t * dirs; t is measured in units
-        of each dir's own length (dirs need not be unit; with dirs = R K^-1 [x, y, 1] t is the z-depth);
-        inf where nothing is hit (sky)
-    render(scene, K, cam_to_world, w, h) -> rgb uint8 (h,w,3), depth float32 (h,w) z-depth metres (inf = sky)
-        pixel centres at integer coordinates (OpenCV)
-    load_meta(out_dir) -> dict; find_frame(meta, image_path) -> (scene entry, frame entry)
-
-Departures from the paper / real data, and why
-    Analytic scenes stand in for real scans: the demo must run offline in seconds, and exact geometry lets
-    tests check every correspondence build_pool.py produces against the renderer. Depth is exact by default (no
-    sensor noise, no holes except sky; --sensor kinect adds them); CO3D depth is dense where the real one is MVS-sparse. Textures are
-    procedural noise + random patches, so SIFT works at small baselines. --sensor kinect is a simple model
-    (Nguyen et al. 2012 axial noise, Kinect v1 quantisation), not a simulation of a real sensor's optics. Nothing here imitates real
-    appearance; training on it only exercises the pipeline.
+Details (every layout field by field, camera conventions, --sensor kinect, the API, departures from real data):
+docs/synthetic.md.
 """
 import argparse
 import collections
