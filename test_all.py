@@ -48,7 +48,9 @@ import reward
 import rollout
 import synthetic
 import tiny_model
+from widematch import prompts
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
+from tests.task_language import *  # noqa: F401,F403 (the task language: JSON answers, numeric ids)
 
 
 # ==============================================================================
@@ -925,8 +927,10 @@ def test_pool_dl3dv_downscaled_images(tmp_path, capsys):
 # reward.py, make_tasks.py, curriculum.py: grammar, scores, sampling invariants, drawing, curriculum
 # ==============================================================================
 
-TASKS_TASK = dict(task_id="t", n=4, m=6, target=["C", None, "A", "F"])
-TASKS_GOOD = "The red chair is at 1...\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>"
+TASKS_TASK = dict(task_id="t", n=4, m=6, target=["3", None, "1", "6"])
+TASKS_JSON = '{"1": "3", "2": "none", "3": "1", "4": "6"}'
+TASKS_GOOD = ("<thinking>\nThe red chair is at 1...\n</thinking>\n<answer>\n```json\n" + TASKS_JSON
+              + "\n```\n</answer>")
 
 
 def tasks_close(d, **expected):
@@ -934,52 +938,85 @@ def tasks_close(d, **expected):
         assert d[k] == pytest.approx(v), (k, d[k], v)
 
 
+def _think(answer_body):
+    return "<thinking>ok</thinking>\n<answer>" + answer_body + "</answer>"
+
+
 def test_tasks_reward_good_and_tolerant_variants():
     tasks_close(reward.score(TASKS_GOOD, TASKS_TASK), format=1, match=1, reward=2, precision=1, recall=1, f1=1)
     variants = [
-        "<ANSWER>\n 4 -> f\n\n3 = a\n1 - c\n2: None\n</Answer>\n",          # order, case, separators
-        "<answer>1:C\n2:∅\n3 => A\n4. F</answer><|im_end|>",                 # compact, end token
-        "<answer>\n1 : C\n2 : no   match\n3 → A\n4:F\n</answer>  \n\n",     # spaces, "no match"
+        _think('{"4": 6, "3": 1, "1": "3", "2": null}'),                          # order, integers, null
+        "< THINKING >x</Thinking><ANSWER>```JSON" + TASKS_JSON + "```</Answer><|im_end|>",  # case, end token
+        _think('\n  {"1":" 3 ","2": None,\n"3":"1", "4" : "6"}  \n') + "  \n\n",  # spaces, bare None
+        _think('{"1": "3", "2": "no   match", "3": "1", "4": "6"}'),             # "no match"
+        _think('```\n{"1": "3", "2": "∅", "3": "1", "4": "6"}\n```'),             # bare fence, ∅
+        _think('{"1": "3", "2": none, "3": "1", "4": "6"}'),                      # unquoted none
     ]
     for v in variants:
         d = reward.score(v, TASKS_TASK)
-        assert d["parsed"] == {1: "C", 2: None, 3: "A", 4: "F"}, v
+        assert d["parsed"] == {1: "3", 2: None, 3: "1", 4: "6"}, v
         tasks_close(d, format=1, match=1, reward=2)
 
 
 def test_tasks_reward_wrong_and_partial():
-    # two right (1, 3), a false match on a none target (2), a wrong letter (4)
-    d = reward.score("<answer>\n1: C\n2: B\n3: A\n4: E\n</answer>", TASKS_TASK)
+    # two right (1, 3), a false match on a none target (2), a wrong id (4)
+    d = reward.score(_think('{"1": "3", "2": "2", "3": "1", "4": "5"}'), TASKS_TASK)
     tasks_close(d, format=1, match=0.5, reward=1.5, precision=2 / 4, recall=2 / 3, f1=2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     # partial: points 2 and 4 missing -> format 0, missing count wrong (2's target none is NOT earned)
-    d = reward.score("<answer>\n1: C\n3: A\n</answer>", TASKS_TASK)
+    d = reward.score(_think('{"1": "3", "3": "1"}'), TASKS_TASK)
     tasks_close(d, format=0, match=0.5, reward=0.5, precision=1, recall=2 / 3)
     assert d["n_answered"] == 2 and not d["malformed"]
-    # empty block: partial with nothing answered
-    d = reward.score("<answer>\n</answer>", TASKS_TASK)
+    # empty object: partial with nothing answered
+    d = reward.score(_think("{}"), TASKS_TASK)
     tasks_close(d, format=0, match=0, reward=0, precision=0, recall=0, f1=0)
+    # no thinking block: format 0, the answer still scored; think=False does not ask for it
+    d = reward.score("<answer>" + TASKS_JSON + "</answer>", TASKS_TASK)
+    tasks_close(d, format=0, match=1, reward=1, f1=1)
+    tasks_close(reward.score("<answer>" + TASKS_JSON + "</answer>", TASKS_TASK, think=False), format=1, reward=2)
+    # two thinking blocks, or one after the answer: format 0
+    for text in ("<thinking>a</thinking><thinking>b</thinking><answer>" + TASKS_JSON + "</answer>",
+                 "<thinking>a<answer>" + TASKS_JSON + "</answer></thinking>"):
+        assert reward.score(text, TASKS_TASK)["format"] == 0
     # weights
-    d = reward.score("<answer>\n1: C\n2: B\n3: A\n4: E\n</answer>", TASKS_TASK, w_format=0.5, w_match=2.0)
+    d = reward.score(_think('{"1": "3", "2": "2", "3": "1", "4": "5"}'), TASKS_TASK, w_format=0.5, w_match=2.0)
     tasks_close(d, reward=0.5 + 2 * 0.5)
 
 
+@pytest.mark.parametrize("body", [
+    '{"1": "3", "2": "none", "3": "1", "4": "6"',                                  # unterminated object
+    '{"1": "3", "2": "none", "3": "1", "4": "6}',                                  # unterminated string
+    '{"1": "3", "2": "none", "3": "1", "4": "6", "5": "2"}',                        # key out of range
+    '{"0": "3", "1": "3", "2": "none", "3": "1", "4": "6"}',                       # key 0
+    '{"1": "3", "2": "none", "3": "1", "4": "7"}',                                 # value out of range (m=6)
+    '{"1": "3", "2": "none", "3": "1", "4": "6", "1": "3"}',                        # duplicate key
+    '{"1": "3", " 1": "2", "2": "none", "3": "1", "4": "6"}',                      # the same id twice
+    '{"1": "3", "2": "none", "3": "1", "4": "6 (the lamp)"}',                      # extra words
+    '{"1": "C", "2": "none", "3": "1", "4": "6"}',                                 # a letter
+    '{"1": 3.0, "2": "none", "3": "1", "4": "6"}',                                 # a float
+    '{"1": true, "2": "none", "3": "1", "4": "6"}',                                # a boolean
+    '{"1": ["3"], "2": "none", "3": "1", "4": "6"}',                               # a list value
+    '{"1": {"id": "3"}, "2": "none", "3": "1", "4": "6"}',                         # nested object
+    '["3", "none", "1", "6"]',                                                     # a list
+    '{"1": "3"} {"2": "none"}',                                                    # two objects
+    "Here it is: ```json\n" + TASKS_JSON + "\n```",                                 # text around the fence
+    '{"99999999999": "3"}',                                                        # huge key
+    '{"1": ' + "9" * 5000 + "}",                                                   # over the int-digit limit
+    "1: 3\n2: none\n3: 1\n4: 6",                                                   # the old line format
+])
+def test_tasks_reward_malformed_answer(body):
+    text = _think(body)
+    assert reward.parse_answer(text, 4, 6) is None
+    tasks_close(reward.score(text, TASKS_TASK), format=0, match=0, reward=0, precision=0, recall=0, f1=0)
+
+
 @pytest.mark.parametrize("text", [
-    "1: C\n2: none\n3: A\n4: F",                                                   # no block
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n",                                       # unclosed
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>\nHope this helps",           # text after block
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>\n```",                        # fence after block
-    "<answer>\n1: C\n</answer>\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>",  # two blocks
-    "I will answer in <answer> tags.\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>",  # stray tag
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n5: B\n</answer>",                        # index out of range
-    "<answer>\n0: C\n1: C\n2: none\n3: A\n4: F\n</answer>",                        # index 0
-    "<answer>\n1: C\n2: none\n3: A\n4: G\n</answer>",                              # label out of range (m=6)
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n1: C\n</answer>",                        # answered twice
-    "<answer>\n1: C\n2: none\n3: A\n4: F (the lamp)\n</answer>",                   # extra words
-    "<answer>\n1: C, 2: none, 3: A, 4: F\n</answer>",                              # one line
-    "<answer>\n1: C\n2: 3\n3: A\n4: F\n</answer>",                                 # numeric label
-    "<answer>\n1 C\n2: none\n3: A\n4: F\n</answer>",                               # no separator
-    "</answer>\n1: C\n2: none\n3: A\n4: F\n<answer>",                              # reversed tags
-    "<answer>\n99999999999: C\n</answer>",                                         # huge index
+    TASKS_JSON,                                                                    # no block
+    "<thinking>x</thinking><answer>\n" + TASKS_JSON + "\n",                        # unclosed
+    TASKS_GOOD + "\nHope this helps",                                              # text after the block
+    TASKS_GOOD + "\n```",                                                          # fence after the block
+    "<answer>{}</answer>\n" + TASKS_GOOD,                                          # two blocks
+    "<thinking>I will answer in <answer> tags.</thinking><answer>" + TASKS_JSON + "</answer>",  # stray tag
+    "</answer>\n" + TASKS_JSON + "\n<answer>",                                     # reversed tags
 ])
 def test_tasks_reward_malformed(text):
     assert reward.parse_answer(text, 4, 6) is None
@@ -990,11 +1027,11 @@ def test_tasks_reward_anti_hacking():
     # all none: exactly the fraction of none targets (1 of 4), and no precision/recall
     d = reward.score(reward.format_answer({i: None for i in range(1, 5)}), TASKS_TASK)
     tasks_close(d, format=1, match=0.25, reward=1.25, precision=0, recall=0, f1=0)
-    # one letter repeated: right only where it is the target
-    d = reward.score(reward.format_answer({i: "A" for i in range(1, 5)}), TASKS_TASK)
+    # one id repeated: right only where it is the target
+    d = reward.score(reward.format_answer({i: "1" for i in range(1, 5)}), TASKS_TASK)
     tasks_close(d, format=1, match=0.25, precision=0.25, recall=1 / 3)
-    # every letter listed for point 1 (extra entries): malformed
-    spam = "<answer>\n" + "\n".join(f"1: {c}" for c in "ABCDEF") + "\n2: none\n3: A\n4: F\n</answer>"
+    # every id listed for point 1 (duplicate keys): malformed
+    spam = _think("{" + ", ".join(f'"1": "{c}"' for c in range(1, 7)) + ', "2": "none", "3": "1", "4": "6"}')
     tasks_close(reward.score(spam, TASKS_TASK), reward=0)
     # huge reasoning before a perfect block: over max_chars -> malformed; under it -> full reward
     long = "x" * (reward.MAX_CHARS + 1) + TASKS_GOOD
@@ -1003,15 +1040,17 @@ def test_tasks_reward_anti_hacking():
     tasks_close(reward.score("x" * 1000 + TASKS_GOOD, TASKS_TASK, max_chars=1000), reward=0)
     # all-none task: an all-none answer is perfect in every metric; one false match loses P/R/F1
     none_task = dict(n=2, m=3, target=[None, None])
-    tasks_close(reward.score("<answer>\n1: none\n2: none\n</answer>", none_task), reward=2, precision=1,
+    tasks_close(reward.score(_think('{"1": "none", "2": "none"}'), none_task), reward=2, precision=1,
                 recall=1, f1=1)
-    tasks_close(reward.score("<answer>\n1: none\n2: B\n</answer>", none_task), match=0.5, precision=0,
+    tasks_close(reward.score(_think('{"1": "none", "2": "2"}'), none_task), match=0.5, precision=0,
                 recall=0, f1=0)
 
 
 def test_tasks_reward_format_answer_roundtrip_and_labels():
-    assert reward.y_labels_for(28)[-3:] == ["Z", "AA", "AB"]
+    assert reward.y_labels_for(28)[-3:] == ["26", "27", "28"]
     assert reward.x_labels_for(3) == ["1", "2", "3"]
+    assert reward.format_answer({2: None, 1: "3"}, thinking="t") == \
+        '<thinking>\nt\n</thinking>\n<answer>\n```json\n{"1": "3", "2": "none"}\n```\n</answer>'
     rng = random.Random(0)
     for _ in range(200):
         n, m = rng.randint(1, 12), rng.randint(1, 30)
@@ -1024,9 +1063,11 @@ def test_tasks_reward_format_answer_roundtrip_and_labels():
 
 def test_tasks_reward_fuzz():
     rng = random.Random(1)
-    alphabet = list("0123456789ABCDEFabcdef:-=>.<>/ \n\t∅→") + ["<answer>", "</answer>", "none", "no match",
-                                                                  "<|im_end|>", "1: A\n", "\r\n", "\x00", "é"]
-    base = [TASKS_GOOD, reward.format_answer({1: "A", 2: None, 3: "B", 4: "C"}), "<answer>\n</answer>"]
+    alphabet = list('0123456789{}[]",:.-+eE \n\t∅\\`') + [
+        "<answer>", "</answer>", "<thinking>", "</thinking>", "none", "None", "null", "true", "no match",
+        "<|im_end|>", '"1": "2", ', "```json", "```", "\r\n", "\x00", "é", "\udcff", "9" * 30, "{" * 20, "[" * 20]
+    base = [TASKS_GOOD, reward.format_answer({1: "1", 2: None, 3: "2", 4: "3"}), _think("{}"),
+            _think('{"1": [{"2": {"3": null}}], "1": 1e400, "2": -0}'), _think('{"1": "3", "2": "none}')]
     t0, n_ok = time.time(), 0
     for k in range(12000):
         if k % 2:
@@ -1044,12 +1085,16 @@ def test_tasks_reward_fuzz():
                     s[p] = rng.choice(alphabet)
             s = "".join(s)
         d = reward.score(s, TASKS_TASK)
-        assert 0.0 <= d["reward"] <= 2.0 and 0.0 <= d["f1"] <= 1.0
+        assert 0.0 <= d["reward"] <= 2.0 and 0.0 <= d["f1"] <= 1.0 and 0.0 <= d["released_f1"] <= 1.0
         assert (d["parsed"] is None) == d["malformed"]
+        r = reward.released_reward(s, TASKS_TASK)
+        assert -3.0 <= r["repetition_penalty"] <= 0 and -2.0 <= r["accuracy_reward"] <= 1.0
         n_ok += not d["malformed"]
     assert 0 < n_ok < 12000  # the mutations produce both well-formed and malformed strings
-    # pathological sizes stay cheap (bounded by max_chars) and never raise
-    for s in [" " * 10**6, "<answer>" + " " * 30000 + "</answer>", "1" * 40000, "<answer>\n" + "1:" * 15000]:
+    # pathological sizes and shapes stay cheap (bounded by max_chars) and never raise
+    for s in [" " * 10**6, "<answer>" + " " * 30000 + "</answer>", "1" * 40000, "<answer>\n" + "1:" * 15000,
+              _think("[" * 30000), _think("{" * 30000), _think('"\\' * 16000), _think('{"1": ' + "9" * 30000 + "}"),
+              _think('{"1": "' + "none " * 6000)]:
         assert reward.score(s, TASKS_TASK)["reward"] == 0.0
     assert reward.parse_answer(None, 4, 6) is None and reward.parse_answer(b"<answer>", 4, 6) is None
     print(f"fuzz took {time.time() - t0:.2f}s")
@@ -1159,8 +1204,8 @@ def test_tasks_sample_points_shuffled_and_seeded():
     for _ in range(400):
         s = make_tasks.sample_points(arrays, "L1", "sparse", 4, rng, min_sep=20)
         firsts[s["target"][0]] += 1
-        identity += s["target"] == ["A", "B", "C", "D"]
-    assert set(firsts) == {"A", "B", "C", "D"} and min(firsts.values()) > 60  # ~100 each
+        identity += s["target"] == ["1", "2", "3", "4"]
+    assert set(firsts) == {"1", "2", "3", "4"} and min(firsts.values()) > 60  # ~100 each
     assert identity < 60  # ~400/24 = 17 by chance
 
 
@@ -1223,19 +1268,22 @@ def test_tasks_drawing_geometry(tmp_path):
         assert task["images"] is None and os.path.isabs(task["originals"][0])
         assert reward.score(reward.format_answer(dict(enumerate(task["target"], 1))), task)["reward"] == 2
         font, r = make_tasks.marker_sizes(640)
-        for side, img, fill in ((1, imgs[0], make_tasks.STYLE1["fill"]), (2, imgs[1], make_tasks.STYLE2["fill"])):
+        for side, img, fill in ((1, imgs[0], make_tasks.RING), (2, imgs[1], make_tasks.RING)):
             a = np.asarray(img).astype(int)
             pts = make_tasks.to_drawn(task[f"{'x' if side == 1 else 'y'}_points"], task[f"scale{side}"])
             # drawn separation holds at the drawn resolution
             P = np.asarray(pts)
             assert (np.sqrt(((P[:, None] - P[None]) ** 2).sum(-1)) + np.eye(len(P)) * 1e9).min() >= 20 - 1e-6
             for x, y in pts:
-                # the marker colour is at the point, and the blob of that colour around it is centred on it
-                assert tuple(a[round(y), round(x)]) == fill
+                # the ring's colour lies around the point (hollow: the point itself shows the image), and the
+                # ring of that colour is centred on it
+                assert tuple(a[round(y), round(x)]) != fill
                 y0, x0 = max(0, round(y) - r - 1), max(0, round(x) - r - 1)
                 win = np.all(a[y0:round(y) + r + 2, x0:round(x) + r + 2] == fill, axis=-1)
                 ys, xs = np.nonzero(win)
-                assert abs(xs.mean() + x0 - x) <= 1.0 and abs(ys.mean() + y0 - y) <= 1.0
+                assert len(xs) >= 2 * r  # at least a half ring, also where the border clips it
+                if r + 1 <= x <= a.shape[1] - r - 2 and r + 1 <= y <= a.shape[0] - r - 2:  # a whole ring
+                    assert abs(xs.mean() + x0 - x) <= 1.0 and abs(ys.mean() + y0 - y) <= 1.0
         # label boxes: near their point, inside the image, never over a marker, not overlapping each other
         _, _, geom = make_tasks.draw_prompts(*[Image.open(p) for p in task["originals"]], task["x_points"],
                                              task["y_points"], task["x_labels"], task["y_labels"], 640,
@@ -1255,11 +1303,12 @@ def test_tasks_drawing_geometry(tmp_path):
 
 def test_tasks_prompt():
     p = make_tasks.build_prompt(5, 7)
-    assert reward.ANSWER_INSTRUCTIONS in p and "1 to 5" in p and "A to G" in p
-    assert make_tasks.STYLE1["name"] in p and make_tasks.STYLE2["name"] in p
+    assert p == prompts.default_prompt(think=True, n=5, m=7) and "1 to 5" in p and "1 to 7" in p
+    assert "green circles" in p and "<thinking>" in p and "```json" in p
     assert make_tasks.build_prompt(5, 7, actor=False) == p
     pa = make_tasks.build_prompt(5, 7, actor=True)
-    assert pa != p and "<action>" in pa and reward.ANSWER_INSTRUCTIONS in pa
+    assert pa == p + "\n\n" + reward.action_instructions() and "<action>" in pa
+    assert make_tasks.build_prompt(5, 7, template="Their question.\n") == "Their question."
 
 
 def test_tasks_cli_fake_pool(tmp_path, capsys):

@@ -30,8 +30,9 @@ def default_prompt(think=True, n=None, m=None):
         counts = (f" Image 1 shows {n} numbered point{'s' if n != 1 else ''} (1 to {n}); image 2 shows {m} "
                   f"(1 to {m}).")
     lines = [
-        "The two images show the same scene from different viewpoints. Small circles with numeric ids mark "
-        "points on both images." + counts,
+        "The two images show the same scene from different viewpoints. Small green circles with numeric ids "
+        "mark points on both images: each circle is centred on its point, and its id is written in white on a "
+        "black box next to it, joined to it by a thin line." + counts,
         "For every numbered point of image 1, find the point of image 2 that shows the same physical spot, or "
         "say \"none\" when that spot is hidden or out of view in image 2.",
     ]
