@@ -1797,9 +1797,9 @@ def grpo_sample_batch(env, n_prompts=2, G=3, seed=0):
 def test_grpo_tiny_model_loads_and_tokenizes_answers_compactly(grpo_env):
     model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
-    answer = "<answer>\n1: C\n2: none\n3: A\n</answer>"
+    answer = reward.format_answer({1: "3", 2: None, 3: "1"})
     ids = tok(answer, add_special_tokens=False).input_ids
-    assert tok.decode(ids) == answer and len(ids) <= 20  # vs 36 bytes
+    assert tok.decode(ids) == answer and len(ids) <= 15  # vs 88 bytes: 2 tokens a point + tags and fences
     img = Image.new("RGB", (640, 480))
     enc = grpo.encode(tok, ip, "Match the points.", [img, img])
     n_pad = int(enc["mm_token_type_ids"].sum())

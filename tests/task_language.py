@@ -159,3 +159,33 @@ def test_make_tasks_prompt_template(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         make_tasks.main(["--pool", str(pool), "--out", str(tmp_path / "u"), "--prompt-template",
                          str(tmp_path / "missing.txt")])
+
+
+def test_grpo_released_reward_logs_its_four_parts_and_asks_the_template(grpo_env, tmp_path, monkeypatch):
+    import grpo
+    import test_all
+    tpl = tmp_path / "question.txt"
+    tpl.write_text("Match the ids. Think in <thinking></thinking>, answer JSON in <answer></answer>.\n")
+    out = tmp_path / "run"
+    asked, encode = [], grpo.encode
+    monkeypatch.setattr(grpo, "encode", lambda tok, ip, prompt, images: asked.append(prompt) or encode(tok, ip, prompt,
+                                                                                                    images))
+    grpo.main(test_all.grpo_common(grpo_env, out, "--reward", "released", "--prompt-template", str(tpl),
+                                   "--steps", "2", "--save-every", "100"))
+    metrics = test_all.grpo_read(out / "metrics.jsonl")
+    rows = test_all.grpo_read(out / "rollouts.jsonl")
+    assert len(metrics) == 2 and len(rows) == 2 * 2 * 4
+    for m in metrics:
+        assert all(k in m for k in reward.RELEASED_PARTS) and "format" in m and "match" in m
+        mine = [r for r in rows if r["step"] == m["step"]]
+        for k in reward.RELEASED_PARTS:
+            assert m[k] == pytest.approx(np.mean([r[k] for r in mine]))
+    for r in rows:  # the reward is the sum of the four parts (no ActoR term here), each within its range
+        assert r["reward"] == pytest.approx(sum(r[k] for k in reward.RELEASED_PARTS))
+        assert r["thinking_format_reward"] in (0.0, 1.0) and r["content_format_reward"] in (0.0, 1.0)
+        assert -3.0 <= r["repetition_penalty"] <= 0.0 and -2.0 <= r["accuracy_reward"] <= 1.0
+    # the training prompts were the template; args.json keeps the path, not the text
+    assert len(asked) == 2 * 2 and set(asked) == {tpl.read_text().rstrip()}
+    assert json.load(open(out / "args.json"))["prompt_template"] == str(tpl)
+    with pytest.raises(SystemExit, match="no such file"):
+        grpo.main(test_all.grpo_common(grpo_env, tmp_path / "bad", "--prompt-template", str(tmp_path / "no.txt")))
