@@ -70,9 +70,10 @@ any local Hugging Face model dir, or a hub id; put CKPTs before --baseline. Deco
 Outputs, per model (name derived from the path: runs/grpo/step_000010 -> grpo_step_000010; baselines are
 baseline_sift, baseline_random, baseline_none):
     <out>/<name>/predictions.jsonl  one JSON object per task: task_id, text (raw completion, or the formatted
-        answer of a baseline), parsed ({"1": "C", "2": null, ...}; null when the answer did not parse), format,
+        answer of a baseline), parsed ({"1": "3", "2": null, ...}; null when the answer did not parse), format,
         match, reward, precision, recall, f1 and the counts n_pred / n_correct / n_pos (all from reward.score,
-        the training reward's own code), n and n_hits (points answered exactly right), and the task's source,
+        the training reward's own code), released_precision / released_recall / released_f1 (the released
+        benchmark's scorer on the same reply, reward.released_prf; not aggregated here), n and n_hits (points answered exactly right), and the task's source,
         scene_type, level, spatial, bin, delta_v; for models also truncated (no stop token; for an API model
         finish_reason == "length", the raw finish_reason kept beside it), n_tokens and usage ({prompt_tokens,
         completion_tokens}: the server's count for an API model; ours, image pads included, for a local one).
@@ -112,7 +113,7 @@ run with other --widest settings) shows "-" in that table.
 Metrics. Per task, reward.score gives precision = correct links / links predicted (answers other than none),
 recall = correct links / ground-truth links, f1 (both ratios are 1 when nothing is claimed and nothing exists),
 match = fraction of the n image-1 points answered exactly right (a correct none counts, as in the paper's r_match)
-and format (1 when every point is answered once in the grammar). Headline F1 / P / R are MACRO: the per-task
+and format (1 when the reply has its thinking block and its JSON answer maps every point once). Headline F1 / P / R are MACRO: the per-task
 numbers averaged over tasks, so every task weighs the same whatever its size. metrics.json also has MICRO (pooled)
 numbers: counts summed over the tasks first (micro_precision = sum n_correct / sum n_pred, micro_recall =
 sum n_correct / sum n_pos, micro_f1 from those two, micro_match_acc = sum n_hits / sum n), which weigh tasks by
@@ -248,6 +249,7 @@ def score_row(task, text, **extra):
                parsed=None if parsed is None else {str(k): v for k, v in sorted(parsed.items())})
     row.update({k: s[k] for k in ("format", "match", "reward", "precision", "recall", "f1",
                                   "n_pred", "n_correct", "n_pos", "n_hits")})  # n_hits: points answered right
+    row.update({k: s[k] for k in ("released_precision", "released_recall", "released_f1")})  # the release's rule
     row.update(n=task["n"])
     row.update({k: task[k] for k in TASK_FIELDS})
     if task.get("actor") and task.get("R") is not None and task.get("t") is not None:  # ActoR tasks (HATCH)
@@ -366,8 +368,7 @@ def read_lmms_samples(path, all_tasks):
         if claimed is not None and claimed != task["task_id"]:
             sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
                      f"but {claimed!r} in the samples: the export was made from another tasks file")
-        if claimed is None and target is not None and target != reward.format_answer(
-                {i + 1: v for i, v in enumerate(task["target"])}):
+        if claimed is None and target is not None and target != reward.reference_answer(task["target"]):
             sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
                      f"task {task['task_id']!r}: the export was made from another tasks file")
         text = s.get("filtered_resps", s.get("resps"))

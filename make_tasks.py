@@ -361,9 +361,11 @@ def build_prompt(n, m, actor=False, action_step=ACTION_STEP_DEG, template=None):
     answer), or template (the text of --prompt-template, used as it is). Same wording for every level, so it leaks
     nothing. actor (HATCH's ActoR): the reply must also state the camera motion from view 1 to view 2 in an
     <action> block before the answer block (grammar and reward in reward.py), angles rounded to multiples of
-    action_step."""
-    text = prompts.default_prompt(think=True, n=n, m=m) if template is None else template.rstrip()
-    return text + ("\n\n" + action_instructions(action_step) if actor else "")
+    action_step; its instructions come before our answer format, or after a template."""
+    act = action_instructions(action_step) if actor else None
+    if template is None:
+        return prompts.default_prompt(think=True, n=n, m=m, before_answer=act)
+    return template.rstrip() + ("\n\n" + act.strip() if actor else "")  # a template's own text is kept whole
 
 # -----------------------------------------------------------------------------
 # One task (reads the pair's images, writes nothing; grpo.py calls this online)

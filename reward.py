@@ -85,6 +85,11 @@ def format_answer(mapping, thinking=""):
     block = "<answer>\n```json\n" + answer_json(mapping) + "\n```\n</answer>"
     return block if thinking is None else f"<thinking>\n{thinking}\n</thinking>\n{block}"
 
+def reference_answer(target):
+    """The answer block that scores 100 for a target list (image-2 id or None per image-1 point), without a
+    thinking block: the exports' "answer" field, and what evaluate.py checks harness logs against."""
+    return format_answer({i + 1: v for i, v in enumerate(target)}, thinking=None)
+
 # -----------------------------------------------------------------------------
 # Parsing
 

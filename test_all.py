@@ -1307,8 +1307,10 @@ def test_tasks_prompt():
     assert "green circles" in p and "<thinking>" in p and "```json" in p
     assert make_tasks.build_prompt(5, 7, actor=False) == p
     pa = make_tasks.build_prompt(5, 7, actor=True)
-    assert pa == p + "\n\n" + reward.action_instructions() and "<action>" in pa
+    assert pa == prompts.default_prompt(think=True, n=5, m=7, before_answer=reward.action_instructions())
+    assert pa.index("<action>") < pa.index("<answer>") and pa.index("<action>") < pa.index("Answer format")
     assert make_tasks.build_prompt(5, 7, template="Their question.\n") == "Their question."
+    assert make_tasks.build_prompt(5, 7, actor=True, template="Q.") == "Q.\n\n" + reward.action_instructions().strip()
 
 
 def test_tasks_cli_fake_pool(tmp_path, capsys):
@@ -1516,8 +1518,10 @@ def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
     assert set(levels) == set(make_tasks.LEVELS) and max(levels.values()) - min(levels.values()) <= 0.2 * len(tasks)
     t = tasks[0]
     img = np.asarray(Image.open(os.path.join(out, t["images"][0]))).astype(int)
-    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):
-        assert tuple(img[round(y), round(x)]) == make_tasks.STYLE1["fill"]
+    r = make_tasks.marker_sizes(max(t["size1"]))[1]
+    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):  # a green ring around each point (JPEG: near)
+        win = img[max(0, round(y) - r - 1):round(y) + r + 2, max(0, round(x) - r - 1):round(x) + r + 2]
+        assert ((win[..., 1] > 180) & (win[..., 0] < 90) & (win[..., 2] < 90)).sum() >= r
 
 
 # -----------------------------------------------------------------------------
@@ -2627,14 +2631,14 @@ def _evaluate_hand_rows():
     ans = lambda *labels: reward.format_answer({i + 1: v for i, v in enumerate(labels)})
     cases = [
         # all right: P 1, R 1, F1 1, match 2/2
-        (_evaluate_task("t1", ["A", "B"], "scannet", "L1", "indoor", "sparse", 1, 0.1), ans("A", "B")),
+        (_evaluate_task("t1", ["1", "2"], "scannet", "L1", "indoor", "sparse", 1, 0.1), ans("1", "2")),
         # 1 of 2 claimed links right, the one real link found, 3 ends right: P 1/2, R 1, F1 2/3, match 2/3
-        (_evaluate_task("t2", ["A", None, None], "scannet", "L2", "indoor", "dense", 2, 0.5), ans("A", "B", None)),
+        (_evaluate_task("t2", ["1", None, None], "scannet", "L2", "indoor", "dense", 2, 0.5), ans("1", "2", None)),
         # malformed: everything 0
-        (_evaluate_task("t3", ["A", "B"], "co3d", "L1", "object", "sparse", 1, 0.9), "1: A\n2: B"),
+        (_evaluate_task("t3", ["1", "2"], "co3d", "L1", "object", "sparse", 1, 0.9), "1: A\n2: B"),
         # swapped links, nones right: P 0, R 0, F1 0, match 2/4
-        (_evaluate_task("t4", ["A", "B", None, None], "co3d", "L3", "object", "sparse", 2, 0.7),
-         ans("B", "A", None, None)),
+        (_evaluate_task("t4", ["1", "2", None, None], "co3d", "L3", "object", "sparse", 2, 0.7),
+         ans("2", "1", None, None)),
     ]
     return [evaluate.score_row(task, text) for task, text in cases]
 
@@ -2646,7 +2650,7 @@ def test_evaluate_rows_hold_reward_scores_and_counts():
     assert np.allclose(got, want)
     assert [(r["n_correct"], r["n_pred"], r["n_pos"], r["n_hits"], r["n"]) for r in rows] == \
         [(2, 2, 2, 2, 2), (1, 2, 1, 2, 3), (0, 0, 2, 0, 2), (0, 2, 2, 2, 4)]
-    assert rows[1]["parsed"] == {"1": "A", "2": "B", "3": None} and rows[2]["parsed"] is None
+    assert rows[1]["parsed"] == {"1": "1", "2": "2", "3": None} and rows[2]["parsed"] is None
     json.dumps(rows)  # rows go to predictions.jsonl as they are
 
 
@@ -2712,14 +2716,14 @@ def test_evaluate_action_accuracy_for_actor_tasks(tmp_path):
     a = math.radians(30)
     R = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]).T
     t = -R @ np.array([0.0, 0.0, 1.0])
-    actor = lambda tid: dict(_evaluate_task(tid, ["A", None], "scannet", "L3", "indoor", "sparse", 1, 0.2),
+    actor = lambda tid: dict(_evaluate_task(tid, ["1", None], "scannet", "L3", "indoor", "sparse", 1, 0.2),
                              actor=True, action_step=15, R=R.tolist(), t=t.tolist())
     good = reward.format_actions(reward.canonical_actions(R.tolist(), t.tolist()))
     wrong = good.replace("yaw right", "yaw left").replace("move forward", "move back")  # 2 of 4 parts wrong
-    answer = "\n" + reward.format_answer({1: "A", 2: None})
+    answer = "\n" + reward.format_answer({1: "1", 2: None})
     rows = [evaluate.score_row(actor("a1"), good + answer), evaluate.score_row(actor("a2"), wrong + answer),
-            evaluate.score_row(_evaluate_task("p", ["A"], "co3d", "L1", "object", "sparse", 1, 0.5),
-                               reward.format_answer({1: "A"}))]
+            evaluate.score_row(_evaluate_task("p", ["1"], "co3d", "L1", "object", "sparse", 1, 0.5),
+                               reward.format_answer({1: "1"}))]
     assert (rows[0]["action"], rows[1]["action"]) == (1.0, 0.5) and "action" not in rows[2]
     assert all(r["f1"] == 1.0 for r in rows)  # the action block does not disturb the answer's parse
     o = evaluate.aggregate(rows)["overall"]
@@ -2995,8 +2999,8 @@ def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
     spec = [("d0", "dl3dv", "outdoor", "L1", 0.2), ("d1", "dl3dv", "outdoor", "L2", 0.4),
             ("d2", "dl3dv", "outdoor", "L3", 0.6), ("r0", "re10k", "indoor", "L1", 0.1),
             ("r1", "re10k", "indoor", "L3", 0.3), ("s0", "scannet", "indoor", "L2", 0.95)]
-    tasks = [_evaluate_task(tid, ["A", None], src, lv, st, "sparse", 1, dv) for tid, src, st, lv, dv in spec]
-    right, none = reward.format_answer({1: "A", 2: None}), reward.format_answer({1: None, 2: None})
+    tasks = [_evaluate_task(tid, ["1", None], src, lv, st, "sparse", 1, dv) for tid, src, st, lv, dv in spec]
+    right, none = reward.format_answer({1: "1", 2: None}), reward.format_answer({1: None, 2: None})
     model = [evaluate.score_row(t, right, truncated=t["task_id"] in ("d0", "r0"), n_tokens=9) for t in tasks]
     base = [evaluate.score_row(t, none) for t in tasks]
     all_metrics = {"m": dict(source="m", kind="model", max_new_tokens=5120, **evaluate.aggregate(model, widest=2)),
@@ -3024,8 +3028,8 @@ def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
 
 
 def test_evaluate_resumed_rows_take_pair_id_from_the_task(tmp_path):
-    tasks = [dict(_evaluate_task("a", ["A"], "co3d", "L1", "object", "sparse", 1, 0.2), pair_id="pa")]
-    old = {k: v for k, v in evaluate.score_row(tasks[0], reward.format_answer({1: "A"})).items() if k != "pair_id"}
+    tasks = [dict(_evaluate_task("a", ["1"], "co3d", "L1", "object", "sparse", 1, 0.2), pair_id="pa")]
+    old = {k: v for k, v in evaluate.score_row(tasks[0], reward.format_answer({1: "1"})).items() if k != "pair_id"}
     (tmp_path / "predictions.jsonl").write_text(json.dumps(old) + "\n")  # a row from before pair_id was recorded
     rows = evaluate.predict(lambda: pytest.fail("nothing left to answer"), tasks, tmp_path, "x")
     assert rows[0]["pair_id"] == "pa" and evaluate.aggregate(rows, widest=1)["widest"]["pairs"] == ["pa"]
@@ -3222,6 +3226,17 @@ def _human_click_point(page, task, j, side=2, on_label=False):
     page.mouse.click(box["x"] + (x + 0.5) * box["width"] / W, box["y"] + (y + 0.5) * box["height"] / H)
 
 
+def _human_type(page, task, lab):
+    """Answer the active point by keyboard: 0 for no match, else the id's digits, and Enter where a longer id
+    starts with it (the page would otherwise wait for another digit)."""
+    if lab is None:
+        return page.keyboard.press("0")
+    for d in lab:
+        page.keyboard.press(d)
+    if any(y != lab and y.startswith(lab) for y in task["y_labels"]):
+        page.keyboard.press("Enter")
+
+
 def test_human_page_in_browser_answers_persist_download_and_score(human_browser, human_page, tmp_path):
     """Four of the five tasks answered (the third with one deliberate mistake), the fifth left open."""
     tasks = evaluate.load_tasks(human_page / "page" / "tasks.jsonl")  # page order
@@ -3240,7 +3255,7 @@ def test_human_page_in_browser_answers_persist_download_and_score(human_browser,
         for i in order:  # the active point moves on to the next unanswered one after each answer
             lab = mapping[i]
             if k == 1:  # by keyboard
-                page.keyboard.press("0" if lab is None else lab.lower())
+                _human_type(page, task, lab)
             elif lab is None:
                 page.get_by_role("button", name="No match").click()
             else:  # on the marker; on its label box in the fourth task
@@ -3288,12 +3303,12 @@ def test_human_show_truth_page_marks_answers(human_browser, human_page):
     target = task["target"][0]
     wrong = next(lab for lab in task["y_labels"] if lab != target)
     first_row = lambda: page.locator(".row").first.inner_text()
-    page.keyboard.press(wrong.lower())  # point 1, wrong: marked, the truth shown
+    _human_type(page, task, wrong)  # point 1, wrong: marked, the truth shown
     assert "✗" in first_row() and f"truth: {'none' if target is None else target}" in first_row()
     page.keyboard.press("ArrowUp")  # the answer moved the active point to 2; back to 1
     page.keyboard.press("Backspace")
     assert first_row().split("\n")[-1] == "?"  # cleared: nothing marked
-    page.keyboard.press("0" if target is None else target.lower())
+    _human_type(page, task, target)
     assert "✓" in first_row() and "truth" not in first_row()
     context.close()
 
@@ -3801,11 +3816,11 @@ def test_hatch_actions_random_poses_round_trip():
         R, t = hatch_pose(M, rng.normal(size=3))
         a = reward.canonical_actions(R, t)
         assert (a["yaw_exact"], a["pitch_exact"], a["roll_exact"]) == pytest.approx((yaw, pitch, roll), abs=1e-6)
-        text = "Let me think.\n" + reward.format_actions(a) + "\n<answer>\n1: A\n</answer>"
+        text = "<thinking>Let me think.</thinking>\n" + reward.format_actions(a) + '\n<answer>{"1": "1"}</answer>'
         p = reward.parse_actions(text)
         assert p == {k: a[k] for k in ("yaw", "pitch", "roll", "move")}
         assert reward.action_reward(text, R, t)["action"] == 1.0
-        assert reward.parse_answer(text, 1, 1) == {1: "A"}   # the answer parser accepts the action block before
+        assert reward.parse_answer(text, 1, 1) == {1: "1"}   # the answer parser accepts the action block before
 
 
 def test_hatch_action_reward_wrong_actions_score_lower():
@@ -3833,7 +3848,7 @@ def test_hatch_action_reward_wrong_actions_score_lower():
     R4, t4 = hatch_pose(hatch_rot_y(15), (0, 0, 0))
     assert reward.action_reward(reward.format_actions(dict(base, yaw=15, move="stay")), R4, t4)["action"] == 1.0
     # missing / malformed block scores 0
-    assert reward.action_reward("<answer>\n1: A\n</answer>", R, t)["action"] == 0.0
+    assert reward.action_reward('<answer>{"1": "1"}</answer>', R, t)["action"] == 0.0
 
 
 @pytest.mark.parametrize("text", [
@@ -3858,7 +3873,7 @@ def test_hatch_parse_actions_tolerant(text):
     "<action>\nyaw right 30, pitch down 15, roll 0, move sideways\n</action>",            # unknown move
     "<action>\nyaw right 30, pitch down 15, roll 0, move forward, then stop\n</action>",  # extra item
     "<action>a</action><action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",  # two blocks
-    "<answer>\n1: A\n</answer>\n<action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",  # after
+    '<answer>{"1": "1"}</answer>\n<action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>',  # after
     "</action>yaw right 30, pitch down 15, roll 0, move forward<action>",                 # reversed tags
 ])
 def test_hatch_parse_actions_malformed(text):
@@ -3871,7 +3886,7 @@ def test_hatch_parsers_never_raise_fuzz():
               "right", "up", "down", "cw", "ccw", "forward", "back", "stay", "0", "15", "90", "180", "999", "1e9",
               "12.5", "-", ",", ";", "\n", " ", ":", "°", "deg", "1", "A", "none", "\x00", "é", "→", "∅", "..."]
     R, t = hatch_pose(hatch_rot_y(20), (0, 0, 1))
-    valid = "ok\n<action>\nyaw right 30, pitch down 15, roll ccw 45, move forward\n</action>\n<answer>\n1: A\n</answer>"
+    valid = 'ok\n<action>\nyaw right 30, pitch down 15, roll ccw 45, move forward\n</action>\n<answer>{"1": "1"}</answer>'
     parsed = 0
     for k in range(10000):
         if k % 2:  # random token soup
@@ -3901,8 +3916,8 @@ def test_hatch_parsers_never_raise_fuzz():
 
 def test_hatch_score_with_action_weight():
     R, t = hatch_pose(hatch_rot_y(-30), (0, 0, 1))
-    task = dict(task_id="t", n=2, m=3, target=["B", None], R=R, t=t)
-    answer = reward.format_answer({1: "B", 2: None})
+    task = dict(task_id="t", n=2, m=3, target=["2", None], R=R, t=t)
+    answer = reward.format_answer({1: "2", 2: None})
     act = reward.format_actions(reward.canonical_actions(R, t))
     good = "Reasoning.\n" + act + "\n" + answer
     # w_action = 0: exactly the old behaviour (same dict as without the argument)
@@ -3912,7 +3927,7 @@ def test_hatch_score_with_action_weight():
     assert (d["format"], d["match"], d["action"], d["reward"]) == (1.0, 1.0, 1.0, 2.5)
     d = reward.score(answer, task, w_action=0.5)                 # no action block: no action reward
     assert (d["action"], d["reward"]) == (0.0, 2.0)
-    d = reward.score(act + "\n<answer>\n1: B\n</answer>\nmore", task, w_action=0.5)  # malformed answer, action ok
+    d = reward.score(act + '\n<answer>{"1": "2"}</answer>\nmore', task, w_action=0.5)  # malformed answer, action ok
     assert (d["format"], d["match"], d["action"], d["reward"]) == (0.0, 0.0, 1.0, 0.5)
     d = reward.score(good, dict(task, R=None, t=None), w_action=0.5)  # pose unknown: nothing added
     assert d["action"] is None and d["reward"] == 2.0
@@ -3925,9 +3940,8 @@ def test_hatch_actor_prompt_and_task(tmp_path):
     plain = make_tasks.build_prompt(4, 6)
     p = make_tasks.build_prompt(4, 6, actor=True)
     assert make_tasks.build_prompt(4, 6, actor=False) == plain and p != plain
-    assert reward.action_instructions(15) in p and p.endswith(reward.ANSWER_INSTRUCTIONS)
-    assert p.index("<action>") < p.index("<answer>") and "1 to 4" in p and "A to F" in p
-    assert "Then give the camera motion and your final answer." in p
+    assert reward.action_instructions(15).strip() in p and p.index("<action>") < p.index("<answer>")
+    assert p.index("</thinking>") > p.index("<action>") and "1 to 4" in p and "1 to 6" in p  # the format follows
     assert "multiples of 10" in make_tasks.build_prompt(4, 6, actor=True, action_step=10)
     # make_task passes actor through (a minimal fake pair: 6 matched keypoints, one per cluster)
     for k in (1, 2):
@@ -4038,7 +4052,8 @@ def test_hatch_tiny_model_warmup_actor_targets():
         seen.add((acts["yaw"], acts["move"]))
         labelled = [k for k, v in enumerate(soft) if v is not None]
         assert len(labelled) == 4 and "</action>\n<answer>" in tok.decode(ids[:labelled[0]])
-        assert all(len(soft[k]) == 7 and ids[k] in soft[k] for k in labelled)  # A-F + none
+        assert text.index("</thinking>") < text.index("<action>")  # thinking, action, answer
+        assert all(len(soft[k]) == 7 and ids[k] in soft[k] for k in labelled)  # 1-6 + none
     assert len(seen) > 20  # random, not one fixed action
     assert tiny_model.action_angles(20)["yaw"][0] == -160 and tiny_model.action_angles(20)["pitch"][-1] == 80
 
@@ -4183,7 +4198,8 @@ def test_pipeline_smoke(evaluate_tasks, tmp_path):
     for r in rollouts:  # the logged reward is format + match, and format is what the parser says of the text
         assert r["reward"] == pytest.approx(r["format"] + r["match"])
         assert r["format"] == float(reward.parse_answer(r["text"], r["n"], r["m"]) is not None
-                                    and len(reward.parse_answer(r["text"], r["n"], r["m"])) == r["n"])
+                                    and len(reward.parse_answer(r["text"], r["n"], r["m"])) == r["n"]
+                                    and reward.has_thinking(r["text"]))
     grpo.load_policy(ckpt)  # the real loading path
     evaluate.main([str(tmp_path / "run"), str(tmp_path / "tiny"), "--tasks", str(evaluate_tasks),
                    "--out", str(tmp_path / "eval"), "--limit", "3", "--max-new-tokens", "16", "--baseline", "none"])
