@@ -841,8 +841,8 @@ def make_engine(args, model, tokenizer, device, rank, world, resumed):
     if args.rollout_engine == "hf":
         return hf_engine(model, tokenizer, args, world, autocast_for(device, world))
     cfg, _ = read_model_config(args.model)
-    engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max) +
-                        args.max_new_tokens, seed=args.seed + rank,
+    engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max,
+                                                                   template=prompt_text(args)) + args.max_new_tokens, seed=args.seed + rank,
                         gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world)
     if resumed:
         engine.sync_weights(model)

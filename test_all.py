@@ -4630,7 +4630,7 @@ def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_byt
                   "source", "scene", "scene_type", "split", "level", "spatial", "bin", "delta_v"):
             assert row[k] == t[k], (t["task_id"], k)
         assert row["actor"] is False and reward.score(row["answer"], t)["f1"] == 1.0
-        assert row["answer"] == reward.format_answer({i + 1: v for i, v in enumerate(t["target"])})
+        assert row["answer"] == reward.reference_answer(t["target"])
         files = [evaluate_tasks.parent / p for p in t["images"]]
         assert [im["bytes"] for im in row["images"]] == [f.read_bytes() for f in files]  # unchanged bytes
         assert [im["path"] for im in row["images"]] == [f.name for f in files]
@@ -4664,7 +4664,7 @@ def test_harness_export_vlmevalkit_tsv_images_decode(evaluate_tasks, harness_exp
             assert raw == (evaluate_tasks.parent / rel).read_bytes()
             assert Image.open(io.BytesIO(raw)).convert("RGB").size == Image.open(evaluate_tasks.parent / rel).size
         assert (line["question"], line["answer"], line["task_id"]) == \
-            (t["prompt"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}), t["task_id"])
+            (t["prompt"], reward.reference_answer(t["target"]), t["task_id"])
         assert json.loads(line["target"]) == t["target"] and line["level"] == t["level"]
 
 
