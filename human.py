@@ -219,8 +219,8 @@ PAGE = r"""<!DOCTYPE html>
   .row { display: flex; align-items: center; gap: 8px; padding: 3px 6px; border-radius: 5px; cursor: pointer;
          border: 2px solid transparent; }
   .row.active { border-color: #d0169e; background: #fdf0fa; }
-  .row .num { display: inline-block; min-width: 26px; text-align: center; border-radius: 50%;
-              background: #ffd600; border: 1px solid #000; font-weight: 700; }
+  .row .num { display: inline-block; min-width: 26px; text-align: center; border-radius: 3px;
+              background: #000; color: #fff; font-weight: 700; }  /* as the id boxes on the images */
   .row .ans { font-weight: 700; min-width: 48px; }
   .row .ans.unset { color: #999; font-weight: 400; }
   .row .truth.ok { color: #11813a; } .row .truth.bad { color: #c21818; }
