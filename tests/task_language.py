@@ -189,3 +189,18 @@ def test_grpo_released_reward_logs_its_four_parts_and_asks_the_template(grpo_env
     assert json.load(open(out / "args.json"))["prompt_template"] == str(tpl)
     with pytest.raises(SystemExit, match="no such file"):
         grpo.main(test_all.grpo_common(grpo_env, tmp_path / "bad", "--prompt-template", str(tmp_path / "no.txt")))
+
+
+def test_reference_answer_is_the_released_truth(tmp_path):
+    # the exports' answer column and the released layout's answer (reward.released_truth) carry the same ids
+    pair, arrays = _fake_pair(tmp_path)
+    task, _ = make_tasks.make_task(pair, arrays, "L3", "sparse", 6, np.random.default_rng(4), str(tmp_path),
+                                   max_side=640)
+    ref = reward.reference_answer(task["target"])
+    assert ref.startswith("<answer>\n```json\n") and ref.endswith("\n```\n</answer>")
+    truth = reward.released_truth(task)
+    assert reward.released_json(ref)[1] == truth and list(truth) == task["x_labels"]
+    assert set(truth.values()) <= set(task["y_labels"]) | {"none"} and "none" in truth.values()
+    # our scorer with think=False and the released accuracy both give it full marks
+    assert reward.score(ref, task, think=False)["reward"] == 2.0
+    assert reward.released_reward(ref, task)["accuracy_reward"] == 1.0
