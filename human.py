@@ -418,6 +418,7 @@ function clearAnswer() { delete answers()[String(active + 1)]; flushTime(); save
 
 function goTo(index) {
   if (index < 0 || index >= TASKS.length) return;
+  typed = ""; clearTimeout(typedTimer);  // a half-typed id stays with its task
   flushTime();
   state.cur = index;
   active = Math.max(firstOpen(0), 0);

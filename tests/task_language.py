@@ -204,3 +204,35 @@ def test_reference_answer_is_the_released_truth(tmp_path):
     # our scorer with think=False and the released accuracy both give it full marks
     assert reward.score(ref, task, think=False)["reward"] == 2.0
     assert reward.released_reward(ref, task)["accuracy_reward"] == 1.0
+
+
+def test_human_page_types_multi_digit_ids(human_browser, human_page):
+    """A task with 10 or more points on image 2: "1" then "0" answers 10, "1" then Enter answers 1, "1" then a
+    pause answers 1, and a half-typed id does not follow the person to another task."""
+    import evaluate
+    import test_all
+    tasks = evaluate.load_tasks(human_page / "page" / "tasks.jsonl")
+    k = next((i for i, t in enumerate(tasks) if t["m"] >= 10 and t["n"] >= 3), None)
+    if k is None:
+        pytest.fail("the fixture's page has no task with 10 or more points on image 2 (the test needs one)")
+    context, page, _ = test_all._human_open(human_browser, human_page / "page")
+    for _ in range(k):
+        page.keyboard.press("ArrowRight")
+    rows = lambda: [r.split("\n")[-1] for r in page.locator(".row").all_inner_texts()]
+    page.keyboard.press("1")
+    page.keyboard.press("0")            # no id starts with "10" but 10: answered at once
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")        # 1, though 10.. start with it
+    page.keyboard.press("1")
+    assert rows()[:3] == ["10", "1", "?"], rows()  # waiting for a second digit
+    page.clock.run_for(900)             # the pause ends it
+    assert rows()[:3] == ["10", "1", "1"]
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("1")
+    away, back = ("ArrowRight", "ArrowLeft") if k == 0 else ("ArrowLeft", "ArrowRight")
+    page.keyboard.press(away)           # another task, then the pause: nothing answered there or here
+    page.clock.run_for(900)
+    assert all(r == "?" for r in rows()), rows()
+    page.keyboard.press(back)
+    assert rows()[:3] == ["10", "1", "1"], (rows(), k)
+    context.close()
