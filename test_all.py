@@ -4670,7 +4670,7 @@ def test_harness_export_vlmevalkit_tsv_images_decode(evaluate_tasks, harness_exp
 
 def _harness_answer(task, kind):
     """A model answer of a given kind to a task: gold (after some reasoning), wrong (every link moved to another
-    letter), partial (half the points), none (every point), malformed (no answer block)."""
+    image-2 id), partial (half the points), none (every point), malformed (no answer block)."""
     gold = {i + 1: v for i, v in enumerate(task["target"])}
     ys = task["y_labels"]
     if kind == "gold":
