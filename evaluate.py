@@ -189,6 +189,7 @@ def score_row(task, text, **extra):
                parsed=None if parsed is None else {str(k): v for k, v in sorted(parsed.items())})
     row.update({k: s[k] for k in ("format", "match", "reward", "precision", "recall", "f1",
                                   "n_pred", "n_correct", "n_pos", "n_hits")})  # n_hits: points answered right
+    row.update({k: s[k] for k in ("released_precision", "released_recall", "released_f1")})  # the release's rule
     row.update(n=task["n"])
     row.update({k: task[k] for k in TASK_FIELDS})
     if task.get("actor") and task.get("R") is not None and task.get("t") is not None:  # ActoR tasks (HATCH)

@@ -30,7 +30,7 @@ Outputs (in --out; files of an earlier export there are replaced):
     data/<split>-00000-of-00001.parquet   one row per task IN THE TASKS FILE'S ORDER (row i = lmms-eval's doc_id i,
         which evaluate.py --answers relies on): task_id, images (a list of two HF `Image`s: the prompted image
         files' bytes unchanged, path = the file name), prompt, answer (the reference answer block,
-        reward.format_answer of the target), target (image-2 label or null per image-1 point), n, m, x_labels,
+        reward.reference_answer of the target), target (image-2 id or null per image-1 point), n, m, x_labels,
         y_labels, x_points, y_points (original pixel coordinates, as in the tasks file), pair_id, source, scene,
         scene_type, split, level, spatial, bin, delta_v, actor; written in row groups of 100 with the HF features
         in the schema (datasets.load_dataset reads it back with the same types).
@@ -122,12 +122,12 @@ def check_task(t, where):
     if not (isinstance(n, int) and isinstance(m, int) and n >= 1 and m >= 1):
         fail(f"{where}: n and m must be positive integers (got {n!r}, {m!r})")
     if t["x_labels"] != reward.x_labels_for(n) or t["y_labels"] != reward.y_labels_for(m):
-        fail(f"{where}: x_labels / y_labels are not 1..{n} / A..{reward.y_label(m - 1)}")
+        fail(f"{where}: x_labels / y_labels are not 1..{n} / 1..{m}")
     if len(t["x_points"]) != n or len(t["y_points"]) != m:
         fail(f"{where}: {len(t['x_points'])} x_points and {len(t['y_points'])} y_points for n={n}, m={m}")
     if not isinstance(t["target"], list) or len(t["target"]) != n or \
             any(v is not None and v not in t["y_labels"] for v in t["target"]):
-        fail(f"{where}: target must hold n={n} entries, each an image-2 label or null")
+        fail(f"{where}: target must hold n={n} entries, each an image-2 id of y_labels or null")
     if not isinstance(t["images"], list) or len(t["images"]) != 2:
         fail(f"{where}: images must list the two prompted image files")
     if not isinstance(t["prompt"], str) or not t["prompt"].strip():
@@ -150,8 +150,8 @@ def image_bytes(tasks_dir, rel, task_id):
 
 
 def reference_answer(task):
-    """The answer block that scores 100: one line per image-1 point, its target label or none."""
-    return reward.format_answer({i + 1: v for i, v in enumerate(task["target"])})
+    """The answer block that scores 100: the JSON object of the target (reward.reference_answer)."""
+    return reward.reference_answer(task["target"])
 
 # -----------------------------------------------------------------------------
 # the Hugging Face dataset: features, rows, parquet
@@ -362,11 +362,11 @@ def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, titl
     lines = [f"# {title}", "",
              "Wide-baseline matching as a language task (ReasonMatch-style, after *Eliciting Complex Spatial "
              "Reasoning in MLLMs through Wide-Baseline Matching*): two images of one scene from very different "
-             "viewpoints, numbered points drawn on image 1 and lettered points on image 2; the model reasons, then "
+             "viewpoints, numbered points drawn on both images; the model reasons, then "
              "answers which point of image 1 is which point of image 2, or `none` when it has no labelled partner.",
              "", f"{n} tasks ({len({t['pair_id'] for t in tasks})} image pairs), split `{split}`, "
              f"{min(points)}-{max(points)} numbered points per task (mean {sum(points) / n:.1f}), "
-             f"{min(t['m'] for t in tasks)}-{max(t['m'] for t in tasks)} lettered points.", "",
+             f"{min(t['m'] for t in tasks)}-{max(t['m'] for t in tasks)} points on image 2.", "",
              "## How it was built", "",
              f"Exported by widematch's `export_bench.py` from `{tasks_path.name}` (sha256 `{sha}`), the output of "
              "`make_tasks.py` on a pool of verified correspondences (`build_pool.py`: depth reprojection for RGB-D "
@@ -391,15 +391,19 @@ def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, titl
               "moderate (points in small local groups), dense (neighbours told apart by fine detail).", "",
               "## Fields", "",
               "`task_id`, `images` (image 1, image 2), `prompt` (the full user text, answer format included), "
-              "`answer` (the reference answer block), `target` (per numbered point its letter or null), `n`, `m`, "
+              "`answer` (the reference answer block), `target` (per image-1 id its image-2 id or null), `n`, `m`, "
               "`x_labels`, `y_labels`, `x_points` / `y_points` (the points in the original images' pixels), "
               "`pair_id`, `source`, `scene`, `scene_type`, `split`, `level`, `spatial`, `bin`, `delta_v`, `actor`. "
               f"Row i is task i of `{tasks_path.name}` (lmms-eval's doc_id).", "",
-              "## Answer and scoring", "", "The reply ends with exactly one block, one line per numbered point:", "",
-              "```", "<answer>", "1: C", "2: none", "3: A", "</answer>", "```", "",
+              "## Answer and scoring", "", "Both images carry numeric ids. The reply reasons in a thinking block, "
+              "then ends with exactly one answer block holding a JSON object from every image-1 id to an image-2 id "
+              "or \"none\" (the released ReasonMatch-Bench's language):", "",
+              "````", "<thinking>", "...", "</thinking>", "<answer>", "```json",
+              '{"1": "3", "2": "none", "3": "1"}', "```", "</answer>", "````", "",
               "Scored by widematch's `reward.py`: per task precision = correct links / links claimed, recall = "
               "correct links / true links, F1 (both 1 when nothing is claimed and nothing exists); a reply without "
-              "exactly one well-formed block scores 0. Headline F1 / P / R are macro (per task, averaged over tasks).",
+              "exactly one well-formed answer block scores 0. Headline F1 / P / R are macro (per task, averaged over "
+              "tasks).",
               "", "## Use", "",
               "```python", "import datasets",
               "ds = datasets.load_dataset(\"path/to/this/folder\")[\"%s\"]   # or the hub repo id" % split, "```", "",

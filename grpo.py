@@ -56,6 +56,8 @@ Usage (every default is the paper's recipe; smaller runs pass their own flags):
     --max-visual-tokens        0           1500
     --ppo-mini-batches         1           1
     --reward                   paper       released
+    The released recipe's reward instead of the paper's (reward.py, "The released rules"), and its prompt:
+        python grpo.py [flags] --reward released --prompt-template ReasonMatch/evaluate/matchbench/utils.py
     A full disk (ENOSPC while writing a checkpoint, export, log line or curves.png) stops every rank with one line
     naming the path and the space needed; the half-written step_%06d.tmp/ is removed, the last complete step_*/
     kept: free space, then --resume. A second run on an --out that a live run holds (<out>/.lock) refuses.
@@ -76,15 +78,17 @@ Outputs in --out:
                      so a crash never leaves a half-written step_%06d/; --keep-last K prunes older ones. --resume
                      rebuilds the models from --model and loads dcp/ into them.
     rollouts.jsonl   one line per completion: step, task_id, prompt meta (pair, bin, level, spatial, n, m), text,
-                     reward parts (format, match, action: ActoR accuracy or null), length, truncated, overlong
-                     (--overlong-buffer: the penalty added to its reward).
+                     reward parts (format, match, action: ActoR accuracy or null; with --reward released also
+                     thinking_format_reward, content_format_reward, repetition_penalty, accuracy_reward), length,
+                     truncated, overlong (--overlong-buffer: the penalty added to its reward).
     metrics.jsonl    one line per step (the same numbers as the printed line): reward, format, match, kl, entropy
                      (mean over completion tokens of the sampled logits / T distribution's entropy), clip_frac
                      (share of tokens whose ratio was clipped), zero_std_frac (share of groups whose rewards are all
                      equal), length, length_max, truncated, dlogp, grad_norm (before clipping), lr, curriculum (bin,
                      newest unlocked stage after the update), curriculum_events (what update() reported, e.g.
                      "unlock L2/moderate ..."; also printed), eval_match + eval_match_by_bin (every --eval-every),
-                     action (--actor), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
+                     action (--actor), the released reward's four parts under their names (--reward
+                     released; format and match stay the paper's, for the curriculum), pasta + pasta_acc (--pasta-weight > 0), filter_dropped / filter_redrawn /
                      filter_filled (--filter-groups), tis_weight / tis_capped (--tis-cap), seq_clip_frac (--loss-mode
                      gspo: share of completions whose sequence ratio was clipped), entropy_bonus (--entropy-coeff:
                      the term subtracted), overlong_frac / overlong_penalty (--overlong-buffer: share penalised, mean
@@ -196,6 +200,7 @@ import make_tasks
 import pasta
 import reward
 from widematch import recipes
+from widematch import prompts
 # the rollout machinery (generate with one prefill per prompt, resident weights, the in-place KV cache, the memory
 # plan) lives in rollout.py; grpo.generate and grpo.stop_ids stay importable for evaluate.py, tiny_model.py, bench.py
 from widematch.tis import tis_weights
@@ -515,12 +520,27 @@ def read_pairs(pool_dir):
 
 
 def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5), actor=False,
-                  action_step=reward.ACTION_STEP_DEG):
+                  action_step=reward.ACTION_STEP_DEG, prompt_template=None):
     """-> (task, [img1, img2]) drawn online from one pool pair, n uniform in n_range; raises TaskUnavailable.
-    actor: the prompt also asks for the ActoR action block (make_tasks.build_prompt)."""
+    actor: the prompt also asks for the ActoR action block (make_tasks.build_prompt); prompt_template: the text
+    of --prompt-template (None: our wording)."""
     n = int(rng.integers(n_range[0], n_range[1] + 1))
     return make_tasks.make_task(pair, make_tasks.load_arrays(pool_dir, pair), level, spatial, n, rng, pool_dir,
-                                max_side, actor=actor, action_step=action_step)
+                                max_side, actor=actor, action_step=action_step, prompt_template=prompt_template)
+
+
+_TEMPLATES = {}  # --prompt-template path -> its text, read once (kept out of args.json)
+
+
+def prompt_text(args):
+    """The question text of --prompt-template, None for our wording; a bad file stops with one line."""
+    path = getattr(args, "prompt_template", None)
+    if path is not None and path not in _TEMPLATES:
+        try:
+            _TEMPLATES[path] = prompts.read_template(path)
+        except prompts.TemplateError as e:
+            sys.exit(f"grpo.py: error: --prompt-template {e}")
+    return _TEMPLATES.get(path)
 
 
 def sample_tasks(cur, pairs_by_bin, count, rng, args, stage=None):
@@ -535,7 +555,7 @@ def sample_tasks(cur, pairs_by_bin, count, rng, args, stage=None):
         for k in rng.permutation(len(candidates)):
             try:
                 task, images = task_for_pair(candidates[k], args.pool, level, spatial, rng, args.max_side,
-                                             (args.n_min, args.n_max), args.actor, args.action_step)
+                                             (args.n_min, args.n_max), args.actor, args.action_step, prompt_text(args))
             except make_tasks.TaskUnavailable:
                 continue
             out.append((task, images))
@@ -551,10 +571,12 @@ def score(text, task, args):
         return dict(format=0.0, match=0.0, reward=r, action=None)
     # ActoR: + w_action * action accuracy (None where the pair has no pose), angle tolerance = the rounding step
     s = reward.score(text, task, w_action=args.w_action if args.actor else 0.0, action_tol=args.action_step)
-    r = s["reward"]
-    if getattr(args, "reward", "paper") == "released":  # the release's rule trains; format / match still logged
-        r = reward.released_reward(text, task)["score"]
-    return dict(format=s["format"], match=s["match"], reward=r, action=s.get("action"))
+    out = dict(format=s["format"], match=s["match"], reward=s["reward"], action=s.get("action"))
+    if getattr(args, "reward", "paper") == "released":  # the release's reward; format / match still logged
+        r = reward.released_reward(text, task)
+        out.update({k: r[k] for k in reward.RELEASED_PARTS},
+                   reward=r["score"] + (args.w_action * s["action"] if s.get("action") is not None else 0.0))
+    return out
 
 # -----------------------------------------------------------------------------
 # Distributed setup, sharding, checkpoints
@@ -906,7 +928,7 @@ def make_engine(args, model, tokenizer, device, rank, world, resumed):
     if args.rollout_engine == "hf":
         return hf_engine(model, tokenizer, args, world, autocast_for(device, world))
     cfg, _ = read_model_config(args.model)
-    engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max) +
+    engine = VllmEngine(args.model, tokenizer, device, prompt_bound(cfg, args.max_side, args.n_max, template=prompt_text(args)) +
                         args.max_new_tokens, seed=args.seed + rank,
                         gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world,
                         sleep_level=args.vllm_sleep_level, image_side=args.max_side)
@@ -1128,8 +1150,6 @@ def build_parser():
     ap.add_argument("--recipe", default="paper", choices=recipes.NAMES,
                     help="preset of the loss, reward, optimiser and length flags below (table at the end): paper = "
                          "the paper's text, released = the authors' launch script (docs/recipes.md)")
-    ap.add_argument("--reward", default="paper", choices=["paper", "released"],
-                    help="training reward: paper (reward.score) or released (reward.released_reward's score)")
     ap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct", help="policy init: local dir or hub id")
     ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
     ap.add_argument("--out", default="runs/dcrl", help="run dir")
@@ -1236,6 +1256,12 @@ def build_parser():
     ap.add_argument("--w-action", type=float, default=0.5, help="ActoR: reward += w-action * action accuracy")
     ap.add_argument("--action-step", type=float, default=reward.ACTION_STEP_DEG,
                     help="ActoR: angles rounded to multiples of this (degrees); also the reward's tolerance")
+    ap.add_argument("--reward", default="paper", choices=["paper", "released"],
+                    help="paper: w_f r_format + w_m r_match; released: the released recipe's reward (thinking "
+                         "format + JSON content + 9-gram repetition penalty + accuracy; reward.released_reward)")
+    ap.add_argument("--prompt-template", default=None,
+                    help="ask with this question instead of ours (the released evaluate/matchbench/utils.py or a "
+                         "text file; widematch/prompts.py), so training asks what evaluation will")
     ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
     ap.add_argument("--filter-groups", action="store_true",
                     help="DAPO dynamic sampling: drop groups whose rewards are all equal, redraw prompts of the "
@@ -1374,7 +1400,8 @@ def held_out_tasks(args, test_pairs, rank, reuse):
             pair = by_bin[b][order[b][(j + t) % len(by_bin[b])]]
             try:
                 task, images = task_for_pair(pair, args.pool, make_tasks.LEVELS[j % 3], "sparse", rng,
-                                             args.max_side, (args.n_min, args.n_max), args.actor, args.action_step)
+                                             args.max_side, (args.n_min, args.n_max), args.actor, args.action_step,
+                                             prompt_text(args))
             except make_tasks.TaskUnavailable:
                 continue
             task["task_id"] = f"eval{k:04d}-{task['task_id']}"  # a pair may serve twice
@@ -1501,6 +1528,7 @@ def train_step(step, model, ref_model, engine, tokenizer, image_processor, opt, 
                     n=s["task"]["n"], m=s["task"]["m"], text=s["text"], reward=s["reward"], format=s["format"],
                     match=s["match"], action=s["action"], length=len(s["token_ids"]), truncated=s["truncated"],
                     **({"overlong": s["overlong"]} if "overlong" in s else {}),
+                    **{k: s[k] for k in reward.RELEASED_PARTS if k in s},
                     **({"kept": s.get("weight", 0.0) == 1.0} if args.filter_groups else {}))
                for s in rolled]
     records = [r for part in gather_objects(records, world) for r in part]
@@ -1577,6 +1605,9 @@ def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
     if getattr(args, "overlong_buffer", 0) > 0:  # share of completions penalised, mean penalty over all
         pen = [r.get("overlong", 0.0) for r in records]
         m["overlong_frac"], m["overlong_penalty"] = float(np.mean([p < 0 for p in pen])), float(np.mean(pen))
+    for k in reward.RELEASED_PARTS:  # --reward released: its four parts, under the release's names
+        if records and k in records[0]:
+            m[k] = np.mean([r[k] for r in records])
     if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
         acts = [r["action"] for r in records if r["action"] is not None]
         m["action"] = np.mean(acts) if acts else float("nan")
@@ -1668,6 +1699,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plan:  # the memory plan only: no pool, no weights, no processes
         return print_plan(args)
+    prompt_text(args)  # a bad --prompt-template stops here, before any process or weight
     rank, world, device = setup_distributed(args.dist_timeout_min, args.device)
     if args.prompts_per_step % world:
         sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")

@@ -22,20 +22,22 @@ Outputs (in --out):
                  relative to --out so evaluate.py (or a model) can still open them from there.
     args.json    the arguments.
 
-The page. Per task: image 1 with its numbered points and image 2 with its lettered points (the prompted images),
-the prompt text (folded), one answer row per numbered point. Pick a numbered point (its row, or its marker in
-image 1), then click the lettered marker (or its label box) in image 2 that shows the same 3D point, or "No
-match"; the next unanswered point becomes active. Keys: A-Z answer the active point with that letter (labels
-beyond Z by clicking), 0 or - no match, Backspace clears it, Up/Down change the active point, Left/Right the task,
-Enter the next task with an unanswered point. Progress (answers, current task, seconds) lives in the browser's
+The page. Per task: the two prompted images with their numbered points (numeric ids on both, as the model sees
+them), the prompt text (folded), one answer row per image-1 point. Pick a point of image 1 (its row, or its
+marker), then click the marker (or its label box) in image 2 that shows the same 3D point, or "No match"; the next
+unanswered point becomes active. Keys: the digits of an image-2 id answer the active point (they gather until no
+longer id starts with them, for 0.8 s, or until Enter: "1" then Enter is id 1 where there is an id 12), 0 (as a
+first digit) or - no match, Backspace clears it, Up/Down change the active point, Left/Right the task, Enter
+(nothing typed) the next task with an unanswered point. Progress (answers, current task, seconds) lives in the browser's
 localStorage under "widematch-human/<first 16 hex of sha256(tasks.jsonl)>" (plus "/truth" for --show-truth pages),
 so a closed tab loses nothing and pages made from other task files (file:// pages share one storage) never mix.
 Seconds per task: time the task was on screen while the tab was visible. "Download answers" saves answers.jsonl,
-one line per task with at least one point answered: {"task_id", "text", "seconds"}, text in reward.py's grammar
-("<answer>\\n1: C\\n2: none\\n</answer>", lines in point order). evaluate.py --answers scores it with reward.score:
+one line per task with at least one point answered: {"task_id", "text", "seconds"}, text as reward.format_answer
+writes it (an empty thinking block, then the answer block with the JSON object {"1": "3", "2": "none"}, keys in
+point order). evaluate.py --answers scores it with reward.score:
 a partly answered task as a partial answer, a task with no line as 0 (counted in its n_missing); seconds are
 for the people running the study (evaluate.py does not read them).
---show-truth embeds the targets and, after each answer, marks it right or wrong and rings the true letter (and
+--show-truth embeds the targets and, after each answer, marks it right or wrong and rings the true point (and
 shows source, level, bin and Δv); the default page contains no targets, so the page source gives nothing away.
 
 Order: tasks are shown in a seeded shuffle (--seed), so the tasks of one pair and of one source are spread out
@@ -85,13 +87,13 @@ def page_order(tasks, seed):
 # what the page needs per task
 
 
-def marker_geometry(points, scale, size, labels, style):
+def marker_geometry(points, scale, size, labels):
     """Drawn marker positions and label boxes of one prompted image, recomputed with make_tasks.py's own drawing
     code on a blank canvas (placement depends only on points, labels and size), so a click on a label box
     counts like a click on its marker."""
     max_side = max(size)  # make_tasks.resize scales the longer side to exactly max_side
     drawn = make_tasks.to_drawn(points, scale)
-    placed = make_tasks.draw_markers(Image.new("RGB", tuple(size)), drawn, labels, style, max_side)
+    placed = make_tasks.draw_markers(Image.new("RGB", tuple(size)), drawn, labels, max_side)
     return ([[round(x, 2), round(y, 2)] for x, y in drawn],
             [[round(v, 2) for v in p["box"]] for p in placed],
             make_tasks.marker_sizes(max_side)[1])
@@ -99,10 +101,8 @@ def marker_geometry(points, scale, size, labels, style):
 
 def page_task(task, image_ids, show_truth):
     """The page's view of one task. Targets and pair metadata only with show_truth."""
-    x_pts, x_boxes, r1 = marker_geometry(task["x_points"], task["scale1"], task["size1"], task["x_labels"],
-                                         make_tasks.STYLE1)
-    y_pts, y_boxes, r2 = marker_geometry(task["y_points"], task["scale2"], task["size2"], task["y_labels"],
-                                         make_tasks.STYLE2)
+    x_pts, x_boxes, r1 = marker_geometry(task["x_points"], task["scale1"], task["size1"], task["x_labels"])
+    y_pts, y_boxes, r2 = marker_geometry(task["y_points"], task["scale2"], task["size2"], task["y_labels"])
     d = dict(task_id=task["task_id"], n=task["n"], m=task["m"], prompt=task["prompt"], images=image_ids,
              sizes=[task["size1"], task["size2"]], x_labels=task["x_labels"], y_labels=task["y_labels"],
              x_points=x_pts, y_points=y_pts, x_boxes=x_boxes, y_boxes=y_boxes, radius=[r1, r2])
@@ -219,8 +219,8 @@ PAGE = r"""<!DOCTYPE html>
   .row { display: flex; align-items: center; gap: 8px; padding: 3px 6px; border-radius: 5px; cursor: pointer;
          border: 2px solid transparent; }
   .row.active { border-color: #d0169e; background: #fdf0fa; }
-  .row .num { display: inline-block; min-width: 26px; text-align: center; border-radius: 50%;
-              background: #ffd600; border: 1px solid #000; font-weight: 700; }
+  .row .num { display: inline-block; min-width: 26px; text-align: center; border-radius: 3px;
+              background: #000; color: #fff; font-weight: 700; }  /* as the id boxes on the images */
   .row .ans { font-weight: 700; min-width: 48px; }
   .row .ans.unset { color: #999; font-weight: 400; }
   .row .truth.ok { color: #11813a; } .row .truth.bad { color: #c21818; }
@@ -249,15 +249,16 @@ PAGE = r"""<!DOCTYPE html>
   <div class="images">
     <figure><figcaption>Image 1: numbered points</figcaption>
       <div class="imgbox"><img id="img1" alt="image 1" draggable="false"><svg id="ov1"></svg></div></figure>
-    <figure><figcaption>Image 2: click the matching lettered point</figcaption>
+    <figure><figcaption>Image 2: click the matching numbered point</figcaption>
       <div class="imgbox"><img id="img2" alt="image 2" draggable="false"><svg id="ov2"></svg></div></figure>
   </div>
   <aside>
-    <h2>Answers: point &rarr; letter</h2>
+    <h2>Answers: image-1 id &rarr; image-2 id</h2>
     <div id="rows"></div>
     <div class="tools"><button id="none">No match (0)</button><button id="clear">Clear (&#9003;)</button></div>
-    <div class="help">For each numbered point, click the lettered point of image 2 that shows the <b>same 3D
-      point</b>, or "No match" if it has none there. Keys: <kbd>A</kbd>-<kbd>Z</kbd> letter, <kbd>0</kbd> no match,
+    <div class="help">For each numbered point of image 1, click the point of image 2 that shows the <b>same 3D
+      point</b>, or "No match" if it has none there. Keys: the digits of an image-2 id (<kbd>Enter</kbd> ends one
+      that a longer id starts with, e.g. 1 of 12), <kbd>0</kbd> or <kbd>-</kbd> no match,
       <kbd>&#9003;</kbd> clear, <kbd>&uarr;</kbd><kbd>&darr;</kbd> point, <kbd>&larr;</kbd><kbd>&rarr;</kbd> task,
       <kbd>Enter</kbd> next unanswered. Progress is saved in this browser.</div>
     <details><summary>The prompt, as the model reads it</summary><pre id="prompt"></pre></details>
@@ -272,7 +273,7 @@ const KEY = DATA.storage_key;
 const SVG = "http://www.w3.org/2000/svg";  // the SVG namespace name, not a resource: nothing is fetched
 const $ = (id) => document.getElementById(id);
 
-// ---- progress in localStorage: {cur, answers: {task_id: {"1": "C" | null}}, seconds: {task_id: s}}
+// ---- progress in localStorage: {cur, answers: {task_id: {"1": "3" | null}}, seconds: {task_id: s}}
 function loadState() {
   const fresh = {cur: 0, answers: {}, seconds: {}};
   const raw = localStorage.getItem(KEY);
@@ -306,9 +307,10 @@ const task = () => TASKS[state.cur];
 const answers = () => state.answers[task().task_id] || (state.answers[task().task_id] = {});
 const nAnswered = (t) => Object.keys(state.answers[t.task_id] || {}).length;
 
-function answerText(a) {  // reward.format_answer: "i: LABEL" or "i: none", in point order
-  const lines = Object.keys(a).map(Number).sort((x, y) => x - y).map((i) => i + ": " + (a[i] === null ? "none" : a[i]));
-  return "<answer>\n" + lines.join("\n") + "\n</answer>";
+function answerText(a) {  // reward.format_answer: an empty thinking block, the JSON object in point order
+  const items = Object.keys(a).map(Number).sort((x, y) => x - y)
+    .map((i) => JSON.stringify(String(i)) + ": " + JSON.stringify(a[i] === null ? "none" : a[i]));
+  return "<thinking>\n\n</thinking>\n<answer>\n```json\n{" + items.join(", ") + "}\n```\n</answer>";
 }
 
 // ---- drawing: rings over the prompted images (SVG in drawn-pixel units; pixel centres at integers)
@@ -392,7 +394,20 @@ function firstOpen(from) {  // the next unanswered point at or after `from` (wra
   return -1;
 }
 
-function setAnswer(label) {  // label: a letter or null (no match)
+// typed ids: digits gather until no longer id of image 2 starts with them, a pause, or Enter
+let typed = "", typedTimer = null;
+function commitTyped() {
+  clearTimeout(typedTimer); typedTimer = null;
+  const id = typed; typed = "";
+  if (task().y_labels.includes(id)) setAnswer(id);
+}
+function typeDigit(d) {
+  typed += d;
+  if (!task().y_labels.some((lab) => lab !== typed && lab.startsWith(typed))) commitTyped();
+  else { clearTimeout(typedTimer); typedTimer = setTimeout(commitTyped, 800); }
+}
+
+function setAnswer(label) {  // label: an image-2 id or null (no match)
   answers()[String(active + 1)] = label;
   const next = firstOpen(active + 1);
   if (next >= 0) active = next;
@@ -403,6 +418,7 @@ function clearAnswer() { delete answers()[String(active + 1)]; flushTime(); save
 
 function goTo(index) {
   if (index < 0 || index >= TASKS.length) return;
+  typed = ""; clearTimeout(typedTimer);  // a half-typed id stays with its task
   flushTime();
   state.cur = index;
   active = Math.max(firstOpen(0), 0);
@@ -467,8 +483,9 @@ $("download").addEventListener("click", download);
 document.addEventListener("keydown", (e) => {
   if (e.ctrlKey || e.metaKey || e.altKey) return;  // leave browser shortcuts alone
   const t = task(), k = e.key;
-  if (k.length === 1 && t.y_labels.includes(k.toUpperCase())) setAnswer(k.toUpperCase());
+  if (/^[0-9]$/.test(k) && (typed || k !== "0")) typeDigit(k);
   else if (k === "0" || k === "-") setAnswer(null);
+  else if (k === "Enter" && typed) commitTyped();
   else if (k === "Backspace" || k === "Delete") clearAnswer();
   else if (k === "ArrowDown") { active = (active + 1) % t.n; render(); }
   else if (k === "ArrowUp") { active = (active + t.n - 1) % t.n; render(); }

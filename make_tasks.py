@@ -7,6 +7,7 @@ Usage:
     python make_tasks.py --pool pool --out tasks --split train --per-pair 8 --max-side 640
     python make_tasks.py --pool pool --out tasks --split test --levels L3 --spatial dense --n-min 8 --n-max 12
     python make_tasks.py --pool pool --out tasks_actor --split test --actor    # HATCH ActoR prompts (action block)
+    python make_tasks.py --pool pool --out tasks --split test --prompt-template ReasonMatch/evaluate/matchbench/utils.py
 ReasonMatch-Bench as published (2,810 pairs; ScanNet 27.7 %, uCO3D 28.0 %, DL3DV 27.0 %, RE10K 17.2 %;
 L1 32.5 % / L2 36.8 % / L3 30.7 %; build the pool with --test-sources scannet,uco3d,dl3dv,re10k):
     python make_tasks.py --pool pool --out bench --split test --mix paper
@@ -20,8 +21,8 @@ asks for (the paper samples X, Y from the pool online); train.jsonl is for inspe
 Inputs: pool/pairs.jsonl + one npz per pair (see the contract: kp1, kp2, match, cluster, cluster2).
 Outputs (in --out): <split>.jsonl, one task per line with task_id, pair_id, source, scene, scene_type, split, bin,
 delta_v, level, spatial, n, m, images (prompted images, relative to --out), originals (absolute paths), x_points,
-y_points (ORIGINAL pixel coords, pixel centres at integers), x_labels ("1".."n"), y_labels ("A"...), prompt,
-target (n entries: Y label or null), K1, K2, R, t, actor (bool: the prompt asks for HATCH's ActoR action block,
+y_points (ORIGINAL pixel coords, pixel centres at integers), x_labels ("1".."n"), y_labels ("1".."m"), prompt,
+target (n entries: image-2 id string or null), K1, K2, R, t, actor (bool: the prompt asks for HATCH's ActoR action block,
 see reward.py), plus x_idx/y_idx (row of kp1/kp2, or len(kp) + row of dense1/dense2), scale1/scale2 ((sx, sy):
 drawn = (orig + 0.5) * s - 0.5), size1/size2 (drawn image sizes);
 <split>_images/<task_id with "/" -> "_">_{1,2}.jpg (or .png with --image-format png); args_<split>.json (one per split, so both can share --out);
@@ -61,7 +62,11 @@ y' is then a real, visible point whose own partner is not labelled, so no drawn 
 (a y' whose x' sits next to a drawn x could be the true answer of that x up to annotation noise).
 kp1 whose partner is shared with another kp1 are ambiguous and never used as matched points.
 Labels are shuffled on both sides, so neither position nor order gives the answer away.
-Departures from the paper: letters in image 2 (numbers in image 1), distinct marker styles per image.
+Drawing (the released benchmark's language): numeric ids on both images, each point a green ring centred on it,
+its id white on a black box beside it (never covering another box or ring; a thin line joins them).
+The prompt: widematch/prompts.py's default_prompt (a <thinking> block, then a JSON answer in <answer>), or
+--prompt-template FILE (the released evaluate/matchbench/utils.py or a text file) as it is; with --actor the
+action-block instructions follow it (the <action> block comes before the answer).
 """
 import argparse
 import functools
@@ -77,7 +82,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from reward import ACTION_STEP_DEG, ANSWER_INSTRUCTIONS, action_instructions, x_labels_for, y_label, y_labels_for
+from reward import ACTION_STEP_DEG, action_instructions, x_labels_for, y_labels_for
+from widematch import prompts
 
 LEVELS = ("L1", "L2", "L3")
 SPATIAL = ("sparse", "moderate", "dense")
@@ -238,9 +244,11 @@ def sample_points(arrays, level, spatial, n, rng, min_sep=0.0, per_cluster=3, di
 # -----------------------------------------------------------------------------
 # Drawing
 
-# image 1: yellow filled circles with numbers; image 2: cyan filled squares with letters
-STYLE1 = dict(shape="circle", fill=(255, 214, 0), name="yellow circles")
-STYLE2 = dict(shape="square", fill=(0, 220, 255), name="cyan squares")
+# both images alike (the released benchmark's look): a green ring centred on the point (hollow, so the point
+# itself stays visible) and the numeric id in white on a black box beside it, joined by a thin black line
+RING = (0, 255, 0)
+BOX = (0, 0, 0)
+TEXT = (255, 255, 255)
 INK = (0, 0, 0)
 
 
@@ -281,7 +289,7 @@ def _box_dist(box, p):
     return math.hypot(dx, dy)
 
 
-def draw_markers(img, points, labels, style, max_side):
+def draw_markers(img, points, labels, max_side):
     """Draw markers at points (drawn coords) with labels in boxes beside them; modifies img.
     Each label goes to the first of 8 directions x 3 distances whose box stays inside the image, overlaps no
     placed box and no marker, and is nearer to its own point than to any other (else the least bad one). Draw order: leader lines, boxes, markers on top,
@@ -326,14 +334,10 @@ def draw_markers(img, points, labels, style, max_side):
         draw.line([(x, y), (bx, by)], fill=INK, width=1)
     for lab, box in zip(labels, placed):
         tb = draw.textbbox((0, 0), lab, font=font)
-        draw.rectangle(box, fill=style["fill"], outline=INK)
-        draw.text((box[0] + 3 - tb[0], box[1] + 2 - tb[1]), lab, font=font, fill=INK)
+        draw.rectangle(box, fill=BOX)
+        draw.text((box[0] + 3 - tb[0], box[1] + 2 - tb[1]), lab, font=font, fill=TEXT)
     for x, y in points:
-        bb = (x - r, y - r, x + r, y + r)
-        if style["shape"] == "circle":
-            draw.ellipse(bb, fill=style["fill"], outline=INK)
-        else:
-            draw.rectangle(bb, fill=style["fill"], outline=INK)
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=RING, width=2)
     return out
 
 
@@ -342,8 +346,8 @@ def draw_prompts(img1, img2, x_points, y_points, x_labels, y_labels, max_side, r
     With return_geometry also returns dict(scale1, scale2, labels1, labels2) (drawn coordinates)."""
     im1, s1 = resize(img1, max_side)
     im2, s2 = resize(img2, max_side)
-    g1 = draw_markers(im1, to_drawn(x_points, s1), x_labels, STYLE1, max_side)
-    g2 = draw_markers(im2, to_drawn(y_points, s2), y_labels, STYLE2, max_side)
+    g1 = draw_markers(im1, to_drawn(x_points, s1), x_labels, max_side)
+    g2 = draw_markers(im2, to_drawn(y_points, s2), y_labels, max_side)
     if return_geometry:
         return im1, im2, dict(scale1=s1, scale2=s2, labels1=g1, labels2=g2)
     return im1, im2
@@ -352,22 +356,16 @@ def draw_prompts(img1, img2, x_points, y_points, x_labels, y_labels, max_side, r
 # Prompt
 
 
-def build_prompt(n, m, actor=False, action_step=ACTION_STEP_DEG):
-    """The user text shown with (image 1, image 2). Same wording for every level, so it leaks nothing.
-    actor (HATCH's ActoR): the reply must also state the camera motion from view 1 to view 2 in an <action> block
-    before the answer block (grammar and reward in reward.py), angles rounded to multiples of action_step."""
-    then = "the camera motion and your final answer" if actor else "your final answer"
-    return (
-        "Image 1 and image 2 show the same scene from very different viewpoints.\n"
-        f"In image 1, {n} points are marked with {STYLE1['name']} and numbered 1 to {n}. "
-        f"In image 2, {m} points are marked with {STYLE2['name']} and lettered A to {y_label(m - 1)}. "
-        "Each marker sits exactly on its point; its label is in a box next to it, joined to it by a thin line.\n"
-        "For every numbered point, find the lettered point in image 2 that shows the same physical 3D point of "
-        "the scene. A numbered point may have no match among the lettered points (hidden, outside image 2, or "
-        "not marked), and image 2 may have lettered points that match nothing.\n"
-        "First reason step by step: use the geometry of the two views, the objects and surfaces the points lie "
-        f"on, and what surrounds them. Then give {then}.\n"
-        + (action_instructions(action_step) if actor else "") + ANSWER_INSTRUCTIONS)
+def build_prompt(n, m, actor=False, action_step=ACTION_STEP_DEG, template=None):
+    """The user text shown with (image 1, image 2): widematch.prompts.default_prompt (thinking block, then the JSON
+    answer), or template (the text of --prompt-template, used as it is). Same wording for every level, so it leaks
+    nothing. actor (HATCH's ActoR): the reply must also state the camera motion from view 1 to view 2 in an
+    <action> block before the answer block (grammar and reward in reward.py), angles rounded to multiples of
+    action_step; its instructions come before our answer format, or after a template."""
+    act = action_instructions(action_step) if actor else None
+    if template is None:
+        return prompts.default_prompt(think=True, n=n, m=m, before_answer=act)
+    return template.rstrip() + ("\n\n" + act.strip() if actor else "")  # a template's own text is kept whole
 
 # -----------------------------------------------------------------------------
 # One task (reads the pair's images, writes nothing; grpo.py calls this online)
@@ -391,10 +389,11 @@ def load_arrays(pool_dir, pair):
 
 
 def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_sep=20.0, task_id=None,
-              actor=False, action_step=ACTION_STEP_DEG, **sample_kw):
+              actor=False, action_step=ACTION_STEP_DEG, prompt_template=None, **sample_kw):
     """One task from one pool pair -> (task dict, [prompted PIL img1, img2]). min_sep is in DRAWN pixels.
     Raises TaskUnavailable (see sample_points). task["images"] is None: the CLI fills it when it saves.
-    actor / action_step: build_prompt's ActoR action block (task["actor"] records it)."""
+    actor / action_step: build_prompt's ActoR action block (task["actor"] records it); prompt_template: the
+    question text to use instead of ours (widematch.prompts.read_template's result)."""
     sizes = [(pair["width1"], pair["height1"]), (pair["width2"], pair["height2"])]
     seps = tuple(min_sep * max(size) / max_side for size in sizes)  # drawn pixels -> original pixels
     # sample first: grpo tries pair after pair until one can supply the request, and a pair that cannot must
@@ -419,7 +418,8 @@ def make_task(pair, arrays, level, spatial, n, rng, pool_dir, max_side=640, min_
                 bin=pair["bin"], delta_v=pair["delta_v"], level=level, spatial=spatial, n=s["n"], m=s["m"],
                 images=None, originals=paths, x_points=s["x_points"], y_points=s["y_points"],
                 x_labels=s["x_labels"], y_labels=s["y_labels"],
-                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step), actor=actor,
+                prompt=build_prompt(s["n"], s["m"], actor=actor, action_step=action_step, template=prompt_template),
+                actor=actor,
                 action_step=action_step,
                 target=s["target"], K1=pair["K1"], K2=pair["K2"], R=pair.get("R"), t=pair.get("t"),
                 x_idx=[int(i) for i in s["x_idx"]], y_idx=[int(j) for j in s["y_idx"]],
@@ -463,6 +463,9 @@ def parse_args(argv=None):
                          "explicit --pairs / --source-shares / --level-shares win")
     ap.add_argument("--actor", action="store_true", help="HATCH ActoR: ask for the camera motion before the answer")
     ap.add_argument("--action-step", type=float, default=ACTION_STEP_DEG, help="ActoR angle rounding (degrees)")
+    ap.add_argument("--prompt-template", default=None,
+                    help="ask with this question instead of ours: the released evaluate/matchbench/utils.py "
+                         "(its thinking template) or a text file (see widematch/prompts.py)")
     return ap.parse_args(argv)
 
 
@@ -594,7 +597,7 @@ def draw_task(pair, k, level, spatial, args, cache):
                      min_sep=args.min_sep, task_id=f"{pair['pair_id']}-{k}", per_cluster=args.per_cluster,
                      dist_y=(args.dist_y_min, args.dist_y_max or None),
                      unmatched_frac=(args.unmatched_min, args.unmatched_max), actor=args.actor,
-                     action_step=args.action_step)
+                     action_step=args.action_step, prompt_template=args.prompt_text)
 
 
 def write_tasks(plan, args, out_images, reserve=None):
@@ -678,6 +681,10 @@ def print_composition(comp):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        args.prompt_text = None if args.prompt_template is None else prompts.read_template(args.prompt_template)
+    except prompts.TemplateError as e:
+        sys.exit(f"make_tasks.py: error: --prompt-template {e}")
     shard = os.path.join(args.pool, "shard.json")
     if os.path.isfile(shard) and not os.path.isfile(os.path.join(args.pool, "pairs.jsonl")):
         with open(shard) as f:
@@ -721,7 +728,8 @@ def main(argv=None):
         for t in tasks:
             f.write(json.dumps(t) + "\n")
     with open(os.path.join(args.out, f"args_{args.split}.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump(dict({k: v for k, v in vars(args).items() if k != "prompt_text"},
+                       prompt=prompts.describe(args.prompt_template)), f, indent=2)
     if not tasks:
         sys.exit(f"make_tasks.py: error: no task could be made from the {args.split} split of {args.pool}")
     comp = composition(tasks, split_pairs, source_shares, level_shares, args, replaced)

@@ -1,44 +1,58 @@
 """
-reward.py: the ONE answer grammar of widematch, its parser and the verifiable reward (pure Python, no torch).
+reward.py: the ONE task language of widematch (the released ReasonMatch-Bench's), its parser and the verifiable
+reward (pure Python, no torch).
 
-Usage (library only; imported by make_tasks.py, grpo.py, tiny_model.py, evaluate.py):
-    from reward import ANSWER_INSTRUCTIONS, format_answer, parse_answer, score
-    score(completion_text, task)  # -> dict(format, match, reward, precision, recall, f1, parsed, ...)
+Usage (library only; imported by make_tasks.py, grpo.py, tiny_model.py, evaluate.py, export_bench.py, human.py):
+    from reward import format_answer, parse_answer, score
+    score(completion_text, task)  # -> dict(format, match, reward, precision, recall, f1, released_*, parsed, ...)
     score(completion_text, task, w_action=0.5)  # + HATCH ActoR action reward (action block; see the ActoR section)
+    released_reward(completion_text, task)      # the released training reward (see "The released rules")
     canonical_actions(R, t), format_actions(actions), parse_actions(text), action_reward(text, R, t)
 
-Answer grammar. Image-1 points are labelled 1..n, image-2 points A, B, ..., Z, AA, AB, ... (y_label(j)).
-The completion may reason freely first; its LAST thing must be exactly one block
+Answer grammar. Both images carry numeric ids: image-1 points 1..n, image-2 points 1..m (strings "1".."m" in
+y_labels and target). The reply reasons in one thinking block, then ends with one answer block holding a JSON
+object that maps every image-1 id (a string key) to an image-2 id or "none":
+    <thinking>
+    ...
+    </thinking>
     <answer>
-    1: C
-    2: none
-    3: A
+    ```json
+    {"1": "3", "2": "none", "3": "1"}
+    ```
     </answer>
-with one line per image-1 point, "i: LABEL" or "i: none". Several points may name the same letter (the paper's
-f maps into Y u {none}; it need not be one-to-one); each point is scored on its own.
-Tolerated: case of tags, labels and "none"; blank lines; lines in any order; spaces around tokens; the separators
-":", "-", "->", "=>", "=", ".", "→"; "none" / "∅" / "no match" for no match; trailing chat end tokens
-(<|im_end|>, <|endoftext|>) after the block.
-Malformed (parse_answer returns None): no block or more than one "<answer>"/"</answer>" tag anywhere (also in the
-reasoning); non-whitespace text after "</answer>"; any non-blank line in the block that is not "i: LABEL|none";
-index outside 1..n; label outside the m drawn labels; a point answered twice; text longer than max_chars.
+Several image-1 ids may name the same image-2 id (the paper's f maps into Y u {none}; it need not be one-to-one);
+each point is scored on its own.
+Tolerated (parse_answer): case of tags and of "none"; spaces inside tags; the ``` / ```json fence (any case) or
+none; any whitespace; ids as strings ("3", " 3 ") or JSON integers (3); no match as "none", "∅", "no match" (any
+case), JSON null or an unquoted none / None; keys in any order; trailing chat end tokens (<|im_end|>,
+<|endoftext|>) after the block; an ActoR <action> block before the answer.
+Malformed (parse_answer returns None): no answer block, or more than one "<answer>"/"</answer>" tag anywhere
+(also in the reasoning); non-whitespace text after "</answer>"; a block that is not one JSON object (a list, a
+nested or unterminated value, two objects, text around the fence); a duplicate key (a point answered twice); a
+key that is not an id in 1..n; a value that is not an id in 1..m or a no-match word (floats, booleans, lists,
+objects, other words); text longer than max_chars.
 
 Scoring decisions (score):
-- r_match = (1/n) sum_i 1[f_hat(i) == f*(i)] over ALL n points, none included (paper, eq. r_match).
+- format = 1 when the reply has exactly one thinking block (<thinking>...</thinking>, before the answer) and a
+  well-formed answer that maps every image-1 id exactly once; 0 otherwise (a missing thinking block or a partial
+  mapping is not malformed: match and P/R/F1 are still scored). score(think=False): no thinking block needed
+  (for prompts that ask for the answer only).
+- r_match = (1/n) sum_i 1[f_hat(i) == f*(i)] over ALL n points, none included (paper, eq. r_match); a JSON null,
+  "none" and unquoted none all mean none here. Missing points count as wrong (also when their target is none:
+  silence is not an answer).
 - Malformed -> format 0, match 0, precision = recall = f1 = 0.
-- Partial (well-formed block, some points missing) -> format 0 (format needs every point answered exactly once);
-  missing points count as wrong in match (also when their target is none: silence is not an answer).
 - reward = w_format * format + w_match * match, so in [0, w_format + w_match] (= [0, 2] by default).
 - Precision = correct non-none predictions / non-none predictions; recall = correct non-none predictions /
   non-none targets; f1 = harmonic mean, 0 when P + R = 0. Empty cases: a ratio with an empty denominator is 1
   when BOTH the non-none predictions and the non-none targets are empty (nothing to find, nothing claimed:
   perfect), and 0 otherwise (claiming matches where none exist, or finding nothing where matches exist).
   n_pred, n_correct, n_pos are returned so evaluate.py can also micro-average.
-- Anti-hacking (tests show each): all-"none" earns exactly the fraction of none targets and P = R = 0 when
-  matches exist; one letter repeated earns only the points it is right for; extra entries (out-of-range or
-  duplicate indices) and over-long texts are malformed and earn 0; work is bounded by max_chars.
-Departure from the paper: it labels both images with numbers; we use numbers vs letters so that the labels of
-the two images can never be confused in text.
+- released_precision / released_recall / released_f1: the released benchmark's scorer on the same reply
+  (released_json + released_prf below; its rules differ: a correct "none" earns nothing, ids not answered count
+  against recall, and it reads any JSON in the reply, thinking block or not).
+- Anti-hacking (tests show each): all-none earns exactly the fraction of none targets and P = R = 0 when
+  matches exist; one id repeated earns only the points it is right for; extra entries (out-of-range or
+  duplicate keys) and over-long texts are malformed and earn 0; work is bounded by max_chars.
 """
 import json
 import math
@@ -47,30 +61,8 @@ import re
 # -----------------------------------------------------------------------------
 # The grammar
 
-NONE_WORDS = ("none", "∅", "no match")   # accepted spellings of "no match" (case-insensitive)
+NONE_WORDS = ("none", "∅", "no match")   # accepted spellings of "no match" (case-insensitive), besides null
 MAX_CHARS = 32768                         # ~ the paper's 5120-token budget; longer completions are malformed
-
-ANSWER_INSTRUCTIONS = (
-    "Answer format: after your reasoning, end your reply with exactly one answer block and nothing after it:\n"
-    "<answer>\n"
-    "1: B\n"
-    "2: none\n"
-    "...\n"
-    "</answer>\n"
-    "Write one line per numbered point of image 1, \"number: letter\" with the letter of the matching point in "
-    "image 2, or \"number: none\" if that point has no matching labelled point in image 2. "
-    "Answer every numbered point exactly once."
-)
-
-
-def y_label(j):
-    """0-based index -> letter label: 0 -> A, 25 -> Z, 26 -> AA (spreadsheet style)."""
-    s = ""
-    j += 1
-    while j > 0:
-        j, r = divmod(j - 1, 26)
-        s = chr(ord("A") + r) + s
-    return s
 
 
 def x_labels_for(n):
@@ -78,56 +70,118 @@ def x_labels_for(n):
 
 
 def y_labels_for(m):
-    return [y_label(j) for j in range(m)]
+    return [str(j + 1) for j in range(m)]
 
 
-def format_answer(mapping):
-    """{1: "C", 2: None, ...} -> the answer block (lines sorted by point number)."""
-    lines = [f"{i}: {'none' if mapping[i] is None else mapping[i]}" for i in sorted(mapping)]
-    return "<answer>\n" + "\n".join(lines) + "\n</answer>"
+def answer_json(mapping):
+    """{1: "3", 2: None, ...} -> the JSON object text, keys in point order, none as "none" (the released truth's
+    spelling, so the released scorers read it the same way)."""
+    return json.dumps({str(i): "none" if mapping[i] is None else str(mapping[i]) for i in sorted(mapping)})
+
+
+def format_answer(mapping, thinking=""):
+    """{1: "3", 2: None, ...} -> a whole well-formed reply: the thinking block (thinking=None: none, for prompts
+    that ask for the answer only) and the answer block with the fenced JSON object."""
+    block = "<answer>\n```json\n" + answer_json(mapping) + "\n```\n</answer>"
+    return block if thinking is None else f"<thinking>\n{thinking}\n</thinking>\n{block}"
+
+def reference_answer(target):
+    """The answer block that scores 100 for a target list (image-2 id or None per image-1 point), without a
+    thinking block: the exports' "answer" field, and what evaluate.py checks harness logs against."""
+    return format_answer({i + 1: v for i, v in enumerate(target)}, thinking=None)
 
 # -----------------------------------------------------------------------------
 # Parsing
 
 _OPEN = re.compile(r"<\s*answer\s*>", re.IGNORECASE)
 _CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
-# index (at most 6 digits, so int() is cheap), separator, rest of the line
-_LINE = re.compile(r"([0-9]{1,6})\s*(->|=>|→|:|-|=|\.)\s*(.*)", re.DOTALL)
+_THINK_OPEN = re.compile(r"<\s*thinking\s*>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"<\s*/\s*thinking\s*>", re.IGNORECASE)
 _TRAILING_OK = re.compile(r"(?:\s|<\|im_end\|>|<\|endoftext\|>)*")
+_FENCED = re.compile(r"\s*```(?:json)?(.*?)```\s*", re.IGNORECASE | re.DOTALL)
+# quotes, escapes and bare words "none": one linear scan finds the nones outside JSON strings
+_QUOTE_OR_NONE = re.compile(r'\\.|"|(?<!\w)none(?!\w)', re.IGNORECASE | re.DOTALL)
+_ID = re.compile(r"[0-9]{1,6}")  # at most 6 digits, so int() is cheap
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _Malformed
+    return dict(pairs)
+
+
+def _bare_none_to_null(s):
+    """An unquoted none / None (not valid JSON, but models write it) -> null; linear, strings untouched."""
+    out, last, in_string = [], 0, False
+    for mo in _QUOTE_OR_NONE.finditer(s):
+        tok = mo.group(0)
+        if tok == '"':
+            in_string = not in_string
+        elif tok[0] != "\\" and not in_string:
+            out += [s[last:mo.start()], "null"]
+            last = mo.end()
+    return "".join(out) + s[last:]
+
+
+def _id(v, top):
+    """A JSON id value -> its string "1".."top", else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return str(v) if 1 <= v <= top else None
+    if isinstance(v, str) and _ID.fullmatch(v.strip()) and 1 <= int(v.strip()) <= top:
+        return str(int(v.strip()))
+    return None
 
 
 def parse_answer(text, n, m, max_chars=MAX_CHARS):
-    """Completion text -> {i: label or None} for the points it answers (may be partial), or None if malformed.
-    Never raises on any input; work is linear in min(len(text), max_chars)."""
+    """Completion text -> {i: image-2 id string or None} for the points it answers (may be partial), or None if
+    malformed. Never raises on any input; work is linear in min(len(text), max_chars)."""
     if not isinstance(text, str) or len(text) > max_chars:
         return None
-    opens = [mo for mo in _OPEN.finditer(text)]
-    closes = [mo for mo in _CLOSE.finditer(text)]
+    opens, closes = list(_OPEN.finditer(text)), list(_CLOSE.finditer(text))
     if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
         return None
     if not _TRAILING_OK.fullmatch(text, closes[0].end()):
         return None
-    valid = set(y_labels_for(m))
+    body = text[opens[0].end():closes[0].start()]
+    fenced = _FENCED.fullmatch(body)
+    body = fenced.group(1) if fenced else body
+    body = _bare_none_to_null(body)
+    try:
+        obj = json.loads(body, object_pairs_hook=_no_duplicates)
+    except (_Malformed, ValueError, RecursionError):  # JSONDecodeError and the int-digit limit are ValueErrors
+        return None
+    if not isinstance(obj, dict):
+        return None
     mapping = {}
-    for raw in text[opens[0].end():closes[0].start()].splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        mo = _LINE.fullmatch(line)
-        if mo is None:
+    for key, value in obj.items():
+        i = _id(key, n)
+        if i is None or int(i) in mapping:  # " 1" and "1" are the same point answered twice
             return None
-        i = int(mo.group(1))
-        value = " ".join(mo.group(3).split())  # collapse inner whitespace ("no   match")
-        if value.lower() in NONE_WORDS:
-            label = None
-        elif value.upper() in valid:
-            label = value.upper()
+        if value is None or (isinstance(value, str) and " ".join(value.split()).lower() in NONE_WORDS):
+            mapping[int(i)] = None
+        elif _id(value, m) is not None:
+            mapping[int(i)] = _id(value, m)
         else:
             return None
-        if not 1 <= i <= n or i in mapping:
-            return None
-        mapping[i] = label
     return mapping
+
+
+def has_thinking(text, max_chars=MAX_CHARS):
+    """True when the reply has exactly one <thinking>...</thinking> block, closed before the answer block."""
+    if not isinstance(text, str) or len(text) > max_chars:
+        return False
+    opens, closes = list(_THINK_OPEN.finditer(text)), list(_THINK_CLOSE.finditer(text))
+    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
+        return False
+    answer = _OPEN.search(text)
+    return answer is None or closes[0].end() <= answer.start()
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -148,13 +202,21 @@ def prf(n_correct, n_pred, n_pos):
     return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
 
 
-def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS, w_action=0.0, action_tol=None):
-    """Reward of one completion for one task (needs task n, m, target; target[i-1] is a Y label or None).
+def released_scores(text, task, max_chars=MAX_CHARS):
+    """The released benchmark's (precision, recall, f1) of one reply, as score() reports them beside ours."""
+    if not isinstance(text, str) or len(text) > max_chars:
+        return 0.0, 0.0, 0.0
+    return released_prf(released_truth(task), released_json(text)[1])
+
+
+def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS, w_action=0.0, action_tol=None, think=True):
+    """Reward of one completion for one task (needs task n, m, target; target[i-1] is an image-2 id string or
+    None). think: format needs the thinking block (False for answer-only prompts).
     w_action > 0 (ActoR): also action, yaw_ok, pitch_ok, roll_ok, move_ok, action_parsed from action_reward and
     reward += w_action * action, where the task has R and t (otherwise action is None and nothing is added);
     action_tol: the angle tolerance in degrees (None: ACTION_STEP_DEG)."""
     if w_action > 0:
-        d = score(text, task, w_format=w_format, w_match=w_match, max_chars=max_chars)
+        d = score(text, task, w_format=w_format, w_match=w_match, max_chars=max_chars, think=think)
         if task.get("R") is None or task.get("t") is None:
             return dict(d, action=None, yaw_ok=None, pitch_ok=None, roll_ok=None, move_ok=None, action_parsed=None)
         a = action_reward(text, task["R"], task["t"], max_chars=max_chars,
@@ -164,21 +226,24 @@ def score(text, task, w_format=1.0, w_match=1.0, max_chars=MAX_CHARS, w_action=0
     n, m, target = task["n"], task["m"], task["target"]
     if n < 1 or len(target) != n:
         raise ValueError(f"score: task {task.get('task_id')} has n={n} but {len(target)} targets")
+    target = [None if t is None else str(t) for t in target]
+    rp, rr, rf = released_scores(text, task, max_chars=max_chars)
+    released = dict(released_precision=rp, released_recall=rr, released_f1=rf)
     parsed = parse_answer(text, n, m, max_chars=max_chars)
     n_pos = sum(t is not None for t in target)
     if parsed is None:
-        return dict(format=0.0, match=0.0, reward=0.0, precision=0.0, recall=0.0, f1=0.0, n_pred=0,
+        return dict(format=0.0, match=0.0, reward=0.0, precision=0.0, recall=0.0, f1=0.0, **released, n_pred=0,
                     n_correct=0, n_pos=n_pos, n_hits=0, n_answered=0, malformed=True, parsed=None)
     missing = object()  # a missing point never equals any target, none included
     hits = [parsed.get(i + 1, missing) == target[i] for i in range(n)]
     n_pred = sum(v is not None for v in parsed.values())
     n_correct = sum(parsed.get(i + 1) is not None and hits[i] for i in range(n))
     precision, recall, f1 = prf(n_correct, n_pred, n_pos)
-    fmt = 1.0 if len(parsed) == n else 0.0
+    fmt = 1.0 if len(parsed) == n and (not think or has_thinking(text, max_chars)) else 0.0
     match = sum(hits) / n
     return dict(format=fmt, match=match, reward=w_format * fmt + w_match * match, precision=precision,
-                recall=recall, f1=f1, n_pred=n_pred, n_correct=n_correct, n_pos=n_pos, n_hits=sum(hits),
-                n_answered=len(parsed), malformed=False, parsed=parsed)
+                recall=recall, f1=f1, **released, n_pred=n_pred, n_correct=n_correct, n_pos=n_pos,
+                n_hits=sum(hits), n_answered=len(parsed), malformed=False, parsed=parsed)
 
 # -----------------------------------------------------------------------------
 # ActoR (HATCH): the camera-motion action block, written before the answer block

@@ -579,15 +579,17 @@ def estimate_prompt(cfg, max_side, n_max):
     return 2 * patches // v["spatial_merge_size"] ** 2 + text, patches
 
 
-def prompt_bound(cfg, max_side, n_max, m_max=None):
+def prompt_bound(cfg, max_side, n_max, m_max=None, template=None):
     """An upper bound on the prompt tokens of a two-image task (the vLLM engine's room for the prompt): both images
-    square at max_side rounded UP to the patch x merge grid, the longest prompt text (ActoR, m_max lettered points,
-    default 2 x n_max) at one token per character, + 64 for the chat template."""
+    square at max_side rounded UP to the patch x merge grid, the longest prompt text (ActoR, m_max points on image
+    2, default 2 x n_max; template: the --prompt-template text) at one token per character, + 64 for the chat
+    template."""
     import make_tasks
     v = cfg["vision_config"]
     unit = v["patch_size"] * v["spatial_merge_size"]
     side = -(-max_side // unit) * unit
-    return 2 * (side // unit) ** 2 + len(make_tasks.build_prompt(n_max, m_max or 2 * n_max, actor=True)) + 64
+    text = make_tasks.build_prompt(n_max, m_max or 2 * n_max, actor=True, template=template)
+    return 2 * (side // unit) ** 2 + len(text) + 64
 
 
 def memory_plan(cfg, gpus, prompts_per_step, group_size, rollout_batch, micro_batch, max_new_tokens,

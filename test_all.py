@@ -48,10 +48,12 @@ import reward
 import rollout
 import synthetic
 import tiny_model
+from widematch import prompts
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
 from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as released)
 from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
 from tests.gpu_readiness import *  # noqa: F401,F403 - issue 28: the first GPU run
+from tests.task_language import *  # noqa: F401,F403 (the task language: JSON answers, numeric ids)
 
 
 # ==============================================================================
@@ -928,8 +930,10 @@ def test_pool_dl3dv_downscaled_images(tmp_path, capsys):
 # reward.py, make_tasks.py, curriculum.py: grammar, scores, sampling invariants, drawing, curriculum
 # ==============================================================================
 
-TASKS_TASK = dict(task_id="t", n=4, m=6, target=["C", None, "A", "F"])
-TASKS_GOOD = "The red chair is at 1...\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>"
+TASKS_TASK = dict(task_id="t", n=4, m=6, target=["3", None, "1", "6"])
+TASKS_JSON = '{"1": "3", "2": "none", "3": "1", "4": "6"}'
+TASKS_GOOD = ("<thinking>\nThe red chair is at 1...\n</thinking>\n<answer>\n```json\n" + TASKS_JSON
+              + "\n```\n</answer>")
 
 
 def tasks_close(d, **expected):
@@ -937,52 +941,85 @@ def tasks_close(d, **expected):
         assert d[k] == pytest.approx(v), (k, d[k], v)
 
 
+def _think(answer_body):
+    return "<thinking>ok</thinking>\n<answer>" + answer_body + "</answer>"
+
+
 def test_tasks_reward_good_and_tolerant_variants():
     tasks_close(reward.score(TASKS_GOOD, TASKS_TASK), format=1, match=1, reward=2, precision=1, recall=1, f1=1)
     variants = [
-        "<ANSWER>\n 4 -> f\n\n3 = a\n1 - c\n2: None\n</Answer>\n",          # order, case, separators
-        "<answer>1:C\n2:∅\n3 => A\n4. F</answer><|im_end|>",                 # compact, end token
-        "<answer>\n1 : C\n2 : no   match\n3 → A\n4:F\n</answer>  \n\n",     # spaces, "no match"
+        _think('{"4": 6, "3": 1, "1": "3", "2": null}'),                          # order, integers, null
+        "< THINKING >x</Thinking><ANSWER>```JSON" + TASKS_JSON + "```</Answer><|im_end|>",  # case, end token
+        _think('\n  {"1":" 3 ","2": None,\n"3":"1", "4" : "6"}  \n') + "  \n\n",  # spaces, bare None
+        _think('{"1": "3", "2": "no   match", "3": "1", "4": "6"}'),             # "no match"
+        _think('```\n{"1": "3", "2": "∅", "3": "1", "4": "6"}\n```'),             # bare fence, ∅
+        _think('{"1": "3", "2": none, "3": "1", "4": "6"}'),                      # unquoted none
     ]
     for v in variants:
         d = reward.score(v, TASKS_TASK)
-        assert d["parsed"] == {1: "C", 2: None, 3: "A", 4: "F"}, v
+        assert d["parsed"] == {1: "3", 2: None, 3: "1", 4: "6"}, v
         tasks_close(d, format=1, match=1, reward=2)
 
 
 def test_tasks_reward_wrong_and_partial():
-    # two right (1, 3), a false match on a none target (2), a wrong letter (4)
-    d = reward.score("<answer>\n1: C\n2: B\n3: A\n4: E\n</answer>", TASKS_TASK)
+    # two right (1, 3), a false match on a none target (2), a wrong id (4)
+    d = reward.score(_think('{"1": "3", "2": "2", "3": "1", "4": "5"}'), TASKS_TASK)
     tasks_close(d, format=1, match=0.5, reward=1.5, precision=2 / 4, recall=2 / 3, f1=2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     # partial: points 2 and 4 missing -> format 0, missing count wrong (2's target none is NOT earned)
-    d = reward.score("<answer>\n1: C\n3: A\n</answer>", TASKS_TASK)
+    d = reward.score(_think('{"1": "3", "3": "1"}'), TASKS_TASK)
     tasks_close(d, format=0, match=0.5, reward=0.5, precision=1, recall=2 / 3)
     assert d["n_answered"] == 2 and not d["malformed"]
-    # empty block: partial with nothing answered
-    d = reward.score("<answer>\n</answer>", TASKS_TASK)
+    # empty object: partial with nothing answered
+    d = reward.score(_think("{}"), TASKS_TASK)
     tasks_close(d, format=0, match=0, reward=0, precision=0, recall=0, f1=0)
+    # no thinking block: format 0, the answer still scored; think=False does not ask for it
+    d = reward.score("<answer>" + TASKS_JSON + "</answer>", TASKS_TASK)
+    tasks_close(d, format=0, match=1, reward=1, f1=1)
+    tasks_close(reward.score("<answer>" + TASKS_JSON + "</answer>", TASKS_TASK, think=False), format=1, reward=2)
+    # two thinking blocks, or one after the answer: format 0
+    for text in ("<thinking>a</thinking><thinking>b</thinking><answer>" + TASKS_JSON + "</answer>",
+                 "<thinking>a<answer>" + TASKS_JSON + "</answer></thinking>"):
+        assert reward.score(text, TASKS_TASK)["format"] == 0
     # weights
-    d = reward.score("<answer>\n1: C\n2: B\n3: A\n4: E\n</answer>", TASKS_TASK, w_format=0.5, w_match=2.0)
+    d = reward.score(_think('{"1": "3", "2": "2", "3": "1", "4": "5"}'), TASKS_TASK, w_format=0.5, w_match=2.0)
     tasks_close(d, reward=0.5 + 2 * 0.5)
 
 
+@pytest.mark.parametrize("body", [
+    '{"1": "3", "2": "none", "3": "1", "4": "6"',                                  # unterminated object
+    '{"1": "3", "2": "none", "3": "1", "4": "6}',                                  # unterminated string
+    '{"1": "3", "2": "none", "3": "1", "4": "6", "5": "2"}',                        # key out of range
+    '{"0": "3", "1": "3", "2": "none", "3": "1", "4": "6"}',                       # key 0
+    '{"1": "3", "2": "none", "3": "1", "4": "7"}',                                 # value out of range (m=6)
+    '{"1": "3", "2": "none", "3": "1", "4": "6", "1": "3"}',                        # duplicate key
+    '{"1": "3", " 1": "2", "2": "none", "3": "1", "4": "6"}',                      # the same id twice
+    '{"1": "3", "2": "none", "3": "1", "4": "6 (the lamp)"}',                      # extra words
+    '{"1": "C", "2": "none", "3": "1", "4": "6"}',                                 # a letter
+    '{"1": 3.0, "2": "none", "3": "1", "4": "6"}',                                 # a float
+    '{"1": true, "2": "none", "3": "1", "4": "6"}',                                # a boolean
+    '{"1": ["3"], "2": "none", "3": "1", "4": "6"}',                               # a list value
+    '{"1": {"id": "3"}, "2": "none", "3": "1", "4": "6"}',                         # nested object
+    '["3", "none", "1", "6"]',                                                     # a list
+    '{"1": "3"} {"2": "none"}',                                                    # two objects
+    "Here it is: ```json\n" + TASKS_JSON + "\n```",                                 # text around the fence
+    '{"99999999999": "3"}',                                                        # huge key
+    '{"1": ' + "9" * 5000 + "}",                                                   # over the int-digit limit
+    "1: 3\n2: none\n3: 1\n4: 6",                                                   # the old line format
+])
+def test_tasks_reward_malformed_answer(body):
+    text = _think(body)
+    assert reward.parse_answer(text, 4, 6) is None
+    tasks_close(reward.score(text, TASKS_TASK), format=0, match=0, reward=0, precision=0, recall=0, f1=0)
+
+
 @pytest.mark.parametrize("text", [
-    "1: C\n2: none\n3: A\n4: F",                                                   # no block
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n",                                       # unclosed
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>\nHope this helps",           # text after block
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>\n```",                        # fence after block
-    "<answer>\n1: C\n</answer>\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>",  # two blocks
-    "I will answer in <answer> tags.\n<answer>\n1: C\n2: none\n3: A\n4: F\n</answer>",  # stray tag
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n5: B\n</answer>",                        # index out of range
-    "<answer>\n0: C\n1: C\n2: none\n3: A\n4: F\n</answer>",                        # index 0
-    "<answer>\n1: C\n2: none\n3: A\n4: G\n</answer>",                              # label out of range (m=6)
-    "<answer>\n1: C\n2: none\n3: A\n4: F\n1: C\n</answer>",                        # answered twice
-    "<answer>\n1: C\n2: none\n3: A\n4: F (the lamp)\n</answer>",                   # extra words
-    "<answer>\n1: C, 2: none, 3: A, 4: F\n</answer>",                              # one line
-    "<answer>\n1: C\n2: 3\n3: A\n4: F\n</answer>",                                 # numeric label
-    "<answer>\n1 C\n2: none\n3: A\n4: F\n</answer>",                               # no separator
-    "</answer>\n1: C\n2: none\n3: A\n4: F\n<answer>",                              # reversed tags
-    "<answer>\n99999999999: C\n</answer>",                                         # huge index
+    TASKS_JSON,                                                                    # no block
+    "<thinking>x</thinking><answer>\n" + TASKS_JSON + "\n",                        # unclosed
+    TASKS_GOOD + "\nHope this helps",                                              # text after the block
+    TASKS_GOOD + "\n```",                                                          # fence after the block
+    "<answer>{}</answer>\n" + TASKS_GOOD,                                          # two blocks
+    "<thinking>I will answer in <answer> tags.</thinking><answer>" + TASKS_JSON + "</answer>",  # stray tag
+    "</answer>\n" + TASKS_JSON + "\n<answer>",                                     # reversed tags
 ])
 def test_tasks_reward_malformed(text):
     assert reward.parse_answer(text, 4, 6) is None
@@ -993,11 +1030,11 @@ def test_tasks_reward_anti_hacking():
     # all none: exactly the fraction of none targets (1 of 4), and no precision/recall
     d = reward.score(reward.format_answer({i: None for i in range(1, 5)}), TASKS_TASK)
     tasks_close(d, format=1, match=0.25, reward=1.25, precision=0, recall=0, f1=0)
-    # one letter repeated: right only where it is the target
-    d = reward.score(reward.format_answer({i: "A" for i in range(1, 5)}), TASKS_TASK)
+    # one id repeated: right only where it is the target
+    d = reward.score(reward.format_answer({i: "1" for i in range(1, 5)}), TASKS_TASK)
     tasks_close(d, format=1, match=0.25, precision=0.25, recall=1 / 3)
-    # every letter listed for point 1 (extra entries): malformed
-    spam = "<answer>\n" + "\n".join(f"1: {c}" for c in "ABCDEF") + "\n2: none\n3: A\n4: F\n</answer>"
+    # every id listed for point 1 (duplicate keys): malformed
+    spam = _think("{" + ", ".join(f'"1": "{c}"' for c in range(1, 7)) + ', "2": "none", "3": "1", "4": "6"}')
     tasks_close(reward.score(spam, TASKS_TASK), reward=0)
     # huge reasoning before a perfect block: over max_chars -> malformed; under it -> full reward
     long = "x" * (reward.MAX_CHARS + 1) + TASKS_GOOD
@@ -1006,15 +1043,17 @@ def test_tasks_reward_anti_hacking():
     tasks_close(reward.score("x" * 1000 + TASKS_GOOD, TASKS_TASK, max_chars=1000), reward=0)
     # all-none task: an all-none answer is perfect in every metric; one false match loses P/R/F1
     none_task = dict(n=2, m=3, target=[None, None])
-    tasks_close(reward.score("<answer>\n1: none\n2: none\n</answer>", none_task), reward=2, precision=1,
+    tasks_close(reward.score(_think('{"1": "none", "2": "none"}'), none_task), reward=2, precision=1,
                 recall=1, f1=1)
-    tasks_close(reward.score("<answer>\n1: none\n2: B\n</answer>", none_task), match=0.5, precision=0,
+    tasks_close(reward.score(_think('{"1": "none", "2": "2"}'), none_task), match=0.5, precision=0,
                 recall=0, f1=0)
 
 
 def test_tasks_reward_format_answer_roundtrip_and_labels():
-    assert reward.y_labels_for(28)[-3:] == ["Z", "AA", "AB"]
+    assert reward.y_labels_for(28)[-3:] == ["26", "27", "28"]
     assert reward.x_labels_for(3) == ["1", "2", "3"]
+    assert reward.format_answer({2: None, 1: "3"}, thinking="t") == \
+        '<thinking>\nt\n</thinking>\n<answer>\n```json\n{"1": "3", "2": "none"}\n```\n</answer>'
     rng = random.Random(0)
     for _ in range(200):
         n, m = rng.randint(1, 12), rng.randint(1, 30)
@@ -1027,9 +1066,11 @@ def test_tasks_reward_format_answer_roundtrip_and_labels():
 
 def test_tasks_reward_fuzz():
     rng = random.Random(1)
-    alphabet = list("0123456789ABCDEFabcdef:-=>.<>/ \n\t∅→") + ["<answer>", "</answer>", "none", "no match",
-                                                                  "<|im_end|>", "1: A\n", "\r\n", "\x00", "é"]
-    base = [TASKS_GOOD, reward.format_answer({1: "A", 2: None, 3: "B", 4: "C"}), "<answer>\n</answer>"]
+    alphabet = list('0123456789{}[]",:.-+eE \n\t∅\\`') + [
+        "<answer>", "</answer>", "<thinking>", "</thinking>", "none", "None", "null", "true", "no match",
+        "<|im_end|>", '"1": "2", ', "```json", "```", "\r\n", "\x00", "é", "\udcff", "9" * 30, "{" * 20, "[" * 20]
+    base = [TASKS_GOOD, reward.format_answer({1: "1", 2: None, 3: "2", 4: "3"}), _think("{}"),
+            _think('{"1": [{"2": {"3": null}}], "1": 1e400, "2": -0}'), _think('{"1": "3", "2": "none}')]
     t0, n_ok = time.time(), 0
     for k in range(12000):
         if k % 2:
@@ -1047,12 +1088,16 @@ def test_tasks_reward_fuzz():
                     s[p] = rng.choice(alphabet)
             s = "".join(s)
         d = reward.score(s, TASKS_TASK)
-        assert 0.0 <= d["reward"] <= 2.0 and 0.0 <= d["f1"] <= 1.0
+        assert 0.0 <= d["reward"] <= 2.0 and 0.0 <= d["f1"] <= 1.0 and 0.0 <= d["released_f1"] <= 1.0
         assert (d["parsed"] is None) == d["malformed"]
+        r = reward.released_reward(s, TASKS_TASK)
+        assert -3.0 <= r["repetition_penalty"] <= 0 and -2.0 <= r["accuracy_reward"] <= 1.0
         n_ok += not d["malformed"]
     assert 0 < n_ok < 12000  # the mutations produce both well-formed and malformed strings
-    # pathological sizes stay cheap (bounded by max_chars) and never raise
-    for s in [" " * 10**6, "<answer>" + " " * 30000 + "</answer>", "1" * 40000, "<answer>\n" + "1:" * 15000]:
+    # pathological sizes and shapes stay cheap (bounded by max_chars) and never raise
+    for s in [" " * 10**6, "<answer>" + " " * 30000 + "</answer>", "1" * 40000, "<answer>\n" + "1:" * 15000,
+              _think("[" * 30000), _think("{" * 30000), _think('"\\' * 16000), _think('{"1": ' + "9" * 30000 + "}"),
+              _think('{"1": "' + "none " * 6000)]:
         assert reward.score(s, TASKS_TASK)["reward"] == 0.0
     assert reward.parse_answer(None, 4, 6) is None and reward.parse_answer(b"<answer>", 4, 6) is None
     print(f"fuzz took {time.time() - t0:.2f}s")
@@ -1162,8 +1207,8 @@ def test_tasks_sample_points_shuffled_and_seeded():
     for _ in range(400):
         s = make_tasks.sample_points(arrays, "L1", "sparse", 4, rng, min_sep=20)
         firsts[s["target"][0]] += 1
-        identity += s["target"] == ["A", "B", "C", "D"]
-    assert set(firsts) == {"A", "B", "C", "D"} and min(firsts.values()) > 60  # ~100 each
+        identity += s["target"] == ["1", "2", "3", "4"]
+    assert set(firsts) == {"1", "2", "3", "4"} and min(firsts.values()) > 60  # ~100 each
     assert identity < 60  # ~400/24 = 17 by chance
 
 
@@ -1226,19 +1271,22 @@ def test_tasks_drawing_geometry(tmp_path):
         assert task["images"] is None and os.path.isabs(task["originals"][0])
         assert reward.score(reward.format_answer(dict(enumerate(task["target"], 1))), task)["reward"] == 2
         font, r = make_tasks.marker_sizes(640)
-        for side, img, fill in ((1, imgs[0], make_tasks.STYLE1["fill"]), (2, imgs[1], make_tasks.STYLE2["fill"])):
+        for side, img, fill in ((1, imgs[0], make_tasks.RING), (2, imgs[1], make_tasks.RING)):
             a = np.asarray(img).astype(int)
             pts = make_tasks.to_drawn(task[f"{'x' if side == 1 else 'y'}_points"], task[f"scale{side}"])
             # drawn separation holds at the drawn resolution
             P = np.asarray(pts)
             assert (np.sqrt(((P[:, None] - P[None]) ** 2).sum(-1)) + np.eye(len(P)) * 1e9).min() >= 20 - 1e-6
             for x, y in pts:
-                # the marker colour is at the point, and the blob of that colour around it is centred on it
-                assert tuple(a[round(y), round(x)]) == fill
+                # the ring's colour lies around the point (hollow: the point itself shows the image), and the
+                # ring of that colour is centred on it
+                assert tuple(a[round(y), round(x)]) != fill
                 y0, x0 = max(0, round(y) - r - 1), max(0, round(x) - r - 1)
                 win = np.all(a[y0:round(y) + r + 2, x0:round(x) + r + 2] == fill, axis=-1)
                 ys, xs = np.nonzero(win)
-                assert abs(xs.mean() + x0 - x) <= 1.0 and abs(ys.mean() + y0 - y) <= 1.0
+                assert len(xs) >= 2 * r  # at least a half ring, also where the border clips it
+                if r + 1 <= x <= a.shape[1] - r - 2 and r + 1 <= y <= a.shape[0] - r - 2:  # a whole ring
+                    assert abs(xs.mean() + x0 - x) <= 1.0 and abs(ys.mean() + y0 - y) <= 1.0
         # label boxes: near their point, inside the image, never over a marker, not overlapping each other
         _, _, geom = make_tasks.draw_prompts(*[Image.open(p) for p in task["originals"]], task["x_points"],
                                              task["y_points"], task["x_labels"], task["y_labels"], 640,
@@ -1258,11 +1306,14 @@ def test_tasks_drawing_geometry(tmp_path):
 
 def test_tasks_prompt():
     p = make_tasks.build_prompt(5, 7)
-    assert reward.ANSWER_INSTRUCTIONS in p and "1 to 5" in p and "A to G" in p
-    assert make_tasks.STYLE1["name"] in p and make_tasks.STYLE2["name"] in p
+    assert p == prompts.default_prompt(think=True, n=5, m=7) and "1 to 5" in p and "1 to 7" in p
+    assert "green circles" in p and "<thinking>" in p and "```json" in p
     assert make_tasks.build_prompt(5, 7, actor=False) == p
     pa = make_tasks.build_prompt(5, 7, actor=True)
-    assert pa != p and "<action>" in pa and reward.ANSWER_INSTRUCTIONS in pa
+    assert pa == prompts.default_prompt(think=True, n=5, m=7, before_answer=reward.action_instructions())
+    assert pa.index("<action>") < pa.index("<answer>") and pa.index("<action>") < pa.index("Answer format")
+    assert make_tasks.build_prompt(5, 7, template="Their question.\n") == "Their question."
+    assert make_tasks.build_prompt(5, 7, actor=True, template="Q.") == "Q.\n\n" + reward.action_instructions().strip()
 
 
 def test_tasks_cli_fake_pool(tmp_path, capsys):
@@ -1470,8 +1521,10 @@ def test_tasks_synthetic_pool_cli(tasks_synthetic_pool, capsys):
     assert set(levels) == set(make_tasks.LEVELS) and max(levels.values()) - min(levels.values()) <= 0.2 * len(tasks)
     t = tasks[0]
     img = np.asarray(Image.open(os.path.join(out, t["images"][0]))).astype(int)
-    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):
-        assert tuple(img[round(y), round(x)]) == make_tasks.STYLE1["fill"]
+    r = make_tasks.marker_sizes(max(t["size1"]))[1]
+    for x, y in make_tasks.to_drawn(t["x_points"], t["scale1"]):  # a green ring around each point (JPEG: near)
+        win = img[max(0, round(y) - r - 1):round(y) + r + 2, max(0, round(x) - r - 1):round(x) + r + 2]
+        assert ((win[..., 1] > 180) & (win[..., 0] < 90) & (win[..., 2] < 90)).sum() >= r
 
 
 # -----------------------------------------------------------------------------
@@ -1751,9 +1804,9 @@ def grpo_sample_batch(env, n_prompts=2, G=3, seed=0):
 def test_grpo_tiny_model_loads_and_tokenizes_answers_compactly(grpo_env):
     model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
-    answer = "<answer>\n1: C\n2: none\n3: A\n</answer>"
+    answer = reward.format_answer({1: "3", 2: None, 3: "1"})
     ids = tok(answer, add_special_tokens=False).input_ids
-    assert tok.decode(ids) == answer and len(ids) <= 20  # vs 36 bytes
+    assert tok.decode(ids) == answer and len(ids) <= 15  # vs 88 bytes: 2 tokens a point + tags and fences
     img = Image.new("RGB", (640, 480))
     enc = grpo.encode(tok, ip, "Match the points.", [img, img])
     n_pad = int(enc["mm_token_type_ids"].sum())
@@ -2581,14 +2634,14 @@ def _evaluate_hand_rows():
     ans = lambda *labels: reward.format_answer({i + 1: v for i, v in enumerate(labels)})
     cases = [
         # all right: P 1, R 1, F1 1, match 2/2
-        (_evaluate_task("t1", ["A", "B"], "scannet", "L1", "indoor", "sparse", 1, 0.1), ans("A", "B")),
+        (_evaluate_task("t1", ["1", "2"], "scannet", "L1", "indoor", "sparse", 1, 0.1), ans("1", "2")),
         # 1 of 2 claimed links right, the one real link found, 3 ends right: P 1/2, R 1, F1 2/3, match 2/3
-        (_evaluate_task("t2", ["A", None, None], "scannet", "L2", "indoor", "dense", 2, 0.5), ans("A", "B", None)),
+        (_evaluate_task("t2", ["1", None, None], "scannet", "L2", "indoor", "dense", 2, 0.5), ans("1", "2", None)),
         # malformed: everything 0
-        (_evaluate_task("t3", ["A", "B"], "co3d", "L1", "object", "sparse", 1, 0.9), "1: A\n2: B"),
+        (_evaluate_task("t3", ["1", "2"], "co3d", "L1", "object", "sparse", 1, 0.9), "1: A\n2: B"),
         # swapped links, nones right: P 0, R 0, F1 0, match 2/4
-        (_evaluate_task("t4", ["A", "B", None, None], "co3d", "L3", "object", "sparse", 2, 0.7),
-         ans("B", "A", None, None)),
+        (_evaluate_task("t4", ["1", "2", None, None], "co3d", "L3", "object", "sparse", 2, 0.7),
+         ans("2", "1", None, None)),
     ]
     return [evaluate.score_row(task, text) for task, text in cases]
 
@@ -2600,7 +2653,7 @@ def test_evaluate_rows_hold_reward_scores_and_counts():
     assert np.allclose(got, want)
     assert [(r["n_correct"], r["n_pred"], r["n_pos"], r["n_hits"], r["n"]) for r in rows] == \
         [(2, 2, 2, 2, 2), (1, 2, 1, 2, 3), (0, 0, 2, 0, 2), (0, 2, 2, 2, 4)]
-    assert rows[1]["parsed"] == {"1": "A", "2": "B", "3": None} and rows[2]["parsed"] is None
+    assert rows[1]["parsed"] == {"1": "1", "2": "2", "3": None} and rows[2]["parsed"] is None
     json.dumps(rows)  # rows go to predictions.jsonl as they are
 
 
@@ -2666,14 +2719,14 @@ def test_evaluate_action_accuracy_for_actor_tasks(tmp_path):
     a = math.radians(30)
     R = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]).T
     t = -R @ np.array([0.0, 0.0, 1.0])
-    actor = lambda tid: dict(_evaluate_task(tid, ["A", None], "scannet", "L3", "indoor", "sparse", 1, 0.2),
+    actor = lambda tid: dict(_evaluate_task(tid, ["1", None], "scannet", "L3", "indoor", "sparse", 1, 0.2),
                              actor=True, action_step=15, R=R.tolist(), t=t.tolist())
     good = reward.format_actions(reward.canonical_actions(R.tolist(), t.tolist()))
     wrong = good.replace("yaw right", "yaw left").replace("move forward", "move back")  # 2 of 4 parts wrong
-    answer = "\n" + reward.format_answer({1: "A", 2: None})
+    answer = "\n" + reward.format_answer({1: "1", 2: None})
     rows = [evaluate.score_row(actor("a1"), good + answer), evaluate.score_row(actor("a2"), wrong + answer),
-            evaluate.score_row(_evaluate_task("p", ["A"], "co3d", "L1", "object", "sparse", 1, 0.5),
-                               reward.format_answer({1: "A"}))]
+            evaluate.score_row(_evaluate_task("p", ["1"], "co3d", "L1", "object", "sparse", 1, 0.5),
+                               reward.format_answer({1: "1"}))]
     assert (rows[0]["action"], rows[1]["action"]) == (1.0, 0.5) and "action" not in rows[2]
     assert all(r["f1"] == 1.0 for r in rows)  # the action block does not disturb the answer's parse
     o = evaluate.aggregate(rows)["overall"]
@@ -2950,8 +3003,8 @@ def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
     spec = [("d0", "dl3dv", "outdoor", "L1", 0.2), ("d1", "dl3dv", "outdoor", "L2", 0.4),
             ("d2", "dl3dv", "outdoor", "L3", 0.6), ("r0", "re10k", "indoor", "L1", 0.1),
             ("r1", "re10k", "indoor", "L3", 0.3), ("s0", "scannet", "indoor", "L2", 0.95)]
-    tasks = [_evaluate_task(tid, ["A", None], src, lv, st, "sparse", 1, dv) for tid, src, st, lv, dv in spec]
-    right, none = reward.format_answer({1: "A", 2: None}), reward.format_answer({1: None, 2: None})
+    tasks = [_evaluate_task(tid, ["1", None], src, lv, st, "sparse", 1, dv) for tid, src, st, lv, dv in spec]
+    right, none = reward.format_answer({1: "1", 2: None}), reward.format_answer({1: None, 2: None})
     model = [evaluate.score_row(t, right, truncated=t["task_id"] in ("d0", "r0"), n_tokens=9) for t in tasks]
     base = [evaluate.score_row(t, none) for t in tasks]
     all_metrics = {"m": dict(source="m", kind="model", max_new_tokens=5120, **evaluate.aggregate(model, widest=2)),
@@ -2979,8 +3032,8 @@ def test_evaluate_report_truncation_scene_level_and_widest(tmp_path):
 
 
 def test_evaluate_resumed_rows_take_pair_id_from_the_task(tmp_path):
-    tasks = [dict(_evaluate_task("a", ["A"], "co3d", "L1", "object", "sparse", 1, 0.2), pair_id="pa")]
-    old = {k: v for k, v in evaluate.score_row(tasks[0], reward.format_answer({1: "A"})).items() if k != "pair_id"}
+    tasks = [dict(_evaluate_task("a", ["1"], "co3d", "L1", "object", "sparse", 1, 0.2), pair_id="pa")]
+    old = {k: v for k, v in evaluate.score_row(tasks[0], reward.format_answer({1: "1"})).items() if k != "pair_id"}
     (tmp_path / "predictions.jsonl").write_text(json.dumps(old) + "\n")  # a row from before pair_id was recorded
     rows = evaluate.predict(lambda: pytest.fail("nothing left to answer"), tasks, tmp_path, "x")
     assert rows[0]["pair_id"] == "pa" and evaluate.aggregate(rows, widest=1)["widest"]["pairs"] == ["pa"]
@@ -3177,6 +3230,17 @@ def _human_click_point(page, task, j, side=2, on_label=False):
     page.mouse.click(box["x"] + (x + 0.5) * box["width"] / W, box["y"] + (y + 0.5) * box["height"] / H)
 
 
+def _human_type(page, task, lab):
+    """Answer the active point by keyboard: 0 for no match, else the id's digits, and Enter where a longer id
+    starts with it (the page would otherwise wait for another digit)."""
+    if lab is None:
+        return page.keyboard.press("0")
+    for d in lab:
+        page.keyboard.press(d)
+    if any(y != lab and y.startswith(lab) for y in task["y_labels"]):
+        page.keyboard.press("Enter")
+
+
 def test_human_page_in_browser_answers_persist_download_and_score(human_browser, human_page, tmp_path):
     """Four of the five tasks answered (the third with one deliberate mistake), the fifth left open."""
     tasks = evaluate.load_tasks(human_page / "page" / "tasks.jsonl")  # page order
@@ -3195,7 +3259,7 @@ def test_human_page_in_browser_answers_persist_download_and_score(human_browser,
         for i in order:  # the active point moves on to the next unanswered one after each answer
             lab = mapping[i]
             if k == 1:  # by keyboard
-                page.keyboard.press("0" if lab is None else lab.lower())
+                _human_type(page, task, lab)
             elif lab is None:
                 page.get_by_role("button", name="No match").click()
             else:  # on the marker; on its label box in the fourth task
@@ -3243,12 +3307,12 @@ def test_human_show_truth_page_marks_answers(human_browser, human_page):
     target = task["target"][0]
     wrong = next(lab for lab in task["y_labels"] if lab != target)
     first_row = lambda: page.locator(".row").first.inner_text()
-    page.keyboard.press(wrong.lower())  # point 1, wrong: marked, the truth shown
+    _human_type(page, task, wrong)  # point 1, wrong: marked, the truth shown
     assert "✗" in first_row() and f"truth: {'none' if target is None else target}" in first_row()
     page.keyboard.press("ArrowUp")  # the answer moved the active point to 2; back to 1
     page.keyboard.press("Backspace")
     assert first_row().split("\n")[-1] == "?"  # cleared: nothing marked
-    page.keyboard.press("0" if target is None else target.lower())
+    _human_type(page, task, target)
     assert "✓" in first_row() and "truth" not in first_row()
     context.close()
 
@@ -3756,11 +3820,11 @@ def test_hatch_actions_random_poses_round_trip():
         R, t = hatch_pose(M, rng.normal(size=3))
         a = reward.canonical_actions(R, t)
         assert (a["yaw_exact"], a["pitch_exact"], a["roll_exact"]) == pytest.approx((yaw, pitch, roll), abs=1e-6)
-        text = "Let me think.\n" + reward.format_actions(a) + "\n<answer>\n1: A\n</answer>"
+        text = "<thinking>Let me think.</thinking>\n" + reward.format_actions(a) + '\n<answer>{"1": "1"}</answer>'
         p = reward.parse_actions(text)
         assert p == {k: a[k] for k in ("yaw", "pitch", "roll", "move")}
         assert reward.action_reward(text, R, t)["action"] == 1.0
-        assert reward.parse_answer(text, 1, 1) == {1: "A"}   # the answer parser accepts the action block before
+        assert reward.parse_answer(text, 1, 1) == {1: "1"}   # the answer parser accepts the action block before
 
 
 def test_hatch_action_reward_wrong_actions_score_lower():
@@ -3788,7 +3852,7 @@ def test_hatch_action_reward_wrong_actions_score_lower():
     R4, t4 = hatch_pose(hatch_rot_y(15), (0, 0, 0))
     assert reward.action_reward(reward.format_actions(dict(base, yaw=15, move="stay")), R4, t4)["action"] == 1.0
     # missing / malformed block scores 0
-    assert reward.action_reward("<answer>\n1: A\n</answer>", R, t)["action"] == 0.0
+    assert reward.action_reward('<answer>{"1": "1"}</answer>', R, t)["action"] == 0.0
 
 
 @pytest.mark.parametrize("text", [
@@ -3813,7 +3877,7 @@ def test_hatch_parse_actions_tolerant(text):
     "<action>\nyaw right 30, pitch down 15, roll 0, move sideways\n</action>",            # unknown move
     "<action>\nyaw right 30, pitch down 15, roll 0, move forward, then stop\n</action>",  # extra item
     "<action>a</action><action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",  # two blocks
-    "<answer>\n1: A\n</answer>\n<action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>",  # after
+    '<answer>{"1": "1"}</answer>\n<action>\nyaw right 30, pitch down 15, roll 0, move forward\n</action>',  # after
     "</action>yaw right 30, pitch down 15, roll 0, move forward<action>",                 # reversed tags
 ])
 def test_hatch_parse_actions_malformed(text):
@@ -3826,7 +3890,7 @@ def test_hatch_parsers_never_raise_fuzz():
               "right", "up", "down", "cw", "ccw", "forward", "back", "stay", "0", "15", "90", "180", "999", "1e9",
               "12.5", "-", ",", ";", "\n", " ", ":", "°", "deg", "1", "A", "none", "\x00", "é", "→", "∅", "..."]
     R, t = hatch_pose(hatch_rot_y(20), (0, 0, 1))
-    valid = "ok\n<action>\nyaw right 30, pitch down 15, roll ccw 45, move forward\n</action>\n<answer>\n1: A\n</answer>"
+    valid = 'ok\n<action>\nyaw right 30, pitch down 15, roll ccw 45, move forward\n</action>\n<answer>{"1": "1"}</answer>'
     parsed = 0
     for k in range(10000):
         if k % 2:  # random token soup
@@ -3856,8 +3920,8 @@ def test_hatch_parsers_never_raise_fuzz():
 
 def test_hatch_score_with_action_weight():
     R, t = hatch_pose(hatch_rot_y(-30), (0, 0, 1))
-    task = dict(task_id="t", n=2, m=3, target=["B", None], R=R, t=t)
-    answer = reward.format_answer({1: "B", 2: None})
+    task = dict(task_id="t", n=2, m=3, target=["2", None], R=R, t=t)
+    answer = reward.format_answer({1: "2", 2: None})
     act = reward.format_actions(reward.canonical_actions(R, t))
     good = "Reasoning.\n" + act + "\n" + answer
     # w_action = 0: exactly the old behaviour (same dict as without the argument)
@@ -3867,7 +3931,7 @@ def test_hatch_score_with_action_weight():
     assert (d["format"], d["match"], d["action"], d["reward"]) == (1.0, 1.0, 1.0, 2.5)
     d = reward.score(answer, task, w_action=0.5)                 # no action block: no action reward
     assert (d["action"], d["reward"]) == (0.0, 2.0)
-    d = reward.score(act + "\n<answer>\n1: B\n</answer>\nmore", task, w_action=0.5)  # malformed answer, action ok
+    d = reward.score(act + '\n<answer>{"1": "2"}</answer>\nmore', task, w_action=0.5)  # malformed answer, action ok
     assert (d["format"], d["match"], d["action"], d["reward"]) == (0.0, 0.0, 1.0, 0.5)
     d = reward.score(good, dict(task, R=None, t=None), w_action=0.5)  # pose unknown: nothing added
     assert d["action"] is None and d["reward"] == 2.0
@@ -3880,9 +3944,8 @@ def test_hatch_actor_prompt_and_task(tmp_path):
     plain = make_tasks.build_prompt(4, 6)
     p = make_tasks.build_prompt(4, 6, actor=True)
     assert make_tasks.build_prompt(4, 6, actor=False) == plain and p != plain
-    assert reward.action_instructions(15) in p and p.endswith(reward.ANSWER_INSTRUCTIONS)
-    assert p.index("<action>") < p.index("<answer>") and "1 to 4" in p and "A to F" in p
-    assert "Then give the camera motion and your final answer." in p
+    assert reward.action_instructions(15).strip() in p and p.index("<action>") < p.index("<answer>")
+    assert p.index("</thinking>") > p.index("<action>") and "1 to 4" in p and "1 to 6" in p  # the format follows
     assert "multiples of 10" in make_tasks.build_prompt(4, 6, actor=True, action_step=10)
     # make_task passes actor through (a minimal fake pair: 6 matched keypoints, one per cluster)
     for k in (1, 2):
@@ -3993,7 +4056,8 @@ def test_hatch_tiny_model_warmup_actor_targets():
         seen.add((acts["yaw"], acts["move"]))
         labelled = [k for k, v in enumerate(soft) if v is not None]
         assert len(labelled) == 4 and "</action>\n<answer>" in tok.decode(ids[:labelled[0]])
-        assert all(len(soft[k]) == 7 and ids[k] in soft[k] for k in labelled)  # A-F + none
+        assert text.index("</thinking>") < text.index("<action>")  # thinking, action, answer
+        assert all(len(soft[k]) == 7 and ids[k] in soft[k] for k in labelled)  # 1-6 + none
     assert len(seen) > 20  # random, not one fixed action
     assert tiny_model.action_angles(20)["yaw"][0] == -160 and tiny_model.action_angles(20)["pitch"][-1] == 80
 
@@ -4141,7 +4205,8 @@ def test_pipeline_smoke(evaluate_tasks, tmp_path):
     for r in rollouts:  # the logged reward is format + match, and format is what the parser says of the text
         assert r["reward"] == pytest.approx(r["format"] + r["match"])
         assert r["format"] == float(reward.parse_answer(r["text"], r["n"], r["m"]) is not None
-                                    and len(reward.parse_answer(r["text"], r["n"], r["m"])) == r["n"])
+                                    and len(reward.parse_answer(r["text"], r["n"], r["m"])) == r["n"]
+                                    and reward.has_thinking(r["text"]))
     grpo.load_policy(ckpt)  # the real loading path
     evaluate.main([str(tmp_path / "run"), str(tmp_path / "tiny"), "--tasks", str(evaluate_tasks),
                    "--out", str(tmp_path / "eval"), "--limit", "3", "--max-new-tokens", "16", "--baseline", "none"])
@@ -4586,7 +4651,7 @@ def test_harness_export_hf_dataset_loads_with_every_field_and_the_same_image_byt
                   "source", "scene", "scene_type", "split", "level", "spatial", "bin", "delta_v"):
             assert row[k] == t[k], (t["task_id"], k)
         assert row["actor"] is False and reward.score(row["answer"], t)["f1"] == 1.0
-        assert row["answer"] == reward.format_answer({i + 1: v for i, v in enumerate(t["target"])})
+        assert row["answer"] == reward.reference_answer(t["target"])
         files = [evaluate_tasks.parent / p for p in t["images"]]
         assert [im["bytes"] for im in row["images"]] == [f.read_bytes() for f in files]  # unchanged bytes
         assert [im["path"] for im in row["images"]] == [f.name for f in files]
@@ -4620,13 +4685,13 @@ def test_harness_export_vlmevalkit_tsv_images_decode(evaluate_tasks, harness_exp
             assert raw == (evaluate_tasks.parent / rel).read_bytes()
             assert Image.open(io.BytesIO(raw)).convert("RGB").size == Image.open(evaluate_tasks.parent / rel).size
         assert (line["question"], line["answer"], line["task_id"]) == \
-            (t["prompt"], reward.format_answer({i + 1: v for i, v in enumerate(t["target"])}), t["task_id"])
+            (t["prompt"], reward.reference_answer(t["target"]), t["task_id"])
         assert json.loads(line["target"]) == t["target"] and line["level"] == t["level"]
 
 
 def _harness_answer(task, kind):
     """A model answer of a given kind to a task: gold (after some reasoning), wrong (every link moved to another
-    letter), partial (half the points), none (every point), malformed (no answer block)."""
+    image-2 id), partial (half the points), none (every point), malformed (no answer block)."""
     gold = {i + 1: v for i, v in enumerate(task["target"])}
     ys = task["y_labels"]
     if kind == "gold":

@@ -16,8 +16,9 @@ What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` 
     tokenizer.json + tokenizer_config.json + chat_template.jinja
                                       byte-level BPE (vocab <= 2048, ~1000 here) trained offline on a small corpus (the
                                       answer grammar, prompts, ActoR action blocks, digits and letters); GPT-2's
-                                      pre-tokenizer split plus "\n<i>:" and the tags as whole pieces, so an answer line
-                                      is 2 tokens ("\n3:", " C"); with Qwen's chat special tokens
+                                      pre-tokenizer split plus the JSON answer's key pieces ('", "3": "'), the fence
+                                      lines and the tags as whole pieces, so a point of the answer is 2 tokens
+                                      ('", "3": "', '5'); with Qwen's chat special tokens
                                       (<|im_start|> <|im_end|> <|endoftext|> <|vision_start|> <|image_pad|> ...)
                                       and a Qwen-style chat template (one <|image_pad|> per image, expanded later)
     preprocessor_config.json          Qwen2VLImageProcessorPil (works without torchvision), patch 16, merge 2,
@@ -28,8 +29,8 @@ What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` 
     generation_config.json            stop on <|im_end|> / <|endoftext|>
     args.json                         the arguments of this run
 
-The optional warm-up is supervised fine-tuning on well-formed answers with RANDOM mappings
-(reward.format_answer) for prompts drawn online by make_tasks from the pool's train split (n in [--n-min,
+The optional warm-up is supervised fine-tuning on well-formed replies (an empty <thinking> block, then the JSON
+answer) with RANDOM mappings (reward.format_answer) for prompts drawn online by make_tasks from the pool's train split (n in [--n-min,
 --n-max] as demo.sh runs grpo.py; a buffer of 32 tasks, 2 replaced by fresh ones every step). The loss is on the answer tokens
 only, and at each label position its target is the uniform distribution over the task's m labels + none (the
 expected loss of random mappings, without the noise), so the model learns the line count n and the label range m
@@ -64,6 +65,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import grpo  # model plumbing (encode, generate, tasks from the pool, completion states)
 import make_tasks
 import reward
+from widematch import prompts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -93,13 +95,13 @@ def tokenizer_corpus(seed=0):
     rng = random.Random(seed)
     lines = [
         "Two images of the same scene are shown, taken from very different viewpoints.",
-        "Numbered points are drawn on the first image and lettered points on the second image.",
-        "For each numbered point, find the lettered point that shows the same 3D point, or answer none.",
+        "Numbered points are drawn on the first image and on the second image.",
+        "For each point of image 1, find the point of image 2 that shows the same 3D point, or answer none.",
         "Think about the geometry, the objects and the context before you answer.",
         "The camera moved to the left and rotated, so the table appears on the right side now.",
         "Point 3 lies on the corner of the chair; in image 2 that corner is hidden behind the sofa.",
         "Image 1 Image 2 point points match matches none visible occluded left right top bottom",
-        reward.ANSWER_INSTRUCTIONS,
+        prompts.default_prompt(think=True), prompts.default_prompt(think=False),
         *[make_tasks.build_prompt(n, m) for n, m in ((3, 5), (4, 12), (12, 26), (7, 9))],
         make_tasks.build_prompt(4, 6, actor=True), "user assistant system",
         " ".join(str(i) for i in range(100)),
@@ -109,7 +111,7 @@ def tokenizer_corpus(seed=0):
     for _ in range(400):
         n, m = rng.randint(1, 20), rng.randint(1, 26)
         labels = reward.y_labels_for(m) + [None]
-        lines.append(reward.format_answer({i + 1: rng.choice(labels) for i in range(n)}))
+        lines.append(reward.format_answer({i + 1: rng.choice(labels) for i in range(n)}, thinking=WARMUP_THINKING))
     for _ in range(100):  # ActoR action blocks (make_tasks.py --actor)
         a = {k: rng.randrange(-12, 13) * 15 for k in ("yaw", "pitch", "roll")}
         lines.append(reward.format_actions(dict(a, pitch=max(-90, min(90, a["pitch"])),
@@ -117,11 +119,12 @@ def tokenizer_corpus(seed=0):
     return lines
 
 
-# GPT-2's pre-tokenizer regex plus two pieces of the answer grammar kept whole, so BPE can make an answer line
-# two tokens ("\n3:", " C") and the tags one token each: the sampled answer of the tiny model then has few places
-# to go wrong.
-PRETOKENIZE = (r"\n?</?[a-z]+>|\n[0-9]+:|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|"
-               r"\s+")
+# GPT-2's pre-tokenizer regex plus pieces of the answer grammar kept whole, so BPE can make each point of the
+# JSON answer two tokens ('", "3": "' + '5', the first '{"1": "', the end '"}'), the fence lines and the tags
+# one token each: the sampled answer of the tiny model then has few places to go wrong.
+PRETOKENIZE = (r"\n?</?[a-z]+>|\n```json\n|\n```|(?:\{|\", )\"[0-9]+\": \"|\"\}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|"
+               r" ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+WARMUP_THINKING = ""  # the warm-up's thinking block is empty: it teaches the format, not reasoning
 
 
 def build_tokenizer(vocab_size=2048):
@@ -211,19 +214,20 @@ def answer_tokens(tokenizer, task, rng):
     (task["actor"]) get a random action block before the answer block; its tokens keep one-hot targets (the
     draw is random, so in expectation the target is the random draw's own distribution, not the pose)."""
     labels = list(task["y_labels"]) + [None]
-    text = reward.format_answer({i + 1: labels[rng.integers(len(labels))] for i in range(task["n"])})
-    if task.get("actor"):
-        text = reward.format_actions(random_actions(rng, task["action_step"])) + "\n" + text
+    mapping = {i + 1: labels[rng.integers(len(labels))] for i in range(task["n"])}
+    text = reward.format_answer(mapping, thinking=WARMUP_THINKING)
+    if task.get("actor"):  # the action block between the thinking block and the answer
+        text = (f"<thinking>\n{WARMUP_THINKING}\n</thinking>\n" + reward.format_actions(random_actions(
+            rng, task["action_step"])) + "\n" + reward.format_answer(mapping, thinking=None))
     ids = tokenizer(text + "<|im_end|>", add_special_tokens=False).input_ids
-    valid = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + ("none" if lab is None else lab)))
-             for lab in labels]
+    valid = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize("none" if lab is None else lab)) for lab in labels]
     label_ids = {v[0] for v in valid if len(v) == 1}
-    if len(label_ids) < len(labels):  # a label that is not one token: plain one-hot targets
+    keys = [tokenizer.tokenize(f'{{"{i + 1}": "' if i == 0 else f'", "{i + 1}": "') for i in range(task["n"])]
+    if len(label_ids) < len(labels) or any(len(k) != 1 for k in keys):  # not one token each: one-hot targets
         return ids, [None] * len(ids)
-    # the action block has no "\n<i>:" token, so only the answer's label positions get the uniform targets
-    line_start = set(tokenizer.convert_tokens_to_ids([tokenizer.tokenize(f"\n{i + 1}:")[0]
-                                                      for i in range(task["n"])]))
-    return ids, [label_ids if k > 0 and ids[k - 1] in line_start else None for k in range(len(ids))]
+    # the action block has no key token, so only the answer's label positions get the uniform targets
+    key_ids = set(tokenizer.convert_tokens_to_ids([k[0] for k in keys]))
+    return ids, [label_ids if k > 0 and ids[k - 1] in key_ids else None for k in range(len(ids))]
 
 
 def answer_loss(model, batch, soft):

@@ -93,8 +93,7 @@ def read_lmms_samples(path, all_tasks):
         if claimed is not None and claimed != task["task_id"]:
             sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
                      f"but {claimed!r} in the samples: the export was made from another tasks file")
-        if claimed is None and target is not None and target != reward.format_answer(
-                {i + 1: v for i, v in enumerate(task["target"])}):
+        if claimed is None and target is not None and target != reward.reference_answer(task["target"]):
             sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
                      f"task {task['task_id']!r}: the export was made from another tasks file")
         text = s.get("filtered_resps", s.get("resps"))

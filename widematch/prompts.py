@@ -22,20 +22,24 @@ class TemplateError(ValueError):
     """A prompt template file that cannot be used; the message names the file and what is wrong."""
 
 
-def default_prompt(think=True, n=None, m=None):
+def default_prompt(think=True, n=None, m=None, before_answer=None):
     """Our wording of the question (the same answer format as the released template). n, m: the number of
-    labelled points on each image, said in the text when known."""
+    labelled points on each image, said in the text when known; before_answer: a paragraph put before the answer
+    format (make_tasks.py's ActoR action-block instructions)."""
     counts = ""
     if n is not None and m is not None:
         counts = (f" Image 1 shows {n} numbered point{'s' if n != 1 else ''} (1 to {n}); image 2 shows {m} "
                   f"(1 to {m}).")
     lines = [
-        "The two images show the same scene from different viewpoints. Small circles with numeric ids mark "
-        "points on both images." + counts,
+        "The two images show the same scene from different viewpoints. Small green circles with numeric ids "
+        "mark points on both images: each circle is centred on its point, and its id is written in white on a "
+        "black box next to it, joined to it by a thin line." + counts,
         "For every numbered point of image 1, find the point of image 2 that shows the same physical spot, or "
         "say \"none\" when that spot is hidden or out of view in image 2.",
     ]
     example = '{"1": "2", "2": "none", "3": "1"}'
+    if before_answer:
+        lines.append(before_answer.strip())
     if think:
         lines.append("First reason inside <thinking> </thinking> tags: what each point lies on, what surrounds it, "
                      "and how the camera moved between the images. Then give the answer inside <answer> "
