@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import export_bench
 import make_tasks
 import reward
 
@@ -236,3 +237,28 @@ def test_human_page_types_multi_digit_ids(human_browser, human_page):
     page.keyboard.press(back)
     assert rows()[:3] == ["10", "1", "1"], (rows(), k)
     context.close()
+
+
+def test_make_tasks_output_exported_in_the_released_layout_carries_the_same_ids(evaluate_tasks, tmp_path):
+    """A task made by make_tasks.py and the same task exported in the released layout (export_bench.py --format
+    reasonmatch) carry the same ids and answer: the released truth of each sample is our target with "none" for
+    distractors, its images are the drawn bytes, and a reply that is right under our grammar is right there."""
+    from widematch import reasonmatch
+    tasks = [json.loads(line) for line in evaluate_tasks.read_text().splitlines() if line.strip()]
+    out = tmp_path / "bench"
+    export_bench.main(["--tasks", str(evaluate_tasks), "--format", "reasonmatch", "--out", str(out)])
+    root, _, entries = reasonmatch.load_index(out)
+    assert len(entries) == len(tasks)
+    for task, entry in zip(tasks, entries):
+        s = reasonmatch.load_sample(root, entry)
+        assert s["error"] is None
+        truth = s["metadata"]["answer"]
+        assert truth == {x: ("none" if t is None else t) for x, t in zip(task["x_labels"], task["target"])}
+        assert set(truth) == {str(i + 1) for i in range(task["n"])}
+        assert all(v == "none" or 1 <= int(v) <= task["m"] for v in truth.values())
+        for k in range(2):
+            assert s["images"][k].read_bytes() == (evaluate_tasks.parent / task["images"][k]).read_bytes()
+        reply = reward.format_answer({i + 1: t for i, t in enumerate(task["target"])})
+        assert reward.score(reply, task)["match"] == 1.0
+        assert reward.released_prf(truth, reward.released_json(reply)[1]) == \
+            reward.released_prf(truth, {k: v for k, v in truth.items()})
