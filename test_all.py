@@ -49,6 +49,7 @@ import rollout
 import synthetic
 import tiny_model
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
+from tests.grpo_layout import *  # noqa: F401,F403 (grpo.py's machinery in widematch/)
 from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as released)
 from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
 from tests.gpu_readiness import *  # noqa: F401,F403 - issue 28: the first GPU run
