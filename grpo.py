@@ -22,7 +22,6 @@ Every command, output field, HATCH option and choice of ours: docs/grpo.md.
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -39,7 +38,8 @@ import curriculum
 import make_tasks
 import pasta
 import reward
-from rollout import CPU_ROLLOUT_BATCH, GIB, HFEngine, VllmEngine, format_plan, prompt_bound, read_model_config
+from rollout import (CPU_ROLLOUT_BATCH, HFEngine, VllmEngine, check_memory, format_plan, prompt_bound,
+                     read_model_config)
 from widematch import dist as wdist
 from widematch import recipes
 from widematch.tis import tis_weights
@@ -65,6 +65,7 @@ def read_pairs(pool_dir):
         sys.exit(f"grpo.py: error: --pool {pool_dir} has no pairs.jsonl (run build_pool.py first)")
     return make_tasks.load_pairs(pool_dir)
 
+
 def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5), actor=False,
                   action_step=reward.ACTION_STEP_DEG):
     """-> (task, [img1, img2]) drawn online from one pool pair, n uniform in n_range; raises TaskUnavailable.
@@ -72,6 +73,7 @@ def task_for_pair(pair, pool_dir, level, spatial, rng, max_side, n_range=(3, 5),
     n = int(rng.integers(n_range[0], n_range[1] + 1))
     return make_tasks.make_task(pair, make_tasks.load_arrays(pool_dir, pair), level, spatial, n, rng, pool_dir,
                                 max_side, actor=actor, action_step=action_step)
+
 
 def sample_tasks(cur, pairs_by_bin, count, rng, args, stage=None):
     """count tasks: the curriculum picks ONE (bin, level, spatial) for the step (so the step's one update feeds
@@ -94,6 +96,7 @@ def sample_tasks(cur, pairs_by_bin, count, rng, args, stage=None):
             raise SystemExit(f"grpo.py: error: no train pair of bin {b} can supply level {level} / {spatial}")
     return out
 
+
 def load_data(args, rank=0, reuse=False):
     """-> pairs_by_id (pair_id -> pairs.jsonl row), pairs_by_bin (bin -> train pairs), the curriculum over those
     bins, eval_tasks (the fixed held-out tasks: held_out_tasks; empty with --eval-every 0)."""
@@ -109,6 +112,7 @@ def load_data(args, rank=0, reuse=False):
                                 max_steps_per_bin=args.max_steps_per_bin)
     eval_tasks = held_out_tasks(args, [p for p in pairs if p["split"] == "test"], rank, reuse)
     return pairs_by_id, pairs_by_bin, cur, eval_tasks
+
 
 def held_out_tasks(args, test_pairs, rank, reuse):
     """The in-training eval set, drawn ONCE: --eval-tasks tasks from test pairs, stratified over bins (task k from
@@ -170,10 +174,12 @@ def make_engine(args, model, tokenizer, device, rank, world, resumed):
         engine.sync_weights(model)
     return engine
 
+
 def hf_engine(model, tokenizer, args, world, autocast=contextlib.nullcontext):
     """transformers generate on model (--rollout-impl, --rollout-batch prompts a call; ranks in lock-step when
     sharded): the hf rollout engine, and the reference the debug dumps compare against."""
     return HFEngine(model, tokenizer, args.rollout_impl, args.rollout_batch, autocast, synced=world > 1)
+
 
 def rollout(engine, tokenizer, image_processor, tasks, args):
     """Generate G completions per task (inside engine.session()), score them -> list of samples (prompt-major)."""
@@ -219,10 +225,12 @@ def group_advantages(rewards, group_size, eps=1e-4, std="population"):
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=std == "unbiased", keepdim=True) + eps)  # (N, G)
     return adv.view(-1).float()                                                                    # (N*G,)
 
+
 def constant_groups(rewards, group_size):
     """rewards (N*G,) prompt-major -> [bool] * N: the groups whose G rewards are all equal (advantage 0)."""
     r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)                              # (N, G)
     return (r.max(1) == r.min(1)).tolist()
+
 
 def dynamic_sampling(samples, roll, stage, cur, pairs_by_bin, task_rng, args, world):
     """--filter-groups (DAPO's dynamic sampling): groups whose G rewards are all equal are dropped and prompts of
@@ -556,6 +564,7 @@ def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
         m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
     return m
 
+
 @torch.no_grad()
 def evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, world):
     """Greedy match accuracy on the fixed held-out tasks through the rollout engine, split over the ranks (task k on
@@ -593,6 +602,7 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     recipes.resolve(args, set(vars(quiet.parse_args(argv))))
     return args
+
 
 def build_parser():
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -737,6 +747,7 @@ def build_parser():
     ap.add_argument("--debug-engine-check", default=None, help=argparse.SUPPRESS)
     return ap
 
+
 def rollout_batch_arg(value):
     """--rollout-batch: a positive integer or auto."""
     if value == "auto":
@@ -745,45 +756,12 @@ def rollout_batch_arg(value):
         raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
     return int(value)
 
+
 def print_plan(args):
     """--plan: the per-GPU memory budget of this run from the model's config.json alone (rollout.format_plan)."""
     text, _ = format_plan(args)
     print(text)
 
-def gpu_query():
-    """-> the total memory in bytes of each visible CUDA device (the launch check's view of this machine; the
-    tests replace this function with a fake machine)."""
-    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-
-def check_memory(args, device, rank, world):
-    """Before any weights are read. On CUDA: --plan for the GPUs this run has (FSDP over `world` processes, each
-    with the smallest visible GPU's memory) must fit, else every rank stops and rank 0 prints one line naming the
-    flag to change; --rollout-batch auto becomes the largest that fits. On CPU: auto becomes
-    CPU_ROLLOUT_BATCH and nothing is checked (the plan is of GPU memory)."""
-    if device.type != "cuda":
-        if args.rollout_batch == "auto":
-            args.rollout_batch = CPU_ROLLOUT_BATCH
-        return
-    mems = gpu_query()
-    if not mems:
-        sys.exit("grpo.py: error: CUDA is available but torch.cuda.device_count() is 0")
-    plan_args = copy.copy(args)
-    plan_args.gpus, plan_args.gpu_mem_gib, plan_args.plan_device = world, min(mems) / GIB, "cuda"
-    _, plan = format_plan(plan_args)
-    if args.rollout_batch == "auto":
-        args.rollout_batch = plan["rollout_batch"]
-    if plan["fits"] or not args.memory_check:
-        print0(f"grpo.py: memory plan {plan['peak'] / GIB:.1f} GiB peak per GPU of "
-               f"{plan_args.gpu_mem_gib:.1f} GiB ({world} x GPU, rollout batch {args.rollout_batch})"
-               + ("" if plan["fits"] else ": DOES NOT FIT, --no-memory-check"))
-        return
-    fix = plan["fix"] or ""
-    change = (f"run on {fix.split()[1]} GPUs (torchrun --nnodes / --nproc_per_node)" if fix.startswith("--gpus")
-              else f"change {fix}" if fix else "lower --max-new-tokens or --group-size")
-    sys.exit(f"grpo.py: error: the memory plan does not fit: peak {plan['peak'] / GIB:.1f} GiB per GPU > 90% "
-             f"of {plan_args.gpu_mem_gib:.1f} GiB on {world} x GPU; {change} (python grpo.py --plan --gpus {world} "
-             f"--gpu-mem-gib {plan_args.gpu_mem_gib:.0f} [flags] shows the budget; --no-memory-check skips this)"
-             if rank == 0 else 1)
 
 def seed_everything(seed, rank, same_sampling=False):
     """Seeds python / numpy / torch per rank (so sampling differs per rank; same_sampling: every rank samples the
@@ -792,6 +770,7 @@ def seed_everything(seed, rank, same_sampling=False):
     np.random.seed(seed + rank)
     torch.manual_seed(seed + (0 if same_sampling else rank))
     return np.random.default_rng(seed)
+
 
 def load_models(args, device, rank, world):
     """-> policy (--model; fp32, in train mode; a resumed run overwrites its weights from the checkpoint), frozen
@@ -888,6 +867,7 @@ def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor
                optim=get_optimizer_state_dict(model, opt, options=opts))
     if rank == 0:
         torch.save(out, path)
+
 
 def dump_grads(model, path, rank):
     grads = {}

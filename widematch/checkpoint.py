@@ -32,10 +32,12 @@ def latest_checkpoint(run_dir, with_weights=False):
              and (not with_weights or os.path.isfile(os.path.join(run_dir, d, "config.json")))]
     return os.path.join(run_dir, max(steps)) if steps else None
 
+
 def rng_state(task_rng):
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 task=task_rng.bit_generator.state)
+
 
 def set_rng_state(s, task_rng):
     random.setstate(s["python"])
@@ -44,6 +46,7 @@ def set_rng_state(s, task_rng):
     if s["cuda"] is not None:
         torch.cuda.set_rng_state_all(s["cuda"])
     task_rng.bit_generator.state = s["task"]
+
 
 def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_processor, args, rank, world, pending):
     """step_%06d.tmp/ -> step_%06d/. Each rank writes its own shard of the weights and the optimizer state
@@ -94,6 +97,7 @@ def save_checkpoint(step, model, opt, sched, cur, task_rng, tokenizer, image_pro
         disk_full_check(full, os.path.join(tmp, "dcp"), need, rank, world, tmp, pending)
         finish_save(pending, args, rank, world)
 
+
 def finish_save(pending, args, rank, world):
     """Completes the save in pending (if any): waits for its shards on every rank, then rank 0 writes meta.json
     (its presence marks a complete checkpoint), renames step_%06d.tmp/ and prunes to --keep-last."""
@@ -117,11 +121,13 @@ def finish_save(pending, args, rank, world):
                 shutil.rmtree(os.path.join(args.out, d))
     disk_full_check(full, os.path.join(tmp, "meta.json"), need, rank, world, tmp)  # and the closing barrier
 
+
 def checkpoint_bytes(model, args, step):
     """Estimated bytes of one checkpoint (all ranks): fp32 weights + AdamW's two fp32 moments, + the bf16 export."""
     n = sum(p.numel() for p in model.parameters())  # global sizes, also of FSDP2's DTensor shards
     export = args.export_every == 0 or step % args.export_every == 0 or step == args.steps
     return n * (4 + 8 + (2 if export else 0))
+
 
 def is_enospc(e):
     """e (or what it wraps: its cause, dcp's per-rank failures, safetensors' Rust IoError) is a full disk."""
@@ -138,6 +144,7 @@ def is_enospc(e):
         todo += [x.__cause__, x.__context__] + [f[0] for f in getattr(x, "failures", {}).values()]
     return False
 
+
 @contextlib.contextmanager
 def catch_enospc(found):
     """Runs the block; a full-disk error is appended to found (for disk_full_check), any other error raised."""
@@ -148,6 +155,7 @@ def catch_enospc(found):
         if not is_enospc(e):
             raise
         found.append(e)
+
 
 def disk_full_check(found, path, need, rank, world, tmp=None, pending=None):
     """Every rank calls it after a write phase (a collective: it is also a barrier). When any rank ran out of
@@ -171,6 +179,7 @@ def disk_full_check(found, path, need, rank, world, tmp=None, pending=None):
     sys.exit(f"grpo.py: error: no space left on device writing {where}: needs about {need / 2 ** 20:,.1f} MiB, "
              f"{free / 2 ** 20:,.1f} MiB free there; the last complete step_*/ is kept: free space, then rerun "
              f"with --resume")
+
 
 def lock_run_dir(out, rank, world):
     """rank 0 holds an exclusive flock on <out>/.lock (the file says its pid) for the whole run -> the open file
@@ -198,6 +207,7 @@ def lock_run_dir(out, rank, world):
                  f"it to end or pick another --out")
     return f
 
+
 def export_weights(model, out_dir, rank):
     """A plain bf16 save_pretrained copy of the weights in out_dir (config.json + model.safetensors) for
     evaluate.py / transformers. One tensor at a time is gathered (a collective: every rank calls this); only
@@ -213,6 +223,7 @@ def export_weights(model, out_dir, rank):
         for c in [config] + [getattr(config, k) for k in config.sub_configs]:
             c.dtype = "bfloat16"
         config.save_pretrained(out_dir)
+
 
 def load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, world):
     """Restores weights + optimizer state (each rank reads its shards; a checkpoint of another world size is
@@ -246,6 +257,7 @@ def load_training_state(ckpt, model, opt, sched, cur, task_rng, args, rank, worl
                f"resharded, rank 0's RNG state used; the run is NOT byte-identical to an uninterrupted one")
     return meta["step"]
 
+
 def resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world):
     """Restores optimizer, scheduler, curriculum and RNG state from ckpt (None: a fresh run) -> the step done."""
     if ckpt is not None:
@@ -255,6 +267,7 @@ def resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world):
     if args.resume:
         print0(f"--resume: no complete checkpoint in {args.out}, starting fresh")
     return 0
+
 
 def truncate_jsonl(path, last_step):
     """Drop lines of steps after the checkpoint we resume from (they will be redone)."""

@@ -34,6 +34,7 @@ def setup_distributed(timeout_min=60, device="auto"):
                                 timeout=datetime.timedelta(minutes=timeout_min))
     return rank, world, device
 
+
 def shard(model, device, methods=None):
     """FSDP2: one unit per vision block and per decoder layer, the rest in the root. bf16 compute on GPU.
     methods: name -> fn(model, ...): functions that call submodules directly (the trainer's completion log-probs
@@ -89,6 +90,7 @@ def load_sharded(path, device, dtype, rank, world, prepare, methods=None):
     model.tie_weights()  # a no-op unless tie_word_embeddings (to_empty may have split the tied pair)
     return model, tokenizer, image_processor
 
+
 def all_sum(x, world):
     t = torch.tensor(float(x), dtype=torch.float64)
     if world > 1:
@@ -96,12 +98,14 @@ def all_sum(x, world):
         dist.all_reduce(t)
     return float(t)
 
+
 def gather_objects(obj, world):
     if world == 1:
         return [obj]
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
 
 def print0(*a, **k):
     """print on rank 0 only (RANK from torchrun, as in setup_distributed)."""

@@ -35,6 +35,7 @@ def open_logs(args, ckpt, start, rank):
         sinks["tb"] = SummaryWriter(args.tensorboard, purge_step=start + 1 if ckpt is not None else None)
     return sinks
 
+
 def log_step(m, records, args, rank, world, sinks):
     """rank 0: appends to rollouts.jsonl and metrics.jsonl (a full disk stops every rank with one line), logs to
     wandb / tensorboard, prints the step line and the curriculum's events."""
@@ -71,11 +72,13 @@ def log_step(m, records, args, rank, world, sinks):
     for e in m["curriculum_events"]:
         print(f"step {m['step']:5d} | curriculum: {e}")
 
+
 CURVES = [("reward", ["reward", "match", "format"]), ("held-out eval match", ["eval_match"]),
           ("entropy (nats / token)", ["entropy"]), ("KL to the reference", ["kl"]),
           ("completion length", ["length", "length_max"]), ("truncated / zero-std groups / clipped",
                                                             ["truncated", "zero_std_frac", "clip_frac"]),
           ("curriculum bin", ["bin"]), ("grad norm", ["grad_norm"])]
+
 
 def draw_curves(out, rank):
     """rank 0: <out>/curves.png from <out>/metrics.jsonl, one panel per group of CURVES over steps (matplotlib,

@@ -32,6 +32,7 @@ def load_policy(path, device="cpu", dtype=torch.float32, device_map=None):
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     return (model.eval(), *load_processors(path))
 
+
 def load_processors(path):
     """-> (tokenizer with left padding, for generation; image processor) of a model dir or hub id. The chat
     template is the vision one (chat_template_for): hub VL repos keep it in the processor's chat_template.json,
@@ -42,6 +43,7 @@ def load_processors(path):
     tokenizer.padding_side = "left"
     tokenizer.chat_template = chat_template_for(path, tokenizer)
     return tokenizer, image_processor
+
 
 @contextlib.contextmanager
 def hub_errors(path):
@@ -55,6 +57,7 @@ def hub_errors(path):
         sys.exit(f"grpo.py: error: cannot load --model {path}: not a local dir, not in the Hugging Face cache and "
                  f"the hub is unreachable ({str(e).splitlines()[0]}); download it first or pass a local dir")
 
+
 def read_model_file(path, name):
     """Text of the file `name` of a model dir or hub id (from the hub cache), or None when it has none."""
     from transformers.utils import cached_file
@@ -64,6 +67,7 @@ def read_model_file(path, name):
         return None
     with open(f, encoding="utf-8") as fh:
         return fh.read()
+
 
 def renders_images(tokenizer, template):
     """True when the template turns an image content part into one <|image_pad|> (what encode expands); a
@@ -76,6 +80,7 @@ def renders_images(tokenizer, template):
     except (jinja2.TemplateError, TypeError, ValueError, KeyError):
         return False
     return isinstance(text, str) and text.count("<|image_pad|>") == 1
+
 
 def chat_template_for(path, tokenizer):
     """The chat template encode uses: the processor's (chat_template.json, else chat_template.jinja: the files
@@ -104,6 +109,7 @@ def chat_template_for(path, tokenizer):
               f"{other} differs ({'handles images' if len(vision) > 1 else 'text-only'}) and is not used")
     return template
 
+
 # The base model's processor files, copied verbatim into every checkpoint, so AutoProcessor.from_pretrained,
 # lmms-eval and `vllm serve` load a step dir as they load the base model (tokenizer files, image and video
 # preprocessor, the processor's chat template, generation defaults).
@@ -111,6 +117,7 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja", "generation_config.json", "tokenizer.json",
                    "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model")
+
 
 def copy_processor_files(src, dst):
     """Copy PROCESSOR_FILES that the model dir or hub id src has into dst, byte for byte -> names copied."""
@@ -123,6 +130,7 @@ def copy_processor_files(src, dst):
             shutil.copyfile(f, os.path.join(dst, name))
             done.append(name)
     return done
+
 
 def encode(tokenizer, image_processor, prompt, images, system=None):
     """One chat-templated prompt (the images first, then the text) -> dict of CPU tensors with a batch dim of 1:
@@ -145,6 +153,7 @@ def encode(tokenizer, image_processor, prompt, images, system=None):
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
+
 def completion_hidden(model, batch):
     """The decoder's last hidden states that PREDICT the completion tokens, and those tokens:
     -> hc (B, T, H), target (B, T), T = longest completion (shorter rows padded; masked by the caller)."""
@@ -158,6 +167,7 @@ def completion_hidden(model, batch):
     pos = pos.clamp(max=L - 2)  # padding positions beyond a row's completion (masked later)
     hc = h.gather(1, pos[..., None].expand(B, T, H))                                               # (B, T, H)
     return hc, batch["input_ids"].gather(1, pos + 1)                                               # (B, T)
+
 
 def completion_logprobs(model, batch, temperature, chunk=512, entropy=False, entropy_grad=False):
     """log p(completion token) under logits / temperature, (B, T) fp32, without materialising (B, L, V) logits:
@@ -185,11 +195,13 @@ def completion_logprobs(model, batch, temperature, chunk=512, entropy=False, ent
         return torch.cat([p[0] for p in parts], 1), ent if entropy_grad else ent.detach()         # (B, T) x 2
     return torch.cat(parts, 1)                                                                     # (B, T)
 
+
 def autocast_for(device, world):
     """bf16 autocast on 1 GPU (FSDP2's mixed precision does it when sharded); off on CPU."""
     if device.type == "cuda" and world == 1:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return lambda: torch.autocast("cpu", enabled=False)
+
 
 def sync_time(device):
     """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
