@@ -590,7 +590,7 @@ def evaluate_match(engine, tokenizer, image_processor, eval_tasks, args, rank, w
 
 
 # -----------------------------------------------------------------------------
-# Setup: flags, memory check, seeds, models, optimiser
+# Setup: flags, seeds, models, optimiser (the memory check is rollout.check_memory)
 
 
 def parse_args(argv=None):
@@ -757,6 +757,20 @@ def rollout_batch_arg(value):
     return int(value)
 
 
+def check_flags(args, world):
+    """Flag combinations argparse cannot check (some need the number of processes): one line each."""
+    if args.prompts_per_step % world:
+        sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
+    if args.ppo_mini_batches < 1 or (args.prompts_per_step // world) % args.ppo_mini_batches:
+        sys.exit(f"grpo.py: error: --ppo-mini-batches {args.ppo_mini_batches} does not divide the "
+                 f"{args.prompts_per_step // world} prompts of each of {world} process(es)")
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+        sys.exit(f"grpo.py: error: --overlong-buffer {args.overlong_buffer} must be in 0..--max-new-tokens "
+                 f"{args.max_new_tokens}")
+    if 0 < args.clip_ratio_c <= 1:
+        sys.exit(f"grpo.py: error: --clip-ratio-c {args.clip_ratio_c}: the dual clip needs c > 1 (0: off)")
+
+
 def print_plan(args):
     """--plan: the per-GPU memory budget of this run from the model's config.json alone (rollout.format_plan)."""
     text, _ = format_plan(args)
@@ -885,20 +899,12 @@ def dump_grads(model, path, rank):
 
 
 def main(argv=None):
+    """flags -> processes -> checks -> the run dir's lock -> train: setup_run, then train_step once per step."""
     args = parse_args(argv)
     if args.plan:  # the memory plan only: no pool, no weights, no processes
         return print_plan(args)
     rank, world, device = setup_distributed(args.dist_timeout_min, args.device)
-    if args.prompts_per_step % world:
-        sys.exit(f"grpo.py: error: --prompts-per-step {args.prompts_per_step} not divisible by {world} processes")
-    if args.ppo_mini_batches < 1 or (args.prompts_per_step // world) % args.ppo_mini_batches:
-        sys.exit(f"grpo.py: error: --ppo-mini-batches {args.ppo_mini_batches} does not divide the "
-                 f"{args.prompts_per_step // world} prompts of each of {world} process(es)")
-    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
-        sys.exit(f"grpo.py: error: --overlong-buffer {args.overlong_buffer} must be in 0..--max-new-tokens "
-                 f"{args.max_new_tokens}")
-    if 0 < args.clip_ratio_c <= 1:
-        sys.exit(f"grpo.py: error: --clip-ratio-c {args.clip_ratio_c}: the dual clip needs c > 1 (0: off)")
+    check_flags(args, world)
     check_memory(args, device, rank, world)  # before any weights are read; resolves --rollout-batch auto
     lock = lock_run_dir(args.out, rank, world)  # one live run per --out
     try:
