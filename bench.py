@@ -222,7 +222,7 @@ def naive_logprobs(model, batch, temperature):
     """What one writes first: logits for every completion position at once, then log_softmax over the full
     vocabulary in fp32 and a gather. The positions and targets come from model_io.completion_hidden, as in
     model_io.completion_logprobs, so the only difference measured is the chunked log-softmax."""
-    hc, target = model_io.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
+    hc, target = model_io.completion_hidden(model, batch)                                          # (B, T, H), (B, T)
     logits = model.lm_head(hc).float() / temperature                                               # (B, T, V)
     return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)                 # (B, T)
 

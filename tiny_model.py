@@ -231,7 +231,7 @@ def answer_loss(model, batch, soft):
     """Token-mean cross-entropy of the answer tokens where each label position's target is the UNIFORM
     distribution over the task's valid labels (the expectation of the random-mapping loss, without its noise) and
     every other position's target is its token. soft: per sample, per completion token, None or a set of ids."""
-    hc, target = model_io.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
+    hc, target = model_io.completion_hidden(model, batch)                                          # (B, T, H), (B, T)
     logp = torch.log_softmax(model.lm_head(hc).float(), -1)  # full logits: fine at a ~1k vocab      (B, T, V)
     q = torch.zeros_like(logp)                                                                     # (B, T, V)
     q.scatter_(2, target[..., None], 1.0)  # one-hot: the token itself
