@@ -54,9 +54,10 @@ def shard(model, device, methods=None):
 def load_sharded(path, device, dtype, rank, world, prepare, methods=None):
     """-> (model, tokenizer, image processor); prepare(model) sets modes / grad checkpointing / requires_grad before
     sharding; methods: see shard. 1 process: load_policy. world > 1: only rank 0 reads the weights
-    (from_pretrained, so transformers' key conversions apply); every rank builds the model from the config on the meta device (no memory), shards
-    it, allocates its shard, and rank 0's full state is broadcast into the shards. Peak host RAM: one full copy on
-    rank 0, the shards elsewhere (was: the full model on every rank, and on every GPU before sharding)."""
+    (from_pretrained, so transformers' key conversions apply); every rank builds the model from the config on the
+    meta device (no memory), shards it, allocates its shard, and rank 0's full state is broadcast into the shards.
+    Peak host RAM: one full copy on rank 0, the shards elsewhere (was: the full model on every rank, and on every
+    GPU before sharding)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     if world == 1:
         model, tokenizer, image_processor = load_policy(path, device, dtype)
