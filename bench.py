@@ -44,6 +44,7 @@ import make_tasks
 import rollout
 import synthetic
 import tiny_model
+from widematch import model_io
 
 VOCAB = 151936  # Qwen3-VL's vocabulary (embedding rows)
 
@@ -136,7 +137,7 @@ class _FixedHidden(torch.nn.Module):
 
 
 class LMHeadOnly(torch.nn.Module):
-    """The smallest object grpo.completion_logprobs accepts: .model(...) -> last_hidden_state and .lm_head."""
+    """The smallest object model_io.completion_logprobs accepts: .model(...) -> last_hidden_state and .lm_head."""
 
     def __init__(self, h, vocab, dtype):
         super().__init__()
@@ -147,9 +148,9 @@ class LMHeadOnly(torch.nn.Module):
 
 def naive_logprobs(model, batch, temperature):
     """What one writes first: logits for every completion position at once, then log_softmax over the full
-    vocabulary in fp32 and a gather. The positions and targets come from grpo.completion_hidden, as in
-    grpo.completion_logprobs, so the only difference measured is the chunked log-softmax."""
-    hc, target = grpo.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
+    vocabulary in fp32 and a gather. The positions and targets come from model_io.completion_hidden, as in
+    model_io.completion_logprobs, so the only difference measured is the chunked log-softmax."""
+    hc, target = model_io.completion_hidden(model, batch)                                          # (B, T, H), (B, T)
     logits = model.lm_head(hc).float() / temperature                                               # (B, T, V)
     return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)                 # (B, T)
 
@@ -182,10 +183,10 @@ def compare_logprobs(T, hidden=64, batch_size=1, prompt_len=32, vocab=VOCAB, tem
     model = LMHeadOnly(h, vocab, dtype)
     hw, bw = logprob_inputs(1, 8, 16, hidden, vocab, device, dtype, seed=1)  # warm-up: first calls pay set-up costs
     model.model.h = hw.requires_grad_(True)
-    grpo.completion_logprobs(model, bw, temperature).sum().backward()
+    model_io.completion_logprobs(model, bw, temperature).sum().backward()
     naive_logprobs(model, bw, temperature).sum().backward()
     model.model.h = h
-    paths = (("chunked", lambda: grpo.completion_logprobs(model, batch, temperature)),
+    paths = (("chunked", lambda: model_io.completion_logprobs(model, batch, temperature)),
              ("naive", lambda: naive_logprobs(model, batch, temperature)))
     rows = []
     for mode in modes:
@@ -230,7 +231,7 @@ def bench_logprobs(args, device):
     longest = max(args.lp_lengths)
     for r in rows:
         r["target"] = verdict(r["mem_ratio"] >= 4) if r["T"] == longest else ""
-    print_table(f"logprobs: grpo.completion_logprobs (chunked) vs naive log_softmax, vocab {VOCAB} "
+    print_table(f"logprobs: model_io.completion_logprobs (chunked) vs naive log_softmax, vocab {VOCAB} "
                 "[target: peak >= 4x lower at the longest T]", rows,
                 [("mode", "mode", "{}"), ("B", "B", "{}"), ("T", "T", "{}"), ("H", "H", "{}"),
                  ("naive_mb", "naive MiB", "{:.0f}"), ("chunked_mb", "chunked MiB", "{:.0f}"),
@@ -242,7 +243,7 @@ def bench_logprobs(args, device):
 
 def _default_chunk():
     import inspect
-    return inspect.signature(grpo.completion_logprobs).parameters["chunk"].default
+    return inspect.signature(model_io.completion_logprobs).parameters["chunk"].default
 
 # -----------------------------------------------------------------------------
 # 2) rollout: one shared prefill per group vs the prompt repeated G times
@@ -250,7 +251,7 @@ def _default_chunk():
 
 # Random Qwen3-VL sizes beyond tiny_model.py's (no weights needed to time them): text, vision, vocabulary, visual
 # tokens per image and image side. "small" is a CPU stand-in whose prefill is compute-bound (like a real model's,
-# unlike the overhead-bound tiny one); its vocabulary is the tiny tokenizer's, because grpo.generate's own prefill
+# unlike the overhead-bound tiny one); its vocabulary is the tiny tokenizer's, because rollout.generate's own prefill
 # materialises (G, L, V) fp32 logits (10 GB at G=32, L=540, V=151,936; see the report). "mid" (~0.9 B parameters,
 # Qwen's vocabulary, GPU only) sits between the tiny model and the paper's 2B-8B.
 SIZES = dict(
@@ -309,7 +310,7 @@ def build_model_dir(kind, out):
                                   image_std=[0.5] * 3)
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(random_vl_config(tok, kind))
-    model.generation_config = GenerationConfig(eos_token_id=grpo.stop_ids(tok), pad_token_id=tok.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=rollout.stop_ids(tok), pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     ip.save_pretrained(out)
@@ -324,14 +325,14 @@ def bench_images(side=640, seed=0):
 
 
 def bench_prompt(tokenizer, image_processor, side=640, n=5, m=8, seed=0):
-    """One prompt with two images (bench_images), encoded by grpo.encode."""
-    return grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(n, m), bench_images(side, seed))
+    """One prompt with two images (bench_images), encoded by model_io.encode."""
+    return model_io.encode(tokenizer, image_processor, make_tasks.build_prompt(n, m), bench_images(side, seed))
 
 
 def never_stop(model, tokenizer):
     """Zero the stop tokens' lm_head rows: greedy decoding then runs to max_new_tokens (fixed lengths to time)."""
     with torch.no_grad():
-        model.lm_head.weight[grpo.stop_ids(tokenizer)] = 0
+        model.lm_head.weight[rollout.stop_ids(tokenizer)] = 0
 
 
 def compare_rollout(model, tokenizer, enc, G, lengths, repeats=1, prefill_repeats=None):
@@ -340,10 +341,10 @@ def compare_rollout(model, tokenizer, enc, G, lengths, repeats=1, prefill_repeat
     are minima over repeats, the two versions alternating so that machine load hits both alike; the prefill
     (a max_new_tokens=1 run) is measured once per G and shared by the rows."""
     def shared(k):
-        return grpo.generate(model, tokenizer, [enc], k, greedy=True, group_size=G)
+        return rollout.generate(model, tokenizer, [enc], k, greedy=True, group_size=G)
 
     def repeated(k):
-        return grpo.generate(model, tokenizer, [enc] * G, k, greedy=True, group_size=1)
+        return rollout.generate(model, tokenizer, [enc] * G, k, greedy=True, group_size=1)
 
     def both(k, n):
         runs = {"shared": [], "repeated": []}
@@ -382,7 +383,7 @@ def bench_rollout(args, device, tmp):
     for kind in kinds:
         path = args.model if (args.model and kind == "tiny") else build_model_dir(kind, os.path.join(tmp, kind))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model, tok, ip = grpo.load_policy(path, device, dtype)
+        model, tok, ip = model_io.load_policy(path, device, dtype)
         never_stop(model, tok)
         enc = bench_prompt(tok, ip, side=SIZES.get(kind, {}).get("side", 640))
         lengths = dict(tiny=args.new_tokens, small=args.small_new_tokens, mid=args.mid_new_tokens)[kind]
@@ -398,7 +399,7 @@ def bench_rollout(args, device, tmp):
             print(f"  rollout {kind} G={G}: prefill x{row['prefill_ratio']:.1f}", file=sys.stderr)
         del model
         gc.collect()
-    print_table("rollout: grpo.generate, one shared prefill per group vs the prompt repeated G times, greedy "
+    print_table("rollout: rollout.generate, one shared prefill per group vs the prompt repeated G times, greedy "
                 "[target: prefill x >= G/2 at the largest G]", rows,
                 [("model", "model", "{}"), ("G", "G", "{}"), ("prompt_tokens", "prompt", "{}"),
                  ("new_tokens", "new", "{}"), ("repeated_prefill", "rep prefill s", "{:.3f}"),
@@ -634,10 +635,10 @@ def step_breakdown(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens, 
 
 def prefill_saving_per_step(model_dir, device, G, prompts):
     """Seconds the shared prefill saves in one step at this G: prompts x (repeated - shared prefill)."""
-    model, tok, ip = grpo.load_policy(model_dir, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model, tok, ip = model_io.load_policy(model_dir, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
     enc = bench_prompt(tok, ip)
-    rep = min(timed(grpo.generate, model, tok, [enc] * G, 1, greedy=True)[1] for _ in range(2))
-    sh = min(timed(grpo.generate, model, tok, [enc], 1, greedy=True, group_size=G)[1] for _ in range(2))
+    rep = min(timed(rollout.generate, model, tok, [enc] * G, 1, greedy=True)[1] for _ in range(2))
+    sh = min(timed(rollout.generate, model, tok, [enc], 1, greedy=True, group_size=G)[1] for _ in range(2))
     return prompts * max(0.0, rep - sh)
 
 
@@ -655,7 +656,7 @@ def trl_step(model_dir, pool_dir, out_dir, steps, G, prompts, new_tokens):
         return dict(skipped=f"TRL comparison needs `pip install -r bench-requirements.txt` ({e})")
     import dataclasses
     import reward
-    _, tok, ip = grpo.load_policy(model_dir, "cpu")
+    _, tok, ip = model_io.load_policy(model_dir, "cpu")
     processor = Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
                                  chat_template=tok.chat_template)
     rng = np.random.default_rng(0)
@@ -783,7 +784,7 @@ def rollout_fsdp_worker(args):
     rank = dist.get_rank()
     rows = []
     for kind, path in (kv.split("=", 1) for kv in args.fsdp_dirs.split(",")):
-        model, tok, ip = grpo.load_policy(path)
+        model, tok, ip = model_io.load_policy(path)
         never_stop(model, tok)
         model = grpo.shard(model, torch.device("cpu"))
         enc = bench_prompt(tok, ip, side=args.fsdp_side or SIZES.get(kind, {}).get("side", 640), seed=rank)
@@ -967,7 +968,7 @@ def bench_plan_check(args, device, tmp):
 def never_stop_dir(model_dir):
     """never_stop on a saved model dir (the stop tokens' lm_head rows zeroed, saved back): every completion of the
     measured step runs to --max-new-tokens, the plan's worst case."""
-    model, tok, _ = grpo.load_policy(model_dir)
+    model, tok, _ = model_io.load_policy(model_dir)
     never_stop(model, tok)
     model.save_pretrained(model_dir)
     del model
@@ -1030,12 +1031,12 @@ def no_stops():
 
 
 def trainer_logprobs(model, enc, token_rows, device, autocast):
-    """The trainer's teacher-forced log-probs (grpo.completion_logprobs at T 1, no grad, grpo's 1-GPU autocast) of
+    """The trainer's teacher-forced log-probs (model_io.completion_logprobs at T 1, no grad, grpo's 1-GPU autocast) of
     completions of one prompt -> list of per-row lists."""
     samples = [dict(enc=enc, token_ids=list(r)) for r in token_rows]
-    batch = grpo.collate_samples(samples, model.config.text_config.pad_token_id or 0, device)
+    batch = model_io.collate_samples(samples, model.config.text_config.pad_token_id or 0, device)
     with torch.no_grad(), autocast():
-        lp = grpo.completion_logprobs(model, batch, 1.0)
+        lp = model_io.completion_logprobs(model, batch, 1.0)
     return [lp[b, :len(r)].float().cpu().tolist() for b, r in enumerate(token_rows)]
 
 
@@ -1049,7 +1050,7 @@ def engine_prompts(tokenizer, image_processor, side, count, seed):
     prompts of its own: vLLM keeps prefixes and vision-encoder outputs of earlier requests, and a GRPO step never
     sees the same images twice."""
     images = [bench_images(side, seed + k) for k in range(count)]
-    return [grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(5, 8), im) for im in images], images
+    return [model_io.encode(tokenizer, image_processor, make_tasks.build_prompt(5, 8), im) for im in images], images
 
 
 def engine_run(engine, prompts, new_tokens, G, greedy=False):
@@ -1068,10 +1069,10 @@ def compare_engines(model_dir, kind, device, P, G, N, repeats=1, check_tokens=16
     full run (N new tokens) on fresh prompts; minima over repeats. tok/s = generated tokens / full run;
     decode tok/s = (generated - rows) / (full - prefill), None when the prefill run is not clearly shorter (noise
     on a loaded machine). The sampled tokens' sampler log-probs against the trainer's
-    (grpo.completion_logprobs at T 1): |dlogp| (Mismatch above 1e-4 in fp32). -> one row."""
+    (model_io.completion_logprobs at T 1): |dlogp| (Mismatch above 1e-4 in fp32). -> one row."""
     side = SIZES.get(kind, {}).get("side", 640)
-    model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
-    autocast = grpo.autocast_for(device, 1)
+    model, tok, ip = model_io.load_policy(model_dir, device, torch.float32)
+    autocast = model_io.autocast_for(device, 1)
     L = int(engine_prompts(tok, ip, side, 1, 0)[0][0]["input_ids"].shape[1])
     row = dict(model=kind, prompt_tokens=L, P=P, G=G, new_tokens=N, rows=P * G)
     exact = device.type == "cpu"  # fp32 both: the same tokens and log-probs expected
@@ -1255,7 +1256,7 @@ def gpu_model_dir(kind, out, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3VLForConditionalGeneration(random_vl_config(tok, kind)).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=grpo.stop_ids(tok), pad_token_id=tok.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=rollout.stop_ids(tok), pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
     del model
     gc.collect()
@@ -1278,7 +1279,7 @@ def gpu_hf(model, tok, prompt, warm, G, N, device, autocast):
 
 def gpu_vllm(model_dir, model, tok, prompt, warm, G, N, device, autocast, util):
     """rollout.VllmEngine, i.e. exactly what grpo.py --rollout-engine vllm samples with (in-process; every request's
-    prompt token ids checked against grpo.encode's; log-probs of logits / T over the whole vocabulary, as the
+    prompt token ids checked against model_io.encode's; log-probs of logits / T over the whole vocabulary, as the
     trainer's): decode tokens/s of G x N on prompt = ([enc], [images]) after a warm-up call on `warm` (another
     prompt: vLLM caches prefixes and vision-encoder outputs), and its log-probs vs the trainer's of its tokens.
     -> dict, or dict(skipped=why) when vllm does not import, dict(error=the engine's one line) when it stops."""
@@ -1388,11 +1389,11 @@ def gpu_part(part, model_dir, pool, tmp, shape, device):
         if part.startswith("step_"):
             out = gpu_step(model_dir, pool, os.path.join(tmp, "gpu_run_" + part), shape, device, part[5:])
         else:
-            model, tok, ip = grpo.load_policy(model_dir, device, torch.float32)
-            autocast = grpo.autocast_for(device, 1)
+            model, tok, ip = model_io.load_policy(model_dir, device, torch.float32)
+            autocast = model_io.autocast_for(device, 1)
             side = SIZES.get(shape["kind"], {}).get("side", 640)
             text = make_tasks.build_prompt(12, 24)
-            prompt, warm = [([grpo.encode(tok, ip, text, im)], [im])
+            prompt, warm = [([model_io.encode(tok, ip, text, im)], [im])
                             for im in (bench_images(side, 0), bench_images(side, 1))]
             with no_stops():
                 if part == "hf":

@@ -67,8 +67,8 @@ def resolve_ckpt(ckpt):
     if p.is_dir():
         if (p / "config.json").exists():
             return str(p.resolve())
-        import grpo  # torch and transformers only when a model is evaluated
-        latest = grpo.latest_checkpoint(str(p), with_weights=True)  # the newest with the bf16 export
+        from widematch.checkpoint import latest_checkpoint  # torch and transformers only when a model is evaluated
+        latest = latest_checkpoint(str(p), with_weights=True)  # the newest with the bf16 export
         if latest is None:
             hint = " (a grpo.py checkpoint without the bf16 export: see its --export-every)" \
                 if (p / "meta.json").exists() else ""
@@ -97,14 +97,14 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
     here; --engine vllm, one vLLM engine (prompt ids checked against encode's, the same banned tokens and stops),
     each batch of --batch-size tasks submitted at once (continuous batching). Either way the prompts are
     grpo.encode's, and each batch is written when it is done."""
-    import grpo  # torch, transformers (and vllm) only when a model is evaluated
+    from widematch import model_io  # torch, transformers (and vllm) only when a model is evaluated
     import rollout
     import torch
     from PIL import Image
     dtype = getattr(torch, model_dtype(args))
     if args.engine == "vllm":
-        tokenizer, image_processor = grpo.load_processors(ckpt)
-        cfg = json.loads(grpo.read_model_file(ckpt, "config.json") or "null")  # a local dir, or a hub id in the cache
+        tokenizer, image_processor = model_io.load_processors(ckpt)
+        cfg = json.loads(model_io.read_model_file(ckpt, "config.json") or "null")  # a local dir, or a hub id in the cache
         if not isinstance(cfg, dict):
             sys.exit(f"evaluate.py: error: {ckpt}: no config.json (a local model dir, or a hub id in the HF cache)")
         side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
@@ -115,12 +115,12 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype,
                                     image_side=side)  # vLLM profiles with two images of the tasks' largest side
     else:
-        model, tokenizer, image_processor = grpo.load_policy(ckpt, args.device, dtype, device_map=args.device_map)
+        model, tokenizer, image_processor = model_io.load_policy(ckpt, args.device, dtype, device_map=args.device_map)
         engine = rollout.HFEngine(model, tokenizer, batch=args.batch_size)
 
     def answer(batch):
         images = [[Image.open(tasks_dir / p).convert("RGB") for p in task["images"]] for task in batch]
-        encs = [grpo.encode(tokenizer, image_processor, t["prompt"], ims, system=t.get("system"))
+        encs = [model_io.encode(tokenizer, image_processor, t["prompt"], ims, system=t.get("system"))
                 for t, ims in zip(batch, images)]
         # seeded per batch by its first task, so a rerun of the same batches samples the same tokens (vllm: the
         # per-request seeds are drawn from this)
@@ -145,10 +145,10 @@ def vllm_decoding(model_dir):
     and the token ids back (return_token_ids), decoded here with the same tokenizer: vLLM's incremental
     detokenizer drops a trailing incomplete UTF-8 character that tokenizer.decode renders as U+FFFD, which can
     change the parse ("</answer>" followed by half a character is malformed)."""
-    import grpo  # torch and transformers only on this path
+    from widematch import model_io  # torch and transformers only on this path
     import rollout
     from transformers import AutoConfig
-    tokenizer, _ = grpo.load_processors(model_dir)
+    tokenizer, _ = model_io.load_processors(model_dir)
     vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
     banned = set(rollout.banned_ids(tokenizer, vocab))
     extra = dict(stop_token_ids=rollout.stop_ids(tokenizer),

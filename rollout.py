@@ -70,13 +70,17 @@ CPU by `bench.py plan-check` (measured / plan = 1.11 on a 107 M-parameter random
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+
+from widematch.dist import print0
 
 IMPLS = ("legacy", "resident")
 
@@ -837,3 +841,44 @@ def format_plan(args, headroom=0.9):
             lines.append("  change: no single flag makes it fit; lower --max-new-tokens or --group-size")
     plan.update(rollout_batch=rb, fits=ok, fix=fix)
     return "\n".join(lines), plan
+
+
+# -----------------------------------------------------------------------------
+# The launch check: grpo.py's plan against the GPUs this run has
+
+
+def gpu_query():
+    """-> the total memory in bytes of each visible CUDA device (the launch check's view of this machine; the
+    tests replace this function with a fake machine)."""
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+
+
+def check_memory(args, device, rank, world):
+    """Before any weights are read. On CUDA: --plan for the GPUs this run has (FSDP over `world` processes, each
+    with the smallest visible GPU's memory) must fit, else every rank stops and rank 0 prints one line naming the
+    flag to change; --rollout-batch auto becomes the largest that fits. On CPU: auto becomes
+    CPU_ROLLOUT_BATCH and nothing is checked (the plan is of GPU memory)."""
+    if device.type != "cuda":
+        if args.rollout_batch == "auto":
+            args.rollout_batch = CPU_ROLLOUT_BATCH
+        return
+    mems = gpu_query()
+    if not mems:
+        sys.exit("grpo.py: error: CUDA is available but torch.cuda.device_count() is 0")
+    plan_args = copy.copy(args)
+    plan_args.gpus, plan_args.gpu_mem_gib, plan_args.plan_device = world, min(mems) / GIB, "cuda"
+    _, plan = format_plan(plan_args)
+    if args.rollout_batch == "auto":
+        args.rollout_batch = plan["rollout_batch"]
+    if plan["fits"] or not args.memory_check:
+        print0(f"grpo.py: memory plan {plan['peak'] / GIB:.1f} GiB peak per GPU of "
+               f"{plan_args.gpu_mem_gib:.1f} GiB ({world} x GPU, rollout batch {args.rollout_batch})"
+               + ("" if plan["fits"] else ": DOES NOT FIT, --no-memory-check"))
+        return
+    fix = plan["fix"] or ""
+    change = (f"run on {fix.split()[1]} GPUs (torchrun --nnodes / --nproc_per_node)" if fix.startswith("--gpus")
+              else f"change {fix}" if fix else "lower --max-new-tokens or --group-size")
+    sys.exit(f"grpo.py: error: the memory plan does not fit: peak {plan['peak'] / GIB:.1f} GiB per GPU > 90% "
+             f"of {plan_args.gpu_mem_gib:.1f} GiB on {world} x GPU; {change} (python grpo.py --plan --gpus {world} "
+             f"--gpu-mem-gib {plan_args.gpu_mem_gib:.0f} [flags] shows the budget; --no-memory-check skips this)"
+             if rank == 0 else 1)

@@ -50,6 +50,7 @@ import synthetic
 import tiny_model
 from widematch import prompts
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
+from tests.grpo_layout import *  # noqa: F401,F403 (grpo.py's machinery in widematch/)
 from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as released)
 from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
 from tests.gpu_readiness import *  # noqa: F401,F403 - issue 28: the first GPU run
@@ -2558,7 +2559,7 @@ def fake_cuda_launch(monkeypatch, world, gib):
     """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
     group are faked; loading a model fails the test; train() records the args it got instead of training."""
     monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60, device="auto": (0, world, torch.device("cuda", 0)))
-    monkeypatch.setattr(grpo, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)
+    monkeypatch.setattr(rollout, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)  # check_memory is rollout.py's
     monkeypatch.setattr(grpo, "lock_run_dir", lambda out, rank, world: None)  # no process group to broadcast on
     loaded, trained = [], []
 

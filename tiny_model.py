@@ -8,7 +8,7 @@ Usage:
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --warmup-steps 0   # skip the warm-up
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --actor-share 0    # no ActoR prompts in it
 
-What it writes into --out (all with save_pretrained, so `grpo.load_policy(out)` / from_pretrained just work):
+What it writes into --out (all with save_pretrained, so `model_io.load_policy(out)` / from_pretrained just work):
     config.json + model.safetensors   Qwen3VLForConditionalGeneration, text: hidden 64, 2 layers, 4 heads (2 kv),
                                       head_dim 32 (vLLM's CPU attention rejects 16), mrope [4,6,6]; vision: depth 2,
                                       hidden 32, patch 16, merge 2
@@ -62,15 +62,16 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen3VLConf
                           Qwen3VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import grpo  # model plumbing (encode, generate, tasks from the pool, completion states)
 import make_tasks
 import reward
+import rollout  # generate
+from widematch import model_io  # encode, the training batch, completion states
 from widematch import prompts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
-# Qwen-style chat template: each image becomes <|vision_start|><|image_pad|><|vision_end|>; grpo.encode expands
+# Qwen-style chat template: each image becomes <|vision_start|><|image_pad|><|vision_end|>; model_io.encode expands
 # the single <|image_pad|> to the image's number of visual tokens (what Qwen's processor does).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -234,7 +235,7 @@ def answer_loss(model, batch, soft):
     """Token-mean cross-entropy of the answer tokens where each label position's target is the UNIFORM
     distribution over the task's valid labels (the expectation of the random-mapping loss, without its noise) and
     every other position's target is its token. soft: per sample, per completion token, None or a set of ids."""
-    hc, target = grpo.completion_hidden(model, batch)                                              # (B, T, H), (B, T)
+    hc, target = model_io.completion_hidden(model, batch)                                          # (B, T, H), (B, T)
     logp = torch.log_softmax(model.lm_head(hc).float(), -1)  # full logits: fine at a ~1k vocab      (B, T, V)
     q = torch.zeros_like(logp)                                                                     # (B, T, V)
     q.scatter_(2, target[..., None], 1.0)  # one-hot: the token itself
@@ -258,7 +259,7 @@ def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_si
     train = split_pairs(pool_dir, "train")
 
     def draw(k):
-        return [(task, grpo.encode(tokenizer, image_processor, task["prompt"], images))
+        return [(task, model_io.encode(tokenizer, image_processor, task["prompt"], images))
                 for task, images in draw_tasks(train, pool_dir, k, rng, max_side, n_range, actor_share)]
     prompts = draw(buffer)
     if not prompts:
@@ -278,7 +279,7 @@ def warmup(model, tokenizer, image_processor, pool_dir, steps, batch, lr, max_si
             ids, valid = answer_tokens(tokenizer, task, rng)
             samples.append(dict(enc=enc, token_ids=ids))
             soft.append(valid)
-        loss = answer_loss(model, grpo.collate_samples(samples, tokenizer.pad_token_id, "cpu"), soft)
+        loss = answer_loss(model, model_io.collate_samples(samples, tokenizer.pad_token_id, "cpu"), soft)
         loss.backward()
         opt.step()
         sched.step()
@@ -307,8 +308,10 @@ def draw_tasks(pairs, pool_dir, k, rng, max_side, n_range, actor_share=0.0):
         # share 0 draws no extra random number: plain-only task sets (the format check) do not depend on it
         actor = actor_share > 0 and bool(rng.random() < actor_share)
         try:
-            out.append(grpo.task_for_pair(pairs[rng.integers(len(pairs))], pool_dir, level, spatial, rng, max_side,
-                                          n_range, actor=actor))
+            pair = pairs[rng.integers(len(pairs))]
+            n = int(rng.integers(n_range[0], n_range[1] + 1))  # as grpo.py draws its tasks
+            out.append(make_tasks.make_task(pair, make_tasks.load_arrays(pool_dir, pair), level, spatial, n, rng,
+                                            pool_dir, max_side, actor=actor, action_step=reward.ACTION_STEP_DEG))
         except make_tasks.TaskUnavailable:
             continue
     return out
@@ -324,11 +327,11 @@ def well_formed(text, task):
 def format_rate(model, tokenizer, image_processor, tasks, group_size=4, max_new_tokens=48):
     """Share of well-formed answers (reward format 1, and for ActoR tasks also a parsed action block) ->
     (sampled at temperature 1, group_size per task, greedy)."""
-    encs = [grpo.encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in tasks]
+    encs = [model_io.encode(tokenizer, image_processor, t["prompt"], imgs) for t, imgs in tasks]
     model.eval()
     rates = []
     for greedy in (False, True):
-        outs = grpo.generate(model, tokenizer, encs, max_new_tokens, 1.0, greedy=greedy,
+        outs = rollout.generate(model, tokenizer, encs, max_new_tokens, 1.0, greedy=greedy,
                              group_size=1 if greedy else group_size)
         per = 1 if greedy else group_size
         rates.append(float(np.mean([well_formed(o["text"], tasks[i // per][0]) for i, o in enumerate(outs)])))
