@@ -175,18 +175,22 @@ def held_out_tasks(args, test_pairs, rank, reuse):
 # 2. Rollout: G completions per prompt through the engine (rollout.py)
 
 
-def make_engine(args, model, tokenizer, device, rank, world, resumed):
+def make_engine(args, model, tokenizer, device, rank, world, resumed, image_processor=None):
     """The rollout engine of --rollout-engine (rollout.py): hf samples from the policy's own weights; vllm starts one
     colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max / --max-new-tokens,
     two --max-side images per prompt) and pushes the policy's weights into it at once when it was resumed or when
-    --vllm-sleep-level 2 discarded them (the sync is level 2's refill; the first session needs it)."""
+    --vllm-sleep-level 2 discarded them (the sync is level 2's refill; the first session needs it). With
+    --max-visual-tokens the engine's processor gets the trainer's capped image size (image_processor.size), so both
+    see the same visual tokens (the engine checks every prompt token for token)."""
     if args.rollout_engine == "hf":
         return hf_engine(model, tokenizer, args, world, autocast_for(device, world))
     cfg, _ = read_model_config(args.model)
     room = prompt_bound(cfg, args.max_side, args.n_max, template=prompt_text(args)) + args.max_new_tokens
     engine = VllmEngine(args.model, tokenizer, device, room, seed=args.seed + rank,
                         gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world,
-                        sleep_level=args.vllm_sleep_level, image_side=args.max_side)
+                        sleep_level=args.vllm_sleep_level, image_side=args.max_side,
+                        mm_processor_kwargs=({"size": dict(image_processor.size)}
+                                             if args.max_visual_tokens > 0 and image_processor is not None else None))
     if resumed or engine.stale:
         engine.sync_weights(model)
     return engine
@@ -824,9 +828,8 @@ def load_models(args, device, rank, world):
     model, tokenizer, image_processor = wdist.load_sharded(args.model, device, torch.float32, rank, world,
                                                            prepare_policy, FORWARDS)
     args.pad_id = tokenizer.pad_token_id
-    if args.max_visual_tokens > 0:  # the release's image budget: max pixels = tokens x (patch x merge)^2
-        image_processor.size["longest_edge"] = args.max_visual_tokens * (image_processor.patch_size *
-                                                                          image_processor.merge_size) ** 2
+    if args.max_visual_tokens > 0:
+        cap_visual_tokens(image_processor, args.max_visual_tokens)
     ref_model = None
     if args.kl_beta > 0:
         ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -842,6 +845,12 @@ FORWARDS = dict(logprobs=lambda m, batch, t, **k: completion_logprobs(m, batch, 
 def shard(model, device):
     """FSDP2 (widematch.dist.shard) with the trainer's two direct forwards (model.logprobs, model.pasta)."""
     return wdist.shard(model, device, FORWARDS)
+
+
+def cap_visual_tokens(image_processor, tokens):
+    """The release's image budget: at most `tokens` visual tokens an image, i.e. max pixels = tokens x (patch x
+    merge)^2 (the processor resizes larger images down, keeping the aspect ratio)."""
+    image_processor.size["longest_edge"] = tokens * (image_processor.patch_size * image_processor.merge_size) ** 2
 
 
 def make_optimizer(model, args):
@@ -984,7 +993,8 @@ def setup_run(args, rank, world, device):
     start = resume(ckpt, args, model, opt, sched, cur, task_rng, rank, world)
     run = Run(args, rank, world, device, model, ref_model, tokenizer, image_processor, opt, sched, cur, task_rng,
               pairs_by_bin, pairs_by_id, eval_tasks)
-    run.engine = make_engine(args, model, tokenizer, device, rank, world, resumed=ckpt is not None)
+    run.engine = make_engine(args, model, tokenizer, device, rank, world, resumed=ckpt is not None,
+                             image_processor=image_processor)
     if args.debug_dump:
         debug_dump(args.debug_dump, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args,
                    rank, world)

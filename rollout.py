@@ -407,7 +407,7 @@ class VllmEngine:
 
     def __init__(self, model_path, tokenizer, device, max_model_len, seed=0, gpu_memory_utilization=0.5,
                  world=1, sleep=None, dtype=None, sleep_level=2, max_num_seqs=None, max_num_batched_tokens=None,
-                 image_side=None):
+                 image_side=None, mm_processor_kwargs=None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pushed by reference
         cuda = torch.device(device).type == "cuda"
         if not cuda:
@@ -426,6 +426,8 @@ class VllmEngine:
         if world > 1:  # each torchrun rank its own engine on its own GPU (LOCAL_RANK), no collective between them
             kw["distributed_executor_backend"] = "external_launcher"
         self.engine_kwargs = engine_kwargs(max_model_len, max_num_seqs, max_num_batched_tokens, image_side)
+        if mm_processor_kwargs:  # e.g. --max-visual-tokens: the trainer's image processor is capped the same way
+            self.engine_kwargs["mm_processor_kwargs"] = mm_processor_kwargs
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                torch.cuda.get_rng_state_all() if cuda else None)
         self.llm = LLM(model=str(model_path), dtype=self.dtype, seed=seed, logprobs_mode="raw_logprobs",

@@ -292,9 +292,36 @@ def test_tis_weights_token_and_sequence_levels():
         tis_weights(trainer, sampler, mask, 1.5, "word")
 
 
+def capped_worker(model_dir, out, give_processor):
+    """(subprocess) grpo.make_engine with --max-visual-tokens 100 on a 640 x 480 two-image prompt encoded by the
+    trainer's capped processor (grpo.cap_visual_tokens); give_processor "0": the engine is not told the cap.
+    Writes the greedy tokens, or the engine's one-line stop."""
+    import bench
+    import grpo
+    import make_tasks
+    model, tok, ip = grpo.load_policy(model_dir)
+    grpo.cap_visual_tokens(ip, 100)
+    images = [im.resize((640, 480)) for im in bench.bench_images(640, 0)]
+    enc = grpo.encode(tok, ip, make_tasks.build_prompt(3, 5), images)
+    args = grpo.parse_args(["--model", model_dir, "--rollout-engine", "vllm", "--max-visual-tokens", "100",
+                            "--max-side", "640", "--n-max", "5", "--max-new-tokens", "4"])
+    engine = grpo.make_engine(args, model, tok, torch.device("cpu"), 0, 1, resumed=False,
+                              image_processor=ip if give_processor == "1" else None)
+    try:
+        with engine.session():
+            res = dict(tokens=engine.generate([enc], [images], 4, 0.0, greedy=True, group_size=1)[0]["token_ids"])
+    except SystemExit as e:
+        res = dict(stop=str(e))
+    res["grid"] = enc["image_grid_thw"].tolist()
+    with open(out, "w") as f:
+        json.dump(res, f)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "engine":
         engine_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "capped":
+        capped_worker(sys.argv[2], sys.argv[3], sys.argv[4])
 
 
 def test_bench_gpu_survives_a_failing_vllm_half(tmp_path, monkeypatch, capsys):
@@ -319,3 +346,24 @@ def test_bench_gpu_survives_a_failing_vllm_half(tmp_path, monkeypatch, capsys):
     assert res["step_hf"] == res["step_vllm"] == dict(skipped="not in --gpu-parts")
     page = capsys.readouterr().out
     assert "vllm FAILED: RuntimeError: engine start failed on purpose" in page and "hf   decode" in page
+
+
+def test_vllm_engine_sees_the_trainers_visual_token_cap(evaluate_tiny, tmp_path):
+    """--max-visual-tokens sets the trainer's image budget (the tiny model's own processor allows 48 tokens an image;
+    --max-visual-tokens 100 sets max pixels 100 x 32^2 = 102,400); grpo.make_engine hands the same size to the vLLM
+    engine's processor, so a 640 x 480 image becomes 256 x 352 px on both sides (Qwen's resize: scale by
+    sqrt(307,200 / 102,400), floor to multiples of 32): 16 x 22 patches, 88 tokens, and the engine's token-for-token
+    prompt check passes. Without the size handed over (the engine before this change), the same prompt stops with
+    the check's one line."""
+    _vllm_or_skip()
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    res = {}
+    for give in ("1", "0"):
+        out = tmp_path / f"capped{give}.json"
+        r = subprocess.run([sys.executable, "-m", "tests.gpu_readiness", "capped", str(evaluate_tiny), str(out), give],
+                           cwd=_HERE, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[give] = json.loads(out.read_text())
+    assert res["1"]["grid"] == [[1, 16, 22], [1, 16, 22]]
+    assert len(res["1"]["tokens"]) == 4 and "stop" not in res["1"]
+    assert "differs from grpo.encode" in res["0"]["stop"]
