@@ -172,18 +172,10 @@ def test_recipe_presets_resolve_and_explicit_flags_win():
 
 
 def recipe_batch(env, n_prompts=2, G=3, seed=0):
-    """Real prompts from the pool + random completions of 3..8 tokens (no special tokens), as train_on sees them."""
-    model, tok, ip = grpo.load_policy(str(env / "tiny"))
-    rng = np.random.default_rng(seed)
-    pairs = [p for p in grpo.read_pairs(str(env / "pool")) if p["split"] == "train"]
-    samples = []
-    for k in range(n_prompts):
-        task, images = grpo.task_for_pair(pairs[k % len(pairs)], str(env / "pool"), "L1", "sparse", rng, 640)
-        enc = grpo.encode(tok, ip, task["prompt"], images)
-        for _ in range(G):
-            ids = rng.integers(20, len(tok), size=int(rng.integers(3, 9))).tolist()
-            samples.append(dict(enc=enc, token_ids=ids, logprobs=[0.0] * len(ids), reward=float(rng.random())))
-    return model, tok, samples
+    """Real prompts from the pool + random completions of 3..8 tokens (no special tokens), as train_on sees them:
+    test_all.grpo_sample_batch, the one helper both sections use."""
+    import test_all
+    return test_all.grpo_sample_batch(env, n_prompts, G, seed)
 
 
 def test_recipe_entropy_bonus_equals_full_softmax_entropy_with_its_gradient(grpo_env):
