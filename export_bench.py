@@ -60,7 +60,6 @@ import base64
 import csv
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -70,12 +69,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 import reward
+from widematch.hf_export import REWARD_LOADER, ParquetRows, card_header
 
 EXPORT_FIELDS = ("task_id", "pair_id", "source", "scene", "scene_type", "split", "level", "spatial", "bin",
                  "delta_v", "n", "m", "images", "prompt", "target", "x_labels", "y_labels", "x_points", "y_points")
 TSV_NAME = "WideMatch"    # VLMEvalKit's --data name is the TSV's stem
 TASK_NAME = "widematch"   # lmms-eval's --tasks name
-ROWS_PER_GROUP = 100      # parquet row group: the hub's viewer and readers stream image data in small groups
 IMAGE_MAGIC = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
 
 
@@ -178,30 +177,6 @@ def hf_row(task, images):
     return row
 
 
-class ParquetRows:
-    """Rows -> one parquet file in row groups, the HF features in the schema's metadata (what datasets writes),
-    so datasets.load_dataset gives back the same features; memory holds one group of images at a time."""
-
-    def __init__(self, path, features):
-        import pyarrow.parquet as pq
-        self.features, self.schema, self.batch = features, features.arrow_schema, []
-        self.writer = pq.ParquetWriter(str(path), self.schema)
-
-    def add(self, row):
-        self.batch.append(self.features.encode_example(row))
-        if len(self.batch) == ROWS_PER_GROUP:
-            self.flush()
-
-    def flush(self):
-        import pyarrow as pa
-        if self.batch:
-            self.writer.write_table(pa.Table.from_pylist(self.batch, schema=self.schema))
-            self.batch = []
-
-    def close(self):
-        self.flush()
-        self.writer.close()
-
 # -----------------------------------------------------------------------------
 # VLMEvalKit's TSV
 
@@ -267,11 +242,7 @@ import importlib.util
 import math
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "widematch_reward", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward.py"))
-reward = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reward)
-
+''' + REWARD_LOADER + '''
 
 def widematch_doc_to_visual(doc):
     """The two prompted images (PIL, decoded from the exported bytes), image 1 first."""
@@ -341,19 +312,6 @@ def cross_table(tasks, row, col):
     return ([f"| {row} \\ {col} | " + " | ".join(map(str, cols)) + " | all |", "|---|" + "---|" * (len(cols) + 1)]
             + [f"| {r} | " + " | ".join(str(c[r, k]) for k in cols) + f" | {sum(c[r, k] for k in cols)} |"
                for r in rows])
-
-
-def card_header(features, split, n_tasks, parquet, n_bytes, title):
-    import yaml
-    size = next(s for lim, s in ((1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (math.inf, "n>100K"))
-                if n_tasks < lim)
-    header = {"pretty_name": title, "language": ["en"], "license": "other", "size_categories": [size],
-              "task_categories": ["visual-question-answering", "image-text-to-text"],
-              "tags": ["spatial-reasoning", "correspondence", "wide-baseline-matching", "multi-image"],
-              "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{parquet}"}]}],
-              "dataset_info": {"features": features._to_yaml_list(),  # the hub's card format, as push_to_hub writes
-                               "splits": [{"name": split, "num_bytes": n_bytes, "num_examples": n_tasks}]}}
-    return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n"
 
 
 def card_text(tasks, tasks_path, sha, split, parquet, args_info, comp_info, title):

@@ -123,7 +123,11 @@ def answerer(tasks_dir, args, key, request=api_request, tokenizer=None, extra=No
     def ask(task, stop):
         if stop.is_set():
             raise ApiStopped
-        return api_answer(client, task, request(task, tasks_dir, args, extra), args, stop, tokenizer)
+        try:
+            return api_answer(client, task, request(task, tasks_dir, args, extra), args, stop, tokenizer)
+        except (Exception, SystemExit):  # re-raised; stopping here, in the worker, means no queued request
+            stop.set()                   # starts before the main thread hears of the failure (a race before)
+            raise
 
     def stream(todo):
         stop = threading.Event()

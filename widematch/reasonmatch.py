@@ -24,6 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import reward
+from widematch import hf_export
 
 SYSTEM_PROMPT = "You are a helpful assistant."     # the released evaluator's default system message
 MAX_TOKENS = 8192                                   # its default completion budget
@@ -756,11 +757,7 @@ import json
 import math
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "widematch_reward", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward.py"))
-reward = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reward)
-
+''' + hf_export.REWARD_LOADER + '''
 
 def rm_doc_to_visual(doc):
     """Image 1 and image 2 (PIL, decoded from the exported bytes; their labels are drawn already)."""
@@ -808,7 +805,6 @@ def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as rele
     import csv
     from datasets import Features, Image, List, Value
     from tqdm import tqdm
-    import export_bench as xb
     root, index, samples = harness_samples(path)
     out = Path(out)
     s_, f64 = Value("string"), Value("float64")
@@ -819,7 +815,7 @@ def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as rele
     for old in (out / "data").glob("*.parquet"):
         old.unlink()
     parquet = out / "data" / "test-00000-of-00001.parquet"
-    rows = xb.ParquetRows(parquet, features)
+    rows = hf_export.ParquetRows(parquet, features)
     csv.field_size_limit(sys.maxsize)
     with open(out / f"{HARNESS_TSV}.tsv", "w", newline="", encoding="utf-8") as f:
         tsv = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
@@ -869,6 +865,6 @@ def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as rele
              "--mode infer` (inference only)",
              "- Either output back into widematch's report: `python evaluate.py --reasonmatch BENCH --answers FILE "
              "--name MODEL --out eval_rm`.", ""]
-    header = xb.card_header(features, "test", len(samples), parquet.name, parquet.stat().st_size, title)
+    header = hf_export.card_header(features, "test", len(samples), parquet.name, parquet.stat().st_size, title)
     (out / "README.md").write_text(header + "\n".join(card))
     return len(samples)
