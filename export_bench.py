@@ -4,56 +4,20 @@ export_bench.py: a make_tasks.py task file as a benchmark for the harnesses peop
 
 Usage:
     python export_bench.py --tasks tasks/test.jsonl --out bench_hf                # the demo's test split, seconds
-    python export_bench.py --tasks bench/test.jsonl --out ReasonMatch-Bench \
-        --name ReasonMatch-Bench                 # the paper's 2,810 tasks (make_tasks.py --mix paper), minutes
+    python export_bench.py --tasks bench/test.jsonl --out ReasonMatch-Bench --name ReasonMatch-Bench  # 2,810 tasks
     python export_bench.py --tasks tasks/test.jsonl --format reasonmatch --out rm_bench   # the released layout
-        (numeric-id tasks; annotation_index.json + metadata + images: docs/reasonmatch.md)
-    python export_bench.py --reasonmatch reasonmatch_bench --prompt-template ReasonMatch/evaluate/matchbench/utils.py \
-        --out rm_hf      # the released benchmark as the same HF dataset / TSV / lmms-eval task, released scoring
-    python export_bench.py --pool pool --split train --format reasonmatch-lmdb --out train_lmdb
-        (the pool's verified matches as the authors' training LMDB + train_lmdb.json for their MultiRawDataset;
-        widematch/release_lmdb.py has the layout)
-Then (README "The benchmark in lmms-eval and VLMEvalKit" has the full commands):
-    python -c "import datasets; print(datasets.load_dataset('bench_hf'))"   # or upload bench_hf as a dataset repo
-    python -m lmms_eval --model openai --model_args model=M,base_url=http://HOST:8000/v1 \
-        --include_path bench_hf/lmms_eval --tasks widematch --log_samples --output_path lmms_out   # lmms-eval's venv
-    LMUData=bench_hf PRED_FORMAT=tsv python run.py --data WideMatch --model Qwen3-VL-8B-Instruct --mode infer
-        (VLMEvalKit: inference only)
-    python evaluate.py --answers lmms_out/M/<date>_samples_widematch.jsonl --name M --tasks tasks/test.jsonl --out eval
-    (evaluate.py --answers also reads VLMEvalKit's prediction file; both land in eval/report.md beside our rows)
+    python export_bench.py --pool pool --split train --format reasonmatch-lmdb --out train_lmdb   # training LMDB
 
-Input: --tasks, a make_tasks.py jsonl; its prompted images are read relative to the file's directory;
-args_<split>.json and composition_<split>.json beside it, when present, go into the card. Every task must have
-the fields make_tasks.py writes (EXPORT_FIELDS), two .jpg/.png images and one split; a bad line, a missing field
-or image, or a target that does not fit the labels stops with one line naming the file, the line and the task.
-Outputs (in --out; files of an earlier export there are replaced):
-    data/<split>-00000-of-00001.parquet   one row per task IN THE TASKS FILE'S ORDER (row i = lmms-eval's doc_id i,
-        which evaluate.py --answers relies on): task_id, images (a list of two HF `Image`s: the prompted image
-        files' bytes unchanged, path = the file name), prompt, answer (the reference answer block,
-        reward.reference_answer of the target), target (image-2 id or null per image-1 point), n, m, x_labels,
-        y_labels, x_points, y_points (original pixel coordinates, as in the tasks file), pair_id, source, scene,
-        scene_type, split, level, spatial, bin, delta_v, actor; written in row groups of 100 with the HF features
-        in the schema (datasets.load_dataset reads it back with the same types).
-    README.md       the dataset card: YAML header (configs / data_files, dataset_info features and split size), how
-        it was built (tasks file, its sha256, make_tasks.py's arguments), composition by source / level / scene type
-        / layout / bin and source x level, the answer grammar and scoring, how to run it.
-    WideMatch.tsv   VLMEvalKit's custom-dataset file (put it in $LMUData): index (row), image (a Python list literal
-        of the two images' base64 strings: VLMEvalKit's multi-image convention, read back by its toliststr), question
-        (the prompt), answer (the reference block), then task_id and the metadata columns; no A/B columns, so
-        VLMEvalKit treats it as a custom VQA set and only `--mode infer` applies (we score with evaluate.py).
-    lmms_eval/widematch/   a task folder for lmms-eval 0.7.3's --include_path: widematch.yaml (the local parquet
-        through `dataset_path: parquet` + data_files relative to the yaml, so it runs offline and from any
-        directory), utils.py (images then prompt in one user turn; each answer scored by reward.score; F1 / P / R /
-        match / format aggregated as evaluate.py does: means over tasks with math.fsum, micro F1 from pooled
-        counts; fractions like evaluate.py's metrics.json) and reward.py (a verbatim copy: the folder needs nothing
-        of this repository).
-    export_args.json  vars(args).
+Input: --tasks, a make_tasks.py jsonl (prompted images read relative to its directory; args_<split>.json and
+composition_<split>.json beside it go into the card); a bad line, a missing field or image stops with one line
+naming the file, the line and the task.
+Outputs (in --out; files of an earlier export there are replaced): data/<split>-00000-of-00001.parquet (one row
+per task, in the tasks file's order), README.md (the dataset card), WideMatch.tsv (VLMEvalKit), lmms_eval/widematch/
+(an lmms-eval --include_path task folder with a verbatim copy of reward.py), export_args.json.
+Then run a harness and score its answers with evaluate.py --answers (README "The benchmark in lmms-eval and
+VLMEvalKit").
 
-Departures: the lmms-eval task scores the raw answer (reasoning_tags: none), as our training reward and
-evaluate.py do, where lmms-eval would by default strip <think> blocks first; it sends the images the way
-lmms-eval's chat models do (decoded, re-encoded as PNG: the same pixels as our JPEG files, not the same bytes).
-ActoR tasks (make_tasks.py --actor) export with their prompts, but only the matching score runs in the harness:
-score their action blocks with evaluate.py --answers on the tasks file (it has the poses).
+Details: docs/harnesses.md, "export_bench.py in full" (every command, each output's columns, the departures).
 """
 import argparse
 import base64

@@ -4,49 +4,17 @@ in a browser; evaluate.py scores the answers they download next to the models, w
 
 Usage:
     python human.py --tasks tasks/test.jsonl --out human             # the widest-Δv subset (evaluate.py's rule)
-    python human.py --tasks tasks/test.jsonl --out human --widest 30 # a smaller widest subset
-    python human.py --tasks tasks/test.jsonl --out human --widest-sources dl3dv,re10k   # as evaluate.py's flag
     python human.py --tasks tasks/test.jsonl --out human_all --all   # every task of the file
     python human.py --tasks tasks/train.jsonl --out look --all --show-truth   # inspect a pool or a prompt by hand
 Then open human/index.html (double-click it: file://, no server, no network), answer, press "Download answers"
 and score the file it saves:
     python evaluate.py --answers answers.jsonl --name human --tasks human/tasks.jsonl --out eval
 
-Outputs (in --out):
-    index.html   one self-contained page: the tasks' data and both prompted images of every task embedded as data
-                 URLs (the image files' own bytes, so people see exactly the pixels the model sees), inline CSS and
-                 JavaScript, nothing fetched.
-                 About 0.4 MB per task at make_tasks.py's 640 px; a 230-task page (97 MB) opened in about 4 s in
-                 headless Chromium here.
-    tasks.jsonl  the tasks on the page, in page order: the input's task objects unchanged except "images", rewritten
-                 relative to --out so evaluate.py (or a model) can still open them from there.
-    args.json    the arguments.
+Input: --tasks, a make_tasks.py jsonl. Outputs (in --out): index.html (one self-contained page, images embedded,
+nothing fetched), tasks.jsonl (the tasks on the page, in page order), args.json.
 
-The page. Per task: the two prompted images with their numbered points (numeric ids on both, as the model sees
-them), the prompt text (folded), one answer row per image-1 point. Pick a point of image 1 (its row, or its
-marker), then click the marker (or its label box) in image 2 that shows the same 3D point, or "No match"; the next
-unanswered point becomes active. Keys: the digits of an image-2 id answer the active point (they gather until no
-longer id starts with them, for 0.8 s, or until Enter: "1" then Enter is id 1 where there is an id 12), 0 (as a
-first digit) or - no match, Backspace clears it, Up/Down change the active point, Left/Right the task, Enter
-(nothing typed) the next task with an unanswered point. Progress (answers, current task, seconds) lives in the browser's
-localStorage under "widematch-human/<first 16 hex of sha256(tasks.jsonl)>" (plus "/truth" for --show-truth pages),
-so a closed tab loses nothing and pages made from other task files (file:// pages share one storage) never mix.
-Seconds per task: time the task was on screen while the tab was visible. "Download answers" saves answers.jsonl,
-one line per task with at least one point answered: {"task_id", "text", "seconds"}, text as reward.format_answer
-writes it (an empty thinking block, then the answer block with the JSON object {"1": "3", "2": "none"}, keys in
-point order). evaluate.py --answers scores it with reward.score:
-a partly answered task as a partial answer, a task with no line as 0 (counted in its n_missing); seconds are
-for the people running the study (evaluate.py does not read them).
---show-truth embeds the targets and, after each answer, marks it right or wrong and rings the true point (and
-shows source, level, bin and Δv); the default page contains no targets, so the page source gives nothing away.
-
-Order: tasks are shown in a seeded shuffle (--seed), so the tasks of one pair and of one source are spread out
-instead of coming in file order; tasks.jsonl records the order.
-
-Departures from the paper: its human study is not published (protocol, interface, instructions unknown). Ours
-shows the model's prompted images and prompt, scores answers with the training reward's code, and by default
-uses the widest-Δv subset of evaluate.py (evaluate.widest_pairs: the K pairs of highest Δv rank within their
-source, every task of them; the paper: its 90 widest pairs).
+Details: docs/human.md, "human.py in full" (more commands, the page's clicks and keys, where progress is kept,
+answers.jsonl, --show-truth, the order, the departures from the paper).
 """
 
 import argparse

@@ -5,68 +5,17 @@ f*: X -> Y u {none}, the two prompted images and the prompt text.
 Usage:
     python make_tasks.py --pool pool --out tasks --split test --max-side 640 --seed 0   # CPU demo, seconds
     python make_tasks.py --pool pool --out tasks --split train --per-pair 8 --max-side 640
-    python make_tasks.py --pool pool --out tasks --split test --levels L3 --spatial dense --n-min 8 --n-max 12
+    python make_tasks.py --pool pool --out bench --split test --mix paper   # ReasonMatch-Bench's 2,810-pair mix
     python make_tasks.py --pool pool --out tasks_actor --split test --actor    # HATCH ActoR prompts (action block)
-    python make_tasks.py --pool pool --out tasks --split test --prompt-template ReasonMatch/evaluate/matchbench/utils.py
-ReasonMatch-Bench as published (2,810 pairs; ScanNet 27.7 %, uCO3D 28.0 %, DL3DV 27.0 %, RE10K 17.2 %;
-L1 32.5 % / L2 36.8 % / L3 30.7 %; build the pool with --test-sources scannet,uco3d,dl3dv,re10k):
-    python make_tasks.py --pool pool --out bench --split test --mix paper
-    (= --pairs 2810 --source-shares scannet=27.7,uco3d=28.0,dl3dv=27.0,re10k=17.2 --level-shares L1=32.5,L2=36.8,L3=30.7)
-A composition of your own (weights are normalised over the names listed; unlisted sources get no pairs):
-    python make_tasks.py --pool pool --out tasks --split test --pairs 40 --source-shares scannet=50,colmap=30,co3d=20 \
-        --level-shares L1=32.5,L2=36.8,L3=30.7
+
+Inputs: pool/pairs.jsonl + one npz per pair (kp1, kp2, match, cluster, cluster2).
+Outputs (in --out): <split>.jsonl (one task per line), <split>_images/ (the prompted images), args_<split>.json,
+composition_<split>.json (asked and achieved shares, also printed).
 grpo.py does not read train.jsonl: it calls make_task() online with the (bin, level, spatial) the curriculum
-asks for (the paper samples X, Y from the pool online); train.jsonl is for inspection and warm-up data.
+asks for; train.jsonl is for inspection and warm-up data.
 
-Inputs: pool/pairs.jsonl + one npz per pair (see the contract: kp1, kp2, match, cluster, cluster2).
-Outputs (in --out): <split>.jsonl, one task per line with task_id, pair_id, source, scene, scene_type, split, bin,
-delta_v, level, spatial, n, m, images (prompted images, relative to --out), originals (absolute paths), x_points,
-y_points (ORIGINAL pixel coords, pixel centres at integers), x_labels ("1".."n"), y_labels ("1".."m"), prompt,
-target (n entries: image-2 id string or null), K1, K2, R, t, actor (bool: the prompt asks for HATCH's ActoR action block,
-see reward.py), plus x_idx/y_idx (row of kp1/kp2, or len(kp) + row of dense1/dense2), scale1/scale2 ((sx, sy):
-drawn = (orig + 0.5) * s - 0.5), size1/size2 (drawn image sizes);
-<split>_images/<task_id with "/" -> "_">_{1,2}.jpg (or .png with --image-format png); args_<split>.json (one per split, so both can share --out);
-composition_<split>.json: asked and achieved shares in percent of sources, levels, scene types (+ counts, per-source
-bins, pairs replaced), also printed.
-
-Composition (both splits; --per-pair defaults to 1 for test, as the paper counts pairs, and 3 for train):
-- Pairs: all pairs of the split, or with --pairs N (alias --max-pairs) exactly N: per-source counts by largest
-  remainder of --source-shares (weights normalised over the names listed: scannet=50,colmap=30 is 62.5 % /
-  37.5 %; unlisted sources get none; without it each source keeps its share of the split); a listed source with
-  fewer pairs than asked is an error naming it, its available pairs and the number asked. Within a source the
-  pairs are drawn seeded and stratified by bin (each bin's count by largest remainder of its size).
-- Levels: over all tasks by largest remainder of --level-shares (default: equal over --levels; its names
-  replace --levels), spread evenly along the tasks grouped by source, so every source gets about the global
-  mix; within each (source, level) a counter walks the spatial modes. Scene type follows the pool (build_pool.py
-  --scene-types sets it per scene).
-- A pair that cannot supply its task (TaskUnavailable) is replaced, with --pairs, by an unused pair of the
-  same source nearest in bin (same (level, spatial), so the shares hold and the file has exactly N x per-pair
-  tasks); without --pairs it is skipped and counted.
-
-Task levels (paper): L1 one-to-one, every x has its partner in Y, no distractors; L2 distractors in Y only;
-L3 distractors on both sides, some x have target none. Spatial modes (paper; how to realise them is ours):
-sparse = matched points only from the pool's well-spread matches (kp1/kp2, one per k-means cluster in
-build_pool.py) and at most one drawn point per cluster in EACH image; moderate = pool matches plus the pool's
-verified dense matches (dense1/dense2, each given the cluster of the nearest pool match), filled cluster by
-cluster with up to --per-cluster points each, so points come in small local groups; dense = pool + dense
-matches drawn at random, so neighbouring points must be told apart by fine detail. Every drawn point keeps
---min-sep pixels (at the drawn resolution) from the other drawn points of its image, so markers and labels
-stay apart.
-Where the pool cannot supply a request, sample_points raises TaskUnavailable and the CLI skips it (counted);
-nothing is faked. Our choices (the paper gives no numbers): n in [4, 12]; L2/L3 add [2, n] distractors to Y
-(fewer if the pair has fewer, never below 2); L3 makes a quarter to a half of X unmatched (at least one).
-Distractor sources: X distractors are only kp1 with match -1 (VERIFIED to have no counterpart in image 2).
-Y distractors are first kp2 that no kp1 points to (verified no counterpart in image 1); if those run out, the
-partner y' of an UNSELECTED kp1 x' is allowed, but only if x' is at least --min-sep from every drawn X point:
-y' is then a real, visible point whose own partner is not labelled, so no drawn x can be confused with it
-(a y' whose x' sits next to a drawn x could be the true answer of that x up to annotation noise).
-kp1 whose partner is shared with another kp1 are ambiguous and never used as matched points.
-Labels are shuffled on both sides, so neither position nor order gives the answer away.
-Drawing (the released benchmark's language): numeric ids on both images, each point a green ring centred on it,
-its id white on a black box beside it (never covering another box or ring; a thin line joins them).
-The prompt: widematch/prompts.py's default_prompt (a <thinking> block, then a JSON answer in <answer>), or
---prompt-template FILE (the released evaluate/matchbench/utils.py or a text file) as it is; with --actor the
-action-block instructions follow it (the <action> block comes before the answer).
+Details: docs/tasks.md, "make_tasks.py in full" (every command, the task file's fields, the composition rules,
+levels and spatial modes, distractors, drawing, the prompt).
 """
 import argparse
 import functools

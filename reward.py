@@ -9,50 +9,13 @@ Usage (library only; imported by make_tasks.py, grpo.py, tiny_model.py, evaluate
     released_reward(completion_text, task)      # the released training reward (see "The released rules")
     canonical_actions(R, t), format_actions(actions), parse_actions(text), action_reward(text, R, t)
 
-Answer grammar. Both images carry numeric ids: image-1 points 1..n, image-2 points 1..m (strings "1".."m" in
-y_labels and target). The reply reasons in one thinking block, then ends with one answer block holding a JSON
-object that maps every image-1 id (a string key) to an image-2 id or "none":
-    <thinking>
-    ...
-    </thinking>
-    <answer>
-    ```json
-    {"1": "3", "2": "none", "3": "1"}
-    ```
-    </answer>
-Several image-1 ids may name the same image-2 id (the paper's f maps into Y u {none}; it need not be one-to-one);
-each point is scored on its own.
-Tolerated (parse_answer): case of tags and of "none"; spaces inside tags; the ``` / ```json fence (any case) or
-none; any whitespace; ids as strings ("3", " 3 ") or JSON integers (3); no match as "none", "∅", "no match" (any
-case), JSON null or an unquoted none / None; keys in any order; trailing chat end tokens (<|im_end|>,
-<|endoftext|>) after the block; an ActoR <action> block before the answer.
-Malformed (parse_answer returns None): no answer block, or more than one "<answer>"/"</answer>" tag anywhere
-(also in the reasoning); non-whitespace text after "</answer>"; a block that is not one JSON object (a list, a
-nested or unterminated value, two objects, text around the fence); a duplicate key (a point answered twice); a
-key that is not an id in 1..n; a value that is not an id in 1..m or a no-match word (floats, booleans, lists,
-objects, other words); text longer than max_chars.
+In: a completion's text and a make_tasks.py task. Out: the dict above; reward = w_format * format + w_match * match
+(in [0, 2] by default), r_match = (1/n) sum_i 1[f_hat(i) == f*(i)] over all n points, none included;
+a malformed answer scores 0. The answer: one <thinking> block, then one <answer> block holding a JSON object that
+maps every image-1 id to an image-2 id or "none".
 
-Scoring decisions (score):
-- format = 1 when the reply has exactly one thinking block (<thinking>...</thinking>, before the answer) and a
-  well-formed answer that maps every image-1 id exactly once; 0 otherwise (a missing thinking block or a partial
-  mapping is not malformed: match and P/R/F1 are still scored). score(think=False): no thinking block needed
-  (for prompts that ask for the answer only).
-- r_match = (1/n) sum_i 1[f_hat(i) == f*(i)] over ALL n points, none included (paper, eq. r_match); a JSON null,
-  "none" and unquoted none all mean none here. Missing points count as wrong (also when their target is none:
-  silence is not an answer).
-- Malformed -> format 0, match 0, precision = recall = f1 = 0.
-- reward = w_format * format + w_match * match, so in [0, w_format + w_match] (= [0, 2] by default).
-- Precision = correct non-none predictions / non-none predictions; recall = correct non-none predictions /
-  non-none targets; f1 = harmonic mean, 0 when P + R = 0. Empty cases: a ratio with an empty denominator is 1
-  when BOTH the non-none predictions and the non-none targets are empty (nothing to find, nothing claimed:
-  perfect), and 0 otherwise (claiming matches where none exist, or finding nothing where matches exist).
-  n_pred, n_correct, n_pos are returned so evaluate.py can also micro-average.
-- released_precision / released_recall / released_f1: the released benchmark's scorer on the same reply
-  (released_json + released_prf below; its rules differ: a correct "none" earns nothing, ids not answered count
-  against recall, and it reads any JSON in the reply, thinking block or not).
-- Anti-hacking (tests show each): all-none earns exactly the fraction of none targets and P = R = 0 when
-  matches exist; one id repeated earns only the points it is right for; extra entries (out-of-range or
-  duplicate keys) and over-long texts are malformed and earn 0; work is bounded by max_chars.
+Details: docs/tasks.md, "reward.py in full" (the answer grammar, what is tolerated and what is malformed, every
+scoring decision, P/R/F1 and their empty cases, the released scorer, anti-hacking).
 """
 import json
 import math

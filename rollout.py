@@ -11,62 +11,12 @@ Used as (grpo.py --rollout-engine hf|vllm; evaluate.py --engine hf|vllm):
         outs = engine.generate(encodings, images, max_new_tokens, temperature, group_size=G)
     engine.sync_weights(model)                      # after every optimizer step (HF: nothing to do)
     python grpo.py --plan --gpus 8 --gpu-mem-gib 80 --model configs/qwen3-vl-8b-instruct [the run's flags]
-outs: len(encodings) * G dicts, prompt-major: text, token_ids (up to and including the stop token), logprobs (the
-sampler's log p of each token under logits / temperature over the whole vocabulary: what the trainer computes),
-truncated. Both engines ban the same special tokens and stop on the same tokens; VllmEngine's usage notes (prompt
-ids checked against grpo.encode's, the log-prob trick, seeds, sleep mode, the lm_head repack on CPU) are in its
-docstring. Measured on CPU (fp32, tiny model, tests): vLLM's tokens and log-probs equal transformers' (|dlogp|
-~1e-7 at every training step, 1 and 2 processes; greedy tokens equal after training). On GPU (bf16) nothing was
-measured yet: `bench.py gpu` is the prepared command.
+In: prompt encodings + images. Out (outs): len(encodings) * G dicts, prompt-major: text, token_ids, logprobs (the
+sampler's log p of each token under logits / temperature), truncated. The plan: bytes per GPU and phase, from the
+model's config.json only.
 
-HFEngine's two implementations (grpo.py --rollout-impl; `legacy` is kept for the benchmark and the tests):
-- resident (default): `resident()` calls unshard() on every FSDP module of the policy (it acts on the module it is
-  called on, not its children) and set_reshard_after_forward(False), so generate issues NO collective per token:
-  the all-gathers happen once per rollout, and ranks may stop decoding at different steps (synced_gpus is not
-  needed). On exit every module is resharded and its previous reshard-after-forward setting restored. Costs the
-  policy unsharded (bf16 under FSDP's mixed precision on GPU) for the rollout's duration: the plan counts it.
-  The KV cache is a StaticCache of B x G rows and L + max_new_tokens positions: the prefill of the B prompts
-  (minus their last token) is copied into it once, each prompt's KV into its G rows (our copy: StaticCache has no
-  batch_repeat_interleave in transformers 5.23), then each decode step writes one position in place
-  (index_copy_). Sharing one prompt KV across G rows with no copy at all needs a cascade-attention kernel: not here.
-- legacy: the cache is a DynamicCache repeated G times (batch_repeat_interleave), which concatenates its whole
-  KV at every decode step, and FSDP2 re-gathers every decoder layer for every token (it reshards after each
-  forward, in no-grad mode too), so sharded ranks must decode in lock-step (synced_gpus).
-Both give the same tokens and sampler log-probs (tested on 1 and 2 processes, greedy).
-transformers compiles generate's forward by itself on GPU when the cache is static; we switch that off
-(disable_compile): compiling an FSDP-wrapped model was not tried here (no GPU).
-
-The memory plan (memory_plan / format_plan): bytes per GPU, from the model's config.json only (parameter counts
-exact: the model is built on the meta device; no weights, no pool). FSDP2 shards the fp32 policy evenly over
-`gpus`. Phases, peak = fixed + the largest of the other three:
-  fixed      fp32 parameter shard, AdamW's two fp32 states, the reference (bf16 on GPU, sharded; with --kl-beta > 0),
-             the FSDP roots' parameters unsharded in the compute dtype (FSDP2 keeps the root's after forward:
-             embeddings, lm_head, final norm, vision patch/position embeddings and mergers; policy and reference)
-  rollout    the policy unsharded in the compute dtype (resident; legacy: two decoder layers; 1 GPU: autocast's
-             bf16 weight casts), the StaticCache of (prompts per generate call = min(--rollout-batch, prompts per
-             rank)) x G rows at prompt + --max-new-tokens positions, the prefill's own KV, its activations (one
-             layer), the vision tower (one block), one decode step's (rows, V) fp32 scores
-  update     fp32 gradient shard, two decoder layers unsharded + their gradients, one micro-batch's activations
-             (checkpointed: a (B, T, H) input per decoder layer and per vision block + one layer recomputed; else
-             every layer's), the final hidden states and their gradient, the log-prob chunk (B x 512 x V fp32
-             logits, log-softmax, gradient), the micro-batch's pixel values
-  optimizer  fp32 gradient shard + AdamW's foreach temporaries (~one fp32 shard)
---rollout-engine vllm (vllm_share): the rollout phase is instead the colocated engine's
---vllm-gpu-memory-utilization x GPU share (vLLM wants it free on top of the trainer's memory), sized as VllmEngine
-builds the engine (engine_kwargs: VLLM_MAX_SEQS 256 sequences, VLLM_BATCHED_TOKENS 8,192 batched tokens, two
---max-side images): its weights in the compute dtype (whole model per rank), its profiling peak (the larger of one
-layer of an 8,192-token prefill and the vision tower on two max-side images, + fp32 sampler rows of 256 sequences;
-estimate), its CUDA graphs (vLLM measures and subtracts them; VLLM_GRAPHS_GIB, a guess), the KV pool (the rest; it
-must hold one prompt + --max-new-tokens sequence, and the plan says how many full-length rows it holds at once, a
-group's prompt shared by its G rows), + the weight sync's largest parameter gathered in fp32 and cast. Update and
-optimizer phases: sleep mode (the CUDA default) leaves the graphs + a 0.5 GiB residue (estimate; KV freed; level 2
-discards the weights, level 1 keeps them in pinned host RAM: engine["host"] bytes per rank); without it the whole
-share stays.
---rollout-batch auto (fit_rollout_batch): the largest batch whose plan fits; grpo.py's launch check (check_memory)
-calls format_plan with the GPUs it has. Worst-case shapes: every completion --max-new-tokens long. The prompt length is estimated from --max-side (two
-images at 4:3, sides rounded to the patch x merge grid) + the prompt text at ~4 characters per token. Not counted:
-allocator fragmentation, the CUDA context (~0.5-1 GiB), NCCL buffers: the verdict wants 10% headroom. Checked on
-CPU by `bench.py plan-check` (measured / plan = 1.11 on a 107 M-parameter random model, fp32, 1 process).
+Details: docs/rollout.md (what both engines share and what was measured, HFEngine's resident and legacy
+implementations, the memory plan's phases, vLLM's share, --rollout-batch auto).
 """
 import argparse
 import contextlib

@@ -8,45 +8,14 @@ Usage:
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --warmup-steps 0   # skip the warm-up
     python tiny_model.py --out demo_data/tiny-qwen3vl --pool pool --actor-share 0    # no ActoR prompts in it
 
-What it writes into --out (all with save_pretrained, so `model_io.load_policy(out)` / from_pretrained just work):
-    config.json + model.safetensors   Qwen3VLForConditionalGeneration, text: hidden 64, 2 layers, 4 heads (2 kv),
-                                      head_dim 32 (vLLM's CPU attention rejects 16), mrope [4,6,6]; vision: depth 2,
-                                      hidden 32, patch 16, merge 2
-                                      (~0.3 M parameters, < 2 MB)
-    tokenizer.json + tokenizer_config.json + chat_template.jinja
-                                      byte-level BPE (vocab <= 2048, ~1000 here) trained offline on a small corpus (the
-                                      answer grammar, prompts, ActoR action blocks, digits and letters); GPT-2's
-                                      pre-tokenizer split plus the JSON answer's key pieces ('", "3": "'), the fence
-                                      lines and the tags as whole pieces, so a point of the answer is 2 tokens
-                                      ('", "3": "', '5'); with Qwen's chat special tokens
-                                      (<|im_start|> <|im_end|> <|endoftext|> <|vision_start|> <|image_pad|> ...)
-                                      and a Qwen-style chat template (one <|image_pad|> per image, expanded later)
-    preprocessor_config.json          Qwen2VLImageProcessorPil (works without torchvision), patch 16, merge 2,
-                                      max_pixels 49152 so a 640x480 image gives 48 visual tokens
-    chat_template.json                the processor's chat template (the same), where hub VL repos keep it
-    video_preprocessor_config.json    Qwen3VLVideoProcessor (unused; makes the processor set complete, so
-                                      AutoProcessor.from_pretrained and `vllm serve` load the dir as a hub repo)
-    generation_config.json            stop on <|im_end|> / <|endoftext|>
-    args.json                         the arguments of this run
+Input: optionally --pool (the warm-up's prompts are drawn online by make_tasks from its train split).
+Output: a model directory in --out (config.json + model.safetensors, tokenizer, processor configs, chat template,
+generation_config.json, args.json), all with save_pretrained, so `model_io.load_policy(out)` / from_pretrained
+just work. The optional warm-up teaches the answer format on RANDOM mappings (nothing about which label is
+right) and ends by printing the format rate.
 
-The optional warm-up is supervised fine-tuning on well-formed replies (an empty <thinking> block, then the JSON
-answer) with RANDOM mappings (reward.format_answer) for prompts drawn online by make_tasks from the pool's train split (n in [--n-min,
---n-max] as demo.sh runs grpo.py; a buffer of 32 tasks, 2 replaced by fresh ones every step). The loss is on the answer tokens
-only, and at each label position its target is the uniform distribution over the task's m labels + none (the
-expected loss of random mappings, without the noise), so the model learns the line count n and the label range m
-from the prompt and nothing about which label is right. The vision tower is frozen during it (the format does not
-depend on the pixels). lr: 10-step warm-up, cosine to 10%.
-A share --actor-share (default 0.25) of the warm-up tasks are HATCH ActoR prompts (make_tasks actor=True, as
-`grpo.py --actor` draws them); their target is an <action> block with RANDOM well-formed actions (yaw, roll in
-(-180, 180], pitch in [-90, 90], random multiples of the task's action step; a random move word, stay included)
-followed by the random answer block. Like the random mappings this teaches the grammar only, never the camera
-motion: the action tokens are plain one-hot targets of that random draw (in expectation the uniform distribution
-over valid actions, so nothing about the pose is learnt); the answer's label positions keep their uniform targets.
-It ends by printing the format rate on fresh test-split tasks, plain and ActoR ("warm-up: format rate 0.9
-(sampled), 1.0 (greedy) ...; actor 0.8 (sampled), 1.0 (greedy) ..."; random model: 0.0; an ActoR completion counts
-only when both blocks parse), so the GRPO demo starts with a high format rate and the match (and action) reward is
-what GRPO has to learn. Not in the paper: the paper starts from Qwen3-VL-8B-Instruct, which already follows the
-format; this is only the demo's stand-in for that.
+Details: docs/tiny_model.md (the model's sizes, the tokenizer, every file, the warm-up's loss and ActoR share,
+its printout; not in the paper).
 """
 import argparse
 import json
