@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -55,6 +56,16 @@ from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as r
 from tests.released_recipe import *  # noqa: F401,F403 (the released training recipe, its LMDB export)
 from tests.gpu_readiness import *  # noqa: F401,F403 - issue 28: the first GPU run
 from tests.task_language import *  # noqa: F401,F403 (the task language: JSON answers, numeric ids)
+
+
+def torchrun_cmd(nproc=2):
+    """torchrun with a port of its own for each launch: the default 29500 can still be held by the socket of the
+    launch before (a rare "address in use" failure of back-to-back 2-process tests on a loaded machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), f"--nproc_per_node={nproc}",
+            f"--master-port={port}"]
 
 
 # ==============================================================================
@@ -1908,8 +1919,7 @@ def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, grpo_dist_env
                     *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one),
                                  "--debug-dump", str(tmp_path / "d1.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--nproc_per_node=2", os.path.join(HERE, "grpo.py"),
+    subprocess.run([*torchrun_cmd(), os.path.join(HERE, "grpo.py"),
                     *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two),
                                  "--debug-dump", str(tmp_path / "d2.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
@@ -2100,7 +2110,7 @@ def test_grpo_filter_groups_on_2_processes_stays_in_step(grpo_dist_env, tmp_path
     """torchrun 2 ranks, --filter-groups with one retry round: ranks drop different numbers of groups, redraw the
     same number, fill up at weight 0, and the run finishes (no collective waits on a rank that trains less)."""
     (tmp_path / "w.py").write_text(GRPO_FILTER_WRAPPER)
-    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+    r = subprocess.run([*torchrun_cmd(),
                         str(tmp_path / "w.py"), *grpo_dist_flags(grpo_dist_env, tmp_path / "run", "--steps", "3",
                         "--save-every", "100", "--eval-every", "0", "--group-size", "2", "--prompts-per-step", "4",
                         "--max-new-tokens", "4", "--filter-groups", "--filter-max-retries", "1")],
@@ -2311,15 +2321,14 @@ def grpo_dist_runs(grpo_dist_env, tmp_path_factory):
              "--kl-beta", "0.1", "--lr", "1e-2", "--warmup-steps", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", GRPO_CALL_LOG=str(t / "calls"), GRPO_DIR=HERE)
     (t / "wrapper.py").write_text(GRPO_DIST_WRAPPER)
-    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2"]
-    r = subprocess.run([*torchrun, str(t / "wrapper.py"), *grpo_dist_flags(denv, t / "r2", *flags, "--async-save",
+    r = subprocess.run([*torchrun_cmd(), str(t / "wrapper.py"), *grpo_dist_flags(denv, t / "r2", *flags, "--async-save",
                         "--export-every", "3", "--debug-dump", str(t / "d2.pt"))],
                        cwd=HERE, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     calls = {rank: grpo_read(f"{t / 'calls'}.{rank}") for rank in (0, 1)}
     for name in ("r2r", "r1r"):  # the run as if it had died after step 2 (step 3 never written)
         shutil.copytree(t / "r2", t / name, ignore=shutil.ignore_patterns("step_000003"))
-    r = subprocess.run([*torchrun, os.path.join(HERE, "grpo.py"),
+    r = subprocess.run([*torchrun_cmd(), os.path.join(HERE, "grpo.py"),
                         *grpo_dist_flags(denv, t / "r2r", *flags, "--async-save", "--export-every", "3", "--resume",
                                          "--debug-dump", str(t / "d2r.pt"))],
                        cwd=HERE, env=env, capture_output=True, text=True)
@@ -4030,9 +4039,10 @@ def test_hatch_pasta_gradient_same_for_1_process_and_torchrun_2(hatch_grpo_env, 
     subprocess.run([sys.executable, os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "a"),
                     "--micro-batch", "1", "--debug-grad-dump", str(tmp_path / "g1.pt")],
                    check=True, cwd=here, env=env, capture_output=True)
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
-                    os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "b"), "--micro-batch", "8",
-                    "--debug-grad-dump", str(tmp_path / "g2.pt")], check=True, cwd=here, env=env, capture_output=True)
+    r = subprocess.run([*torchrun_cmd(), os.path.join(here, "grpo.py"), *common, "--out", str(tmp_path / "b"),
+                        "--micro-batch", "8", "--debug-grad-dump", str(tmp_path / "g2.pt")],
+                       cwd=here, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
     g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
     vision = [n for n in g1 if "visual.blocks.0." in n]
     assert vision and all(float(g1[n].abs().sum()) > 0 for n in vision)
@@ -4247,8 +4257,7 @@ def torchvision_or_skip():
 def vllm_run(argv, nproc=1, **kw):
     """python grpo.py / evaluate.py ... (or torchrun with nproc ranks) with the engine in-process, 1 GiB of KV."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [sys.executable] if nproc == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
-                                               f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable] if nproc == 1 else torchrun_cmd(nproc)
     return subprocess.run([*cmd, *argv], cwd=HERE, capture_output=True, text=True, env=env, **kw)
 
 

@@ -273,7 +273,8 @@ def test_recipe_released_gradient_same_for_1_process_and_torchrun_2(grpo_env, tm
     one, two = tmp_path / "g1.pt", tmp_path / "g2.pt"
     extra = ["--toy-reward", "--kl-beta", "0.1", "--steps", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2"]
+    import test_all
+    torchrun = test_all.torchrun_cmd()
     for launch, out, mb, dump in (([sys.executable], "a", "1", one), (torchrun, "b", "8", two)):
         subprocess.run([*launch, os.path.join(HERE, "grpo.py"),
                         *recipe_flags(grpo_env, tmp_path / out, *extra, "--micro-batch", mb, "--debug-grad-dump",
