@@ -276,9 +276,9 @@ def test_recipe_released_gradient_same_for_1_process_and_torchrun_2(grpo_env, tm
     import test_all
     torchrun = test_all.torchrun_cmd()
     for launch, out, mb, dump in (([sys.executable], "a", "1", one), (torchrun, "b", "8", two)):
-        subprocess.run([*launch, os.path.join(HERE, "grpo.py"),
-                        *recipe_flags(grpo_env, tmp_path / out, *extra, "--micro-batch", mb, "--debug-grad-dump",
-                                      str(dump))], check=True, cwd=HERE, env=env, capture_output=True)
+        test_all.torchrun_grad_dump([*launch, os.path.join(HERE, "grpo.py"),
+                                     *recipe_flags(grpo_env, tmp_path / out, *extra, "--micro-batch", mb,
+                                                   "--debug-grad-dump", str(dump))], tmp_path / out, cwd=HERE, env=env)
     g1, g2 = torch.load(one), torch.load(two)
     assert g1.keys() == g2.keys()
     scale = max(g.abs().max().item() for g in g1.values() if g is not None)
