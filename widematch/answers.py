@@ -16,7 +16,7 @@ import reward
 def json_lines(path, name):
     """(where, object) of each non-blank line of a JSON-lines file, where = "<name> line <k>"; a line that is not
     JSON stops the run naming it."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

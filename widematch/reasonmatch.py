@@ -383,7 +383,7 @@ def read_answers(path, samples, entries):
     VLMEvalKit's prediction file of that export (.tsv / .xlsx / .json, rows by their sample_id column).
     entries: the whole index (answers to samples the filters left out are skipped). A sample the index lacks, one
     answered twice, or a gt that differs from the benchmark's answer stops with one line naming the file and line."""
-    from widematch.answers import vlmevalkit_records
+    from widematch.answers import json_lines, vlmevalkit_records
     keys = [sample_key(e) for e in entries]
     known, by_meta = set(keys), {e["metadata"]: sample_key(e) for e in entries}
     chosen = {s["key"]: s for s in samples}
@@ -407,44 +407,36 @@ def read_answers(path, samples, entries):
             add(f"--answers {p} row {k}", str(r["sample_id"]),
                 "" if pred is None or (isinstance(pred, float) and math.isnan(pred)) else str(pred))
         return out
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"--answers {p} line {lineno}"
-            try:
-                a = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchError(f"{where} is not JSON ({e})") from None
-            if not isinstance(a, dict):
-                raise BenchError(f"{where} is not a JSON object")
-            if isinstance(a.get("meta"), dict) and "prediction" in a:
-                m = a["meta"]
-                key = str(m.get("sample_id")) if str(m.get("sample_id")) in known else \
-                    by_meta.get(m.get("metadata_path"), str(m.get("sample_id")))
-                s = chosen.get(key)
-                if s is not None and not a.get("error") and s["metadata"] is not None and \
-                        a.get("gt") != s["metadata"].get("answer"):
-                    raise BenchError(f"{where}: sample {key!r}: its gt differs from the benchmark's answer (a run "
-                                     "on another version of the benchmark?)")
-                add(where, key, a.get("prediction") or "", a.get("error"), a.get("latency"))
-            elif "doc_id" in a:
-                doc = a["doc_id"]
-                if not isinstance(doc, int) or isinstance(doc, bool) or not 0 <= doc < len(keys):
-                    raise BenchError(f"{where}: doc_id {doc!r} is not a row of the index (0..{len(keys) - 1})")
-                item = a.get("f1")
-                if isinstance(item, dict) and item.get("sample_id") not in (None, keys[doc]):
-                    raise BenchError(f"{where}: doc_id {doc} is sample {keys[doc]!r} in the index but "
-                                     f"{item.get('sample_id')!r} in the samples: an export of another index")
-                text = _harness_text(a)
-                if not isinstance(text, str):
-                    raise BenchError(f"{where}: filtered_resps holds no single text answer")
-                add(where, keys[doc], text)
-            elif isinstance(a.get("text"), str) and (a.get("sample_id") or a.get("task_id")):
-                add(where, str(a.get("sample_id") or a.get("task_id")), a["text"])
-            else:
-                raise BenchError(f"{where} is neither a released samples.jsonl row, an lmms-eval sample nor "
-                                 "{sample_id, text}")
+    for where, a in json_lines(p, f"--answers {p}"):  # a line that is not JSON stops the run naming it
+        if not isinstance(a, dict):
+            raise BenchError(f"{where} is not a JSON object")
+        if isinstance(a.get("meta"), dict) and "prediction" in a:
+            m = a["meta"]
+            key = str(m.get("sample_id")) if str(m.get("sample_id")) in known else \
+                by_meta.get(m.get("metadata_path"), str(m.get("sample_id")))
+            s = chosen.get(key)
+            if s is not None and not a.get("error") and s["metadata"] is not None and \
+                    a.get("gt") != s["metadata"].get("answer"):
+                raise BenchError(f"{where}: sample {key!r}: its gt differs from the benchmark's answer (a run "
+                                 "on another version of the benchmark?)")
+            add(where, key, a.get("prediction") or "", a.get("error"), a.get("latency"))
+        elif "doc_id" in a:
+            doc = a["doc_id"]
+            if not isinstance(doc, int) or isinstance(doc, bool) or not 0 <= doc < len(keys):
+                raise BenchError(f"{where}: doc_id {doc!r} is not a row of the index (0..{len(keys) - 1})")
+            item = a.get("f1")
+            if isinstance(item, dict) and item.get("sample_id") not in (None, keys[doc]):
+                raise BenchError(f"{where}: doc_id {doc} is sample {keys[doc]!r} in the index but "
+                                 f"{item.get('sample_id')!r} in the samples: an export of another index")
+            text = _harness_text(a)
+            if not isinstance(text, str):
+                raise BenchError(f"{where}: filtered_resps holds no single text answer")
+            add(where, keys[doc], text)
+        elif isinstance(a.get("text"), str) and (a.get("sample_id") or a.get("task_id")):
+            add(where, str(a.get("sample_id") or a.get("task_id")), a["text"])
+        else:
+            raise BenchError(f"{where} is neither a released samples.jsonl row, an lmms-eval sample nor "
+                             "{sample_id, text}")
     return out
 
 # -----------------------------------------------------------------------------
