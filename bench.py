@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import build_pool
 import grpo
 import make_tasks
-import rollout
+from widematch import rollout
 import synthetic
 import tiny_model
 from widematch import model_io
@@ -908,8 +908,8 @@ def plan_check_worker(args):
         peak["mb"] = _proc_status_mb("VmHWM")
         return out
 
-    def roll(model, tokenizer, image_processor, tasks, a, synced):
-        samples = orig_rollout(model, tokenizer, image_processor, tasks, a, synced)
+    def roll(engine, tokenizer, image_processor, tasks, a):  # grpo.rollout's signature
+        samples = orig_rollout(engine, tokenizer, image_processor, tasks, a)
         seen["prompt_tokens"] = max(int(s["enc"]["input_ids"].shape[1]) for s in samples)
         seen["patches_per_image"] = max(int(s["enc"]["pixel_values"].shape[0]) // 2 for s in samples)
         seen["lengths"] = [len(s["token_ids"]) for s in samples]

@@ -33,16 +33,14 @@ import numpy as np
 from tqdm import tqdm
 
 import reward
-from widematch import api
+from widematch import api, reasonmatch
 from widematch.answers import json_lines, read_any_answers
-from widematch.api import api_request, data_url
+from widematch.api import api_request
 from widematch.baselines import SiftMatcher, answer_none, answer_random
-from widematch.report import (TRANSFER_BENCHMARKS, TRANSFER_HEADING, pct, plot_f1_by_source, plot_f1_vs_bin,
-                              report_metrics, write_report, write_shows, write_transfer)
+from widematch.report import (pct, plot_f1_by_source, plot_f1_vs_bin, report_metrics, write_report, write_shows,
+                              write_transfer)
 from widematch.runs import check_run_info, model_dtype, model_name, read_predictions, unique_names
 
-# data_url, TRANSFER_BENCHMARKS and TRANSFER_HEADING are imported only to be re-exported: human.py and the tests
-# use them as evaluate.X (each lives in the widematch/ module it is imported from)
 BASELINES = ("sift", "random", "none")
 BREAKDOWNS = ("source", "level", "scene_type", "spatial", "bin")
 TASK_FIELDS = ("pair_id", "source", "scene_type", "level", "spatial", "bin", "delta_v")
@@ -93,12 +91,12 @@ def in_batches(answer_batch, batch_size):
 
 
 def model_answerer(ckpt, tasks_dir, tasks, args):
-    """A local model through a rollout engine (rollout.py): --engine hf, transformers generate on the model loaded
-    here; --engine vllm, one vLLM engine (prompt ids checked against encode's, the same banned tokens and stops),
-    each batch of --batch-size tasks submitted at once (continuous batching). Either way the prompts are
-    grpo.encode's, and each batch is written when it is done."""
+    """A local model through a rollout engine (widematch.rollout): --engine hf, transformers generate on the model
+    loaded here; --engine vllm, one vLLM engine (prompt ids checked against encode's, the same banned tokens and
+    stops, room for the longest prompt of the tasks), each batch of --batch-size tasks submitted at once (continuous
+    batching). Either way the prompts are model_io.encode's, and each batch is written when it is done."""
     from widematch import model_io  # torch, transformers (and vllm) only when a model is evaluated
-    import rollout
+    from widematch import rollout
     import torch
     from PIL import Image
     dtype = getattr(torch, model_dtype(args))
@@ -108,9 +106,8 @@ def model_answerer(ckpt, tasks_dir, tasks, args):
         if not isinstance(cfg, dict):
             sys.exit(f"evaluate.py: error: {ckpt}: no config.json (a local model dir, or a hub id in the HF cache)")
         side = max(max(Image.open(tasks_dir / p).size) for t in tasks for p in t["images"])  # headers only
-        room = rollout.prompt_bound(cfg, side, max(t["n"] for t in tasks), max(t["m"] for t in tasks))
-        # a prompt of another wording (the released benchmark's, with its system message): its length on top
-        room += max((len(t["system"]) + len(t["prompt"]) for t in tasks if t.get("system") is not None), default=0)
+        longest = max(((t.get("system") or "") + t["prompt"] for t in tasks), key=len)  # system message included
+        room = rollout.prompt_bound(cfg, side, longest)
         engine = rollout.VllmEngine(ckpt, tokenizer, args.device, room + args.max_new_tokens, seed=args.seed,
                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False, dtype=dtype,
                                     image_side=side)  # vLLM profiles with two images of the tasks' largest side
@@ -146,7 +143,7 @@ def vllm_decoding(model_dir):
     detokenizer drops a trailing incomplete UTF-8 character that tokenizer.decode renders as U+FFFD, which can
     change the parse ("</answer>" followed by half a character is malformed)."""
     from widematch import model_io  # torch and transformers only on this path
-    import rollout
+    from widematch import rollout
     from transformers import AutoConfig
     tokenizer, _ = model_io.load_processors(model_dir)
     vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
@@ -229,6 +226,38 @@ def score_answers(tasks, answers, model_dir):
     (model_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
+
+def _id_or_none(v):
+    return None if v is None or (isinstance(v, str) and v.lower() == "none") else str(v)
+
+
+def our_scores_released(truth, pred):
+    """widematch's rules on a parsed reply to a released sample: match = share of the truth's image-1 ids answered
+    right, a correct "none" counted (a key left out is wrong); precision / recall / f1 over the real links only
+    (reward.prf: both 1 when nothing is claimed and nothing exists). A reply that is not a JSON object scores 0."""
+    if not isinstance(truth, dict) or not truth or not isinstance(pred, dict):
+        return dict(match=0.0, precision=0.0, recall=0.0, f1=0.0)
+    hits = sum(k in pred and _id_or_none(pred[k]) == _id_or_none(t) for k, t in truth.items())
+    claims = {k: _id_or_none(v) for k, v in pred.items() if _id_or_none(v) is not None}
+    n_correct = sum(k in truth and v == _id_or_none(truth[k]) for k, v in claims.items())
+    n_pos = sum(_id_or_none(t) is not None for t in truth.values())
+    p, r, f = reward.prf(n_correct, len(claims), n_pos)
+    return dict(match=hits / len(truth), precision=p, recall=r, f1=f)
+
+
+def score_released(s, text, error=None, latency=None, **extra):
+    """--reasonmatch: one samples.jsonl row of a released sample s (widematch.reasonmatch.load_sample): meta, gt,
+    prediction, prediction_json_raw, prediction_parsed, precision, recall, f1 (the release's rule), latency, error
+    (the released schema; a failed request has no JSON, as there), then "widematch": the key, our match /
+    precision / recall / f1 on the same reply and the answerer's extra fields (truncated, usage, ...)."""
+    error = error or s["error"]
+    gt = s["metadata"].get("answer", {}) if s["metadata"] is not None else {}
+    raw, parsed = (None, None) if error else reward.released_json(text)
+    precision, recall, f1 = reward.released_prf(gt, parsed)
+    ours = our_scores_released(gt, parsed)
+    return dict(meta=reasonmatch.sample_meta(s), gt=gt, prediction=text, prediction_json_raw=raw,
+                prediction_parsed=parsed, precision=precision, recall=recall, f1=f1, latency=latency, error=error,
+                widematch=dict(key=s["key"], **{f"our_{k}": v for k, v in ours.items()}, **extra))
 
 # -----------------------------------------------------------------------------
 # 4. aggregate: metrics as a pure function of the prediction rows
@@ -493,7 +522,7 @@ def ask_and_score(name, kind, what, ts, args, api_key, model_dir):
     info = dict(kind=kind, what=what, tasks_sha=ts.sha, seed=args.seed)
     if kind == "answers":  # re-scored from scratch every run: nothing to resume, only a model's dir to protect
         check_run_info(model_dir, dict(kind=kind, what=what, tasks_sha=ts.sha), keys=("kind",))
-        return score_answers(ts.tasks, read_any_answers(args.answers, ts.all), model_dir)
+        return score_answers(ts.tasks, read_any_answers(args.answers, ts.all, reward.reference_answer), model_dir)
     if kind == "model":
         info.update(temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=model_dtype(args))
         if args.engine == "vllm":  # (hf runs keep the run.json they always had)
@@ -515,8 +544,7 @@ def ask_and_score(name, kind, what, ts, args, api_key, model_dir):
 def main(argv=None):
     args = parse_args(argv)
     if args.reasonmatch:  # the released benchmark: its own index, prompt and schema (widematch/reasonmatch.py)
-        from widematch import reasonmatch
-        return reasonmatch.evaluate_main(args, resolve_ckpt, model_answerer, api_answerer)
+        return reasonmatch.evaluate_main(args, resolve_ckpt, model_answerer, api_answerer, score_released)
     if args.transfer and transfer_only(args):  # needs no tasks file
         return
     api_key = check_args(args)

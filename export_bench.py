@@ -33,7 +33,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 import reward
-from widematch.hf_export import REWARD_LOADER, ParquetRows, card_header
+from widematch import hf_export
+from widematch.answers import json_lines
+from widematch.hf_export import ParquetRows, card_header
 
 EXPORT_FIELDS = ("task_id", "pair_id", "source", "scene", "scene_type", "split", "level", "spatial", "bin",
                  "delta_v", "n", "m", "images", "prompt", "target", "x_labels", "y_labels", "x_points", "y_points")
@@ -52,25 +54,17 @@ def fail(msg):
 def load_tasks(path):
     """Tasks of a make_tasks.py jsonl in file order, each checked (fields, labels, target, unique task_id)."""
     tasks, seen = [], set()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{where} is not JSON ({e})")
-            if not isinstance(t, dict):
-                fail(f"{where} is not a JSON object")
-            missing = [k for k in EXPORT_FIELDS if k not in t]
-            if missing:
-                fail(f"{where} (task {t.get('task_id')!r}) lacks {', '.join(missing)}: not a make_tasks.py task")
-            check_task(t, f"{where} (task {t['task_id']!r})")
-            if t["task_id"] in seen:
-                fail(f"{where}: duplicate task_id {t['task_id']!r}")
-            seen.add(t["task_id"])
-            tasks.append(t)
+    for where, t in json_lines(path, str(path), prog="export_bench.py"):
+        if not isinstance(t, dict):
+            fail(f"{where} is not a JSON object")
+        missing = [k for k in EXPORT_FIELDS if k not in t]
+        if missing:
+            fail(f"{where} (task {t.get('task_id')!r}) lacks {', '.join(missing)}: not a make_tasks.py task")
+        check_task(t, f"{where} (task {t['task_id']!r})")
+        if t["task_id"] in seen:
+            fail(f"{where}: duplicate task_id {t['task_id']!r}")
+        seen.add(t["task_id"])
+        tasks.append(t)
     if not tasks:
         fail(f"--tasks {path} has no tasks")
     splits = sorted({t["split"] for t in tasks})
@@ -158,66 +152,25 @@ def tsv_row(index, task, images):
 # -----------------------------------------------------------------------------
 # lmms-eval's task folder
 
-LMMS_YAML = """\
+LMMS_YAML_HEAD = """\
 # lmms-eval 0.7.3 task: {title} (written by widematch's export_bench.py; tasks file sha256 {sha}).
 #   python -m lmms_eval --model openai --model_args model=MODEL,base_url=http://HOST:PORT/v1 \\
-#       --include_path {include} --tasks {task} --batch_size 1 --log_samples --output_path lmms_out
-# The data is the local parquet two folders up (relative data_files are resolved against this yaml: offline).
-task: {task}
-dataset_path: parquet
-dataset_kwargs:
-  data_files:
-    {split}: ../../data/{parquet}
-test_split: {split}
-output_type: generate_until
-doc_to_visual: !function utils.widematch_doc_to_visual
-doc_to_text: !function utils.widematch_doc_to_text
-doc_to_target: answer
-process_results: !function utils.widematch_process_results
-# Score the raw answer, as widematch's training reward and evaluate.py do (lmms-eval would strip <think> first).
-reasoning_tags: none
-# The paper's budget (5120 new tokens), greedy; no stop strings (the answer block ends the reply).
-generation_kwargs:
-  max_new_tokens: 5120
-  temperature: 0
-  do_sample: false
-  until: []
-# Fractions, as in widematch's metrics.json: macro means over tasks (F1, P, R, match, format), micro F1 pooled.
-metric_list:
-{metrics}
-metadata:
-  version: 1.0
-  tasks_sha256: {sha}
-  n_tasks: {n}
-"""
+#       --include_path <export dir>/lmms_eval --tasks {task} --batch_size 1 --log_samples --output_path lmms_out
+# The data is the local parquet two folders up (relative data_files are resolved against this yaml: offline)."""
 
 LMMS_METRICS = ("f1", "precision", "recall", "match_acc", "format_rate", "micro_f1")
 
-LMMS_UTILS = '''\
-"""lmms-eval task functions of widematch.yaml (written by widematch's export_bench.py).
+LMMS_UTILS = hf_export.lmms_utils_head(
+    """lmms-eval task functions of widematch.yaml (written by widematch's export_bench.py).
 
 Each answer is scored by reward.score, widematch's training reward (reward.py beside this file, a verbatim copy),
 and the metrics are aggregated exactly as widematch's evaluate.py aggregates them: f1, precision, recall,
 match_acc and format_rate are per-task values averaged over tasks with math.fsum (macro); micro_f1 comes from the
 link counts summed over tasks (reward.prf). Values are fractions, as in evaluate.py's metrics.json. The micro_f1
 item carries the task_id, so a --log_samples line maps back to its task even without the doc.
-"""
-import importlib.util
-import math
-import os
-
-''' + REWARD_LOADER + '''
-
-def widematch_doc_to_visual(doc):
-    """The two prompted images (PIL, decoded from the exported bytes), image 1 first."""
-    return list(doc["images"])
-
-
-def widematch_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    """The task's prompt, unchanged (it already holds the answer format)."""
-    return doc["prompt"]
-
-
+""", ("math",), "widematch",
+    "The two prompted images (PIL, decoded from the exported bytes), image 1 first.",
+    "The task's prompt, unchanged (it already holds the answer format).") + '''\
 def widematch_process_results(doc, results):
     """reward.score of the model's answer; a missing or non-text answer scores as an unparseable one."""
     text = results[0] if results and isinstance(results[0], str) else ""
@@ -240,11 +193,18 @@ def widematch_micro_f1(items):
 
 
 def lmms_yaml(tasks, split, parquet, sha, title):
-    metrics = "\n".join(f"  - metric: {k}\n    aggregation: !function utils."
-                        f"{'widematch_micro_f1' if k == 'micro_f1' else 'widematch_mean'}\n    higher_is_better: true"
-                        for k in LMMS_METRICS)
-    return LMMS_YAML.format(title=title, sha=sha, include="<export dir>/lmms_eval", task=TASK_NAME, split=split,
-                            parquet=parquet, metrics=metrics, n=len(tasks))
+    return hf_export.lmms_task_yaml(
+        head=LMMS_YAML_HEAD.format(title=title, sha=sha, task=TASK_NAME), task=TASK_NAME, split=split,
+        parquet=parquet, prefix="widematch",
+        raw_note="# Score the raw answer, as widematch's training reward and evaluate.py do (lmms-eval would strip "
+                 "<think> first).",
+        max_new_tokens=5120,
+        decoding_note="# The paper's budget (5120 new tokens), greedy; no stop strings (the answer block ends the "
+                      "reply).",
+        metrics_note="# Fractions, as in widematch's metrics.json: macro means over tasks (F1, P, R, match, format), "
+                     "micro F1 pooled.",
+        metrics=[(k, "widematch_micro_f1" if k == "micro_f1" else "widematch_mean") for k in LMMS_METRICS],
+        metadata=[("tasks_sha256", sha), ("n_tasks", len(tasks))])
 
 
 def write_lmms_folder(out, tasks, split, parquet, sha, title):
@@ -382,7 +342,7 @@ def export_released(args):
         prompt = prompts.read_template(args.prompt_template, not args.no_think) if args.prompt_template else \
             prompts.default_prompt(not args.no_think)
         n = reasonmatch.write_harness(args.reasonmatch, Path(args.out), prompt,
-                                      prompts.describe(args.prompt_template, not args.no_think))
+                                      prompts.describe(args.prompt_template, not args.no_think), reward.__file__)
     except (reasonmatch.BenchError, prompts.TemplateError) as e:
         fail(str(e))
     (Path(args.out) / "export_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
@@ -393,14 +353,7 @@ def export_released(args):
 def export_reasonmatch(args, tasks_path, out):
     """--format reasonmatch: the tasks (numeric ids on both images) in the released layout (widematch/reasonmatch)."""
     from widematch import reasonmatch
-    tasks = []
-    with open(tasks_path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    tasks.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    fail(f"{tasks_path} line {lineno} is not JSON ({e})")
+    tasks = [t for _, t in json_lines(tasks_path, str(tasks_path), prog="export_bench.py")]
     if not tasks:
         fail(f"--tasks {tasks_path} has no tasks")
     try:

@@ -17,8 +17,9 @@ completion), metrics.jsonl + curves.png (one line per step), eval_tasks.jsonl, a
 One step, in this file's order: sample_tasks (the curriculum's stage) -> rollout (G completions per prompt) ->
 score (reward.py) -> group_advantages -> grpo_loss -> train_on (AdamW) -> cur.update (curriculum.py).
 The machinery lives in widematch/: model_io (loading, encode, log-probs), dist (torchrun, FSDP2), checkpoint
-(save, resume, full disk, lock), metrics (logs, curves); rollout.py holds the engines and the memory plan.
-Every command, output field, HATCH option and choice of ours: docs/grpo.md.
+(save, resume, full disk, lock), metrics (the step's metrics, logs, curves), rollout (the engines, the memory
+plan), testhooks (the hidden --debug-* flags). Every flag, command, output field, HATCH option and choice of ours:
+docs/grpo.md.
 """
 import argparse
 import contextlib
@@ -38,24 +39,17 @@ import curriculum
 import make_tasks
 import pasta
 import reward
-from rollout import (CPU_ROLLOUT_BATCH, HFEngine, VllmEngine, check_memory, format_plan, prompt_bound,
-                     read_model_config)
 from widematch import dist as wdist
-from widematch import prompts
-from widematch import recipes
+from widematch import prompts, recipes, testhooks
 from widematch.tis import tis_weights
 # the machinery, imported by name so that tests and bench.py can replace any of it on this module
 from widematch.checkpoint import (catch_enospc, disk_full_check, finish_save, latest_checkpoint, lock_run_dir,
-                                  resume, rng_state, save_checkpoint)
+                                  resume, save_checkpoint)
 from widematch.dist import all_sum, gather_objects, print0, setup_distributed
-from widematch.metrics import draw_curves, log_step, open_logs
-from widematch.model_io import autocast_for, collate_samples, completion_logprobs, encode, sync_time
-
-# the old grpo.X names that evaluate.py, bench.py, tiny_model.py and the tests used: kept importable from here
-from rollout import generate, stop_ids  # noqa: E402,F401
-from widematch.model_io import (PROCESSOR_FILES, completion_hidden, load_policy, load_processors,  # noqa: F401
-                                read_model_file, renders_images)
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer  # noqa: F401
+from widematch.metrics import draw_curves, log_step, open_logs, step_metrics
+from widematch.model_io import autocast_for, cap_visual_tokens, collate_samples, completion_logprobs, encode, sync_time
+from widematch.rollout import (CPU_ROLLOUT_BATCH, HFEngine, VllmEngine, check_memory, format_plan, prompt_bound,
+                               read_model_config)
 
 # -----------------------------------------------------------------------------
 # 1. Sampling: tasks drawn online from the pool (the curriculum picks the stage)
@@ -172,20 +166,21 @@ def held_out_tasks(args, test_pairs, rank, reuse):
 
 
 # -----------------------------------------------------------------------------
-# 2. Rollout: G completions per prompt through the engine (rollout.py)
+# 2. Rollout: G completions per prompt through the engine (widematch/rollout.py)
 
 
 def make_engine(args, model, tokenizer, device, rank, world, resumed, image_processor=None):
-    """The rollout engine of --rollout-engine (rollout.py): hf samples from the policy's own weights; vllm starts one
-    colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max / --max-new-tokens,
-    two --max-side images per prompt) and pushes the policy's weights into it at once when it was resumed or when
-    --vllm-sleep-level 2 discarded them (the sync is level 2's refill; the first session needs it). With
-    --max-visual-tokens the engine's processor gets the trainer's capped image size (image_processor.size), so both
-    see the same visual tokens (the engine checks every prompt token for token)."""
+    """The rollout engine of --rollout-engine (widematch.rollout): hf samples from the policy's own weights; vllm
+    starts one colocated engine per rank from --model (its prompt + completion room from --max-side / --n-max /
+    --max-new-tokens, two --max-side images per prompt) and pushes the policy's weights into it at once when it was
+    resumed or when --vllm-sleep-level 2 discarded them (the sync is level 2's refill; the first session needs it).
+    With --max-visual-tokens the engine's processor gets the trainer's capped image size (image_processor.size), so
+    both see the same visual tokens (the engine checks every prompt token for token)."""
     if args.rollout_engine == "hf":
         return hf_engine(model, tokenizer, args, world, autocast_for(device, world))
     cfg, _ = read_model_config(args.model)
-    room = prompt_bound(cfg, args.max_side, args.n_max, template=prompt_text(args)) + args.max_new_tokens
+    longest = make_tasks.build_prompt(args.n_max, 2 * args.n_max, actor=True, template=prompt_text(args))
+    room = prompt_bound(cfg, args.max_side, longest) + args.max_new_tokens
     engine = VllmEngine(args.model, tokenizer, device, room, seed=args.seed + rank,
                         gpu_memory_utilization=args.vllm_gpu_memory_utilization, world=world,
                         sleep_level=args.vllm_sleep_level, image_side=args.max_side,
@@ -512,7 +507,9 @@ def train_step(run, step):
     # all rolled-out prompts, so dropping the all-correct groups does not bias it
     events = run.cur.update(*stage, float(np.mean([r["match"] for r in records])))  # every prompt is from `stage`
     stats.update(fstats, seconds_rollout=seconds_rollout)
-    return step_metrics(step, records, stats, n_tok, run.sched, run.cur, events, args, run.world), records
+    zero_std = np.mean(constant_groups([r["reward"] for r in records], args.group_size))
+    return step_metrics(step, records, stats, n_tok, run.sched, run.cur, events, args, run.world, zero_std,
+                        reward.RELEASED_PARTS), records
 
 
 def sample_and_roll(run):
@@ -548,48 +545,6 @@ def step_records(step, rolled, args, world):
                     **({"kept": s.get("weight", 0.0) == 1.0} if args.filter_groups else {}))
                for s in rolled]
     return [r for part in gather_objects(records, world) for r in part]
-
-
-def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world):
-    """The step's metrics line: means over all ranks' records, token-normalised kl / dlogp / entropy / clip_frac
-    (over the tokens trained on), the group and length statistics, the update's grad norm, rank 0's seconds per
-    phase and generated tokens per second of rollout (all ranks), HATCH extras."""
-    totals = [all_sum(stats[k], world)
-              for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n", "entropy_sum", "clip_sum")]
-    lengths = [r["length"] for r in records]
-    m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
-             format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
-             kl=totals[0] / n_tok, entropy=totals[5] / n_tok, clip_frac=totals[6] / n_tok,
-             zero_std_frac=np.mean(constant_groups([r["reward"] for r in records], args.group_size)),
-             length=np.mean(lengths), length_max=max(lengths), truncated=np.mean([r["truncated"] for r in records]),
-             dlogp=totals[1] / n_tok, grad_norm=stats["grad_norm"], lr=sched.get_last_lr()[0],
-             curriculum=list(cur.current()), curriculum_events=events,
-             tokens_per_s=sum(lengths) / max(stats["seconds_rollout"], 1e-9),
-             seconds_rollout=stats["seconds_rollout"], seconds_logprobs=stats["seconds_logprobs"],
-             seconds_update=stats["seconds_update"])
-    for k in ("filter_dropped", "filter_redrawn", "filter_filled"):
-        if k in stats:
-            m[k] = int(stats[k])
-    if args.tis_cap > 0:  # --tis-cap: mean importance weight and share of tokens at the cap
-        m["tis_weight"] = all_sum(stats["tis_sum"], world) / n_tok
-        m["tis_capped"] = all_sum(stats["tis_capped_sum"], world) / n_tok
-    if getattr(args, "loss_mode", "vanilla") == "gspo":  # share of completions whose sequence ratio was clipped
-        m["seq_clip_frac"] = all_sum(stats["seq_clip_sum"], world) / stats["n_seqs"]
-    if getattr(args, "entropy_coeff", 0.0):  # the bonus subtracted from the loss (coeff x aggregated entropy)
-        m["entropy_bonus"] = args.entropy_coeff * all_sum(stats["entropy_agg"], world)
-    if getattr(args, "overlong_buffer", 0) > 0:  # share of completions penalised, mean penalty over all
-        pen = [r.get("overlong", 0.0) for r in records]
-        m["overlong_frac"], m["overlong_penalty"] = float(np.mean([p < 0 for p in pen])), float(np.mean(pen))
-    for k in reward.RELEASED_PARTS:  # --reward released: its four parts, under the release's names
-        if records and k in records[0]:
-            m[k] = np.mean([r[k] for r in records])
-    if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
-        acts = [r["action"] for r in records if r["action"] is not None]
-        m["action"] = np.mean(acts) if acts else float("nan")
-    if args.pasta_weight > 0:  # mean PaStA loss over the step's prompts; cell accuracy over prompts with cells
-        m["pasta"] = totals[2] / args.prompts_per_step
-        m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
-    return m
 
 
 @torch.no_grad()
@@ -635,147 +590,95 @@ def build_parser():
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass  # the usage card's layout, and every flag's default in --help
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter,
-                                 epilog="--recipe presets (a flag given on the command line wins; the defaults "
-                                 "shown above are the paper's):\n" + recipes.table())
-    ap.add_argument("--recipe", default="paper", choices=recipes.NAMES,
-                    help="preset of the loss, reward, optimiser and length flags below (table at the end): paper = "
-                         "the paper's text, released = the authors' launch script (docs/recipes.md)")
-    ap.add_argument("--reward", default="paper", choices=["paper", "released"],
-                    help="paper: w_f r_format + w_m r_match; released: the released recipe's reward (thinking "
-                         "format + JSON content + 9-gram repetition penalty + accuracy; reward.released_reward)")
-    ap.add_argument("--prompt-template", default=None,
-                    help="ask with this question instead of ours (the released evaluate/matchbench/utils.py or a "
-                         "text file; widematch/prompts.py), so training asks what evaluation will")
-    ap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct", help="policy init: local dir or hub id")
-    ap.add_argument("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
-    ap.add_argument("--out", default="runs/dcrl", help="run dir")
-    ap.add_argument("--group-size", type=int, default=32, help="G completions per prompt (paper 32)")
-    ap.add_argument("--prompts-per-step", type=int, default=16, help="prompts per step, all ranks (paper 16)")
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
-    ap.add_argument("--rollout-batch", type=rollout_batch_arg, default="auto",
-                    help="prompts per generate call on a rank; auto: on CUDA the largest whose --plan fits these "
-                         f"GPUs with 10%% headroom, on CPU {CPU_ROLLOUT_BATCH}")
-    ap.add_argument("--rollout-impl", default="resident", choices=["resident", "legacy"],
-                    help="resident: weights gathered once per rollout, StaticCache written in place (rollout.py); "
-                         "legacy: FSDP gathers per token, DynamicCache concatenated (benchmark, tests)")
-    ap.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"],
-                    help="hf: transformers generate on the trainer's weights (--rollout-impl); vllm: a colocated "
-                         "vLLM engine per rank, weights synced after every optimizer step")
-    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
-                    help="--rollout-engine vllm: the engine's share of each GPU (weights + KV pool) on top of the "
-                         "trainer's; sleep mode frees it during the update")
-    ap.add_argument("--vllm-sleep-level", type=int, default=2, choices=[1, 2],
-                    help="--rollout-engine vllm on CUDA, while the trainer works: 2 discards the engine's weights "
-                         "(the weight sync refills them), 1 keeps them in pinned host RAM (~2 bytes a parameter per "
-                         "rank) and copies them back at every wake")
-    ap.add_argument("--tis-level", default="token", choices=["token", "sequence"],
-                    help="--tis-cap: token: each token's ratio, truncated at the cap; sequence: the geometric mean of "
-                         "a completion's ratios (its mean log-ratio, exponentiated), truncated at the cap, on all "
-                         "its tokens")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
-                    help="auto: the GPU when torch sees one (under torchrun a CUDA build that sees none stops); "
-                         "cpu: train on CPU (gloo) whatever torch sees")
-    ap.add_argument("--tis-cap", type=float, default=0.0,
-                    help="truncated importance sampling: per-token weight min(exp(logp_old - logp_sampler), C) on the "
-                         "policy loss, for sampler / trainer drift (bf16 vLLM); 0: off (the paper)")
-    ap.add_argument("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
-    ap.add_argument("--max-new-tokens", type=int, default=5120, help="paper 5120")
-    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
-    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW lr (paper 1e-6; the random tiny model needs 1e-3)")
-    ap.add_argument("--warmup-steps", type=int, default=10, help="linear lr warm-up, then constant (paper 10)")
-    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    ap.add_argument("--steps", type=int, default=1000, help="training steps (paper 1000)")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
-    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    ap.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
-    ap.add_argument("--export-every", type=int, default=0,
-                    help="bf16 save_pretrained export in a checkpoint whose step is a multiple of this, and the "
-                         "last one (0: in every checkpoint)")
-    ap.add_argument("--async-save", action="store_true",
-                    help="write the checkpoint shards in the background (the step dir appears one step later)")
-    ap.add_argument("--dist-timeout-min", type=float, default=60,
-                    help="minutes a collective may wait before the run fails (torch's default is 10)")
-    ap.add_argument("--eval-every", type=int, default=25, help="greedy match accuracy on held-out tasks (0: off)")
-    ap.add_argument("--eval-tasks", type=int, default=64,
-                    help="held-out tasks from test pairs, drawn once stratified over bins (<out>/eval_tasks.jsonl)")
-    ap.add_argument("--seed", type=int, default=0, help="seed")
-    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="recompute activations in backward (the paper command; --no-grad-checkpointing: off)")
-    ap.add_argument("--curriculum", default="dcrl", choices=["dcrl", "uniform", "easy", "hard"])
-    ap.add_argument("--inner-on-new-bin", default="carry", choices=curriculum.INNER_ON_NEW_BIN,
-                    help="dcrl: unlocked point stages stay unlocked on the next bin (carry) or start over (restart)")
-    ap.add_argument("--max-steps-per-bin", type=int, default=0,
-                    help="dcrl: force the next bin after this many steps on one (0 = off, the paper)")
-    ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
-    ap.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range")
-    # the loss, option by option, under veRL's config names (actor_rollout_ref.actor.*), so its users recognise them
-    ap.add_argument("--loss-mode", default="vanilla", choices=["vanilla", "gspo"],
-                    help="vanilla: per-token ratio (PPO / GRPO); gspo: one sequence-level ratio per completion (the "
-                         "geometric mean of its token ratios), its policy term always seq-mean-token-mean as in veRL")
-    ap.add_argument("--loss-agg-mode", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
-                    help="token-mean: sum over the global batch's tokens / its token count; seq-mean-token-mean: the "
-                         "mean over the global batch's completions of each one's token mean (KL and entropy too)")
-    ap.add_argument("--clip-ratio-low", type=float, default=None,
-                    help="ratio clipped below at 1 - this (None: --clip-eps)")
-    ap.add_argument("--clip-ratio-high", type=float, default=None,
-                    help="ratio clipped above at 1 + this (clip-higher; None: --clip-eps)")
-    ap.add_argument("--clip-ratio-c", type=float, default=0.0,
-                    help="dual clip (vanilla only): a negative advantage's token loss at most c x |A|; 0: off")
-    ap.add_argument("--entropy-coeff", type=float, default=0.0,
-                    help="entropy bonus: loss -= coeff x entropy (aggregated by --loss-agg-mode, gradient through "
-                         "the chunked log-probs)")
-    ap.add_argument("--kl-loss-type", default="k3", choices=["k3", "low_var_kl"],
-                    help="k3: exp(ref - logp) - (ref - logp) - 1 unclamped; low_var_kl: veRL's, ref - logp clamped "
-                         "to +-20 and the estimate to +-10")
-    ap.add_argument("--advantage-std", default="population", choices=["population", "unbiased"],
-                    help="group std of the advantage: population (+1e-4) or unbiased (veRL: sample std + 1e-6)")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    ap.add_argument("--overlong-buffer", type=int, default=0,
-                    help="DAPO overlong penalty: reward -= factor x (length - (max-new-tokens - N)) / N past "
-                         "max-new-tokens - N tokens; 0: off")
-    ap.add_argument("--overlong-penalty-factor", type=float, default=1.0, help="the penalty at max-new-tokens")
-    ap.add_argument("--max-visual-tokens", type=int, default=0,
-                    help="image budget in visual tokens (the image processor's max pixels = N x (patch x merge)^2, "
-                         "as the release sets max_pixels); 0: the processor's own")
-    ap.add_argument("--ppo-mini-batches", type=int, default=1,
-                    help="veRL's ppo_mini_batch_size: the step's groups in K slices, one AdamW step each (the later "
-                         "ones off-policy, so the ratio and its clip act)")
-    ap.add_argument("--max-side", type=int, default=1024, help="longest side of the prompted images (paper 1024)")
-    ap.add_argument("--n-min", type=int, default=4, help="points in image 1 per task, uniform in [n-min, n-max]")
-    ap.add_argument("--n-max", type=int, default=12, help="(the paper: 4..12; the tiny model is trained on 3..5)")
-    ap.add_argument("--pasta-weight", type=float, default=0.0, help="HATCH PaStA loss weight (0: off)")
-    ap.add_argument("--pasta-grid", type=int, default=4, help="PaStA cells per side (HATCH's best: 4)")
-    ap.add_argument("--pasta-layer", type=int, default=0,
-                    help="PaStA features: 0 the vision merger's output, k decoder layer k")
-    ap.add_argument("--pasta-tau", type=float, default=0.1, help="PaStA InfoNCE temperature")
-    ap.add_argument("--actor", action="store_true", help="HATCH ActoR: prompts ask for the camera motion block")
-    ap.add_argument("--w-action", type=float, default=0.5, help="ActoR: reward += w-action * action accuracy")
-    ap.add_argument("--action-step", type=float, default=reward.ACTION_STEP_DEG,
-                    help="ActoR: angles rounded to multiples of this (degrees); also the reward's tolerance")
-    ap.add_argument("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
-    ap.add_argument("--filter-groups", action="store_true",
-                    help="DAPO dynamic sampling: drop groups whose rewards are all equal, redraw prompts of the "
-                         "step's stage (off: the paper does not)")
-    ap.add_argument("--filter-max-retries", type=int, default=3,
-                    help="--filter-groups: redraw rounds per step before the batch is filled with dropped groups "
-                         "at weight 0")
-    ap.add_argument("--wandb", default=None, help="wandb project name (imported only when given)")
-    ap.add_argument("--tensorboard", default=None, help="tensorboard log dir (imported only when given)")
-    ap.add_argument("--plan", action="store_true",
-                    help="print the per-GPU memory plan of this run (from --model's config.json) and exit")
-    ap.add_argument("--gpus", type=int, default=8, help="--plan: GPUs (FSDP2 shards over all of them)")
-    ap.add_argument("--gpu-mem-gib", type=float, default=80, help="--plan: memory per GPU, GiB")
-    ap.add_argument("--model-config", default=None, help="--plan: a config.json to read instead of --model's")
-    ap.add_argument("--plan-device", default="cuda", choices=["cuda", "cpu"],
-                    help="--plan: cuda (bf16 compute and reference) or cpu (fp32, as grpo.py runs on CPU)")
-    ap.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
-                    help="on CUDA, before loading weights: stop with one line when --plan for the GPUs this run has "
-                         "(processes x the smallest visible GPU's memory) does not fit")
-    ap.add_argument("--debug-grad-dump", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--debug-skip-weight-sync", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--debug-engine-check", default=None, help=argparse.SUPPRESS)
+                                 epilog="Each flag in full: docs/grpo.md. --recipe presets (a flag given on the "
+                                 "command line wins; the defaults shown above are the paper's):\n" + recipes.table())
+    add = ap.add_argument  # the paper's recipe is every default; one line a flag, the details in docs/grpo.md
+    # what to train, on what, where
+    add("--recipe", default="paper", choices=recipes.NAMES, help="flag presets: paper, or released (docs/recipes.md)")
+    add("--reward", default="paper", choices=["paper", "released"], help="paper: format + match; released: its 4 parts")
+    add("--prompt-template", default=None, help="ask with this question (released utils.py or a text file)")
+    add("--model", default="Qwen/Qwen3-VL-8B-Instruct", help="policy init: local dir or hub id")
+    add("--pool", default="pool", help="build_pool.py output (pairs.jsonl + npz)")
+    add("--out", default="runs/dcrl", help="run dir")
+    add("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when torch sees one; cpu: gloo")
+    # the step: G completions of each prompt, micro-batches
+    add("--group-size", type=int, default=32, help="G completions per prompt (paper 32)")
+    add("--prompts-per-step", type=int, default=16, help="prompts per step, all ranks (paper 16)")
+    add("--micro-batch", type=int, default=4, help="sequences per forward/backward")
+    add("--max-new-tokens", type=int, default=5120, help="paper 5120")
+    add("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
+    add("--max-side", type=int, default=1024, help="longest side of the prompted images (paper 1024)")
+    add("--n-min", type=int, default=4, help="points in image 1 per task, uniform in [n-min, n-max]")
+    add("--n-max", type=int, default=12, help="(the paper: 4..12; the tiny model is trained on 3..5)")
+    add("--max-visual-tokens", type=int, default=0, help="visual tokens an image at most (0: the processor's own)")
+    # the rollout engine
+    add("--rollout-engine", default="hf", choices=["hf", "vllm"], help="hf: transformers; vllm: colocated, synced")
+    add("--rollout-impl", default="resident", choices=["resident", "legacy"], help="hf: resident or legacy (FSDP)")
+    add("--rollout-batch", type=rollout_batch_arg, default="auto",
+        help=f"prompts per generate call (auto: the largest the plan fits on CUDA, {CPU_ROLLOUT_BATCH} on CPU)")
+    add("--vllm-gpu-memory-utilization", type=float, default=0.5, help="vllm: the engine's share of each GPU")
+    add("--vllm-sleep-level", type=int, default=2, choices=[1, 2], help="vllm on CUDA: 2 drops weights, 1 keeps them")
+    add("--tis-cap", type=float, default=0.0, help="truncated importance sampling cap (0: off, the paper)")
+    add("--tis-level", default="token", choices=["token", "sequence"], help="--tis-cap per token or per completion")
+    # the loss (veRL's names, actor_rollout_ref.actor.*) and the optimiser
+    add("--kl-beta", type=float, default=0.005, help="KL coefficient (paper 0.005); 0: no reference model")
+    add("--kl-loss-type", default="k3", choices=["k3", "low_var_kl"], help="k3 unclamped; low_var_kl clamped (veRL)")
+    add("--clip-eps", type=float, default=0.2, help="PPO clip range")
+    add("--clip-ratio-low", type=float, default=None, help="ratio clipped below at 1 - this (None: --clip-eps)")
+    add("--clip-ratio-high", type=float, default=None, help="ratio clipped above at 1 + this (None: --clip-eps)")
+    add("--clip-ratio-c", type=float, default=0.0, help="dual clip c > 1 (vanilla only); 0: off")
+    add("--loss-mode", default="vanilla", choices=["vanilla", "gspo"], help="per-token or sequence-level ratio")
+    add("--loss-agg-mode", default="token-mean", choices=["token-mean", "seq-mean-token-mean"], help="aggregation")
+    add("--entropy-coeff", type=float, default=0.0, help="entropy bonus: loss -= coeff x entropy")
+    add("--advantage-std", default="population", choices=["population", "unbiased"], help="group std (+1e-4 / +1e-6)")
+    add("--overlong-buffer", type=int, default=0, help="DAPO overlong penalty over the last N tokens (0: off)")
+    add("--overlong-penalty-factor", type=float, default=1.0, help="the penalty at max-new-tokens")
+    add("--ppo-epochs", type=int, default=1, help="updates per batch (>1 makes the clip active)")
+    add("--ppo-mini-batches", type=int, default=1, help="AdamW steps per batch, one per slice of its groups")
+    add("--lr", type=float, default=1e-6, help="AdamW lr (paper 1e-6; the random tiny model needs 1e-3)")
+    add("--warmup-steps", type=int, default=10, help="linear lr warm-up, then constant (paper 10)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute activations")
+    # the curriculum, DAPO's dynamic sampling
+    add("--curriculum", default="dcrl", choices=["dcrl", "uniform", "easy", "hard"])
+    add("--inner-on-new-bin", default="carry", choices=curriculum.INNER_ON_NEW_BIN, help="dcrl: point stages kept?")
+    add("--max-steps-per-bin", type=int, default=0, help="dcrl: force the next bin after N steps (0 = off, the paper)")
+    add("--filter-groups", action="store_true", help="drop constant-reward groups, redraw (off: the paper)")
+    add("--filter-max-retries", type=int, default=3, help="--filter-groups: redraw rounds per step")
+    # HATCH: PaStA, ActoR
+    add("--pasta-weight", type=float, default=0.0, help="HATCH PaStA loss weight (0: off)")
+    add("--pasta-grid", type=int, default=4, help="PaStA cells per side (HATCH's best: 4)")
+    add("--pasta-layer", type=int, default=0, help="PaStA features: 0 the vision merger's output, k decoder layer k")
+    add("--pasta-tau", type=float, default=0.1, help="PaStA InfoNCE temperature")
+    add("--actor", action="store_true", help="HATCH ActoR: prompts ask for the camera motion block")
+    add("--w-action", type=float, default=0.5, help="ActoR: reward += w-action * action accuracy")
+    add("--action-step", type=float, default=reward.ACTION_STEP_DEG, help="ActoR: angle step and tolerance (deg)")
+    add("--toy-reward", action="store_true", help="reward = share of digits in the text (tests)")
+    # steps, checkpoints, eval, logs
+    add("--steps", type=int, default=1000, help="training steps (paper 1000)")
+    add("--seed", type=int, default=0, help="seed")
+    add("--resume", action="store_true", help="continue from the latest complete <out>/step_*/")
+    add("--save-every", type=int, default=50, help="checkpoint every N steps")
+    add("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
+    add("--export-every", type=int, default=0, help="bf16 export in checkpoints of these steps (0: every one)")
+    add("--async-save", action="store_true", help="write the checkpoint shards in the background")
+    add("--dist-timeout-min", type=float, default=60, help="minutes a collective may wait (torch's default: 10)")
+    add("--eval-every", type=int, default=25, help="greedy match accuracy on held-out tasks (0: off)")
+    add("--eval-tasks", type=int, default=64, help="held-out tasks from test pairs (<out>/eval_tasks.jsonl)")
+    add("--wandb", default=None, help="wandb project name (imported only when given)")
+    add("--tensorboard", default=None, help="tensorboard log dir (imported only when given)")
+    # the memory plan (--plan prints it and exits; a CUDA launch checks it)
+    add("--plan", action="store_true", help="print the per-GPU memory plan of this run and exit")
+    add("--gpus", type=int, default=8, help="--plan: GPUs (FSDP2 shards over all of them)")
+    add("--gpu-mem-gib", type=float, default=80, help="--plan: memory per GPU, GiB")
+    add("--model-config", default=None, help="--plan: a config.json to read instead of --model's")
+    add("--plan-device", default="cuda", choices=["cuda", "cpu"], help="--plan: cuda (bf16) or cpu (fp32)")
+    add("--memory-check", action=argparse.BooleanOptionalAction, default=True, help="CUDA: stop if the plan won't fit")
+    # test hooks (widematch/testhooks.py), hidden
+    for flag in ("--debug-grad-dump", "--stop-after-step", "--debug-dump", "--debug-engine-check"):
+        add(flag, type=int if flag == "--stop-after-step" else None, default=None, help=argparse.SUPPRESS)
+    add("--debug-skip-weight-sync", action="store_true", help=argparse.SUPPRESS)
     return ap
 
 
@@ -847,12 +750,6 @@ def shard(model, device):
     return wdist.shard(model, device, FORWARDS)
 
 
-def cap_visual_tokens(image_processor, tokens):
-    """The release's image budget: at most `tokens` visual tokens an image, i.e. max pixels = tokens x (patch x
-    merge)^2 (the processor resizes larger images down, keeping the aspect ratio)."""
-    image_processor.size["longest_edge"] = tokens * (image_processor.patch_size * image_processor.merge_size) ** 2
-
-
 def make_optimizer(model, args):
     """AdamW and the learning-rate schedule: linear warm-up over --warmup-steps, then constant."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
@@ -862,17 +759,8 @@ def make_optimizer(model, args):
 
 
 # -----------------------------------------------------------------------------
-# Test hooks (hidden flags --debug-*, --stop-after-step): outside the loop, called at its edges
-
-
-def step_range(start, args):
-    """The steps start+1 .. --steps. --stop-after-step N (tests): a hard exit (os._exit: no clean-up, no
-    destructors) once step N is done and saved, to test --resume."""
-    for step in range(start + 1, args.steps + 1):
-        yield step
-        if args.stop_after_step is not None and step >= args.stop_after_step:
-            sys.stdout.flush()
-            os._exit(17)
+# Test hooks (hidden flags --debug-*, --stop-after-step): outside the loop, called at its edges; the ones
+# that need no step of this file are in widematch/testhooks.py
 
 
 def debug_grad_dump(run, step):
@@ -884,7 +772,7 @@ def debug_grad_dump(run, step):
     n = len(samples) // run.world
     train_on(samples[run.rank * n:(run.rank + 1) * n], run.model, run.ref_model, run.opt, run.args, run.device,
              run.world, autocast_for(run.device, run.world), run.pairs_by_id)
-    dump_grads(run.model, run.args.debug_grad_dump, run.rank)
+    testhooks.dump_grads(run.model, run.args.debug_grad_dump, run.rank)
     print0(f"grpo.py: gradients of step {step} written to {run.args.debug_grad_dump}")
     if run.world > 1:
         dist.destroy_process_group()
@@ -898,36 +786,6 @@ def debug_engine_check(run):
     if run.rank == 0:
         with open(run.args.debug_engine_check, "w") as f:
             json.dump(check, f)
-
-
-def debug_dump(path, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args, rank, world):
-    """--debug-dump (tests): after loading / resuming, rank 0 saves its RNG state, the greedy eval rows of the policy
-    and the reference (evaluate_match) and the full model and optimizer state."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    rng = rng_state(task_rng)  # before anything else runs
-
-    def rows(m):  # greedy through transformers (the reference path), whatever --rollout-engine is
-        if m is None:
-            return None
-        return evaluate_match(hf_engine(m, tokenizer, args, world), tokenizer, image_processor, eval_tasks, args,
-                              rank, world)[1]
-    out = dict(rng=rng, policy=rows(model), ref=rows(ref_model), model=get_model_state_dict(model, options=opts),
-               optim=get_optimizer_state_dict(model, opt, options=opts))
-    if rank == 0:
-        torch.save(out, path)
-
-
-def dump_grads(model, path, rank):
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        if g is not None and hasattr(g, "full_tensor"):
-            g = g.full_tensor()
-        grads[name] = None if g is None else g.detach().cpu().clone()
-    if rank == 0:
-        torch.save(grads, path)
 
 
 # -----------------------------------------------------------------------------
@@ -959,7 +817,7 @@ def train(args, rank, world, device):
         return debug_grad_dump(run, start + 1)
     pending = {}  # an unfinished --async-save
 
-    for step in step_range(start, args):
+    for step in testhooks.step_range(start, args):
         t0 = time.time()
         m, records = train_step(run, step)
         if args.eval_every > 0 and step % args.eval_every == 0:
@@ -995,9 +853,9 @@ def setup_run(args, rank, world, device):
               pairs_by_bin, pairs_by_id, eval_tasks)
     run.engine = make_engine(args, model, tokenizer, device, rank, world, resumed=ckpt is not None,
                              image_processor=image_processor)
-    if args.debug_dump:
-        debug_dump(args.debug_dump, model, ref_model, opt, task_rng, tokenizer, image_processor, eval_tasks, args,
-                   rank, world)
+    if args.debug_dump:  # greedy rows through transformers (the reference path), whatever --rollout-engine is
+        testhooks.debug_dump(args.debug_dump, model, ref_model, opt, task_rng, lambda m: evaluate_match(
+            hf_engine(m, tokenizer, args, world), tokenizer, image_processor, eval_tasks, args, rank, world)[1], rank)
     return run, ckpt, start
 
 

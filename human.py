@@ -29,6 +29,7 @@ from PIL import Image
 
 import evaluate
 import make_tasks
+from widematch import api
 
 PAGE_FIELDS = ("scale1", "scale2", "size1", "size2")  # drawing geometry make_tasks.py records per task
 
@@ -107,7 +108,7 @@ def write_page(path, tasks, tasks_dir, storage_key, show_truth, title):
         for p in t["images"]:
             if p not in ids:  # a prompted image shared by tasks is embedded once
                 ids[p] = len(images)
-                images.append(evaluate.data_url(tasks_dir / p, "human.py"))
+                images.append(api.data_url(tasks_dir / p, "human.py"))
     data = dict(storage_key=storage_key, show_truth=show_truth, title=title, images=images,
                 tasks=[page_task(t, [ids[p] for p in t["images"]], show_truth) for t in tasks])
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # nothing in it can close the script tag

@@ -8,7 +8,7 @@ decide which image-2 cell each image-1 cell corresponds to; the loss is a two-wa
 similarities of the cell features (ours: the HATCH text we have does not give the loss). Default features: the
 vision merger's output (layer 0), where the two images have not seen each other.
 
-Usage (inside grpo.py; `enc` is grpo.encode(...) of one prompt, `pair`/`arrays` its pool pair and npz):
+Usage (inside grpo.py; `enc` is model_io.encode(...) of one prompt, `pair`/`arrays` its pool pair and npz):
     loss, stats = pasta.pasta_term(model, enc, arrays, pair, n=4, layer=0, tau=0.1)
     (loss * W / n_prompts).backward()
 Pieces: cell_correspondence, image_token_features, grid_pool, pasta_loss.
@@ -55,7 +55,7 @@ def cell_correspondence(dense1, dense2, size1, size2, n=4, min_count=5):
 
 
 def image_token_features(model, inputs, layer=0):
-    """Visual-token features of every image in `inputs` (grpo.encode output or a collated batch, on the model's
+    """Visual-token features of every image in `inputs` (model_io.encode output or a collated batch, on the model's
     device) -> list of (t*h*w/merge^2, d) tensors, one per image in image_grid_thw order, each in row-major order
     over the merged grid. layer 0: vision merger output = the LLM's input at the image pads (vision tower only);
     layer k >= 1: output of decoder layer k at the image pads (one forward of the prompt, no lm_head).
@@ -123,7 +123,7 @@ def pasta_loss(f1, f2, corr, tau=0.1):
 
 
 def pasta_term(model, inputs, pair_arrays, pair_meta, n=4, layer=0, tau=0.1, min_count=5):
-    """PaStA loss of ONE prompt (two images: image 1, image 2) -> (loss, stats). inputs: grpo.encode() output
+    """PaStA loss of ONE prompt (two images: image 1, image 2) -> (loss, stats). inputs: model_io.encode() output
     (moved to the model's device here); pair_arrays: the pair's npz dict (dense1, dense2); pair_meta: its pairs.jsonl
     row (width1, height1, width2, height2). loss = mean of the 1->2 and 2->1 InfoNCE losses. stats: pasta_loss,
     pasta_cells (image-1 cells with a correspondence), pasta_acc (share of those whose most similar image-2 cell is

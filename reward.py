@@ -136,15 +136,24 @@ def parse_answer(text, n, m, max_chars=MAX_CHARS):
     return mapping
 
 
+def block_before_answer(text, open_re, close_re, max_chars=MAX_CHARS):
+    """(start, end) of the inside of the reply's one open_re ... close_re block, when there is exactly one opening,
+    one closing after it, and the block closes before the first <answer>; None otherwise (or for a non-string or
+    one over max_chars). The thinking block and ActoR's action block share this rule."""
+    if not isinstance(text, str) or len(text) > max_chars:
+        return None
+    opens, closes = list(open_re.finditer(text)), list(close_re.finditer(text))
+    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
+        return None
+    answer = _OPEN.search(text)
+    if answer is not None and answer.start() < closes[0].end():
+        return None
+    return opens[0].end(), closes[0].start()
+
+
 def has_thinking(text, max_chars=MAX_CHARS):
     """True when the reply has exactly one <thinking>...</thinking> block, closed before the answer block."""
-    if not isinstance(text, str) or len(text) > max_chars:
-        return False
-    opens, closes = list(_THINK_OPEN.finditer(text)), list(_THINK_CLOSE.finditer(text))
-    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
-        return False
-    answer = _OPEN.search(text)
-    return answer is None or closes[0].end() <= answer.start()
+    return block_before_answer(text, _THINK_OPEN, _THINK_CLOSE, max_chars) is not None
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -328,16 +337,11 @@ _ACT_MOVE = re.compile(r"move ([a-z]+)")
 def parse_actions(text, max_chars=MAX_CHARS):
     """Completion text -> dict(yaw, pitch, roll (signed degrees), move (word)), or None when there is no single
     well-formed action block before the answer block. Never raises; linear in min(len(text), max_chars)."""
-    if not isinstance(text, str) or len(text) > max_chars:
+    span = block_before_answer(text, _ACT_OPEN, _ACT_CLOSE, max_chars)  # the action block comes before the answer
+    if span is None:
         return None
-    opens, closes = list(_ACT_OPEN.finditer(text)), list(_ACT_CLOSE.finditer(text))
-    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
-        return None
-    first_answer = _OPEN.search(text)
-    if first_answer is not None and first_answer.start() < closes[0].end():
-        return None  # the action block must come before the answer
     out = {}
-    for raw in re.split(r"[,;\n]", text[opens[0].end():closes[0].start()]):
+    for raw in re.split(r"[,;\n]", text[span[0]:span[1]]):
         item = " ".join(raw.lower().split())
         if not item:
             continue

@@ -46,10 +46,12 @@ import human
 import make_tasks
 import pasta
 import reward
-import rollout
 import synthetic
 import tiny_model
-from widematch import prompts
+import transformers
+from widematch import model_io, prompts, rollout
+from widematch.report import TRANSFER_BENCHMARKS, TRANSFER_HEADING
+from tests.chat_server import ChatServer, completion, data_url_image
 from tests.released_rules import *  # noqa: F401,F403 (the released rules' tests)
 from tests.grpo_layout import *  # noqa: F401,F403 (grpo.py's machinery in widematch/)
 from tests.reasonmatch_bench import *  # noqa: F401,F403 (ReasonMatch-Bench as released)
@@ -1812,13 +1814,13 @@ def grpo_read(path):
 
 def grpo_sample_batch(env, n_prompts=2, G=3, seed=0):
     """Real prompts from the pool + random completions, as train_on sees them."""
-    model, tok, ip = grpo.load_policy(str(env / "tiny"))
+    model, tok, ip = model_io.load_policy(str(env / "tiny"))
     rng = np.random.default_rng(seed)
     pairs = [p for p in grpo.read_pairs(str(env / "pool")) if p["split"] == "train"]
     samples = []
     for k in range(n_prompts):
         task, images = grpo.task_for_pair(pairs[k % len(pairs)], str(env / "pool"), "L1", "sparse", rng, 640)
-        enc = grpo.encode(tok, ip, task["prompt"], images)
+        enc = model_io.encode(tok, ip, task["prompt"], images)
         for g in range(G):
             ids = rng.integers(20, len(tok), size=int(rng.integers(3, 9))).tolist()  # no special tokens
             samples.append(dict(enc=enc, token_ids=ids, logprobs=[0.0] * len(ids), reward=float(rng.random())))
@@ -1828,13 +1830,13 @@ def grpo_sample_batch(env, n_prompts=2, G=3, seed=0):
 
 
 def test_grpo_tiny_model_loads_and_tokenizes_answers_compactly(grpo_env):
-    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    model, tok, ip = model_io.load_policy(str(grpo_env / "tiny"))
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     answer = reward.format_answer({1: "3", 2: None, 3: "1"})
     ids = tok(answer, add_special_tokens=False).input_ids
     assert tok.decode(ids) == answer and len(ids) <= 15  # vs 88 bytes: 2 tokens a point + tags and fences
     img = Image.new("RGB", (640, 480))
-    enc = grpo.encode(tok, ip, "Match the points.", [img, img])
+    enc = model_io.encode(tok, ip, "Match the points.", [img, img])
     n_pad = int(enc["mm_token_type_ids"].sum())
     assert n_pad == int(enc["image_grid_thw"].prod(-1).sum()) // 4 and 0 < n_pad <= 2 * 64
     assert (enc["input_ids"][0] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == n_pad
@@ -1903,7 +1905,7 @@ def test_grpo_gradient_same_for_micro_batch_1_and_full_batch(grpo_env):
     grads = []
     for mb in (1, 6):
         model, tok, samples = grpo_sample_batch(grpo_env)
-        ref_model = grpo.load_policy(str(grpo_env / "tiny"))[0]
+        ref_model = model_io.load_policy(str(grpo_env / "tiny"))[0]
         torch.manual_seed(0)
         with torch.no_grad():  # make the policy differ from the reference so the KL term has a gradient
             for p in model.parameters():
@@ -1972,7 +1974,7 @@ def test_grpo_demo_run_kl0_dlogp_checkpoint_and_resume(grpo_env, tmp_path):
     assert sorted(os.listdir(a)) == [".lock", "args.json", "curves.png", "metrics.jsonl", "rollouts.jsonl",
                                      "step_000004", "step_000006"]
     assert grpo.latest_checkpoint(str(a)) == str(a / "step_000006")
-    loaded = grpo.load_policy(str(a / "step_000006"))[0]  # from_pretrained of a checkpoint
+    loaded = model_io.load_policy(str(a / "step_000006"))[0]  # from_pretrained of a checkpoint
     assert loaded.config.model_type == "qwen3_vl"
 
     r = subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"), *grpo_common(grpo_env, b, *flags),
@@ -1997,7 +1999,7 @@ def test_grpo_demo_run_kl0_dlogp_checkpoint_and_resume(grpo_env, tmp_path):
 def test_grpo_load_policy_bad_paths_exit_with_one_line(tmp_path):
     for bad, words in [(tmp_path / "missing" / "model", "neither a local model dir"), (tmp_path, "no config.json")]:
         with pytest.raises(SystemExit) as e:
-            grpo.load_policy(str(bad))
+            model_io.load_policy(str(bad))
         assert words in str(e.value) and str(bad) in str(e.value)
 
 
@@ -2051,7 +2053,7 @@ def test_grpo_zero_std_frac_and_filter_groups_loss_of_kept_groups(grpo_env, monk
     for g, rs in enumerate([[0.1, 0.9, 0.4], [1.0, 1.0, 1.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.0]]):
         for j, r in enumerate(rs):
             samples[3 * g + j]["reward"] = r
-    ref_model = grpo.load_policy(str(grpo_env / "tiny"))[0]
+    ref_model = model_io.load_policy(str(grpo_env / "tiny"))[0]
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -2232,7 +2234,7 @@ def test_grpo_full_disk_stops_in_one_line_keeps_last_checkpoint_and_resumes(grpo
         assert "\n" not in msg
         assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_000002"]
         assert grpo.latest_checkpoint(str(out)) == str(out / "step_000002")
-        assert grpo.load_policy(str(out / "step_000002"))[0] is not None  # the kept checkpoint is whole
+        assert model_io.load_policy(str(out / "step_000002"))[0] is not None  # the kept checkpoint is whole
         if grow is None:
             monkeypatch.setattr(torch, "save", real)
         else:
@@ -2299,10 +2301,10 @@ def grpo_dist_flags(denv, out, *extra):
 def grpo_eval_reference(model_dir, pool, out, *extra):
     """Greedy tokens and log-probs of the eval tasks under the loading of the original code (load_policy on one
     process), one task at a time."""
-    model, tok, ip = grpo.load_policy(str(model_dir))
+    model, tok, ip = model_io.load_policy(str(model_dir))
     args = grpo.parse_args([*GRPO_TINY, "--pool", str(pool), "--out", str(out), "--eval-every", "1", *extra])
     tasks = grpo.load_data(args)[3]
-    return [grpo.generate(model, tok, [grpo.encode(tok, ip, t["prompt"], imgs)], args.max_new_tokens, greedy=True)[0]
+    return [rollout.generate(model, tok, [model_io.encode(tok, ip, t["prompt"], imgs)], args.max_new_tokens, greedy=True)[0]
             for t, imgs in tasks]
 
 
@@ -2390,7 +2392,7 @@ def test_grpo_dist_rank0_loading_equals_from_pretrained(grpo_dist_runs, grpo_dis
     for d in ("d2", "d_r1"):
         grpo_assert_rows_equal(dumps[d]["policy"], expected)
         grpo_assert_rows_equal(dumps[d]["ref"], expected)
-    sd = grpo.load_policy(str(grpo_dist_env / "tied"))[0].state_dict()
+    sd = model_io.load_policy(str(grpo_dist_env / "tied"))[0].state_dict()
     grpo_assert_state_equal(dumps["d2"]["model"], {k: v for k, v in sd.items() if k in dumps["d2"]["model"]})
     m = dumps["d2"]["model"]
     assert torch.equal(m["lm_head.weight"], m["model.language_model.embed_tokens.weight"])
@@ -2435,7 +2437,7 @@ def test_grpo_dist_sharded_checkpoint_resume_and_reshard(grpo_dist_runs):
         assert torch.equal(v, full[k].to(torch.bfloat16)), k
 
 
-# rollout.py: resident weights, the KV cache written in place, the memory plan
+# widematch/rollout.py: resident weights, the KV cache written in place, the memory plan
 
 # The impl whose collective count the count test checks: `WIDEMATCH_ROLLOUT_IMPL=legacy python -m pytest -q
 # test_all.py -k collectives` runs it on the legacy path, where it fails (one gather per layer per token).
@@ -2482,7 +2484,7 @@ def test_rollout_resident_equals_legacy_on_2_processes(rollout_fsdp_rows):
 def test_rollout_resident_equals_legacy_on_1_process(grpo_env):
     """StaticCache filled from the shared prefill vs DynamicCache repeated: same greedy tokens, same sampled tokens
     under the same seed, same sampler log-probs; two prompts of different lengths (image sizes; left padding)."""
-    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    model, tok, ip = model_io.load_policy(str(grpo_env / "tiny"))
     bench.never_stop(model, tok)
     encs = [bench.bench_prompt(tok, ip, side=side, seed=s) for s, side in ((0, 128), (1, 192))]
     assert encs[0]["input_ids"].shape[1] != encs[1]["input_ids"].shape[1]
@@ -2491,7 +2493,7 @@ def test_rollout_resident_equals_legacy_on_1_process(grpo_env):
         for impl in ("legacy", "resident"):
             torch.manual_seed(0)
             with rollout.resident(model, impl):
-                outs[impl] = grpo.generate(model, tok, encs, 7, 0.7, greedy=greedy, group_size=3)
+                outs[impl] = rollout.generate(model, tok, encs, 7, 0.7, greedy=greedy, group_size=3)
         assert [o["token_ids"] for o in outs["legacy"]] == [o["token_ids"] for o in outs["resident"]]
         assert all(len(o["token_ids"]) == 7 for o in outs["resident"])
         for a, b in zip(outs["legacy"], outs["resident"]):
@@ -2500,7 +2502,7 @@ def test_rollout_resident_equals_legacy_on_1_process(grpo_env):
 
 
 def test_rollout_static_cache_holds_each_prompt_in_its_group_rows(grpo_env):
-    model, tok, ip = grpo.load_policy(str(grpo_env / "tiny"))
+    model, tok, ip = model_io.load_policy(str(grpo_env / "tiny"))
     batch = rollout.collate_prompts([bench.bench_prompt(tok, ip, side=128, seed=s) for s in (0, 1)], tok.pad_token_id, "cpu")
     with torch.no_grad():
         pre = model(**batch, use_cache=True, logits_to_keep=1).past_key_values
@@ -2582,14 +2584,14 @@ def fake_cuda_launch(monkeypatch, world, gib):
     """grpo.main as if launched on `world` CUDA ranks of `gib` GiB each (rank 0): the GPU query and the process
     group are faked; loading a model fails the test; train() records the args it got instead of training."""
     monkeypatch.setattr(grpo, "setup_distributed", lambda timeout_min=60, device="auto": (0, world, torch.device("cuda", 0)))
-    monkeypatch.setattr(rollout, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)  # check_memory is rollout.py's
+    monkeypatch.setattr(rollout, "gpu_query", lambda: [int(gib * 2 ** 30)] * 8)  # check_memory is widematch.rollout's
     monkeypatch.setattr(grpo, "lock_run_dir", lambda out, rank, world: None)  # no process group to broadcast on
     loaded, trained = [], []
 
     def no_load(*a, **k):
         loaded.append(a)
         raise AssertionError("weights loaded")
-    for cls in (grpo.AutoModelForImageTextToText, grpo.AutoTokenizer, grpo.AutoImageProcessor):
+    for cls in (transformers.AutoModelForImageTextToText, transformers.AutoTokenizer, transformers.AutoImageProcessor):
         monkeypatch.setattr(cls, "from_pretrained", no_load)
     monkeypatch.setattr(grpo, "train", lambda args, rank, world, device: trained.append(args))
     return loaded, trained
@@ -2947,7 +2949,7 @@ def test_hub_like_dir_template_from_processor_grpo_step_evaluate_and_complete_ch
     from transformers.generation.utils import GenerationMixin
     from transformers.generation import logits_process as lp
     hub = hub_like_dir(evaluate_tiny, tmp_path / "hub" / "tiny")
-    tok, _ = grpo.load_processors(str(hub))
+    tok, _ = model_io.load_processors(str(hub))
     assert tok.chat_template == tiny_model.CHAT_TEMPLATE
     # a text-only template on the tokenizer must not win over the processor's vision one
     text_only = hub_like_dir(evaluate_tiny, tmp_path / "text_only")
@@ -2955,8 +2957,8 @@ def test_hub_like_dir_template_from_processor_grpo_step_evaluate_and_complete_ch
     cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (text_only / "tokenizer_config.json").write_text(json.dumps(cfg))
-    assert grpo.load_processors(str(text_only))[0].chat_template == tiny_model.CHAT_TEMPLATE
-    assert grpo.renders_images(tok, tiny_model.CHAT_TEMPLATE) and not grpo.renders_images(tok, cfg["chat_template"])
+    assert model_io.load_processors(str(text_only))[0].chat_template == tiny_model.CHAT_TEMPLATE
+    assert model_io.renders_images(tok, tiny_model.CHAT_TEMPLATE) and not model_io.renders_images(tok, cfg["chat_template"])
 
     seen = []  # every logits processor list generate builds, with do_sample
     real = GenerationMixin._get_logits_processor
@@ -2974,7 +2976,7 @@ def test_hub_like_dir_template_from_processor_grpo_step_evaluate_and_complete_ch
     assert any(do for do, _ in seen)  # the rollouts sampled ...
     assert not [t for do, types in seen if do for t in types if issubclass(t, warpers)]  # ... from the plain softmax
     step = run / "step_000001"
-    for name in grpo.PROCESSOR_FILES:  # the base's files verbatim, nothing else of that kind
+    for name in model_io.PROCESSOR_FILES:  # the base's files verbatim, nothing else of that kind
         assert (step / name).exists() == (hub / name).exists(), name
         if (hub / name).exists():
             assert (step / name).read_bytes() == (hub / name).read_bytes(), name
@@ -3428,8 +3430,8 @@ class _EvaluateChatServer:
                   for c in content[:2]]
         model, tokenizer, image_processor = self.policy
         with self.lock:  # one generate at a time: the model keeps per-call state (rope deltas)
-            enc = grpo.encode(tokenizer, image_processor, content[2]["text"], images)
-            out = grpo.generate(model, tokenizer, [enc], body.get("max_tokens") or body["max_completion_tokens"],
+            enc = model_io.encode(tokenizer, image_processor, content[2]["text"], images)
+            out = rollout.generate(model, tokenizer, [enc], body.get("max_tokens") or body["max_completion_tokens"],
                                 body.get("temperature", 1.0), greedy=body.get("temperature") == 0)[0]
             self.answered += 1
             if self.stop_after is not None and self.answered >= self.stop_after:
@@ -3449,7 +3451,7 @@ def evaluate_api(evaluate_tasks, evaluate_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate_api")
     common = ["--tasks", str(evaluate_tasks), "--limit", "6", "--max-new-tokens", "12"]
     evaluate.main([str(evaluate_tiny), "--out", str(out / "local"), "--batch-size", "1", *common])
-    return dict(out=out, common=common, policy=grpo.load_policy(str(evaluate_tiny)))
+    return dict(out=out, common=common, policy=model_io.load_policy(str(evaluate_tiny)))
 
 
 def _evaluate_api_args(server, out, common, *extra):
@@ -3573,7 +3575,7 @@ def test_evaluate_device_map_same_predictions(evaluate_tasks, evaluate_tiny, eva
     _, tokenizer, image_processor = evaluate_api["policy"]
     for task, row in list(zip(evaluate.load_tasks(evaluate_tasks), _evaluate_rows(local, "tiny")))[:2]:
         images = [Image.open(evaluate_tasks.parent / p).convert("RGB") for p in task["images"]]
-        out = grpo.generate(model, tokenizer, [grpo.encode(tokenizer, image_processor, task["prompt"], images)], 12,
+        out = rollout.generate(model, tokenizer, [model_io.encode(tokenizer, image_processor, task["prompt"], images)], 12,
                             0.0, greedy=True)[0]
         assert (out["text"], len(out["token_ids"])) == (row["text"], row["n_tokens"])
 
@@ -3742,11 +3744,11 @@ def test_hatch_pasta_loss_aligned_lower_than_shuffled():
 def hatch_tiny(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("hatch_tiny"))
     tiny_model.main(["--out", out, "--warmup-steps", "0"])
-    model, tokenizer, image_processor = grpo.load_policy(out)
+    model, tokenizer, image_processor = model_io.load_policy(out)
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)),
             Image.fromarray(rng.integers(0, 255, (640, 480, 3), dtype=np.uint8))]
-    enc = grpo.encode(tokenizer, image_processor, make_tasks.build_prompt(3, 4, actor=True), imgs)
+    enc = model_io.encode(tokenizer, image_processor, make_tasks.build_prompt(3, 4, actor=True), imgs)
     return model, enc
 
 
@@ -4018,13 +4020,13 @@ def test_hatch_grpo_pasta_actor_run_logs_both_terms(hatch_grpo_env, tmp_path):
 
 def hatch_grad_of_pasta(d, weight):
     """Vision-tower gradients of one train_on call whose GRPO part is exactly zero (equal rewards, no KL)."""
-    model, tok, ip = grpo.load_policy(str(d / "tiny"))
+    model, tok, ip = model_io.load_policy(str(d / "tiny"))
     pairs = [p for p in make_tasks.load_pairs(str(d / "pool"), "train")]
     rng = np.random.default_rng(0)
     samples = []
     for pair in pairs[:2]:
         task, images = grpo.task_for_pair(pair, str(d / "pool"), "L1", "sparse", rng, 320, actor=True)
-        enc = grpo.encode(tok, ip, task["prompt"], images)
+        enc = model_io.encode(tok, ip, task["prompt"], images)
         samples += [dict(enc=enc, task=task, token_ids=[20, 21, 22], logprobs=[0.0] * 3, reward=1.0)] * 2
     args = argparse.Namespace(group_size=2, micro_batch=4, pad_id=tok.pad_token_id, temperature=1.0, kl_beta=0.0,
                               clip_eps=0.2, ppo_epochs=1, debug_grad_dump="x", max_grad_norm=0, pasta_weight=weight,
@@ -4140,7 +4142,7 @@ def test_bench_pool_decision_mismatch_is_loud(bench_pool_pairs, monkeypatch):
 
 def test_bench_rollout_shared_prefill_same_tokens(tmp_path):
     path = bench.build_model_dir("tiny", str(tmp_path / "tiny"))
-    model, tok, ip = bench.grpo.load_policy(path)
+    model, tok, ip = bench.model_io.load_policy(path)
     bench.never_stop(model, tok)
     enc = bench.bench_prompt(tok, ip, side=128)
     row, = bench.compare_rollout(model, tok, enc, G=3, lengths=[4])
@@ -4231,7 +4233,7 @@ def test_pipeline_smoke(evaluate_tasks, tmp_path):
         assert r["format"] == float(reward.parse_answer(r["text"], r["n"], r["m"]) is not None
                                     and len(reward.parse_answer(r["text"], r["n"], r["m"])) == r["n"]
                                     and reward.has_thinking(r["text"]))
-    grpo.load_policy(ckpt)  # the real loading path
+    model_io.load_policy(ckpt)  # the real loading path
     evaluate.main([str(tmp_path / "run"), str(tmp_path / "tiny"), "--tasks", str(evaluate_tasks),
                    "--out", str(tmp_path / "eval"), "--limit", "3", "--max-new-tokens", "16", "--baseline", "none"])
     report = (tmp_path / "eval" / "report.md").read_text()
@@ -4286,9 +4288,9 @@ def vllm_engine_check(path):
 def test_rollout_collapse_image_pads_inverts_encode(grpo_env):
     """VllmEngine sends the chat template's ids (one pad per image): collapsing encode's expanded pads gives
     exactly the template's tokens, and a prompt without images is unchanged."""
-    tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
+    tok, ip = model_io.load_processors(str(grpo_env / "tiny"))
     images = [Image.new("RGB", (64 + 32 * k, 48), (40 * k, 90, 200)) for k in range(2)]
-    enc = grpo.encode(tok, ip, "Which point is which?", images)
+    enc = model_io.encode(tok, ip, "Which point is which?", images)
     pad = tok.convert_tokens_to_ids("<|image_pad|>")
     messages = [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": "Which point is which?"}]}]
     template = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
@@ -4318,9 +4320,9 @@ def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
     run naming the task and both lengths (a stub stands in for the engine's LLM; generate imports vllm's
     SamplingParams, so vllm must be installed)."""
     vllm_or_skip()
-    tok, ip = grpo.load_processors(str(grpo_env / "tiny"))
+    tok, ip = model_io.load_processors(str(grpo_env / "tiny"))
     images = [Image.new("RGB", (64, 48), (200, 90, 40))] * 2
-    enc = grpo.encode(tok, ip, "Which point is which?", images)
+    enc = model_io.encode(tok, ip, "Which point is which?", images)
 
     class Out:
         def __init__(self, ids):
@@ -4343,7 +4345,7 @@ def test_vllm_engine_prompt_mismatch_stops_with_one_line(grpo_env):
     assert engine.generate([enc], [images], 4, names=["t-ok"]) == []  # same ids: accepted (no completions asked)
     engine.llm = LLM(ids[:-3] + [7, 7])
     with pytest.raises(SystemExit, match=rf"task t-bad: the prompt vLLM decodes from \({len(ids) - 1} tokens\) differs "
-                                         rf"from grpo.encode's \({len(ids)} tokens\) at token {len(ids) - 3}"):
+                                         rf"from model_io.encode's \({len(ids)} tokens\) at token {len(ids) - 3}"):
         engine.generate([enc], [images], 4, names=["t-bad"])
     with pytest.raises(SystemExit, match="exceed the engine's max_model_len 4096"):
         engine.generate([enc], [images], 4096, names=["t-long"])
@@ -4608,10 +4610,10 @@ def test_vllm_serve_step_dir_predictions_equal_local_greedy(evaluate_tasks, eval
     step = tmp_path / "run" / "step_000001"
     assert json.loads((step / "generation_config.json").read_text())["repetition_penalty"] == 1.05
     tasks = evaluate.load_tasks(evaluate_tasks)[:4]
-    model, tok, ip = grpo.load_policy(str(step))
+    model, tok, ip = model_io.load_policy(str(step))
     images = lambda t: [Image.open(evaluate_tasks.parent / p).convert("RGB") for p in t["images"]]
-    encs = [grpo.encode(tok, ip, t["prompt"], images(t)) for t in tasks]
-    often = Counter(grpo.generate(model, tok, encs[:1], 24, 0.0, greedy=True)[0]["token_ids"]).most_common(1)[0][0]
+    encs = [model_io.encode(tok, ip, t["prompt"], images(t)) for t in tasks]
+    often = Counter(rollout.generate(model, tok, encs[:1], 24, 0.0, greedy=True)[0]["token_ids"]).most_common(1)[0][0]
     sd = load_file(str(step / "model.safetensors"))
     vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
     sd["lm_head.weight"][vision_start] = 2 * sd["lm_head.weight"][often]  # exact in bf16
@@ -4841,49 +4843,27 @@ def harness_lmms_python():
     return py
 
 
-class _HarnessChatServer:
+class _HarnessChatServer(ChatServer):
     """An OpenAI-like chat-completions server (http.server, 127.0.0.1) for the harnesses: it knows each task by
     the decoded pixels of its two prompted images (lmms-eval re-encodes them as PNG) and answers with
     _harness_answer of the kind HARNESS_KINDS[self.mode] gives the task's row; every request is kept."""
 
     def __init__(self, tasks, tasks_dir, key):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        pixels = lambda im: hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
-        self.by_pixels = {tuple(pixels(Image.open(tasks_dir / p)) for p in t["images"]): (i, t)
+        self.by_pixels = {tuple(self.pixels(Image.open(tasks_dir / p)) for p in t["images"]): (i, t)
                           for i, t in enumerate(tasks)}
         self.key, self.mode, self.log, self.lock = key, "base", [], threading.Lock()
-        server = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+    @staticmethod
+    def pixels(im):
+        return hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                code, payload = server.respond(self.path, self.headers.get("Authorization"), body, pixels)
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def respond(self, path, auth, body, pixels):
-        if path != "/v1/chat/completions" or auth != f"Bearer {self.key}":
+    def respond(self, path, headers, body):
+        if path != "/v1/chat/completions" or headers.get("Authorization") != f"Bearer {self.key}":
             return 401, {"error": {"message": f"bad route or key: {path}"}}
         content = body["messages"][0]["content"]
-        images = [Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",", 1)[1])))
-                  for c in content if c["type"] == "image_url"]
-        found = self.by_pixels.get(tuple(pixels(im) for im in images))
+        images = [data_url_image(c["image_url"]["url"]) for c in content if c["type"] == "image_url"]
+        found = self.by_pixels.get(tuple(self.pixels(im) for im in images))
         if found is None:
             return 400, {"error": {"message": "these images are no task's prompted images"}}
         i, task = found
@@ -4892,10 +4872,7 @@ class _HarnessChatServer:
             self.log.append(dict(mode=self.mode, task_id=task["task_id"], text=text, body_text=content[-1]["text"],
                                  kinds=[c["type"] for c in content], max_tokens=body.get("max_tokens"),
                                  temperature=body.get("temperature"), model=body["model"]))
-        return 200, {"id": f"chatcmpl-{i}", "object": "chat.completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+        return 200, completion(body["model"], text, 100, 10, id=f"chatcmpl-{i}")
 
 
 @pytest.fixture(scope="module")
@@ -5000,7 +4977,7 @@ def _harness_with_benchmarks(results, values, gen=None):
     0.7.3's writer lays them out (results[task]: alias, "metric,filter" and its stderr; configs[task] with the
     generation_kwargs; n-samples[task])."""
     d = json.loads(results.read_text())
-    for (label, task_names, key, _, _), v in zip(evaluate.TRANSFER_BENCHMARKS, values):
+    for (label, task_names, key, _, _), v in zip(TRANSFER_BENCHMARKS, values):
         if v is None or task_names[0] == "widematch":
             continue
         metric, flt = key.split(",")
@@ -5039,7 +5016,7 @@ def test_harness_transfer_table_from_real_lmms_results(harness_lmms_runs, evalua
         scale = 1 if r["task"] == "vstar_bench" else 100
         assert [c["value"] for c in r["cells"]] == [scale * b, scale * a]
     report = (out / "report.md").read_text()
-    assert report.count(evaluate.TRANSFER_HEADING) == 1  # replaced, not appended twice
+    assert report.count(TRANSFER_HEADING) == 1  # replaced, not appended twice
     assert "| OmniSpatial | `omni_spatial` (omni_spatial_score,none) | 43.60 | 48.87 | +5.27 | 100 | " \
         "43.60 → 48.87 (+5.27) |" in report
     assert "| SAT Real | `sat` (exact_match,flexible-extract) | 70.00 | 75.30 | +5.30 |" in report
@@ -5048,7 +5025,7 @@ def test_harness_transfer_table_from_real_lmms_results(harness_lmms_runs, evalua
     # a later evaluation into the same --out keeps the section at the end of the rebuilt report
     evaluate.main(["--tasks", str(evaluate_tasks), "--out", str(out), "--baseline", "none", "--limit", "2"])
     report = (out / "report.md").read_text()
-    assert "| baseline_none |" in report and report.index(evaluate.TRANSFER_HEADING) > report.index("baseline_none")
+    assert "| baseline_none |" in report and report.index(TRANSFER_HEADING) > report.index("baseline_none")
     # errors in one line: one model only, a file that is not lmms-eval's, a benchmark given twice for one model
     assert "needs the results of two models" in _evaluate_exit_line(["--transfer", str(files[0]), "--out", str(out)])
     (tmp_path / "other.json").write_text('{"task_id": 1}')

@@ -33,7 +33,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 import make_tasks
 import reward
-import rollout  # generate
+from widematch import rollout  # generate
 from widematch import model_io  # encode, the training batch, completion states
 from widematch import prompts
 

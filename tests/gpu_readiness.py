@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from widematch import model_io
+
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Qwen3-VL's tokenizer: 151,643 regular ids, then these added tokens (id, text, special) from 151,643; its model
@@ -68,9 +70,8 @@ def test_qwen_vocab_tokenizer_has_qwen3vl_ids(qwen_vocab_model):
     """The test model's tokenizer is Qwen3-VL's shape: 151,643 regular ids, the added tokens at Qwen3-VL's ids
     (151,655 the image pad), 151,936 rows; rollout.banned_ids bans its 18 special tokens other than the two stops
     and the 267 padded rows."""
-    import grpo
-    import rollout
-    model, tok, _ = grpo.load_policy(qwen_vocab_model)
+    from widematch import rollout
+    model, tok, _ = model_io.load_policy(qwen_vocab_model)
     assert len(tok) == QWEN_REGULAR + len(QWEN_ADDED) == 151_669
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 151_655 and tok.convert_tokens_to_ids("<|im_end|>") == 151_645
     assert model.config.get_text_config().vocab_size == QWEN_ROWS
@@ -88,10 +89,10 @@ def engine_worker(model_dir, out, temperature=0.7, G=2, N=8):
     import bench
     import grpo
     import make_tasks
-    import rollout
-    model, tok, ip = grpo.load_policy(model_dir)
+    from widematch import rollout
+    model, tok, ip = model_io.load_policy(model_dir)
     images = bench.bench_images(640, 0)
-    enc = grpo.encode(tok, ip, make_tasks.build_prompt(3, 5), images)
+    enc = model_io.encode(tok, ip, make_tasks.build_prompt(3, 5), images)
     engine = rollout.VllmEngine(model_dir, tok, "cpu", int(enc["input_ids"].shape[1]) + N + 16, seed=0,
                                 image_side=640)
     requests, generate = [], engine.llm.generate
@@ -181,7 +182,7 @@ class _FakeLLM:
 
 
 def _engine(level):
-    import rollout
+    from widematch import rollout
     engine = rollout.VllmEngine.__new__(rollout.VllmEngine)
     engine.llm, engine.sleep_mode, engine.sleep_level, engine.dtype = _FakeLLM(), True, level, torch.float32
     engine.awake, engine.stale = {"weights", "kv_cache"}, False
@@ -238,7 +239,7 @@ def test_vllm_engine_size_is_explicit_and_the_plan_uses_it():
     lm_head; the plan names the same numbers and vLLM's CUDA-graph reserve, and counts each sleep level's pinned
     host RAM (level 1: the bf16 weights, level 2: none)."""
     import grpo
-    import rollout
+    from widematch import rollout
     kw = rollout.engine_kwargs(7000, image_side=1024)
     assert kw == dict(max_model_len=7000, max_num_seqs=256, max_num_batched_tokens=8192,
                       limit_mm_per_prompt={"image": dict(count=2, width=1024, height=1024), "video": 0},
@@ -294,15 +295,15 @@ def test_tis_weights_token_and_sequence_levels():
 
 def capped_worker(model_dir, out, give_processor):
     """(subprocess) grpo.make_engine with --max-visual-tokens 100 on a 640 x 480 two-image prompt encoded by the
-    trainer's capped processor (grpo.cap_visual_tokens); give_processor "0": the engine is not told the cap.
+    trainer's capped processor (model_io.cap_visual_tokens); give_processor "0": the engine is not told the cap.
     Writes the greedy tokens, or the engine's one-line stop."""
     import bench
     import grpo
     import make_tasks
-    model, tok, ip = grpo.load_policy(model_dir)
-    grpo.cap_visual_tokens(ip, 100)
+    model, tok, ip = model_io.load_policy(model_dir)
+    model_io.cap_visual_tokens(ip, 100)
     images = [im.resize((640, 480)) for im in bench.bench_images(640, 0)]
-    enc = grpo.encode(tok, ip, make_tasks.build_prompt(3, 5), images)
+    enc = model_io.encode(tok, ip, make_tasks.build_prompt(3, 5), images)
     args = grpo.parse_args(["--model", model_dir, "--rollout-engine", "vllm", "--max-visual-tokens", "100",
                             "--max-side", "640", "--n-max", "5", "--max-new-tokens", "4"])
     engine = grpo.make_engine(args, model, tok, torch.device("cpu"), 0, 1, resumed=False,
@@ -366,4 +367,4 @@ def test_vllm_engine_sees_the_trainers_visual_token_cap(evaluate_tiny, tmp_path)
         res[give] = json.loads(out.read_text())
     assert res["1"]["grid"] == [[1, 16, 22], [1, 16, 22]]
     assert len(res["1"]["tokens"]) == 4 and "stop" not in res["1"]
-    assert "differs from grpo.encode" in res["0"]["stop"]
+    assert "differs from model_io.encode" in res["0"]["stop"]

@@ -1,19 +1,16 @@
 """Tests: ReasonMatch-Bench as released (widematch/reasonmatch.py, evaluate.py --reasonmatch, export_bench.py
 --format reasonmatch). The tests build a small benchmark in the released layout; every expected number is worked
 out by hand in the comments."""
-import base64
-import io
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image, ImageDraw
 
 import evaluate
 import export_bench
-import tiny_model
-from widematch import reasonmatch
+from tests.chat_server import ChatServer, completion, data_url_image
+from widematch import model_io, reasonmatch
 
 FENCE = "```"
 
@@ -196,7 +193,7 @@ def test_reasonmatch_bad_input_is_one_line(rm_bench, tmp_path):
     s1, s2 = (reasonmatch.load_sample(root, dict(sample_id=k, metadata=f"{k}.json")) for k in ("m1", "m2"))
     assert s1["error"].startswith("answer_error") and s2["error"].startswith("image_error")
     assert str(root / "gone.jpg") in s2["error"]
-    row = reasonmatch.score_sample(s1, '{"1": "2"}')
+    row = evaluate.score_released(s1, '{"1": "2"}')
     assert (row["f1"], row["prediction_json_raw"], row["gt"]) == (0, None, ["2"])
     # the filters, in the release's order (dataset, stage, then the limit)
     _, _, entries = reasonmatch.load_index(rm_bench)
@@ -208,54 +205,25 @@ def test_reasonmatch_bad_input_is_one_line(rm_bench, tmp_path):
 # the API route against a stub server on 127.0.0.1
 
 
-class StubServer:
+class StubServer(ChatServer):
     """An OpenAI-compatible chat-completions stub: it answers each sample's reply (told apart by the width of the
     image it receives), records every request body, and refuses (HTTP 400) the widths in `refuse`."""
 
     def __init__(self):
         self.bodies, self.refuse, self.lock = [], set(), threading.Lock()
-        replies = {width(k): reply for k, *_, reply in SAMPLES}
-        stub = self
+        self.replies = {width(k): reply for k, *_, reply in SAMPLES}
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                url = body["messages"][1]["content"][0]["image_url"]["url"]
-                w = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size[0]
-                with stub.lock:
-                    stub.bodies.append(body)
-                if w in stub.refuse:
-                    data, code = json.dumps({"error": {"message": "bad request"}}).encode(), 400
-                else:
-                    data, code = json.dumps({
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": replies[w]}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}).encode(), 200
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, path, headers, body):
+        w = data_url_image(body["messages"][1]["content"][0]["image_url"]["url"]).size[0]
+        with self.lock:
+            self.bodies.append(body)
+        if w in self.refuse:
+            return 400, {"error": {"message": "bad request"}}
+        return 200, completion(body["model"], self.replies[w], 10, 5)
 
     def widths(self):
-        return [Image.open(io.BytesIO(base64.b64decode(
-            b["messages"][1]["content"][0]["image_url"]["url"].split(",", 1)[1]))).size[0] for b in self.bodies]
+        return [data_url_image(b["messages"][1]["content"][0]["image_url"]["url"]).size[0] for b in self.bodies]
 
 
 def test_reasonmatch_api_route_request_body_and_resume(rm_bench, tmp_path, monkeypatch):
@@ -279,7 +247,7 @@ def test_reasonmatch_api_route_request_body_and_resume(rm_bench, tmp_path, monke
         assert content[2]["text"] == "think, then answer"
         for c, size in zip(content[:2], [(width("s1"), 64)] * 2):  # image 2 was a PNG: re-encoded as JPEG too
             assert c["image_url"]["url"].startswith("data:image/jpeg;base64,")
-            im = Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",", 1)[1])))
+            im = data_url_image(c["image_url"]["url"])
             assert im.format == "JPEG" and im.size == size
         assert body["temperature"] == 0 and body["max_tokens"] == 8192
         # a kill while the 3rd row was written: half a line left at the end
@@ -300,26 +268,18 @@ def test_reasonmatch_api_route_request_body_and_resume(rm_bench, tmp_path, monke
     assert "utils.py (ANNO_MATCH_MULTI_TEMPLATE)" in (out / "report.md").read_text()
 
 # -----------------------------------------------------------------------------
-# a local checkpoint: the tiny model
+# a local checkpoint: the tiny model (test_all's evaluate_tiny fixture, built once for both sections)
 
 
-@pytest.fixture(scope="module")
-def rm_tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rm_tiny")
-    tiny_model.main(["--out", str(d / "tiny"), "--warmup-steps", "0"])
-    return d / "tiny"
-
-
-def test_reasonmatch_local_model_system_message_and_rows(rm_bench, rm_tiny, tmp_path):
-    import grpo
-    tok, ip = grpo.load_processors(str(rm_tiny))
+def test_reasonmatch_local_model_system_message_and_rows(rm_bench, evaluate_tiny, tmp_path):
+    tok, ip = model_io.load_processors(str(evaluate_tiny))
     ims = [Image.new("RGB", (64, 48))] * 2
-    enc = grpo.encode(tok, ip, "q", ims, system=reasonmatch.SYSTEM_PROMPT)
+    enc = model_io.encode(tok, ip, "q", ims, system=reasonmatch.SYSTEM_PROMPT)
     text = tok.decode(enc["input_ids"][0])
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-    assert grpo.encode(tok, ip, "q", ims)["input_ids"].shape[1] < enc["input_ids"].shape[1]
+    assert model_io.encode(tok, ip, "q", ims)["input_ids"].shape[1] < enc["input_ids"].shape[1]
     out = tmp_path / "eval"
-    argv = [str(rm_tiny), "--reasonmatch", str(rm_bench), "--max-new-tokens", "4", "--batch-size", "2",
+    argv = [str(evaluate_tiny), "--reasonmatch", str(rm_bench), "--max-new-tokens", "4", "--batch-size", "2",
             "--no-think", "--out", str(out)]
     evaluate.main([*argv, "--limit", "2"])
     first = _rows(out / "tiny" / "samples.jsonl")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import grpo
-from widematch import recipes
+from widematch import model_io, recipes
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,7 +224,7 @@ def test_recipe_seq_mean_token_mean_gradient_same_for_micro_batch_1_and_2(grpo_e
     grads = []
     for mb in (1, 3):
         model, tok, samples = recipe_batch(grpo_env)
-        ref_model = grpo.load_policy(str(grpo_env / "tiny"))[0]
+        ref_model = model_io.load_policy(str(grpo_env / "tiny"))[0]
         torch.manual_seed(0)
         with torch.no_grad():  # the policy differs from the reference: the KL term has a gradient
             for p in model.parameters():

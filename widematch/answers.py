@@ -10,12 +10,10 @@ import re
 import sys
 from pathlib import Path
 
-import reward
 
-
-def json_lines(path, name):
+def json_lines(path, name, prog="evaluate.py"):
     """(where, object) of each non-blank line of a JSON-lines file, where = "<name> line <k>"; a line that is not
-    JSON stops the run naming it."""
+    JSON stops the run naming it, as prog's error (export_bench.py reads its tasks file through this too)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -24,7 +22,7 @@ def json_lines(path, name):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                sys.exit(f"evaluate.py: error: {where} is not JSON ({e})")
+                sys.exit(f"{prog}: error: {where} is not JSON ({e})")
             yield where, obj
 
 
@@ -49,10 +47,11 @@ def read_answers(path, all_ids):
     return answers
 
 
-def read_any_answers(path, all_tasks):
+def read_any_answers(path, all_tasks, reference_answer):
     """{task_id: text} of an --answers file in any of the formats the usage card lists, told apart by the name
     and the first record: VLMEvalKit's prediction file (.tsv, .xlsx, .json), lmms-eval's samples log (.jsonl
-    lines with a doc_id), or our own {task_id, text} lines."""
+    lines with a doc_id), or our own {task_id, text} lines. reference_answer: a task's target -> the answer the
+    exports wrote for it (reward.reference_answer, given by evaluate.py), to check lmms-eval lines against."""
     path = Path(path)
     if path.suffix.lower() in (".tsv", ".xlsx"):
         return read_vlmevalkit_predictions(path, all_tasks)
@@ -70,11 +69,11 @@ def read_any_answers(path, all_tasks):
     except json.JSONDecodeError:
         head = {}  # read_answers names the bad line
     if isinstance(head, dict) and "doc_id" in head:
-        return read_lmms_samples(path, all_tasks)
+        return read_lmms_samples(path, all_tasks, reference_answer)
     return read_answers(path, {t["task_id"] for t in all_tasks})
 
 
-def read_lmms_samples(path, all_tasks):
+def read_lmms_samples(path, all_tasks, reference_answer):
     """{task_id: text} of lmms-eval's --log_samples file (<output_path>/<model>/<date>_samples_widematch.jsonl).
     It drops the doc, so doc_id (the row of the exported parquet = the line of the tasks file, counting tasks)
     names the task; the answer is filtered_resps (what lmms-eval scored; the widematch task keeps it raw). Each
@@ -93,7 +92,7 @@ def read_lmms_samples(path, all_tasks):
         if claimed is not None and claimed != task["task_id"]:
             sys.exit(f"evaluate.py: error: {where}: doc_id {doc_id} is task {task['task_id']!r} in the tasks file "
                      f"but {claimed!r} in the samples: the export was made from another tasks file")
-        if claimed is None and target is not None and target != reward.reference_answer(task["target"]):
+        if claimed is None and target is not None and target != reference_answer(task["target"]):
             sys.exit(f"evaluate.py: error: {where}: the target of doc_id {doc_id} is not the reference answer of "
                      f"task {task['task_id']!r}: the export was made from another tasks file")
         text = s.get("filtered_resps", s.get("resps"))

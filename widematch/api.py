@@ -26,7 +26,7 @@ def data_url(path, prog="evaluate.py"):
 
 def api_request(task, tasks_dir, args, extra=None):
     """One task's chat-completions body: one user message, the prompted images then the prompt's text (the
-    order grpo.encode gives our own model), decoding settings from the flags; extra: fields outside OpenAI's
+    order model_io.encode gives our own model), decoding settings from the flags; extra: fields outside OpenAI's
     protocol (vllm_decoding), sent as the client's extra_body."""
     content = [{"type": "image_url", "image_url": {"url": data_url(tasks_dir / p)}} for p in task["images"]]
     return request_body(args, [{"role": "user", "content": content + [{"type": "text", "text": task["prompt"]}]}],

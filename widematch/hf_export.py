@@ -1,7 +1,9 @@
 """Writing a benchmark as a Hugging Face dataset and an lmms-eval task: the pieces export_bench.py (our tasks) and
 widematch/reasonmatch.py (the released benchmark) share. ParquetRows streams rows into one parquet file with the
 HF features in its schema; card_header is the dataset card's YAML front matter; REWARD_LOADER is the lines an
-exported lmms-eval utils.py uses to load its verbatim copy of reward.py from beside itself."""
+exported lmms-eval utils.py uses to load its verbatim copy of reward.py from beside itself, lmms_utils_head the
+start of that utils.py (docstring, imports, loader, the two doc functions) and lmms_task_yaml the task yaml, which
+both exports write."""
 import math
 
 ROWS_PER_GROUP = 100      # parquet row group: the hub's viewer and readers stream image data in small groups
@@ -12,6 +14,78 @@ reward = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reward)
 '''
 
+# The doc functions are the same in both exports but for their name prefix and docstrings; they are written into
+# the text (not imported) because lmms-eval runs the utils.py without widematch installed.
+DOC_FUNCTIONS = '''
+
+def {prefix}_doc_to_visual(doc):
+    """{visual_doc}"""
+    return list(doc["images"])
+
+
+def {prefix}_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """{text_doc}"""
+    return doc["prompt"]
+
+
+'''
+
+
+def lmms_utils_head(docstring, imports, prefix, visual_doc, text_doc):
+    """The start of an exported lmms-eval utils.py, self-contained: the module docstring (its text, without the
+    quotes), an `import` line per module, sorted (REWARD_LOADER's importlib.util and os, plus imports, what the
+    caller's own functions use), REWARD_LOADER, then <prefix>_doc_to_visual and <prefix>_doc_to_text with the given
+    docstrings; the caller appends its process_results and aggregations."""
+    modules = sorted({"importlib.util", "os", *imports})
+    return ('"""' + docstring + '"""\n' + "".join(f"import {m}\n" for m in modules) + "\n" + REWARD_LOADER
+            + DOC_FUNCTIONS.format(prefix=prefix, visual_doc=visual_doc, text_doc=text_doc))
+
+
+# The task yaml both exports write; the comment lines (head, *_note) are each export's own words.
+LMMS_TASK_YAML = """\
+{head}
+task: {task}
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    {split}: ../../data/{parquet}
+test_split: {split}
+output_type: generate_until
+doc_to_visual: !function utils.{prefix}_doc_to_visual
+doc_to_text: !function utils.{prefix}_doc_to_text
+doc_to_target: answer
+process_results: !function utils.{prefix}_process_results
+{raw_note}
+reasoning_tags: none
+{decoding_note}
+generation_kwargs:
+  max_new_tokens: {max_new_tokens}
+  temperature: 0
+  do_sample: false
+  until: []
+{metrics_note}
+metric_list:
+{metrics}
+metadata:
+  version: 1.0
+{metadata}
+"""
+
+
+def lmms_task_yaml(*, head, task, split, parquet, prefix, raw_note, max_new_tokens, decoding_note, metrics_note,
+                   metrics, metadata):
+    """An exported lmms-eval task yaml: task (its --tasks name) on the parquet two folders up (relative data_files
+    are resolved against the yaml: offline), the utils.py functions of prefix (lmms_utils_head's two and the
+    caller's <prefix>_process_results), the raw reply scored (reasoning_tags: none), greedy decoding to
+    max_new_tokens with no stop strings, metrics [(metric, aggregation function in utils.py)] (all higher is
+    better) and metadata [(key, value)] after version 1.0. head, raw_note, decoding_note and metrics_note are the
+    export's comment lines ("# ..."), put above what they explain."""
+    metric_lines = "\n".join(f"  - metric: {m}\n    aggregation: !function utils.{agg}\n    higher_is_better: true"
+                             for m, agg in metrics)
+    return LMMS_TASK_YAML.format(head=head, task=task, split=split, parquet=parquet, prefix=prefix,
+                                 raw_note=raw_note, max_new_tokens=max_new_tokens, decoding_note=decoding_note,
+                                 metrics_note=metrics_note, metrics=metric_lines,
+                                 metadata="\n".join(f"  {k}: {v}" for k, v in metadata))
 
 class ParquetRows:
     """Rows -> one parquet file in row groups, the HF features in the schema's metadata (what datasets writes),

@@ -1,6 +1,7 @@
 """grpo.py's logs: rollouts.jsonl and metrics.jsonl (one line per completion / per step), args.json, optional
 wandb and tensorboard sinks, the printed step line, and curves.png redrawn from metrics.jsonl.
-  open_logs(args, ckpt, start, rank) -> sinks; log_step(m, records, args, rank, world, sinks); draw_curves(out, rank)"""
+  open_logs(args, ckpt, start, rank) -> sinks; step_metrics(...) -> the step's metrics line;
+  log_step(m, records, args, rank, world, sinks); draw_curves(out, rank)"""
 import json
 import os
 import sys
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 
 from widematch.checkpoint import catch_enospc, disk_full_check, truncate_jsonl
+from widematch.dist import all_sum
 
 
 def open_logs(args, ckpt, start, rank):
@@ -34,6 +36,50 @@ def open_logs(args, ckpt, start, rank):
             sys.exit(f"grpo.py: error: --tensorboard needs the tensorboard package (pip install tensorboard): {e}")
         sinks["tb"] = SummaryWriter(args.tensorboard, purge_step=start + 1 if ckpt is not None else None)
     return sinks
+
+
+def step_metrics(step, records, stats, n_tok, sched, cur, events, args, world, zero_std_frac, parts):
+    """The step's metrics line: means over all ranks' records, token-normalised kl / dlogp / entropy / clip_frac
+    (over the tokens trained on), the group and length statistics, the update's grad norm, rank 0's seconds per
+    phase and generated tokens per second of rollout (all ranks), HATCH extras. zero_std_frac: the share of groups
+    whose rewards are all equal; parts: the reward parts logged under their own names when the records hold them
+    (the released reward's)."""
+    totals = [all_sum(stats[k], world)
+              for k in ("kl_sum", "dlogp_sum", "pasta_sum", "pasta_acc_sum", "pasta_acc_n", "entropy_sum", "clip_sum")]
+    lengths = [r["length"] for r in records]
+    m = dict(step=step, reward=np.mean([r["reward"] for r in records]),
+             format=np.mean([r["format"] for r in records]), match=np.mean([r["match"] for r in records]),
+             kl=totals[0] / n_tok, entropy=totals[5] / n_tok, clip_frac=totals[6] / n_tok,
+             zero_std_frac=zero_std_frac,
+             length=np.mean(lengths), length_max=max(lengths), truncated=np.mean([r["truncated"] for r in records]),
+             dlogp=totals[1] / n_tok, grad_norm=stats["grad_norm"], lr=sched.get_last_lr()[0],
+             curriculum=list(cur.current()), curriculum_events=events,
+             tokens_per_s=sum(lengths) / max(stats["seconds_rollout"], 1e-9),
+             seconds_rollout=stats["seconds_rollout"], seconds_logprobs=stats["seconds_logprobs"],
+             seconds_update=stats["seconds_update"])
+    for k in ("filter_dropped", "filter_redrawn", "filter_filled"):
+        if k in stats:
+            m[k] = int(stats[k])
+    if args.tis_cap > 0:  # --tis-cap: mean importance weight and share of tokens at the cap
+        m["tis_weight"] = all_sum(stats["tis_sum"], world) / n_tok
+        m["tis_capped"] = all_sum(stats["tis_capped_sum"], world) / n_tok
+    if getattr(args, "loss_mode", "vanilla") == "gspo":  # share of completions whose sequence ratio was clipped
+        m["seq_clip_frac"] = all_sum(stats["seq_clip_sum"], world) / stats["n_seqs"]
+    if getattr(args, "entropy_coeff", 0.0):  # the bonus subtracted from the loss (coeff x aggregated entropy)
+        m["entropy_bonus"] = args.entropy_coeff * all_sum(stats["entropy_agg"], world)
+    if getattr(args, "overlong_buffer", 0) > 0:  # share of completions penalised, mean penalty over all
+        pen = [r.get("overlong", 0.0) for r in records]
+        m["overlong_frac"], m["overlong_penalty"] = float(np.mean([p < 0 for p in pen])), float(np.mean(pen))
+    for k in parts:  # --reward released: its four parts, under the release's names
+        if records and k in records[0]:
+            m[k] = np.mean([r[k] for r in records])
+    if args.actor and not args.toy_reward:  # mean action accuracy of the completions whose pair has a pose
+        acts = [r["action"] for r in records if r["action"] is not None]
+        m["action"] = np.mean(acts) if acts else float("nan")
+    if args.pasta_weight > 0:  # mean PaStA loss over the step's prompts; cell accuracy over prompts with cells
+        m["pasta"] = totals[2] / args.prompts_per_step
+        m["pasta_acc"] = totals[3] / totals[4] if totals[4] else float("nan")
+    return m
 
 
 def log_step(m, records, args, rank, world, sinks):

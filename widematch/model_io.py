@@ -154,6 +154,12 @@ def encode(tokenizer, image_processor, prompt, images, system=None):
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
 
+def cap_visual_tokens(image_processor, tokens):
+    """The release's image budget: at most `tokens` visual tokens an image, i.e. max pixels = tokens x (patch x
+    merge)^2 (the processor resizes larger images down, keeping the aspect ratio)."""
+    image_processor.size["longest_edge"] = tokens * (image_processor.patch_size * image_processor.merge_size) ** 2
+
+
 def completion_hidden(model, batch):
     """The decoder's last hidden states that PREDICT the completion tokens, and those tokens:
     -> hc (B, T, H), target (B, T), T = longest completion (shorter rows padded; masked by the caller)."""

@@ -3,7 +3,8 @@ score it with the released rule, write its layout from our tasks. docs/reasonmat
 
 Used by evaluate.py --reasonmatch PATH (reading, asking, scoring, summary.json, the report) and export_bench.py
 (--format reasonmatch: our tasks in the released layout; --reasonmatch PATH: the released benchmark in the harnesses).
-The scoring is reward.py's (released_json, released_prf); this module only reads, aggregates and writes.
+The scoring is evaluate.py's score_released (reward.py's released_json, released_prf), passed in; this module
+only reads, aggregates and writes.
 
 Layout (PATH = the extracted reasonmatch_bench/ folder, or its annotation_index.json; the root is the index's
 folder): annotation_index.json is a list of entries {dataset, dataset_key, stage, difficulty, sample_id (or id),
@@ -23,7 +24,6 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-import reward
 from widematch import hf_export
 
 SYSTEM_PROMPT = "You are a helpful assistant."     # the released evaluator's default system message
@@ -145,37 +145,6 @@ def sample_meta(s):
                 viewA_path=e.get("viewA"), viewB_path=e.get("viewB"), overlap=mi.get("overlap"),
                 overlap_rank=mi.get("overlap_rank"))
 
-
-def _norm(v):
-    return None if v is None or (isinstance(v, str) and v.lower() == "none") else str(v)
-
-
-def our_scores(truth, pred):
-    """widematch's rules on the same parsed reply: match = share of the truth's image-1 ids answered right, a
-    correct "none" counted (a key left out is wrong); precision / recall / f1 over the real links only (reward.prf:
-    both 1 when nothing is claimed and nothing exists). A reply that is not a JSON object scores 0."""
-    if not isinstance(truth, dict) or not truth or not isinstance(pred, dict):
-        return dict(match=0.0, precision=0.0, recall=0.0, f1=0.0)
-    hits = sum(k in pred and _norm(pred[k]) == _norm(t) for k, t in truth.items())
-    claims = {k: _norm(v) for k, v in pred.items() if _norm(v) is not None}
-    n_correct = sum(k in truth and v == _norm(truth[k]) for k, v in claims.items())
-    n_pos = sum(_norm(t) is not None for t in truth.values())
-    p, r, f = reward.prf(n_correct, len(claims), n_pos)
-    return dict(match=hits / len(truth), precision=p, recall=r, f1=f)
-
-
-def score_sample(s, text, error=None, latency=None, **extra):
-    """One samples.jsonl row: meta, gt, prediction, prediction_json_raw, prediction_parsed, precision, recall, f1,
-    latency, error (the released schema; a failed request has no JSON, as there), then "widematch": the key, our
-    match / precision / recall / f1 on the same reply and the answerer's extra fields (truncated, usage, ...)."""
-    error = error or s["error"]
-    gt = s["metadata"].get("answer", {}) if s["metadata"] is not None else {}
-    raw, parsed = (None, None) if error else reward.released_json(text)
-    precision, recall, f1 = reward.released_prf(gt, parsed)
-    ours = our_scores(gt, parsed)
-    return dict(meta=sample_meta(s), gt=gt, prediction=text, prediction_json_raw=raw, prediction_parsed=parsed,
-                precision=precision, recall=recall, f1=f1, latency=latency, error=error,
-                widematch=dict(key=s["key"], **{f"our_{k}": v for k, v in ours.items()}, **extra))
 
 # -----------------------------------------------------------------------------
 # the summary (the released summary.json schema) and our groups
@@ -469,11 +438,11 @@ def as_task(s, prompt, system=SYSTEM_PROMPT):
     return dict(task_id=s["key"], images=[str(p) for p in s["images"]], prompt=prompt, system=system, n=n, m=n)
 
 
-def predict(samples, make_answerer, path, prompt, desc, read_done):
+def predict(samples, make_answerer, path, prompt, desc, read_done, score_sample):
     """Rows of all samples in order: those already in `path` (samples.jsonl; read_done = evaluate.py's resumable
     reader) kept, the unusable ones scored as errors without a request, the rest asked through make_answerer()
-    (a stream of (task, answer dict)) and appended one by one as they arrive: a killed run resumes, no sample
-    is asked twice."""
+    (a stream of (task, answer dict)), scored (score_sample) and appended one by one as they arrive: a killed run
+    resumes, no sample is asked twice."""
     from tqdm import tqdm
     done = {(r.get("widematch") or {}).get("key"): r for r in read_done(path)}
     todo = [s for s in samples if s["key"] not in done]
@@ -507,11 +476,11 @@ def bench_sha(index_path, datasets, stages, limit):
 # evaluate.py --reasonmatch
 
 
-def evaluate_main(args, resolve_ckpt, model_answerer, api_answerer):
+def evaluate_main(args, resolve_ckpt, model_answerer, api_answerer, score_sample):
     """The --reasonmatch route of evaluate.py: every CKPT (--engine hf / vllm), --api-base and --answers on the
     released benchmark; per model <out>/<name>/samples.jsonl + summary.json, then <out>/report.md from every
-    summary made on the same selection of the same index. resolve_ckpt, model_answerer, api_answerer: evaluate.py's
-    (they load models with the trainer's machinery; passed in, so this helper imports no stage script)."""
+    summary made on the same selection of the same index. resolve_ckpt, model_answerer, api_answerer, score_sample:
+    evaluate.py's (they load models and score with reward.py; passed in, so this helper imports no stage script)."""
     from widematch.runs import check_run_info, model_dtype, model_name, read_predictions, unique_names
     from widematch import prompts
     fail = lambda msg: sys.exit(f"evaluate.py: error: {msg}")
@@ -589,7 +558,7 @@ def evaluate_main(args, resolve_ckpt, model_answerer, api_answerer):
                 info.update(max_tokens_param=args.api_max_tokens_param)
                 make = lambda: api_answerer(Path("."), args, api_key, request=api_request)
             check_run_info(model_dir, info)
-            rows = predict(samples, make, path, prompt, name, read_predictions)
+            rows = predict(samples, make, path, prompt, name, read_predictions, score_sample)
             template_used = template
         summary = summarize(rows, config, str(path))
         summary["widematch"] = dict(bench_sha=sha, template=template_used,
@@ -701,66 +670,23 @@ HARNESS_TASK = "reasonmatch_bench"    # lmms-eval's --tasks name
 HARNESS_TSV_COLUMNS = ("index", "image", "question", "answer", "sample_id", "dataset_key", "stage", "difficulty",
                        "overlap", "overlap_rank")
 
-HARNESS_YAML = """\
+HARNESS_YAML_HEAD = """\
 # lmms-eval 0.7.3 task: ReasonMatch-Bench as released (written by widematch's export_bench.py --reasonmatch; index
 # sha256 {sha}). The released protocol has a system message: pass it with --system_instruction.
 #   python -m lmms_eval --model openai --model_args model=MODEL,base_url=http://HOST:PORT/v1 \\
 #       --system_instruction "{system}" --include_path <export dir>/lmms_eval --tasks {task} \\
-#       --batch_size 1 --log_samples --output_path lmms_out
-task: {task}
-dataset_path: parquet
-dataset_kwargs:
-  data_files:
-    test: ../../data/test-00000-of-00001.parquet
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.rm_doc_to_visual
-doc_to_text: !function utils.rm_doc_to_text
-doc_to_target: answer
-process_results: !function utils.rm_process_results
-# The released scorer reads the raw reply (its JSON), so nothing is stripped first.
-reasoning_tags: none
-# The released evaluator's decoding: temperature 0, 8192 new tokens.
-generation_kwargs:
-  max_new_tokens: {max_tokens}
-  temperature: 0
-  do_sample: false
-  until: []
-# Fractions: means over samples of the released per-sample precision / recall / F1; json_success the share of
-# replies whose JSON is an object.
-metric_list:
-{metrics}
-metadata:
-  version: 1.0
-  index_sha256: {sha}
-  n_samples: {n}
-"""
+#       --batch_size 1 --log_samples --output_path lmms_out"""
 
-HARNESS_UTILS = '''\
-"""lmms-eval task functions of reasonmatch_bench.yaml (written by widematch's export_bench.py --reasonmatch).
+HARNESS_UTILS = hf_export.lmms_utils_head(
+    """lmms-eval task functions of reasonmatch_bench.yaml (written by widematch's export_bench.py --reasonmatch).
 
 Each reply is scored by the released ReasonMatch-Bench rule as widematch implements it (reward.released_json and
 reward.released_prf in reward.py beside this file, a verbatim copy): per sample precision = correct / non-"none"
 predictions (at least 1), recall = correct / ground-truth keys ("none" keys included), F1; means over samples.
 Every metric item carries the sample_id, so a --log_samples line maps back to its sample.
-"""
-import importlib.util
-import json
-import math
-import os
-
-''' + hf_export.REWARD_LOADER + '''
-
-def rm_doc_to_visual(doc):
-    """Image 1 and image 2 (PIL, decoded from the exported bytes; their labels are drawn already)."""
-    return list(doc["images"])
-
-
-def rm_doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    """The prompt the export was made with."""
-    return doc["prompt"]
-
-
+""", ("json", "math"), "rm",
+    "Image 1 and image 2 (PIL, decoded from the exported bytes; their labels are drawn already).",
+    "The prompt the export was made with.") + '''\
 def rm_process_results(doc, results):
     """The released scores of the reply; a missing or non-text reply scores as one without JSON."""
     text = results[0] if results and isinstance(results[0], str) else ""
@@ -790,10 +716,11 @@ def harness_samples(path):
     return root, index, samples
 
 
-def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as released)"):
+def write_harness(path, out, prompt, template, reward_file, title="ReasonMatch-Bench (as released)"):
     """The released benchmark as export_bench.py writes our tasks: data/test-00000-of-00001.parquet (HF dataset,
     one row per index entry in index order = lmms-eval's doc_id), README.md, ReasonMatchBench.tsv (VLMEvalKit) and
-    lmms_eval/reasonmatch_bench/ (scored with the released rule). -> the number of samples."""
+    lmms_eval/reasonmatch_bench/ (scored with the released rule: a copy of reward_file, reward.py, beside its
+    utils.py). -> the number of samples."""
     import csv
     from datasets import Features, Image, List, Value
     from tqdm import tqdm
@@ -831,13 +758,18 @@ def write_harness(path, out, prompt, template, title="ReasonMatch-Bench (as rele
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    metrics = "\n".join(f"  - metric: {m}\n    aggregation: !function utils.rm_mean\n    higher_is_better: true"
-                        for m in ("f1", "precision", "recall", "json_success"))
-    (d / f"{HARNESS_TASK}.yaml").write_text(HARNESS_YAML.format(sha=sha, system=SYSTEM_PROMPT, task=HARNESS_TASK,
-                                                                max_tokens=MAX_TOKENS, metrics=metrics,
-                                                                n=len(samples)))
+    (d / f"{HARNESS_TASK}.yaml").write_text(hf_export.lmms_task_yaml(
+        head=HARNESS_YAML_HEAD.format(sha=sha, system=SYSTEM_PROMPT, task=HARNESS_TASK), task=HARNESS_TASK,
+        split="test", parquet=parquet.name, prefix="rm",
+        raw_note="# The released scorer reads the raw reply (its JSON), so nothing is stripped first.",
+        max_new_tokens=MAX_TOKENS,
+        decoding_note="# The released evaluator's decoding: temperature 0, 8192 new tokens.",
+        metrics_note="# Fractions: means over samples of the released per-sample precision / recall / F1; "
+                     "json_success the share of\n# replies whose JSON is an object.",
+        metrics=[(m, "rm_mean") for m in ("f1", "precision", "recall", "json_success")],
+        metadata=[("index_sha256", sha), ("n_samples", len(samples))]))
     (d / "utils.py").write_text(HARNESS_UTILS)
-    shutil.copyfile(Path(reward.__file__), d / "reward.py")
+    shutil.copyfile(reward_file, d / "reward.py")
     counts = OrderedDict()
     for s in samples:
         key = (sample_meta(s).get("dataset_key"), sample_meta(s).get("stage"))

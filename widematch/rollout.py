@@ -1,8 +1,8 @@
 """
-rollout.py: grpo.py's rollout machinery (a helper of grpo.py, no command line of its own): the two rollout engines
-behind one interface (transformers generate on the trainer's weights, or a colocated vLLM engine whose weights are
-synced after every optimizer step); for the first, sampling G completions per prompt from ONE prefill with the
-policy's weights resident and a KV cache written in place; and the per-GPU memory plan of a run, printed by
+The rollout machinery of grpo.py and evaluate.py (no command line of its own): the two rollout engines behind
+one interface (transformers generate on the trainer's weights, or a colocated vLLM engine whose weights are synced
+after every optimizer step); for the first, sampling G completions per prompt from ONE prefill with the policy's
+weights resident and a KV cache written in place; and the per-GPU memory plan of a run, printed by
 `python grpo.py --plan ...` before anything is loaded.
 
 Used as (grpo.py --rollout-engine hf|vllm; evaluate.py --engine hf|vllm):
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
+from widematch import prompts
 from widematch.dist import print0
 
 IMPLS = ("legacy", "resident")
@@ -39,7 +40,7 @@ IMPLS = ("legacy", "resident")
 
 
 def collate_prompts(encs, pad_id, device):
-    """Left-pad a list of grpo.encode() dicts into one batch (generation appends on the right)."""
+    """Left-pad a list of model_io.encode() dicts into one batch (generation appends on the right)."""
     L = max(e["input_ids"].shape[1] for e in encs)
     def lpad(t, v):
         return torch.cat([torch.full((1, L - t.shape[1]), v, dtype=t.dtype), t], 1)
@@ -308,7 +309,7 @@ def engine_kwargs(max_model_len, max_num_seqs=None, max_num_batched_tokens=None,
 
 
 def collapse_image_pads(ids, pad_id):
-    """grpo.encode's token ids -> the chat template's: each run of <|image_pad|> back to one (vLLM expands each
+    """model_io.encode's token ids -> the chat template's: each run of <|image_pad|> back to one (vLLM expands each
     image's pad itself from the pixels, and a prompt already expanded would be expanded twice)."""
     return [t for k, t in enumerate(ids) if t != pad_id or k == 0 or ids[k - 1] != pad_id]
 
@@ -453,7 +454,7 @@ class VllmEngine:
                 first = next((k for k, (a, b) in enumerate(zip(o.prompt_token_ids, want)) if a != b),
                              min(len(want), len(o.prompt_token_ids)))
                 raise SystemExit(f"vLLM engine: task {name}: the prompt vLLM decodes from ({len(o.prompt_token_ids)} "
-                                 f"tokens) differs from grpo.encode's ({len(want)} tokens) at token {first}")
+                                 f"tokens) differs from model_io.encode's ({len(want)} tokens) at token {first}")
             for c in sorted(o.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 results.append(dict(text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
@@ -484,7 +485,7 @@ class VllmEngine:
 # The memory plan: bytes per GPU of a run, before launch
 
 GIB = 2 ** 30
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")  # the repo's
 
 
 def read_model_config(model, model_config=None):
@@ -525,26 +526,23 @@ def parameter_counts(cfg):
 
 def estimate_prompt(cfg, max_side, n_max):
     """-> (prompt tokens, vision patches per image) of a two-image prompt with images of max_side x 3/4 max_side
-    (sides rounded to the patch x merge grid, as Qwen's processor does) and ~4 characters per text token."""
-    import make_tasks
+    (sides rounded to the patch x merge grid, as Qwen's processor does) and ~4 characters per text token; the text:
+    our question (widematch.prompts, what make_tasks.build_prompt asks) for n_max points on image 1, 2 x n_max on 2."""
     v = cfg["vision_config"]
     unit = v["patch_size"] * v["spatial_merge_size"]
     w, h = [max(unit, round(s / unit) * unit) for s in (max_side, max_side * 3 / 4)]
     patches = (w // v["patch_size"]) * (h // v["patch_size"])
-    text = len(make_tasks.build_prompt(n_max, 2 * n_max)) // 4 + 30  # + chat template and vision markers
+    text = len(prompts.default_prompt(think=True, n=n_max, m=2 * n_max)) // 4 + 30  # + chat template, vision marks
     return 2 * patches // v["spatial_merge_size"] ** 2 + text, patches
 
 
-def prompt_bound(cfg, max_side, n_max, m_max=None, template=None):
+def prompt_bound(cfg, max_side, text):
     """An upper bound on the prompt tokens of a two-image task (the vLLM engine's room for the prompt): both images
-    square at max_side rounded UP to the patch x merge grid, the longest prompt text (ActoR, m_max points on image
-    2, default 2 x n_max; template: the --prompt-template text) at one token per character, + 64 for the chat
-    template."""
-    import make_tasks
+    square at max_side rounded UP to the patch x merge grid, the prompt text (the caller's longest: system message
+    included) at one token per character, + 64 for the chat template."""
     v = cfg["vision_config"]
     unit = v["patch_size"] * v["spatial_merge_size"]
     side = -(-max_side // unit) * unit
-    text = make_tasks.build_prompt(n_max, m_max or 2 * n_max, actor=True, template=template)
     return 2 * (side // unit) ** 2 + len(text) + 64
 
 
