@@ -46,3 +46,37 @@ def test_grpo_helpers_import_no_stage_script_and_stages_not_the_trainer():
     from widematch import checkpoint, model_io
     assert grpo.encode is model_io.encode and not hasattr(grpo, "load_policy") and not hasattr(grpo, "generate")
     assert grpo.latest_checkpoint is checkpoint.latest_checkpoint and grpo.collate_samples is model_io.collate_samples
+
+
+def repo_imports(path, scripts):
+    """The repo modules a file imports anywhere in it: top-level scripts by name, package modules as widematch.x."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "widematch":
+            out |= {f"widematch.{a.name}" for a in node.names}  # from widematch import dist
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)  # from widematch.dist import x, from reward import y
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m in scripts or m.startswith("widematch.")}
+
+
+def test_no_import_cycle_among_stage_scripts_and_the_package():
+    files = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(HERE, "*.py"))}
+    files.update({m: os.path.join(HERE, *m.split(".")) + ".py" for m in HELPERS})
+    graph = {m: repo_imports(p, files) & set(files) for m, p in files.items()}
+    assert "reward" in graph["grpo"] and "widematch.rollout" in graph["grpo"]  # the graph sees both kinds
+    done, cycles = set(), []
+
+    def visit(m, path):  # depth-first; a module met again on the current path closes a cycle
+        if m in path:
+            cycles.append(path[path.index(m):] + [m])
+            return
+        if m in done:
+            return
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        done.add(m)
+    for m in sorted(graph):
+        visit(m, [])
+    assert cycles == [], cycles
