@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 import zlib
 from collections import Counter
 
@@ -71,15 +72,19 @@ def torchrun_cmd(nproc=2):
 
 
 def torchrun_grad_dump(cmd, out, **kw):
-    """A 2-process --debug-grad-dump run, tried twice: in 2 of 6 full runs of the suite on the loaded 2-core machine
-    (2026-12-04) one such launch exited 1 with its stderr not captured, and never again in 11 reruns of the same
-    command, so the cause is unknown. A failure now shows both attempts' stderr; a second failure fails the test."""
+    """A 2-process --debug-grad-dump run, tried twice: in 3 of 8 full runs of the suite on the loaded 2-core machine
+    (2026-12-04/05) one such launch exited 1 with its stderr not captured, each time in a different one of the three
+    tests, never in 11 reruns of the same command nor in 60 under load (2026-12-05); the failed run of 12-05 had
+    written its gradient file, so it failed after the last collective (at teardown), cause unknown. A retry is
+    reported as a warning (in the CI log's warnings summary) with the first attempt's stderr, so the next one
+    names its cause; a second failure fails the test with both attempts' stderr."""
     first = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if first.returncode == 0:
         return first
     shutil.rmtree(out, ignore_errors=True)
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    print(f"torchrun_grad_dump: first attempt exited {first.returncode}:\n{first.stderr[-3000:]}")
+    warnings.warn(f"torchrun_grad_dump: first attempt exited {first.returncode}, retried (second: "
+                  f"{r.returncode}); its stderr's tail:\n{first.stderr[-3000:]}")
     assert r.returncode == 0, first.stderr[-2000:] + "\n--- second attempt ---\n" + r.stderr[-2000:]
     return r
 
@@ -1935,10 +1940,10 @@ def test_grpo_gradient_same_for_1_process_and_torchrun_2(grpo_env, grpo_dist_env
                     *grpo_common(grpo_env, tmp_path / "a", *extra, "--micro-batch", "1", "--debug-grad-dump", str(one),
                                  "--debug-dump", str(tmp_path / "d1.pt"))],
                    check=True, cwd=HERE, env=env, capture_output=True)
-    subprocess.run([*torchrun_cmd(), os.path.join(HERE, "grpo.py"),
-                    *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump", str(two),
-                                 "--debug-dump", str(tmp_path / "d2.pt"))],
-                   check=True, cwd=HERE, env=env, capture_output=True)
+    torchrun_grad_dump([*torchrun_cmd(), os.path.join(HERE, "grpo.py"),
+                        *grpo_common(grpo_env, tmp_path / "b", *extra, "--micro-batch", "8", "--debug-grad-dump",
+                                     str(two), "--debug-dump", str(tmp_path / "d2.pt"))], tmp_path / "b",
+                       cwd=HERE, env=env)
     g1, g2 = torch.load(one), torch.load(two)
     assert g1.keys() == g2.keys()
     scale = max(g.abs().max().item() for g in g1.values() if g is not None)
