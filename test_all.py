@@ -3352,66 +3352,28 @@ def test_human_show_truth_page_marks_answers(human_browser, human_page):
 # with the tiny model (our encode + generate, greedy), with injected faults
 
 
-class _EvaluateChatServer:
-    """A chat-completions server (http.server, 127.0.0.1 only) answering with a local model. faults: None or
-    the first two attempts of every request (a request is known by the hash of its body) fail, in turn "500",
-    "429" or "drop" (connection closed without an answer), so every request succeeds by its third attempt and
-    all three faults occur whatever the concurrency and however few requests the run makes;
-    slow_first: the very first request sleeps 4 s, then drops (a client timeout); stop_after: close the listening socket
-    after that many answers (a server that goes away mid-run); malformed: answer 200 with no choices."""
+class _EvaluateChatServer(ChatServer):
+    """A chat-completions server answering with a local model. faults: None or the first two attempts of every
+    request (a request is known by the hash of its body) fail, in turn "500", "429" or "drop" (connection closed
+    without an answer), so every request succeeds by its third attempt and all three faults occur whatever the
+    concurrency and however few requests the run makes; slow_first: the very first request sleeps 4 s, then drops
+    (a client timeout); stop_after: close the listening socket after that many answers (a server that goes away
+    mid-run); malformed: answer 200 with no choices."""
 
     def __init__(self, policy, key, port=0, faults=False, slow_first=False, stop_after=None, malformed=False):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         self.policy, self.key, self.faults, self.slow_first = policy, key, faults, slow_first
         self.stop_after, self.malformed = stop_after, malformed
         self.lock, self.seen, self.bodies, self.answered, self.events = threading.Lock(), {}, [], 0, Counter()
         self.requests = 0
-        server = self
+        super().__init__(port, quiet=True)  # a client that timed out leaves a broken pipe: expected here
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                code, payload = server.respond(self, raw)
-                if code is None:  # a dropped connection: no status line at all
-                    self.close_connection = True
-                    return
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if code == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(data)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass  # a client that timed out leaves a broken pipe: expected here
-
-        self.httpd = Server(("127.0.0.1", port), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def respond(self, handler, raw):
-        import base64
-        import hashlib
-        import io
-        if handler.path != "/v1/chat/completions":
-            return 404, {"error": {"message": f"no route {handler.path}"}}
-        if handler.headers.get("Authorization") != f"Bearer {self.key}":
+    def respond(self, path, headers, body):
+        if path != "/v1/chat/completions":
+            return 404, {"error": {"message": f"no route {path}"}}
+        if headers.get("Authorization") != f"Bearer {self.key}":
             return 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
         with self.lock:
-            h = int(hashlib.sha256(raw).hexdigest(), 16)
+            h = int(hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), 16)
             attempt = self.seen[h] = self.seen.get(h, -1) + 1
             self.requests += 1
             first = self.requests == 1
@@ -3424,30 +3386,24 @@ class _EvaluateChatServer:
             time.sleep(4)
             return None, None
         if fault:
-            return (None, None) if kind == "drop" else (int(kind), {"error": {"message": f"injected {kind}"}})
+            return (None, None) if kind == "drop" else \
+                (int(kind), {"error": {"message": f"injected {kind}"}}, {"Retry-After": "0"} if kind == "429" else {})
         if self.malformed:
             return 200, {"id": "x", "object": "chat.completion", "choices": []}
-        body = json.loads(raw)
         self.bodies.append(body)
         content = body["messages"][0]["content"]
         assert [c["type"] for c in content] == ["image_url", "image_url", "text"]
-        images = [Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",", 1)[1]))).convert("RGB")
-                  for c in content[:2]]
+        images = [data_url_image(c["image_url"]["url"]).convert("RGB") for c in content[:2]]
         model, tokenizer, image_processor = self.policy
         with self.lock:  # one generate at a time: the model keeps per-call state (rope deltas)
             enc = model_io.encode(tokenizer, image_processor, content[2]["text"], images)
             out = rollout.generate(model, tokenizer, [enc], body.get("max_tokens") or body["max_completion_tokens"],
-                                body.get("temperature", 1.0), greedy=body.get("temperature") == 0)[0]
+                                   body.get("temperature", 1.0), greedy=body.get("temperature") == 0)[0]
             self.answered += 1
             if self.stop_after is not None and self.answered >= self.stop_after:
                 threading.Thread(target=self.close).start()  # gone before the next request
-        n_prompt, n_completion = enc["input_ids"].shape[1], len(out["token_ids"])
-        return 200, {"id": f"chatcmpl-{self.answered}", "object": "chat.completion", "created": 0,
-                     "model": body["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                                  "finish_reason": "length" if out["truncated"] else "stop"}],
-                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
-                               "total_tokens": n_prompt + n_completion}}
+        return 200, completion(body["model"], out["text"], enc["input_ids"].shape[1], len(out["token_ids"]),
+                               id=f"chatcmpl-{self.answered}", finish_reason="length" if out["truncated"] else "stop")
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,23 @@ def data_url_image(url):
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
 
 
-def completion(model, text, prompt_tokens, completion_tokens, id="x"):
-    """A chat.completion answer with one choice, finished by "stop"."""
+def completion(model, text, prompt_tokens, completion_tokens, id="x", finish_reason="stop"):
+    """A chat.completion answer with one choice."""
     return {"id": id, "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
 class ChatServer:
-    """Serves POSTs on 127.0.0.1 (a free port) from a daemon thread, each request in a thread of its own:
-    respond(path, headers, body), body the parsed JSON request, gives (HTTP status, JSON payload). url is the
-    /v1 base; close() (or leaving a `with` block) stops it."""
+    """Serves POSTs on 127.0.0.1 (port, or a free one) from a daemon thread, each request in a thread of its own:
+    respond(path, headers, body), body the parsed JSON request, gives (HTTP status, JSON payload) or (status,
+    payload, extra headers); status None drops the connection without an answer. quiet: a handler's error (a
+    client that timed out leaves a broken pipe) is not printed. url is the /v1 base; close() (or leaving a `with`
+    block) stops it."""
 
-    def __init__(self):
+    def __init__(self, port=0, quiet=False):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,17 +39,29 @@ class ChatServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                code, payload = server.respond(self.path, self.headers, body)
+                code, payload, *extra = server.respond(self.path, self.headers, body)
+                if code is None:  # a dropped connection: no status line at all
+                    self.close_connection = True
+                    return
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for k, v in (extra[0] if extra else {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True  # a client that hangs up cannot keep the test process alive
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True  # a client that hangs up cannot keep the test process alive
+
+            def handle_error(self, request, client_address):
+                if not quiet:
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def respond(self, path, headers, body):
