@@ -159,6 +159,7 @@ LMMS_YAML_HEAD = """\
 # The data is the local parquet two folders up (relative data_files are resolved against this yaml: offline)."""
 
 LMMS_METRICS = ("f1", "precision", "recall", "match_acc", "format_rate", "micro_f1")
+PAPER_MAX_NEW_TOKENS = 5120  # the lmms-eval task's decoding budget: the paper's
 
 LMMS_UTILS = hf_export.lmms_utils_head(
     """lmms-eval task functions of widematch.yaml (written by widematch's export_bench.py).
@@ -198,9 +199,9 @@ def lmms_yaml(tasks, split, parquet, sha, title):
         parquet=parquet, prefix="widematch",
         raw_note="# Score the raw answer, as widematch's training reward and evaluate.py do (lmms-eval would strip "
                  "<think> first).",
-        max_new_tokens=5120,
-        decoding_note="# The paper's budget (5120 new tokens), greedy; no stop strings (the answer block ends the "
-                      "reply).",
+        max_new_tokens=PAPER_MAX_NEW_TOKENS,
+        decoding_note=f"# The paper's budget ({PAPER_MAX_NEW_TOKENS} new tokens), greedy; no stop strings (the answer "
+                      "block ends the reply).",
         metrics_note="# Fractions, as in widematch's metrics.json: macro means over tasks (F1, P, R, match, format), "
                      "micro F1 pooled.",
         metrics=[(k, "widematch_micro_f1" if k == "micro_f1" else "widematch_mean") for k in LMMS_METRICS],

@@ -763,7 +763,7 @@ def write_harness(path, out, prompt, template, reward_file, title="ReasonMatch-B
         split="test", parquet=parquet.name, prefix="rm",
         raw_note="# The released scorer reads the raw reply (its JSON), so nothing is stripped first.",
         max_new_tokens=MAX_TOKENS,
-        decoding_note="# The released evaluator's decoding: temperature 0, 8192 new tokens.",
+        decoding_note=f"# The released evaluator's decoding: temperature 0, {MAX_TOKENS} new tokens.",
         metrics_note="# Fractions: means over samples of the released per-sample precision / recall / F1; "
                      "json_success the share of\n# replies whose JSON is an object.",
         metrics=[(m, "rm_mean") for m in ("f1", "precision", "recall", "json_success")],
